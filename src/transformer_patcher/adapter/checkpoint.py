@@ -1,0 +1,154 @@
+"""Reading patch files safely: safetensors only, every tensor checked before the model is touched.
+
+An adapter file is untrusted input. It is parsed with safetensors (never pickle), grouped per patched module, and
+checked for missing or unexpected tensors, wrong ranks, dtypes and sizes, NaN/inf, and agreement with its config.
+Only a file that passes is ever loaded into a model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..errors import AdapterFileError
+
+PEFT_KEY_PREFIX = "base_model.model."
+FROZEN = ("patch_frozen_keys", "patch_frozen_bias", "patch_frozen_values", "patch_frozen_edit_ids")
+TRAINABLE = ("patch_keys", "patch_bias", "patch_values", "patch_value_scale", "patch_edit_ids")
+PATCH_TENSOR_NAMES = FROZEN + TRAINABLE
+_ID_TENSORS = ("patch_frozen_edit_ids", "patch_edit_ids")
+
+
+@dataclass(frozen=True)
+class PatchShapes:
+    """Patch counts and dimensions of one patched module in a checkpoint."""
+
+    n_frozen: int
+    n_trainable: int
+    query_dim: int
+    output_dim: int
+
+    @property
+    def total(self) -> int:
+        return self.n_frozen + self.n_trainable
+
+
+def _check_group(module: str, group: Mapping[str, torch.Tensor], source: str) -> PatchShapes:
+    missing = [name for name in PATCH_TENSOR_NAMES if name not in group]
+    if missing:
+        raise AdapterFileError(f"{source}: module '{module}' lacks tensors {missing}")
+
+    def fail(message: str) -> AdapterFileError:
+        return AdapterFileError(f"{source}: module '{module}': {message}")
+
+    for name, tensor in group.items():
+        if name in _ID_TENSORS:
+            if tensor.dtype != torch.int64 or tensor.dim() != 1:
+                raise fail(f"{name} must be a 1-D int64 tensor of edit ids, got {tensor.dtype} {tuple(tensor.shape)}")
+        elif not tensor.is_floating_point():
+            raise fail(f"{name} must be floating point, got {tensor.dtype}")
+        elif not torch.isfinite(tensor).all():
+            raise fail(f"{name} contains NaN or inf")
+    fk, fv, tk, tv = (group[n] for n in ("patch_frozen_keys", "patch_frozen_values", "patch_keys", "patch_values"))
+    if fk.dim() != 2 or tk.dim() != 2 or fv.dim() != 2 or tv.dim() != 2:
+        raise fail("patch keys and values must be 2-D (patches × dim)")
+    n_frozen, n_trainable = fk.shape[0], tk.shape[0]
+    query_dim, output_dim = fk.shape[1], fv.shape[1]
+    expected = {
+        "patch_frozen_keys": (n_frozen, query_dim),
+        "patch_frozen_bias": (n_frozen,),
+        "patch_frozen_values": (n_frozen, output_dim),
+        "patch_frozen_edit_ids": (n_frozen,),
+        "patch_keys": (n_trainable, query_dim),
+        "patch_bias": (n_trainable,),
+        "patch_values": (n_trainable, output_dim),
+        "patch_value_scale": (n_trainable, output_dim),
+        "patch_edit_ids": (n_trainable,),
+    }
+    for name, shape in expected.items():
+        if tuple(group[name].shape) != shape:
+            raise fail(f"{name} has shape {tuple(group[name].shape)}, expected {shape}")
+    return PatchShapes(n_frozen, n_trainable, query_dim, output_dim)
+
+
+def group_patch_tensors(
+    state_dict: Mapping[str, torch.Tensor], source: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, PatchShapes]]:
+    """Split checkpoint tensors by patched module (names without the peft prefix) and validate each group."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        module, _, attr = key.removeprefix(PEFT_KEY_PREFIX).rpartition(".")
+        if attr not in PATCH_TENSOR_NAMES or not module:
+            raise AdapterFileError(f"{source}: unexpected tensor '{key}' (not part of a PATCHER adapter)")
+        groups.setdefault(module, {})[attr] = tensor
+    if not groups:
+        raise AdapterFileError(f"{source}: holds no patch tensors")
+    return groups, {module: _check_group(module, group, source) for module, group in groups.items()}
+
+
+def read_adapter_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Parse a safetensors file, turning every parse failure into an ``AdapterFileError``."""
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted") from exc
+
+
+def validate_adapter_file(path: str | os.PathLike[str], config: Any) -> dict[str, PatchShapes]:
+    """Check a saved adapter file against its own config; raise ``AdapterFileError`` on any disagreement."""
+    source = os.fspath(path)
+    _, shapes = group_patch_tensors(read_adapter_file(path), source)
+    targets = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
+    if set(shapes) != set(targets):
+        raise AdapterFileError(
+            f"{source} patches modules {sorted(shapes)} but its config targets {targets}: config and weights do not "
+            "belong together"
+        )
+    total = sum(s.total for s in shapes.values())
+    if total != config.num_patches:
+        raise AdapterFileError(f"{source} holds {total} patches but its config says num_patches={config.num_patches}")
+    fingerprint = config.fingerprint or {}
+    for module, shape in shapes.items():
+        for dim in ("query_dim", "output_dim"):
+            if dim in fingerprint and getattr(shape, dim) != fingerprint[dim]:
+                raise AdapterFileError(
+                    f"{source}: module '{module}' has {dim}={getattr(shape, dim)}, but the config's fingerprint says "
+                    f"{fingerprint[dim]}"
+                )
+    return shapes
+
+
+def locate_adapter_weights(model_id: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any) -> str | None:
+    """Path of the adapter's safetensors file (downloaded if remote); None for a config-only directory.
+
+    A directory that only has a pickled ``adapter_model.bin`` is refused: unpickling can run arbitrary code.
+    """
+    directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+    if os.path.isdir(directory):
+        weights = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            return weights
+        if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+            raise AdapterFileError(
+                f"{directory} holds only a pickled {WEIGHTS_NAME}; transformer-patcher reads adapters from "
+                f"{SAFETENSORS_WEIGHTS_NAME} only, because unpickling can run arbitrary code."
+            )
+        return None
+    download_args = set(inspect.signature(hf_hub_download).parameters)
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in download_args}
+    try:
+        return hf_hub_download(os.fspath(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    except EntryNotFoundError as exc:
+        raise AdapterFileError(
+            f"'{model_id}' has no {SAFETENSORS_WEIGHTS_NAME}; only safetensors adapters are accepted."
+        ) from exc

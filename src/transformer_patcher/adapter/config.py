@@ -1,0 +1,160 @@
+"""``PatcherConfig``: where the patches go, how they compute, and which base model they belong to."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import jsonschema
+from peft import PeftConfig
+from peft.utils import CONFIG_NAME
+from transformers.activations import ACT2FN
+
+from ..errors import AdapterFileError
+
+PATCHER = "PATCHER"
+PATCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+# Values the paper (§4, Appendix) and the official code (patch.py, amplify_con) use to initialise the value scale.
+PAPER_VALUE_SCALE = 5.0
+OFFICIAL_CODE_VALUE_SCALE = 10.0
+
+
+@dataclass
+class PatcherConfig(PeftConfig):
+    """Configuration of a Transformer-Patcher patch set (peft type ``"PATCHER"``).
+
+    By default the patches extend the last FFN of the model, found through the architecture registry; the resolved
+    module names, activation and a fingerprint of the base model are written back into the config so that a saved
+    ``adapter_config.json`` describes exactly what it patches and what it may be loaded into.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "The FFN output projection to patch (one module). None: resolve through the registry."},
+    )
+    key_module: str | None = field(
+        default=None,
+        metadata={"help": "Full name of the module whose input is the FFN query q. None: resolve with the target."},
+    )
+    layer_index: int = field(
+        default=-1, metadata={"help": "Which block's FFN to patch when resolving through the registry; -1 = last."}
+    )
+    patch_activation: str | None = field(
+        default=None,
+        metadata={"help": "Activation of the patch neurons (a transformers ACT2FN name). None: the FFN's own."},
+    )
+    num_patches: int = field(
+        default=0, metadata={"help": "Number of patch neurons; kept in sync with the layer on every change and load."}
+    )
+    init_value_scale: float = field(
+        default=OFFICIAL_CODE_VALUE_SCALE,
+        metadata={
+            "help": "Initial value of the trainable value scale a in v = v' ⊙ a. The paper says 5, the official code "
+            "uses 10 (amplify_con); 10 is the default because it is what produced the published results."
+        },
+    )
+    patch_dtype: str | None = field(
+        default="float32",
+        metadata={"help": "dtype of the patch tensors; fp32 patches on a bf16/fp16 base are fine. None: base dtype."},
+    )
+    fingerprint: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Filled in on injection: base model facts checked when the adapter is loaded again."},
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused; read by peft."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; read by peft."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PATCHER
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        if not isinstance(self.num_patches, int) or isinstance(self.num_patches, bool) or self.num_patches < 0:
+            raise ValueError(f"num_patches must be a non-negative integer, got {self.num_patches!r}")
+        if not isinstance(self.layer_index, int) or isinstance(self.layer_index, bool):
+            raise ValueError(f"layer_index must be an integer, got {self.layer_index!r}")
+        scale = self.init_value_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"init_value_scale must be a finite positive number, got {scale!r}")
+        if self.patch_activation is not None and self.patch_activation not in ACT2FN:
+            raise ValueError(
+                f"Unknown patch_activation {self.patch_activation!r}; use a transformers activation name such as "
+                "'gelu', 'relu' or 'silu', or None for the FFN's own activation."
+            )
+        if self.patch_dtype is not None and self.patch_dtype not in PATCH_DTYPES:
+            raise ValueError(f"patch_dtype must be one of {PATCH_DTYPES} or None, got {self.patch_dtype!r}")
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
+        """Read ``adapter_config.json`` and validate it against the schema before anything is built from it."""
+        try:
+            with open(path_json_file, encoding="utf-8") as handle:
+                loaded = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AdapterFileError(f"{path_json_file} is not a readable JSON adapter config: {exc}") from exc
+        validate_config_dict(loaded, source=path_json_file)
+        return loaded
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> PatcherConfig:
+        """Load and validate a config, then check its ``adapter_model.safetensors`` before any model is touched."""
+        from .checkpoint import locate_adapter_weights, validate_adapter_file
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = locate_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if weights is not None:
+            validate_adapter_file(weights, config)
+        return config
+
+
+def _schema() -> dict[str, Any]:
+    nullable_str = {"type": ["string", "null"]}
+    str_list = {"type": ["array", "string", "null"], "items": {"type": "string"}}
+    ours = {
+        "peft_type": {"const": PATCHER},
+        "target_modules": str_list,
+        "key_module": nullable_str,
+        "layer_index": {"type": "integer"},
+        "patch_activation": nullable_str,
+        "num_patches": {"type": "integer", "minimum": 0},
+        "init_value_scale": {"type": "number", "exclusiveMinimum": 0},
+        "patch_dtype": {"enum": [*PATCH_DTYPES, None]},
+        "fingerprint": {
+            "type": ["object", "null"],
+            "properties": {
+                "query_dim": {"type": "integer", "minimum": 1},
+                "output_dim": {"type": "integer", "minimum": 1},
+                "weights_sha256": nullable_str,
+                "weights_sketch": {"type": ["array", "null"], "items": {"type": "number"}},
+            },
+        },
+        "exclude_modules": str_list,
+        "target_parameters": str_list,
+        "modules_to_save": str_list,
+        "inference_mode": {"type": "boolean"},
+    }
+    properties = {f.name: ours.get(f.name, {}) for f in fields(PatcherConfig)}
+    return {"type": "object", "properties": properties, "required": ["peft_type"], "additionalProperties": False}
+
+
+CONFIG_SCHEMA = _schema()
+
+
+def validate_config_dict(data: object, source: str = CONFIG_NAME) -> None:
+    """Raise ``AdapterFileError`` when ``data`` is not a valid PATCHER adapter config (unknown fields included)."""
+    errors = sorted(jsonschema.Draft202012Validator(CONFIG_SCHEMA).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        details = "; ".join(
+            f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:5]
+        )
+        raise AdapterFileError(f"{source} is not a valid PATCHER adapter config: {details}")
+    bad_numbers = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]  # type: ignore[union-attr]
+    if bad_numbers:
+        raise AdapterFileError(f"{source}: non-finite value in {', '.join(bad_numbers)}")
+

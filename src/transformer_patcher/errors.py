@@ -1,0 +1,27 @@
+"""Exception types: every refusal the package makes is one of these, so callers can catch them precisely."""
+
+from __future__ import annotations
+
+
+class PatcherError(Exception):
+    """Base class of every error raised on purpose by transformer-patcher."""
+
+
+class UnsupportedArchitectureError(PatcherError, ValueError):
+    """The model has no FFN the registry or the fallback heuristic can patch (e.g. a mixture-of-experts block)."""
+
+
+class AdapterFileError(PatcherError, ValueError):
+    """An adapter directory or file is missing, corrupted, not safetensors, or inconsistent with its config."""
+
+
+class FingerprintMismatchError(AdapterFileError):
+    """An adapter was made for a different base model than the one it is being loaded into."""
+
+
+class InvalidPatchError(PatcherError, ValueError):
+    """Patch tensors with the wrong shape or dtype, or holding NaN/inf, or an unknown edit id."""
+
+
+class PatchMergeError(PatcherError, NotImplementedError):
+    """Patches cannot be merged into the base weights: a patch is non-linear in its input."""
