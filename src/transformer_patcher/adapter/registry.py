@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from peft.tuners.tuners_utils import _get_in_out_features, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -117,6 +117,15 @@ def hidden_size_of(model: nn.Module) -> int | None:
     return int(value) if value is not None else None
 
 
+def _model_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules as the base model has them: tuner wrappers replaced by the projection they wrap."""
+    return {
+        name: module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        for name, module in model.named_modules()
+        if not any(part == "base_layer" or part.startswith("patch_") for part in name.split("."))
+    }
+
+
 def _is_projection(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
@@ -176,17 +185,18 @@ def _from_heuristic(model: nn.Module, modules: dict[str, nn.Module], layer_index
     layer = _pick_layer(list(range(len(blocks))), layer_index, f"'{list_name}'")
     widths = {int(w) for w in [_config_value(config, _FFN_WIDTH_ATTRS), 4 * hidden] if w is not None}
     prefix = f"{list_name}.{layer}."
+    order = {name: i for i, name in enumerate(modules)}
     keys, values = [], []
-    for sub, module in blocks[layer].named_modules():
-        if not _is_projection(module):
+    for name, module in modules.items():
+        if not name.startswith(prefix) or not _is_projection(module):
             continue
         d_in, d_out = _get_in_out_features(module)
         if d_in == hidden and d_out in widths:
-            keys.append((prefix + sub, d_out))
+            keys.append((name, d_out))
         elif d_out == hidden and d_in in widths:
-            values.append((prefix + sub, d_in))
+            values.append((name, d_in))
     for value_name, width in reversed(values):
-        candidates = [k for k, w in keys if w == width and list(modules).index(k) < list(modules).index(value_name)]
+        candidates = [k for k, w in keys if w == width and order[k] < order[value_name]]
         if candidates:
             return value_name, candidates[-1], layer
     return None
@@ -222,7 +232,7 @@ def resolve_patch_target(
     activation: str | None = None,
 ) -> PatchTarget:
     """Find the FFN to patch: explicit names win, then the registry, then the fallback heuristic."""
-    modules = dict(model.named_modules())
+    modules = _model_modules(model)
     model_type = model_type_of(model)
     if target_modules is not None:
         probe = type("_Probe", (), {"target_modules": target_modules, "exclude_modules": None,
