@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import key_firing_on, queries
+from helpers import queries
 from tiny_models import TINY_MODELS, build, inputs_for, logits
 
-from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model
+from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model, init_key
 
 EXPECTED_TARGETS = {
     "bert": ("bert.encoder.layer.1.output.dense", "bert.encoder.layer.1.intermediate.dense"),
@@ -55,7 +55,7 @@ def test_targeted_patch_changes_its_input_only_and_round_trips(arch: str, tmp_pa
     before_target, before_other = logits(model, target_batch), logits(model, other_batch)
     q_target, q_other = queries(model, layer, target_batch), queries(model, layer, other_batch)
     # Fires (pre-activation 1 - 0.5) on the first query of the target input; exactly 0 - 0.5 on the other input.
-    key = key_firing_on(q_target[0], q_other, margin=1.0)
+    key = init_key(q_target[0], 1.0, silent=q_other)
     layer.add_patches(key, -0.5, torch.randn(layer.output_dim) * 20, edit_id=3)
     layer.commit()
 

@@ -17,7 +17,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_models import build, inputs_for, logits
 
-from transformer_patcher import PatcherConfig, PatcherLayer, PatcherModel, PatchMergeError, get_patcher_model
+from transformer_patcher import (
+    PatcherConfig,
+    PatcherLayer,
+    PatcherModel,
+    PatchMergeError,
+    get_patcher_model,
+    init_key,
+)
 
 
 def patched(arch: str = "llama", n: int = 3, seed: int = 0, adapter_name: str = "default"):
@@ -238,3 +245,15 @@ def test_capture_exposes_query_and_preactivations() -> None:
     assert torch.allclose(record.preactivations[0, 0], torch.tensor([3.0]), atol=1e-5)
     assert record.preactivations.requires_grad
     assert layer._capture is None and layer._query is None
+
+
+def test_init_key_gives_the_requested_preactivation() -> None:
+    torch.manual_seed(0)
+    q, silent = torch.randn(16), torch.randn(5, 16)
+    assert torch.allclose(init_key(q) @ q, torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(init_key(q), q / q.norm() ** 2)
+    key = init_key(q, 3.0, silent=silent)
+    assert torch.allclose(key @ q, torch.tensor(3.0), atol=1e-4)
+    assert torch.allclose(silent @ key, torch.zeros(5), atol=1e-5)
+    with pytest.raises(ValueError, match="span of the silent queries"):
+        init_key(silent[0] + silent[1], silent=silent)

