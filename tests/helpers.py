@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import logits
 
+from tiny_models import logits
 from transformer_patcher import PatcherLayer
 
 
@@ -14,4 +14,3 @@ def queries(model: torch.nn.Module, layer: PatcherLayer, batch: dict[str, torch.
         logits(model, batch)
     assert record.query is not None
     return record.query.reshape(-1, record.query.shape[-1]).detach().float()
-

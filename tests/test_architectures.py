@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers import queries
 from tiny_models import TINY_MODELS, build, inputs_for, logits
-
 from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model, init_key
 
 EXPECTED_TARGETS = {

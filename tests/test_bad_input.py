@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from tiny_models import build, inputs_for, logits
 
+from tiny_models import build, inputs_for, logits
 from transformer_patcher import (
     AdapterFileError,
     FingerprintMismatchError,
@@ -141,12 +141,18 @@ def test_wrong_architecture_gets_a_clear_error() -> None:
     from transformer_patcher import UnsupportedArchitectureError
 
     config = tf.MixtralConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=128,
     )
     model = tf.MixtralForCausalLM(config).eval()
     reference = logits(model, inputs_for(model))
-    with pytest.raises(UnsupportedArchitectureError, match="mixture of experts.*target_modules="):
+    with pytest.raises(UnsupportedArchitectureError, match=r"mixture of experts.*target_modules="):
         get_patcher_model(model, PatcherConfig())
     assert_untouched(model, reference)
 

@@ -15,8 +15,8 @@ import transformers.utils.hub as transformers_hub
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_models import build, inputs_for, logits
 
+from tiny_models import build, inputs_for, logits
 from transformer_patcher import (
     PatcherConfig,
     PatcherLayer,
@@ -199,7 +199,9 @@ def test_trainable_and_committed_patches(tmp_path: Path) -> None:
     assert torch.allclose(layer.patch_value_scale["default"], torch.full_like(values, 5.0))
     assert torch.allclose(layer.patch_values["default"] * layer.patch_value_scale["default"], values)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"base_model.model.model.layers.1.mlp.down_proj.{n}.default" for n in layer.adapter_layer_names}
+    assert trainable == {
+        f"base_model.model.model.layers.1.mlp.down_proj.{n}.default" for n in layer.adapter_layer_names
+    }
     assert layer.commit() == 2
     assert layer.num_trainable_patches() == 0
     assert torch.allclose(layer.patch_frozen_values["default"], values)
@@ -219,10 +221,10 @@ def test_remove_edit_deletes_exactly_that_edit() -> None:
     assert layer.edit_ids().tolist() == [0, 1, 3]
     rebuilt = get_patcher_model(build("llama"), PatcherConfig())
     keep = [0, 1, 3]
-    rebuilt.patch_layer().add_patches(keys[keep], bias[keep], values[keep] , edit_id=keep)
+    rebuilt.patch_layer().add_patches(keys[keep], bias[keep], values[keep], edit_id=keep)
     rebuilt.patch_layer().commit()
     assert torch.allclose(logits(rebuilt, batch), logits(model, batch), atol=1e-5)
-    with pytest.raises(ValueError, match="no patch .* has edit id 2"):
+    with pytest.raises(ValueError, match=r"no patch .* has edit id 2"):
         layer.remove_edit(2)
     assert layer.num_patches() == 3
 

@@ -6,16 +6,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build, inputs_for, logits
 from transformers import AutoModelForCausalLM
 
+from tiny_models import build, inputs_for, logits
 from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model
 
 OFFLOAD_MAPS = {
-    "cpu-offload": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
-                    "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"},
-    "disk-offload": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                     "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"},
+    "cpu-offload": {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    },
+    "disk-offload": {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    },
 }
 
 
@@ -41,9 +53,10 @@ def test_patches_on_execution_device_of_offloaded_ffn(llama_dir: Path, tmp_path:
     assert {t.device.type for t in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]} <= {"cpu"}
     assert all(p.device.type == "cpu" for name, p in layer.named_parameters() if name.startswith("patch_"))
     assert torch.allclose(logits(model, batch), reference, atol=1e-6)
-    assert model.peft_config["default"].fingerprint["weights_sha256"] == get_patcher_model(
-        build("llama"), PatcherConfig()
-    ).peft_config["default"].fingerprint["weights_sha256"]
+    assert (
+        model.peft_config["default"].fingerprint["weights_sha256"]
+        == get_patcher_model(build("llama"), PatcherConfig()).peft_config["default"].fingerprint["weights_sha256"]
+    )
 
     torch.manual_seed(0)
     layer.add_patches(torch.randn(2, 32), torch.zeros(2), torch.randn(2, 32) * 5, edit_id=1)

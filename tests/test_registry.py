@@ -5,23 +5,33 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from tiny_models import build, inputs_for, logits
 
+from tiny_models import build, inputs_for, logits
 from transformer_patcher import PatcherConfig, UnsupportedArchitectureError, get_patcher_model, resolve_patch_target
 
 
 def test_layer_index_picks_another_block() -> None:
     target = resolve_patch_target(build("llama"), layer_index=0)
     assert (target.value_module, target.key_module, target.layer) == (
-        "model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj", 0
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.mlp.gate_proj",
+        0,
     )
     with pytest.raises(UnsupportedArchitectureError, match="layer_index=5 is out of range"):
         resolve_patch_target(build("llama"), layer_index=5)
 
 
 def test_gated_t5_reads_wi_0() -> None:
-    config = tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=128,
-                         feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    config = tf.T5Config(
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        vocab_size=128,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+    )
     target = resolve_patch_target(tf.T5ForConditionalGeneration(config))
     assert target.key_module == "decoder.block.1.layer.2.DenseReluDense.wi_0"
     assert target.activation == "gelu_new"
@@ -37,14 +47,20 @@ def test_encoder_only_t5_falls_back_to_the_encoder() -> None:
     ("model", "value", "key"),
     [
         (
-            tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(
-                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128)),
+            tf.XLMRobertaForSequenceClassification(
+                tf.XLMRobertaConfig(
+                    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128
+                )
+            ),
             "roberta.encoder.layer.1.output.dense",
             "roberta.encoder.layer.1.intermediate.dense",
         ),
         (
-            tf.MegatronBertForSequenceClassification(tf.MegatronBertConfig(
-                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128)),
+            tf.MegatronBertForSequenceClassification(
+                tf.MegatronBertConfig(
+                    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128
+                )
+            ),
             "bert.encoder.layer.1.output.dense",
             "bert.encoder.layer.1.intermediate.dense",
         ),
@@ -61,8 +77,11 @@ def test_fallback_heuristic_for_unregistered_types(model: torch.nn.Module, value
 def test_explicit_names_override_the_registry() -> None:
     model = get_patcher_model(
         build("bert"),
-        PatcherConfig(target_modules=["bert.encoder.layer.0.output.dense"],
-                      key_module="bert.encoder.layer.0.intermediate.dense", patch_activation="relu"),
+        PatcherConfig(
+            target_modules=["bert.encoder.layer.0.output.dense"],
+            key_module="bert.encoder.layer.0.intermediate.dense",
+            patch_activation="relu",
+        ),
     )
     config = model.peft_config["default"]
     assert config.target_modules == ["bert.encoder.layer.0.output.dense"]
@@ -74,7 +93,7 @@ def test_explicit_names_override_the_registry() -> None:
 def test_explicit_names_that_match_several_modules_are_refused() -> None:
     model = build("bart")
     reference = logits(model, inputs_for(model))
-    with pytest.raises(UnsupportedArchitectureError, match="exactly one FFN output projection.*matched 4"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"exactly one FFN output projection.*matched 4"):
         get_patcher_model(model, PatcherConfig(target_modules=["fc2"]))
     assert torch.equal(logits(model, inputs_for(model)), reference)
 

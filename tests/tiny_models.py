@@ -61,17 +61,28 @@ TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "t5": lambda: tf.T5ForConditionalGeneration(
         tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, **_COMMON)
     ),
-    "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)),
+    "gpt2": lambda: tf.GPT2LMHeadModel(
+        tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    ),
     "gpt_neox": lambda: tf.GPTNeoXForCausalLM(
         tf.GPTNeoXConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64, **_COMMON,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            **_COMMON,
         )
     ),
     "opt": lambda: tf.OPTForCausalLM(
         tf.OPTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32,
-            max_position_embeddings=64, **_COMMON,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            **_COMMON,
         )
     ),
     "llama": _decoder_llm(tf.LlamaConfig, tf.LlamaForCausalLM),

@@ -7,11 +7,11 @@ loads saved patch sets like any other adapter.
 from .adapter import (
     PATCHER,
     PatchCapture,
-    init_key,
     PatcherConfig,
     PatcherLayer,
     PatcherModel,
     get_patcher_model,
+    init_key,
     resolve_patch_target,
     supported_model_types,
 )

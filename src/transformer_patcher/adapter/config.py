@@ -150,11 +150,8 @@ def validate_config_dict(data: object, source: str = CONFIG_NAME) -> None:
     """Raise ``AdapterFileError`` when ``data`` is not a valid PATCHER adapter config (unknown fields included)."""
     errors = sorted(jsonschema.Draft202012Validator(CONFIG_SCHEMA).iter_errors(data), key=lambda e: list(e.path))
     if errors:
-        details = "; ".join(
-            f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:5]
-        )
+        details = "; ".join(f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:5])
         raise AdapterFileError(f"{source} is not a valid PATCHER adapter config: {details}")
     bad_numbers = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]  # type: ignore[union-attr]
     if bad_numbers:
         raise AdapterFileError(f"{source}: non-finite value in {', '.join(bad_numbers)}")
-

@@ -61,7 +61,9 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         self.query_dim = _get_in_out_features(key_module)[0]
         self.output_dim = _get_in_out_features(base_layer)[1]
         if self.query_dim is None or self.output_dim is None:
-            raise InvalidPatchError(f"cannot read the feature sizes of {type(key_module).__name__}/{type(base_layer).__name__}")
+            raise InvalidPatchError(
+                f"cannot read the feature sizes of {type(key_module).__name__}/{type(base_layer).__name__}"
+            )
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
         for name in (*FROZEN, "patch_edit_ids"):
@@ -80,12 +82,19 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: PatcherConfig) -> None:
         """Create an empty patch set for ``adapter_name`` on the FFN's execution device."""
         device, dtype = execution_device(self.base_layer), self._patch_dtype(config)
-        for name, width in (("patch_keys", self.query_dim), ("patch_values", self.output_dim),
-                            ("patch_value_scale", self.output_dim), ("patch_bias", None)):
+        for name, width in (
+            ("patch_keys", self.query_dim),
+            ("patch_values", self.output_dim),
+            ("patch_value_scale", self.output_dim),
+            ("patch_bias", None),
+        ):
             shape = (0, width) if width else (0,)
             getattr(self, name)[adapter_name] = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
-        for name, width in (("patch_frozen_keys", self.query_dim), ("patch_frozen_values", self.output_dim),
-                            ("patch_frozen_bias", None)):
+        for name, width in (
+            ("patch_frozen_keys", self.query_dim),
+            ("patch_frozen_values", self.output_dim),
+            ("patch_frozen_bias", None),
+        ):
             getattr(self, name)[adapter_name] = torch.zeros((0, width) if width else (0,), device=device, dtype=dtype)
         for name in ("patch_frozen_edit_ids", "patch_edit_ids"):
             getattr(self, name)[adapter_name] = torch.zeros(0, device=device, dtype=torch.int64)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -23,7 +23,7 @@ class PatcherModel(BaseTuner):
 
     prefix: str = "patch_"
     tuner_layer_cls = PatcherLayer
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     # --------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: PatcherConfig, model_config: dict[str, Any]) -> PatcherConfig:
@@ -153,6 +153,8 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, PatcherLayer) else module
 
 
-def get_patcher_model(model: nn.Module, config: PatcherConfig | None = None, adapter_name: str = "default") -> PeftModel:
+def get_patcher_model(
+    model: nn.Module, config: PatcherConfig | None = None, adapter_name: str = "default"
+) -> PeftModel:
     """Wrap ``model`` so that its last FFN (or the one ``config`` names) can grow patch neurons."""
     return get_peft_model(model, config or PatcherConfig(), adapter_name=adapter_name)

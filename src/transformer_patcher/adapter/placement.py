@@ -31,4 +31,3 @@ def execution_device(module: nn.Module) -> torch.device:
         if tensor.device != _META:
             return tensor.device
     return torch.device("cpu")
-

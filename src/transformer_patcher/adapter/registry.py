@@ -48,7 +48,9 @@ ARCHITECTURES: dict[str, tuple[FFNSpec, ...]] = {
     "bert": (_BERT,),
     "roberta": (_BERT,),
     "electra": (_BERT,),
-    "distilbert": (FFNSpec(r"(?P<p>.*)transformer\.layer\.(?P<i>\d+)\.ffn\.lin2", ("{p}transformer.layer.{i}.ffn.lin1",)),),
+    "distilbert": (
+        FFNSpec(r"(?P<p>.*)transformer\.layer\.(?P<i>\d+)\.ffn\.lin2", ("{p}transformer.layer.{i}.ffn.lin1",)),
+    ),
     "bart": (_DECODER_FC,),
     "mbart": (_DECODER_FC,),
     "opt": (_DECODER_FC,),
@@ -235,8 +237,16 @@ def resolve_patch_target(
     modules = _model_modules(model)
     model_type = model_type_of(model)
     if target_modules is not None:
-        probe = type("_Probe", (), {"target_modules": target_modules, "exclude_modules": None,
-                                    "layers_to_transform": None, "layers_pattern": None})()
+        probe = type(
+            "_Probe",
+            (),
+            {
+                "target_modules": target_modules,
+                "exclude_modules": None,
+                "layers_to_transform": None,
+                "layers_pattern": None,
+            },
+        )()
         matched = [name for name in modules if name and check_target_module_exists(probe, name)]
         if len(matched) != 1:
             raise UnsupportedArchitectureError(
