@@ -136,21 +136,9 @@ def test_pickled_weights_are_never_read(saved: Path) -> None:
 
 
 def test_wrong_architecture_gets_a_clear_error() -> None:
-    import transformers as tf
-
     from transformer_patcher import UnsupportedArchitectureError
 
-    config = tf.MixtralConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        vocab_size=128,
-    )
-    model = tf.MixtralForCausalLM(config).eval()
+    model = build("mixtral")
     reference = logits(model, inputs_for(model))
     with pytest.raises(UnsupportedArchitectureError, match=r"mixture of experts.*target_modules="):
         get_patcher_model(model, PatcherConfig())

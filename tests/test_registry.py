@@ -22,24 +22,13 @@ def test_layer_index_picks_another_block() -> None:
 
 
 def test_gated_t5_reads_wi_0() -> None:
-    config = tf.T5Config(
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        vocab_size=128,
-        feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0,
-    )
-    target = resolve_patch_target(tf.T5ForConditionalGeneration(config))
+    target = resolve_patch_target(build("t5-gated"))
     assert target.key_module == "decoder.block.1.layer.2.DenseReluDense.wi_0"
     assert target.activation == "gelu_new"
 
 
 def test_encoder_only_t5_falls_back_to_the_encoder() -> None:
-    config = tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=128)
-    target = resolve_patch_target(tf.T5EncoderModel(config))
+    target = resolve_patch_target(build("t5-encoder"))
     assert target.value_module == "encoder.block.1.layer.1.DenseReluDense.wo"
 
 

@@ -11,26 +11,16 @@ VOCAB = 128
 _COMMON = dict(vocab_size=VOCAB, pad_token_id=0)
 
 
-def _bert_like(cfg_cls, model_cls, **extra) -> Callable[[], torch.nn.Module]:
-    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    kwargs.update(max_position_embeddings=64, **_COMMON)
-    kwargs.update(extra)
+_STANDARD = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _tiny(cfg_cls, model_cls, **overrides) -> Callable[[], torch.nn.Module]:
+    kwargs = {**_STANDARD, "max_position_embeddings": 64, **_COMMON, **overrides}
     return lambda: model_cls(cfg_cls(**kwargs))
 
 
 def _decoder_llm(cfg_cls, model_cls, **extra) -> Callable[[], torch.nn.Module]:
-    return lambda: model_cls(
-        cfg_cls(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            **_COMMON,
-            **extra,
-        )
-    )
+    return _tiny(cfg_cls, model_cls, num_attention_heads=4, num_key_value_heads=2, **extra)
 
 
 def _bart_like(cfg_cls, model_cls) -> Callable[[], torch.nn.Module]:
@@ -50,9 +40,9 @@ def _bart_like(cfg_cls, model_cls) -> Callable[[], torch.nn.Module]:
 
 
 TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
-    "bert": _bert_like(tf.BertConfig, tf.BertForSequenceClassification),
-    "roberta": _bert_like(tf.RobertaConfig, tf.RobertaForSequenceClassification, max_position_embeddings=70),
-    "electra": _bert_like(tf.ElectraConfig, tf.ElectraForSequenceClassification, embedding_size=32),
+    "bert": _tiny(tf.BertConfig, tf.BertForSequenceClassification),
+    "roberta": _tiny(tf.RobertaConfig, tf.RobertaForSequenceClassification, max_position_embeddings=70),
+    "electra": _tiny(tf.ElectraConfig, tf.ElectraForSequenceClassification, embedding_size=32),
     "distilbert": lambda: tf.DistilBertForSequenceClassification(
         tf.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, **_COMMON)
     ),
@@ -64,27 +54,8 @@ TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "gpt2": lambda: tf.GPT2LMHeadModel(
         tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
     ),
-    "gpt_neox": lambda: tf.GPTNeoXForCausalLM(
-        tf.GPTNeoXConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            **_COMMON,
-        )
-    ),
-    "opt": lambda: tf.OPTForCausalLM(
-        tf.OPTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            ffn_dim=64,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-            **_COMMON,
-        )
-    ),
+    "gpt_neox": _tiny(tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
+    "opt": _tiny(tf.OPTConfig, tf.OPTForCausalLM, ffn_dim=64, word_embed_proj_dim=32),
     "llama": _decoder_llm(tf.LlamaConfig, tf.LlamaForCausalLM),
     "mistral": _decoder_llm(tf.MistralConfig, tf.MistralForCausalLM),
     "qwen2": _decoder_llm(tf.Qwen2Config, tf.Qwen2ForCausalLM),
@@ -95,10 +66,24 @@ TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 }
 
 
+def _t5_config(**extra) -> tf.T5Config:
+    return tf.T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, **_COMMON, **extra
+    )
+
+
+# Variants the registry treats specially; not part of the per-architecture sweep.
+VARIANTS: dict[str, Callable[[], torch.nn.Module]] = {
+    "t5-gated": lambda: tf.T5ForConditionalGeneration(_t5_config(feed_forward_proj="gated-gelu")),
+    "t5-encoder": lambda: tf.T5EncoderModel(_t5_config()),
+    "mixtral": _decoder_llm(tf.MixtralConfig, tf.MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2),
+}
+
+
 def build(name: str, seed: int = 0) -> torch.nn.Module:
     """Build the tiny model ``name`` with deterministic weights, in eval mode."""
     torch.manual_seed(seed)
-    return TINY_MODELS[name]().eval()
+    return {**TINY_MODELS, **VARIANTS}[name]().eval()
 
 
 def inputs_for(model: torch.nn.Module, batch: int = 2, length: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
