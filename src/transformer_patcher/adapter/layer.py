@@ -82,22 +82,9 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: PatcherConfig) -> None:
         """Create an empty patch set for ``adapter_name`` on the FFN's execution device."""
         device, dtype = execution_device(self.base_layer), self._patch_dtype(config)
-        for name, width in (
-            ("patch_keys", self.query_dim),
-            ("patch_values", self.output_dim),
-            ("patch_value_scale", self.output_dim),
-            ("patch_bias", None),
-        ):
-            shape = (0, width) if width else (0,)
-            getattr(self, name)[adapter_name] = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
-        for name, width in (
-            ("patch_frozen_keys", self.query_dim),
-            ("patch_frozen_values", self.output_dim),
-            ("patch_frozen_bias", None),
-        ):
-            getattr(self, name)[adapter_name] = torch.zeros((0, width) if width else (0,), device=device, dtype=dtype)
-        for name in ("patch_frozen_edit_ids", "patch_edit_ids"):
-            getattr(self, name)[adapter_name] = torch.zeros(0, device=device, dtype=torch.int64)
+        for name in self._tensor_names():
+            empty = torch.zeros(self._shape(name, 0), device=device, dtype=torch.int64 if "ids" in name else dtype)
+            getattr(self, name)[adapter_name] = nn.Parameter(empty) if name in self.adapter_layer_names else empty
         self.patch_config[adapter_name] = config
         self._activations[adapter_name] = ACT2FN[config.patch_activation]
         self._sync_config(adapter_name)
@@ -297,20 +284,23 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         self._sync_config(adapter)
         return removed
 
+    def _tensor_names(self) -> tuple[str, ...]:
+        return (*FROZEN, *self.adapter_layer_names, "patch_edit_ids")
+
+    def _shape(self, name: str, rows: int) -> tuple[int, ...]:
+        """Shape of patch tensor ``name`` holding ``rows`` neurons."""
+        if name.endswith("keys"):
+            return (rows, self.query_dim)
+        if name.endswith(("values", "value_scale")):
+            return (rows, self.output_dim)
+        return (rows,)
+
     def resize_for_load(self, adapter_name: str, shapes: PatchShapes) -> None:
-        """Reshape the patch tensors to a checkpoint's counts so that ``load_state_dict`` can fill them."""
-        if (shapes.query_dim, shapes.output_dim) != (self.query_dim, self.output_dim):
-            raise InvalidPatchError(
-                f"checkpoint patches are {shapes.query_dim}→{shapes.output_dim}, this FFN is "
-                f"{self.query_dim}→{self.output_dim}"
-            )
-        widths = {"keys": self.query_dim, "values": self.output_dim, "value_scale": self.output_dim}
-        for name in (*FROZEN, *self.adapter_layer_names, "patch_edit_ids"):
+        """Reshape the patch tensors to a checkpoint's (already validated) counts so ``load_state_dict`` fills them."""
+        for name in self._tensor_names():
             old = getattr(self, name)[adapter_name]
             rows = shapes.n_frozen if "frozen" in name else shapes.n_trainable
-            width = next((w for suffix, w in widths.items() if name.endswith(suffix)), None)
-            shape = (rows, width) if width else (rows,)
-            self._set(adapter_name, name, torch.zeros(shape, device=old.device, dtype=old.dtype))
+            self._set(adapter_name, name, torch.zeros(self._shape(name, rows), device=old.device, dtype=old.dtype))
         self._sync_config(adapter_name)
 
     # ------------------------------------------------------------------------------------ peft lifecycle
@@ -337,7 +327,7 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move patches to the FFN's execution device; unlike peft's default, keep their configured dtype."""
         target = device or execution_device(self.base_layer)
-        for name in (*self.adapter_layer_names, *FROZEN, "patch_edit_ids"):
+        for name in self._tensor_names():
             store = getattr(self, name)
             if adapter_name in store and store[adapter_name].device != torch.device("meta"):
                 self._set(adapter_name, name, store[adapter_name].detach().to(target))
