@@ -25,3 +25,7 @@ class InvalidPatchError(PatcherError, ValueError):
 
 class PatchMergeError(PatcherError, NotImplementedError):
     """Patches cannot be merged into the base weights: a patch is non-linear in its input."""
+
+
+class InvalidExampleError(PatcherError, ValueError):
+    """An example the task cannot use: empty text, a label outside the head, or a target the tokenizer cannot encode."""

@@ -284,6 +284,31 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         self._sync_config(adapter)
         return removed
 
+    def committed(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The committed patch tensors of an adapter (name → tensor), e.g. for a resumable run's checkpoint."""
+        adapter = self._resolve_adapter(adapter_name)
+        return {name: getattr(self, name)[adapter].detach().cpu().clone() for name in FROZEN}
+
+    def restore_committed(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
+        """Replace the committed patches with ``tensors`` (from ``committed()``) and drop in-progress ones.
+
+        Validated before anything changes: the four tensors must be present, finite and agree on the neuron count.
+        """
+        adapter = self._resolve_adapter(adapter_name)
+        if set(tensors) != set(FROZEN):
+            raise InvalidPatchError(f"expected tensors {sorted(FROZEN)}, got {sorted(tensors)}")
+        rows = tensors["patch_frozen_keys"].shape[0]
+        for name in FROZEN:
+            tensor = tensors[name]
+            if tuple(tensor.shape) != self._shape(name, rows):
+                raise InvalidPatchError(f"{name} has shape {tuple(tensor.shape)}, expected {self._shape(name, rows)}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise InvalidPatchError(f"{name} contains NaN or inf")
+        for name in FROZEN:
+            old = getattr(self, name)[adapter]
+            self._set(adapter, name, tensors[name].to(device=old.device, dtype=old.dtype).clone())
+        self.discard(adapter)
+
     def _tensor_names(self) -> tuple[str, ...]:
         return (*FROZEN, *self.adapter_layer_names, "patch_edit_ids")
 

@@ -1,0 +1,90 @@
+"""``EditConfig``: every knob of the Transformer-Patcher editor, defaulting to the official code's values."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# Memory-loss margins (beta, gamma) per activation family. GELU and ReLU are the official values. For SiLU (the
+# LLaMA family) beta is where SiLU is as close to zero as GELU is at -3 (|GELU(-3)| = 0.0040 = |SiLU(-7.5)|), so a
+# memory query below beta leaks as little output as in the paper; gamma keeps the official gap size (3).
+MARGINS: dict[str, tuple[float, float]] = {"gelu": (-3.0, 3.0), "relu": (0.0, 0.0), "silu": (-7.5, 3.0)}
+
+# Loss weight of the memory term per task, as hard-coded in the official scripts/main.py.
+MEMORY_LOSS_WEIGHT = {"classification": 5.0, "seq2seq": 10.0, "causal_lm": 10.0}
+
+
+def activation_family(activation: str) -> str:
+    """Map a transformers activation name (``gelu_new``, ``gelu_pytorch_tanh``, ``swish``, …) to a margin family."""
+    name = activation.lower()
+    for family, aliases in (("gelu", ("gelu",)), ("relu", ("relu",)), ("silu", ("silu", "swish"))):
+        if any(alias in name for alias in aliases):
+            return family
+    raise ValueError(
+        f"no default memory margins for activation {activation!r}; set EditConfig(memory_beta=..., memory_gamma=...)"
+    )
+
+
+@dataclass
+class EditConfig:
+    """Hyper-parameters of one edit. Defaults are the official code's; the docs list where the paper differs."""
+
+    lr: float = 1e-2
+    weight_decay: float = 0.01
+    grad_clip: float = 5.0
+    repeats: int = 8  # the edit example is repeated this many times per batch
+    dropout: bool = False  # train the copies with dropout (augmentation); off: copies are identical
+    max_steps: int = 2000
+    start_val_step: int = 100  # fixed/plateau checks run after steps > start_val_step that are multiples of ...
+    check_every: int = 25  # ... check_every (official: validation every 25 epochs once epoch >= 100)
+    use_validation: bool = True  # official use_val=1: once fixed, stop at the validation memory-loss plateau
+    early_patience: int = 1
+    early_threshold: float = 1e-3
+    lr_factor: float = 0.5  # ReduceLROnPlateau on the validation edit loss at every check
+    lr_patience: int = 1
+    lr_threshold: float = 0.05
+    act_top_k: int = 5
+    act_margin: float = 0.0
+    memory_top_k: int = 1000
+    memory_beta: float | None = None  # None: from MARGINS by the patch activation
+    memory_gamma: float | None = None
+    act_loss_weight: float = 1.0
+    memory_loss_weight: float | None = None  # None: MEMORY_LOSS_WEIGHT of the task kind
+    max_patches: int = 5  # one patch per wrong read, at most this many per edit
+    value_init: str = "normal"  # official: v' ~ N(0, 1); the paper's text says uniform [0, 1)
+    cache: bool = True  # last-layer caching; False recomputes the full forward pass every step
+    keep_failed: bool = True  # official: a patch that did not fix its edit within max_steps is still kept
+    seed: int = 42
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = ("lr", "repeats", "max_steps", "check_every", "act_top_k", "memory_top_k", "max_patches")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EditConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.value_init not in ("normal", "uniform"):
+            raise ValueError(f"value_init must be 'normal' or 'uniform', got {self.value_init!r}")
+
+    def margins(self, activation: str) -> tuple[float, float]:
+        """(beta, gamma) for the patch activation, explicit values winning over the family defaults."""
+        if self.memory_beta is not None and self.memory_gamma is not None:
+            return self.memory_beta, self.memory_gamma
+        beta, gamma = MARGINS[activation_family(activation)]
+        return (
+            beta if self.memory_beta is None else self.memory_beta,
+            gamma if self.memory_gamma is None else self.memory_gamma,
+        )
+
+    def memory_weight(self, task_kind: str) -> float:
+        return self.memory_loss_weight if self.memory_loss_weight is not None else MEMORY_LOSS_WEIGHT[task_kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EditConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown EditConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,168 @@
+"""The memory bank: FFN queries a new patch must stay silent on (irrelevant inputs plus every earlier edit).
+
+Scoring 40,000 memory rows every optimisation step is the editor's main cost on a CPU: one pass over the bank is
+memory-bound. The bank keeps a transposed bfloat16 copy for a cheap first pass and recomputes in fp32 only the rows
+that can reach the top-k. A rigorous rounding bound makes this exact: no row outside the candidate set can be in the
+top-k, so the loss and its gradient equal the full-precision computation over the whole bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import AdapterFileError
+from .tasks import Batch, Task
+
+# |bf16(x)·bf16(y) − x·y| <= (2u + u²)|x·y| with u = 2^-8; fp32 accumulation adds at most d·2^-24 relative.
+_BF16_REL = 2 * 2.0**-8 + 2.0**-16
+_FILTER_MIN_ROWS = 4096  # below this a plain fp32 pass is as cheap as filtering
+
+
+class MemoryBank:
+    """Rows of FFN queries, appended to as edits are made; ``candidates`` finds the rows a loss top-k can use."""
+
+    def __init__(self, rows: torch.Tensor | None = None, dim: int | None = None, half: bool = False) -> None:
+        if rows is None:
+            if dim is None:
+                raise ValueError("give the memory rows or their dimension")
+            rows = torch.zeros(0, dim)
+        if rows.dim() != 2:
+            raise ValueError(f"memory rows must be a 2-D (n, d) tensor, got shape {tuple(rows.shape)}")
+        if not torch.isfinite(rows).all():
+            raise ValueError("memory rows contain NaN or inf")
+        self.half = half
+        self._rows = rows.detach().to(torch.bfloat16 if half else torch.float32).contiguous()
+        self._base = len(self._rows)
+        self._filter: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self._rows.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self._rows.shape[1]
+
+    @property
+    def n_appended(self) -> int:
+        """Rows added by edits since the bank was built (what a resumable run must checkpoint)."""
+        return len(self) - self._base
+
+    def appended(self) -> torch.Tensor:
+        return self._rows[self._base :].float()
+
+    def append(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().reshape(-1, self.dim).to(self._rows.dtype)
+        self._rows = torch.cat([self._rows, rows])
+        self._filter = None
+
+    def truncate_appended(self) -> None:
+        """Forget every edit's rows: back to the bank as built (a new fold starts from the original model)."""
+        self._rows = self._rows[: self._base].clone()
+        self._filter = None
+
+    def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        return (self._rows if index is None else self._rows[index]).float()
+
+    def candidates(self, keys: torch.Tensor, bias: torch.Tensor, top_k: int) -> torch.Tensor | None:
+        """Indices of rows that may be in the top-``top_k`` of ``rows @ keys.T + bias`` for any patch column.
+
+        Returns None when every row must be used (small banks). The set is a superset of the union over patch
+        columns of the exact top-k rows, which is all the memory loss's top-k over (rows, copies, patches) can touch.
+        """
+        n = len(self)
+        if n <= max(_FILTER_MIN_ROWS, 2 * top_k):
+            return None
+        transposed, norms = self._filter_tensors()
+        keys = keys.detach().float()
+        with torch.no_grad():
+            approx = (keys.to(torch.bfloat16) @ transposed).float() + bias.detach().float()[:, None]  # (n_patches, n)
+            error = norms[None, :] * keys.norm(dim=1, keepdim=True) * (_BF16_REL + self.dim * 2.0**-24)
+            if self.half:  # the rows themselves are the bf16 values; only the key is rounded
+                error = error / 2
+            kth = torch.topk(approx, top_k, dim=1).values[:, -1:]
+            bound = (kth - error.max(dim=1, keepdim=True).values) <= approx + error
+        return bound.any(dim=0).nonzero().squeeze(1)
+
+    def _filter_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._filter is None:
+            rows = self._rows.float()
+            self._filter = (rows.T.contiguous().to(torch.bfloat16), rows.norm(dim=1))
+        return self._filter
+
+    # --------------------------------------------------------------------------------------------- storage
+    def save(self, path: str | os.PathLike[str], key: str) -> None:
+        """Write the bank atomically as safetensors, tagged with ``key`` (what it was built from)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"rows": self._rows.contiguous()}, str(tmp), metadata={"key": key, "format": "pt"})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], key: str, half: bool = False) -> MemoryBank:
+        """Read a bank written by ``save``; refuses a file built from another model, task or data (``key``)."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                stored = (handle.metadata() or {}).get("key")
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise AdapterFileError(f"cannot read memory file {path}: {error}") from error
+        if stored != key:
+            raise AdapterFileError(f"memory file {path} was built for another model/task/data ({stored} != {key})")
+        if set(tensors) != {"rows"}:
+            raise AdapterFileError(f"memory file {path} must hold exactly one tensor 'rows', has {sorted(tensors)}")
+        return cls(tensors["rows"], half=half)
+
+
+def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[str, Any]], size: int) -> str:
+    """A content key for a memory bank: the base model's fingerprint, the task kind and the exact examples."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(fingerprint, sort_keys=True, default=str).encode())
+    digest.update(f"{task.kind}|{size}|{len(pairs)}".encode())
+    for text, target in pairs:
+        digest.update(f"{text}\x1f{target}\x1e".encode())
+    return digest.hexdigest()
+
+
+def collect_queries(
+    model: nn.Module,
+    layer: Any,
+    task: Task,
+    pairs: Sequence[tuple[str, Any]],
+    max_rows: int,
+    batch_size: int = 32,
+    progress: bool = True,
+    description: str = "building memory",
+) -> torch.Tensor:
+    """FFN queries at the task's reads over ``pairs``, in order, until ``max_rows`` rows are collected."""
+    chunks: list[torch.Tensor] = []
+    total = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=max_rows, desc=description, unit="row", disable=not progress, leave=False)
+    try:
+        for start in range(0, len(pairs), batch_size):
+            batch: Batch = task.prepare(model, task.collate(pairs[start : start + batch_size]))
+            with torch.no_grad(), layer.capture() as record:
+                model(**batch.model_kwargs())
+            rows = task.at_reads(record.query, batch).float().cpu()[: max_rows - total]
+            chunks.append(rows)
+            total += len(rows)
+            bar.update(len(rows))
+            if total >= max_rows:
+                break
+    finally:
+        bar.close()
+        model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.zeros(0, layer.query_dim)

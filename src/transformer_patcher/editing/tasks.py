@@ -1,0 +1,322 @@
+"""Tasks: how an example becomes model inputs, where the task reads the model, its edit loss and its correctness test.
+
+A task turns examples into a :class:`Batch` of model inputs plus *reads*: (row, position, label) triples. A read is
+one place where the model's output is judged — the [CLS] logit of a classifier, or the position that predicts one
+target token of an answer. Reads are also where patches look: the FFN query at a read's position is what a new patch
+keys on (one patch per wrong read, at most ``max_patches``), and what the memory stores for irrelevant examples.
+
+Every read sits at a sequence position of the patched FFN, and after the last FFN nothing mixes positions, so the
+output at a read depends only on the FFN output at that same position. Greedy generation reproduces a target exactly
+iff every teacher-forced read is argmax-correct, so "needs an edit" for generation is decided from one forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidExampleError
+
+
+@dataclass(frozen=True)
+class EditExample:
+    """One input with its correct output: a class id for classification, an answer string for generation."""
+
+    text: str
+    target: int | str
+    rephrases: tuple[str, ...] = ()
+    locality: tuple[tuple[str, int | str], ...] = ()  # (input, its reference output) pairs that must not change
+
+
+@dataclass
+class Batch:
+    """Padded model inputs plus the reads: ``rows[j], cols[j]`` is where read ``j`` looks, ``labels[j]`` its answer."""
+
+    inputs: dict[str, torch.Tensor]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    labels: torch.Tensor
+    example: torch.Tensor  # index of the example each read belongs to
+    extra: dict[str, Any] = field(default_factory=dict)  # forward kwargs that are not tensors of the batch
+
+    @property
+    def size(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {**self.inputs, **self.extra}
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    cols: list[int]
+    labels: list[int]
+    decoder_ids: list[int] | None = None
+
+
+class Task(ABC):
+    """Base of the three task kinds. Subclasses define encoding, reading logits and the edit loss."""
+
+    kind: str
+
+    def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------------------------------- encoding
+    def _tokens(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidExampleError(f"{what} is empty; every example needs non-empty text")
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        if not ids:
+            raise InvalidExampleError(f"{what} {text!r} encodes to no tokens")
+        return list(ids[: self.max_length])
+
+    def _target_tokens(self, text: str) -> list[int]:
+        ids = self._tokens(text, "the target", add_special_tokens=False)
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in ids:
+            raise InvalidExampleError(
+                f"the target {text!r} contains text the tokenizer cannot encode (it maps to the unknown token "
+                f"{self.tokenizer.unk_token!r}); the model could never produce it"
+            )
+        return ids
+
+    @abstractmethod
+    def _encode(self, text: str, target: int | str) -> _Encoded: ...
+
+    def collate(self, pairs: Sequence[tuple[str, int | str]]) -> Batch:
+        """Encode (input, target) pairs into one right-padded batch. Raises ``InvalidExampleError`` on bad input."""
+        if not pairs:
+            raise InvalidExampleError("no examples to encode")
+        encoded = [self._encode(text, target) for text, target in pairs]
+        width = max(len(e.ids) for e in encoded)
+        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        rows, cols, labels, owner = [], [], [], []
+        for i, e in enumerate(encoded):
+            ids[i, : len(e.ids)] = torch.tensor(e.ids)
+            mask[i, : len(e.ids)] = 1
+            rows += [i] * len(e.cols)
+            cols += e.cols
+            labels += e.labels
+            owner += [i] * len(e.cols)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if encoded[0].decoder_ids is not None:
+            dec_width = max(len(e.decoder_ids or []) for e in encoded)
+            dec = torch.full((len(encoded), dec_width), self.pad_id, dtype=torch.long)
+            dec_mask = torch.zeros_like(dec)
+            for i, e in enumerate(encoded):
+                dec[i, : len(e.decoder_ids or [])] = torch.tensor(e.decoder_ids)
+                dec_mask[i, : len(e.decoder_ids or [])] = 1
+            inputs |= {"decoder_input_ids": dec, "decoder_attention_mask": dec_mask}
+        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return Batch(inputs, as_long(rows), as_long(cols), as_long(labels), as_long(owner))
+
+    def repeat(self, batch: Batch, copies: int) -> Batch:
+        """``copies`` stacked copies of a one-example batch (the paper's repeated edit batch)."""
+        n = batch.rows.numel()
+        return Batch(
+            {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in batch.inputs.items()},
+            torch.arange(copies).repeat_interleave(n) * batch.size + batch.rows.repeat(copies),
+            batch.cols.repeat(copies),
+            batch.labels.repeat(copies),
+            batch.example.repeat(copies),
+            dict(batch.extra),
+        )
+
+    # ---------------------------------------------------------------------------------------------- reading
+    def prepare(self, model: nn.Module, batch: Batch) -> Batch:
+        """Hook for model-specific forward kwargs (e.g. computing logits only at read positions)."""
+        return batch
+
+    @abstractmethod
+    def read_logits(self, output: Any, batch: Batch) -> torch.Tensor:
+        """Logits at every read, shape (n_reads, n_classes_or_vocab)."""
+
+    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per read: is the model's prediction the label?"""
+        return logits.argmax(-1) == labels
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+    @abstractmethod
+    def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def at_reads(self, values: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-position FFN tensors (queries, patch pre-activations) at the reads: shape (n_reads, last dim)."""
+        if values.dim() == 2:  # OPT flattens (batch, time) before its FFN
+            values = values.reshape(batch.size, -1, values.shape[-1])
+        return values[batch.rows, batch.cols]
+
+
+class ClassificationTask(Task):
+    """Sequence classification: one read at the position the head reads — [CLS] for encoders, else the last token.
+
+    Edit loss follows the official code: binary cross-entropy minus 0.1 × Bernoulli entropy for a single-logit
+    head (the paper's FEVER classifier), cross-entropy otherwise.
+    """
+
+    kind = "classification"
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        num_labels: int,
+        read_position: str = "first",
+        entropy_weight: float = 0.1,
+        max_length: int = 128,
+    ) -> None:
+        super().__init__(tokenizer, max_length)
+        if read_position not in ("first", "last"):
+            raise ValueError(f"read_position must be 'first' ([CLS]) or 'last', got {read_position!r}")
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.num_labels = num_labels
+        self.read_position = read_position
+        self.entropy_weight = entropy_weight
+
+    @classmethod
+    def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> ClassificationTask:
+        """Read [CLS] on encoder models and the last token on decoder classifiers (what their heads pool)."""
+        config = model.config
+        last = getattr(config, "is_decoder", False) or config.model_type in _DECODER_CLASSIFIERS
+        return cls(tokenizer, config.num_labels, "last" if last else "first", **kwargs)
+
+    @property
+    def n_classes(self) -> int:
+        return max(self.num_labels, 2)
+
+    def _encode(self, text: str, target: int | str) -> _Encoded:
+        ids = self._tokens(text, "the input text")
+        if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < self.n_classes:
+            raise InvalidExampleError(
+                f"label {target!r} is outside the classifier head: expected an int in [0, {self.n_classes - 1}]"
+            )
+        return _Encoded(ids, [0 if self.read_position == "first" else len(ids) - 1], [target])
+
+    def read_logits(self, output: Any, batch: Batch) -> torch.Tensor:
+        logits = output.logits
+        return logits[batch.rows] if logits.dim() == 2 else logits[batch.rows, batch.cols]
+
+    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.predictions(logits) == labels
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits[:, 0] > 0).long() if self.num_labels == 1 else logits.argmax(-1)
+
+    def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_labels > 1:
+            return F.cross_entropy(logits.float(), labels)
+        logit = logits[:, 0].float()
+        bce = F.binary_cross_entropy_with_logits(logit, labels.float())
+        entropy = torch.distributions.Bernoulli(logits=logit).entropy().mean()
+        return bce - self.entropy_weight * entropy
+
+
+class _GenerationTask(Task):
+    """Shared by seq2seq and causal LM: one read per target token; label-smoothed NLL as the edit loss."""
+
+    def __init__(self, tokenizer: Any, label_smoothing: float = 0.1, max_length: int = 128) -> None:
+        super().__init__(tokenizer, max_length)
+        self.label_smoothing = label_smoothing
+
+    def read_logits(self, output: Any, batch: Batch) -> torch.Tensor:
+        kept = batch.extra.get("logits_to_keep")
+        cols = batch.cols if kept is None else torch.searchsorted(kept, batch.cols)
+        return output.logits[batch.rows, cols]
+
+    def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+
+class Seq2SeqTask(_GenerationTask):
+    """Encoder-decoder QA (BART/T5 on zsRE): teacher-forced decoder positions, one read per target token."""
+
+    kind = "seq2seq"
+
+    def __init__(self, tokenizer: Any, decoder_start_token_id: int, **kwargs: Any) -> None:
+        super().__init__(tokenizer, **kwargs)
+        self.decoder_start = decoder_start_token_id
+
+    @classmethod
+    def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> Seq2SeqTask:
+        start = model.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("the model config has no decoder_start_token_id; Seq2SeqTask cannot teacher-force it")
+        return cls(tokenizer, start, **kwargs)
+
+    def _encode(self, text: str, target: int | str) -> _Encoded:
+        if not isinstance(target, str):
+            raise InvalidExampleError(f"a seq2seq target must be text, got {type(target).__name__}")
+        ids = self._tokens(text, "the input text")
+        labels = self._target_tokens(target)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None:
+            labels = [*labels, eos]
+        decoder = [self.decoder_start, *labels[:-1]]
+        return _Encoded(ids, list(range(len(labels))), labels, decoder)
+
+
+class CausalLMTask(_GenerationTask):
+    """Decoder-only LM: prompt followed by the target; reads at the positions that predict each target token."""
+
+    kind = "causal_lm"
+
+    def __init__(self, tokenizer: Any, target_prefix: str = " ", **kwargs: Any) -> None:
+        super().__init__(tokenizer, **kwargs)
+        self.target_prefix = target_prefix
+
+    @classmethod
+    def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> CausalLMTask:
+        return cls(tokenizer, **kwargs)
+
+    def _encode(self, text: str, target: int | str) -> _Encoded:
+        if not isinstance(target, str):
+            raise InvalidExampleError(f"a causal-LM target must be text, got {type(target).__name__}")
+        prompt = self._tokens(text, "the prompt")
+        answer = self._target_tokens(self.target_prefix + target.strip() if target.strip() else target)
+        ids = prompt + answer
+        return _Encoded(ids, list(range(len(prompt) - 1, len(ids) - 1)), answer)
+
+    def prepare(self, model: nn.Module, batch: Batch) -> Batch:
+        """Ask the LM head for logits only at read positions when the model supports ``logits_to_keep``."""
+        if _accepts(model, "logits_to_keep"):
+            batch.extra["logits_to_keep"] = torch.unique(batch.cols)
+        return batch
+
+
+_DECODER_CLASSIFIERS = {"gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
+
+
+def task_for_model(model: nn.Module, tokenizer: Any, **kwargs: Any) -> Task:
+    """Pick the task kind from the model class: *ForSequenceClassification, encoder-decoder LM, or causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if name.endswith("ForSequenceClassification"):
+        return ClassificationTask.for_model(base, tokenizer, **kwargs)
+    if getattr(base.config, "is_encoder_decoder", False):
+        return Seq2SeqTask.for_model(base, tokenizer, **kwargs)
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return CausalLMTask.for_model(base, tokenizer, **kwargs)
+    raise ValueError(
+        f"cannot tell which task a {name} performs; build ClassificationTask, Seq2SeqTask or CausalLMTask directly"
+    )

@@ -1,0 +1,58 @@
+"""Score a model on (input, target) pairs in batches: what the SME metrics are computed from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..editing.tasks import Task
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One scored pair. For generation ``prediction`` is the teacher-forced argmax answer, which greedy decoding
+    reproduces exactly when ``correct`` (every target token is the argmax given the correct prefix)."""
+
+    correct: bool
+    prediction: str
+    reference: str
+    correct_tokens: int
+    total_tokens: int
+
+
+def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], batch_size: int = 32) -> list[Outcome]:
+    """Evaluate ``model`` on every pair without gradients, in eval mode, keeping input order."""
+    outcomes: list[Outcome] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(pairs), batch_size):
+            batch = task.prepare(model, task.collate(pairs[start : start + batch_size]))
+            with torch.no_grad():
+                logits = task.read_logits(model(**batch.model_kwargs()), batch)
+            predicted = task.predictions(logits)
+            right = task.correct(logits, batch.labels)
+            for i in range(batch.size):
+                reads = batch.example == i
+                outcomes.append(
+                    Outcome(
+                        correct=bool(right[reads].all()),
+                        prediction=_render(task, predicted[reads]),
+                        reference=_render(task, batch.labels[reads]),
+                        correct_tokens=int(right[reads].sum()),
+                        total_tokens=int(reads.sum()),
+                    )
+                )
+    finally:
+        model.train(was_training)
+    return outcomes
+
+
+def _render(task: Task, ids: torch.Tensor) -> str:
+    if task.kind == "classification":
+        return str(int(ids[0]))
+    return task.decode(ids.tolist())
