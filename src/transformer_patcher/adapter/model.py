@@ -156,5 +156,9 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 def get_patcher_model(
     model: nn.Module, config: PatcherConfig | None = None, adapter_name: str = "default"
 ) -> PeftModel:
-    """Wrap ``model`` so that its last FFN (or the one ``config`` names) can grow patch neurons."""
-    return get_peft_model(model, config or PatcherConfig(), adapter_name=adapter_name)
+    """Wrap ``model`` so that its last FFN (or the one ``config`` names) can grow patch neurons.
+
+    The wrapper takes the model's train/eval mode (a fresh ``PeftModel`` claims training even around an eval model).
+    """
+    training = model.training
+    return get_peft_model(model, config or PatcherConfig(), adapter_name=adapter_name).train(training)

@@ -22,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import AdapterFileError
+from .modes import eval_mode
 from .tasks import Batch, Task
 
-# |bf16(x)·bf16(y) − x·y| <= (2u + u²)|x·y| with u = 2^-8; fp32 accumulation adds at most d·2^-24 relative.
-_BF16_REL = 2 * 2.0**-8 + 2.0**-16
+_BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _FILTER_MIN_ROWS = 4096  # below this a plain fp32 pass is as cheap as filtering
 
 
@@ -72,7 +72,7 @@ class MemoryBank:
         self._filter = None
 
     def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        return (self._rows if index is None else self._rows[index]).float()
+        return (self._rows if index is None else torch.index_select(self._rows, 0, index)).float()
 
     def candidates(self, keys: torch.Tensor, bias: torch.Tensor, top_k: int) -> torch.Tensor | None:
         """Indices of rows that may be in the top-``top_k`` of ``rows @ keys.T + bias`` for any patch column.
@@ -87,12 +87,20 @@ class MemoryBank:
         keys = keys.detach().float()
         with torch.no_grad():
             approx = (keys.to(torch.bfloat16) @ transposed).float() + bias.detach().float()[:, None]  # (n_patches, n)
-            error = norms[None, :] * keys.norm(dim=1, keepdim=True) * (_BF16_REL + self.dim * 2.0**-24)
-            if self.half:  # the rows themselves are the bf16 values; only the key is rounded
-                error = error / 2
+            error = norms[None, :] * keys.norm(dim=1, keepdim=True) * self._relative_error()
+            error = error + (approx.abs() + bias.detach().float().abs()[:, None]) * 2.0**-23  # the fp32 bias add
             kth = torch.topk(approx, top_k, dim=1).values[:, -1:]
             bound = (kth - error.max(dim=1, keepdim=True).values) <= approx + error
         return bound.any(dim=0).nonzero().squeeze(1)
+
+    def _relative_error(self) -> float:
+        """Bound on |approx − exact| / Σ_j|m_j·k_j| for the bf16 first pass (Σ|m_j k_j| <= ‖m‖‖k‖).
+
+        Each bf16 rounding is a factor (1 + δ), |δ| <= u: the key, the rows (unless they are stored in bf16 already)
+        and the product written back in bf16. The fp32 accumulation adds at most d·2^-24, plus slack for the bias add.
+        """
+        roundings = 2 if self.half else 3
+        return (1 + _BF16_U) ** roundings - 1 + (self.dim + 2) * 2.0**-24
 
     def _filter_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._filter is None:
@@ -148,10 +156,8 @@ def collect_queries(
     """FFN queries at the task's reads over ``pairs``, in order, until ``max_rows`` rows are collected."""
     chunks: list[torch.Tensor] = []
     total = 0
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=max_rows, desc=description, unit="row", disable=not progress, leave=False)
-    try:
+    with bar, eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             batch: Batch = task.prepare(model, task.collate(pairs[start : start + batch_size]))
             with torch.no_grad(), layer.capture() as record:
@@ -162,7 +168,4 @@ def collect_queries(
             bar.update(len(rows))
             if total >= max_rows:
                 break
-    finally:
-        bar.close()
-        model.train(was_training)
     return torch.cat(chunks) if chunks else torch.zeros(0, layer.query_dim)

@@ -24,6 +24,7 @@ from ..adapter.layer import PatcherLayer
 from .config import EditConfig
 from .losses import activation_loss, memory_loss
 from .memory import MemoryBank
+from .modes import eval_mode
 from .replay import ForwardReplay
 from .tasks import Batch, EditExample, Task
 
@@ -100,7 +101,7 @@ class PatchTrainer:
     def check(self, example: EditExample) -> tuple[bool, int]:
         """(is the model right on ``example``, how many reads are wrong) — one forward pass, no gradients."""
         batch = self._batch(example)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.model):
             out = self._forward(batch)
         wrong = int((~self.task.correct(out.logits, batch.labels)).sum())
         return wrong == 0, wrong
@@ -131,10 +132,12 @@ class PatchTrainer:
     def edit(self, example: EditExample, edit_id: int) -> EditRecord:
         """Fix ``example`` if the model gets it wrong. Invalid examples raise before anything changes."""
         started = time.perf_counter()
-        cfg = self.config
         single = self._batch(example)
-        was_training = self.model.training
-        self.model.eval()
+        with eval_mode(self.model):
+            return self._edit(example, edit_id, single, started)
+
+    def _edit(self, example: EditExample, edit_id: int, single: Batch, started: float) -> EditRecord:
+        cfg = self.config
         try:
             with torch.no_grad():
                 first = self._forward(single, record=not cfg.dropout)
@@ -166,8 +169,6 @@ class PatchTrainer:
         except BaseException:
             self.layer.discard(self.adapter)
             raise
-        finally:
-            self.model.train(was_training)
 
     def _add_patches(self, queries: torch.Tensor, edit_id: int) -> None:
         keys = torch.stack([init_key(q.float()) for q in queries])

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..editing.modes import eval_mode
 from ..editing.tasks import Task
 
 
@@ -27,9 +28,7 @@ class Outcome:
 def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], batch_size: int = 32) -> list[Outcome]:
     """Evaluate ``model`` on every pair without gradients, in eval mode, keeping input order."""
     outcomes: list[Outcome] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             batch = task.prepare(model, task.collate(pairs[start : start + batch_size]))
             with torch.no_grad():
@@ -47,8 +46,6 @@ def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], 
                         total_tokens=int(reads.sum()),
                     )
                 )
-    finally:
-        model.train(was_training)
     return outcomes
 
 
