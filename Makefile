@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/inference_overhead.py --out bench/results/inference_overhead.json
+	$(BIN)/python bench/edit_latency.py --edits 10 --edits-off 2 --out bench/results/edit_latency.json
 
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,15 +28,6 @@ from transformer_patcher.editing import (
 from transformer_patcher.editing.losses import activation_loss, memory_loss, topk_exp_mean
 from transformer_patcher.errors import InvalidExampleError
 from transformer_patcher.sme import score_pairs
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded, and thread oversubscription on a busy machine costs 10-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def patched(base: torch.nn.Module) -> tuple[torch.nn.Module, Task, PatcherLayer]:
@@ -192,6 +183,18 @@ def test_patch_trainer_fixes_a_mistake_without_touching_unrelated_outputs() -> N
     assert torch.equal(after_memory.argmax(-1), before_memory.argmax(-1))
     after_held_out = read_logits(trainer.model, trainer.task, held_out)
     assert (after_held_out.argmax(-1) == before_held_out.argmax(-1)).float().mean() >= 0.9
+
+
+def test_quick_schedule_stops_earlier_and_still_fixes_the_edit() -> None:
+    """EditConfig.quick() checks every 5 steps: the same edit is fixed in fewer steps than the official 150+."""
+    example = edit_examples(1, seed=3)[0]
+    official = sharp_trainer().edit(example, edit_id=0)
+    quick_trainer = sharp_trainer(EditConfig.quick())
+    quick = quick_trainer.edit(example, edit_id=0)
+    assert official.success and quick.success
+    assert official.steps >= 150 and official.steps % 25 == 0
+    assert quick.steps < official.steps and quick.steps % 5 == 0
+    assert quick_trainer.check(example) == (True, 0)
 
 
 def test_patches_per_edit_are_capped_by_max_patches() -> None:

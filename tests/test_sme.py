@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,6 @@ from transformer_patcher.editing import (
 from transformer_patcher.sme import SMEConfig, SMERunner, load_checkpoint, score_pairs
 
 LOCALITY = random_pairs(20, seed=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded, and thread oversubscription on a busy machine costs 10-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def edit_stream(n: int, seed: int) -> list[EditExample]:

@@ -27,6 +27,7 @@ from .tasks import Batch, Task
 
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _FILTER_MIN_ROWS = 4096  # below this a plain fp32 pass is as cheap as filtering
+_EXACT_FALLBACK = 4  # more candidates than 1/4 of the bank: gathering them costs more than an exact fp32 ranking
 
 
 class MemoryBank:
@@ -89,9 +90,14 @@ class MemoryBank:
             approx = (keys.to(torch.bfloat16) @ transposed).float() + bias.detach().float()[:, None]  # (n_patches, n)
             error = norms[None, :] * keys.norm(dim=1, keepdim=True) * self._relative_error()
             error = error + (approx.abs() + bias.detach().float().abs()[:, None]) * 2.0**-23  # the fp32 bias add
-            kth = torch.topk(approx, top_k, dim=1).values[:, -1:]
-            bound = (kth - error.max(dim=1, keepdim=True).values) <= approx + error
-        return bound.any(dim=0).nonzero().squeeze(1)
+            # k rows have exact value >= approx - error >= lower, so a row whose upper bound is below it is out.
+            lower = torch.topk(approx - error, top_k, dim=1).values[:, -1:]
+            keep = (approx + error >= lower).any(dim=0)
+            if int(keep.sum()) <= n // _EXACT_FALLBACK:
+                return keep.nonzero().squeeze(1)
+            # The bound is too loose (many rows tie near the threshold): rank exactly in fp32 instead.
+            exact = keys @ self._rows.float().T + bias.detach().float()[:, None]
+            return torch.topk(exact, top_k, dim=1).indices.unique()
 
     def _relative_error(self) -> float:
         """Bound on |approx − exact| / Σ_j|m_j·k_j| for the bf16 first pass (Σ|m_j k_j| <= ‖m‖‖k‖).

@@ -235,11 +235,13 @@ class PatchTrainer:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             loss_value = float(loss.detach())
-            if step % cfg.check_every:
+            lr_due, check_due = step % cfg.lr_every == 0, step % cfg.check_every == 0 and step > cfg.start_val_step
+            if not (lr_due or check_due):
                 continue
             fixed, val_edit, val_a_e = self._validate(batch, reads, n_reads)
-            scheduler.step(val_edit)
-            if step <= cfg.start_val_step or not fixed:
+            if lr_due:
+                scheduler.step(val_edit)
+            if not check_due or not fixed:
                 continue
             if not cfg.use_validation:
                 break
