@@ -75,3 +75,43 @@ def test_smollm2_gguf_patch_round_trip(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     reloaded = PatcherModel.from_pretrained(model.unload(), tmp_path)
     assert torch.equal(_logits(reloaded, batch), after)
+
+
+MEMORY_SENTENCES = [
+    f"{subject} {verb} {thing}."
+    for subject in ("The city", "A river", "My neighbour", "The committee", "This novel", "The old bridge")
+    for verb in ("was built near", "is famous for", "was written about", "rarely mentions")
+    for thing in ("the harbour", "a long war", "three kings", "the northern mountains", "its music")
+]
+
+
+def test_minilm_editor_fixes_a_claim_and_keeps_memory_predictions() -> None:
+    """The trained editor on real MiniLM: the claim flips to its target and memory sentences keep their predictions."""
+    from transformer_patcher.editing import (
+        EditConfig,
+        EditExample,
+        MemoryBank,
+        PatchTrainer,
+        collect_queries,
+        task_for_model,
+    )
+    from transformer_patcher.sme import score_pairs
+
+    path = _resolve(MINILM)
+    torch.manual_seed(0)
+    model = get_patcher_model(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval())
+    task = task_for_model(model, AutoTokenizer.from_pretrained(path))
+    layer = model.base_model.patch_layer()
+    pairs = [(text, 0) for text in MEMORY_SENTENCES]
+    memory = MemoryBank(collect_queries(model, layer, task, pairs, 1000, progress=False))
+    before = [o.prediction for o in score_pairs(model, task, pairs)]
+    trainer = PatchTrainer(model, task, EditConfig(), memory)
+    claim = CLAIMS[1]
+    wrong_label = 1 - int(score_pairs(model, task, [(claim, 0)])[0].prediction)
+
+    record = trainer.edit(EditExample(claim, wrong_label), edit_id=0)
+
+    assert record.needed and record.success and record.neurons == 1
+    assert trainer.check(EditExample(claim, wrong_label)) == (True, 0)
+    after = [o.prediction for o in score_pairs(model, task, pairs)]
+    assert sum(a == b for a, b in zip(after, before, strict=True)) / len(pairs) >= 0.95
