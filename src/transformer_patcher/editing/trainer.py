@@ -134,9 +134,9 @@ class PatchTrainer:
         started = time.perf_counter()
         single = self._batch(example)
         with eval_mode(self.model):
-            return self._edit(example, edit_id, single, started)
+            return self._edit(edit_id, single, started)
 
-    def _edit(self, example: EditExample, edit_id: int, single: Batch, started: float) -> EditRecord:
+    def _edit(self, edit_id: int, single: Batch, started: float) -> EditRecord:
         cfg = self.config
         try:
             with torch.no_grad():

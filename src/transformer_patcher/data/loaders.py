@@ -1,0 +1,222 @@
+"""Loaders for the three editing datasets (FEVER, zsRE, CounterFact) as HuggingFace ``datasets.Dataset`` objects.
+
+Records are validated on load, so a malformed file fails at once with the file, the line or record and the field
+named, instead of deep inside an editing run. :func:`to_edit_examples` turns a loaded dataset into the package's
+:class:`~transformer_patcher.editing.tasks.EditExample` list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..editing.tasks import EditExample
+from ..errors import PatcherError
+
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "FEVER_LABELS",
+    "DatasetFormatError",
+    "find_data_file",
+    "load_counterfact",
+    "load_fever",
+    "load_zsre",
+    "to_edit_examples",
+]
+
+DATA_ENV_VAR = "TRANSFORMER_PATCHER_DATA"
+FEVER_LABELS: dict[str, int | None] = {"SUPPORTS": 1, "REFUTES": 0, "NOT ENOUGH INFO": None}
+_NQ_PREFIX = "nq question: "
+
+
+class DatasetFormatError(PatcherError, ValueError):
+    """A dataset file is not in the expected format; the message names the file, the line or record and the field."""
+
+
+# --------------------------------------------------------------------------------------------------- locating
+def find_data_file(name: str, data_dir: str | Path | None = None) -> Path:
+    """Find ``name`` (e.g. ``"fever/paper_dev.jsonl"``) so scripts run unchanged on machines with different layouts.
+
+    Looks in ``data_dir``, then ``$TRANSFORMER_PATCHER_DATA``, then ``shared/data`` and ``../shared/data`` relative to
+    the current directory and to the repository checkout.
+    """
+    candidates: list[Path] = []
+    if data_dir is not None:
+        candidates.append(Path(data_dir))
+    if os.environ.get(DATA_ENV_VAR):
+        candidates.append(Path(os.environ[DATA_ENV_VAR]))
+    repo = Path(__file__).resolve().parents[3]
+    for base in (Path.cwd(), repo):
+        candidates += [base / "shared" / "data", base.parent / "shared" / "data"]
+    seen: list[Path] = []
+    for directory in candidates:
+        if directory in seen:
+            continue
+        seen.append(directory)
+        path = directory / name
+        if path.is_file():
+            return path
+    looked = "\n  ".join(str(d / name) for d in seen)
+    raise FileNotFoundError(
+        f"data file {name!r} not found; looked in:\n  {looked}\n"
+        f"pass data_dir= or set {DATA_ENV_VAR} to the folder holding it"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- reading
+def _is_url(path: str | Path) -> bool:
+    return isinstance(path, str) and path.startswith(("http://", "https://"))
+
+
+def _records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, record) pairs; location is "line N" (1-based) for JSON lines, "record N" (0-based) otherwise.
+
+    Local files are parsed here rather than by ``datasets`` so that a bad record can be reported by its line.
+    """
+    if _is_url(path):
+        import datasets
+
+        rows = datasets.load_dataset("json", data_files=str(path), split="train")
+        for i, row in enumerate(rows):
+            yield f"record {i}", row
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"dataset file not found: {file}")
+    text = file.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise DatasetFormatError(f"{file}: record {i}: expected a JSON object, got {type(rec).__name__}")
+            yield f"record {i}", rec
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{file}: line {n}: invalid JSON ({e.msg})") from e
+        if not isinstance(rec, dict):
+            raise DatasetFormatError(f"{file}: line {n}: expected a JSON object, got {type(rec).__name__}")
+        yield f"line {n}", rec
+
+
+def _str_field(rec: dict[str, Any], key: str, where: str, *, allow_empty: bool = False) -> str:
+    value = rec.get(key)
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        state = "missing" if key not in rec else f"not a non-empty string (got {value!r})"
+        raise DatasetFormatError(f"{where}: field {key!r} is {state}")
+    return value
+
+
+def _target_field(rec: dict[str, Any], key: str, where: str) -> str:
+    """CounterFact targets are strings in EasyEdit's format and ``{"str": ...}`` dicts in ROME's original one."""
+    value = rec.get(key)
+    if isinstance(value, dict):
+        return _str_field(value, "str", f"{where}: field {key!r}")
+    return _str_field(rec, key, where)
+
+
+def _load(path: str | Path, parse: Callable[[dict[str, Any], str], dict[str, Any] | None]) -> datasets.Dataset:
+    import datasets
+
+    rows = []
+    for loc, rec in _records(path):
+        row = parse(rec, f"{path}: {loc}")
+        if row is not None:
+            rows.append(row)
+    if not rows:
+        raise DatasetFormatError(f"{path}: no usable records")
+    return datasets.Dataset.from_list(rows)
+
+
+# --------------------------------------------------------------------------------------------------- loaders
+def load_fever(path: str | Path, *, drop_nei: bool = True) -> datasets.Dataset:
+    """FEVER claims as columns ``text``, ``label`` (1 = SUPPORTS, 0 = REFUTES), the paper's binary fact-checking task.
+
+    NOT ENOUGH INFO has no binary label, so it is dropped when ``drop_nei`` (else kept with label -1).
+    """
+
+    def parse(rec: dict[str, Any], where: str) -> dict[str, Any] | None:
+        claim = _str_field(rec, "claim", where)
+        label = rec.get("label")
+        if label not in FEVER_LABELS:
+            raise DatasetFormatError(f"{where}: field 'label' is {label!r}, expected one of {sorted(FEVER_LABELS)}")
+        value = FEVER_LABELS[label]
+        if value is None:
+            return None if drop_nei else {"text": claim, "label": -1}
+        return {"text": claim, "label": value}
+
+    return _load(path, parse)
+
+
+def load_zsre(path: str | Path) -> datasets.Dataset:
+    """zsRE (MEND/EasyEdit format) as ``text, target, rephrase, loc, loc_ans, subject``; target is ``answers[0]``.
+
+    The "nq question: " prefix on ``loc`` is removed so the locality input reads like a natural question.
+    """
+
+    def parse(rec: dict[str, Any], where: str) -> dict[str, Any]:
+        answers = rec.get("answers")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise DatasetFormatError(f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r}")
+        loc = _str_field(rec, "loc", where)
+        if loc.startswith(_NQ_PREFIX):
+            loc = loc[len(_NQ_PREFIX) :]
+        return {
+            "text": _str_field(rec, "src", where),
+            "target": answers[0],
+            "rephrase": _str_field(rec, "rephrase", where),
+            "loc": loc,
+            "loc_ans": _str_field(rec, "loc_ans", where),
+            "subject": _str_field(rec, "subject", where),
+        }
+
+    return _load(path, parse)
+
+
+def load_counterfact(path: str | Path) -> datasets.Dataset:
+    """CounterFact (EasyEdit format) as ``text, target, ground_truth, rephrase, loc, loc_ans, subject``.
+
+    ROME-style prompts hold a ``{}`` slot for the subject; it is filled so ``text`` is always the full prompt.
+    """
+
+    def parse(rec: dict[str, Any], where: str) -> dict[str, Any]:
+        subject = _str_field(rec, "subject", where)
+        prompt = _str_field(rec, "prompt", where)
+        return {
+            "text": prompt.replace("{}", subject) if "{}" in prompt else prompt,
+            "target": _target_field(rec, "target_new", where),
+            "ground_truth": _target_field(rec, "ground_truth", where),
+            "rephrase": _str_field(rec, "rephrase_prompt", where),
+            "loc": _str_field(rec, "locality_prompt", where),
+            "loc_ans": _target_field(rec, "locality_ground_truth", where),
+            "subject": subject,
+        }
+
+    return _load(path, parse)
+
+
+def to_edit_examples(dataset: datasets.Dataset, kind: str) -> list[EditExample]:
+    """Turn a loaded dataset into :class:`EditExample` objects, the form the editing API consumes."""
+    if kind == "fever":
+        return [EditExample(text=r["text"], target=int(r["label"])) for r in dataset]
+    if kind in ("zsre", "counterfact"):
+        return [
+            EditExample(
+                text=r["text"], target=r["target"], rephrases=(r["rephrase"],), locality=((r["loc"], r["loc_ans"]),)
+            )
+            for r in dataset
+        ]
+    raise ValueError(f"unknown dataset kind {kind!r}; expected 'fever', 'zsre' or 'counterfact'")
