@@ -19,16 +19,6 @@ from ..errors import PatcherError
 if TYPE_CHECKING:
     import datasets
 
-__all__ = [
-    "DATA_ENV_VAR",
-    "FEVER_LABELS",
-    "DatasetFormatError",
-    "find_data_file",
-    "load_counterfact",
-    "load_fever",
-    "load_zsre",
-    "to_edit_examples",
-]
 
 DATA_ENV_VAR = "TRANSFORMER_PATCHER_DATA"
 FEVER_LABELS: dict[str, int | None] = {"SUPPORTS": 1, "REFUTES": 0, "NOT ENOUGH INFO": None}
