@@ -39,7 +39,7 @@ def patched(base: torch.nn.Module) -> tuple[torch.nn.Module, Task, PatcherLayer]
 
 
 def read_logits(model: torch.nn.Module, task: Task, pairs: list[tuple[str, int | str]]) -> torch.Tensor:
-    batch = task.prepare(model, task.collate(pairs))
+    batch = task.batch_for(model, pairs)
     with torch.no_grad():
         return task.read_logits(model(**batch.model_kwargs()), batch)
 
@@ -106,7 +106,7 @@ def test_cached_forward_gives_the_same_loss_and_gradients(name: str) -> None:
     """cache=True (replayed upstream outputs) computes exactly the full forward's loss and patch gradients."""
     model, task, layer = patched(build(name))
     target: int | str = 0 if task.kind == "classification" else sentence(70, 71)
-    batch = task.prepare(model, task.collate([(sentence(10, 11, 12, 13, 14), target)]))
+    batch = task.batch_for(model, [(sentence(10, 11, 12, 13, 14), target)])
     torch.manual_seed(0)
     layer.add_patches(torch.randn(2, layer.query_dim), torch.full((2,), 0.1), torch.randn(2, layer.output_dim), 1)
     memory = torch.randn(16, layer.query_dim)
@@ -475,7 +475,7 @@ def test_collect_queries_returns_the_reads_queries_in_order() -> None:
     pairs = random_pairs(5, seed=1)
     rows = collect_queries(model, layer, task, pairs, 1000, batch_size=2, progress=False)
     assert rows.shape == (10, layer.query_dim)  # 2 target tokens each
-    batch = task.prepare(model, task.collate(pairs))
+    batch = task.batch_for(model, pairs)
     with torch.no_grad(), layer.capture() as capture:
         model(**batch.model_kwargs())
     torch.testing.assert_close(rows, task.at_reads(capture.query, batch), rtol=1e-5, atol=1e-5)

@@ -99,7 +99,7 @@ def test_sme_run_fixes_every_edit_and_keeps_locality(monkeypatch: pytest.MonkeyP
 def test_reset_returns_to_the_original_model() -> None:
     """reset() drops every patch and every memory row edits added, so outputs equal the unedited model's."""
     trainer = sharp_trainer(EditConfig(max_steps=30))
-    batch = trainer.task.prepare(trainer.model, trainer.task.collate(LOCALITY))
+    batch = trainer.task.batch_for(trainer.model, LOCALITY)
     with torch.no_grad():
         before = trainer.model(**batch.model_kwargs()).logits
     rows = (len(trainer.memory), len(trainer.val_memory))
@@ -231,7 +231,7 @@ def test_fine_tuning_state_round_trip_and_kl_needs_memory() -> None:
 
 # ------------------------------------------------------------------------------------------------------ scoring
 def _single(model: torch.nn.Module, task: Task, pair: tuple[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = task.prepare(model, task.collate([pair]))
+    batch = task.batch_for(model, [pair])
     with torch.no_grad():
         return task.read_logits(model(**batch.model_kwargs()), batch), batch.labels
 

@@ -75,9 +75,6 @@ class FineTuneEditor:
             raise ValueError(f"cannot find the block of '{target.value_module}'; use scope='all'")
         return target.value_module.split(marker)[0] + marker
 
-    def _batch(self, pairs: Sequence[tuple[str, Any]]) -> Batch:
-        return self.task.prepare(self.model, self.task.collate(pairs))
-
     def _read(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         kwargs = batch.model_kwargs()
         output = self.model(**kwargs) if params is None else functional_call(self.model, params, (), kwargs)
@@ -86,7 +83,7 @@ class FineTuneEditor:
     def edit(self, example: EditExample, edit_id: int) -> EditRecord:
         started = time.perf_counter()
         cfg = self.config
-        batch = self._batch([(example.text, example.target)])
+        batch = self.task.batch_for(self.model, [(example.text, example.target)])
         self.model.eval()
         with torch.no_grad():
             wrong = int((~self.task.correct(self._read(batch), batch.labels)).sum())
@@ -96,7 +93,7 @@ class FineTuneEditor:
         if cfg.kl:
             rng = random.Random(cfg.seed * 1_000_003 + edit_id)
             sample = rng.sample(self.memory_pairs, min(cfg.kl_batch, len(self.memory_pairs)))
-            kl_batch = self._batch(sample)
+            kl_batch = self.task.batch_for(self.model, sample)
             with torch.no_grad():
                 original = {**dict(self.model.named_parameters()), **self._original}
                 reference = F.log_softmax(self._read(kl_batch, original).float(), -1)

@@ -165,7 +165,7 @@ def collect_queries(
     bar = tqdm(total=max_rows, desc=description, unit="row", disable=not progress, leave=False)
     with bar, eval_mode(model):
         for start in range(0, len(pairs), batch_size):
-            batch: Batch = task.prepare(model, task.collate(pairs[start : start + batch_size]))
+            batch: Batch = task.batch_for(model, pairs[start : start + batch_size])
             with torch.no_grad(), layer.capture() as record:
                 model(**batch.model_kwargs())
             rows = task.at_reads(record.query, batch).float().cpu()[: max_rows - total]

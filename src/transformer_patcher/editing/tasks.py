@@ -134,6 +134,10 @@ class Task(ABC):
             dict(batch.extra),
         )
 
+    def batch_for(self, model: nn.Module, pairs: Sequence[tuple[str, int | str]]) -> Batch:
+        """``collate`` plus the model-specific forward kwargs of ``prepare``: what a forward pass of ``model`` needs."""
+        return self.prepare(model, self.collate(pairs))
+
     # ---------------------------------------------------------------------------------------------- reading
     def prepare(self, model: nn.Module, batch: Batch) -> Batch:
         """Hook for model-specific forward kwargs (e.g. computing logits only at read positions)."""

@@ -96,7 +96,7 @@ class PatchTrainer:
         )
 
     def _batch(self, example: EditExample) -> Batch:
-        return self.task.prepare(self.model, self.task.collate([(example.text, example.target)]))
+        return self.task.batch_for(self.model, [(example.text, example.target)])
 
     def check(self, example: EditExample) -> tuple[bool, int]:
         """(is the model right on ``example``, how many reads are wrong) — one forward pass, no gradients."""

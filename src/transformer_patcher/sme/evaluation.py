@@ -30,7 +30,7 @@ def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], 
     outcomes: list[Outcome] = []
     with eval_mode(model):
         for start in range(0, len(pairs), batch_size):
-            batch = task.prepare(model, task.collate(pairs[start : start + batch_size]))
+            batch = task.batch_for(model, pairs[start : start + batch_size])
             with torch.no_grad():
                 logits = task.read_logits(model(**batch.model_kwargs()), batch)
             predicted = task.predictions(logits)
