@@ -10,6 +10,7 @@ import datasets
 import pytest
 
 from transformer_patcher.data import (
+    ZSRE_SAMPLE,
     DatasetFormatError,
     find_data_file,
     load_counterfact,
@@ -220,3 +221,14 @@ def test_real_files_counts() -> None:
     assert len(cf) == 1000
     examples = to_edit_examples(cf, "counterfact")
     assert examples[0].text == "David Robinson professionally plays the sport" and examples[0].target == "baseball"
+
+
+def test_embedded_zsre_sample_is_the_default_and_small() -> None:
+    """load_zsre() without a path reads the packaged sample: real records, offline, within the 300 KB budget."""
+    sample = load_zsre()
+    assert len(sample) == 40
+    assert sample[0]["text"] == "What is the product made by UniFirst?" and sample[0]["target"] == "uniform"
+    examples = to_edit_examples(sample, "zsre")
+    assert all(e.text and e.target and e.rephrases and e.locality for e in examples)
+    assert ZSRE_SAMPLE.stat().st_size < 300_000
+    assert (ZSRE_SAMPLE.parent / "README.md").read_text().count("KnowledgeSpread") == 1

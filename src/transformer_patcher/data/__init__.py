@@ -3,6 +3,7 @@
 from .loaders import (
     DATA_ENV_VAR,
     FEVER_LABELS,
+    ZSRE_SAMPLE,
     DatasetFormatError,
     find_data_file,
     load_counterfact,
@@ -14,6 +15,7 @@ from .loaders import (
 __all__ = [
     "DATA_ENV_VAR",
     "FEVER_LABELS",
+    "ZSRE_SAMPLE",
     "DatasetFormatError",
     "find_data_file",
     "load_counterfact",

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 DATA_ENV_VAR = "TRANSFORMER_PATCHER_DATA"
 FEVER_LABELS: dict[str, int | None] = {"SUPPORTS": 1, "REFUTES": 0, "NOT ENOUGH INFO": None}
 _NQ_PREFIX = "nq question: "
+ZSRE_SAMPLE = Path(__file__).with_name("samples") / "zsre_sample.json"  # 40 real records; provenance in samples/
 
 
 class DatasetFormatError(PatcherError, ValueError):
@@ -151,10 +152,11 @@ def load_fever(path: str | Path, *, drop_nei: bool = True) -> datasets.Dataset:
     return _load(path, parse)
 
 
-def load_zsre(path: str | Path) -> datasets.Dataset:
+def load_zsre(path: str | Path = ZSRE_SAMPLE) -> datasets.Dataset:
     """zsRE (MEND/EasyEdit format) as ``text, target, rephrase, loc, loc_ans, subject``; target is ``answers[0]``.
 
-    The "nq question: " prefix on ``loc`` is removed so the locality input reads like a natural question.
+    The "nq question: " prefix on ``loc`` is removed so the locality input reads like a natural question. Without a
+    path, the 40-record sample embedded in the package is loaded (offline default for examples and the demo).
     """
 
     def parse(rec: dict[str, Any], where: str) -> dict[str, Any]:
