@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..adapter.registry import resolve_patch_target
+from .modes import eval_mode
 from .tasks import Batch, EditExample, Task
 from .trainer import EditRecord
 
@@ -81,10 +82,14 @@ class FineTuneEditor:
         return self.task.read_logits(output, batch)
 
     def edit(self, example: EditExample, edit_id: int) -> EditRecord:
+        """Fine-tune until ``example`` is right (dropout off; every module's mode is restored afterwards)."""
         started = time.perf_counter()
-        cfg = self.config
         batch = self.task.batch_for(self.model, [(example.text, example.target)])
-        self.model.eval()
+        with eval_mode(self.model):
+            return self._edit(batch, edit_id, started)
+
+    def _edit(self, batch: Batch, edit_id: int, started: float) -> EditRecord:
+        cfg = self.config
         with torch.no_grad():
             wrong = int((~self.task.correct(self._read(batch), batch.labels)).sum())
         if wrong == 0:

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import save_safetensors_atomic
 from ..errors import AdapterFileError
 from .modes import eval_mode
 from .tasks import Batch, Task
@@ -117,11 +118,7 @@ class MemoryBank:
     # --------------------------------------------------------------------------------------------- storage
     def save(self, path: str | os.PathLike[str], key: str) -> None:
         """Write the bank atomically as safetensors, tagged with ``key`` (what it was built from)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"rows": self._rows.contiguous()}, str(tmp), metadata={"key": key, "format": "pt"})
-        os.replace(tmp, path)
+        save_safetensors_atomic({"rows": self._rows}, Path(path), metadata={"key": key, "format": "pt"})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], key: str, half: bool = False) -> MemoryBank:

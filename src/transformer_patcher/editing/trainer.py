@@ -254,19 +254,13 @@ class PatchTrainer:
                 break
         else:
             fixed = self._validate(batch, reads, n_reads)[0]
-        self.model.eval()
         return fixed, step, loss_value
 
     def _validate(self, batch: Batch, reads: torch.Tensor, n_reads: int) -> tuple[bool, float, torch.Tensor]:
         """Eval-mode check of the edit (dropout off): fixed?, edit loss, and a_e for the validation memory loss."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                out = self._forward(batch, replay=True)
-                edit, _, a_e = self._losses(out, batch, reads, n_reads)
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), eval_mode(self.model):
+            out = self._forward(batch, replay=True)
+            edit, _, a_e = self._losses(out, batch, reads, n_reads)
         fixed = bool(self.task.correct(out.logits, batch.labels).all())
         return fixed, float(edit), a_e
 

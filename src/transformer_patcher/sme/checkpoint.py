@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..errors import AdapterFileError
 
 FORMAT_VERSION = 1
@@ -30,27 +31,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     directory: str | os.PathLike[str], name: str, tensors: dict[str, torch.Tensor], state: dict
 ) -> None:
     """Save ``tensors`` and JSON-able ``state`` for checkpoint ``name`` (e.g. ``fold-0``) atomically."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensor_file = directory / f"{name}.{state['position']:06d}.safetensors"
-    tmp = tensor_file.with_name(tensor_file.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, tensor_file)
+    save_safetensors_atomic(tensors, tensor_file)
     record = {"format": FORMAT_VERSION, "tensors": tensor_file.name, "sha256": _sha256(tensor_file), "state": state}
-    _atomic_write_text(directory / f"{name}.json", json.dumps(record, indent=1))
+    write_text_atomic(directory / f"{name}.json", json.dumps(record, indent=1))
     for old in directory.glob(f"{name}.*.safetensors"):
         if old != tensor_file:
             old.unlink(missing_ok=True)
