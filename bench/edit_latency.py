@@ -87,7 +87,7 @@ def setup(name: str):
 
 
 def _prediction(trainer: PatchTrainer, text: str) -> int:
-    batch = trainer.task.collate([(text, 0)])
+    batch = trainer.task.batch_for(trainer.model, [(text, 0)])
     with torch.no_grad():
         return int(trainer.task.predictions(trainer.task.read_logits(trainer.model(**batch.model_kwargs()), batch))[0])
 
