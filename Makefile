@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test test-slow lint bench demo clean-venv
+.PHONY: test test-slow lint bench demo docs clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
+
+# The documentation site, built offline into site/ (mkdocs-material without web fonts, mkdocstrings for the API).
+docs: $(STAMP)
+	test -x $(BIN)/mkdocs || $(BIN)/pip install -q -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +73,40 @@ def resolve_model(name_or_path: str) -> str:
             _convert_smollm2(destination)
         return str(destination)
     return name_or_path
+
+
+def load_model(name_or_path: str, kind: str, num_labels: int | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for a task ``kind``: ``"classification"`` or ``"generation"``.
+
+    Generation picks a seq2seq or causal LM class from the config. Remote code is never run.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    path = resolve_model(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if kind == "classification":
+        kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+        if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+            logger.warning("%s has no trained classification head; a randomly initialised one is added", path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False, **kwargs)
+    elif kind == "generation":
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(path, trust_remote_code=False)
+    else:
+        raise ValueError(f"kind must be 'classification' or 'generation', got {kind!r}")
+    return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def model_kind(name_or_path: str) -> str:
+    """``"classification"`` for a sequence-classification checkpoint, else ``"generation"``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(name_or_path), trust_remote_code=False)
+    architectures = config.architectures or []
+    return "classification" if any(a.endswith("ForSequenceClassification") for a in architectures) else "generation"

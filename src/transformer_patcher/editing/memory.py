@@ -172,3 +172,30 @@ def collect_queries(
             if total >= max_rows:
                 break
     return torch.cat(chunks) if chunks else torch.zeros(0, layer.query_dim)
+
+
+def build_memory(
+    model: nn.Module,
+    layer: Any,
+    task: Task,
+    pairs: Sequence[tuple[str, Any]],
+    max_rows: int,
+    cache_dir: str | os.PathLike[str] | None = None,
+    tag: str = "memory",
+    batch_size: int = 32,
+    progress: bool = True,
+    adapter_name: str = "default",
+) -> MemoryBank:
+    """A bank of at most ``max_rows`` queries over ``pairs``, read from ``cache_dir`` when built there before.
+
+    The cache file is named by :func:`memory_key`, so a change of model, task, data or size builds a new bank.
+    """
+    key = memory_key(layer.patch_config[adapter_name].fingerprint, task, pairs, max_rows)
+    path = Path(cache_dir) / f"{tag}-{max_rows}-{key[:16]}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return MemoryBank.load(path, key)
+    rows = collect_queries(model, layer, task, pairs, max_rows, batch_size, progress, f"{tag}: {max_rows} rows")
+    bank = MemoryBank(rows)
+    if path is not None:
+        bank.save(path, key)
+    return bank

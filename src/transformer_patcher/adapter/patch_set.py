@@ -1,0 +1,148 @@
+"""A saved patch set as files: what it holds, its edit log, and undoing one edit — without loading the base model.
+
+A patch-set folder is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) plus, when it
+was written by the CLI, ``edits.jsonl``: one line per edit (``edit_id``, ``text``, ``target``), so later edits can
+rebuild the memory of earlier ones and a reader can see what each patch fixes. Every change is validated first and
+written atomically; a failed undo leaves the folder as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+from ..atomic import save_safetensors_atomic, write_text_atomic
+from ..errors import AdapterFileError
+from .checkpoint import group_patch_tensors, read_adapter_file
+from .config import PatcherConfig
+
+EDIT_LOG = "edits.jsonl"
+_ROWS = {  # tensor name → the edit-id tensor that labels its rows
+    "patch_frozen_keys": "patch_frozen_edit_ids",
+    "patch_frozen_bias": "patch_frozen_edit_ids",
+    "patch_frozen_values": "patch_frozen_edit_ids",
+    "patch_frozen_edit_ids": "patch_frozen_edit_ids",
+    "patch_keys": "patch_edit_ids",
+    "patch_bias": "patch_edit_ids",
+    "patch_values": "patch_edit_ids",
+    "patch_value_scale": "patch_edit_ids",
+    "patch_edit_ids": "patch_edit_ids",
+}
+
+
+@dataclass
+class PatchSetInfo:
+    """What ``info`` prints: the base model, the patched module, and the neurons of each edit."""
+
+    path: Path
+    base_model: str | None
+    target_module: str
+    activation: str | None
+    fingerprint: dict[str, Any]
+    neurons_per_edit: dict[int, int]
+    file_bytes: int
+    edits: dict[int, dict[str, Any]]  # edit log entries by id (empty when there is no log)
+
+    @property
+    def num_patches(self) -> int:
+        return sum(self.neurons_per_edit.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "base_model": self.base_model,
+            "target_module": self.target_module,
+            "activation": self.activation,
+            "num_patches": self.num_patches,
+            "file_bytes": self.file_bytes,
+            "fingerprint": self.fingerprint,
+            "edits": [
+                {"edit_id": i, "neurons": n, **{k: v for k, v in self.edits.get(i, {}).items() if k != "edit_id"}}
+                for i, n in self.neurons_per_edit.items()
+            ],
+        }
+
+
+def _load(path: Path) -> tuple[PatcherConfig, dict[str, torch.Tensor], Path]:
+    if not (path / CONFIG_NAME).is_file():
+        raise AdapterFileError(f"{path} is not a patch-set folder: it has no {CONFIG_NAME}")
+    weights = path / SAFETENSORS_WEIGHTS_NAME
+    config = PatcherConfig.from_pretrained(str(path))  # validates the weights against the config
+    if not weights.is_file():
+        raise AdapterFileError(f"{path} has no {SAFETENSORS_WEIGHTS_NAME}")
+    return config, read_adapter_file(weights), weights
+
+
+def read_edit_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The folder's edit log (empty when it has none); a malformed line is an error naming the line."""
+    log = Path(path) / EDIT_LOG
+    if not log.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AdapterFileError(f"{log}:{number}: not JSON ({error})") from error
+        if not isinstance(entry, dict) or not isinstance(entry.get("edit_id"), int):
+            raise AdapterFileError(f"{log}:{number}: each line must be an object with an integer 'edit_id'")
+        entries.append(entry)
+    return entries
+
+
+def write_edit_log(path: str | os.PathLike[str], entries: list[dict[str, Any]]) -> None:
+    write_text_atomic(Path(path) / EDIT_LOG, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+
+
+def describe_patch_set(path: str | os.PathLike[str]) -> PatchSetInfo:
+    """Read a patch-set folder (validated, safetensors only) and say what it holds."""
+    folder = Path(path)
+    config, tensors, weights = _load(folder)
+    ids = torch.cat([t for name, t in tensors.items() if name.endswith(("patch_frozen_edit_ids", ".patch_edit_ids"))])
+    counts: dict[int, int] = {}
+    for edit_id in ids.tolist():
+        counts[edit_id] = counts.get(edit_id, 0) + 1
+    targets = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
+    return PatchSetInfo(
+        folder,
+        config.base_model_name_or_path,
+        ", ".join(map(str, targets)),
+        config.patch_activation,
+        dict(config.fingerprint or {}),
+        dict(sorted(counts.items())),
+        weights.stat().st_size,
+        {e["edit_id"]: e for e in read_edit_log(folder)},
+    )
+
+
+def remove_edit_from_files(path: str | os.PathLike[str], edit_id: int) -> int:
+    """Delete every neuron of ``edit_id`` from a saved patch set (and its log line); return how many were removed."""
+    folder = Path(path)
+    config, tensors, weights = _load(folder)
+    kept: dict[str, torch.Tensor] = {}
+    removed = 0
+    for key, tensor in tensors.items():
+        module, _, name = key.rpartition(".")
+        labels = tensors[f"{module}.{_ROWS[name]}"]
+        keep = labels != edit_id
+        kept[key] = tensor[keep]
+        if name in ("patch_frozen_edit_ids", "patch_edit_ids"):
+            removed += int((~keep).sum())
+    if removed == 0:
+        raise KeyError(f"{folder} has no patches for edit id {edit_id}")
+    group_patch_tensors(kept, str(weights))  # the result must still be a valid adapter file
+    config.num_patches -= removed
+    save_safetensors_atomic(kept, weights, metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
+    log = read_edit_log(folder)
+    if log:
+        write_edit_log(folder, [e for e in log if e["edit_id"] != edit_id])
+    return removed

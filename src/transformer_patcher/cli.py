@@ -1,0 +1,267 @@
+"""``transformer-patcher``: run SME experiments, edit a model, evaluate, plot, inspect and undo patch sets.
+
+    transformer-patcher sme run --model smollm2-135m --data zsre --folds 2 --out runs/zsre
+    transformer-patcher edit --model smollm2-135m --patches patches/my-fixes --text "Q?" --target "A"
+    transformer-patcher eval --model smollm2-135m --patches patches/my-fixes --data zsre
+    transformer-patcher plot runs/zsre
+    transformer-patcher info patches/my-fixes
+    transformer-patcher undo patches/my-fixes 3
+
+Results are written as JSON plus a markdown table; progress bars go to stderr. Errors are one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import PatcherError
+
+BENCHMARK_NAMES = ("zsre", "counterfact", "fever")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except (PatcherError, ValueError, KeyError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"transformer-patcher: error: {message}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transformer-patcher", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sme = commands.add_parser("sme", help="sequential model editing experiments").add_subparsers(
+        dest="sme_command", required=True
+    )
+    run = sme.add_parser("run", help="edit a benchmark's stream in folds and measure SR/GR/ER/TrainR/TestR/locality")
+    _model_and_data(run)
+    from .editing.registry import EDITOR_NAMES
+
+    run.add_argument("--editor", choices=EDITOR_NAMES, default="patcher")
+    run.add_argument("--folds", type=int, default=1, help="independent streams, each from the original model")
+    run.add_argument("--memory-rows", type=int, default=10_000, help="memory queries the patches must stay silent on")
+    run.add_argument("--schedule", choices=("official", "quick"), default="official", help="editor stopping schedule")
+    run.add_argument("--eval-every", type=int, default=None, help="also evaluate ER/locality every N edits")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig field override")
+    run.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, plots, patches)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(handler=_sme_run)
+
+    edit = commands.add_parser("edit", help="fix one or more mistakes and save the patch set")
+    edit.add_argument("--model", required=True, help="short name (smollm2-135m, minilm-l6), Hub id or local folder")
+    edit.add_argument("--patches", type=Path, required=True, help="patch-set folder: extended if it exists")
+    edit.add_argument("--text", help="the input the model gets wrong")
+    edit.add_argument("--target", help="the right output (a label index for classifiers)")
+    edit.add_argument("--file", type=Path, help="JSON lines of {'text': ..., 'target': ...} to edit in order")
+    edit.add_argument(
+        "--memory", choices=(*BENCHMARK_NAMES, "none"), default=None, help="memory set (default: by task)"
+    )
+    edit.add_argument("--memory-rows", type=int, default=10_000)
+    edit.add_argument("--schedule", choices=("official", "quick"), default="official")
+    edit.add_argument("--data-dir", type=Path, default=None)
+    edit.add_argument("--no-progress", action="store_true")
+    edit.set_defaults(handler=_edit)
+
+    evaluate = commands.add_parser("eval", help="accuracy on a benchmark with and without a patch set")
+    _model_and_data(evaluate)
+    evaluate.add_argument("--patches", type=Path, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    evaluate.set_defaults(handler=_eval)
+
+    plot = commands.add_parser("plot", help="(re)draw metrics-vs-edits and latency plots of an SME run folder")
+    plot.add_argument("run_dir", type=Path)
+    plot.set_defaults(handler=_plot)
+
+    info = commands.add_parser("info", help="what a patch set holds: base model, edits, their ids and sizes")
+    info.add_argument("patches", type=Path)
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(handler=_info)
+
+    undo = commands.add_parser("undo", help="remove every neuron of one edit from a saved patch set")
+    undo.add_argument("patches", type=Path)
+    undo.add_argument("edit_id", type=int)
+    undo.set_defaults(handler=_undo)
+    return parser
+
+
+def _model_and_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="short name (smollm2-135m, minilm-l6), Hub id or local folder")
+    parser.add_argument("--data", default="zsre", help=f"{', '.join(BENCHMARK_NAMES)} or a data file")
+    parser.add_argument("--data-kind", choices=BENCHMARK_NAMES, default=None, help="format of a --data file")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the shared data sets")
+    parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _sme_run(args: argparse.Namespace) -> int:
+    from .sme.experiment import ExperimentConfig, run_experiment
+    from .sme.report import markdown_table
+
+    config = ExperimentConfig(
+        model=args.model,
+        data=args.data,
+        data_kind=args.data_kind,
+        editor=args.editor,
+        folds=args.folds,
+        max_examples=args.max_examples,
+        memory_rows=args.memory_rows,
+        schedule=args.schedule,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        data_dir=str(args.data_dir) if args.data_dir else None,
+        edit_options=_overrides(args.set),
+    )
+    results = run_experiment(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if results is not None:  # the main process reports
+        print(markdown_table([{"editor": results["editor"], **results["summary"]}]))
+        for metric, note in results["notes"].items():
+            print(f"- {metric}: {note}")
+        print(f"\nresults: {args.out / 'results.json'}, {args.out / 'results.md'}; plots and patch sets in {args.out}/")
+    return 0
+
+
+def _overrides(items: Sequence[str]) -> dict[str, Any]:
+    from dataclasses import fields
+
+    from .editing.config import EditConfig
+
+    known = {f.name for f in fields(EditConfig)} - {"extra"}
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from .session import EditSession
+
+    requests = _edit_requests(args)
+    session = EditSession.open(
+        args.model,
+        args.patches,
+        memory=args.memory,
+        memory_rows=args.memory_rows,
+        schedule=args.schedule,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+    )
+    print("| edit id | fixed | needed | neurons | steps | seconds | text |\n|---:|---|---|---:|---:|---:|---|")
+    for text, target in requests:
+        record = session.edit(text, target)
+        print(
+            f"| {record.edit_id} | {record.success} | {record.needed} | {record.neurons} | {record.steps} | "
+            f"{record.seconds:.1f} | {text[:60]} |"
+        )
+    session.save()
+    print(f"\nsaved {session.num_patches} patches to {args.patches}/")
+    return 0
+
+
+def _edit_requests(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if args.file is not None:
+        if args.text is not None or args.target is not None:
+            raise ValueError("give either --file or --text/--target, not both")
+        requests = []
+        for number, line in enumerate(args.file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                requests.append((row["text"], row["target"]))
+            except (json.JSONDecodeError, TypeError, KeyError) as error:
+                raise ValueError(f"{args.file}:{number}: expected {{'text': ..., 'target': ...}} ({error})") from error
+        if not requests:
+            raise ValueError(f"{args.file} holds no edits")
+        return requests
+    if args.text is None or args.target is None:
+        raise ValueError("give --text and --target (or --file)")
+    return [(args.text, args.target)]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .sme.accuracy import evaluate_benchmark
+
+    table = evaluate_benchmark(
+        args.model, args.data, args.data_kind, args.data_dir, args.max_examples, args.patches, args.batch_size
+    )
+    columns = list(table[0])
+    print("| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|")
+    for row in table:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    if args.out is not None:
+        from .atomic import write_text_atomic
+
+        write_text_atomic(args.out, json.dumps(table, indent=1))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import latency_histogram, metrics_curve
+
+    results_file = args.run_dir / "results.json"
+    if not results_file.is_file():
+        raise FileNotFoundError(f"{results_file} not found: give the --out folder of a finished `sme run`")
+    folds = json.loads(results_file.read_text())["folds"]
+    written = [metrics_curve(folds, args.run_dir / "metrics.png")]
+    if any(r["needed"] for fold in folds for r in fold["records"]):
+        written.append(latency_histogram(folds, args.run_dir / "latency.png"))
+    written += sorted((args.run_dir / "heatmaps").glob("*.png"))
+    print("\n".join(str(path) for path in written))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .adapter.patch_set import describe_patch_set
+
+    info = describe_patch_set(args.patches).to_dict()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"patch set   {info['path']}")
+    print(f"base model  {info['base_model']}")
+    print(f"patches     {info['num_patches']} neurons on {info['target_module']} ({info['activation']})")
+    print(f"file        {info['file_bytes']:,} bytes of safetensors\n")
+    print("| edit id | neurons | text | target |\n|---:|---:|---|---|")
+    for edit in info["edits"]:
+        print(f"| {edit['edit_id']} | {edit['neurons']} | {edit.get('text', '')} | {edit.get('target', '')} |")
+    return 0
+
+
+def _undo(args: argparse.Namespace) -> int:
+    from .adapter.patch_set import remove_edit_from_files
+
+    removed = remove_edit_from_files(args.patches, args.edit_id)
+    print(f"removed edit {args.edit_id} ({removed} neurons) from {args.patches}/")
+    return 0
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

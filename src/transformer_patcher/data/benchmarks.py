@@ -1,0 +1,170 @@
+"""Benchmarks: everything an SME run reads from data, split the way the paper splits it.
+
+A :class:`Benchmark` holds the edit stream, the evaluation sets that measure it (``train``/``test`` for TrainR and
+TestR, ``locality`` for agreement with the pre-edit model), the memory set whose queries the patches must stay silent
+on, and a disjoint validation memory used only for the stopping rule. Builders exist for FEVER (classification), zsRE
+and CounterFact (generation); the memory and evaluation sets never share an input with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..editing.tasks import EditExample
+from .loaders import ZSRE_SAMPLE, find_data_file, load_counterfact, load_fever, load_zsre, to_edit_examples
+
+Pair = tuple[str, Any]
+MEMORY_SAMPLE = Path(__file__).with_name("samples") / "memory_sample.json"  # factual prompts; provenance in samples/
+
+
+@dataclass
+class Benchmark:
+    """An edit stream plus the sets that measure it; ``notes`` says what a metric means here or why it is missing."""
+
+    name: str
+    examples: list[EditExample]
+    eval_sets: dict[str, list[Pair]]
+    memory: list[Pair]
+    validation: list[Pair]
+    notes: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, list[Pair]] = field(default_factory=dict)  # e.g. FEVER's classifier training split
+
+    def head(self, n: int | None) -> Benchmark:
+        """The same benchmark with only the first ``n`` edit examples (``None``: all)."""
+        if n is None:
+            return self
+        if n <= 0:
+            raise ValueError(f"the number of examples must be positive, got {n}")
+        return replace(self, examples=self.examples[:n])
+
+
+# ---------------------------------------------------------------------------------------------------- text
+def text_pairs(text: str, words: int = 24) -> list[Pair]:
+    """Cut running text into (first word, rest) pairs, so a causal LM's queries at every position join the memory."""
+    tokens = text.split()
+    chunks = [tokens[i : i + words] for i in range(0, len(tokens) - words + 1, words)]
+    return [(chunk[0], " ".join(chunk[1:])) for chunk in chunks]
+
+
+def wikitext_pairs(split: str = "valid", data_dir: str | Path | None = None, words: int = 24) -> list[Pair]:
+    """WikiText-2 ``split`` as memory pairs (see :func:`text_pairs`)."""
+    return text_pairs(find_data_file(f"wikitext2/{split}.txt", data_dir).read_text(encoding="utf-8"), words)
+
+
+def counterfact_memory_pairs(path: str | Path) -> list[Pair]:
+    """True facts from a CounterFact file (prompt and paraphrase → ground truth): in-distribution memory for factual
+    edits. Use ``counterfact-train.json``, never the file that is edited or scored."""
+    rows = load_counterfact(path)
+    pairs: list[Pair] = []
+    for row in rows:
+        pairs += [(row["text"], row["ground_truth"]), (row["rephrase"], row["ground_truth"])]
+    return pairs
+
+
+def sample_memory_pairs() -> list[Pair]:
+    """The factual-prompt memory embedded in the package (offline default for zsRE and CounterFact)."""
+    return [(r["text"], r["target"]) for r in json.loads(MEMORY_SAMPLE.read_text(encoding="utf-8"))]
+
+
+def generation_memory(data_dir: str | Path | None = None) -> tuple[list[Pair], list[Pair]]:
+    """(memory, validation) for factual generation edits: true facts first, then running text.
+
+    With the shared data available: CounterFact-train facts and WikiText-2 valid text for memory, WikiText-2 test text
+    for validation. Otherwise the embedded sample, split in two.
+    """
+    try:
+        facts = counterfact_memory_pairs(find_data_file("counterfact/counterfact-train.json", data_dir))
+        text = wikitext_pairs("valid", data_dir)
+        validation = wikitext_pairs("test", data_dir)[:400]
+    except FileNotFoundError:
+        sample = sample_memory_pairs()
+        cut = len(sample) // 5
+        return sample[cut:], sample[:cut]
+    return _interleave(facts, text), validation
+
+
+def _interleave(first: Sequence[Pair], second: Sequence[Pair]) -> list[Pair]:
+    """Alternate two sources, so any prefix of the memory (a bank is cut at a row count) holds both kinds."""
+    out: list[Pair] = []
+    for i in range(max(len(first), len(second))):
+        out += [*first[i : i + 1], *second[i : i + 1]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+def zsre_benchmark(path: str | Path | None = None, data_dir: str | Path | None = None) -> Benchmark:
+    """zsRE: edit ``src`` → ``answers[0]``; GR on ``rephrase``; locality on the unrelated NQ question ``loc``.
+
+    Without a path the embedded 40-record sample is used. Every record is streamed; the runner edits only those the
+    model gets wrong (for SmolLM2-135M, nearly all of them).
+    """
+    rows = load_zsre(path if path is not None else ZSRE_SAMPLE)
+    memory, validation = generation_memory(data_dir)
+    return Benchmark(
+        "zsre",
+        to_edit_examples(rows, "zsre"),
+        {"locality": [(r["loc"], r["loc_ans"]) for r in rows]},
+        memory,
+        validation,
+        notes={"locality": "agreement of the answer to the unrelated NQ question with the pre-edit answer"},
+    )
+
+
+def counterfact_benchmark(path: str | Path | None = None, data_dir: str | Path | None = None) -> Benchmark:
+    """CounterFact: efficacy (SR) on ``prompt`` → ``target_new``, paraphrase (GR), neighbourhood (locality)."""
+    rows = load_counterfact(
+        path if path is not None else find_data_file("counterfact/counterfact-edit-1k.json", data_dir)
+    )
+    memory, validation = generation_memory(data_dir)
+    return Benchmark(
+        "counterfact",
+        to_edit_examples(rows, "counterfact"),
+        {"locality": [(r["loc"], r["loc_ans"]) for r in rows]},
+        memory,
+        validation,
+        notes={
+            "SR": "efficacy: the new object is the greedy answer",
+            "GR": "paraphrase: the new object is the greedy answer to the rephrased prompt",
+            "locality": "neighbourhood: a prompt about another subject keeps its pre-edit answer",
+        },
+    )
+
+
+def fever_benchmark(
+    data_dir: str | Path | None = None, seed: int = 42, train_eval: int = 1000, test_eval: int = 1000
+) -> Benchmark:
+    """FEVER (binary) split as in the paper, from the two files we have.
+
+    ``paper_test`` trains the classifier (``extra["finetune"]``); ``train_eval`` of its claims measure TrainR and the
+    rest are the memory. ``paper_dev`` is halved: the edit stream and the TestR set. Both files are shuffled with
+    ``seed`` first. FEVER has no rephrases here, so GR is not available.
+    """
+    finetune = _shuffled(load_fever(find_data_file("fever/paper_test.jsonl", data_dir)), seed)
+    dev = _shuffled(load_fever(find_data_file("fever/paper_dev.jsonl", data_dir)), seed)
+    half = len(dev) // 2
+    edit, test = dev[:half], dev[half:]
+    memory = finetune[train_eval:]
+    cut = len(memory) // 10
+    return Benchmark(
+        "fever",
+        [EditExample(text, label) for text, label in edit],
+        {"train": finetune[:train_eval], "test": test[:test_eval]},
+        memory[cut:],
+        memory[:cut],
+        notes={"GR": "not available: FEVER has no rephrases in the data we have"},
+        extra={"finetune": finetune},
+    )
+
+
+def _shuffled(rows: Any, seed: int) -> list[Pair]:
+    pairs = [(r["text"], int(r["label"])) for r in rows]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+BENCHMARKS = {"zsre": zsre_benchmark, "counterfact": counterfact_benchmark, "fever": fever_benchmark}

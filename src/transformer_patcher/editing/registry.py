@@ -1,0 +1,60 @@
+"""Editors by name: ``patcher`` (Transformer-Patcher) and the four fine-tuning baselines of the paper.
+
+One place that turns a name from a command line or a results table into a ready editor over a base model, with its
+memory banks built (and cached) from the benchmark's memory pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..adapter.config import PatcherConfig
+from ..adapter.model import get_patcher_model
+from .baselines import FineTuneConfig, FineTuneEditor
+from .config import EditConfig
+from .editor import Editor
+from .memory import build_memory
+from .tasks import Task
+from .trainer import PatchTrainer
+
+FINE_TUNE_EDITORS = {
+    "ft-last": FineTuneConfig(scope="last"),
+    "ft-all": FineTuneConfig(scope="all"),
+    "ft-last-kl": FineTuneConfig(scope="last", kl=True),
+    "ft-all-kl": FineTuneConfig(scope="all", kl=True),
+}
+EDITOR_NAMES = ("patcher", *FINE_TUNE_EDITORS)
+DISPLAY_NAMES = {"patcher": "T-Patcher"} | {name: config.name for name, config in FINE_TUNE_EDITORS.items()}
+
+
+def build_editor(
+    name: str,
+    model: nn.Module,
+    task: Task,
+    memory_pairs: Sequence[tuple[str, Any]] = (),
+    validation_pairs: Sequence[tuple[str, Any]] = (),
+    edit_config: EditConfig | None = None,
+    memory_rows: int = 10_000,
+    validation_rows: int = 1_000,
+    cache_dir: str | os.PathLike[str] | None = None,
+    patcher_config: PatcherConfig | None = None,
+    progress: bool = True,
+) -> Editor:
+    """Build editor ``name`` over the base ``model``. ``patcher`` wraps it with the patch adapter (its ``.model`` is
+    the wrapped model); the fine-tuning editors edit the base model's weights in place."""
+    if name not in EDITOR_NAMES:
+        raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(EDITOR_NAMES)}")
+    if name in FINE_TUNE_EDITORS:
+        return FineTuneEditor(model, task, FINE_TUNE_EDITORS[name], memory_pairs=memory_pairs)
+    wrapped = get_patcher_model(model, patcher_config or PatcherConfig())
+    layer = wrapped.base_model.patch_layer()
+    banks = {}
+    for tag, pairs, rows in (("memory", memory_pairs, memory_rows), ("validation", validation_pairs, validation_rows)):
+        banks[tag] = (
+            build_memory(wrapped, layer, task, pairs, rows, cache_dir, tag=tag, progress=progress) if pairs else None
+        )
+    return PatchTrainer(wrapped, task, edit_config, memory=banks["memory"], val_memory=banks["validation"])

@@ -1,0 +1,109 @@
+"""``EditSession``: a patch-set folder opened for editing, for users who fix mistakes as they are reported.
+
+It loads the base model with its saved patches (or none yet), builds the memory the new patches must stay silent on
+— the memory set plus every earlier edit in the folder's edit log, so a patch made today does not fire on yesterday's
+fix — and after each edit appends to the log. ``save`` writes the adapter and the log atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from peft.utils import CONFIG_NAME
+
+from .adapter.model import PatcherModel, get_patcher_model
+from .adapter.patch_set import read_edit_log, write_edit_log
+from .data.benchmarks import fever_benchmark, generation_memory
+from .editing.config import EditConfig
+from .editing.memory import build_memory, collect_queries
+from .editing.tasks import EditExample, task_for_model
+from .editing.trainer import EditRecord, PatchTrainer
+from .errors import InvalidExampleError
+from .pretrained import cache_dir, load_model, model_kind
+
+
+class EditSession:
+    """Edit a model one request at a time and keep the result as a patch-set folder."""
+
+    def __init__(self, trainer: PatchTrainer, folder: Path, log: list[dict[str, Any]]) -> None:
+        self.trainer = trainer
+        self.folder = folder
+        self.log = log
+
+    @classmethod
+    def open(
+        cls,
+        model: str,
+        folder: str | os.PathLike[str],
+        memory: str | None = None,
+        memory_rows: int = 10_000,
+        schedule: str = "official",
+        data_dir: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+    ) -> EditSession:
+        """Load ``model`` (+ the patches in ``folder`` if it holds a patch set). ``memory``: ``zsre``/``counterfact``
+        (factual prompts and text), ``fever`` (claims), ``none``, or None for the task's default."""
+        folder = Path(folder)
+        kind = model_kind(model)
+        base, tokenizer = load_model(model, kind)
+        if (folder / CONFIG_NAME).is_file():
+            wrapped = PatcherModel.from_pretrained(base, folder)
+        else:
+            wrapped = get_patcher_model(base)
+        task = task_for_model(wrapped, tokenizer)
+        layer = wrapped.base_model.patch_layer()
+        memory_pairs, validation_pairs = _memory_pairs(memory, kind, data_dir)
+        banks = [
+            build_memory(wrapped, layer, task, pairs, rows, cache_dir() / "memory", tag, progress=progress)
+            if pairs
+            else None
+            for pairs, rows, tag in ((memory_pairs, memory_rows, "memory"), (validation_pairs, 1_000, "validation"))
+        ]
+        log = read_edit_log(folder)
+        if banks[0] is not None and log:  # earlier edits must stay untouched by new patches
+            earlier = [(e["text"], e["target"]) for e in log]
+            banks[0].append(collect_queries(wrapped, layer, task, earlier, 10**9, progress=progress))
+        config = EditConfig.quick() if schedule == "quick" else EditConfig()
+        trainer = PatchTrainer(wrapped, task, config, memory=banks[0], val_memory=banks[1])
+        return cls(trainer, folder, log)
+
+    @property
+    def num_patches(self) -> int:
+        return self.trainer.layer.num_patches()
+
+    def _next_id(self) -> int:
+        ids = self.trainer.layer.edit_ids().tolist() + [e["edit_id"] for e in self.log]
+        return max(ids, default=0) + 1
+
+    def edit(self, text: str, target: str | int) -> EditRecord:
+        """Fix ``text`` → ``target`` if the model gets it wrong; a classifier's target is a label index."""
+        if self.trainer.task.kind == "classification":
+            try:
+                target = int(target)
+            except ValueError as error:
+                raise InvalidExampleError(f"a classifier's target must be a label index, got {target!r}") from error
+        record = self.trainer.edit(EditExample(text, target), edit_id=self._next_id())
+        if record.needed:
+            self.log.append({"edit_id": record.edit_id, "text": text, "target": target, "success": record.success})
+        return record
+
+    def save(self) -> None:
+        self.trainer.model.save_pretrained(self.folder)
+        write_edit_log(self.folder, self.log)
+
+
+def _memory_pairs(memory: str | None, kind: str, data_dir: Any) -> tuple[list, list]:
+    choice = memory or ("fever" if kind == "classification" else "zsre")
+    if choice == "none":
+        return [], []
+    if choice == "fever":
+        if kind != "classification":
+            raise ValueError("FEVER memory is for classifiers; a generative model takes zsre/counterfact or none")
+        benchmark = fever_benchmark(data_dir)
+        return benchmark.memory, benchmark.validation
+    if kind == "classification":
+        raise ValueError(f"{choice} memory is for generative models; a classifier takes fever or none")
+    memory_pairs, validation = generation_memory(data_dir)
+    return memory_pairs, validation

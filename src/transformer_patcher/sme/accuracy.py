@@ -1,0 +1,56 @@
+"""Accuracy of a model on a benchmark's sets, with and without a patch set: the ``eval`` command's table."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..adapter.model import PatcherModel
+from ..editing.tasks import task_for_model
+from ..pretrained import load_model
+from .evaluation import score_pairs
+from .experiment import ExperimentConfig, load_benchmark
+
+
+def evaluate_benchmark(
+    model: str,
+    data: str,
+    data_kind: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    max_examples: int | None = None,
+    patches: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Rows ``base`` (and ``patched`` when ``patches`` is given): exact-match accuracy on the edit inputs, their
+    rephrases and every evaluation set, plus agreement with the base model on the locality set."""
+    config = ExperimentConfig(
+        model=model, data=data, data_kind=data_kind, max_examples=max_examples, data_dir=data_dir and str(data_dir)
+    )
+    benchmark = load_benchmark(config)
+    base, tokenizer = load_model(model, "classification" if config.kind == "fever" else "generation")
+    sets = {"edit": [(e.text, e.target) for e in benchmark.examples]}
+    rephrases = [(text, e.target) for e in benchmark.examples for text in e.rephrases]
+    if rephrases:
+        sets["rephrase"] = rephrases
+    sets |= benchmark.eval_sets
+    task = task_for_model(base, tokenizer)
+    rows = []
+    base_locality = None
+    variants = [("base", base)]
+    if patches is not None:
+        variants.append(("patched", None))
+    for name, variant in variants:
+        if variant is None:
+            variant = PatcherModel.from_pretrained(base, patches)
+        row: dict[str, Any] = {"model": name}
+        for group, pairs in sets.items():
+            outcomes = score_pairs(variant, task, pairs, batch_size)
+            row[group] = sum(o.correct for o in outcomes) / len(outcomes)
+            if group == "locality":
+                predictions = [o.prediction for o in outcomes]
+                base_locality = base_locality or predictions
+                row["locality_agreement"] = sum(a == b for a, b in zip(predictions, base_locality, strict=True)) / len(
+                    outcomes
+                )
+        rows.append(row)
+    return rows

@@ -1,0 +1,187 @@
+"""One SME experiment end to end: a model and a benchmark by name → folds edited → results, patch sets and plots.
+
+Folds are independent streams, so they are spread over processes: under ``accelerate launch --num_processes N`` each
+process runs folds ``rank, rank + N, …`` (the paper ran 20 folds on 8 GPUs). Every finished fold is written to its own
+JSON file at once; the main process assembles ``results.json`` and ``results.md`` once all have finished, and
+``resume`` skips finished folds and continues an interrupted one from its last checkpoint.
+
+Output folder::
+
+    results.json  results.md  metrics.png  latency.png
+    folds/fold-K.json        per-fold records and evaluations
+    patches/fold-K/          the fold's patch set (PEFT adapter folder; T-Patcher only)
+    heatmaps/fold-K.png      patch × edit activations (T-Patcher only)
+    checkpoints/             resumable state of unfinished folds
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+
+from ..atomic import write_text_atomic
+from ..data.benchmarks import BENCHMARKS, Benchmark
+from ..editing.config import EditConfig
+from ..editing.registry import DISPLAY_NAMES, build_editor
+from ..editing.tasks import task_for_model
+from ..pretrained import cache_dir, load_model
+from .report import markdown_table, summarize_folds
+from .runner import SMEConfig, SMERunner
+
+logger = logging.getLogger(__name__)
+SCHEDULES = ("official", "quick")
+
+
+@dataclass
+class ExperimentConfig:
+    """What to run. ``data`` is a benchmark name (``zsre``, ``counterfact``, ``fever``) or a file of that
+    ``data_kind``; ``schedule`` picks the editor's stopping schedule (``quick``: checks every 5 steps)."""
+
+    model: str
+    data: str = "zsre"
+    data_kind: str | None = None
+    editor: str = "patcher"
+    folds: int = 1
+    max_examples: int | None = None
+    memory_rows: int = 10_000
+    schedule: str = "official"
+    eval_every: int | None = None
+    seed: int = 42
+    batch_size: int = 32
+    data_dir: str | None = None
+    edit_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        kind = self.data if self.data in BENCHMARKS else self.data_kind
+        if kind not in BENCHMARKS:
+            raise ValueError(
+                f"data {self.data!r} is not a benchmark name ({', '.join(BENCHMARKS)}); for a file, give data_kind"
+            )
+
+    @property
+    def kind(self) -> str:
+        return self.data if self.data in BENCHMARKS else str(self.data_kind)
+
+    def edit_config(self) -> EditConfig:
+        options = {"seed": self.seed, **self.edit_options}
+        return EditConfig.quick(**options) if self.schedule == "quick" else EditConfig(**options)
+
+
+def load_benchmark(config: ExperimentConfig) -> Benchmark:
+    builder = BENCHMARKS[config.kind]
+    if config.kind == "fever":
+        if config.data != "fever":
+            raise ValueError("FEVER runs read the two FEVER files from data_dir; pass data='fever'")
+        benchmark = builder(config.data_dir, seed=config.seed)
+    else:
+        benchmark = builder(None if config.data in BENCHMARKS else config.data, config.data_dir)
+    return benchmark.head(config.max_examples)
+
+
+def run_experiment(
+    config: ExperimentConfig, out_dir: str | os.PathLike[str], resume: bool = False, progress: bool = True
+) -> dict[str, Any] | None:
+    """Run every fold this process owns; on the main process return the assembled results (None elsewhere)."""
+    state = PartialState()
+    out = Path(out_dir)
+    _check_resume(config, out, resume, state)
+    benchmark = load_benchmark(config)
+    kind = "classification" if config.kind == "fever" else "generation"
+    model, tokenizer = load_model(config.model, kind)
+    task = task_for_model(model, tokenizer)
+    editor = build_editor(
+        config.editor,
+        model,
+        task,
+        benchmark.memory,
+        benchmark.validation,
+        config.edit_config(),
+        memory_rows=config.memory_rows,
+        cache_dir=cache_dir() / "memory",
+        progress=progress and state.is_local_main_process,
+    )
+    sme = SMEConfig(eval_every=config.eval_every, batch_size=config.batch_size, seed=config.seed, progress=progress)
+    runner = SMERunner(editor, benchmark.eval_sets, sme, checkpoint_dir=out / "checkpoints")
+    streams = runner.folds(benchmark.examples, config.folds)
+    for fold in range(state.process_index, config.folds, state.num_processes):
+        fold_file = out / "folds" / f"fold-{fold}.json"
+        if resume and fold_file.is_file():
+            continue
+        editor.reset()
+        result = runner.run_fold(streams[fold], fold=fold, resume=resume)
+        if config.editor == "patcher":
+            _save_patches(editor, task, streams[fold], result.records, out, fold)
+        write_text_atomic(fold_file, json.dumps(asdict(result), indent=1))
+    editor.reset()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    return assemble(out, config, benchmark)
+
+
+def assemble(out: Path, config: ExperimentConfig, benchmark: Benchmark) -> dict[str, Any]:
+    """Collect the fold files into ``results.json``, ``results.md`` and the metric plots."""
+    from ..plots import latency_histogram, metrics_curve
+
+    folds = [json.loads((out / "folds" / f"fold-{k}.json").read_text()) for k in range(config.folds)]
+    summary = summarize_folds(folds)
+    results = {
+        "config": asdict(config),
+        "editor": DISPLAY_NAMES[config.editor],
+        "benchmark": benchmark.name,
+        "notes": benchmark.notes,
+        "summary": summary,
+        "folds": folds,
+    }
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1))
+    table = markdown_table([{"editor": results["editor"], **summary}])
+    notes = "".join(f"- {metric}: {text}\n" for metric, text in benchmark.notes.items())
+    write_text_atomic(out / "results.md", f"# {benchmark.name}: {config.model}\n\n{table}\n{notes}")
+    if any(fold["evaluations"] for fold in folds):
+        _try_plot(metrics_curve, folds, out / "metrics.png")
+    if summary["edits"]:
+        _try_plot(latency_histogram, folds, out / "latency.png")
+    return results
+
+
+def _try_plot(plot: Any, folds: list[dict[str, Any]], path: Path) -> None:
+    try:
+        plot(folds, path)
+    except ValueError as error:  # e.g. a single evaluation point or no metric defined: the results still stand
+        logger.warning("skipped %s: %s", path.name, error)
+
+
+def _save_patches(editor: Any, task: Any, stream: list, records: list[dict[str, Any]], out: Path, fold: int) -> None:
+    """The fold's patch set and its activation heatmap over the fold's edited inputs."""
+    from ..plots import activation_heatmap, patch_activations
+
+    editor.model.save_pretrained(out / "patches" / f"fold-{fold}")
+    edited = [stream[r["index"]] for r in records if r["needed"]]
+    if not edited or editor.model.base_model.patch_layer().num_patches() == 0:
+        return
+    activations, edit_ids = patch_activations(editor.model, task, edited)
+    activation_heatmap(activations, out / "heatmaps" / f"fold-{fold}.png", edit_ids=edit_ids)
+
+
+def _check_resume(config: ExperimentConfig, out: Path, resume: bool, state: PartialState) -> None:
+    """Refuse to mix runs: a folder holds one configuration; resuming needs the same one."""
+    saved = out / "config.json"
+    current = json.dumps(asdict(config), indent=1, sort_keys=True)
+    if saved.is_file():
+        if not resume:
+            raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) or use another folder")
+        if json.loads(saved.read_text()) != json.loads(current):
+            raise ValueError(f"{out} holds a run with another configuration; resume needs the same settings")
+    elif state.is_main_process:
+        write_text_atomic(saved, current)
+    state.wait_for_everyone()
+    torch.manual_seed(config.seed)

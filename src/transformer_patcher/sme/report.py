@@ -1,0 +1,64 @@
+"""Results of SME runs as numbers a reader compares: means over folds, and a markdown table across editors."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+METRIC_COLUMNS = ("SR", "GR", "ER", "TrainR", "TestR", "locality", "locality_acc")
+
+
+def summarize_folds(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean final metrics over folds (as the paper reports), plus edit counts and the median seconds per edit.
+
+    SR and GR pool every edit of every fold (each fold's SR is a mean over its edits); the rest average the folds'
+    final evaluations, skipping folds where a metric is undefined.
+    """
+    if not folds:
+        raise ValueError("no folds to summarise")
+    needed = [r for fold in folds for r in fold["records"] if r["needed"]]
+    summary: dict[str, Any] = {
+        "folds": len(folds),
+        "examples": sum(len(fold["records"]) for fold in folds),
+        "edits": len(needed),
+        "neurons": sum(r["neurons"] for fold in folds for r in fold["records"]),
+    }
+    if needed:
+        summary["SR"] = statistics.fmean(r["edit_correct"] for r in needed)
+        rephrases = [flag for r in needed for flag in r["rephrase_correct"]]
+        if rephrases:
+            summary["GR"] = statistics.fmean(rephrases)
+        summary["seconds_per_edit"] = statistics.median(r["seconds"] for r in needed)
+        summary["steps_per_edit"] = statistics.median(r["steps"] for r in needed)
+    finals = [fold["evaluations"][-1]["metrics"] for fold in folds if fold["evaluations"]]
+    for key in ("ER", "TrainR", "TestR", "locality", "locality_acc"):
+        values = [m[key] for m in finals if isinstance(m.get(key), float) and math.isfinite(m[key])]
+        if values:
+            summary[key] = statistics.fmean(values)
+    return summary
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], label: str = "editor") -> str:
+    """One row per run: ``rows`` are ``{label: name, **summary}``; columns appear when any row has them."""
+    if not rows:
+        raise ValueError("no rows for the table")
+    metrics = [m for m in METRIC_COLUMNS if any(m in row for row in rows)]
+    extras = [c for c in ("edits", "folds", "seconds_per_edit") if any(c in row for row in rows)]
+    header = [label, *metrics, *extras]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in rows:
+        cells = [str(row.get(label, ""))]
+        cells += [_cell(row.get(m), 3) for m in metrics]
+        cells += [_cell(row.get(c), 2) for c in extras]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)

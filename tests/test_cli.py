@@ -1,0 +1,190 @@
+"""The ``transformer-patcher`` command line end to end on a tiny GPT-2 saved to disk, with tiny data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_tokenizer import EDIT_WORDS, MEMORY_WORDS, random_pairs, random_sentence, sharp_gpt2, tiny_tokenizer
+
+from transformer_patcher.cli import main
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A saved tiny GPT-2 + tokenizer, a zsRE-format edit file and a data folder with memory sources."""
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "model"
+    sharp_gpt2().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = root / "data"
+    edits = random_pairs(8, seed=1, words=EDIT_WORDS, length=5, target_length=1)
+    rephrases = random_pairs(8, seed=2, words=EDIT_WORDS, length=5, target_length=1)
+    loc = random_pairs(8, seed=3, words=MEMORY_WORDS, length=5, target_length=1)
+    records = [
+        {
+            "subject": src.split()[0],
+            "src": src,
+            "answers": [answer],
+            "rephrase": rephrase,
+            "alt": answer,
+            "pred": "",
+            "loc": f"nq question: {loc_q}",
+            "loc_ans": loc_a,
+            "cond": "",
+        }
+        for (src, answer), (rephrase, _), (loc_q, loc_a) in zip(edits, rephrases, loc, strict=True)
+    ]
+    (root / "zsre.json").write_text(json.dumps(records))
+    facts = random_pairs(60, seed=4, words=MEMORY_WORDS, length=5, target_length=1)
+    counterfact = [
+        {
+            "case_id": i,
+            "prompt": prompt,
+            "subject": prompt.split()[0],
+            "target_new": answer,
+            "ground_truth": answer,
+            "rephrase_prompt": prompt,
+            "locality_prompt": prompt,
+            "locality_ground_truth": answer,
+        }
+        for i, (prompt, answer) in enumerate(facts)
+    ]
+    (data / "counterfact").mkdir(parents=True)
+    (data / "counterfact" / "counterfact-train.json").write_text(json.dumps(counterfact))
+    generator = torch.Generator().manual_seed(5)
+    (data / "wikitext2").mkdir()
+    for split in ("valid", "test"):
+        (data / "wikitext2" / f"{split}.txt").write_text(random_sentence(generator, 2000))
+    return {"root": root, "model": model_dir, "data": data, "zsre": root / "zsre.json"}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSFORMER_PATCHER_CACHE", str(tmp_path / "cache"))
+
+
+def _sme_args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        *("sme", "run", "--model", str(ws["model"]), "--data", str(ws["zsre"]), "--data-kind", "zsre"),
+        *("--data-dir", str(ws["data"]), "--memory-rows", "300", "--schedule", "quick", "--out", str(out)),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_sme_run_writes_results_patches_and_plots(workspace: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_sme_args(workspace, out, "--folds", "2", "--eval-every", "1")) == 0
+    printed = capsys.readouterr().out
+    assert "| T-Patcher |" in printed and "results.json" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [fold["fold"] for fold in results["folds"]] == [0, 1]
+    assert sum(len(fold["records"]) for fold in results["folds"]) == 8
+    summary = results["summary"]
+    assert summary["edits"] >= 4  # the tiny model gets almost every random answer wrong
+    assert summary["SR"] == 1.0 and summary["ER"] == 1.0
+    assert summary["locality"] >= 0.75
+    assert "| T-Patcher |" in (out / "results.md").read_text()
+    for fold in (0, 1):
+        patches = out / "patches" / f"fold-{fold}"
+        info = json.loads(_run_json(["info", str(patches), "--json"], capsys))
+        fold_records = results["folds"][fold]["records"]
+        assert info["num_patches"] == sum(r["neurons"] for r in fold_records)
+        assert (out / "heatmaps" / f"fold-{fold}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("metrics.png", "latency.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_resume_skips_finished_folds_and_refuses_to_overwrite(workspace, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_sme_args(workspace, out)) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert main(_sme_args(workspace, out)) == 2  # the folder already holds a run
+    assert "--resume" in capsys.readouterr().err
+    assert main(_sme_args(workspace, out, "--resume")) == 0
+    assert json.loads((out / "results.json").read_text())["folds"] == first["folds"]
+    assert main(_sme_args(workspace, out, "--resume", "--seed", "7")) == 2  # another configuration
+    assert "another configuration" in capsys.readouterr().err
+
+
+def _run_json(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_edit_info_eval_undo_round_trip(workspace: dict[str, Path], tmp_path: Path, capsys) -> None:
+    patches = tmp_path / "patches"
+    records = json.loads(workspace["zsre"].read_text())
+    common = ["--model", str(workspace["model"]), "--patches", str(patches), "--data-dir", str(workspace["data"])]
+    common += ["--memory-rows", "300", "--schedule", "quick", "--no-progress"]
+    first, second = records[0], records[1]
+    assert main(["edit", *common, "--text", first["src"], "--target", first["answers"][0]]) == 0
+    requests = tmp_path / "edits.jsonl"
+    requests.write_text(json.dumps({"text": second["src"], "target": second["answers"][0]}) + "\n")
+    assert main(["edit", *common, "--file", str(requests)]) == 0  # a second session extends the folder
+
+    info = json.loads(_run_json(["info", str(patches), "--json"], capsys))
+    assert [e["edit_id"] for e in info["edits"]] == [1, 2]
+    assert [e["text"] for e in info["edits"]] == [first["src"], second["src"]]
+    assert info["base_model"] and info["num_patches"] >= 2
+
+    evaluation = tmp_path / "eval.json"
+    data = ["--data", str(workspace["zsre"]), "--data-kind", "zsre", "--data-dir", str(workspace["data"])]
+    assert main(["eval", "--model", str(workspace["model"]), *data, "--max-examples", "2"]
+                + ["--patches", str(patches), "--out", str(evaluation)]) == 0
+    base, patched = json.loads(evaluation.read_text())
+    assert base["model"] == "base" and patched["model"] == "patched"
+    assert patched["edit"] == 1.0 and base["edit"] < 1.0
+    assert patched["locality_agreement"] == 1.0
+
+    weights = (patches / "adapter_model.safetensors").read_bytes()
+    assert main(["undo", str(patches), "99"]) == 2  # unknown id: an error, nothing written
+    assert (patches / "adapter_model.safetensors").read_bytes() == weights
+    assert main(["undo", str(patches), "1"]) == 0
+    info = json.loads(_run_json(["info", str(patches), "--json"], capsys))
+    assert [e["edit_id"] for e in info["edits"]] == [2]
+
+
+def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_sme_args(workspace, out, "--eval-every", "1")) == 0
+    (out / "metrics.png").unlink()
+    listed = _run_json(["plot", str(out)], capsys)
+    assert str(out / "metrics.png") in listed and (out / "metrics.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sme", "run", "--model", "m", "--data", "nope", "--out", "o"], "not a benchmark name"),
+        (["sme", "run", "--model", "m", "--set", "lr", "--out", "o"], "KEY=VALUE"),
+        (["info", "/nonexistent/patches"], "not a patch-set folder"),
+        (["plot", "/nonexistent/run"], "results.json"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv: list[str], message: str, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_folds_run_in_parallel_under_accelerate(workspace: dict[str, Path], tmp_path: Path) -> None:
+    """Two CPU processes split two folds; the main process assembles the same kind of results file."""
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMER_PATCHER_CACHE": str(tmp_path / "cache")}
+    command = [*launcher, "-m", "transformer_patcher.cli", *_sme_args(workspace, out, "--folds", "2")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [fold["fold"] for fold in results["folds"]] == [0, 1]
+    assert results["summary"]["SR"] == 1.0
+    assert done.stdout.count("| T-Patcher |") == 1  # only the main process reports
