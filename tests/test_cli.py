@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_tokenizer import EDIT_WORDS, MEMORY_WORDS, random_pairs, random_sentence, sharp_gpt2, tiny_tokenizer
 
+from tiny_tokenizer import EDIT_WORDS, MEMORY_WORDS, random_pairs, random_sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher.cli import main
 
 
@@ -137,8 +137,8 @@ def test_edit_info_eval_undo_round_trip(workspace: dict[str, Path], tmp_path: Pa
 
     evaluation = tmp_path / "eval.json"
     data = ["--data", str(workspace["zsre"]), "--data-kind", "zsre", "--data-dir", str(workspace["data"])]
-    assert main(["eval", "--model", str(workspace["model"]), *data, "--max-examples", "2"]
-                + ["--patches", str(patches), "--out", str(evaluation)]) == 0
+    patched_args = ["--patches", str(patches), "--out", str(evaluation)]
+    assert main(["eval", "--model", str(workspace["model"]), *data, "--max-examples", "2", *patched_args]) == 0
     base, patched = json.loads(evaluation.read_text())
     assert base["model"] == "base" and patched["model"] == "patched"
     assert patched["edit"] == 1.0 and base["edit"] < 1.0
