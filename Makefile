@@ -31,8 +31,16 @@ bench: $(STAMP)
 	$(BIN)/python bench/inference_overhead.py --out bench/results/inference_overhead.json
 	$(BIN)/python bench/edit_latency.py --edits 10 --edits-off 2 --out bench/results/edit_latency.json
 
+# The main job on the embedded default: SmolLM2-135M fixes its mistakes on the bundled zsRE sample, one by one.
+DEMO_OUT ?= runs/demo
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	rm -rf $(DEMO_OUT)
+	$(BIN)/transformer-patcher sme run --model smollm2-135m --data zsre --max-examples 20 --schedule quick \
+		--memory-rows 4000 --eval-every 5 --out $(DEMO_OUT)
+	$(BIN)/transformer-patcher info $(DEMO_OUT)/patches/fold-0
+	@printf '\nPlots: %s (metrics vs edits), %s, %s\n' $(DEMO_OUT)/metrics.png $(DEMO_OUT)/latency.png \
+		$(DEMO_OUT)/heatmaps/fold-0.png
+	@printf 'Patch set: %s (PeftModel.from_pretrained after `import transformer_patcher`)\n' $(DEMO_OUT)/patches/fold-0
 
 # The documentation site, built offline into site/ (mkdocs-material without web fonts, mkdocstrings for the API).
 docs: $(STAMP)

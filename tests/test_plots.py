@@ -195,7 +195,7 @@ def test_metrics_curve_writes_a_png(tmp_path: Path) -> None:
         ([{"fold": 0, "records": []}], ("SR",), "no 'evaluations'"),
         ([FOLD_A, FOLD_B], ("TestR", "GR"), "none of the metrics"),
         ([FOLD_A, FOLD_B], (), "no metrics"),
-        ([{"evaluations": [evaluation(1, neurons=3)]}], ("neurons",), "outside \\[0, 1\\]"),
+        ([{"evaluations": [evaluation(1, neurons=3)]}], ("neurons",), "outside \\[0, 2.0\\]"),
     ],
 )
 def test_metrics_curve_refuses_bad_input_without_writing(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_and_data(run)
     from .editing.registry import EDITOR_NAMES
 
-    run.add_argument("--editor", choices=EDITOR_NAMES, default="patcher")
+    run.add_argument(
+        "--editor", nargs="+", choices=EDITOR_NAMES, default=["patcher"], help="several: one run each, one table"
+    )
     run.add_argument("--folds", type=int, default=1, help="independent streams, each from the original model")
     run.add_argument("--memory-rows", type=int, default=10_000, help="memory queries the patches must stay silent on")
     run.add_argument("--schedule", choices=("official", "quick"), default="official", help="editor stopping schedule")
@@ -57,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig field override")
+    run.add_argument("--ft-set", action="append", default=[], metavar="KEY=VALUE", help="FineTuneConfig field override")
     run.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, plots, patches)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     run.add_argument("--no-progress", action="store_true")
@@ -110,14 +114,16 @@ def _model_and_data(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _sme_run(args: argparse.Namespace) -> int:
-    from .sme.experiment import ExperimentConfig, run_experiment
+    from .editing.baselines import FineTuneConfig
+    from .editing.config import EditConfig
+    from .sme.experiment import ExperimentConfig, run_comparison, run_experiment
     from .sme.report import markdown_table
 
     config = ExperimentConfig(
         model=args.model,
         data=args.data,
         data_kind=args.data_kind,
-        editor=args.editor,
+        editor=args.editor[0],
         folds=args.folds,
         max_examples=args.max_examples,
         memory_rows=args.memory_rows,
@@ -126,28 +132,34 @@ def _sme_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         data_dir=str(args.data_dir) if args.data_dir else None,
-        edit_options=_overrides(args.set),
+        edit_options=_overrides(args.set, EditConfig),
+        finetune_options=_overrides(args.ft_set, FineTuneConfig, exclude=("scope", "kl")),
     )
-    results = run_experiment(config, args.out, resume=args.resume, progress=not args.no_progress)
-    if results is not None:  # the main process reports
-        print(markdown_table([{"editor": results["editor"], **results["summary"]}]))
-        for metric, note in results["notes"].items():
+    progress = not args.no_progress
+    if len(args.editor) > 1:
+        command = shlex.join(["transformer-patcher", *sys.argv[1:]])
+        runs = run_comparison(config, args.editor, args.out, resume=args.resume, progress=progress, command=command)
+    else:
+        result = run_experiment(config, args.out, resume=args.resume, progress=progress)
+        runs = None if result is None else [result]
+    if runs is not None:  # the main process reports
+        print(markdown_table([{"editor": r["editor"], **r["summary"]} for r in runs]))
+        for metric, note in runs[0]["notes"].items():
             print(f"- {metric}: {note}")
         print(f"\nresults: {args.out / 'results.json'}, {args.out / 'results.md'}; plots and patch sets in {args.out}/")
     return 0
 
 
-def _overrides(items: Sequence[str]) -> dict[str, Any]:
+def _overrides(items: Sequence[str], config_class: type, exclude: Sequence[str] = ("extra",)) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as field overrides of a config dataclass; values are JSON when they parse as JSON."""
     from dataclasses import fields
 
-    from .editing.config import EditConfig
-
-    known = {f.name for f in fields(EditConfig)} - {"extra"}
+    known = {f.name for f in fields(config_class)} - set(exclude)
     options: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or key not in known:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
         try:
             options[key] = json.loads(raw)
         except json.JSONDecodeError:

@@ -29,6 +29,7 @@ DPI = 100
 CURVE_FIGSIZE = (7.0, 4.5)
 LATENCY_FIGSIZE = (10.0, 4.0)
 MAX_TICKS = 20  # beyond this many rows/columns, label only every k-th so labels stay readable
+MAX_RATE = 2.0
 DEFAULT_METRICS = ("SR", "GR", "ER", "TrainR", "TestR", "locality")
 
 
@@ -230,7 +231,8 @@ def metrics_curve(
     """The paper's Fig. 7: each rate vs number of edits, the mean over folds with a min–max band when >1 fold.
 
     ``folds`` are SME fold dicts (or ``FoldResult``s, or a run dict holding ``"folds"``). Metrics no fold reports are
-    skipped; the y axis is [0, 1.02], so only rates in [0, 1] are accepted (not counts such as ``neurons``).
+    skipped. Only rates are accepted (values in [0, 2]: retention ratios such as TrainR exceed 1 when editing fixes
+    other examples too), not counts such as ``neurons``.
     """
     fold_list = _fold_list(folds)
     if not metrics:
@@ -242,15 +244,15 @@ def metrics_curve(
     if not curves:
         raise ValueError(f"none of the metrics {list(metrics)} is reported at an edit count shared by every fold")
     for metric, curve in curves.items():
-        if min(curve.low) < 0 or max(curve.high) > 1:
-            raise ValueError(f"metric {metric!r} has values outside [0, 1]; metrics_curve plots rates only")
+        if min(curve.low) < 0 or max(curve.high) > MAX_RATE:
+            raise ValueError(f"metric {metric!r} has values outside [0, {MAX_RATE}]; metrics_curve plots rates only")
     figure = _new_figure(figsize, dpi)
     ax = figure.add_subplot()
     for metric, curve in curves.items():
         (line,) = ax.plot(curve.edits, curve.mean, marker="o" if len(curve.edits) <= 30 else None, label=metric)
         if len(fold_list) > 1:
             ax.fill_between(curve.edits, curve.low, curve.high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(0, max(1.0, *(max(curve.high) for curve in curves.values())) + 0.02)
     ax.set_xlabel("number of edits")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("rate")

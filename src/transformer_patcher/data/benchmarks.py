@@ -82,10 +82,15 @@ def generation_memory(data_dir: str | Path | None = None) -> tuple[list[Pair], l
         text = wikitext_pairs("valid", data_dir)
         validation = wikitext_pairs("test", data_dir)[:400]
     except FileNotFoundError:
-        sample = sample_memory_pairs()
-        cut = len(sample) // 5
-        return sample[cut:], sample[:cut]
+        return embedded_memory()
     return _interleave(facts, text), validation
+
+
+def embedded_memory() -> tuple[list[Pair], list[Pair]]:
+    """(memory, validation) from the sample embedded in the package: its first fifth validates."""
+    sample = sample_memory_pairs()
+    cut = len(sample) // 5
+    return sample[cut:], sample[:cut]
 
 
 def _interleave(first: Sequence[Pair], second: Sequence[Pair]) -> list[Pair]:
@@ -100,11 +105,12 @@ def _interleave(first: Sequence[Pair], second: Sequence[Pair]) -> list[Pair]:
 def zsre_benchmark(path: str | Path | None = None, data_dir: str | Path | None = None) -> Benchmark:
     """zsRE: edit ``src`` → ``answers[0]``; GR on ``rephrase``; locality on the unrelated NQ question ``loc``.
 
-    Without a path the embedded 40-record sample is used. Every record is streamed; the runner edits only those the
+    Without a path the embedded 40-record sample and the embedded memory are used, so the result does not depend
+    on what else is installed. Every record is streamed; the runner edits only those the
     model gets wrong (for SmolLM2-135M, nearly all of them).
     """
     rows = load_zsre(path if path is not None else ZSRE_SAMPLE)
-    memory, validation = generation_memory(data_dir)
+    memory, validation = generation_memory(data_dir) if path is not None else embedded_memory()
     return Benchmark(
         "zsre",
         to_edit_examples(rows, "zsre"),
@@ -138,16 +144,16 @@ def counterfact_benchmark(path: str | Path | None = None, data_dir: str | Path |
 def fever_benchmark(
     data_dir: str | Path | None = None, seed: int = 42, train_eval: int = 1000, test_eval: int = 1000
 ) -> Benchmark:
-    """FEVER (binary) split as in the paper, from the two files we have.
+    """FEVER (binary) split as in the paper, from the two files we have (the split DATA.md suggests).
 
-    ``paper_test`` trains the classifier (``extra["finetune"]``); ``train_eval`` of its claims measure TrainR and the
-    rest are the memory. ``paper_dev`` is halved: the edit stream and the TestR set. Both files are shuffled with
+    ``paper_dev`` trains the classifier (``extra["finetune"]``); ``train_eval`` of its claims measure TrainR and the
+    rest are the memory. ``paper_test`` is halved: the edit stream and the TestR set. Both files are shuffled with
     ``seed`` first. FEVER has no rephrases here, so GR is not available.
     """
-    finetune = _shuffled(load_fever(find_data_file("fever/paper_test.jsonl", data_dir)), seed)
-    dev = _shuffled(load_fever(find_data_file("fever/paper_dev.jsonl", data_dir)), seed)
-    half = len(dev) // 2
-    edit, test = dev[:half], dev[half:]
+    finetune = _shuffled(load_fever(find_data_file("fever/paper_dev.jsonl", data_dir)), seed)
+    held_out = _shuffled(load_fever(find_data_file("fever/paper_test.jsonl", data_dir)), seed, exclude=finetune)
+    half = len(held_out) // 2
+    edit, test = held_out[:half], held_out[half:]
     memory = finetune[train_eval:]
     cut = len(memory) // 10
     return Benchmark(
@@ -161,8 +167,14 @@ def fever_benchmark(
     )
 
 
-def _shuffled(rows: Any, seed: int) -> list[Pair]:
-    pairs = [(r["text"], int(r["label"])) for r in rows]
+def _shuffled(rows: Any, seed: int, exclude: Sequence[Pair] = ()) -> list[Pair]:
+    """Claims in a seeded order, each once (FEVER repeats a claim once per evidence set), none of ``exclude``'s."""
+    seen = {text for text, _ in exclude}
+    pairs = []
+    for row in rows:
+        if row["text"] not in seen:
+            seen.add(row["text"])
+            pairs.append((row["text"], int(row["label"])))
     random.Random(seed).shuffle(pairs)
     return pairs
 

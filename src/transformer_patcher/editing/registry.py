@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -43,13 +44,16 @@ def build_editor(
     cache_dir: str | os.PathLike[str] | None = None,
     patcher_config: PatcherConfig | None = None,
     progress: bool = True,
+    finetune_options: dict[str, Any] | None = None,
 ) -> Editor:
     """Build editor ``name`` over the base ``model``. ``patcher`` wraps it with the patch adapter (its ``.model`` is
-    the wrapped model); the fine-tuning editors edit the base model's weights in place."""
+    the wrapped model); the fine-tuning editors edit the base model's weights in place, with ``finetune_options``
+    overriding :class:`FineTuneConfig` fields (e.g. a smaller ``kl_batch`` on a CPU)."""
     if name not in EDITOR_NAMES:
         raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(EDITOR_NAMES)}")
     if name in FINE_TUNE_EDITORS:
-        return FineTuneEditor(model, task, FINE_TUNE_EDITORS[name], memory_pairs=memory_pairs)
+        config = replace(FINE_TUNE_EDITORS[name], **(finetune_options or {}))
+        return FineTuneEditor(model, task, config, memory_pairs=memory_pairs)
     wrapped = get_patcher_model(model, patcher_config or PatcherConfig())
     layer = wrapped.base_model.patch_layer()
     banks = {}

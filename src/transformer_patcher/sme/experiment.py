@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ class ExperimentConfig:
     seed: int = 42
     batch_size: int = 32
     data_dir: str | None = None
-    edit_options: dict[str, Any] = field(default_factory=dict)
+    edit_options: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (T-Patcher)
+    finetune_options: dict[str, Any] = field(default_factory=dict)  # FineTuneConfig overrides (FT baselines)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -108,6 +110,7 @@ def run_experiment(
         memory_rows=config.memory_rows,
         cache_dir=cache_dir() / "memory",
         progress=progress and state.is_local_main_process,
+        finetune_options=config.finetune_options,
     )
     sme = SMEConfig(eval_every=config.eval_every, batch_size=config.batch_size, seed=config.seed, progress=progress)
     runner = SMERunner(editor, benchmark.eval_sets, sme, checkpoint_dir=out / "checkpoints")
@@ -185,3 +188,30 @@ def _check_resume(config: ExperimentConfig, out: Path, resume: bool, state: Part
         write_text_atomic(saved, current)
     state.wait_for_everyone()
     torch.manual_seed(config.seed)
+
+
+def run_comparison(
+    config: ExperimentConfig,
+    editors: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> list[dict[str, Any]] | None:
+    """The same experiment once per editor (``out_dir/<editor>/``), then one table across editors in
+    ``out_dir/results.md`` and ``out_dir/results.json``. Returns the per-editor results on the main process."""
+    out = Path(out_dir)
+    runs = []
+    for editor in editors:
+        results = run_experiment(replace(config, editor=editor), out / editor, resume=resume, progress=progress)
+        if results is not None:
+            runs.append(results)
+    if not PartialState().is_main_process:
+        return None
+    rows = [{"editor": r["editor"], **r["summary"]} for r in runs]
+    notes = "".join(f"- {metric}: {text}\n" for metric, text in runs[0]["notes"].items()) if runs else ""
+    header = f"# {runs[0]['benchmark']}: {config.model}\n\n" if runs else ""
+    footer = f"\nCommand: `{command}`\n" if command else ""
+    write_text_atomic(out / "results.md", header + markdown_table(rows) + "\n" + notes + footer)
+    write_text_atomic(out / "results.json", json.dumps({"command": command, "rows": rows}, indent=1))
+    return runs
