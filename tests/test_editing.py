@@ -528,6 +528,9 @@ def test_margins_values() -> None:
     assert EditConfig().memory_weight("classification") == 5.0
     assert EditConfig().memory_weight("causal_lm") == EditConfig().memory_weight("seq2seq") == 10.0
     assert EditConfig(memory_loss_weight=1.5).memory_weight("seq2seq") == 1.5
+    assert EditConfig().activation_margin("gelu_new") == EditConfig().activation_margin("relu") == 0.0  # official
+    assert EditConfig().activation_margin("silu") == 10.0
+    assert EditConfig(act_margin=2.5).activation_margin("silu") == 2.5
 
 
 def test_unknown_activation_needs_explicit_margins() -> None:

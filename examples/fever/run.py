@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-examples", type=int, default=400, help="claims of the edit stream used (all folds)")
     parser.add_argument("--memory-rows", type=int, default=10_000, help="T-Patcher memory bank size (at most)")
     parser.add_argument("--schedule", choices=("quick", "official"), default="quick", help="T-Patcher stopping rule")
+    parser.add_argument("--kl-batch", type=int, default=512, help="memory claims in the FT+KL baselines' KL term")
     parser.add_argument("--seed", type=int, default=42, help="data split, classifier training and editing")
     parser.add_argument("--resume", action="store_true", help="continue: skip finished editors and folds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             schedule=args.schedule,
             seed=args.seed,
             data_dir=data_dir,
+            finetune_options={"kl_batch": args.kl_batch},
         )
         t0 = time.perf_counter()
         result = run_experiment(config, args.out / name, resume=args.resume, progress=progress)

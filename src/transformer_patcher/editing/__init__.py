@@ -3,7 +3,7 @@
 from .baselines import FineTuneConfig, FineTuneEditor
 from .config import MARGINS, EditConfig
 from .editor import Editor
-from .memory import MemoryBank, collect_queries, memory_key
+from .memory import MemoryBank, build_memory, collect_queries, memory_key
 from .replay import ForwardReplay
 from .tasks import Batch, CausalLMTask, ClassificationTask, EditExample, Seq2SeqTask, Task, task_for_model
 from .trainer import EditRecord, PatchTrainer
@@ -24,6 +24,7 @@ __all__ = [
     "PatchTrainer",
     "Seq2SeqTask",
     "Task",
+    "build_memory",
     "collect_queries",
     "memory_key",
     "task_for_model",

@@ -10,6 +10,12 @@ from typing import Any
 # memory query below beta leaks as little output as in the paper; gamma keeps the official gap size (3).
 MARGINS: dict[str, tuple[float, float]] = {"gelu": (-3.0, 3.0), "relu": (0.0, 0.0), "silu": (-7.5, 3.0)}
 
+# Activation-loss margin m_a (the edit should fire above it) per family. GELU/ReLU: the official 0. SiLU: measured on
+# SmolLM2 + zsRE (docs/results.md), a trained edit fires at 2-5 while its rephrases sit about 4 lower, i.e. near 0
+# where SiLU is silent; memory sits 12-14 below the edit, far more than the margins ask. Asking the edit to fire above
+# 10 lifts rephrases into SiLU's linear range (GR 0.3 -> 0.7 on 10 edits) with SR, ER and locality unchanged.
+ACTIVATION_MARGINS: dict[str, float] = {"gelu": 0.0, "relu": 0.0, "silu": 10.0}
+
 # Loss weight of the memory term per task, as hard-coded in the official scripts/main.py.
 MEMORY_LOSS_WEIGHT = {"classification": 5.0, "seq2seq": 10.0, "causal_lm": 10.0}
 
@@ -45,7 +51,7 @@ class EditConfig:
     lr_patience: int = 1
     lr_threshold: float = 0.05
     act_top_k: int = 5
-    act_margin: float = 0.0
+    act_margin: float | None = None  # None: ACTIVATION_MARGINS by the patch activation (official: 0)
     memory_top_k: int = 1000
     memory_beta: float | None = None  # None: from MARGINS by the patch activation
     memory_gamma: float | None = None
@@ -85,6 +91,10 @@ class EditConfig:
             beta if self.memory_beta is None else self.memory_beta,
             gamma if self.memory_gamma is None else self.memory_gamma,
         )
+
+    def activation_margin(self, activation: str) -> float:
+        """m_a of the activation loss: the explicit value, else the family default."""
+        return self.act_margin if self.act_margin is not None else ACTIVATION_MARGINS[activation_family(activation)]
 
     def memory_weight(self, task_kind: str) -> float:
         return self.memory_loss_weight if self.memory_loss_weight is not None else MEMORY_LOSS_WEIGHT[task_kind]

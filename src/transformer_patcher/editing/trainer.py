@@ -74,6 +74,7 @@ class PatchTrainer:
         self.layer: PatcherLayer = model.base_model.patch_layer(adapter_name)
         activation = self.layer.patch_config[adapter_name].patch_activation
         self.beta, self.gamma = self.config.margins(activation)
+        self.act_margin = self.config.activation_margin(activation)
         self.memory_weight = self.config.memory_weight(task.kind)
         self._replay = ForwardReplay(model, self.layer) if self.config.cache else None
 
@@ -204,7 +205,7 @@ class PatchTrainer:
         if copies == 1:  # identical copies (no dropout): the official repeated batch, without recomputing it
             a_e = a_e.expand(cfg.repeats, -1)
         edit = self.task.edit_loss(out.logits, batch.labels)
-        act = activation_loss(a_e, cfg.act_top_k, cfg.act_margin)
+        act = activation_loss(a_e, cfg.act_top_k, self.act_margin)
         return edit, act, a_e
 
     def _train(self, single: Batch, reads: torch.Tensor) -> tuple[bool, int, float | None]:
