@@ -230,5 +230,7 @@ def test_embedded_zsre_sample_is_the_default_and_small() -> None:
     assert sample[0]["text"] == "What is the product made by UniFirst?" and sample[0]["target"] == "uniform"
     examples = to_edit_examples(sample, "zsre")
     assert all(e.text and e.target and e.rephrases and e.locality for e in examples)
-    assert ZSRE_SAMPLE.stat().st_size < 300_000
-    assert (ZSRE_SAMPLE.parent / "README.md").read_text().count("KnowledgeSpread") == 1
+    samples = [path for path in ZSRE_SAMPLE.parent.iterdir() if path.suffix == ".json"]
+    assert sum(path.stat().st_size for path in samples) < 300_000  # the budget for everything embedded
+    provenance = (ZSRE_SAMPLE.parent / "README.md").read_text()
+    assert all(f"`{path.name}`" in provenance for path in samples)  # each file has its provenance

@@ -529,7 +529,7 @@ def test_margins_values() -> None:
     assert EditConfig().memory_weight("causal_lm") == EditConfig().memory_weight("seq2seq") == 10.0
     assert EditConfig(memory_loss_weight=1.5).memory_weight("seq2seq") == 1.5
     assert EditConfig().activation_margin("gelu_new") == EditConfig().activation_margin("relu") == 0.0  # official
-    assert EditConfig().activation_margin("silu") == 10.0
+    assert EditConfig().activation_margin("silu") == 15.0
     assert EditConfig(act_margin=2.5).activation_margin("silu") == 2.5
 
 

@@ -153,5 +153,5 @@ def test_undo_and_info_refuse_bad_folders(saved: Path, tmp_path: Path) -> None:
     with pytest.raises(AdapterFileError, match="not a patch-set folder"):
         describe_patch_set(tmp_path / "empty")
     (saved / "edits.jsonl").write_text("{not json\n")
-    with pytest.raises(AdapterFileError, match=r"edits\.jsonl:1"):
+    with pytest.raises(AdapterFileError, match=r"edits\.jsonl: line 1"):
         read_edit_log(saved)

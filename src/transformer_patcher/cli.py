@@ -196,15 +196,13 @@ def _edit_requests(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.file is not None:
         if args.text is not None or args.target is not None:
             raise ValueError("give either --file or --text/--target, not both")
+        from .jsonl import json_lines
+
         requests = []
-        for number, line in enumerate(args.file.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                requests.append((row["text"], row["target"]))
-            except (json.JSONDecodeError, TypeError, KeyError) as error:
-                raise ValueError(f"{args.file}:{number}: expected {{'text': ..., 'target': ...}} ({error})") from error
+        for number, row in json_lines(args.file.read_text(encoding="utf-8"), str(args.file)):
+            if not isinstance(row.get("text"), str) or "target" not in row:
+                raise ValueError(f"{args.file}: line {number}: expected {{'text': ..., 'target': ...}}")
+            requests.append((row["text"], row["target"]))
         if not requests:
             raise ValueError(f"{args.file} holds no edits")
         return requests

@@ -19,6 +19,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..errors import AdapterFileError
+from ..jsonl import json_lines
 from .checkpoint import group_patch_tensors, read_adapter_file
 from .config import PatcherConfig
 
@@ -85,15 +86,9 @@ def read_edit_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not log.is_file():
         return []
     entries = []
-    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise AdapterFileError(f"{log}:{number}: not JSON ({error})") from error
-        if not isinstance(entry, dict) or not isinstance(entry.get("edit_id"), int):
-            raise AdapterFileError(f"{log}:{number}: each line must be an object with an integer 'edit_id'")
+    for number, entry in json_lines(log.read_text(encoding="utf-8"), str(log), AdapterFileError):
+        if not isinstance(entry.get("edit_id"), int):
+            raise AdapterFileError(f"{log}: line {number}: each line must be an object with an integer 'edit_id'")
         entries.append(entry)
     return entries
 

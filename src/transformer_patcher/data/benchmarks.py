@@ -105,40 +105,34 @@ def _interleave(first: Sequence[Pair], second: Sequence[Pair]) -> list[Pair]:
 def zsre_benchmark(path: str | Path | None = None, data_dir: str | Path | None = None) -> Benchmark:
     """zsRE: edit ``src`` → ``answers[0]``; GR on ``rephrase``; locality on the unrelated NQ question ``loc``.
 
-    Without a path the embedded 40-record sample and the embedded memory are used, so the result does not depend
-    on what else is installed. Every record is streamed; the runner edits only those the
-    model gets wrong (for SmolLM2-135M, nearly all of them).
+    Without a path the embedded 40-record sample and the embedded memory are used, so the result does not depend on
+    what else is installed. Every record is streamed; the runner edits only those the model gets wrong (for
+    SmolLM2-135M, nearly all of them).
     """
     rows = load_zsre(path if path is not None else ZSRE_SAMPLE)
-    memory, validation = generation_memory(data_dir) if path is not None else embedded_memory()
-    return Benchmark(
-        "zsre",
-        to_edit_examples(rows, "zsre"),
-        {"locality": [(r["loc"], r["loc_ans"]) for r in rows]},
-        memory,
-        validation,
-        notes={"locality": "agreement of the answer to the unrelated NQ question with the pre-edit answer"},
-    )
+    memory = generation_memory(data_dir) if path is not None else embedded_memory()
+    notes = {"locality": "agreement of the answer to the unrelated NQ question with the pre-edit answer"}
+    return _generation_benchmark("zsre", rows, memory, notes)
 
 
 def counterfact_benchmark(path: str | Path | None = None, data_dir: str | Path | None = None) -> Benchmark:
     """CounterFact: efficacy (SR) on ``prompt`` → ``target_new``, paraphrase (GR), neighbourhood (locality)."""
-    rows = load_counterfact(
-        path if path is not None else find_data_file("counterfact/counterfact-edit-1k.json", data_dir)
-    )
-    memory, validation = generation_memory(data_dir)
-    return Benchmark(
-        "counterfact",
-        to_edit_examples(rows, "counterfact"),
-        {"locality": [(r["loc"], r["loc_ans"]) for r in rows]},
-        memory,
-        validation,
-        notes={
-            "SR": "efficacy: the new object is the greedy answer",
-            "GR": "paraphrase: the new object is the greedy answer to the rephrased prompt",
-            "locality": "neighbourhood: a prompt about another subject keeps its pre-edit answer",
-        },
-    )
+    if path is None:
+        path = find_data_file("counterfact/counterfact-edit-1k.json", data_dir)
+    notes = {
+        "SR": "efficacy: the new object is the greedy answer",
+        "GR": "paraphrase: the new object is the greedy answer to the rephrased prompt",
+        "locality": "neighbourhood: a prompt about another subject keeps its pre-edit answer",
+    }
+    return _generation_benchmark("counterfact", load_counterfact(path), generation_memory(data_dir), notes)
+
+
+def _generation_benchmark(
+    name: str, rows: Any, memory: tuple[list[Pair], list[Pair]], notes: dict[str, str]
+) -> Benchmark:
+    """Edits with one rephrase each (GR) and one unrelated prompt each (locality), from a loaded dataset."""
+    locality = [(r["loc"], r["loc_ans"]) for r in rows]
+    return Benchmark(name, to_edit_examples(rows, name), {"locality": locality}, *memory, notes=notes)
 
 
 def fever_benchmark(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..editing.tasks import EditExample
 from ..errors import PatcherError
+from ..jsonl import json_lines
 
 if TYPE_CHECKING:
     import datasets
@@ -91,15 +92,7 @@ def _records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DatasetFormatError(f"{file}: record {i}: expected a JSON object, got {type(rec).__name__}")
             yield f"record {i}", rec
         return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetFormatError(f"{file}: line {n}: invalid JSON ({e.msg})") from e
-        if not isinstance(rec, dict):
-            raise DatasetFormatError(f"{file}: line {n}: expected a JSON object, got {type(rec).__name__}")
+    for n, rec in json_lines(text, str(file), DatasetFormatError):
         yield f"line {n}", rec
 
 

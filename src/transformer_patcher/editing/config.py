@@ -10,11 +10,11 @@ from typing import Any
 # memory query below beta leaks as little output as in the paper; gamma keeps the official gap size (3).
 MARGINS: dict[str, tuple[float, float]] = {"gelu": (-3.0, 3.0), "relu": (0.0, 0.0), "silu": (-7.5, 3.0)}
 
-# Activation-loss margin m_a (the edit should fire above it) per family. GELU/ReLU: the official 0. SiLU: measured on
-# SmolLM2 + zsRE (docs/results.md), a trained edit fires at 2-5 while its rephrases sit about 4 lower, i.e. near 0
-# where SiLU is silent; memory sits 12-14 below the edit, far more than the margins ask. Asking the edit to fire above
-# 10 lifts rephrases into SiLU's linear range (GR 0.3 -> 0.7 on 10 edits) with SR, ER and locality unchanged.
-ACTIVATION_MARGINS: dict[str, float] = {"gelu": 0.0, "relu": 0.0, "silu": 10.0}
+# Activation-loss margin m_a (the edit should fire above it) per family. GELU/ReLU: the official 0. SiLU: on SmolLM2 +
+# zsRE a trained edit fires at 2-5 while its rephrases sit about 4 lower, near 0 where SiLU is silent, and memory sits
+# 12-14 below the edit, far more than the margins ask. Asking the edit to fire above 15 lifts rephrases into SiLU's
+# linear range: GR 0.3 -> 0.8 on 10 edits, SR/ER/locality unchanged (the sweep is in docs/results.md).
+ACTIVATION_MARGINS: dict[str, float] = {"gelu": 0.0, "relu": 0.0, "silu": 15.0}
 
 # Loss weight of the memory term per task, as hard-coded in the official scripts/main.py.
 MEMORY_LOSS_WEIGHT = {"classification": 5.0, "seq2seq": 10.0, "causal_lm": 10.0}
