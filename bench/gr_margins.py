@@ -67,6 +67,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transformer_patcher import get_patcher_model
 from transformer_patcher.data import find_data_file
+from transformer_patcher.data.benchmarks import generation_memory
 from transformer_patcher.editing import (
     CausalLMTask,
     EditConfig,
@@ -121,6 +122,7 @@ MEMORY_SOURCES: dict[str, Callable[[Path | None], list[Pair]]] = {
     "wiki": wiki_pairs,
     "cf": counterfact_pairs,
     "qa": zsre_memory_pairs,
+    "shipped": lambda data_dir: generation_memory(data_dir)[0],  # what zsre_benchmark(path) uses
 }
 
 
@@ -281,6 +283,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mlc", type=float, help="memory loss weight (default: the package default)")
     parser.add_argument("--alc", type=float, help="activation loss weight (default: the package default)")
     parser.add_argument("--diag", action="store_true", help="print patch pre-activations per edit to stderr")
+    parser.add_argument(
+        "--loc", type=int, default=0, help="also score locality on the NQ questions of zsRE records 600..600+N"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--data-dir", type=Path, help="folder holding zsre/, counterfact/, wikitext2/")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "bench", help="memory bank cache")
@@ -302,12 +307,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     parse_sources(args.memory)  # fail on a bad --memory before loading the model
     model, task, layer = load_model()
-    records = read_json("zsre/zsre_mend_train-1k.json", args.data_dir)[args.start : args.start + args.n]
+    all_records = read_json("zsre/zsre_mend_train-1k.json", args.data_dir)
+    records = all_records[args.start : args.start + args.n]
     memory, val_memory = memory_banks(model, task, layer, args)
     trainer = PatchTrainer(model, task, edit_config(args), memory=memory, val_memory=val_memory)
     edits = zsre_edits(records)
     locality = (zsre_locality(records), counterfact_locality(args.data_dir))
     before = (score_pairs(model, task, locality[0]), score_pairs(model, task, locality[1]))
+    wide = zsre_locality(all_records[600 : 600 + args.loc])
+    wide_before = score_pairs(model, task, wide) if wide else []
 
     started = time.time()
     edit_records, during = run_edits(trainer, edits, args.diag)
@@ -324,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "sec_med": round(upper_median([r.seconds for r in edit_records]), 1),
         "total_s": round(time.time() - started),
     }
+    if wide:
+        wide_after = score_pairs(model, task, wide)
+        result["loc_wide"] = sum(a.prediction == b.prediction for a, b in zip(wide_after, wide_before, strict=True))
+        result["loc_wide"] /= len(wide)
     line = json.dumps(result)
     print(line, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
