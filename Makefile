@@ -36,7 +36,7 @@ DEMO_OUT ?= runs/demo
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/transformer-patcher sme run --model smollm2-135m --data zsre --max-examples 20 --schedule quick \
-		--memory-rows 4000 --eval-every 5 --out $(DEMO_OUT)
+		--memory-rows 2000 --validation-rows 500 --eval-every 5 --out $(DEMO_OUT)
 	$(BIN)/transformer-patcher info $(DEMO_OUT)/patches/fold-0
 	@printf '\nPlots: %s (metrics vs edits), %s, %s\n' $(DEMO_OUT)/metrics.png $(DEMO_OUT)/latency.png \
 		$(DEMO_OUT)/heatmaps/fold-0.png

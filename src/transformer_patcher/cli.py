@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--folds", type=int, default=1, help="independent streams, each from the original model")
     run.add_argument("--memory-rows", type=int, default=10_000, help="memory queries the patches must stay silent on")
+    run.add_argument("--validation-rows", type=int, default=1_000, help="validation memory rows (stopping rule)")
     run.add_argument("--schedule", choices=("official", "quick"), default="official", help="editor stopping schedule")
     run.add_argument("--eval-every", type=int, default=None, help="also evaluate ER/locality every N edits")
     run.add_argument("--seed", type=int, default=42)
@@ -127,6 +128,7 @@ def _sme_run(args: argparse.Namespace) -> int:
         folds=args.folds,
         max_examples=args.max_examples,
         memory_rows=args.memory_rows,
+        validation_rows=args.validation_rows,
         schedule=args.schedule,
         eval_every=args.eval_every,
         seed=args.seed,

@@ -52,6 +52,7 @@ class ExperimentConfig:
     folds: int = 1
     max_examples: int | None = None
     memory_rows: int = 10_000
+    validation_rows: int = 1_000
     schedule: str = "official"
     eval_every: int | None = None
     seed: int = 42
@@ -108,6 +109,7 @@ def run_experiment(
         benchmark.validation,
         config.edit_config(),
         memory_rows=config.memory_rows,
+        validation_rows=config.validation_rows,
         cache_dir=cache_dir() / "memory",
         progress=progress and state.is_local_main_process,
         finetune_options=config.finetune_options,
