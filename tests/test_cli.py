@@ -165,14 +165,20 @@ def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> Non
     [
         (["sme", "run", "--model", "m", "--data", "nope", "--out", "o"], "not a benchmark name"),
         (["sme", "run", "--model", "m", "--set", "lr", "--out", "o"], "KEY=VALUE"),
+        (["sme", "run", "--model", "m", "--set", "lr=-1", "--out", "o"], "lr must be > 0"),
+        (["sme", "run", "--model", "m", "--ft-set", "kl_batch=0", "--out", "o"], "kl_batch must be positive"),
+        (["sme", "run", "--model", "m", "--folds", "0", "--out", "o"], "folds must be positive"),
         (["info", "/nonexistent/patches"], "not a patch-set folder"),
         (["plot", "/nonexistent/run"], "results.json"),
+        (["sme", "run", "--model", "m", "--data", "missing.json", "--data-kind", "zsre", "--out", "o"], "missing.json"),
     ],
 )
-def test_bad_input_is_one_clear_line(argv: list[str], message: str, capsys) -> None:
+def test_bad_input_is_one_clear_line(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing was written
 
 
 def test_folds_run_in_parallel_under_accelerate(workspace: dict[str, Path], tmp_path: Path) -> None:

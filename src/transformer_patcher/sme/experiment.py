@@ -29,8 +29,9 @@ from accelerate import PartialState
 
 from ..atomic import write_text_atomic
 from ..data.benchmarks import BENCHMARKS, Benchmark
+from ..editing.baselines import FineTuneConfig
 from ..editing.config import EditConfig
-from ..editing.registry import DISPLAY_NAMES, build_editor
+from ..editing.registry import DISPLAY_NAMES, EDITOR_NAMES, build_editor
 from ..editing.tasks import task_for_model
 from ..pretrained import cache_dir, load_model
 from .report import markdown_table, summarize_folds
@@ -69,6 +70,13 @@ class ExperimentConfig:
             raise ValueError(
                 f"data {self.data!r} is not a benchmark name ({', '.join(BENCHMARKS)}); for a file, give data_kind"
             )
+        if self.editor not in EDITOR_NAMES:
+            raise ValueError(f"unknown editor {self.editor!r}; choose one of {', '.join(EDITOR_NAMES)}")
+        for name in ("folds", "memory_rows", "validation_rows", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.edit_config()  # invalid overrides fail here, before anything is loaded or written
+        replace(FineTuneConfig(), **self.finetune_options)
 
     @property
     def kind(self) -> str:
@@ -96,7 +104,8 @@ def run_experiment(
     """Run every fold this process owns; on the main process return the assembled results (None elsewhere)."""
     state = PartialState()
     out = Path(out_dir)
-    _check_resume(config, out, resume, state)
+    _check_resume(config, out, resume)
+    state.wait_for_everyone()  # every process has checked before the main one claims the folder
     benchmark = load_benchmark(config)
     kind = "classification" if config.kind == "fever" else "generation"
     model, tokenizer = load_model(config.model, kind)
@@ -115,6 +124,7 @@ def run_experiment(
         finetune_options=config.finetune_options,
     )
     sme = SMEConfig(eval_every=config.eval_every, batch_size=config.batch_size, seed=config.seed, progress=progress)
+    _claim_folder(config, out, state)
     runner = SMERunner(editor, benchmark.eval_sets, sme, checkpoint_dir=out / "checkpoints")
     streams = runner.folds(benchmark.examples, config.folds)
     for fold in range(state.process_index, config.folds, state.num_processes):
@@ -177,19 +187,22 @@ def _save_patches(editor: Any, task: Any, stream: list, records: list[dict[str, 
     activation_heatmap(activations, out / "heatmaps" / f"fold-{fold}.png", edit_ids=edit_ids)
 
 
-def _check_resume(config: ExperimentConfig, out: Path, resume: bool, state: PartialState) -> None:
+def _check_resume(config: ExperimentConfig, out: Path, resume: bool) -> None:
     """Refuse to mix runs: a folder holds one configuration; resuming needs the same one."""
     saved = out / "config.json"
-    current = json.dumps(asdict(config), indent=1, sort_keys=True)
     if saved.is_file():
         if not resume:
             raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) or use another folder")
-        if json.loads(saved.read_text()) != json.loads(current):
+        if json.loads(saved.read_text()) != json.loads(json.dumps(asdict(config))):
             raise ValueError(f"{out} holds a run with another configuration; resume needs the same settings")
-    elif state.is_main_process:
-        write_text_atomic(saved, current)
-    state.wait_for_everyone()
     torch.manual_seed(config.seed)
+
+
+def _claim_folder(config: ExperimentConfig, out: Path, state: PartialState) -> None:
+    """Mark ``out`` as holding this run, once everything it needs has loaded (a failed start leaves no trace)."""
+    if state.is_main_process:
+        write_text_atomic(out / "config.json", json.dumps(asdict(config), indent=1, sort_keys=True))
+    state.wait_for_everyone()
 
 
 def run_comparison(
