@@ -96,6 +96,9 @@ def test_sme_run_writes_results_patches_and_plots(workspace: dict[str, Path], tm
         info = json.loads(_run_json(["info", str(patches), "--json"], capsys))
         fold_records = results["folds"][fold]["records"]
         assert info["num_patches"] == sum(r["neurons"] for r in fold_records)
+        needed = [r for r in fold_records if r["needed"]]
+        assert [e["edit_id"] for e in info["edits"]] == [r["edit_id"] for r in needed if r["neurons"]]
+        assert all(e["text"] and e["target"] for e in info["edits"])  # the edit log says what each patch fixes
         assert (out / "heatmaps" / f"fold-{fold}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("metrics.png", "latency.png"):
         assert (out / name).stat().st_size > 1000

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from ..adapter.patch_set import write_edit_log
 from ..atomic import write_text_atomic
 from ..data.benchmarks import BENCHMARKS, Benchmark
 from ..editing.baselines import FineTuneConfig
@@ -179,8 +180,15 @@ def _save_patches(editor: Any, task: Any, stream: list, records: list[dict[str, 
     """The fold's patch set and its activation heatmap over the fold's edited inputs."""
     from ..plots import activation_heatmap, patch_activations
 
-    editor.model.save_pretrained(out / "patches" / f"fold-{fold}")
-    edited = [stream[r["index"]] for r in records if r["needed"]]
+    folder = out / "patches" / f"fold-{fold}"
+    editor.model.save_pretrained(folder)
+    needed = [r for r in records if r["needed"]]
+    edited = [stream[r["index"]] for r in needed]
+    log = [
+        {"edit_id": r["edit_id"], "text": e.text, "target": e.target, "success": r["success"]}
+        for r, e in zip(needed, edited, strict=True)
+    ]
+    write_edit_log(folder, log)  # so `info` can say what each patch fixes and later `edit`s keep it in memory
     if not edited or editor.model.base_model.patch_layer().num_patches() == 0:
         return
     activations, edit_ids = patch_activations(editor.model, task, edited)
