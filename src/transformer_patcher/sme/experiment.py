@@ -125,9 +125,9 @@ def run_experiment(
         finetune_options=config.finetune_options,
     )
     sme = SMEConfig(eval_every=config.eval_every, batch_size=config.batch_size, seed=config.seed, progress=progress)
-    _claim_folder(config, out, state)
     runner = SMERunner(editor, benchmark.eval_sets, sme, checkpoint_dir=out / "checkpoints")
     streams = runner.folds(benchmark.examples, config.folds)
+    _claim_folder(config, out, state)
     for fold in range(state.process_index, config.folds, state.num_processes):
         fold_file = out / "folds" / f"fold-{fold}.json"
         if resume and fold_file.is_file():
