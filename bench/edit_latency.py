@@ -33,8 +33,7 @@ from transformer_patcher.editing import (
     EditExample,
     MemoryBank,
     PatchTrainer,
-    collect_queries,
-    memory_key,
+    build_memory,
 )
 from transformer_patcher.pretrained import resolve_model
 
@@ -93,13 +92,7 @@ def _prediction(trainer: PatchTrainer, text: str) -> int:
 
 
 def bank(model, layer, task, pairs, rows: int, tag: str) -> MemoryBank:
-    key = memory_key(layer.patch_config["default"].fingerprint, task, pairs, rows)
-    path = CACHE / f"{tag}-{rows}-{key[:16]}.safetensors"
-    if path.exists():
-        return MemoryBank.load(path, key)
-    memory = MemoryBank(collect_queries(model, layer, task, pairs, rows, description=f"{tag}: memory {rows}"))
-    memory.save(path, key)
-    return memory
+    return build_memory(model, layer, task, pairs, rows, CACHE, tag=tag)
 
 
 def measure(name: str, n_edits: int, n_edits_off: int) -> dict:

@@ -17,7 +17,8 @@ from .adapter.model import PatcherModel, get_patcher_model
 from .adapter.patch_set import read_edit_log, write_edit_log
 from .data.benchmarks import fever_benchmark, generation_memory
 from .editing.config import EditConfig
-from .editing.memory import build_memory, collect_queries
+from .editing.memory import collect_queries
+from .editing.registry import build_trainer
 from .editing.tasks import EditExample, task_for_model
 from .editing.trainer import EditRecord, PatchTrainer
 from .errors import InvalidExampleError
@@ -53,20 +54,22 @@ class EditSession:
         else:
             wrapped = get_patcher_model(base)
         task = task_for_model(wrapped, tokenizer)
-        layer = wrapped.base_model.patch_layer()
         memory_pairs, validation_pairs = _memory_pairs(memory, kind, data_dir)
-        banks = [
-            build_memory(wrapped, layer, task, pairs, rows, cache_dir() / "memory", tag, progress=progress)
-            if pairs
-            else None
-            for pairs, rows, tag in ((memory_pairs, memory_rows, "memory"), (validation_pairs, 1_000, "validation"))
-        ]
-        log = read_edit_log(folder)
-        if banks[0] is not None and log:  # earlier edits must stay untouched by new patches
-            earlier = [(e["text"], e["target"]) for e in log]
-            banks[0].append(collect_queries(wrapped, layer, task, earlier, 10**9, progress=progress))
         config = EditConfig.quick() if schedule == "quick" else EditConfig()
-        trainer = PatchTrainer(wrapped, task, config, memory=banks[0], val_memory=banks[1])
+        trainer = build_trainer(
+            wrapped,
+            task,
+            memory_pairs,
+            validation_pairs,
+            config,
+            memory_rows,
+            cache_dir=cache_dir() / "memory",
+            progress=progress,
+        )
+        log = read_edit_log(folder)
+        if trainer.memory is not None and log:  # earlier edits must stay untouched by new patches
+            earlier = [(e["text"], e["target"]) for e in log]
+            trainer.memory.append(collect_queries(wrapped, trainer.layer, task, earlier, 10**9, progress=progress))
         return cls(trainer, folder, log)
 
     @property
@@ -105,5 +108,4 @@ def _memory_pairs(memory: str | None, kind: str, data_dir: Any) -> tuple[list, l
         return benchmark.memory, benchmark.validation
     if kind == "classification":
         raise ValueError(f"{choice} memory is for generative models; a classifier takes fever or none")
-    memory_pairs, validation = generation_memory(data_dir)
-    return memory_pairs, validation
+    return generation_memory(data_dir)

@@ -55,6 +55,23 @@ def build_editor(
         config = replace(FINE_TUNE_EDITORS[name], **(finetune_options or {}))
         return FineTuneEditor(model, task, config, memory_pairs=memory_pairs)
     wrapped = get_patcher_model(model, patcher_config or PatcherConfig())
+    return build_trainer(
+        wrapped, task, memory_pairs, validation_pairs, edit_config, memory_rows, validation_rows, cache_dir, progress
+    )
+
+
+def build_trainer(
+    wrapped: nn.Module,
+    task: Task,
+    memory_pairs: Sequence[tuple[str, Any]] = (),
+    validation_pairs: Sequence[tuple[str, Any]] = (),
+    edit_config: EditConfig | None = None,
+    memory_rows: int = 10_000,
+    validation_rows: int = 1_000,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> PatchTrainer:
+    """A :class:`PatchTrainer` over an already patch-wrapped model, its memory banks built (and cached) from pairs."""
     layer = wrapped.base_model.patch_layer()
     banks = {}
     for tag, pairs, rows in (("memory", memory_pairs, memory_rows), ("validation", validation_pairs, validation_rows)):

@@ -27,7 +27,7 @@ def evaluate_benchmark(
         model=model, data=data, data_kind=data_kind, max_examples=max_examples, data_dir=data_dir and str(data_dir)
     )
     benchmark = load_benchmark(config)
-    base, tokenizer = load_model(model, "classification" if config.kind == "fever" else "generation")
+    base, tokenizer = load_model(model, config.model_kind)
     sets = {"edit": [(e.text, e.target) for e in benchmark.examples]}
     rephrases = [(text, e.target) for e in benchmark.examples for text in e.rephrases]
     if rephrases:

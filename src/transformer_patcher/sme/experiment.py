@@ -83,6 +83,11 @@ class ExperimentConfig:
     def kind(self) -> str:
         return self.data if self.data in BENCHMARKS else str(self.data_kind)
 
+    @property
+    def model_kind(self) -> str:
+        """What the benchmark needs the model to be: a classifier (FEVER) or a generator."""
+        return "classification" if self.kind == "fever" else "generation"
+
     def edit_config(self) -> EditConfig:
         options = {"seed": self.seed, **self.edit_options}
         return EditConfig.quick(**options) if self.schedule == "quick" else EditConfig(**options)
@@ -108,8 +113,7 @@ def run_experiment(
     _check_resume(config, out, resume)
     state.wait_for_everyone()  # every process has checked before the main one claims the folder
     benchmark = load_benchmark(config)
-    kind = "classification" if config.kind == "fever" else "generation"
-    model, tokenizer = load_model(config.model, kind)
+    model, tokenizer = load_model(config.model, config.model_kind)
     task = task_for_model(model, tokenizer)
     editor = build_editor(
         config.editor,
