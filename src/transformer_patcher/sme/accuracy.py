@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..adapter.model import PatcherModel
 from ..editing.tasks import task_for_model
 from ..pretrained import load_model
@@ -20,6 +22,7 @@ def evaluate_benchmark(
     max_examples: int | None = None,
     patches: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows ``base`` (and ``patched`` when ``patches`` is given): exact-match accuracy on the edit inputs, their
     rephrases and every evaluation set, plus agreement with the base model on the locality set."""
@@ -39,12 +42,15 @@ def evaluate_benchmark(
     variants = [("base", base)]
     if patches is not None:
         variants.append(("patched", None))
+    bar = tqdm(total=len(variants) * sum(map(len, sets.values())), desc="scoring", unit="pair", disable=not progress)
     for name, variant in variants:
         if variant is None:
             variant = PatcherModel.from_pretrained(base, patches)
         row: dict[str, Any] = {"model": name}
         for group, pairs in sets.items():
+            bar.set_postfix(model=name, set=group)
             outcomes = score_pairs(variant, task, pairs, batch_size)
+            bar.update(len(pairs))
             row[group] = sum(o.correct for o in outcomes) / len(outcomes)
             if group == "locality":
                 predictions = [o.prediction for o in outcomes]
@@ -53,4 +59,5 @@ def evaluate_benchmark(
                     outcomes
                 )
         rows.append(row)
+    bar.close()
     return rows
