@@ -1,7 +1,7 @@
 """transformer-patcher: fix a deployed transformer's mistakes one by one with a few trainable neurons.
 
-Importing the package registers the ``"PATCHER"`` adapter type with peft, after which ``PeftModel.from_pretrained``
-loads saved patch sets like any other adapter.
+Importing the package registers the ``"PATCHER"`` (patch neurons) and ``"DELTA"`` (low-rank weight deltas) adapter
+types with peft, after which ``PeftModel.from_pretrained`` loads saved adapters of either type like any other.
 """
 
 from .adapter import (
@@ -15,6 +15,7 @@ from .adapter import (
     resolve_patch_target,
     supported_model_types,
 )
+from .delta import DELTA, DeltaConfig, DeltaLayer, DeltaModel, get_delta_model
 from .errors import (
     AdapterFileError,
     FingerprintMismatchError,
@@ -27,8 +28,12 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DELTA",
     "PATCHER",
     "AdapterFileError",
+    "DeltaConfig",
+    "DeltaLayer",
+    "DeltaModel",
     "FingerprintMismatchError",
     "InvalidPatchError",
     "PatchCapture",
@@ -38,6 +43,7 @@ __all__ = [
     "PatcherLayer",
     "PatcherModel",
     "UnsupportedArchitectureError",
+    "get_delta_model",
     "get_patcher_model",
     "init_key",
     "resolve_patch_target",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,18 +81,35 @@ def _check_group(module: str, group: Mapping[str, torch.Tensor], source: str) ->
     return PatchShapes(n_frozen, n_trainable, query_dim, output_dim)
 
 
+def split_by_module(
+    state_dict: Mapping[str, torch.Tensor], tensor_names: tuple[str, ...], source: str, peft_type: str, noun: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Group checkpoint tensors by module (names without the peft prefix); refuse any tensor not in ``tensor_names``."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        module, _, attr = key.removeprefix(PEFT_KEY_PREFIX).rpartition(".")
+        if attr not in tensor_names or not module:
+            raise AdapterFileError(f"{source}: unexpected tensor '{key}' (not part of a {peft_type} adapter)")
+        groups.setdefault(module, {})[attr] = tensor
+    if not groups:
+        raise AdapterFileError(f"{source}: holds no {noun} tensors")
+    return groups
+
+
+def check_same_modules(found: Collection[str], targets: list[str], source: str, verb: str) -> None:
+    """Refuse a file whose tensors are for other modules than its config targets."""
+    if set(found) != set(targets):
+        raise AdapterFileError(
+            f"{source} {verb} modules {sorted(found)} but its config targets {targets}: config and weights do not "
+            "belong together"
+        )
+
+
 def group_patch_tensors(
     state_dict: Mapping[str, torch.Tensor], source: str
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, PatchShapes]]:
     """Split checkpoint tensors by patched module (names without the peft prefix) and validate each group."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        module, _, attr = key.removeprefix(PEFT_KEY_PREFIX).rpartition(".")
-        if attr not in PATCH_TENSOR_NAMES or not module:
-            raise AdapterFileError(f"{source}: unexpected tensor '{key}' (not part of a PATCHER adapter)")
-        groups.setdefault(module, {})[attr] = tensor
-    if not groups:
-        raise AdapterFileError(f"{source}: holds no patch tensors")
+    groups = split_by_module(state_dict, PATCH_TENSOR_NAMES, source, peft_type="PATCHER", noun="patch")
     return groups, {module: _check_group(module, group, source) for module, group in groups.items()}
 
 
@@ -111,11 +128,7 @@ def validate_adapter_file(path: str | os.PathLike[str], config: Any) -> dict[str
     source = os.fspath(path)
     _, shapes = group_patch_tensors(read_adapter_file(path), source)
     targets = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
-    if set(shapes) != set(targets):
-        raise AdapterFileError(
-            f"{source} patches modules {sorted(shapes)} but its config targets {targets}: config and weights do not "
-            "belong together"
-        )
+    check_same_modules(shapes, targets, source, verb="patches")
     total = sum(s.total for s in shapes.values())
     if total != config.num_patches:
         raise AdapterFileError(f"{source} holds {total} patches but its config says num_patches={config.num_patches}")

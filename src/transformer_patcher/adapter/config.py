@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME
 from transformers.activations import ACT2FN
 
-from ..errors import AdapterFileError
+from .checkpoint import validate_adapter_file
+from .config_file import NULLABLE_STR, STR_LIST, ValidatedConfigFile, config_schema
 
 PATCHER = "PATCHER"
 PATCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -23,7 +22,7 @@ OFFICIAL_CODE_VALUE_SCALE = 10.0
 
 
 @dataclass
-class PatcherConfig(PeftConfig):
+class PatcherConfig(ValidatedConfigFile, PeftConfig):
     """Configuration of a Transformer-Patcher patch set (peft type ``"PATCHER"``).
 
     By default the patches extend the last FFN of the model, found through the architecture registry; the resolved
@@ -89,69 +88,38 @@ class PatcherConfig(PeftConfig):
             raise ValueError(f"patch_dtype must be one of {PATCH_DTYPES} or None, got {self.patch_dtype!r}")
 
     @classmethod
-    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
-        """Read ``adapter_config.json`` and validate it against the schema before anything is built from it."""
-        try:
-            with open(path_json_file, encoding="utf-8") as handle:
-                loaded = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterFileError(f"{path_json_file} is not a readable JSON adapter config: {exc}") from exc
-        validate_config_dict(loaded, source=path_json_file)
-        return loaded
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
-    ) -> PatcherConfig:
-        """Load and validate a config, then check its ``adapter_model.safetensors`` before any model is touched."""
-        from .checkpoint import locate_adapter_weights, validate_adapter_file
-
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = locate_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if weights is not None:
-            validate_adapter_file(weights, config)
-        return config
+    def validate_weights_file(cls, path: str, config: Any) -> object:
+        return validate_adapter_file(path, config)
 
 
 def _schema() -> dict[str, Any]:
-    nullable_str = {"type": ["string", "null"]}
-    str_list = {"type": ["array", "string", "null"], "items": {"type": "string"}}
-    ours = {
-        "peft_type": {"const": PATCHER},
-        "target_modules": str_list,
-        "key_module": nullable_str,
-        "layer_index": {"type": "integer"},
-        "patch_activation": nullable_str,
-        "num_patches": {"type": "integer", "minimum": 0},
-        "init_value_scale": {"type": "number", "exclusiveMinimum": 0},
-        "patch_dtype": {"enum": [*PATCH_DTYPES, None]},
-        "fingerprint": {
-            "type": ["object", "null"],
-            "properties": {
-                "query_dim": {"type": "integer", "minimum": 1},
-                "output_dim": {"type": "integer", "minimum": 1},
-                "weights_sha256": nullable_str,
-                "weights_sketch": {"type": ["array", "null"], "items": {"type": "number"}},
+    return config_schema(
+        PatcherConfig,
+        PATCHER,
+        {
+            "target_modules": STR_LIST,
+            "key_module": NULLABLE_STR,
+            "layer_index": {"type": "integer"},
+            "patch_activation": NULLABLE_STR,
+            "num_patches": {"type": "integer", "minimum": 0},
+            "init_value_scale": {"type": "number", "exclusiveMinimum": 0},
+            "patch_dtype": {"enum": [*PATCH_DTYPES, None]},
+            "fingerprint": {
+                "type": ["object", "null"],
+                "properties": {
+                    "query_dim": {"type": "integer", "minimum": 1},
+                    "output_dim": {"type": "integer", "minimum": 1},
+                    "weights_sha256": NULLABLE_STR,
+                    "weights_sketch": {"type": ["array", "null"], "items": {"type": "number"}},
+                },
             },
         },
-        "exclude_modules": str_list,
-        "target_parameters": str_list,
-        "modules_to_save": str_list,
-        "inference_mode": {"type": "boolean"},
-    }
-    properties = {f.name: ours.get(f.name, {}) for f in fields(PatcherConfig)}
-    return {"type": "object", "properties": properties, "required": ["peft_type"], "additionalProperties": False}
+    )
 
 
-CONFIG_SCHEMA = _schema()
+CONFIG_SCHEMA = PatcherConfig.config_schema = _schema()
 
 
 def validate_config_dict(data: object, source: str = CONFIG_NAME) -> None:
     """Raise ``AdapterFileError`` when ``data`` is not a valid PATCHER adapter config (unknown fields included)."""
-    errors = sorted(jsonschema.Draft202012Validator(CONFIG_SCHEMA).iter_errors(data), key=lambda e: list(e.path))
-    if errors:
-        details = "; ".join(f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:5])
-        raise AdapterFileError(f"{source} is not a valid PATCHER adapter config: {details}")
-    bad_numbers = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]  # type: ignore[union-attr]
-    if bad_numbers:
-        raise AdapterFileError(f"{source}: non-finite value in {', '.join(bad_numbers)}")
+    PatcherConfig.validate_config_dict(data, source)

@@ -44,16 +44,29 @@ class Benchmark:
 
 
 # ---------------------------------------------------------------------------------------------------- text
+def text_chunks(text: str, words: int) -> list[list[str]]:
+    """Running text cut into consecutive chunks of exactly ``words`` words (a shorter tail is dropped)."""
+    tokens = text.split()
+    return [tokens[i : i + words] for i in range(0, len(tokens) - words + 1, words)]
+
+
 def text_pairs(text: str, words: int = 24) -> list[Pair]:
     """Cut running text into (first word, rest) pairs, so a causal LM's queries at every position join the memory."""
-    tokens = text.split()
-    chunks = [tokens[i : i + words] for i in range(0, len(tokens) - words + 1, words)]
-    return [(chunk[0], " ".join(chunk[1:])) for chunk in chunks]
+    return [(chunk[0], " ".join(chunk[1:])) for chunk in text_chunks(text, words)]
+
+
+def _wikitext(split: str, data_dir: str | Path | None) -> str:
+    return find_data_file(f"wikitext2/{split}.txt", data_dir).read_text(encoding="utf-8")
 
 
 def wikitext_pairs(split: str = "valid", data_dir: str | Path | None = None, words: int = 24) -> list[Pair]:
     """WikiText-2 ``split`` as memory pairs (see :func:`text_pairs`)."""
-    return text_pairs(find_data_file(f"wikitext2/{split}.txt", data_dir).read_text(encoding="utf-8"), words)
+    return text_pairs(_wikitext(split, data_dir), words)
+
+
+def wikitext_texts(split: str = "valid", data_dir: str | Path | None = None, words: int = 96) -> list[str]:
+    """WikiText-2 ``split`` as passages of ``words`` words (about 128 tokens): a corpus for key statistics."""
+    return [" ".join(chunk) for chunk in text_chunks(_wikitext(split, data_dir), words)]
 
 
 def counterfact_memory_pairs(path: str | Path) -> list[Pair]:

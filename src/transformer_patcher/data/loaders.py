@@ -200,7 +200,11 @@ def to_edit_examples(dataset: datasets.Dataset, kind: str) -> list[EditExample]:
     if kind in ("zsre", "counterfact"):
         return [
             EditExample(
-                text=r["text"], target=r["target"], rephrases=(r["rephrase"],), locality=((r["loc"], r["loc_ans"]),)
+                text=r["text"],
+                target=r["target"],
+                rephrases=(r["rephrase"],),
+                locality=((r["loc"], r["loc_ans"]),),
+                subject=r["subject"],
             )
             for r in dataset
         ]

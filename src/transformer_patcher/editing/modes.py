@@ -21,3 +21,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """No parameter of ``model`` requires grad for a while (optimising inputs must not touch weights or ``.grad``)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)

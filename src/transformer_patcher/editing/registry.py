@@ -1,4 +1,5 @@
-"""Editors by name: ``patcher`` (Transformer-Patcher) and the four fine-tuning baselines of the paper.
+"""Editors by name: ``patcher`` (Transformer-Patcher), the four fine-tuning baselines of the paper, and ``pmet`` with
+its MEMIT-style ablation ``memit`` (decoder-only LMs, one example per SME step).
 
 One place that turns a name from a command line or a results table into a ready editor over a base model, with its
 memory banks built (and cached) from the benchmark's memory pairs.
@@ -28,8 +29,11 @@ FINE_TUNE_EDITORS = {
     "ft-last-kl": FineTuneConfig(scope="last", kl=True),
     "ft-all-kl": FineTuneConfig(scope="all", kl=True),
 }
-EDITOR_NAMES = ("patcher", *FINE_TUNE_EDITORS)
-DISPLAY_NAMES = {"patcher": "T-Patcher"} | {name: config.name for name, config in FINE_TUNE_EDITORS.items()}
+MASS_EDITORS = {"pmet": "PMET", "memit": "MEMIT (ablation)"}
+EDITOR_NAMES = ("patcher", *FINE_TUNE_EDITORS, *MASS_EDITORS)
+DISPLAY_NAMES = (
+    {"patcher": "T-Patcher"} | {name: config.name for name, config in FINE_TUNE_EDITORS.items()} | MASS_EDITORS
+)
 
 
 def build_editor(
@@ -45,12 +49,22 @@ def build_editor(
     patcher_config: PatcherConfig | None = None,
     progress: bool = True,
     finetune_options: dict[str, Any] | None = None,
+    pmet_options: dict[str, Any] | None = None,
 ) -> Editor:
     """Build editor ``name`` over the base ``model``. ``patcher`` wraps it with the patch adapter (its ``.model`` is
     the wrapped model); the fine-tuning editors edit the base model's weights in place, with ``finetune_options``
-    overriding :class:`FineTuneConfig` fields (e.g. a smaller ``kl_batch`` on a CPU)."""
+    overriding :class:`FineTuneConfig` fields (e.g. a smaller ``kl_batch`` on a CPU); ``pmet``/``memit`` wrap it with
+    a weight-delta adapter, their key statistics computed (and cached) from the memory texts, with ``pmet_options``
+    naming a ``preset`` and overriding :class:`~transformer_patcher.pmet.PMETHyperParams` fields."""
     if name not in EDITOR_NAMES:
         raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(EDITOR_NAMES)}")
+    if name in MASS_EDITORS:
+        from ..pmet import PMETEditor, pmet_hparams
+
+        hparams = pmet_hparams(variant=name, **(pmet_options or {}))
+        texts = [f"{text} {target}" for text, target in memory_pairs]
+        stats_dir = None if cache_dir is None else os.path.join(os.fspath(cache_dir), "pmet")
+        return PMETEditor(model, task.tokenizer, hparams, texts, task=task, cache_dir=stats_dir, progress=progress)
     if name in FINE_TUNE_EDITORS:
         config = replace(FINE_TUNE_EDITORS[name], **(finetune_options or {}))
         return FineTuneEditor(model, task, config, memory_pairs=memory_pairs)

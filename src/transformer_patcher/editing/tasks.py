@@ -33,6 +33,7 @@ class EditExample:
     target: int | str
     rephrases: tuple[str, ...] = ()
     locality: tuple[tuple[str, int | str], ...] = ()  # (input, its reference output) pairs that must not change
+    subject: str | None = None  # what the text is about; PMET writes the fact at its last token
 
 
 @dataclass

@@ -1,12 +1,35 @@
-"""PMET: precise mass editing of decoder-only LMs (in progress: key statistics and the closed-form update so far)."""
+"""PMET: precise mass editing of decoder-only LMs, its edits kept in a low-rank weight-delta adapter.
 
+``PMETEditor`` edits batches of ``EditRequest``\\ s (many facts in one closed-form update, and batch after batch);
+``PMETHyperParams`` / ``PRESETS`` hold the official, EasyEdit and SmolLM2 settings, and ``variant="memit"`` is the
+MEMIT-style ablation.
+"""
+
+from .algorithm import compute_deltas, compute_keys
 from .covariance import SecondMoment, collect_second_moments, second_moments
+from .editor import BatchResult, PMETEditor
+from .hparams import DEFAULT_PRESET, PRESETS, PMETHyperParams, pmet_hparams
+from .requests import EditRequest
+from .targets import Targets, compute_targets
+from .templates import context_templates
 from .update import LowRankDelta, residual_share, solve_update
 
 __all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
+    "BatchResult",
+    "EditRequest",
     "LowRankDelta",
+    "PMETEditor",
+    "PMETHyperParams",
     "SecondMoment",
+    "Targets",
     "collect_second_moments",
+    "compute_deltas",
+    "compute_keys",
+    "compute_targets",
+    "context_templates",
+    "pmet_hparams",
     "residual_share",
     "second_moments",
     "solve_update",

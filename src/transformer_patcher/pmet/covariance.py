@@ -92,8 +92,10 @@ def collect_second_moments(
 
     def hook(layer: int):
         def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            keys = args[0].detach().reshape(-1, args[0].shape[-1])[mask[0]].double()
-            sums[layer] = sums.get(layer, 0) + keys.T @ keys
+            keys = args[0].detach().reshape(-1, args[0].shape[-1])[mask[0]].float()
+            # One batch (≤ batch_size × max_length tokens) is summed in float32, where the matmul cost lies;
+            # the running sum over batches, where rounding would accumulate, is float64.
+            sums[layer] = sums.get(layer, 0) + (keys.T @ keys).double()
 
         return record
 

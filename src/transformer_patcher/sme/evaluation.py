@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..editing.modes import eval_mode
@@ -23,6 +24,7 @@ class Outcome:
     reference: str
     correct_tokens: int
     total_tokens: int
+    log_prob: float = 0.0  # mean log-probability of the target's tokens (the label's, for classification)
 
 
 def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], batch_size: int = 32) -> list[Outcome]:
@@ -35,6 +37,7 @@ def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], 
                 logits = task.read_logits(model(**batch.model_kwargs()), batch)
             predicted = task.predictions(logits)
             right = task.correct(logits, batch.labels)
+            log_probs = _label_log_probs(logits.float(), batch.labels)
             for i in range(batch.size):
                 reads = batch.example == i
                 outcomes.append(
@@ -44,9 +47,18 @@ def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], 
                         reference=_render(task, batch.labels[reads]),
                         correct_tokens=int(right[reads].sum()),
                         total_tokens=int(reads.sum()),
+                        log_prob=float(log_probs[reads].mean()),
                     )
                 )
     return outcomes
+
+
+def _label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per read, log p(label); a single-logit (binary) head scores label 1 as sigmoid(logit)."""
+    if logits.shape[-1] == 1:
+        logit = logits[:, 0]
+        return torch.where(labels == 1, F.logsigmoid(logit), F.logsigmoid(-logit))
+    return torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
 
 
 def _render(task: Task, ids: torch.Tensor) -> str:

@@ -1,0 +1,108 @@
+"""Reading ``adapter_config.json`` safely, shared by every adapter type of the package.
+
+A saved config is untrusted input: it is parsed as JSON, checked against a JSON schema that names every field of the
+config class (unknown fields refused), searched for non-finite numbers, and only then turned into a config. Loading a
+config also checks the ``adapter_model.safetensors`` next to it, so that a PEFT load fails before the model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import fields
+from typing import Any, ClassVar
+
+import jsonschema
+from peft.utils import CONFIG_NAME
+
+from ..errors import AdapterFileError
+from .checkpoint import locate_adapter_weights
+
+NULLABLE_STR: dict[str, Any] = {"type": ["string", "null"]}
+STR_LIST: dict[str, Any] = {"type": ["array", "string", "null"], "items": {"type": "string"}}
+
+# Fields peft itself reads on every config; the adapters only carry them along.
+PEFT_FIELDS: dict[str, dict[str, Any]] = {
+    "exclude_modules": STR_LIST,
+    "target_parameters": STR_LIST,
+    "modules_to_save": STR_LIST,
+    "inference_mode": {"type": "boolean"},
+}
+
+
+def config_schema(config_cls: type, peft_type: str, properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Schema of ``config_cls``'s JSON form: ``properties`` typed, its other dataclass fields free, nothing else."""
+    typed = {"peft_type": {"const": peft_type}, **PEFT_FIELDS, **properties}
+    return {
+        "type": "object",
+        "properties": {f.name: typed.get(f.name, {}) for f in fields(config_cls)},
+        "required": ["peft_type"],
+        "additionalProperties": False,
+    }
+
+
+def _non_finite(value: object, path: str) -> list[str]:
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{path}.{i}")]
+    return []
+
+
+def check_config_dict(data: object, schema: dict[str, Any], peft_type: str, source: str = CONFIG_NAME) -> None:
+    """Raise ``AdapterFileError`` when ``data`` breaks ``schema`` or holds NaN/inf anywhere."""
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        details = "; ".join(f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:5])
+        raise AdapterFileError(f"{source} is not a valid {peft_type} adapter config: {details}")
+    bad_numbers = _non_finite(data, "")
+    if bad_numbers:
+        raise AdapterFileError(f"{source}: non-finite value in {', '.join(bad_numbers)}")
+
+
+class ValidatedConfigFile:
+    """Mixin for a ``PeftConfig`` dataclass: schema-checked ``from_json_file``, weight-checked ``from_pretrained``.
+
+    Subclasses set ``config_schema`` and implement ``validate_weights_file``; list this class before ``PeftConfig``.
+    """
+
+    config_schema: ClassVar[dict[str, Any]]
+
+    @classmethod
+    def validate_config_dict(cls, data: object, source: str = CONFIG_NAME) -> None:
+        check_config_dict(data, cls.config_schema, cls.config_schema["properties"]["peft_type"]["const"], source)
+
+    @classmethod
+    def validate_weights_file(cls, path: str, config: Any) -> object:
+        """Check a saved ``adapter_model.safetensors`` against its config; raise ``AdapterFileError`` if it fails."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
+        """Read ``adapter_config.json`` and validate it against the schema before anything is built from it."""
+        try:
+            with open(path_json_file, encoding="utf-8") as handle:
+                loaded = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AdapterFileError(f"{path_json_file} is not a readable JSON adapter config: {exc}") from exc
+        cls.validate_config_dict(loaded, source=path_json_file)
+        return loaded
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
+    ) -> Any:
+        """Load and validate a config, then check its ``adapter_model.safetensors`` before any model is touched."""
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)  # type: ignore[misc]
+        except AdapterFileError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise AdapterFileError(f"{pretrained_model_name_or_path}: not a usable adapter config: {exc}") from exc
+        weights = locate_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if weights is not None:
+            cls.validate_weights_file(weights, config)
+        return config

@@ -1,0 +1,80 @@
+"""Checking a saved weight delta: safetensors only, every tensor checked before the model is touched.
+
+A DELTA checkpoint holds, per edited module, ``<module>.delta_up`` (d_out × r) and ``<module>.delta_down`` (r × d_in).
+Anything else, a missing half, a non-2-D or non-float tensor, NaN/inf, factors whose ranks disagree, dimensions that
+contradict the config's fingerprint, or a total rank other than ``config.rank`` is an ``AdapterFileError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..adapter.checkpoint import check_same_modules, read_adapter_file, split_by_module
+from ..errors import AdapterFileError
+
+DELTA_TENSOR_NAMES = ("delta_up", "delta_down")
+
+
+@dataclass(frozen=True)
+class DeltaShapes:
+    """Rank and dimensions of one module's delta in a checkpoint."""
+
+    rank: int
+    in_features: int
+    out_features: int
+
+
+def _check_pair(module: str, group: Mapping[str, torch.Tensor], source: str) -> DeltaShapes:
+    missing = [name for name in DELTA_TENSOR_NAMES if name not in group]
+    if missing:
+        raise AdapterFileError(f"{source}: module '{module}' lacks tensors {missing}")
+
+    def fail(message: str) -> AdapterFileError:
+        return AdapterFileError(f"{source}: module '{module}': {message}")
+
+    for name in DELTA_TENSOR_NAMES:
+        tensor = group[name]
+        if not tensor.is_floating_point():
+            raise fail(f"{name} must be floating point, got {tensor.dtype}")
+        if tensor.dim() != 2:
+            raise fail(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise fail(f"{name} contains NaN or inf")
+    up, down = group["delta_up"], group["delta_down"]
+    if up.shape[1] != down.shape[0]:
+        raise fail(
+            f"delta_up {tuple(up.shape)} and delta_down {tuple(down.shape)} disagree on the rank "
+            f"({up.shape[1]} vs {down.shape[0]})"
+        )
+    return DeltaShapes(rank=int(up.shape[1]), in_features=int(down.shape[1]), out_features=int(up.shape[0]))
+
+
+def group_delta_tensors(
+    state_dict: Mapping[str, torch.Tensor], source: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, DeltaShapes]]:
+    """Split checkpoint tensors by module (names without the peft prefix) and validate each pair."""
+    groups = split_by_module(state_dict, DELTA_TENSOR_NAMES, source, peft_type="DELTA", noun="delta")
+    return groups, {module: _check_pair(module, group, source) for module, group in groups.items()}
+
+
+def validate_delta_file(path: str | os.PathLike[str], config: Any) -> dict[str, DeltaShapes]:
+    """Check a saved DELTA adapter file against its own config; raise ``AdapterFileError`` on any disagreement."""
+    source = os.fspath(path)
+    _, shapes = group_delta_tensors(read_adapter_file(path), source)
+    check_same_modules(shapes, list(config.target_modules), source, verb="edits")
+    total = sum(s.rank for s in shapes.values())
+    if total != config.rank:
+        raise AdapterFileError(f"{source} holds deltas of total rank {total} but its config says rank={config.rank}")
+    recorded = (config.fingerprint or {}).get("modules") or {}
+    for module, shape in shapes.items():
+        if module in recorded and [shape.in_features, shape.out_features] != list(recorded[module]):
+            raise AdapterFileError(
+                f"{source}: module '{module}' has a {shape.in_features}→{shape.out_features} delta, but the config's "
+                f"fingerprint says that layer is {recorded[module][0]}→{recorded[module][1]}"
+            )
+    return shapes

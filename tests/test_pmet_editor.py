@@ -1,0 +1,271 @@
+"""PMET end to end on tiny decoder LMs: batch edits become the argmax, unrelated prompts barely move, and the edit
+lives in a DELTA adapter that saves, loads, merges and unloads exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from peft import PeftModel
+
+from tiny_models import VOCAB
+from tiny_tokenizer import EDIT_WORDS, MEMORY_WORDS, random_sentence, sentence, tiny_tokenizer
+from transformer_patcher.delta import DeltaModel
+from transformer_patcher.editing.tasks import EditExample
+from transformer_patcher.errors import InvalidExampleError, InvalidPatchError, UnsupportedArchitectureError
+from transformer_patcher.pmet import EditRequest, PMETEditor, PMETHyperParams, collect_second_moments
+from transformer_patcher.pmet.algorithm import read_at_subject
+from transformer_patcher.pmet.architecture import block_modules
+from transformer_patcher.pmet.requests import encode
+
+HPARAMS = PMETHyperParams(
+    layers=(0, 1),
+    v_lr=0.5,
+    v_num_grad_steps=60,
+    clamp_norm_factor=4.0,
+    mom2_update_weight=1.0,
+    requests_per_step=4,
+    context_template_lengths=(),  # the bare prompt only: a random tiny LM mixes a context into every key
+)
+
+
+def _gpt2() -> tf.GPT2LMHeadModel:
+    config = tf.GPT2Config(
+        n_embd=32, n_layer=4, n_head=2, n_positions=64, vocab_size=VOCAB, initializer_range=0.5, n_inner=512
+    )
+    return tf.GPT2LMHeadModel(config).eval()
+
+
+def _llama() -> tf.LlamaForCausalLM:
+    config = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+    )
+    return tf.LlamaForCausalLM(config).eval()
+
+
+BUILDERS = {"gpt2": _gpt2, "llama": _llama}
+
+
+def _model(arch: str) -> torch.nn.Module:
+    """A tiny LM with output embeddings scaled up 8×: next-token distributions peaked like a trained LM's
+    (a random tiny LM is near-uniform: a target can be the argmax at probability 0.1 and flip back at a nudge)."""
+    torch.manual_seed(0)
+    model = BUILDERS[arch]()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def _texts(n: int = 600) -> list[str]:
+    generator = torch.Generator().manual_seed(1)
+    return [random_sentence(generator, 20, MEMORY_WORDS) for _ in range(n)]
+
+
+def _requests(n: int, offset: int = 0) -> list[EditRequest]:
+    """Prompts that end with their subject (the write position), targets from the edit-word range."""
+    low = EDIT_WORDS[0]
+    return [
+        EditRequest(
+            sentence(low + 2 * i + offset, low + 2 * i + 1 + offset, 10 + i + offset),
+            sentence(10 + i + offset),
+            sentence(low + 40 + i + offset),
+        )
+        for i in range(n)
+    ]
+
+
+def _next_token(model: torch.nn.Module, tokenizer, text: str) -> str:
+    with torch.no_grad():
+        logits = model(**tokenizer(text, return_tensors="pt")).logits
+    return tokenizer.decode(logits[0, -1].argmax())
+
+
+def _logits(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([model(**tokenizer(t, return_tensors="pt")).logits[0, -1] for t in texts])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _editor(arch: str, tokenizer, variant: str = "pmet") -> PMETEditor:
+    return PMETEditor(_model(arch), tokenizer, HPARAMS.with_options(variant=variant), _texts(), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_memit_ablation_batch_makes_every_target_the_argmax(arch: str, tokenizer) -> None:
+    editor = _editor(arch, tokenizer, "memit")
+    requests = _requests(6)
+    assert not any(_next_token(editor.model, tokenizer, r.text) == r.target for r in requests)
+    result = editor.edit_batch(requests)
+    assert [_next_token(editor.model, tokenizer, r.text) for r in requests] == [r.target for r in requests]
+    assert result.rank_added == 6
+    assert editor.model.base_model.delta_rank() == 6 * len(HPARAMS.layers)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_pmet_batch_writes_the_ffn_targets_and_raises_every_target(arch: str, tokenizer) -> None:
+    """PMET writes only ``z_mlp`` (the FFN share of the optimised change; ``δ_attn`` is dropped by design), and the
+    last edited layer takes the whole remaining residual: with λ → 0 its FFN output at each subject's last token
+    must land on ``z_mlp`` for every request of the batch at once."""
+    editor = PMETEditor(
+        _model(arch), tokenizer, HPARAMS.with_options(mom2_update_weight=1e-4), _texts(), progress=False
+    )
+    requests = _requests(6)
+    z_ffn = block_modules(editor.model, HPARAMS.layers[-1]).ffn_out
+    bare = [encode(tokenizer, r.template, r.subject) for r in requests]
+    before_p = _target_probabilities(editor.model, tokenizer, requests)
+    result = editor.edit_batch(requests)
+    written = read_at_subject(editor.model, tokenizer, bare, z_ffn, "output")
+    shift = (result.targets.values - result.targets.init).norm(dim=1)
+    assert ((written - result.targets.values).norm(dim=1) < 0.02 * shift).all()
+    after_p = _target_probabilities(editor.model, tokenizer, requests)
+    assert (after_p.log() > before_p.log() + 5).all()  # every target gains over 5 nats
+    assert sum(_next_token(editor.model, tokenizer, r.text) == r.target for r in requests) >= 3
+
+
+def _target_probabilities(model: torch.nn.Module, tokenizer, requests: list[EditRequest]) -> torch.Tensor:
+    probabilities = _logits(model, tokenizer, [r.text for r in requests]).softmax(-1)
+    ids = [tokenizer.convert_tokens_to_ids(r.target) for r in requests]
+    return probabilities[torch.arange(len(requests)), ids]
+
+
+def test_unrelated_prompts_move_less_than_a_bound(tokenizer) -> None:
+    editor = _editor("gpt2", tokenizer)
+    requests = _requests(4)
+    generator = torch.Generator().manual_seed(7)
+    unrelated = [random_sentence(generator, 6, MEMORY_WORDS) for _ in range(30)]
+    edited_before = _logits(editor.model, tokenizer, [r.text for r in requests]).softmax(-1)
+    before = _logits(editor.model, tokenizer, unrelated).softmax(-1)
+    editor.edit_batch(requests)
+    after = _logits(editor.model, tokenizer, unrelated).softmax(-1)
+    edited_after = _logits(editor.model, tokenizer, [r.text for r in requests]).softmax(-1)
+    unrelated_shift = (after - before).abs().sum(-1)  # total-variation distance × 2, per prompt
+    edited_shift = (edited_after - edited_before).abs().sum(-1)
+    assert unrelated_shift.median() < 0.01
+    assert unrelated_shift.mean() < edited_shift.mean() / 5
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() >= 0.85
+
+
+def test_sequential_batches_keep_earlier_edits(tokenizer) -> None:
+    """Mechanics of sequential batches (variant-agnostic), on the ablation whose tiny-model writes hit the argmax:
+    the second batch is appended (rank grows) and computed against the edited model, so the first batch survives."""
+    editor = _editor("gpt2", tokenizer, "memit")
+    first, second = _requests(3), _requests(3, offset=20)
+
+    def hits(requests: list[EditRequest]) -> int:
+        return sum(_next_token(editor.model, tokenizer, r.text) == r.target for r in requests)
+
+    assert hits(first) == hits(second) == 0
+    editor.edit_batch(first)
+    kept = hits(first)
+    assert kept == 3
+    editor.edit_batch(second)
+    assert editor.model.base_model.delta_rank() == 6 * len(HPARAMS.layers)
+    assert hits(second) >= 2 and hits(first) >= kept - 1
+
+
+def test_adapter_round_trips_merges_and_unloads_exactly(tokenizer, tmp_path) -> None:
+    editor = _editor("llama", tokenizer)
+    requests = _requests(3)
+    probe = [r.text for r in requests] + [sentence(5, 6, 7), sentence(20, 30)]
+    base_logits = _logits(editor.model.get_base_model(), tokenizer, probe)  # rank 0: the base model
+    editor.edit_batch(requests)
+    edited = _logits(editor.model, tokenizer, probe)
+    assert not torch.allclose(edited, base_logits)
+    editor.model.save_pretrained(tmp_path / "delta")
+    assert (tmp_path / "delta" / "adapter_model.safetensors").is_file()
+
+    for loader in (DeltaModel.from_pretrained, PeftModel.from_pretrained):
+        loaded = loader(_model("llama"), tmp_path / "delta")
+        assert torch.equal(_logits(loaded, tokenizer, probe), edited)
+    with editor.model.disable_adapter():
+        assert torch.equal(_logits(editor.model, tokenizer, probe), base_logits)
+    merged = PeftModel.from_pretrained(_model("llama"), tmp_path / "delta").merge_and_unload()
+    torch.testing.assert_close(_logits(merged, tokenizer, probe), edited, rtol=1e-5, atol=1e-5)
+    unloaded = PeftModel.from_pretrained(_model("llama"), tmp_path / "delta").unload()
+    assert torch.equal(_logits(unloaded, tokenizer, probe), base_logits)
+
+
+def test_sme_protocol_edits_one_example_and_restores_state(tokenizer) -> None:
+    editor = _editor("gpt2", tokenizer, "memit")
+    request = _requests(1)[0]
+    record = editor.edit(EditExample(request.text, request.target, subject=request.subject), edit_id=7)
+    assert record.needed and record.success and record.edit_id == 7
+    saved = editor.state_tensors()
+    edited = _logits(editor.model, tokenizer, [request.text])
+    editor.reset()
+    assert editor.model.base_model.delta_rank() == 0
+    editor.load_state_tensors(saved)
+    assert torch.equal(_logits(editor.model, tokenizer, [request.text]), edited)
+    again = editor.edit(EditExample(request.text, request.target, subject=request.subject), edit_id=8)
+    assert not again.needed
+    with pytest.raises(InvalidExampleError, match="subject"):
+        editor.edit(EditExample(request.text, request.target), edit_id=9)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "subject", "target", "message"),
+    [
+        ("w70 w71 w10", "w99", "w110", "does not occur"),
+        ("w70 w71 w10", "w10", " ", "target is empty"),
+        ("", "w10", "w110", "prompt is empty"),
+        ("w70 w71 w10", "", "w110", "subject is empty"),
+    ],
+)
+def test_bad_requests_are_refused(prompt: str, subject: str, target: str, message: str) -> None:
+    with pytest.raises(InvalidExampleError, match=message):
+        EditRequest(prompt, subject, target)
+
+
+def test_template_prompts_and_literal_braces() -> None:
+    assert EditRequest("{} plays", "Kobe", "golf").text == "Kobe plays"
+    assert EditRequest("Kobe {x} plays", "Kobe", "golf").text == "Kobe {x} plays"
+
+
+def test_models_without_the_modules_are_refused_unchanged(tokenizer) -> None:
+    bert = tf.BertForSequenceClassification(
+        tf.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB
+        )
+    )
+    with pytest.raises(UnsupportedArchitectureError, match="decoder-only"):
+        PMETEditor(bert, tokenizer, HPARAMS, _texts(10), progress=False)
+    gpt2 = _model("gpt2")
+    with pytest.raises(UnsupportedArchitectureError, match="layer 9"):
+        PMETEditor(gpt2, tokenizer, HPARAMS.with_options(layers=(1, 9)), _texts(10), progress=False)
+    assert not any("Delta" in type(m).__name__ for m in gpt2.modules())
+
+
+def test_a_non_finite_update_changes_nothing(tokenizer) -> None:
+    model = _model("gpt2")
+    moments = collect_second_moments(model, tokenizer, _texts(), HPARAMS.layers, progress=False)
+    moments[1].matrix[0, 0] = float("nan")
+    editor = PMETEditor(model, tokenizer, HPARAMS, moments=moments, progress=False)
+    probe = [r.text for r in _requests(2)]
+    before = _logits(editor.model, tokenizer, probe)
+    with pytest.raises(InvalidPatchError, match="not finite"):
+        editor.edit_batch(_requests(2))
+    assert editor.model.base_model.delta_rank() == 0
+    assert torch.equal(_logits(editor.model, tokenizer, probe), before)
+
+
+def test_hyperparameters_are_validated() -> None:
+    with pytest.raises(ValueError, match="variant"):
+        PMETHyperParams(variant="rome")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        PMETHyperParams(layers=(3, 2))
+    with pytest.raises(ValueError, match="mom2_update_weight"):
+        PMETHyperParams(mom2_update_weight=float("nan"))
+    with pytest.raises(ValueError, match="unknown PMET option"):
+        HPARAMS.with_options(lambda_=3)
