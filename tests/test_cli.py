@@ -155,6 +155,59 @@ def test_edit_info_eval_undo_round_trip(workspace: dict[str, Path], tmp_path: Pa
     assert [e["edit_id"] for e in info["edits"]] == [2]
 
 
+PMET_TINY = tuple(
+    arg
+    for option in ("layers=[0]", "mom2_update_weight=1", "v_num_grad_steps=40", "v_lr=5", "clamp_norm_factor=4")
+    for arg in ("--pmet-set", option)
+)
+
+
+def _subject_last(workspace: dict[str, Path], tmp_path: Path) -> Path:
+    """The zsRE file with each question's last word as its subject: in a 2-block GPT-2 the write must sit where the
+    answer is read, as no later block could carry it there."""
+    records = json.loads(workspace["zsre"].read_text())
+    path = tmp_path / "zsre-subject-last.json"
+    path.write_text(json.dumps([{**r, "subject": r["src"].split()[-1]} for r in records]))
+    return path
+
+
+def test_sme_run_with_pmet_saves_a_weight_delta(workspace: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    data = ("--data", str(_subject_last(workspace, tmp_path)))
+    assert main([*_sme_args(workspace, out, "--editor", "memit", *PMET_TINY), *data]) == 0
+    assert "| MEMIT (ablation) |" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    needed = [r for r in results["folds"][0]["records"] if r["needed"]]
+    assert results["editor"] == "MEMIT (ablation)" and len(needed) >= 4
+    assert results["summary"]["SR"] >= 0.5  # a 2-block random GPT-2 is a hard case for a closed-form write
+    delta = out / "patches" / "fold-0"
+    config = json.loads((delta / "adapter_config.json").read_text())
+    assert config["peft_type"] == "DELTA" and config["method"] == "memit" and config["rank"] == len(needed)
+    info = json.loads(_run_json(["info", str(delta), "--json"], capsys))
+    assert info["rank"] == len(needed) and [e["edit_id"] for e in info["edits"]] == [r["edit_id"] for r in needed]
+    assert main(["undo", str(delta), str(needed[0]["edit_id"])]) == 2
+    assert "weight delta" in capsys.readouterr().err
+
+
+def test_batch_run_scores_pmet_batches_and_resumes(workspace: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "batch"
+    argv = ["batch", "run", "--model", str(workspace["model"]), "--data", str(_subject_last(workspace, tmp_path))]
+    argv += ["--data-kind", "zsre", "--data-dir", str(workspace["data"]), "--cases", "4", "--batch-sizes", "1", "4"]
+    argv += ["--editor", "pmet", "memit", *PMET_TINY, "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["editor"], r["batch_size"]): r for r in results["rows"]}
+    assert set(rows) == {("unedited", 0), ("PMET", 1), ("PMET", 4), ("MEMIT (ablation)", 1), ("MEMIT (ablation)", 4)}
+    assert rows[("PMET", 1)]["batches"] == 4 and rows[("PMET", 4)]["batches"] == 1
+    assert rows[("MEMIT (ablation)", 4)]["efficacy_acc"] > rows[("unedited", 0)]["efficacy_acc"]
+    assert "efficacy_score" not in rows[("PMET", 1)]  # zsRE has no true answer to compare probabilities with
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
+    assert main(argv) == 0  # everything is done: nothing is recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()} == written
+    assert main([*argv[:-3], "--cases", "3", "--batch-sizes", "1", "--out", str(out), "--no-progress"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(_sme_args(workspace, out, "--eval-every", "1")) == 0

@@ -62,10 +62,31 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig field override")
     run.add_argument("--ft-set", action="append", default=[], metavar="KEY=VALUE", help="FineTuneConfig field override")
+    _pmet_options(run)
     run.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, plots, patches)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(handler=_sme_run)
+
+    batch = commands.add_parser("batch", help="batch (mass) editing experiments").add_subparsers(
+        dest="batch_command", required=True
+    )
+    mass = batch.add_parser(
+        "run", help="write facts in batches of N at once; ROME-style efficacy/paraphrase/neighbourhood"
+    )
+    mass.add_argument("--model", required=True, help="short name (smollm2-135m), Hub id or local folder")
+    mass.add_argument("--data", default="counterfact", help="counterfact, zsre, or a data file of --data-kind")
+    mass.add_argument("--data-kind", choices=("counterfact", "zsre"), default=None)
+    mass.add_argument("--data-dir", type=Path, default=None, help="folder holding the shared data sets")
+    mass.add_argument("--cases", type=int, default=100, help="edit the first N records")
+    mass.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100])
+    mass.add_argument("--editor", nargs="+", choices=("pmet", "memit", "patcher"), default=["pmet", "memit"])
+    mass.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override (T-Patcher)")
+    mass.add_argument("--memory-rows", type=int, default=10_000, help="T-Patcher memory rows")
+    _pmet_options(mass)
+    mass.add_argument("--out", type=Path, required=True, help="output folder (resumes what it already holds)")
+    mass.add_argument("--no-progress", action="store_true")
+    mass.set_defaults(handler=_batch_run)
 
     edit = commands.add_parser("edit", help="fix one or more mistakes and save the patch set")
     edit.add_argument("--model", required=True, help="short name (smollm2-135m, minilm-l6), Hub id or local folder")
@@ -136,6 +157,7 @@ def _sme_run(args: argparse.Namespace) -> int:
         data_dir=str(args.data_dir) if args.data_dir else None,
         edit_options=_overrides(args.set, EditConfig),
         finetune_options=_overrides(args.ft_set, FineTuneConfig, exclude=("scope", "kl")),
+        pmet_options=_pmet_overrides(args),
     )
     progress = not args.no_progress
     if len(args.editor) > 1:
@@ -149,6 +171,46 @@ def _sme_run(args: argparse.Namespace) -> int:
         for metric, note in runs[0]["notes"].items():
             print(f"- {metric}: {note}")
         print(f"\nresults: {args.out / 'results.json'}, {args.out / 'results.md'}; plots and patch sets in {args.out}/")
+    return 0
+
+
+def _pmet_options(parser: argparse.ArgumentParser) -> None:
+    from .pmet import DEFAULT_PRESET, PRESETS
+
+    parser.add_argument("--pmet-preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="PMET/MEMIT settings")
+    parser.add_argument(
+        "--pmet-set", action="append", default=[], metavar="KEY=VALUE", help="PMETHyperParams field override"
+    )
+
+
+def _pmet_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from .pmet import DEFAULT_PRESET, PMETHyperParams
+
+    options = _overrides(args.pmet_set, PMETHyperParams, exclude=("extra", "variant"))
+    return options if args.pmet_preset == DEFAULT_PRESET else {"preset": args.pmet_preset, **options}
+
+
+def _batch_run(args: argparse.Namespace) -> int:
+    from .editing.config import EditConfig
+    from .sme.batch_experiment import BatchExperimentConfig, run_batch_experiment
+    from .sme.report import FACT_COLUMNS, FACT_EXTRAS, markdown_table
+
+    config = BatchExperimentConfig(
+        model=args.model,
+        data=args.data,
+        data_kind=args.data_kind,
+        data_dir=str(args.data_dir) if args.data_dir else None,
+        cases=args.cases,
+        batch_sizes=tuple(args.batch_sizes),
+        editors=tuple(args.editor),
+        pmet_options=_pmet_overrides(args),
+        edit_options=_overrides(args.set, EditConfig),
+        memory_rows=args.memory_rows,
+    )
+    command = shlex.join(["transformer-patcher", *sys.argv[1:]])
+    results = run_batch_experiment(config, args.out, progress=not args.no_progress, command=command)
+    print(markdown_table(results["rows"], metric_columns=FACT_COLUMNS, extra_columns=FACT_EXTRAS))
+    print(f"results: {args.out / 'results.json'}, {args.out / 'results.md'}")
     return 0
 
 
@@ -248,6 +310,8 @@ def _plot(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from .adapter.patch_set import describe_patch_set
 
+    if _peft_type(args.patches) == "DELTA":
+        return _info_delta(args)
     info = describe_patch_set(args.patches).to_dict()
     if args.json:
         print(json.dumps(info, indent=1))
@@ -262,9 +326,43 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peft_type(folder: Path) -> str | None:
+    """The ``peft_type`` an adapter folder declares (None when unreadable: the full loader then says why)."""
+    try:
+        return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _info_delta(args: argparse.Namespace) -> int:
+    from .delta.delta_set import describe_delta
+
+    info = describe_delta(args.patches)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"weight delta {info['path']}")
+    print(f"base model   {info['base_model']}")
+    print(f"method       {info['method']}, total rank {info['rank']} over {len(info['modules'])} modules")
+    print(f"file         {info['file_bytes']:,} bytes of safetensors\n")
+    print("| module | rank | in | out |\n|---|---:|---:|---:|")
+    for name, shape in info["modules"].items():
+        print(f"| {name} | {shape['rank']} | {shape['in']} | {shape['out']} |")
+    if info["edits"]:
+        print("\n| edit id | text | target |\n|---:|---|---|")
+        for edit in info["edits"]:
+            print(f"| {edit['edit_id']} | {edit.get('text', '')} | {edit.get('target', '')} |")
+    return 0
+
+
 def _undo(args: argparse.Namespace) -> int:
     from .adapter.patch_set import remove_edit_from_files
 
+    if _peft_type(args.patches) == "DELTA":
+        raise ValueError(
+            f"{args.patches} is a PMET/MEMIT weight delta: each batch's update was solved against the model with the "
+            "earlier ones applied, so one edit cannot be taken out on its own; re-run the edits without it"
+        )
     removed = remove_edit_from_files(args.patches, args.edit_id)
     print(f"removed edit {args.edit_id} ({removed} neurons) from {args.patches}/")
     return 0

@@ -61,6 +61,12 @@ def _key_width(module: nn.Module) -> int:
     return weight.shape[1] if isinstance(module, nn.Linear) else weight.shape[0]  # Conv1D stores (in, out)
 
 
+def _max_positions(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if limit else 1 << 30
+
+
 def stats_key(model: nn.Module, target: PatchTarget, texts: Sequence[str], max_length: int) -> str:
     """Content key of one layer's statistics: the layer's fingerprint and the exact token source."""
     modules = dict(model.named_modules())
@@ -82,9 +88,11 @@ def collect_second_moments(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[int, SecondMoment]:
-    """Accumulate ``E[k kᵀ]`` for each layer in one pass over ``texts`` (padding excluded)."""
+    """Accumulate ``E[k kᵀ]`` for each layer in one pass over ``texts`` (padding excluded; texts are truncated to
+    ``max_length`` tokens, or to the model's context when that is shorter)."""
     if not texts:
         raise ValueError("no text to compute statistics from")
+    max_length = min(max_length, _max_positions(model))
     modules = dict(model.named_modules())
     targets = {layer: ffn_target(model, layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
@@ -148,6 +156,7 @@ def second_moments(
 ) -> dict[int, SecondMoment]:
     """:func:`collect_second_moments`, read from / written to ``cache_dir`` per layer when given."""
     targets = {layer: ffn_target(model, layer) for layer in layers}
+    max_length = min(max_length, _max_positions(model))
     keys = {layer: stats_key(model, t, texts, max_length) for layer, t in targets.items()}
     cached: dict[int, SecondMoment] = {}
     if cache_dir is not None:

@@ -9,7 +9,7 @@ Output folder::
 
     results.json  results.md  metrics.png  latency.png
     folds/fold-K.json        per-fold records and evaluations
-    patches/fold-K/          the fold's patch set (PEFT adapter folder; T-Patcher only)
+    patches/fold-K/          the fold's patch set or weight delta (PEFT adapter folder; T-Patcher, PMET, MEMIT)
     heatmaps/fold-K.png      patch × edit activations (T-Patcher only)
     checkpoints/             resumable state of unfinished folds
 """
@@ -32,7 +32,7 @@ from ..atomic import write_text_atomic
 from ..data.benchmarks import BENCHMARKS, Benchmark
 from ..editing.baselines import FineTuneConfig
 from ..editing.config import EditConfig
-from ..editing.registry import DISPLAY_NAMES, EDITOR_NAMES, build_editor
+from ..editing.registry import DISPLAY_NAMES, EDITOR_NAMES, MASS_EDITORS, build_editor
 from ..editing.tasks import task_for_model
 from ..pretrained import cache_dir, load_model
 from .report import markdown_table, summarize_folds
@@ -40,6 +40,7 @@ from .runner import SMEConfig, SMERunner
 
 logger = logging.getLogger(__name__)
 SCHEDULES = ("official", "quick")
+ADAPTER_EDITORS = ("patcher", *MASS_EDITORS)  # editors whose edits are a saved adapter (patches or weight deltas)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ExperimentConfig:
     data_dir: str | None = None
     edit_options: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (T-Patcher)
     finetune_options: dict[str, Any] = field(default_factory=dict)  # FineTuneConfig overrides (FT baselines)
+    pmet_options: dict[str, Any] = field(default_factory=dict)  # PMET preset + PMETHyperParams overrides
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -78,6 +80,9 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         self.edit_config()  # invalid overrides fail here, before anything is loaded or written
         replace(FineTuneConfig(), **self.finetune_options)
+        from ..pmet import pmet_hparams
+
+        pmet_hparams(**self.pmet_options)
 
     @property
     def kind(self) -> str:
@@ -127,6 +132,7 @@ def run_experiment(
         cache_dir=cache_dir() / "memory",
         progress=progress and state.is_local_main_process,
         finetune_options=config.finetune_options,
+        pmet_options=config.pmet_options,
     )
     sme = SMEConfig(eval_every=config.eval_every, batch_size=config.batch_size, seed=config.seed, progress=progress)
     runner = SMERunner(editor, benchmark.eval_sets, sme, checkpoint_dir=out / "checkpoints")
@@ -138,7 +144,7 @@ def run_experiment(
             continue
         editor.reset()
         result = runner.run_fold(streams[fold], fold=fold, resume=resume)
-        if config.editor == "patcher":
+        if config.editor in ADAPTER_EDITORS:
             _save_patches(editor, task, streams[fold], result.records, out, fold)
         write_text_atomic(fold_file, json.dumps(asdict(result), indent=1))
     editor.reset()
@@ -193,7 +199,9 @@ def _save_patches(editor: Any, task: Any, stream: list, records: list[dict[str, 
         for r, e in zip(needed, edited, strict=True)
     ]
     write_edit_log(folder, log)  # so `info` can say what each patch fixes and later `edit`s keep it in memory
-    if not edited or editor.model.base_model.patch_layer().num_patches() == 0:
+    if not edited or not hasattr(editor.model.base_model, "patch_layer"):
+        return
+    if editor.model.base_model.patch_layer().num_patches() == 0:
         return
     activations, edit_ids = patch_activations(editor.model, task, edited)
     activation_heatmap(activations, out / "heatmaps" / f"fold-{fold}.png", edit_ids=edit_ids)

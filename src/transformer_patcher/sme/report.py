@@ -8,6 +8,17 @@ from collections.abc import Sequence
 from typing import Any
 
 METRIC_COLUMNS = ("SR", "GR", "ER", "TrainR", "TestR", "locality", "locality_acc")
+EXTRA_COLUMNS = ("edits", "folds", "seconds_per_edit")
+# Batch (mass) editing: ROME-style probability scores, then accuracies (sme.fact_scores).
+FACT_COLUMNS = (
+    "efficacy_score",
+    "paraphrase_score",
+    "neighborhood_score",
+    "efficacy_acc",
+    "paraphrase_acc",
+    "neighborhood_acc",
+)
+FACT_EXTRAS = ("batch_size", "cases", "seconds_per_batch", "seconds_per_edit")
 
 
 def summarize_folds(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -40,12 +51,17 @@ def summarize_folds(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], label: str = "editor") -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]],
+    label: str = "editor",
+    metric_columns: Sequence[str] = METRIC_COLUMNS,
+    extra_columns: Sequence[str] = EXTRA_COLUMNS,
+) -> str:
     """One row per run: ``rows`` are ``{label: name, **summary}``; columns appear when any row has them."""
     if not rows:
         raise ValueError("no rows for the table")
-    metrics = [m for m in METRIC_COLUMNS if any(m in row for row in rows)]
-    extras = [c for c in ("edits", "folds", "seconds_per_edit") if any(c in row for row in rows)]
+    metrics = [m for m in metric_columns if any(m in row for row in rows)]
+    extras = [c for c in extra_columns if any(c in row for row in rows)]
     header = [label, *metrics, *extras]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
