@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/inference_overhead.py --out bench/results/inference_overhead.json
 	$(BIN)/python bench/edit_latency.py --edits 10 --edits-off 2 --out bench/results/edit_latency.json
+	$(BIN)/python bench/pmet.py --out bench/results/pmet.json
 
 # The main job on the embedded default: SmolLM2-135M fixes its mistakes on the bundled zsRE sample, one by one.
 DEMO_OUT ?= runs/demo

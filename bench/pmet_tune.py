@@ -1,0 +1,71 @@
+"""How the SmolLM2 PMET preset was chosen: edit a batch of CounterFact records (900+, never reported) at several λ.
+
+Targets are computed once for the batch (they do not depend on λ); each λ then gets its own layer loop, applied
+through temporary forward hooks (the model is never changed), and ROME-style scores before and after.
+
+    python bench/pmet_tune.py --start 900 --n 16 --set v_lr=2.0 clamp_norm_factor=1.5 --lams 15000 6000 2000 \
+        --out bench/results/pmet_tune.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from transformer_patcher.data.benchmarks import wikitext_texts
+from transformer_patcher.data.loaders import find_data_file, load_counterfact
+from transformer_patcher.editing.tasks import CausalLMTask
+from transformer_patcher.pmet import (
+    EditRequest,
+    PMETHyperParams,
+    compute_deltas,
+    compute_targets,
+    context_templates,
+    second_moments,
+)
+from transformer_patcher.pmet.algorithm import applied
+from transformer_patcher.pretrained import cache_dir, load_model
+from transformer_patcher.sme.fact_scores import FactCase, fact_metrics, score_cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--start", type=int, default=900)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="PMETHyperParams fields")
+    parser.add_argument("--lams", nargs="+", type=float, default=[15000.0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
+    args = parser.parse_args()
+    model, tokenizer = load_model("smollm2-135m", "generation")
+    options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    hparams = PMETHyperParams(**options)
+    texts = wikitext_texts("valid")[: hparams.mom2_n_texts]
+    moments = second_moments(model, tokenizer, texts, hparams.layers, cache_dir=cache_dir() / "pmet", progress=False)
+    rows = list(load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json")))
+    rows = rows[args.start : args.start + args.n]
+    cases = [FactCase.from_row(r) for r in rows]
+    requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
+    task = CausalLMTask(tokenizer)
+    before = score_cases(model, task, cases)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    began = time.perf_counter()
+    targets = compute_targets(model, tokenizer, requests, hparams, templates, progress=False)
+    target_seconds = (time.perf_counter() - began) / len(requests)
+    common = {"records": [args.start, args.start + args.n], "options": options, "target_s_per_request": target_seconds}
+    common["target_probabilities"] = [round(p, 3) for p in targets.probabilities]
+    with args.out.open("a") as log:
+        log.write(json.dumps({**common, "lam": None, **fact_metrics(before, before)}) + "\n")
+        for lam in args.lams:
+            trial = hparams.with_options(mom2_update_weight=lam)
+            deltas = compute_deltas(model, tokenizer, requests, trial, moments, templates, targets)
+            with applied(model, deltas):
+                after = score_cases(model, task, cases)
+            row = {**common, "lam": lam, **fact_metrics(after, before)}
+            log.write(json.dumps(row) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if k != "target_probabilities"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
