@@ -105,6 +105,16 @@ def check_same_modules(found: Collection[str], targets: list[str], source: str, 
         )
 
 
+def check_checkpoint_covers(found: Collection[str], wrapped: Collection[str], noun: str, verb: str) -> None:
+    """Refuse a checkpoint with ``noun`` for modules the model's adapter does not ``verb``, or lacking some it does."""
+    unknown = sorted(set(found) - set(wrapped))
+    if unknown:
+        raise AdapterFileError(f"the checkpoint has {noun} for modules this adapter does not {verb}: {unknown}")
+    missing = sorted(set(wrapped) - set(found))
+    if missing:
+        raise AdapterFileError(f"the checkpoint has no {noun} for {missing}")
+
+
 def group_patch_tensors(
     state_dict: Mapping[str, torch.Tensor], source: str
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, PatchShapes]]:

@@ -11,7 +11,7 @@ from peft.utils import CONFIG_NAME
 from transformers.activations import ACT2FN
 
 from .checkpoint import validate_adapter_file
-from .config_file import NULLABLE_STR, STR_LIST, ValidatedConfigFile, config_schema
+from .config_file import NULLABLE_STR, STR_LIST, CarriedFields, ValidatedConfigFile, config_schema
 
 PATCHER = "PATCHER"
 PATCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -22,7 +22,7 @@ OFFICIAL_CODE_VALUE_SCALE = 10.0
 
 
 @dataclass
-class PatcherConfig(ValidatedConfigFile, PeftConfig):
+class PatcherConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
     """Configuration of a Transformer-Patcher patch set (peft type ``"PATCHER"``).
 
     By default the patches extend the last FFN of the model, found through the architecture registry; the resolved
@@ -59,13 +59,6 @@ class PatcherConfig(ValidatedConfigFile, PeftConfig):
         default="float32",
         metadata={"help": "dtype of the patch tensors; fp32 patches on a bf16/fp16 base are fine. None: base dtype."},
     )
-    fingerprint: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "Filled in on injection: base model facts checked when the adapter is loaded again."},
-    )
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused; read by peft."})
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; read by peft."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

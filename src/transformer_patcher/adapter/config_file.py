@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import jsonschema
@@ -29,6 +29,20 @@ PEFT_FIELDS: dict[str, dict[str, Any]] = {
     "modules_to_save": STR_LIST,
     "inference_mode": {"type": "boolean"},
 }
+
+
+@dataclass
+class CarriedFields:
+    """Fields every adapter config of the package declares: the base-model fingerprint it records, and three that
+    peft reads on any config."""
+
+    fingerprint: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Filled in on injection: base model facts checked when the adapter is loaded again."},
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused; read by peft."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; read by peft."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
 
 
 def config_schema(config_cls: type, peft_type: str, properties: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
 from torch import nn
 
 from ..errors import AdapterFileError, PatchMergeError
-from .checkpoint import PEFT_KEY_PREFIX, group_patch_tensors
+from .checkpoint import PEFT_KEY_PREFIX, check_checkpoint_covers, group_patch_tensors
 from .config import PatcherConfig
 from .fingerprint import check_fingerprint, compute_fingerprint
 from .layer import MERGE_IMPOSSIBLE, PatcherLayer
@@ -91,12 +91,7 @@ class PatcherModel(BaseTuner):
             for name, module in model.named_modules()
             if isinstance(module, PatcherLayer) and adapter_name in module.patch_keys
         }
-        unknown = sorted(set(groups) - set(layers))
-        if unknown:
-            raise AdapterFileError(f"the checkpoint patches modules this model does not patch: {unknown}")
-        missing = sorted(set(layers) - set(groups))
-        if missing:
-            raise AdapterFileError(f"the checkpoint has no patches for {missing}")
+        check_checkpoint_covers(groups, layers, noun="patches", verb="patch")
         for module_name, shape in shapes.items():
             layer = layers[module_name]
             if (shape.query_dim, shape.output_dim) != (layer.query_dim, layer.output_dim):

@@ -8,14 +8,14 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME
 
-from ..adapter.config_file import NULLABLE_STR, ValidatedConfigFile, config_schema
+from ..adapter.config_file import NULLABLE_STR, CarriedFields, ValidatedConfigFile, config_schema
 
 DELTA = "DELTA"
 DELTA_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 @dataclass
-class DeltaConfig(ValidatedConfigFile, PeftConfig):
+class DeltaConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
     """Configuration of a weight-delta adapter (peft type ``"DELTA"``): ``W' = W + up @ down`` on each target layer.
 
     The factors are computed elsewhere (PMET/MEMIT closed forms) and appended with ``DeltaLayer.add_delta``; nothing
@@ -35,13 +35,6 @@ class DeltaConfig(ValidatedConfigFile, PeftConfig):
         default=0,
         metadata={"help": "Total rank over all layers; kept in sync with the layers on every append and load."},
     )
-    fingerprint: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "Filled in on injection: base model facts checked when the adapter is loaded again."},
-    )
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused; read by peft."})
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; read by peft."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

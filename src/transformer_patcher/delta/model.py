@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..adapter.checkpoint import PEFT_KEY_PREFIX
+from ..adapter.checkpoint import PEFT_KEY_PREFIX, check_checkpoint_covers
 from ..adapter.fingerprint import AdapterWording, check_fingerprint, fingerprint_modules
 from ..adapter.registry import model_type_of
 from ..errors import AdapterFileError, UnsupportedArchitectureError
@@ -109,12 +109,7 @@ class DeltaModel(BaseTuner):
             for name, module in model.named_modules()
             if isinstance(module, DeltaLayer) and adapter_name in module.delta_up
         }
-        unknown = sorted(set(groups) - set(layers))
-        if unknown:
-            raise AdapterFileError(f"the checkpoint has deltas for modules this adapter does not edit: {unknown}")
-        missing = sorted(set(layers) - set(groups))
-        if missing:
-            raise AdapterFileError(f"the checkpoint has no delta for {missing}")
+        check_checkpoint_covers(groups, layers, noun="deltas", verb="edit")
         for module_name, shape in shapes.items():
             layer = layers[module_name]
             if (shape.in_features, shape.out_features) != (layer.in_features, layer.out_features):

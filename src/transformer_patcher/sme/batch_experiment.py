@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean, median
@@ -31,6 +31,7 @@ from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..data.benchmarks import BENCHMARKS, wikitext_texts
 from ..data.loaders import ZSRE_SAMPLE, find_data_file, load_counterfact, load_zsre
 from ..editing.config import EditConfig
+from ..editing.editor import Editor
 from ..editing.registry import DISPLAY_NAMES, MASS_EDITORS, build_editor
 from ..editing.tasks import CausalLMTask, EditExample
 from ..pretrained import cache_dir, load_model
@@ -151,16 +152,12 @@ def _mass_runner(
         save_safetensors_atomic({"values": targets.values, "init": targets.init}, target_file)
         meta = {"steps": targets.steps, "probabilities": targets.probabilities, "seconds_per_request": target_seconds}
         write_text_atomic(out / f"targets-{name}.json", json.dumps(meta))
-    for size in sizes:
-        after, seconds = [], []
-        for start in tqdm(range(0, len(cases), size), desc=f"{name} b={size}", unit="batch", disable=not progress):
-            index = list(range(start, min(start + size, len(cases))))
-            editor.reset()
-            result = editor.edit_batch([requests[i] for i in index], targets=targets.select(index))
-            seconds.append(result.seconds + target_seconds * len(index))
-            after += score_cases(editor.model, task, [cases[i] for i in index])
-        editor.reset()
-        _write_part(out, name, size, after, before, seconds)
+
+    def edit(index: list[int]) -> float:
+        result = editor.edit_batch([requests[i] for i in index], targets=targets.select(index))
+        return result.seconds + target_seconds * len(index)
+
+    _run_sizes(editor, edit, name, task, cases, before, sizes, out, progress)
 
 
 def _patcher_runner(
@@ -187,16 +184,35 @@ def _patcher_runner(
         cache_dir=cache_dir() / "memory",
         progress=progress,
     )
+
+    def edit(index: list[int]) -> float:
+        began = time.perf_counter()
+        for i in index:  # one after another: T-Patcher's sequential protocol
+            editor.edit(EditExample(cases[i].prompt, cases[i].target, subject=cases[i].subject), edit_id=i)
+        return time.perf_counter() - began
+
+    _run_sizes(editor, edit, name, task, cases, before, sizes, out, progress)
+
+
+def _run_sizes(
+    editor: Editor,
+    edit: Callable[[list[int]], float],
+    name: str,
+    task: CausalLMTask,
+    cases: Sequence[FactCase],
+    before: Sequence[dict[str, Outcome]],
+    sizes: Sequence[int],
+    out: Path,
+    progress: bool,
+) -> None:
+    """For each size: cut the cases into batches, ``edit`` each from the original model, score it, write the part."""
     for size in sizes:
         after, seconds = [], []
         for start in tqdm(range(0, len(cases), size), desc=f"{name} b={size}", unit="batch", disable=not progress):
-            chunk = cases[start : start + size]
+            index = list(range(start, min(start + size, len(cases))))
             editor.reset()
-            began = time.perf_counter()
-            for offset, case in enumerate(chunk):
-                editor.edit(EditExample(case.prompt, case.target, subject=case.subject), edit_id=start + offset)
-            seconds.append(time.perf_counter() - began)
-            after += score_cases(editor.model, task, chunk)
+            seconds.append(edit(index))
+            after += score_cases(editor.model, task, [cases[i] for i in index])
         editor.reset()
         _write_part(out, name, size, after, before, seconds)
 
