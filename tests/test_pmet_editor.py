@@ -13,7 +13,7 @@ from tiny_tokenizer import EDIT_WORDS, MEMORY_WORDS, random_sentence, sentence, 
 from transformer_patcher.delta import DeltaModel
 from transformer_patcher.editing.tasks import EditExample
 from transformer_patcher.errors import InvalidExampleError, InvalidPatchError, UnsupportedArchitectureError
-from transformer_patcher.pmet import EditRequest, PMETEditor, PMETHyperParams, collect_second_moments
+from transformer_patcher.pmet import EditRequest, PMETEditor, PMETHyperParams, collect_second_moments, pmet_hparams
 from transformer_patcher.pmet.algorithm import read_at_subject
 from transformer_patcher.pmet.architecture import block_modules
 from transformer_patcher.pmet.requests import encode
@@ -269,3 +269,13 @@ def test_hyperparameters_are_validated() -> None:
         PMETHyperParams(mom2_update_weight=float("nan"))
     with pytest.raises(ValueError, match="unknown PMET option"):
         HPARAMS.with_options(lambda_=3)
+
+
+def test_presets_carry_the_published_settings() -> None:
+    official, easyedit = pmet_hparams("gpt-j-official"), pmet_hparams("gpt-j-easyedit")
+    assert official.layers == easyedit.layers == (3, 4, 5, 6, 7, 8)
+    assert (official.mom2_update_weight, easyedit.mom2_update_weight) == (6000.0, 15000.0)
+    assert (official.v_lr, official.v_num_grad_steps, official.clamp_norm_factor) == (0.2, 30, 0.75)
+    assert pmet_hparams(variant="memit").variant == "memit"
+    with pytest.raises(ValueError, match="unknown PMET preset"):
+        pmet_hparams("gpt-5")

@@ -105,6 +105,15 @@ def check_same_modules(found: Collection[str], targets: list[str], source: str, 
         )
 
 
+def layers_holding(model: Any, layer_cls: type, adapter_name: str, store: str) -> dict[str, Any]:
+    """The model's ``layer_cls`` modules whose ``store`` dict holds ``adapter_name``, by name without peft's prefix."""
+    return {
+        name.removeprefix(PEFT_KEY_PREFIX): module
+        for name, module in model.named_modules()
+        if isinstance(module, layer_cls) and adapter_name in getattr(module, store)
+    }
+
+
 def check_checkpoint_covers(found: Collection[str], wrapped: Collection[str], noun: str, verb: str) -> None:
     """Refuse a checkpoint with ``noun`` for modules the model's adapter does not ``verb``, or lacking some it does."""
     unknown = sorted(set(found) - set(wrapped))

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
 from torch import nn
 
 from ..errors import AdapterFileError, PatchMergeError
-from .checkpoint import PEFT_KEY_PREFIX, check_checkpoint_covers, group_patch_tensors
+from .checkpoint import check_checkpoint_covers, group_patch_tensors, layers_holding
 from .config import PatcherConfig
 from .fingerprint import check_fingerprint, compute_fingerprint
 from .layer import MERGE_IMPOSSIBLE, PatcherLayer
@@ -86,11 +86,7 @@ class PatcherModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Validate a checkpoint and resize the patch tensors to its counts, before peft loads it."""
         groups, shapes = group_patch_tensors(state_dict, source=f"adapter '{adapter_name}'")
-        layers = {
-            name.removeprefix(PEFT_KEY_PREFIX): module
-            for name, module in model.named_modules()
-            if isinstance(module, PatcherLayer) and adapter_name in module.patch_keys
-        }
+        layers = layers_holding(model, PatcherLayer, adapter_name, "patch_keys")
         check_checkpoint_covers(groups, layers, noun="patches", verb="patch")
         for module_name, shape in shapes.items():
             layer = layers[module_name]

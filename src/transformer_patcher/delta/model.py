@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..adapter.checkpoint import PEFT_KEY_PREFIX, check_checkpoint_covers
+from ..adapter.checkpoint import check_checkpoint_covers, layers_holding
 from ..adapter.fingerprint import AdapterWording, check_fingerprint, fingerprint_modules
 from ..adapter.registry import model_type_of
 from ..errors import AdapterFileError, UnsupportedArchitectureError
@@ -104,11 +104,7 @@ class DeltaModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Validate a checkpoint against the wrapped layers and resize their factors to its ranks, before peft loads."""
         groups, shapes = group_delta_tensors(state_dict, source=f"adapter '{adapter_name}'")
-        layers = {
-            name.removeprefix(PEFT_KEY_PREFIX): module
-            for name, module in model.named_modules()
-            if isinstance(module, DeltaLayer) and adapter_name in module.delta_up
-        }
+        layers = layers_holding(model, DeltaLayer, adapter_name, "delta_up")
         check_checkpoint_covers(groups, layers, noun="deltas", verb="edit")
         for module_name, shape in shapes.items():
             layer = layers[module_name]

@@ -78,51 +78,25 @@ class PMETHyperParams:
         return data
 
 
+# edit/hparams/PMET/EleutherAI_gpt-j-6B.json of the official repository (GPT-J-6B, 28 blocks); EasyEdit's
+# hparams/PMET/gpt-j-6B.yaml repeats it except for lambda.
+_GPT_J = dict(layers=(3, 4, 5, 6, 7, 8), v_lr=0.2, v_num_grad_steps=30, clamp_norm_factor=0.75, kl_factor=1.0)
+
 PRESETS: dict[str, PMETHyperParams] = {
-    # edit/hparams/PMET/EleutherAI_gpt-j-6B.json of the official repository (GPT-J-6B, 28 blocks).
-    "gpt-j-official": PMETHyperParams(
-        layers=(3, 4, 5, 6, 7, 8),
-        v_lr=0.2,
-        v_num_grad_steps=30,
-        clamp_norm_factor=0.75,
-        v_weight_decay=0.5,
-        kl_factor=1.0,
-        mom2_update_weight=6000.0,
-        extra={"source": "official PMET repo, EleutherAI_gpt-j-6B.json"},
-    ),
-    # hparams/PMET/gpt-j-6B.yaml of EasyEdit: the official values except lambda.
-    "gpt-j-easyedit": PMETHyperParams(
-        layers=(3, 4, 5, 6, 7, 8),
-        v_lr=0.2,
-        v_num_grad_steps=30,
-        clamp_norm_factor=0.75,
-        v_weight_decay=0.5,
-        kl_factor=1.0,
-        mom2_update_weight=15000.0,
-        extra={"source": "EasyEdit hparams/PMET/gpt-j-6B.yaml"},
-    ),
+    "gpt-j-official": PMETHyperParams(**_GPT_J, mom2_update_weight=6000.0, extra={"source": "official PMET repo"}),
+    "gpt-j-easyedit": PMETHyperParams(**_GPT_J, mom2_update_weight=15000.0, extra={"source": "EasyEdit gpt-j-6B"}),
     # EasyEdit's Llama-2-7B values (32 blocks).
     "llama-easyedit": PMETHyperParams(
         layers=(4, 5, 6, 7, 8),
-        v_lr=0.5,
         v_num_grad_steps=20,
         clamp_norm_factor=1.0,
-        v_weight_decay=0.5,
         kl_factor=0.0625,
-        mom2_update_weight=15000.0,
         extra={"source": "EasyEdit hparams/PMET/llama-7b.yaml"},
     ),
-    # Tuned for SmolLM2-135M (30 blocks, d_ff 1536) on CounterFact records 900-915, which no reported result uses:
-    # the official clamp (0.75) capped the targets at p ~ 0.7, and lambda scales with d_ff (GPT-J: 16384).
+    # Tuned for SmolLM2-135M (30 blocks, d_ff 1536) with bench/pmet_tune.py on CounterFact records 900-915, which no
+    # reported result uses: the official clamp (0.75) capped the targets, and lambda scales with d_ff (GPT-J: 16384).
     "smollm2-135m": PMETHyperParams(
-        layers=(3, 4, 5, 6, 7, 8),
-        v_lr=2.0,
-        v_num_grad_steps=30,
-        clamp_norm_factor=1.5,
-        v_weight_decay=0.5,
-        kl_factor=1.0,
-        mom2_update_weight=2000.0,
-        extra={"source": "tuned in this package; docs/results.md"},
+        v_lr=2.0, clamp_norm_factor=1.5, mom2_update_weight=2000.0, extra={"source": "bench/pmet_tune.py"}
     ),
 }
 DEFAULT_PRESET = "smollm2-135m"

@@ -113,32 +113,38 @@ def run_batch_experiment(
         if before is None:
             before = score_cases(model, task, cases)
             write_text_atomic(out / "before.json", json.dumps([{k: asdict(o) for k, o in c.items()} for c in before]))
-        runner = _mass_runner if editor_name in MASS_EDITORS else _patcher_runner
-        runner(config, editor_name, model, tokenizer, task, cases, before, missing, out, progress)
+        job = _Job(config, editor_name, model, task, cases, out, progress)
+        editor, edit = (_mass_editor if editor_name in MASS_EDITORS else _patcher_editor)(job)
+        _run_sizes(editor, edit, job, before, missing)
     return assemble_batch(out, config, cases, command)
 
 
-def _mass_runner(
-    config: BatchExperimentConfig,
-    name: str,
-    model: nn.Module,
-    tokenizer: Any,
-    task: CausalLMTask,
-    cases: Sequence[FactCase],
-    before: Sequence[dict[str, Outcome]],
-    sizes: Sequence[int],
-    out: Path,
-    progress: bool,
-) -> None:
+@dataclass
+class _Job:
+    """One editor's share of a batch experiment."""
+
+    config: BatchExperimentConfig
+    name: str
+    model: nn.Module
+    task: CausalLMTask
+    cases: Sequence[FactCase]
+    out: Path
+    progress: bool
+
+
+def _mass_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
     from ..pmet import EditRequest, PMETEditor, Targets, pmet_hparams
 
+    config, name, out = job.config, job.name, job.out
     hparams = pmet_hparams(variant=name, **config.pmet_options)
     try:
         texts = wikitext_texts("valid", config.data_dir)[:STATS_TEXTS]
     except FileNotFoundError:
         texts = [f"{a} {b}" for a, b in BENCHMARKS[config.kind](None, config.data_dir).memory]
-    editor = PMETEditor(model, tokenizer, hparams, texts, task=task, cache_dir=cache_dir() / "pmet", progress=progress)
-    requests = [EditRequest(c.prompt, c.subject, c.target) for c in cases]
+    tokenizer = job.task.tokenizer
+    stats = cache_dir() / "pmet"
+    editor = PMETEditor(job.model, tokenizer, hparams, texts, task=job.task, cache_dir=stats, progress=job.progress)
+    requests = [EditRequest(c.prompt, c.subject, c.target) for c in job.cases]
     target_file = out / f"targets-{name}.safetensors"
     if target_file.is_file():
         saved = load_file(str(target_file))
@@ -157,32 +163,22 @@ def _mass_runner(
         result = editor.edit_batch([requests[i] for i in index], targets=targets.select(index))
         return result.seconds + target_seconds * len(index)
 
-    _run_sizes(editor, edit, name, task, cases, before, sizes, out, progress)
+    return editor, edit
 
 
-def _patcher_runner(
-    config: BatchExperimentConfig,
-    name: str,
-    model: nn.Module,
-    tokenizer: Any,
-    task: CausalLMTask,
-    cases: Sequence[FactCase],
-    before: Sequence[dict[str, Outcome]],
-    sizes: Sequence[int],
-    out: Path,
-    progress: bool,
-) -> None:
+def _patcher_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
+    config, cases = job.config, job.cases
     benchmark = BENCHMARKS[config.kind](None, config.data_dir)
     editor = build_editor(
         "patcher",
-        model,
-        task,
+        job.model,
+        job.task,
         benchmark.memory,
         benchmark.validation,
         EditConfig.quick(seed=config.seed, **config.edit_options),
         memory_rows=config.memory_rows,
         cache_dir=cache_dir() / "memory",
-        progress=progress,
+        progress=job.progress,
     )
 
     def edit(index: list[int]) -> float:
@@ -191,21 +187,18 @@ def _patcher_runner(
             editor.edit(EditExample(cases[i].prompt, cases[i].target, subject=cases[i].subject), edit_id=i)
         return time.perf_counter() - began
 
-    _run_sizes(editor, edit, name, task, cases, before, sizes, out, progress)
+    return editor, edit
 
 
 def _run_sizes(
     editor: Editor,
     edit: Callable[[list[int]], float],
-    name: str,
-    task: CausalLMTask,
-    cases: Sequence[FactCase],
+    job: _Job,
     before: Sequence[dict[str, Outcome]],
     sizes: Sequence[int],
-    out: Path,
-    progress: bool,
 ) -> None:
     """For each size: cut the cases into batches, ``edit`` each from the original model, score it, write the part."""
+    name, task, cases, out, progress = job.name, job.task, job.cases, job.out, job.progress
     for size in sizes:
         after, seconds = [], []
         for start in tqdm(range(0, len(cases), size), desc=f"{name} b={size}", unit="batch", disable=not progress):
