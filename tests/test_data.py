@@ -125,6 +125,7 @@ def test_to_edit_examples(tmp_path: Path) -> None:
         "uniform",
         rephrases=("What will be the product of UniFirst?",),
         locality=(("john goodman's character in the big lebowski", "Walter Sobchak"),),
+        subject="UniFirst",
     )
     cf = to_edit_examples(load_counterfact(write_json(tmp_path / "c.json", CF)), "counterfact")
     assert cf[1] == EditExample(
@@ -132,6 +133,7 @@ def test_to_edit_examples(tmp_path: Path) -> None:
         "Rome",
         rephrases=("Where is the Eiffel Tower? It is in",),
         locality=(("The Louvre is in", "Paris"),),
+        subject="The Eiffel Tower",
     )
     with pytest.raises(ValueError, match="unknown dataset kind"):
         to_edit_examples(datasets.Dataset.from_list([{"text": "a"}]), "squad")

@@ -69,6 +69,7 @@ def _max_positions(model: nn.Module) -> int:
 
 def stats_key(model: nn.Module, target: PatchTarget, texts: Sequence[str], max_length: int) -> str:
     """Content key of one layer's statistics: the layer's fingerprint and the exact token source."""
+    max_length = min(max_length, _max_positions(model))  # what collect_second_moments really reads
     modules = dict(model.named_modules())
     value = modules[target.value_module]
     fingerprint = compute_fingerprint(model, target, _key_width(value), hidden_size_of(model) or 0)
@@ -156,7 +157,6 @@ def second_moments(
 ) -> dict[int, SecondMoment]:
     """:func:`collect_second_moments`, read from / written to ``cache_dir`` per layer when given."""
     targets = {layer: ffn_target(model, layer) for layer in layers}
-    max_length = min(max_length, _max_positions(model))
     keys = {layer: stats_key(model, t, texts, max_length) for layer, t in targets.items()}
     cached: dict[int, SecondMoment] = {}
     if cache_dir is not None:

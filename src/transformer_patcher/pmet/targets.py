@@ -101,8 +101,9 @@ def compute_targets(
 def next_token_log_probs(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, reads: Any) -> Any:
     """Log-probabilities of the next token at ``reads = (rows, positions)`` only.
 
-    The LM head runs on the read positions alone (a few per prompt) rather than on every position: with a 49k-token
-    vocabulary that head is most of the cost of a forward and backward pass on a small model.
+    The LM head runs on the read positions alone (a few per prompt) rather than on every position: the head and the
+    softmax over a large vocabulary (49k tokens for SmolLM2) at every position would be computed and back-propagated
+    for nothing.
     """
     hidden = base.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     logits = base.get_output_embeddings()(hidden[reads]).float()
