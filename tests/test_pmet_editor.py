@@ -279,3 +279,20 @@ def test_presets_carry_the_published_settings() -> None:
     assert pmet_hparams(variant="memit").variant == "memit"
     with pytest.raises(ValueError, match="unknown PMET preset"):
         pmet_hparams("gpt-5")
+
+
+def test_a_failed_append_rolls_back_every_layer(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    editor = _editor("gpt2", tokenizer, "memit")
+    editor.edit_batch(_requests(2))
+    before = editor.state_tensors()
+    last = list(editor.delta_layers().values())[-1]
+
+    def refuse(*_args: object) -> int:
+        raise InvalidPatchError("disk full")
+
+    monkeypatch.setattr(last, "add_delta", refuse)
+    with pytest.raises(InvalidPatchError, match="disk full"):
+        editor.edit_batch(_requests(2, offset=20))
+    monkeypatch.undo()
+    after = editor.state_tensors()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

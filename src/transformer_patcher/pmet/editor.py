@@ -118,15 +118,24 @@ class PMETEditor:
         bad = [name for name, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]
         if bad:
             raise InvalidPatchError(f"the PMET update for {bad} is not finite; nothing was changed")
-        saved = self.state_tensors()
         layers = self.delta_layers()
+        ranks = {name: layer.rank(self.adapter_name) for name, layer in layers.items()}
         try:
             for name, delta in deltas.items():
                 layers[name].add_delta(self.adapter_name, delta.up, delta.down)
         except BaseException:
-            self.load_state_tensors(saved)
+            self._truncate(ranks)  # no copy on the normal path: only a failed append is rolled back
             raise
         return BatchResult(len(requests), time.perf_counter() - start, targets, len(requests))
+
+    def _truncate(self, ranks: dict[str, int]) -> None:
+        for name, layer in self.delta_layers().items():
+            if layer.rank(self.adapter_name) != ranks[name]:
+                keep = ranks[name]
+                up = layer.delta_up[self.adapter_name][:, :keep].detach().clone()
+                down = layer.delta_down[self.adapter_name][:keep].detach().clone()
+                layer.clear_delta(self.adapter_name)
+                layer.add_delta(self.adapter_name, up, down)
 
     def delta_layers(self) -> dict[str, DeltaLayer]:
         base = unwrap(self.model)
