@@ -27,7 +27,7 @@ from .architecture import block_modules, unwrap
 from .covariance import SecondMoment
 from .hparams import PMETHyperParams
 from .requests import EditRequest, Encoded, encode
-from .targets import Targets, _insert, _pad, rewrite_templates
+from .targets import Targets, output_hook, pad_encodings, rewrite_templates
 from .update import LowRankDelta, residual_share, solve_update
 
 
@@ -58,7 +58,7 @@ def read_at_subject(
         with eval_mode(model), torch.no_grad():
             for start in range(0, len(encodings), batch_size):
                 chunk = encodings[start : start + batch_size]
-                ids, mask = _pad(chunk, pad, device)
+                ids, mask = pad_encodings(chunk, pad, device)
                 seen.clear()
                 base.base_model(input_ids=ids, attention_mask=mask)  # no LM head: only a module's value is read
                 lookups = torch.tensor([e.lookup for e in chunk], device=device)
@@ -100,7 +100,7 @@ def applied(model: nn.Module, deltas: dict[str, LowRankDelta]) -> Iterator[None]
         def add(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             x = args[0]
             shift = (x.float() @ down.T.to(x.device)) @ up.T.to(x.device)
-            return _insert(lambda out: out + shift.to(out.dtype))(_module, args, output)
+            return output_hook(lambda out: out + shift.to(out.dtype))(_module, args, output)
 
         return add
 

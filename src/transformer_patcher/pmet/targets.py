@@ -53,7 +53,8 @@ def rewrite_templates(templates: Sequence[Sequence[str]], request: EditRequest) 
     return [context.format(request.template) for group in templates for context in group]
 
 
-def _pad(encodings: Sequence[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_encodings(encodings: Sequence[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask of encodings (right padding keeps every lookup index valid)."""
     width = max(len(e.ids) for e in encodings)
     ids = torch.full((len(encodings), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encodings), width), dtype=torch.long)
@@ -63,7 +64,7 @@ def _pad(encodings: Sequence[Encoded], pad_id: int, device: torch.device) -> tup
     return ids.to(device), mask.to(device)
 
 
-def _insert(add: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+def output_hook(add: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
     """A forward hook that replaces a module's (first) output by ``add(output)``."""
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
@@ -144,7 +145,7 @@ def _optimise_chunk(
         encodings.append(encode(tokenizer, KL_TEMPLATE, request.subject))
         owner.append(r)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, attention = _pad(encodings, pad, device)
+    input_ids, attention = pad_encodings(encodings, pad, device)
     lookups = torch.tensor([e.lookup for e in encodings], device=device)
     owners = torch.tensor(owner, device=device)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
@@ -176,7 +177,7 @@ def _optimise_chunk(
 
         return add
 
-    handles = [base.get_submodule(name).register_forward_hook(_insert(adder(site))) for site, name in sites.items()]
+    handles = [base.get_submodule(name).register_forward_hook(output_hook(adder(site))) for site, name in sites.items()]
     try:
         for step in range(hparams.v_num_grad_steps):
             is_active = torch.zeros(n, dtype=torch.bool, device=device)
