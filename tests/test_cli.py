@@ -6,62 +6,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from tiny_tokenizer import EDIT_WORDS, MEMORY_WORDS, random_pairs, random_sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher.cli import main
+from workspace import build_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A saved tiny GPT-2 + tokenizer, a zsRE-format edit file and a data folder with memory sources."""
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "model"
-    sharp_gpt2().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data = root / "data"
-    edits = random_pairs(8, seed=1, words=EDIT_WORDS, length=5, target_length=1)
-    rephrases = random_pairs(8, seed=2, words=EDIT_WORDS, length=5, target_length=1)
-    loc = random_pairs(8, seed=3, words=MEMORY_WORDS, length=5, target_length=1)
-    records = [
-        {
-            "subject": src.split()[0],
-            "src": src,
-            "answers": [answer],
-            "rephrase": rephrase,
-            "alt": answer,
-            "pred": "",
-            "loc": f"nq question: {loc_q}",
-            "loc_ans": loc_a,
-            "cond": "",
-        }
-        for (src, answer), (rephrase, _), (loc_q, loc_a) in zip(edits, rephrases, loc, strict=True)
-    ]
-    (root / "zsre.json").write_text(json.dumps(records))
-    facts = random_pairs(60, seed=4, words=MEMORY_WORDS, length=5, target_length=1)
-    counterfact = [
-        {
-            "case_id": i,
-            "prompt": prompt,
-            "subject": prompt.split()[0],
-            "target_new": answer,
-            "ground_truth": answer,
-            "rephrase_prompt": prompt,
-            "locality_prompt": prompt,
-            "locality_ground_truth": answer,
-        }
-        for i, (prompt, answer) in enumerate(facts)
-    ]
-    (data / "counterfact").mkdir(parents=True)
-    (data / "counterfact" / "counterfact-train.json").write_text(json.dumps(counterfact))
-    generator = torch.Generator().manual_seed(5)
-    (data / "wikitext2").mkdir()
-    for split in ("valid", "test"):
-        (data / "wikitext2" / f"{split}.txt").write_text(random_sentence(generator, 2000))
-    return {"root": root, "model": model_dir, "data": data, "zsre": root / "zsre.json"}
+    return build_workspace(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(autouse=True)
@@ -222,8 +179,8 @@ def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> Non
         (["sme", "run", "--model", "m", "--data", "nope", "--out", "o"], "not a benchmark name"),
         (["sme", "run", "--model", "m", "--set", "lr", "--out", "o"], "KEY=VALUE"),
         (["sme", "run", "--model", "m", "--set", "lr=-1", "--out", "o"], "lr must be > 0"),
-        (["sme", "run", "--model", "m", "--ft-set", "kl_batch=0", "--out", "o"], "kl_batch must be positive"),
-        (["sme", "run", "--model", "m", "--folds", "0", "--out", "o"], "folds must be positive"),
+        (["sme", "run", "--model", "m", "--ft-set", "kl_batch=0", "--out", "o"], "kl_batch must be >= 1"),
+        (["sme", "run", "--model", "m", "--folds", "0", "--out", "o"], "folds must be >= 1"),
         (["info", "/nonexistent/patches"], "not a patch-set folder"),
         (["plot", "/nonexistent/run"], "results.json"),
         (["sme", "run", "--model", "m", "--data", "missing.json", "--data-kind", "zsre", "--out", "o"], "missing.json"),
@@ -250,3 +207,21 @@ def test_folds_run_in_parallel_under_accelerate(workspace: dict[str, Path], tmp_
     assert [fold["fold"] for fold in results["folds"]] == [0, 1]
     assert results["summary"]["SR"] == 1.0
     assert done.stdout.count("| T-Patcher |") == 1  # only the main process reports
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(workspace, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = _sme_args(workspace, out)
+    first = subprocess.Popen([sys.executable, "-m", "transformer_patcher", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".lock").is_file() or not (out / ".lock").read_text().startswith("pid"):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
+        assert main([*args, "--resume"]) == 2
+        assert first.poll() is None  # the refusal came while the first run held the folder
+        assert f"in use by another process (pid {first.pid} on" in capsys.readouterr().err
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert json.loads((out / "results.json").read_text())["summary"]["edits"] > 0  # the first run was not disturbed

@@ -235,7 +235,7 @@ def _edit(args: argparse.Namespace) -> int:
     from .session import EditSession
 
     requests = _edit_requests(args)
-    session = EditSession.open(
+    with EditSession.open(
         args.model,
         args.patches,
         memory=args.memory,
@@ -243,15 +243,15 @@ def _edit(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         data_dir=args.data_dir,
         progress=not args.no_progress,
-    )
-    print("| edit id | fixed | needed | neurons | steps | seconds | text |\n|---:|---|---|---:|---:|---:|---|")
-    for text, target in requests:
-        record = session.edit(text, target)
-        print(
-            f"| {record.edit_id} | {record.success} | {record.needed} | {record.neurons} | {record.steps} | "
-            f"{record.seconds:.1f} | {text[:60]} |"
-        )
-    session.save()
+    ) as session:
+        print("| edit id | fixed | needed | neurons | steps | seconds | text |\n|---:|---|---|---:|---:|---:|---|")
+        for text, target in requests:
+            record = session.edit(text, target)
+            print(
+                f"| {record.edit_id} | {record.success} | {record.needed} | {record.neurons} | {record.steps} | "
+                f"{record.seconds:.1f} | {text[:60]} |"
+            )
+        session.save()
     print(f"\nsaved {session.num_patches} patches to {args.patches}/")
     return 0
 

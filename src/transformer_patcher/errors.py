@@ -29,3 +29,11 @@ class PatchMergeError(PatcherError, NotImplementedError):
 
 class InvalidExampleError(PatcherError, ValueError):
     """An example the task cannot use: empty text, a label outside the head, or a target the tokenizer cannot encode."""
+
+
+class FolderLockedError(PatcherError, RuntimeError):
+    """An output folder is in use by another run: two writers would interleave their checkpoints and results."""
+
+
+class NonFiniteError(PatcherError, ArithmeticError):
+    """An edit's loss or patch parameters became NaN/inf during training; the edit was rolled back, nothing changed."""

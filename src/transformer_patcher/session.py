@@ -2,19 +2,21 @@
 
 It loads the base model with its saved patches (or none yet), builds the memory the new patches must stay silent on
 — the memory set plus every earlier edit in the folder's edit log, so a patch made today does not fire on yesterday's
-fix — and after each edit appends to the log. ``save`` writes the adapter and the log atomically.
+fix — and after each edit appends to the log. ``save`` writes the adapter and the log atomically. A session holds the
+folder's lock until it is closed: a second session on the same folder would save over the first one's fixes.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from peft.utils import CONFIG_NAME
 
 from .adapter.model import PatcherModel, get_patcher_model
-from .adapter.patch_set import read_edit_log, write_edit_log
+from .adapter.patch_set import read_edit_log, save_adapter_folder
 from .data.benchmarks import fever_benchmark, generation_memory
 from .editing.config import EditConfig
 from .editing.memory import collect_queries
@@ -22,16 +24,29 @@ from .editing.registry import build_trainer
 from .editing.tasks import EditExample, task_for_model
 from .editing.trainer import EditRecord, PatchTrainer
 from .errors import InvalidExampleError
+from .folder_lock import sibling_lock
 from .pretrained import cache_dir, load_model, model_kind
 
 
 class EditSession:
-    """Edit a model one request at a time and keep the result as a patch-set folder."""
+    """Edit a model one request at a time and keep the result as a patch-set folder. Use it as a context manager
+    (or call :meth:`close`) to release the folder's lock."""
 
-    def __init__(self, trainer: PatchTrainer, folder: Path, log: list[dict[str, Any]]) -> None:
+    def __init__(self, trainer: PatchTrainer, folder: Path, log: list[dict[str, Any]], lock: ExitStack) -> None:
         self.trainer = trainer
         self.folder = folder
         self.log = log
+        self._lock = lock
+
+    def __enter__(self) -> EditSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the folder (unsaved edits are dropped)."""
+        self._lock.close()
 
     @classmethod
     def open(
@@ -47,30 +62,36 @@ class EditSession:
         """Load ``model`` (+ the patches in ``folder`` if it holds a patch set). ``memory``: ``zsre``/``counterfact``
         (factual prompts and text), ``fever`` (claims), ``none``, or None for the task's default."""
         folder = Path(folder)
-        kind = model_kind(model)
-        base, tokenizer = load_model(model, kind)
-        if (folder / CONFIG_NAME).is_file():
-            wrapped = PatcherModel.from_pretrained(base, folder)
-        else:
-            wrapped = get_patcher_model(base)
-        task = task_for_model(wrapped, tokenizer)
-        memory_pairs, validation_pairs = _memory_pairs(memory, kind, data_dir)
-        config = EditConfig.quick() if schedule == "quick" else EditConfig()
-        trainer = build_trainer(
-            wrapped,
-            task,
-            memory_pairs,
-            validation_pairs,
-            config,
-            memory_rows,
-            cache_dir=cache_dir() / "memory",
-            progress=progress,
-        )
-        log = read_edit_log(folder)
-        if trainer.memory is not None and log:  # earlier edits must stay untouched by new patches
-            earlier = [(e["text"], e["target"]) for e in log]
-            trainer.memory.append(collect_queries(wrapped, trainer.layer, task, earlier, 10**9, progress=progress))
-        return cls(trainer, folder, log)
+        lock = ExitStack()
+        lock.enter_context(sibling_lock(folder))  # before reading: the folder must not change under us
+        try:
+            kind = model_kind(model)
+            base, tokenizer = load_model(model, kind)
+            if (folder / CONFIG_NAME).is_file():
+                wrapped = PatcherModel.from_pretrained(base, folder)
+            else:
+                wrapped = get_patcher_model(base)
+            task = task_for_model(wrapped, tokenizer)
+            memory_pairs, validation_pairs = _memory_pairs(memory, kind, data_dir)
+            config = EditConfig.quick() if schedule == "quick" else EditConfig()
+            trainer = build_trainer(
+                wrapped,
+                task,
+                memory_pairs,
+                validation_pairs,
+                config,
+                memory_rows,
+                cache_dir=cache_dir() / "memory",
+                progress=progress,
+            )
+            log = read_edit_log(folder)
+            if trainer.memory is not None and log:  # earlier edits must stay untouched by new patches
+                earlier = [(e["text"], e["target"]) for e in log]
+                trainer.memory.append(collect_queries(wrapped, trainer.layer, task, earlier, 10**9, progress=progress))
+        except BaseException:
+            lock.close()
+            raise
+        return cls(trainer, folder, log, lock)
 
     @property
     def num_patches(self) -> int:
@@ -93,8 +114,8 @@ class EditSession:
         return record
 
     def save(self) -> None:
-        self.trainer.model.save_pretrained(self.folder)
-        write_edit_log(self.folder, self.log)
+        """Write the adapter and the log into the folder in one atomic step."""
+        save_adapter_folder(self.trainer.model, self.folder, self.log)
 
 
 def _memory_pairs(memory: str | None, kind: str, data_dir: Any) -> tuple[list, list]:

@@ -27,6 +27,7 @@ FROZEN = ("patch_frozen_keys", "patch_frozen_bias", "patch_frozen_values", "patc
 TRAINABLE = ("patch_keys", "patch_bias", "patch_values", "patch_value_scale", "patch_edit_ids")
 PATCH_TENSOR_NAMES = FROZEN + TRAINABLE
 _ID_TENSORS = ("patch_frozen_edit_ids", "patch_edit_ids")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ def _check_group(module: str, group: Mapping[str, torch.Tensor], source: str) ->
         if name in _ID_TENSORS:
             if tensor.dtype != torch.int64 or tensor.dim() != 1:
                 raise fail(f"{name} must be a 1-D int64 tensor of edit ids, got {tensor.dtype} {tuple(tensor.shape)}")
-        elif not tensor.is_floating_point():
-            raise fail(f"{name} must be floating point, got {tensor.dtype}")
+        elif tensor.dtype not in FLOAT_DTYPES:
+            raise fail(f"{name} must be floating point (float32/float16/bfloat16/float64), got {tensor.dtype}")
         elif not torch.isfinite(tensor).all():
             raise fail(f"{name} contains NaN or inf")
     fk, fv, tk, tv = (group[n] for n in ("patch_frozen_keys", "patch_frozen_values", "patch_keys", "patch_values"))
@@ -142,10 +143,21 @@ def read_adapter_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def check_dtypes(groups: Mapping[str, Mapping[str, torch.Tensor]], dtype: str | None, source: str, field: str) -> None:
+    """Refuse float tensors whose dtype is not the config's ``field`` (``dtype``; None: any float dtype)."""
+    for module, group in groups.items():
+        for name, tensor in group.items():
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != getattr(torch, dtype):
+                raise AdapterFileError(
+                    f"{source}: module '{module}': {name} is {tensor.dtype}, but the config's {field} is {dtype}"
+                )
+
+
 def validate_adapter_file(path: str | os.PathLike[str], config: Any) -> dict[str, PatchShapes]:
     """Check a saved adapter file against its own config; raise ``AdapterFileError`` on any disagreement."""
     source = os.fspath(path)
-    _, shapes = group_patch_tensors(read_adapter_file(path), source)
+    groups, shapes = group_patch_tensors(read_adapter_file(path), source)
+    check_dtypes(groups, config.patch_dtype, source, "patch_dtype")
     targets = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
     check_same_modules(shapes, targets, source, verb="patches")
     total = sum(s.total for s in shapes.values())
@@ -162,10 +174,11 @@ def validate_adapter_file(path: str | os.PathLike[str], config: Any) -> dict[str
     return shapes
 
 
-def locate_adapter_weights(model_id: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any) -> str | None:
-    """Path of the adapter's safetensors file (downloaded if remote); None for a config-only directory.
+def locate_adapter_weights(model_id: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any) -> str:
+    """Path of the adapter's safetensors file (downloaded if remote).
 
-    A directory that only has a pickled ``adapter_model.bin`` is refused: unpickling can run arbitrary code.
+    A directory without that file is refused (peft would fail only after changing the model), and so is one that
+    only has a pickled ``adapter_model.bin``: unpickling can run arbitrary code.
     """
     directory = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     if os.path.isdir(directory):
@@ -177,7 +190,7 @@ def locate_adapter_weights(model_id: str | os.PathLike[str], subfolder: str | No
                 f"{directory} holds only a pickled {WEIGHTS_NAME}; transformer-patcher reads adapters from "
                 f"{SAFETENSORS_WEIGHTS_NAME} only, because unpickling can run arbitrary code."
             )
-        return None
+        raise AdapterFileError(f"{directory} has no {SAFETENSORS_WEIGHTS_NAME} file: it is not a complete adapter")
     download_args = set(inspect.signature(hf_hub_download).parameters)
     hub_kwargs = {k: v for k, v in kwargs.items() if k in download_args}
     try:

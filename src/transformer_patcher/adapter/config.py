@@ -64,7 +64,14 @@ class PatcherConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
         super().__post_init__()
         self.peft_type = PATCHER
         if isinstance(self.target_modules, set):
-            self.target_modules = sorted(self.target_modules)
+            self.target_modules = sorted(self.target_modules, key=str)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        modules = self.target_modules
+        if modules is not None and not (isinstance(modules, str) and modules) and not _names(modules):
+            raise ValueError(f"target_modules must be None, a module name or a list of names, got {modules!r}")
+        if self.key_module is not None and (not isinstance(self.key_module, str) or not self.key_module):
+            raise ValueError(f"key_module must be None or a module name, got {self.key_module!r}")
         if not isinstance(self.num_patches, int) or isinstance(self.num_patches, bool) or self.num_patches < 0:
             raise ValueError(f"num_patches must be a non-negative integer, got {self.num_patches!r}")
         if not isinstance(self.layer_index, int) or isinstance(self.layer_index, bool):
@@ -72,7 +79,8 @@ class PatcherConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
         scale = self.init_value_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"init_value_scale must be a finite positive number, got {scale!r}")
-        if self.patch_activation is not None and self.patch_activation not in ACT2FN:
+        activation = self.patch_activation
+        if activation is not None and (not isinstance(activation, str) or activation not in ACT2FN):
             raise ValueError(
                 f"Unknown patch_activation {self.patch_activation!r}; use a transformers activation name such as "
                 "'gelu', 'relu' or 'silu', or None for the FFN's own activation."
@@ -81,8 +89,12 @@ class PatcherConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
             raise ValueError(f"patch_dtype must be one of {PATCH_DTYPES} or None, got {self.patch_dtype!r}")
 
     @classmethod
-    def validate_weights_file(cls, path: str, config: Any) -> object:
+    def validate_weights_file(cls, path: str, config: Any) -> dict[str, Any]:
         return validate_adapter_file(path, config)
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(name, str) and name for name in value)
 
 
 def _schema() -> dict[str, Any]:

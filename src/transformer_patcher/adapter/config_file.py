@@ -28,7 +28,13 @@ PEFT_FIELDS: dict[str, dict[str, Any]] = {
     "target_parameters": STR_LIST,
     "modules_to_save": STR_LIST,
     "inference_mode": {"type": "boolean"},
+    "base_model_name_or_path": NULLABLE_STR,
+    "revision": NULLABLE_STR,
+    "task_type": NULLABLE_STR,
+    "peft_version": NULLABLE_STR,
+    "auto_mapping": {"type": ["object", "null"]},
 }
+PEFT_UNUSED = ("exclude_modules", "target_parameters", "modules_to_save")
 
 
 @dataclass
@@ -66,8 +72,25 @@ def _non_finite(value: object, path: str) -> list[str]:
     return []
 
 
+MAX_DEPTH = 32
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of JSON data, counted without recursion (deep input must not overflow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def check_config_dict(data: object, schema: dict[str, Any], peft_type: str, source: str = CONFIG_NAME) -> None:
-    """Raise ``AdapterFileError`` when ``data`` breaks ``schema`` or holds NaN/inf anywhere."""
+    """Raise ``AdapterFileError`` when ``data`` is nested too deeply, breaks ``schema`` or holds NaN/inf anywhere."""
+    if _depth(data) > MAX_DEPTH:
+        raise AdapterFileError(f"{source}: JSON nested more than {MAX_DEPTH} levels deep; not an adapter config")
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         details = "; ".join(f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:5])
@@ -90,8 +113,11 @@ class ValidatedConfigFile:
         check_config_dict(data, cls.config_schema, cls.config_schema["properties"]["peft_type"]["const"], source)
 
     @classmethod
-    def validate_weights_file(cls, path: str, config: Any) -> object:
-        """Check a saved ``adapter_model.safetensors`` against its config; raise ``AdapterFileError`` if it fails."""
+    def validate_weights_file(cls, path: str, config: Any) -> dict[str, Any]:
+        """Check a saved ``adapter_model.safetensors`` against its config; raise ``AdapterFileError`` if it fails.
+
+        Returns the per-module shapes found, by module name.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -100,7 +126,7 @@ class ValidatedConfigFile:
         try:
             with open(path_json_file, encoding="utf-8") as handle:
                 loaded = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise AdapterFileError(f"{path_json_file} is not a readable JSON adapter config: {exc}") from exc
         cls.validate_config_dict(loaded, source=path_json_file)
         return loaded
@@ -116,7 +142,13 @@ class ValidatedConfigFile:
             raise
         except (TypeError, ValueError) as exc:
             raise AdapterFileError(f"{pretrained_model_name_or_path}: not a usable adapter config: {exc}") from exc
+        unused = {name: getattr(config, name) for name in PEFT_UNUSED if getattr(config, name)}
+        if unused:  # peft would act on them, and fail only after changing the model
+            raise AdapterFileError(
+                f"{pretrained_model_name_or_path}: {CONFIG_NAME} sets {unused}, which a {config.peft_type} adapter "
+                "never uses: its file holds only its own tensors, for exactly its target_modules"
+            )
         weights = locate_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if weights is not None:
-            cls.validate_weights_file(weights, config)
+        # kept (not a dataclass field, so never saved) for the tuner to check against the model before injecting
+        config.checked_weights = (weights, cls.validate_weights_file(weights, config))
         return config

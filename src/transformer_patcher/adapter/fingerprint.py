@@ -125,7 +125,13 @@ def fingerprint_modules(model: nn.Module, module_names: Sequence[str]) -> dict[s
 
 
 def sketch_distance(a: list[float], b: list[float]) -> float:
-    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    """Relative distance of sketch ``a`` (from a file: inf when it is not ``SKETCH_SIZE`` numbers) to ``b``."""
+    try:
+        ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        return math.inf
+    if ta.shape != tb.shape:
+        return math.inf
     return float((ta - tb).norm() / ta.norm().clamp_min(1e-12))
 
 

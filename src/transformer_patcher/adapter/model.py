@@ -41,6 +41,13 @@ class PatcherModel(BaseTuner):
         actual = compute_fingerprint(self.model, target, query_dim, output_dim)
         if peft_config.fingerprint is not None:
             check_fingerprint(peft_config.fingerprint, actual)
+        path, shapes = getattr(peft_config, "checked_weights", (None, {}))  # set when loaded from a folder
+        for module, shape in shapes.items():
+            if (module, shape.query_dim, shape.output_dim) != (target.value_module, query_dim, output_dim):
+                raise AdapterFileError(
+                    f"{path} holds {shape.query_dim}→{shape.output_dim} patches for '{module}', but this model's "
+                    f"FFN '{target.value_module}' is {query_dim}→{output_dim}"
+                )
         peft_config.target_modules = [target.value_module]
         peft_config.key_module = target.key_module
         peft_config.patch_activation = target.activation

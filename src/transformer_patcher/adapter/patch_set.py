@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
 
-from ..atomic import save_safetensors_atomic, write_text_atomic
+from ..atomic import replace_folder_atomic, write_text_atomic
 from ..errors import AdapterFileError
+from ..folder_lock import sibling_lock
 from ..jsonl import json_lines
 from .checkpoint import group_patch_tensors, read_adapter_file
 from .config import PatcherConfig
@@ -97,6 +99,17 @@ def write_edit_log(path: str | os.PathLike[str], entries: list[dict[str, Any]]) 
     write_text_atomic(Path(path) / EDIT_LOG, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
 
 
+def save_adapter_folder(model: Any, path: str | os.PathLike[str], entries: list[dict[str, Any]]) -> None:
+    """``model.save_pretrained(path)`` plus the edit log, swapped in as one atomic step: a crash mid-save leaves the
+    previous adapter folder whole, never new weights beside an old config or log."""
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        write_edit_log(staging, entries)
+
+    replace_folder_atomic(Path(path), write)
+
+
 def describe_patch_set(path: str | os.PathLike[str]) -> PatchSetInfo:
     """Read a patch-set folder (validated, safetensors only) and say what it holds."""
     folder = Path(path)
@@ -121,6 +134,11 @@ def describe_patch_set(path: str | os.PathLike[str]) -> PatchSetInfo:
 def remove_edit_from_files(path: str | os.PathLike[str], edit_id: int) -> int:
     """Delete every neuron of ``edit_id`` from a saved patch set (and its log line); return how many were removed."""
     folder = Path(path)
+    with sibling_lock(folder):  # an edit session saving meanwhile would bring the edit back
+        return _remove_edit(folder, edit_id)
+
+
+def _remove_edit(folder: Path, edit_id: int) -> int:
     config, tensors, weights = _load(folder)
     kept: dict[str, torch.Tensor] = {}
     removed = 0
@@ -135,9 +153,13 @@ def remove_edit_from_files(path: str | os.PathLike[str], edit_id: int) -> int:
         raise KeyError(f"{folder} has no patches for edit id {edit_id}")
     group_patch_tensors(kept, str(weights))  # the result must still be a valid adapter file
     config.num_patches -= removed
-    save_safetensors_atomic(kept, weights, metadata={"format": "pt"})
-    config.save_pretrained(str(folder))
     log = read_edit_log(folder)
-    if log:
-        write_edit_log(folder, [e for e in log if e["edit_id"] != edit_id])
+
+    def write(staging: Path) -> None:
+        save_file(kept, str(staging / weights.name), metadata={"format": "pt"})
+        config.save_pretrained(str(staging))
+        if log:
+            write_edit_log(staging, [e for e in log if e["edit_id"] != edit_id])
+
+    replace_folder_atomic(folder, write)
     return removed

@@ -1,7 +1,13 @@
 """Loaders for the three editing datasets (FEVER, zsRE, CounterFact) as HuggingFace ``datasets.Dataset`` objects.
 
 Records are validated on load, so a malformed file fails at once with the file, the line or record and the field
-named, instead of deep inside an editing run. :func:`to_edit_examples` turns a loaded dataset into the package's
+named, instead of deep inside an editing run: a :class:`DatasetFormatError` for invalid UTF-8 or JSON (nesting too
+deep included), a record that is not an object, a missing, empty, whitespace-only or non-string text field, a string
+holding a lone surrogate (``"\ud800"``, which no encoder can write), and an unknown FEVER label. Files are UTF-8, a
+byte-order mark is skipped, JSON lines are separated by ``\n`` only (U+2028 and other Unicode line breaks inside
+strings are text). Fields the loader does not read are ignored, whatever their type. Any other text is kept as it is
+(NUL, zero-width, right-to-left and astral characters, any length): the editing task truncates long inputs with a
+warning and refuses targets it cannot encode. :func:`to_edit_examples` turns a loaded dataset into the package's
 :class:`~transformer_patcher.editing.tasks.EditExample` list.
 """
 
@@ -66,11 +72,22 @@ def _is_url(path: str | Path) -> bool:
     return isinstance(path, str) and path.startswith(("http://", "https://"))
 
 
+def _read_text(file: Path) -> str:
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DatasetFormatError(f"{file}: line {line}: not valid UTF-8 (byte {e.start}: {e.reason})") from e
+
+
 def _records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (location, record) pairs; location is "line N" (1-based) for JSON lines, "record N" (0-based) otherwise.
 
     Local files are parsed here rather than by ``datasets`` so that a bad record can be reported by its line.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if _is_url(path):
         import datasets
 
@@ -81,12 +98,14 @@ def _records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"dataset file not found: {file}")
-    text = file.read_text(encoding="utf-8")
+    text = _read_text(file)
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DatasetFormatError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        except RecursionError as e:
+            raise DatasetFormatError(f"{file}: invalid JSON (nested too deeply)") from e
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
                 raise DatasetFormatError(f"{file}: record {i}: expected a JSON object, got {type(rec).__name__}")
@@ -96,11 +115,27 @@ def _records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"line {n}", rec
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _encodable(value: str) -> bool:
+    """False for a string holding a lone surrogate (JSON allows the escape; UTF-8 and Arrow cannot store it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _str_field(rec: dict[str, Any], key: str, where: str, *, allow_empty: bool = False) -> str:
     value = rec.get(key)
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        state = "missing" if key not in rec else f"not a non-empty string (got {value!r})"
+        state = "missing" if key not in rec else f"not a non-empty string (got {_shown(value)})"
         raise DatasetFormatError(f"{where}: field {key!r} is {state}")
+    if not _encodable(value):
+        raise DatasetFormatError(f"{where}: field {key!r} holds a lone UTF-16 surrogate, which is not text")
     return value
 
 
@@ -115,13 +150,15 @@ def _target_field(rec: dict[str, Any], key: str, where: str) -> str:
 def _load(path: str | Path, parse: Callable[[dict[str, Any], str], dict[str, Any] | None]) -> datasets.Dataset:
     import datasets
 
-    rows = []
+    rows, read = [], 0
     for loc, rec in _records(path):
+        read += 1
         row = parse(rec, f"{path}: {loc}")
         if row is not None:
             rows.append(row)
     if not rows:
-        raise DatasetFormatError(f"{path}: no usable records")
+        why = "the file holds no records" if not read else f"all {read} records were dropped (e.g. NOT ENOUGH INFO)"
+        raise DatasetFormatError(f"{path}: no usable records: {why}")
     return datasets.Dataset.from_list(rows)
 
 
@@ -135,8 +172,9 @@ def load_fever(path: str | Path, *, drop_nei: bool = True) -> datasets.Dataset:
     def parse(rec: dict[str, Any], where: str) -> dict[str, Any] | None:
         claim = _str_field(rec, "claim", where)
         label = rec.get("label")
-        if label not in FEVER_LABELS:
-            raise DatasetFormatError(f"{where}: field 'label' is {label!r}, expected one of {sorted(FEVER_LABELS)}")
+        if not isinstance(label, str) or label not in FEVER_LABELS:
+            state = "missing" if "label" not in rec else _shown(label)
+            raise DatasetFormatError(f"{where}: field 'label' is {state}, expected one of {sorted(FEVER_LABELS)}")
         value = FEVER_LABELS[label]
         if value is None:
             return None if drop_nei else {"text": claim, "label": -1}
@@ -155,10 +193,15 @@ def load_zsre(path: str | Path = ZSRE_SAMPLE) -> datasets.Dataset:
     def parse(rec: dict[str, Any], where: str) -> dict[str, Any]:
         answers = rec.get("answers")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise DatasetFormatError(f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r}")
+            got = "missing" if "answers" not in rec else _shown(answers)
+            raise DatasetFormatError(f"{where}: field 'answers' must be a non-empty list of strings, got {got}")
+        if not all(_encodable(a) for a in answers):
+            raise DatasetFormatError(f"{where}: field 'answers' holds a lone UTF-16 surrogate, which is not text")
         loc = _str_field(rec, "loc", where)
         if loc.startswith(_NQ_PREFIX):
             loc = loc[len(_NQ_PREFIX) :]
+            if not loc.strip():
+                raise DatasetFormatError(f"{where}: field 'loc' is only the {_NQ_PREFIX.strip()!r} prefix, no question")
         return {
             "text": _str_field(rec, "src", where),
             "target": answers[0],

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..adapter.checkpoint import check_same_modules, read_adapter_file, split_by_module
+from ..adapter.checkpoint import FLOAT_DTYPES, check_dtypes, check_same_modules, read_adapter_file, split_by_module
 from ..errors import AdapterFileError
 
 DELTA_TENSOR_NAMES = ("delta_up", "delta_down")
@@ -39,8 +39,8 @@ def _check_pair(module: str, group: Mapping[str, torch.Tensor], source: str) -> 
 
     for name in DELTA_TENSOR_NAMES:
         tensor = group[name]
-        if not tensor.is_floating_point():
-            raise fail(f"{name} must be floating point, got {tensor.dtype}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise fail(f"{name} must be floating point (float32/float16/bfloat16/float64), got {tensor.dtype}")
         if tensor.dim() != 2:
             raise fail(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
         if not torch.isfinite(tensor).all():
@@ -65,7 +65,8 @@ def group_delta_tensors(
 def validate_delta_file(path: str | os.PathLike[str], config: Any) -> dict[str, DeltaShapes]:
     """Check a saved DELTA adapter file against its own config; raise ``AdapterFileError`` on any disagreement."""
     source = os.fspath(path)
-    _, shapes = group_delta_tensors(read_adapter_file(path), source)
+    groups, shapes = group_delta_tensors(read_adapter_file(path), source)
+    check_dtypes(groups, config.delta_dtype, source, "delta_dtype")
     check_same_modules(shapes, list(config.target_modules), source, verb="edits")
     total = sum(s.rank for s in shapes.values())
     if total != config.rank:

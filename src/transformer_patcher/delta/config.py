@@ -63,7 +63,7 @@ class DeltaConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
             raise ValueError(f"fingerprint must be a dict or None, got {type(self.fingerprint).__name__}")
 
     @classmethod
-    def validate_weights_file(cls, path: str, config: Any) -> object:
+    def validate_weights_file(cls, path: str, config: Any) -> dict[str, Any]:
         from .checkpoint import validate_delta_file
 
         return validate_delta_file(path, config)

@@ -61,6 +61,13 @@ class DeltaModel(BaseTuner):
         actual = fingerprint_modules(self.model, targets)
         if peft_config.fingerprint is not None:
             check_fingerprint(peft_config.fingerprint, actual, DELTA_WORDING)
+        path, shapes = getattr(peft_config, "checked_weights", (None, {}))  # set when loaded from a folder
+        for module, shape in shapes.items():
+            if [shape.in_features, shape.out_features] != actual["modules"].get(module):
+                raise AdapterFileError(
+                    f"{path} holds a {shape.in_features}→{shape.out_features} delta for '{module}', but that layer "
+                    f"is {'→'.join(map(str, actual['modules'].get(module, ['?', '?'])))} in this model"
+                )
         peft_config.target_modules = targets
         peft_config.fingerprint = actual
         peft_config.rank = 0  # the layers start empty; they move it on every append and load

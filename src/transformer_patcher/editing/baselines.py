@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..adapter.registry import resolve_patch_target
+from ..validation import check_bool, check_int, check_number
 from .modes import eval_mode
 from .tasks import Batch, EditExample, Task
 from .trainer import EditRecord
@@ -38,8 +39,12 @@ class FineTuneConfig:
     def __post_init__(self) -> None:
         if self.scope not in ("last", "all"):
             raise ValueError(f"scope must be 'last' or 'all', got {self.scope!r}")
-        if self.max_steps <= 0 or self.lr <= 0 or self.kl_batch <= 0:
-            raise ValueError("max_steps, lr and kl_batch must be positive")
+        check_bool("FineTuneConfig.kl", self.kl)
+        check_number("FineTuneConfig.lr", self.lr, 0.0, strict=True)
+        check_number("FineTuneConfig.kl_weight", self.kl_weight, 0.0)
+        check_int("FineTuneConfig.max_steps", self.max_steps, minimum=1)
+        check_int("FineTuneConfig.kl_batch", self.kl_batch, minimum=1)
+        check_int("FineTuneConfig.seed", self.seed, minimum=0)
 
     @property
     def name(self) -> str:

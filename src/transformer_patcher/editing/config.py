@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..validation import check_bool, check_int, check_number
+
 # Memory-loss margins (beta, gamma) per activation family. GELU and ReLU are the official values. For SiLU (the
 # LLaMA family) beta is where SiLU is as close to zero as GELU is at -3 (|GELU(-3)| = 0.0040 = |SiLU(-7.5)|), so a
 # memory query below beta leaks as little output as in the paper; gamma keeps the official gap size (3).
@@ -18,6 +20,14 @@ ACTIVATION_MARGINS: dict[str, float] = {"gelu": 0.0, "relu": 0.0, "silu": 15.0}
 
 # Loss weight of the memory term per task, as hard-coded in the official scripts/main.py.
 MEMORY_LOSS_WEIGHT = {"classification": 5.0, "seq2seq": 10.0, "causal_lm": 10.0}
+
+
+_POSITIVE_INTS = ("repeats", "max_steps", "check_every", "lr_every", "act_top_k", "memory_top_k", "max_patches")
+_NON_NEGATIVE_INTS = ("start_val_step", "early_patience", "lr_patience")
+_POSITIVE_FLOATS = ("lr", "grad_clip", "lr_factor")
+_NON_NEGATIVE_FLOATS = ("weight_decay", "early_threshold", "lr_threshold", "act_loss_weight", "memory_loss_weight")
+_FINITE_FLOATS = ("act_margin", "memory_beta", "memory_gamma")
+MAX_SEED = 2**32  # the per-edit seed is seed * 1_000_003 + edit_id, which torch.manual_seed must accept
 
 
 def activation_family(activation: str) -> str:
@@ -65,12 +75,27 @@ class EditConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive = ("lr", "repeats", "max_steps", "check_every", "lr_every", "act_top_k", "memory_top_k", "max_patches")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"EditConfig.{name} must be > 0, got {getattr(self, name)}")
+        """Refuse values training cannot use, naming the field: NaN/inf, wrong types, out-of-range numbers."""
+        for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+            check_int(f"EditConfig.{name}", getattr(self, name), minimum=1 if name in _POSITIVE_INTS else 0)
+        check_int("EditConfig.seed", self.seed, minimum=0, maximum=MAX_SEED - 1)
+        optional = ("act_margin", "memory_beta", "memory_gamma", "memory_loss_weight")
+        for name in _POSITIVE_FLOATS + _NON_NEGATIVE_FLOATS + _FINITE_FLOATS:
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            minimum = None if name in _FINITE_FLOATS else 0.0
+            check_number(f"EditConfig.{name}", value, minimum, strict=name in _POSITIVE_FLOATS)
+        if not 0 < self.lr_factor < 1:
+            raise ValueError(
+                f"EditConfig.lr_factor must be in (0, 1) (the learning rate is multiplied by it), got {self.lr_factor}"
+            )
+        for name in ("dropout", "use_validation", "cache", "keep_failed"):
+            check_bool(f"EditConfig.{name}", getattr(self, name))
         if self.value_init not in ("normal", "uniform"):
             raise ValueError(f"value_init must be 'normal' or 'uniform', got {self.value_init!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"EditConfig.extra must be a dict, got {self.extra!r}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> EditConfig:

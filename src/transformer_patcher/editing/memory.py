@@ -121,8 +121,9 @@ class MemoryBank:
         save_safetensors_atomic({"rows": self._rows}, Path(path), metadata={"key": key, "format": "pt"})
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], key: str, half: bool = False) -> MemoryBank:
-        """Read a bank written by ``save``; refuses a file built from another model, task or data (``key``)."""
+    def load(cls, path: str | os.PathLike[str], key: str, half: bool = False, dim: int | None = None) -> MemoryBank:
+        """Read a bank written by ``save``; refuses a file built from another model, task or data (``key``), and rows
+        that are not a finite float32/bfloat16 (n, ``dim``) matrix."""
         try:
             with safe_open(str(path), framework="pt") as handle:
                 stored = (handle.metadata() or {}).get("key")
@@ -133,7 +134,16 @@ class MemoryBank:
             raise AdapterFileError(f"memory file {path} was built for another model/task/data ({stored} != {key})")
         if set(tensors) != {"rows"}:
             raise AdapterFileError(f"memory file {path} must hold exactly one tensor 'rows', has {sorted(tensors)}")
-        return cls(tensors["rows"], half=half)
+        rows = tensors["rows"]
+        wrong_dim = rows.dim() == 2 and dim is not None and rows.shape[1] != dim
+        if rows.dtype not in (torch.float32, torch.bfloat16) or rows.dim() != 2 or wrong_dim:
+            raise AdapterFileError(
+                f"memory file {path} must hold float32/bfloat16 rows of shape (n, {dim or 'd'}), has {rows.dtype} "
+                f"{tuple(rows.shape)}"
+            )
+        if not torch.isfinite(rows).all():
+            raise AdapterFileError(f"memory file {path} holds NaN or inf")
+        return cls(rows, half=half)
 
 
 def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[str, Any]], size: int) -> str:
@@ -193,7 +203,7 @@ def build_memory(
     key = memory_key(layer.patch_config[adapter_name].fingerprint, task, pairs, max_rows)
     path = Path(cache_dir) / f"{tag}-{max_rows}-{key[:16]}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
-        return MemoryBank.load(path, key)
+        return MemoryBank.load(path, key, dim=layer.query_dim)
     rows = collect_queries(model, layer, task, pairs, max_rows, batch_size, progress, f"{tag}: {max_rows} rows")
     bank = MemoryBank(rows)
     if path is not None:

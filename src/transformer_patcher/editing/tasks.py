@@ -8,11 +8,21 @@ keys on (one patch per wrong read, at most ``max_patches``), and what the memory
 Every read sits at a sequence position of the patched FFN, and after the last FFN nothing mixes positions, so the
 output at a read depends only on the FFN output at that same position. Greedy generation reproduces a target exactly
 iff every teacher-forced read is argmax-correct, so "needs an edit" for generation is decided from one forward pass.
+
+Length: a task encodes at most ``max_length`` tokens per sequence (128 by default; ``for_model`` lowers it to the
+model's position limit when the config states one). Longer *inputs* are truncated to their first tokens, with an
+:class:`InputTruncatedWarning`; for a causal LM the prompt keeps its first ``max_length - len(answer)`` tokens so the
+answer always fits. A generation *target* that does not fit (more than ``max_length - 1`` tokens) is refused with
+:class:`~transformer_patcher.errors.InvalidExampleError`, since training on a cut answer would teach a different one.
+Text is used as given: unknown characters in an input (NUL, zero-width or astral characters a vocabulary lacks) map to
+the tokenizer's unknown token; in a target they are refused.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +33,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidExampleError
+
+
+class InputTruncatedWarning(UserWarning):
+    """An input was longer than the task's ``max_length`` (or the model's positions) and was cut to fit."""
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``repr`` of ``text``, shortened for error messages."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def position_limit(config: Any) -> int | None:
+    """How many positions the model can encode: learned absolute positions bound it, relative ones (T5) do not."""
+    if config is None or getattr(config, "model_type", None) in ("t5", "mt5", "umt5", "longt5"):
+        return None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (config.pad_token_id or 0) + 1  # positions are counted from padding_idx + 1
+    return limit
 
 
 @dataclass(frozen=True)
@@ -69,26 +100,52 @@ class Task(ABC):
     kind: str
 
     def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ------------------------------------------------------------------------------------------- encoding
-    def _tokens(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
-        if not isinstance(text, str) or not text.strip():
+    def _tokens(self, text: str, what: str, add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
+        """Token ids of ``text``; beyond ``limit`` (default ``max_length``) cut to the first ones, with a warning."""
+        if not isinstance(text, str):
+            raise InvalidExampleError(f"{what} must be text, got {type(text).__name__}")
+        if not text.strip():
             raise InvalidExampleError(f"{what} is empty; every example needs non-empty text")
-        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         if not ids:
-            raise InvalidExampleError(f"{what} {text!r} encodes to no tokens")
-        return list(ids[: self.max_length])
+            raise InvalidExampleError(f"{what} {_short(text)} encodes to no tokens")
+        limit = self.max_length if limit is None else limit
+        if len(ids) > limit:
+            warnings.warn(
+                f"{what} is longer than the {limit} tokens that fit (max_length={self.max_length}) and was truncated "
+                "to its first tokens",
+                InputTruncatedWarning,
+                stacklevel=4,
+            )
+            ids = ids[:limit]
+        return ids
 
-    def _target_tokens(self, text: str) -> list[int]:
-        ids = self._tokens(text, "the target", add_special_tokens=False)
+    def _target_tokens(self, text: str, room: int) -> list[int]:
+        """Token ids of a generation target; refused when it has unknown tokens or more than ``room`` tokens."""
+        if not isinstance(text, str):
+            raise InvalidExampleError(f"the target must be text, got {type(text).__name__}")
+        if not text.strip():
+            raise InvalidExampleError("the target is empty; every example needs non-empty text")
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise InvalidExampleError(f"the target {_short(text)} encodes to no tokens")
         unk = self.tokenizer.unk_token_id
         if unk is not None and unk in ids:
             raise InvalidExampleError(
-                f"the target {text!r} contains text the tokenizer cannot encode (it maps to the unknown token "
+                f"the target {_short(text)} contains text the tokenizer cannot encode (it maps to the unknown token "
                 f"{self.tokenizer.unk_token!r}); the model could never produce it"
+            )
+        if len(ids) > room:
+            raise InvalidExampleError(
+                f"the target {_short(text)} is {len(ids)} tokens long; at most {room} fit in max_length="
+                f"{self.max_length}, and a truncated target would teach a different answer"
             )
         return ids
 
@@ -137,7 +194,16 @@ class Task(ABC):
 
     def batch_for(self, model: nn.Module, pairs: Sequence[tuple[str, int | str]]) -> Batch:
         """``collate`` plus the model-specific forward kwargs of ``prepare``: what a forward pass of ``model`` needs."""
-        return self.prepare(model, self.collate(pairs))
+        batch = self.collate(pairs)
+        limit = position_limit(getattr(model, "config", None))
+        if limit is not None:
+            for name in ("input_ids", "decoder_input_ids"):
+                if name in batch.inputs and batch.inputs[name].shape[1] > limit:
+                    raise InvalidExampleError(
+                        f"an example encodes to {batch.inputs[name].shape[1]} tokens ({name}) but the model has "
+                        f"{limit} positions; build the task with max_length <= {limit} (for_model does this)"
+                    )
+        return self.prepare(model, batch)
 
     # ---------------------------------------------------------------------------------------------- reading
     def prepare(self, model: nn.Module, batch: Batch) -> Batch:
@@ -196,19 +262,20 @@ class ClassificationTask(Task):
         """Read [CLS] on encoder models and the last token on decoder classifiers (what their heads pool)."""
         config = model.config
         last = getattr(config, "is_decoder", False) or config.model_type in _DECODER_CLASSIFIERS
-        return cls(tokenizer, config.num_labels, "last" if last else "first", **kwargs)
+        return cls(tokenizer, config.num_labels, "last" if last else "first", **_fit_max_length(model, kwargs))
 
     @property
     def n_classes(self) -> int:
         return max(self.num_labels, 2)
 
     def _encode(self, text: str, target: int | str) -> _Encoded:
-        ids = self._tokens(text, "the input text")
-        if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < self.n_classes:
+        label = _label_index(target)
+        if label is None or not 0 <= label < self.n_classes:
             raise InvalidExampleError(
                 f"label {target!r} is outside the classifier head: expected an int in [0, {self.n_classes - 1}]"
             )
-        return _Encoded(ids, [0 if self.read_position == "first" else len(ids) - 1], [target])
+        ids = self._tokens(text, "the input text")
+        return _Encoded(ids, [0 if self.read_position == "first" else len(ids) - 1], [label])
 
     def read_logits(self, output: Any, batch: Batch) -> torch.Tensor:
         logits = output.logits
@@ -262,14 +329,14 @@ class Seq2SeqTask(_GenerationTask):
         start = model.config.decoder_start_token_id
         if start is None:
             raise ValueError("the model config has no decoder_start_token_id; Seq2SeqTask cannot teacher-force it")
-        return cls(tokenizer, start, **kwargs)
+        return cls(tokenizer, start, **_fit_max_length(model, kwargs))
 
     def _encode(self, text: str, target: int | str) -> _Encoded:
         if not isinstance(target, str):
             raise InvalidExampleError(f"a seq2seq target must be text, got {type(target).__name__}")
-        ids = self._tokens(text, "the input text")
-        labels = self._target_tokens(target)
         eos = self.tokenizer.eos_token_id
+        labels = self._target_tokens(target, self.max_length - (eos is not None))
+        ids = self._tokens(text, "the input text")
         if eos is not None:
             labels = [*labels, eos]
         decoder = [self.decoder_start, *labels[:-1]]
@@ -287,13 +354,15 @@ class CausalLMTask(_GenerationTask):
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> CausalLMTask:
-        return cls(tokenizer, **kwargs)
+        return cls(tokenizer, **_fit_max_length(model, kwargs))
 
     def _encode(self, text: str, target: int | str) -> _Encoded:
         if not isinstance(target, str):
             raise InvalidExampleError(f"a causal-LM target must be text, got {type(target).__name__}")
-        prompt = self._tokens(text, "the prompt")
-        answer = self._target_tokens(self.target_prefix + target.strip() if target.strip() else target)
+        answer = self._target_tokens(
+            self.target_prefix + target.strip() if target.strip() else target, self.max_length - 1
+        )
+        prompt = self._tokens(text, "the prompt", limit=self.max_length - len(answer))
         ids = prompt + answer
         return _Encoded(ids, list(range(len(prompt) - 1, len(ids) - 1)), answer)
 
@@ -302,6 +371,25 @@ class CausalLMTask(_GenerationTask):
         if _accepts(model, "logits_to_keep"):
             batch.extra["logits_to_keep"] = torch.unique(batch.cols)
         return batch
+
+
+def _label_index(target: object) -> int | None:
+    """A class id as a Python int: ints and integer scalars (numpy, 0-d tensors), never bools, floats or text."""
+    if isinstance(target, (bool, str, bytes, float)) or type(target).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(target)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _fit_max_length(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``max_length`` lowered to the model's position limit (a longer input would not run)."""
+    limit = position_limit(getattr(model, "config", None))
+    max_length = kwargs.get("max_length", 128)
+    if limit is not None and isinstance(max_length, int) and max_length > limit:
+        kwargs = {**kwargs, "max_length": limit}
+    return kwargs
 
 
 _DECODER_CLASSIFIERS = {"gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}

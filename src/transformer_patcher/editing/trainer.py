@@ -8,10 +8,19 @@ with pre-activation 1 on its mistake) and value ``v'⊙a``, then train only thos
 using Adam (lr 1e-2, weight decay 0.01), gradient clipping at 5 and a batch of the edit repeated 8 times. Checks run
 on the official schedule; once the edit is fixed, training stops when the validation memory loss stops improving.
 The patches are then committed (frozen) and the edit's queries join the memory, so later patches stay silent on it.
+
+Numerics: the loss is checked with one ``isfinite`` per step (the value is read for the record anyway), the patch
+parameters once after training. A NaN/inf there, or in the base model's logits/queries at the edit, raises
+:class:`~transformer_patcher.errors.NonFiniteError` and rolls the edit back: no patch is added, the memory banks are not
+extended, the model's outputs are bit-identical to before. Patches are trained and stored in the adapter's
+``patch_dtype`` (float32 by default, also on bf16/fp16 base models); the FFN query is cast to that dtype and the patch
+output back to the FFN's dtype, and the edit loss is computed in float32. float16 patches are refused here (Adam
+underflows in float16); bfloat16 ones train.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +30,7 @@ from torch import nn
 
 from ..adapter.keys import init_key
 from ..adapter.layer import PatcherLayer
+from ..errors import NonFiniteError
 from .config import EditConfig
 from .losses import activation_loss, memory_loss
 from .memory import MemoryBank
@@ -72,6 +82,12 @@ class PatchTrainer:
         self.val_memory = val_memory
         self.adapter = adapter_name
         self.layer: PatcherLayer = model.base_model.patch_layer(adapter_name)
+        if self.layer.patch_keys[adapter_name].dtype == torch.float16:
+            raise ValueError(
+                "PatchTrainer cannot train float16 patches (patch_dtype='float16', or None on a float16 model): Adam's "
+                "eps (1e-8) and squared gradients underflow in float16 and the loss turns NaN within a few steps. Use "
+                "patch_dtype='float32' (the default; float32 patches on a float16 base model are fine) or 'bfloat16'"
+            )
         activation = self.layer.patch_config[adapter_name].patch_activation
         self.beta, self.gamma = self.config.margins(activation)
         self.act_margin = self.config.activation_margin(activation)
@@ -142,10 +158,12 @@ class PatchTrainer:
         try:
             with torch.no_grad():
                 first = self._forward(single, record=not cfg.dropout)
+            _require_finite(first.logits, "the model's logits at the edit (before any patch was added)")
             wrong = (~self.task.correct(first.logits, single.labels)).nonzero().squeeze(1)
             if wrong.numel() == 0:
                 return EditRecord(edit_id, needed=False, success=True, seconds=time.perf_counter() - started)
             reads = wrong[: cfg.max_patches]
+            _require_finite(first.query, "the FFN queries at the edit (before any patch was added)")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 self._add_patches(first.query[reads], edit_id)
@@ -231,11 +249,17 @@ class PatchTrainer:
             mem = self._memory_term(self.memory, a_e)
             if mem is not None:
                 loss = loss + self.memory_weight * mem
+            loss_value = float(loss.detach())  # the one sync per step; it also checks the loss is finite
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(
+                    f"the edit's training loss became {loss_value} at step {step} (edit {float(edit.detach())}, "
+                    f"activation {float(act.detach())}, memory {None if mem is None else float(mem.detach())}); "
+                    "the edit was rolled back"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            loss_value = float(loss.detach())
             lr_due, check_due = step % cfg.lr_every == 0, step % cfg.check_every == 0 and step > cfg.start_val_step
             if not (lr_due or check_due):
                 continue
@@ -255,6 +279,8 @@ class PatchTrainer:
                 break
         else:
             fixed = self._validate(batch, reads, n_reads)[0]
+        for name, param in zip(self.layer.adapter_layer_names, params, strict=True):
+            _require_finite(param.detach(), f"the trained patch tensor {name!r} after step {step}")
         return fixed, step, loss_value
 
     def _validate(self, batch: Batch, reads: torch.Tensor, n_reads: int) -> tuple[bool, float, torch.Tensor]:
@@ -263,7 +289,15 @@ class PatchTrainer:
             out = self._forward(batch, replay=True)
             edit, _, a_e = self._losses(out, batch, reads, n_reads)
         fixed = bool(self.task.correct(out.logits, batch.labels).all())
-        return fixed, float(edit), a_e
+        edit_value = float(edit)
+        if not math.isfinite(edit_value):
+            raise NonFiniteError(f"the edit's validation loss became {edit_value}; the edit was rolled back")
+        return fixed, edit_value, a_e
+
+
+def _require_finite(tensor: torch.Tensor | None, what: str) -> None:
+    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(f"{what} contains NaN or inf; the edit was rolled back and nothing changed")
 
 
 def _plateaued(losses: list[float], threshold: float, patience: int) -> bool:

@@ -163,7 +163,8 @@ def second_moments(
         for layer, key in keys.items():
             path = Path(cache_dir) / f"mom2-{key[:24]}.safetensors"
             if path.is_file():
-                cached[layer] = _load(path, key, targets[layer].value_module)
+                value = targets[layer].value_module
+                cached[layer] = _load(path, key, value, _key_width(model.get_submodule(value)))
     missing = [layer for layer in layers if layer not in cached]
     if missing:
         fresh = collect_second_moments(model, tokenizer, texts, missing, max_length, batch_size, progress)
@@ -176,7 +177,9 @@ def second_moments(
     return {layer: cached[layer] for layer in layers}
 
 
-def _load(path: Path, key: str, module: str) -> SecondMoment:
+def _load(path: Path, key: str, module: str, width: int | None = None) -> SecondMoment:
+    """Read one layer's cached statistics; refuse a file for another key or module, or not a finite (width × width)
+    float64 matrix with a positive token count."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -188,4 +191,13 @@ def _load(path: Path, key: str, module: str) -> SecondMoment:
     matrix = tensors["mom2"]
     if matrix.dtype != torch.float64 or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise AdapterFileError(f"statistics file {path} does not hold a square float64 matrix")
-    return SecondMoment(module, matrix, int(metadata.get("tokens", "0")))
+    if width is not None and matrix.shape[0] != width:
+        raise AdapterFileError(
+            f"statistics file {path} holds a {matrix.shape[0]}-wide matrix; the keys are {width}-wide"
+        )
+    if not torch.isfinite(matrix).all():
+        raise AdapterFileError(f"statistics file {path} holds NaN or inf")
+    tokens = metadata.get("tokens", "")
+    if not (tokens.isascii() and tokens.isdigit() and int(tokens) > 0):
+        raise AdapterFileError(f"statistics file {path}: token count {tokens!r} is not a positive integer")
+    return SecondMoment(module, matrix, int(tokens))

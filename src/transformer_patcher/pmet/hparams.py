@@ -9,9 +9,10 @@ spread by ``1/(L − i)``, where PMET optimises attention- and FFN-output deltas
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+from ..validation import check_int, check_number, check_options
 
 VARIANTS = ("pmet", "memit")
 
@@ -39,35 +40,36 @@ class PMETHyperParams:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        layers = tuple(self.layers)
-        if not layers or any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
+        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (tuple, list)):
             raise ValueError(f"layers must be a non-empty sequence of block indices, got {self.layers!r}")
+        layers = tuple(self.layers)
+        if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise ValueError(f"layers must be a non-empty sequence of block indices >= 0, got {self.layers!r}")
         if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
             raise ValueError(f"layers must be strictly increasing, got {layers}")
         object.__setattr__(self, "layers", layers)
         positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor")
         non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge")
         for name in positive + non_negative:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            if value < 0 or (name in positive and value == 0):
-                raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value!r}")
+            check_number(name, getattr(self, name), 0.0, strict=name in positive)
         for name in ("v_num_grad_steps", "mom2_n_texts", "mom2_max_length", "requests_per_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        lengths = tuple(tuple(pair) for pair in self.context_template_lengths)
-        if any(len(pair) != 2 or min(pair) < 1 for pair in lengths):
-            raise ValueError(f"context_template_lengths must be (tokens, count) pairs >= 1, got {lengths!r}")
+            check_int(name, getattr(self, name), minimum=1)
+        pairs = self.context_template_lengths
+        if not isinstance(pairs, (tuple, list)) or not all(isinstance(pair, (tuple, list)) for pair in pairs):
+            raise ValueError(f"context_template_lengths must be (tokens, count) pairs of integers >= 1, got {pairs!r}")
+        lengths = tuple(tuple(pair) for pair in pairs)
+        if any(
+            len(pair) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in pair)
+            for pair in lengths
+        ):
+            raise ValueError(f"context_template_lengths must be (tokens, count) pairs of integers >= 1, got {pairs!r}")
         object.__setattr__(self, "context_template_lengths", lengths)
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {self.extra!r}")
 
     def with_options(self, **options: Any) -> PMETHyperParams:
         """A copy with ``options`` replaced; unknown names are an error naming the valid ones."""
-        known = {f.name for f in fields(self)} - {"extra"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown PMET option(s) {unknown}; valid: {', '.join(sorted(known))}")
+        check_options("PMET", options, {f.name for f in fields(self)} - {"extra"})
         return replace(self, **options)
 
     def to_dict(self) -> dict[str, Any]:

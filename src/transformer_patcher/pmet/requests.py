@@ -27,12 +27,25 @@ class EditRequest:
     def __post_init__(self) -> None:
         for name in ("prompt", "subject", "target"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
+            if not isinstance(value, str):
+                raise InvalidExampleError(f"the request's {name} must be text, got {type(value).__name__}")
+            if not value.strip():
                 raise InvalidExampleError(f"the request's {name} is empty; every request needs a non-empty {name}")
         if "{}" not in self.prompt and self.subject not in self.prompt:
             raise InvalidExampleError(
                 f"the subject {self.subject!r} does not occur in the prompt {self.prompt!r}; PMET writes the fact at "
                 "the subject's last token, so the prompt must mention it (literally or as a '{}' slot)"
+            )
+        try:
+            text = self.template.format(self.subject)
+        except (IndexError, KeyError, ValueError) as error:
+            raise InvalidExampleError(
+                f"the prompt {self.prompt!r} is not a usable template: it has a '{{}}' slot and other braces "
+                f"({type(error).__name__}: {error}); give exactly one '{{}}' and no other '{{' or '}}'"
+            ) from error
+        if self.subject not in text:
+            raise InvalidExampleError(
+                f"the subject {self.subject!r} is lost when formatting the prompt {self.prompt!r}"
             )
 
     @property
@@ -40,7 +53,8 @@ class EditRequest:
         """The prompt with its first subject mention as ``{}``."""
         if "{}" in self.prompt:
             return self.prompt
-        return self.prompt.replace("{", "{{").replace("}", "}}").replace(self.subject, "{}", 1)
+        escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
+        return escape(self.prompt).replace(escape(self.subject), "{}", 1)
 
     @property
     def text(self) -> str:
@@ -48,10 +62,18 @@ class EditRequest:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> EditRequest:
-        """From a loader row (``text``/``prompt``, ``subject``, ``target``/``target_new``)."""
-        prompt = record.get("text", record.get("prompt"))
-        target = record.get("target", record.get("target_new"))
-        return cls(str(prompt or ""), str(record.get("subject") or ""), str(target or ""))
+        """From a loader row (``text``/``prompt``, ``subject``, ``target``/``target_new``); every field must be text."""
+        values = {
+            "prompt": record.get("text", record.get("prompt")),
+            "subject": record.get("subject"),
+            "target": record.get("target", record.get("target_new")),
+        }
+        for name, value in values.items():
+            if value is None:
+                raise InvalidExampleError(f"the record has no {name} (keys: {sorted(record)})")
+            if not isinstance(value, str):
+                raise InvalidExampleError(f"the record's {name} must be text, got {type(value).__name__} {value!r}")
+        return cls(values["prompt"], values["subject"], values["target"])
 
 
 @dataclass(frozen=True)
@@ -80,7 +102,7 @@ def encode(tokenizer: Any, template: str, subject: str, answer: Sequence[int] = 
     The subject's last token is the last token of the text up to the end of the subject, tokenised on its own (as in
     ROME's ``find_fact_lookup_idx``).
     """
-    prefix, _, _ = template.partition("{}")
+    prefix = template.partition("{}")[0].replace("{{", "{").replace("}}", "}")  # unescaped, as in the text
     text = template.format(subject)
     prompt_ids = list(tokenizer(text)["input_ids"])
     upto = list(tokenizer(prefix + subject)["input_ids"])

@@ -34,6 +34,7 @@ from ..editing.config import EditConfig
 from ..editing.editor import Editor
 from ..editing.registry import DISPLAY_NAMES, MASS_EDITORS, build_editor
 from ..editing.tasks import CausalLMTask, EditExample
+from ..folder_lock import folder_lock
 from ..pretrained import cache_dir, load_model
 from .evaluation import Outcome
 from .fact_scores import FactCase, fact_metrics, score_cases
@@ -95,8 +96,15 @@ def load_cases(config: BatchExperimentConfig) -> list[FactCase]:
 def run_batch_experiment(
     config: BatchExperimentConfig, out_dir: str | os.PathLike[str], progress: bool = True, command: str | None = None
 ) -> dict[str, Any]:
-    """Run every (editor, batch size) not already in ``out_dir/parts`` and write the combined results."""
-    out = Path(out_dir)
+    """Run every (editor, batch size) not already in ``out_dir/parts`` and write the combined results. The folder
+    is locked while this runs: a second run on it raises FolderLockedError."""
+    with folder_lock(out_dir):
+        return _run_batch_experiment(config, Path(out_dir), progress, command)
+
+
+def _run_batch_experiment(
+    config: BatchExperimentConfig, out: Path, progress: bool, command: str | None
+) -> dict[str, Any]:
     saved = out / "config.json"
     settings = json.loads(json.dumps(asdict(config)))
     if saved.is_file() and json.loads(saved.read_text()) != settings:

@@ -40,7 +40,7 @@ def save_checkpoint(
     save_safetensors_atomic(tensors, tensor_file)
     record = {"format": FORMAT_VERSION, "tensors": tensor_file.name, "sha256": _sha256(tensor_file), "state": state}
     write_text_atomic(directory / f"{name}.json", json.dumps(record, indent=1))
-    for old in directory.glob(f"{name}.*.safetensors"):
+    for old in directory.glob(f"{name}.*.safetensors*"):  # older positions and a killed write's .tmp
         if old != tensor_file:
             old.unlink(missing_ok=True)
 
@@ -52,12 +52,33 @@ def load_checkpoint(directory: str | os.PathLike[str], name: str) -> tuple[dict[
     if not pointer.exists():
         return None
     try:
-        record: dict[str, Any] = json.loads(pointer.read_text())
-        tensor_file = directory / record["tensors"]
-        if record.get("format") != FORMAT_VERSION:
-            raise AdapterFileError(f"{pointer}: unsupported checkpoint format {record.get('format')!r}")
-        if _sha256(tensor_file) != record["sha256"]:
-            raise AdapterFileError(f"{tensor_file} does not match the checksum recorded in {pointer}")
-        return load_file(str(tensor_file)), record["state"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as error:
+        record: Any = json.loads(pointer.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise AdapterFileError(f"cannot resume from checkpoint {pointer}: {error}") from error
+    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise AdapterFileError(f"{pointer}: unsupported checkpoint format {found!r}")
+    file_name, checksum, state = record.get("tensors"), record.get("sha256"), record.get("state")
+    # only a tensors file of this checkpoint, in this folder: the pointer must not lead elsewhere
+    if not (
+        isinstance(file_name, str)
+        and file_name.startswith(f"{name}.")
+        and file_name.endswith(".safetensors")
+        and "\x00" not in file_name
+        and Path(file_name).name == file_name
+    ):
+        raise AdapterFileError(f"{pointer} names {file_name!r}, not a tensors file of checkpoint '{name}'")
+    if not isinstance(checksum, str) or not isinstance(state, dict):
+        raise AdapterFileError(f"{pointer} lacks a sha256 string or a state object")
+    tensor_file = directory / file_name
+    try:
+        digest = _sha256(tensor_file)
+        tensors = load_file(str(tensor_file)) if digest == checksum else None
+        non_finite = [k for k, t in (tensors or {}).items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    except (OSError, SafetensorError, ValueError, RuntimeError) as error:
+        raise AdapterFileError(f"cannot resume from checkpoint {pointer}: {error}") from error
+    if tensors is None:
+        raise AdapterFileError(f"{tensor_file} does not match the checksum recorded in {pointer}")
+    if non_finite:
+        raise AdapterFileError(f"{tensor_file}: tensors {non_finite} hold NaN or inf; the run cannot resume from it")
+    return tensors, state

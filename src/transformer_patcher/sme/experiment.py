@@ -12,6 +12,7 @@ Output folder::
     patches/fold-K/          the fold's patch set or weight delta (PEFT adapter folder; T-Patcher, PMET, MEMIT)
     heatmaps/fold-K.png      patch × edit activations (T-Patcher only)
     checkpoints/             resumable state of unfinished folds
+    .lock                    held by the run while it works (a second run on the folder is refused)
 """
 
 from __future__ import annotations
@@ -20,21 +21,23 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 
-from ..adapter.patch_set import write_edit_log
+from ..adapter.patch_set import save_adapter_folder
 from ..atomic import write_text_atomic
 from ..data.benchmarks import BENCHMARKS, Benchmark
 from ..editing.baselines import FineTuneConfig
 from ..editing.config import EditConfig
 from ..editing.registry import DISPLAY_NAMES, EDITOR_NAMES, MASS_EDITORS, build_editor
 from ..editing.tasks import task_for_model
+from ..folder_lock import folder_lock
 from ..pretrained import cache_dir, load_model
+from ..validation import check_int, check_options
 from .report import markdown_table, summarize_folds
 from .runner import SMEConfig, SMERunner
 
@@ -76,8 +79,15 @@ class ExperimentConfig:
         if self.editor not in EDITOR_NAMES:
             raise ValueError(f"unknown editor {self.editor!r}; choose one of {', '.join(EDITOR_NAMES)}")
         for name in ("folds", "memory_rows", "validation_rows", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("max_examples", "eval_every"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
+        for name in ("edit_options", "finetune_options", "pmet_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict, got {getattr(self, name)!r}")
+        check_options("edit", self.edit_options, {f.name for f in fields(EditConfig)})
+        check_options("fine-tuning", self.finetune_options, {f.name for f in fields(FineTuneConfig)})
         self.edit_config()  # invalid overrides fail here, before anything is loaded or written
         replace(FineTuneConfig(), **self.finetune_options)
         from ..pmet import pmet_hparams
@@ -112,9 +122,16 @@ def load_benchmark(config: ExperimentConfig) -> Benchmark:
 def run_experiment(
     config: ExperimentConfig, out_dir: str | os.PathLike[str], resume: bool = False, progress: bool = True
 ) -> dict[str, Any] | None:
-    """Run every fold this process owns; on the main process return the assembled results (None elsewhere)."""
+    """Run every fold this process owns; on the main process return the assembled results (None elsewhere).
+    The folder is locked while this runs: a second run on it raises FolderLockedError."""
     state = PartialState()
-    out = Path(out_dir)
+    with folder_lock(out_dir, rank=state.process_index):
+        return _run_experiment(config, Path(out_dir), resume, progress, state)
+
+
+def _run_experiment(
+    config: ExperimentConfig, out: Path, resume: bool, progress: bool, state: PartialState
+) -> dict[str, Any] | None:
     _check_resume(config, out, resume)
     state.wait_for_everyone()  # every process has checked before the main one claims the folder
     benchmark = load_benchmark(config)
@@ -190,15 +207,14 @@ def _save_patches(editor: Any, task: Any, stream: list, records: list[dict[str, 
     """The fold's patch set and its activation heatmap over the fold's edited inputs."""
     from ..plots import activation_heatmap, patch_activations
 
-    folder = out / "patches" / f"fold-{fold}"
-    editor.model.save_pretrained(folder)
     needed = [r for r in records if r["needed"]]
     edited = [stream[r["index"]] for r in needed]
     log = [
         {"edit_id": r["edit_id"], "text": e.text, "target": e.target, "success": r["success"]}
         for r, e in zip(needed, edited, strict=True)
     ]
-    write_edit_log(folder, log)  # so `info` can say what each patch fixes and later `edit`s keep it in memory
+    # one atomic step, so `info` can say what each patch fixes and later `edit`s keep it in memory
+    save_adapter_folder(editor.model, out / "patches" / f"fold-{fold}", log)
     if not edited or not hasattr(editor.model.base_model, "patch_layer"):
         return
     if editor.model.base_model.patch_layer().num_patches() == 0:

@@ -1,0 +1,639 @@
+"""Fuzz campaigns for every file the package reads from elsewhere: adapter folders (PATCHER and DELTA, weights and
+config), memory banks, PMET key statistics and SME resumable checkpoints.
+
+Each case writes one mutated copy of a valid file into a temporary folder and loads it. The contract: a clear error of
+the package's own classes (naming the file, or the base-model fact that differs) with the model untouched, or a load
+that yields exactly the original tensors. Two documented exceptions are tallied under their own labels: safetensors
+has no checksum, so a byte flip inside tensor data that leaves finite values loads as written; and a config value
+that is valid but different (another activation, say) is applied as written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from fuzzing import campaign, fuzz_settings, outcome_label
+from tiny_models import build, inputs_for, logits
+from transformer_patcher import (
+    AdapterFileError,
+    DeltaConfig,
+    DeltaLayer,
+    DeltaModel,
+    FingerprintMismatchError,
+    PatcherConfig,
+    PatcherError,
+    PatcherLayer,
+    PatcherModel,
+    UnsupportedArchitectureError,
+    get_delta_model,
+    get_patcher_model,
+)
+from transformer_patcher.editing.memory import MemoryBank
+from transformer_patcher.pmet import covariance
+from transformer_patcher.sme.checkpoint import load_checkpoint, save_checkpoint
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+HARMLESS = "harmless: loads the original"
+AS_WRITTEN = "accepted: finite tensor bytes loaded as written (safetensors has no checksum)"
+CONFIG_AS_WRITTEN = "accepted: original tensors, a valid config value applied as written"
+LLAMA_DOWN = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+HUGE = 2**64 - 1
+
+
+# ----------------------------------------------------------------------------------------------- contract
+def assert_untouched(model: torch.nn.Module, reference: torch.Tensor, names: list[str]) -> None:
+    """No tuner layer of either kind, no ``peft_config``, the same parameters, bit-identical logits."""
+    assert not any(isinstance(m, (PatcherLayer, DeltaLayer)) for m in model.modules())
+    assert not hasattr(model, "peft_config")
+    assert list(model.state_dict()) == names
+    assert torch.equal(logits(model, inputs_for(model)), reference)
+
+
+def assert_clear(error: BaseException, *paths: Path) -> None:
+    """A package error; a file error names the file (a fingerprint or architecture error names the fact)."""
+    assert isinstance(error, PatcherError), f"{type(error).__name__} leaked: {error}"
+    if isinstance(error, AdapterFileError) and not isinstance(error, FingerprintMismatchError):
+        assert any(str(path) in str(error) for path in paths), f"the message does not name the file: {error}"
+    else:
+        assert isinstance(error, (FingerprintMismatchError, UnsupportedArchitectureError)), repr(error)
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+    )
+
+
+def readable(data: bytes) -> dict[str, torch.Tensor] | None:
+    """The tensors a mutated file holds, when it is still valid safetensors."""
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+        handle.write(data)
+        handle.flush()
+        try:
+            return load_file(handle.name)
+        except Exception:
+            return None
+
+
+def accepted(loaded: dict[str, torch.Tensor], original: dict[str, torch.Tensor], written: bytes | None) -> str:
+    """Label a load that succeeded: it must give the original tensors, or exactly what the mutated file holds."""
+    if same_tensors(loaded, original):
+        return HARMLESS
+    as_written = readable(written) if written is not None else None
+    assert as_written is not None, "the load yields neither the original tensors nor a readable file's"
+    assert all(not t.is_floating_point() or bool(torch.isfinite(t).all()) for t in loaded.values())
+    if same_tensors(loaded, as_written):
+        return AS_WRITTEN
+    converted = {k: v.to(loaded[k].dtype) for k, v in as_written.items() if k in loaded}
+    assert same_tensors(loaded, converted), "the load yields neither the original tensors nor the file's"
+    assert {t.dtype for t in as_written.values()} <= {torch.bfloat16}, "only bfloat16 memory rows are converted"
+    return "accepted: bfloat16 rows (how a half-precision bank is saved), converted"
+
+
+# ---------------------------------------------------------------------------------------- file mutations
+@dataclass(frozen=True)
+class Mutation:
+    kind: str
+    data: bytes
+
+
+def _header(data: bytes) -> tuple[dict[str, Any], bytes]:
+    length = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def _with_header(header: object, buffer: bytes, length: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if length is None else length) + text + buffer
+
+
+def _flip(data: bytes, at: int, mask: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ mask]) + data[at + 1 :]
+
+
+_DTYPES = [torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int64, torch.bool, torch.float8_e4m3fn]
+_CODES = ["F64", "F32", "F16", "BF16", "I8", "I32", "I64", "U8", "BOOL", "F8_E4M3", "U64", "C64", "XX"]
+_SHAPES = st.sampled_from([[2**40, 2**40], [2**62], [2**31, 2**31, 2**31], [0, 2**62], [HUGE], [2**20, 2**20]]) | (
+    st.lists(st.integers(0, HUGE), max_size=4)
+)
+
+
+def _retyped(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:
+        return tensor.float().clamp(-400, 400).to(dtype)
+    return tensor.to(dtype)
+
+
+def safetensors_mutations(original: bytes) -> st.SearchStrategy[Mutation]:
+    """Truncations, byte flips, hand-crafted headers (huge or inconsistent shapes/offsets/lengths) and tensor-level
+    edits (dtype, shape, renamed/extra/missing tensors, NaN/inf, metadata) of the safetensors file ``original``."""
+    header, buffer = _header(original)
+    metadata = header.get("__metadata__")
+    names = sorted(k for k in header if k != "__metadata__")
+    tensors = readable(original)
+    assert tensors is not None
+    n = len(original)
+
+    def tensor_level(edit: Callable[[dict[str, torch.Tensor]], object], kind: str, meta: object = metadata) -> Mutation:
+        copy = {k: v.clone() for k, v in tensors.items()}
+        edit(copy)
+        return Mutation(kind, save(copy, metadata=meta))
+
+    def crafted(name: str, field_: str, value: object) -> Mutation:
+        edited = json.loads(json.dumps(header))
+        edited[name][field_] = value
+        return Mutation(f"crafted header: {field_}", _with_header(edited, buffer))
+
+    def retype(name: str, dtype: torch.dtype) -> Mutation:
+        return tensor_level(lambda t: t.__setitem__(name, _retyped(t[name], dtype)), "wrong dtype")
+
+    def reshape(name: str, shape: list[int]) -> Mutation:
+        return tensor_level(lambda t: t.__setitem__(name, torch.zeros(shape, dtype=t[name].dtype)), "wrong shape")
+
+    def rename(name: str, new: str) -> Mutation:
+        return tensor_level(lambda t: t.__setitem__(new, t.pop(name)), "renamed tensor")
+
+    def extra(new: str) -> Mutation:
+        return tensor_level(lambda t: t.__setitem__(new, torch.zeros(2, 2)), "extra tensor")
+
+    def missing(name: str) -> Mutation:
+        return tensor_level(lambda t: t.pop(name), "missing tensor")
+
+    def non_finite(name: str, value: float, where: int) -> Mutation:
+        def edit(t: dict[str, torch.Tensor]) -> None:
+            flat = t[name].reshape(-1)
+            if flat.numel() and flat.is_floating_point():
+                flat[where % flat.numel()] = value
+
+        return tensor_level(edit, "NaN/inf")
+
+    def new_metadata(value: dict[str, str] | None) -> Mutation:
+        return tensor_level(lambda t: None, "metadata", value)
+
+    name = st.sampled_from(names)
+    suffixes = st.sampled_from(["", ".x", "_", "s"]) | st.text("abc._", max_size=6)
+    strings = st.text(max_size=12)
+    return st.one_of(
+        st.integers(0, n - 1).map(lambda i: Mutation("truncated", original[:i])),
+        st.tuples(st.integers(0, n - 1), st.integers(1, 255)).map(lambda p: Mutation("byte flip", _flip(original, *p))),
+        st.builds(crafted, name, st.just("shape"), _SHAPES),
+        st.builds(
+            crafted,
+            name,
+            st.just("data_offsets"),
+            st.lists(st.integers(0, HUGE) | st.integers(0, len(buffer)), min_size=2, max_size=2),
+        ),
+        st.builds(crafted, name, st.just("dtype"), st.sampled_from(_CODES)),
+        st.integers(0, HUGE).map(lambda k: Mutation("header length", _with_header(header, buffer, k))),
+        st.builds(retype, name, st.sampled_from(_DTYPES)),
+        st.builds(reshape, name, st.lists(st.integers(0, 40), max_size=3)),
+        st.builds(rename, name, st.builds(lambda k, s: k + s, name, suffixes)),
+        st.builds(extra, st.sampled_from(["base_model.model.lm_head.weight", "rows2", "mom2.x"]) | strings),
+        st.builds(missing, name),
+        st.builds(non_finite, name, st.sampled_from([float("nan"), float("inf"), -float("inf")]), st.integers(0, 99)),
+        st.builds(
+            new_metadata, st.none() | st.dictionaries(st.sampled_from(["key", "module", "tokens", "format"]), strings)
+        ),
+    )
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(2**53, 2**200)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=16),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: object) -> dict[str, Any]:
+    copy = json.loads(json.dumps(data))
+    target = copy
+    for part in path[:-1]:
+        target = target[part]
+    if value is _DELETE:
+        target.pop(path[-1], None)
+    else:
+        target[path[-1]] = value
+    return copy
+
+
+_DELETE = object()
+
+
+def json_mutations(original: dict[str, Any], plausible: st.SearchStrategy[object]) -> st.SearchStrategy[Mutation]:
+    """Field deletions, extra fields, wrong types, NaN/Infinity, huge numbers, non-object JSON, invalid UTF-8,
+    truncation, byte flips and deep nesting of the JSON object ``original``."""
+    paths = [(k,) for k in original] + [(k, sub) for k, v in original.items() if isinstance(v, dict) for sub in v]
+    text = json.dumps(original, indent=2).encode()
+    path = st.sampled_from(paths)
+
+    def dump(kind: str, value: object) -> Mutation:
+        return Mutation(kind, json.dumps(value, indent=2).encode())
+
+    return st.one_of(
+        st.builds(lambda p, v: dump(f"field {'.'.join(p)} replaced", _set_path(original, p, v)), path, JSON_VALUES),
+        st.builds(lambda p, v: dump(f"field {'.'.join(p)} plausible", _set_path(original, p, v)), path, plausible),
+        st.builds(lambda p: dump(f"field {'.'.join(p)} missing", _set_path(original, p, _DELETE)), path),
+        st.builds(lambda k, v: dump("extra field", {**original, k: v}), st.text(max_size=10), JSON_VALUES),
+        JSON_VALUES.filter(lambda v: not isinstance(v, dict)).map(lambda v: dump("not an object", v)),
+        st.integers(0, len(text) - 1).map(lambda i: Mutation("truncated", text[:i])),
+        st.tuples(st.integers(0, len(text) - 1), st.integers(1, 255)).map(
+            lambda p: Mutation("byte flip", _flip(text, *p))
+        ),
+        st.tuples(st.integers(0, len(text)), st.binary(min_size=1, max_size=4).map(lambda b: b"\xff" + b)).map(
+            lambda p: Mutation("invalid UTF-8", text[: p[0]] + p[1] + text[p[0] :])
+        ),
+        st.sampled_from([40, 2000, 100_000]).map(
+            lambda depth: (
+                dump("deeply nested", {**original, "fingerprint": json.loads("[" * depth + "]" * depth)})
+                if depth < 900
+                else Mutation("deeply nested", text[:-2] + b', "x": ' + b"[" * depth + b"]" * depth + b"}")
+            )
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------ adapter folders
+@dataclass
+class AdapterSetup:
+    """A saved adapter folder, the base model it loads into, and what a correct load gives."""
+
+    peft_type: str
+    folder: Path
+    load: Callable[..., PeftModel]
+    fresh: Callable[[], torch.nn.Module]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapted: torch.Tensor | None = None
+    model: torch.nn.Module | None = None
+    reference: torch.Tensor | None = None
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tensors = load_file(self.folder / WEIGHTS)
+        self.config = json.loads((self.folder / CONFIG).read_text())
+        self.weights = (self.folder / WEIGHTS).read_bytes()
+        self.reset()
+        loaded = self.load(self.fresh(), self.folder)
+        self.adapted = logits(loaded, inputs_for(loaded))
+
+    def reset(self) -> None:
+        self.model = self.fresh()
+        self.reference = logits(self.model, inputs_for(self.model))
+        self.names = list(self.model.state_dict())
+
+    def copy(self, into: str) -> Path:
+        return Path(shutil.copytree(self.folder, Path(into) / "adapter"))
+
+
+def patcher_setup(tmp: str) -> AdapterSetup:
+    torch.manual_seed(0)
+    model = get_patcher_model(build("llama"), PatcherConfig())
+    layer = model.patch_layer()
+    layer.add_patches(torch.randn(3, 32), torch.zeros(3), torch.randn(3, 32), edit_id=[1, 2, 3])
+    layer.commit()
+    layer.add_patches(torch.randn(1, 32), torch.zeros(1), torch.randn(1, 32), edit_id=4)
+    model.save_pretrained(Path(tmp) / "saved")
+    return AdapterSetup("PATCHER", Path(tmp) / "saved", PatcherModel.from_pretrained, lambda: build("llama"))
+
+
+def delta_setup(tmp: str) -> AdapterSetup:
+    model = get_delta_model(build("llama"), DeltaConfig(target_modules=LLAMA_DOWN))
+    g = torch.Generator().manual_seed(0)
+    for rank, layer in zip((2, 3), model.base_model.delta_layers().values(), strict=True):
+        layer.add_delta("default", torch.randn(32, rank, generator=g) * 0.2, torch.randn(rank, 64, generator=g) * 0.2)
+    model.save_pretrained(Path(tmp) / "saved")
+    return AdapterSetup("DELTA", Path(tmp) / "saved", DeltaModel.from_pretrained, lambda: build("llama"))
+
+
+def _dispatches_to_package(folder: Path) -> bool | None:
+    """Whether peft's own ``PeftConfig._get_peft_type`` reaches a package config class (None: it fails first)."""
+    try:
+        with open(folder / CONFIG, encoding="utf-8") as handle:
+            peft_type = json.load(handle)["peft_type"]
+    except Exception:
+        return None
+    return peft_type in ("PATCHER", "DELTA") if isinstance(peft_type, str) else False
+
+
+def load_adapter_folder(setup: AdapterSetup, folder: Path, written: bytes | None) -> str:
+    """Load ``folder`` with the package's loader and with ``PeftModel.from_pretrained``; both must keep the contract
+    and agree. ``written``: the mutated weights file (None when the weights are the original ones)."""
+    try:
+        return _load_both_ways(setup, folder, written)
+    except BaseException:
+        setup.reset()  # a broken contract must not spoil the cases hypothesis tries while shrinking
+        raise
+
+
+def _load_both_ways(setup: AdapterSetup, folder: Path, written: bytes | None) -> str:
+    outcomes = []
+    dispatch = _dispatches_to_package(folder)
+    for by_peft, loader in ((False, setup.load), (True, PeftModel.from_pretrained)):
+        if by_peft and dispatch is False:
+            continue  # another peft type's config: peft's business, not this package's
+        try:
+            loaded = loader(setup.model, folder)
+        except Exception as error:  # the contract is checked below
+            if by_peft and dispatch is None and not isinstance(error, PatcherError):
+                outcomes.append(f"refused by peft before it reaches the package: {type(error).__name__}")
+            else:
+                assert_clear(error, folder)
+                outcomes.append(outcome_label(error))
+            assert_untouched(setup.model, setup.reference, setup.names)
+            continue
+        label = accepted(get_peft_model_state_dict(loaded, save_embedding_layers=False), setup.tensors, written)
+        if label == HARMLESS and not torch.equal(logits(loaded, inputs_for(loaded)), setup.adapted):
+            label = CONFIG_AS_WRITTEN
+        outcomes.append(label)
+        setup.reset()
+    own = outcomes[0]
+    assert all(o == own or o.startswith("refused by peft") for o in outcomes), outcomes
+    return own if outcomes[-1] == own else f"{own}; PeftModel.from_pretrained: {outcomes[-1]}"
+
+
+# the weights file renamed to the last word (the folder then lacks it), or replaced by a folder
+_FOLDER_MUTATIONS = [
+    Mutation(kind, b"")
+    for kind in ("weights only as adapter_model.bin", "weights moved to adapter.safetensors", "weights are a folder")
+]
+
+
+def _adapter_file_campaign(make: Callable[[str], AdapterSetup], max_examples: int) -> Counter:
+    tally: Counter = Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = make(tmp)
+
+        @fuzz_settings(max_examples)
+        @given(mutation=safetensors_mutations(setup.weights) | st.sampled_from(_FOLDER_MUTATIONS))
+        def case(mutation: Mutation) -> None:
+            with tempfile.TemporaryDirectory() as work:
+                folder = setup.copy(work)
+                if mutation in _FOLDER_MUTATIONS:
+                    (folder / WEIGHTS).rename(folder / mutation.kind.split()[-1])
+                    if mutation.kind.endswith("a folder"):
+                        (folder / WEIGHTS).mkdir()
+                else:
+                    (folder / WEIGHTS).write_bytes(mutation.data)
+                tally[load_adapter_folder(setup, folder, mutation.data)] += 1
+
+        case()
+    return tally
+
+
+def _plausible_values(setup: AdapterSetup) -> st.SearchStrategy[object]:
+    """Values of the right type that a careless edit might write: other module names, near numbers, other names."""
+    modules = [name for name, _ in setup.fresh().named_modules() if name]
+    targets = setup.config["target_modules"]
+    return st.one_of(
+        st.sampled_from(targets),
+        st.just(targets),
+        st.sampled_from([f"{name}.weight" for name in targets]).map(lambda name: [name]),
+        st.sampled_from(modules),
+        st.lists(st.sampled_from(modules), min_size=1, max_size=2, unique=True),
+        st.integers(-3, 8),
+        st.sampled_from(
+            ["gelu", "relu", "silu", "float16", "float64", "bfloat16", "LORA", "DELTA", "PATCHER", "llama"]
+        ),
+        st.sampled_from([True, False, None, 0.5, 10.0, 1e-300, 1e300]),
+    )
+
+
+def _adapter_config_campaign(make: Callable[[str], AdapterSetup], max_examples: int) -> Counter:
+    tally: Counter = Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = make(tmp)
+
+        @fuzz_settings(max_examples)
+        @given(mutation=json_mutations(setup.config, _plausible_values(setup)))
+        def case(mutation: Mutation) -> None:
+            with tempfile.TemporaryDirectory() as work:
+                folder = setup.copy(work)
+                (folder / CONFIG).write_bytes(mutation.data)
+                tally[load_adapter_folder(setup, folder, None)] += 1
+
+        case()
+    return tally
+
+
+@campaign("adapter file: PATCHER")
+def patcher_file(max_examples: int) -> Counter:
+    return _adapter_file_campaign(patcher_setup, max_examples)
+
+
+@campaign("adapter config: PATCHER")
+def patcher_config(max_examples: int) -> Counter:
+    return _adapter_config_campaign(patcher_setup, max_examples)
+
+
+@campaign("adapter file: DELTA")
+def delta_file(max_examples: int) -> Counter:
+    return _adapter_file_campaign(delta_setup, max_examples)
+
+
+@campaign("adapter config: DELTA")
+def delta_config(max_examples: int) -> Counter:
+    return _adapter_config_campaign(delta_setup, max_examples)
+
+
+@campaign("fingerprint mismatch")
+def fingerprint_mismatch(max_examples: int) -> Counter:
+    """Another seed's or architecture's base model, or one edited fingerprint field: refused unless only the exact
+    digest changed (the sketch still says "same weights") or a sketch edit stays within tolerance."""
+    tally: Counter = Counter()
+    others = {f"llama seed {s}": (lambda s=s: build("llama", seed=s)) for s in (1, 2)}
+    others |= {name: (lambda name=name: build(name)) for name in ("mistral", "qwen2", "gpt2")}
+    with tempfile.TemporaryDirectory() as tmp:
+        setups = {"PATCHER": patcher_setup(tmp + "/p"), "DELTA": delta_setup(tmp + "/d")}
+        models = {name: make() for name, make in others.items()}
+
+        def edit_field(setup: AdapterSetup) -> st.SearchStrategy[tuple[str, object]]:
+            fields = sorted(setup.config["fingerprint"])
+            sketch = setup.config["fingerprint"]["weights_sketch"]
+            return st.one_of(
+                st.tuples(st.sampled_from(fields), JSON_VALUES),
+                st.tuples(st.just("weights_sketch"), st.floats(-0.5, 0.5).map(lambda r: [x * (1 + r) for x in sketch])),
+                st.tuples(st.just("weights_sha256"), st.text("0123456789abcdef", min_size=64, max_size=64)),
+            )
+
+        @fuzz_settings(max_examples)
+        @given(data=st.data(), peft_type=st.sampled_from(sorted(setups)))
+        def case(data: st.DataObject, peft_type: str) -> None:
+            setup = setups[peft_type]
+            with tempfile.TemporaryDirectory() as work:
+                folder = setup.copy(work)
+                if data.draw(st.booleans(), label="other base model"):
+                    name = data.draw(st.sampled_from(sorted(models)), label="model")
+                    model = models[name]
+                    reference = logits(model, inputs_for(model))
+                    names = list(model.state_dict())
+                    labels = []
+                    for loader in (setup.load, PeftModel.from_pretrained):
+                        try:
+                            loader(model, folder)
+                        except PatcherError as error:
+                            assert isinstance(error, (FingerprintMismatchError, UnsupportedArchitectureError))
+                            assert_untouched(model, reference, names)
+                            labels.append(outcome_label(error))
+                        else:
+                            raise AssertionError(f"a {peft_type} adapter loaded into {name}")
+                    assert labels[0] == labels[1], labels
+                    tally[labels[0]] += 1
+                    return
+                key, value = data.draw(edit_field(setup), label="edited field")
+                config = json.loads((folder / CONFIG).read_text())
+                config["fingerprint"][key] = value
+                (folder / CONFIG).write_text(json.dumps(config))
+                tally[load_adapter_folder(setup, folder, None)] += 1
+
+        case()
+    return tally
+
+
+# ----------------------------------------------------------------------------------------- memory and PMET
+def _single_file_campaign(
+    max_examples: int, original: bytes, load: Callable[[Path], tuple[dict[str, torch.Tensor], str | None]], name: str
+) -> Counter:
+    """``load`` returns the tensors read and, when the file's metadata was read differently, a label saying so."""
+    tally: Counter = Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / name).write_bytes(original)
+        expected, _ = load(Path(tmp) / name)
+
+        @fuzz_settings(max_examples)
+        @given(mutation=safetensors_mutations(original))
+        def case(mutation: Mutation) -> None:
+            with tempfile.TemporaryDirectory() as work:
+                path = Path(work) / name
+                path.write_bytes(mutation.data)
+                try:
+                    loaded, note = load(path)
+                except Exception as error:  # the contract is checked below
+                    assert isinstance(error, AdapterFileError) and str(path) in str(error), repr(error)
+                    tally[outcome_label(error)] += 1
+                    return
+                label = accepted(loaded, expected, mutation.data)
+                tally[note if note and label == HARMLESS else label] += 1
+
+        case()
+    return tally
+
+
+@campaign("memory bank file")
+def memory_bank_file(max_examples: int) -> Counter:
+    key = "f" * 64
+    with tempfile.TemporaryDirectory() as tmp:
+        MemoryBank(torch.randn(20, 32, generator=torch.Generator().manual_seed(0))).save(Path(tmp) / "m.st", key)
+        original = (Path(tmp) / "m.st").read_bytes()
+
+    def load(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+        return {"rows": MemoryBank.load(path, key, dim=32).rows()}, None
+
+    return _single_file_campaign(max_examples, original, load, "memory.safetensors")
+
+
+@campaign("PMET statistics file")
+def pmet_statistics_file(max_examples: int) -> Counter:
+    key, module = "a" * 64, "model.layers.1.mlp.down_proj"
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    metadata = {"key": key, "module": module, "tokens": "50"}
+    original = save({"mom2": keys.T @ keys / 50}, metadata=metadata)
+
+    def load(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+        moment = covariance._load(path, key, module, 16)
+        with safe_open(str(path), framework="pt") as handle:
+            assert moment.tokens == int(handle.metadata()["tokens"]) > 0
+        return {"mom2": moment.matrix}, None if moment.tokens == 50 else "accepted: token count as written"
+
+    return _single_file_campaign(max_examples, original, load, "mom2.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ SME checkpoint
+@campaign("SME checkpoint")
+def sme_checkpoint(max_examples: int) -> Counter:
+    """The JSON pointer (fields, names of missing/other/outside files, checksum) and the tensors file it names."""
+    tally: Counter = Counter()
+    g = torch.Generator().manual_seed(0)
+    tensors = {"patch_keys": torch.randn(3, 8, generator=g), "edit_ids": torch.arange(3)}
+    state = {"position": 3, "edited": [0, 2], "records": [{"neurons": 1}], "evaluations": [], "base": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, "fold-0", tensors, state)
+        pointer = json.loads((Path(tmp) / "fold-0.json").read_text())
+        tensor_bytes = (Path(tmp) / pointer["tensors"]).read_bytes()
+    file_names = st.sampled_from(
+        [
+            "fold-0.000009.safetensors",
+            "fold-1.000003.safetensors",
+            "../fold-0.000003.safetensors",
+            "/etc/hostname",
+            "fold-0.json",
+            "",
+            ".",
+            "fold-0.000003.safetensors\x00",
+            "sub/fold-0.000003.safetensors",
+        ]
+    )
+
+    @fuzz_settings(max_examples)
+    @given(
+        target=st.sampled_from(["pointer", "tensors", "tensors with a matching checksum"]),
+        pointer_mutation=json_mutations(pointer, file_names | st.text("0123456789abcdef", min_size=64, max_size=64)),
+        tensor_mutation=safetensors_mutations(tensor_bytes),
+    )
+    def case(target: str, pointer_mutation: Mutation, tensor_mutation: Mutation) -> None:
+        import hashlib
+
+        with tempfile.TemporaryDirectory() as work:
+            directory = Path(work) / "run"
+            directory.mkdir()
+            (Path(work) / "fold-0.000003.safetensors").write_bytes(tensor_bytes)  # a file outside the folder
+            (directory / "fold-1.000003.safetensors").write_bytes(tensor_bytes)  # another checkpoint's file
+            pointer_bytes = json.dumps(pointer).encode()
+            written = tensor_bytes
+            if target == "pointer":
+                pointer_bytes = pointer_mutation.data
+            else:
+                written = tensor_mutation.data
+                if target.endswith("checksum"):
+                    pointer_bytes = json.dumps({**pointer, "sha256": hashlib.sha256(written).hexdigest()}).encode()
+            (directory / pointer["tensors"]).write_bytes(written)
+            (directory / "fold-0.json").write_bytes(pointer_bytes)
+            try:
+                result = load_checkpoint(directory, "fold-0")
+            except Exception as error:  # the contract is checked below
+                assert isinstance(error, AdapterFileError), repr(error)
+                assert str(directory) in str(error), str(error)
+                tally[outcome_label(error)] += 1
+                return
+            assert result is not None
+            loaded, loaded_state = result
+            label = accepted(loaded, tensors, written)
+            if label == AS_WRITTEN:  # only ever with the checksum recomputed to match the new bytes
+                label = "accepted: finite tensors as written, under a checksum recomputed to match them"
+            if json.dumps(loaded_state) != json.dumps(state):
+                assert json.dumps(loaded_state) == json.dumps(json.loads(pointer_bytes)["state"])
+                label = "accepted: a changed state loaded as written (the pointer has no checksum)"
+            tally[label] += 1
+
+    case()
+    return tally

@@ -1,0 +1,159 @@
+"""Every file the package reads, fuzzed: a few cases of each campaign in ``fuzz_files`` on every run, plus
+regressions for the loader bugs the campaigns found."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save, save_file
+
+import fuzz_files
+from fuzz_files import CONFIG, WEIGHTS, AdapterSetup, delta_setup, load_adapter_folder, patcher_setup
+from fuzzing import CAMPAIGNS
+from transformer_patcher import AdapterFileError
+from transformer_patcher.editing.memory import MemoryBank
+from transformer_patcher.pmet import covariance
+from transformer_patcher.sme.checkpoint import load_checkpoint, save_checkpoint
+
+FILE_CAMPAIGNS = [name for name, function in CAMPAIGNS.items() if function.__module__ == fuzz_files.__name__]
+CASES = 30
+
+
+@pytest.mark.parametrize("name", FILE_CAMPAIGNS)
+def test_campaign(name: str) -> None:
+    tally = CAMPAIGNS[name](CASES)
+    assert sum(tally.values()) >= CASES - 2  # hypothesis may stop a case or two short on an exhausted strategy
+
+
+# --------------------------------------------------------------------------------------------- regressions
+SETUPS = {"PATCHER": patcher_setup, "DELTA": delta_setup}
+
+
+def _folder(make: Callable[[str], AdapterSetup], tmp_path: Path) -> tuple[AdapterSetup, Path]:
+    setup = make(str(tmp_path / "setup"))
+    return setup, setup.copy(str(tmp_path / "work"))
+
+
+def _edit_config(folder: Path, edit: Callable[[dict], None]) -> None:
+    config = json.loads((folder / CONFIG).read_text())
+    edit(config)
+    (folder / CONFIG).write_text(json.dumps(config))
+
+
+def _narrow_weights(folder: Path) -> None:
+    """Drop the last output column of every patch / the last input column of every delta: consistent in itself."""
+    tensors = load_file(folder / WEIGHTS)
+    for key, tensor in tensors.items():
+        if key.endswith(("patch_frozen_values", "patch_values", "patch_value_scale", "delta_down")):
+            tensors[key] = tensor[:, :-1].contiguous()
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+
+
+REFUSALS: dict[str, Callable[[Path], None]] = {
+    # injected, then refused by peft's state-dict hook: the model kept its tuner layers
+    "no fingerprint and weights of other dims": lambda f: (
+        _edit_config(f, lambda c: c.update(fingerprint=None)),
+        _narrow_weights(f),
+    ),
+    "modules_to_save set": lambda f: _edit_config(f, lambda c: c.update(modules_to_save=["model"])),
+    "exclude_modules names the target": lambda f: _edit_config(
+        f, lambda c: c.update(exclude_modules=c["target_modules"])
+    ),
+    "target_parameters set": lambda f: _edit_config(f, lambda c: c.update(target_parameters=["lm_head.weight"])),
+    "weights file missing": lambda f: (f / WEIGHTS).unlink(),
+    # raw RecursionError, RuntimeError, OverflowError, NotImplementedError
+    "deeply nested config": lambda f: (f / CONFIG).write_text(
+        (f / CONFIG).read_text().rstrip()[:-1] + ', "y": ' + "[" * 5000 + "]" * 5000 + "}"
+    ),
+    "config nested 40 levels": lambda f: _edit_config(
+        f, lambda c: c.update(auto_mapping={"a": json.loads("[" * 40 + "]" * 40)})
+    ),
+    "base_model_name_or_path not a string": lambda f: _edit_config(f, lambda c: c.update(base_model_name_or_path=True)),
+    "float8 tensors": lambda f: save_file(
+        {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in load_file(f / WEIGHTS).items()},
+        f / WEIGHTS,
+    ),
+    "float64 tensors for a float32 config": lambda f: save_file(
+        {k: v.double() if v.is_floating_point() else v for k, v in load_file(f / WEIGHTS).items()}, f / WEIGHTS
+    ),
+}
+MISMATCHES: dict[str, Callable[[Path], None]] = {
+    "sketch of 3 numbers": lambda f: _edit_config(
+        f, lambda c: c["fingerprint"].update(weights_sketch=[1.0, 2.0, 3.0], weights_sha256="0")
+    ),
+    "sketch of huge integers": lambda f: _edit_config(
+        f, lambda c: c["fingerprint"].update(weights_sketch=[10**400] * 16, weights_sha256="0")
+    ),
+}
+
+
+@pytest.mark.parametrize("peft_type", sorted(SETUPS))
+@pytest.mark.parametrize("mutation", sorted(REFUSALS) + sorted(MISMATCHES))
+def test_bad_adapter_folder_is_refused_before_the_model_changes(peft_type: str, mutation: str, tmp_path: Path) -> None:
+    setup, folder = _folder(SETUPS[peft_type], tmp_path)
+    {**REFUSALS, **MISMATCHES}[mutation](folder)
+    expected = "AdapterFileError" if mutation in REFUSALS else "FingerprintMismatchError"
+    assert load_adapter_folder(setup, folder, None).startswith(f"refused: {expected}")  # also checks untouched
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        (torch.full((4, 32), float("nan")), "NaN or inf"),  # was a ValueError not naming the file
+        (torch.zeros(32), "must hold float32/bfloat16 rows"),
+        (torch.ones(4, 32, dtype=torch.int8), "must hold float32/bfloat16 rows"),
+        (torch.zeros(4, 31), r"rows of shape \(n, 32\)"),
+    ],
+)
+def test_bad_memory_file_is_refused(rows: torch.Tensor, match: str, tmp_path: Path) -> None:
+    path = tmp_path / "memory.safetensors"
+    path.write_bytes(save({"rows": rows}, metadata={"key": "k"}))
+    with pytest.raises(AdapterFileError, match=match) as caught:
+        MemoryBank.load(path, "k", dim=32)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "tokens", "match"),
+    [
+        (torch.eye(4, dtype=torch.float64), "many", "token count 'many'"),  # was a ValueError from int()
+        (torch.eye(4, dtype=torch.float64), "-3", "token count '-3'"),
+        (torch.full((4, 4), float("inf"), dtype=torch.float64), "9", "NaN or inf"),
+        (torch.eye(3, dtype=torch.float64), "9", "3-wide matrix; the keys are 4-wide"),
+    ],
+)
+def test_bad_statistics_file_is_refused(matrix: torch.Tensor, tokens: str, match: str, tmp_path: Path) -> None:
+    path = tmp_path / "mom2.safetensors"
+    path.write_bytes(save({"mom2": matrix}, metadata={"key": "k", "module": "m", "tokens": tokens}))
+    with pytest.raises(AdapterFileError, match=match):
+        covariance._load(path, "k", "m", 4)
+
+
+@pytest.mark.parametrize(
+    ("pointer", "match"),
+    [
+        (b'{"format": 1, "tensors": "fold-0.\xff"}', "cannot resume"),  # UnicodeDecodeError
+        (b'{"format": 1, "tensors": "fold-0.000001.safetensors\\u0000", "sha256": "", "state": {}}', "not a tensors"),
+        (b'{"format": 1, "tensors": "../fold-0.000001.safetensors", "sha256": "", "state": {}}', "not a tensors"),
+        (b'{"format": 1, "tensors": "/etc/hostname", "sha256": "", "state": {}}', "not a tensors"),
+        (b"[1]", "unsupported checkpoint format 'list'"),
+        (b"[" * 100_000, "cannot resume"),  # RecursionError
+        (b'{"format": 1, "tensors": "fold-0.000001.safetensors", "sha256": "", "state": []}', "state object"),
+    ],
+)
+def test_bad_checkpoint_pointer_is_refused(pointer: bytes, match: str, tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "run", "fold-0", {"x": torch.zeros(2)}, {"position": 1})
+    (tmp_path / "fold-0.000001.safetensors").write_bytes((tmp_path / "run" / "fold-0.000001.safetensors").read_bytes())
+    (tmp_path / "run" / "fold-0.json").write_bytes(pointer)
+    with pytest.raises(AdapterFileError, match=match):
+        load_checkpoint(tmp_path / "run", "fold-0")
+
+
+def test_checkpoint_with_non_finite_tensors_is_refused_even_with_a_matching_checksum(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, "fold-0", {"x": torch.tensor([1.0, float("nan")])}, {"position": 1})
+    with pytest.raises(AdapterFileError, match=r"tensors \['x'\] hold NaN or inf"):
+        load_checkpoint(tmp_path, "fold-0")
