@@ -20,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ import torch
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 FUZZ_MODULES = ("fuzz_files", "fuzz_inputs")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers' own, once per model
 
 
 def crash_part(args: argparse.Namespace) -> dict:
