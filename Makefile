@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test test-slow lint bench demo docs clean-venv
+.PHONY: test test-slow lint bench reliability demo docs clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/inference_overhead.py --out bench/results/inference_overhead.json
 	$(BIN)/python bench/edit_latency.py --edits 10 --edits-off 2 --out bench/results/edit_latency.json
 	$(BIN)/python bench/pmet.py --out bench/results/pmet.json
+
+# Crash-safety (20 SIGKILLs over a 200-edit run, ~15 min) and fuzz campaigns (1,000 cases each, ~2 min).
+reliability: $(STAMP)
+	$(BIN)/python bench/reliability.py --parts crash fuzz --cases 1000 --out bench/results/reliability.json
 
 # The main job on the embedded default: SmolLM2-135M fixes its mistakes on the bundled zsRE sample, one by one.
 DEMO_OUT ?= runs/demo

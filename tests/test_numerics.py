@@ -9,8 +9,7 @@ import pytest
 import torch
 import transformers as tf
 
-from tiny_models import VOCAB
-from tiny_tokenizer import EDIT_WORDS, random_pairs, random_sentence, sharp_gpt2, tiny_tokenizer
+from tiny_tokenizer import EDIT_WORDS, random_pairs, random_sentence, sharp_gpt2, sharp_gpt2_config, tiny_tokenizer
 from transformer_patcher import PatcherConfig, get_patcher_model
 from transformer_patcher.editing import (
     EditConfig,
@@ -31,19 +30,7 @@ def sharp_classifier(seed: int = 0) -> tf.GPT2ForSequenceClassification:
     """A two-class tiny GPT-2 classifier (reads the last token) with large initial weights, like ``sharp_gpt2``: a
     default tiny classifier has near-identical queries for every input, so the memory loss and the edit conflict."""
     torch.manual_seed(seed)
-    config = tf.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        vocab_size=VOCAB,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=1.0,
-        num_labels=2,
-    )
-    return tf.GPT2ForSequenceClassification(config).eval()
+    return tf.GPT2ForSequenceClassification(sharp_gpt2_config(pad_token_id=0, num_labels=2)).eval()
 
 
 MODELS = {"gpt2": sharp_gpt2, "classifier": sharp_classifier}

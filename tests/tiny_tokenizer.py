@@ -50,11 +50,9 @@ def random_pairs(
     ]
 
 
-def sharp_gpt2(seed: int = 0) -> tf.GPT2LMHeadModel:
-    """A tiny GPT-2 (vocabulary of ``tiny_tokenizer``) with initializer_range 1.0, in eval mode: its logits spread
-    over tens of units, so small patch leaks do not flip predictions and inputs have distinct FFN queries."""
-    torch.manual_seed(seed)
-    config = tf.GPT2Config(
+def sharp_gpt2_config(**overrides: object) -> tf.GPT2Config:
+    """The tiny GPT-2 of ``sharp_gpt2``: initializer_range 1.0 spreads the logits over tens of units."""
+    return tf.GPT2Config(
         n_embd=32,
         n_layer=2,
         n_head=2,
@@ -63,5 +61,12 @@ def sharp_gpt2(seed: int = 0) -> tf.GPT2LMHeadModel:
         bos_token_id=1,
         eos_token_id=2,
         initializer_range=1.0,
+        **overrides,
     )
-    return tf.GPT2LMHeadModel(config).eval()
+
+
+def sharp_gpt2(seed: int = 0) -> tf.GPT2LMHeadModel:
+    """A tiny GPT-2 (vocabulary of ``tiny_tokenizer``) with initializer_range 1.0, in eval mode: its logits spread
+    over tens of units, so small patch leaks do not flip predictions and inputs have distinct FFN queries."""
+    torch.manual_seed(seed)
+    return tf.GPT2LMHeadModel(sharp_gpt2_config()).eval()
