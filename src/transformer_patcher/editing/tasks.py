@@ -107,8 +107,8 @@ class Task(ABC):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ------------------------------------------------------------------------------------------- encoding
-    def _tokens(self, text: str, what: str, add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
-        """Token ids of ``text``; beyond ``limit`` (default ``max_length``) cut to the first ones, with a warning."""
+    def _raw_tokens(self, text: str, what: str, add_special_tokens: bool) -> list[int]:
+        """All token ids of ``text``; refused when it is not text, is blank or encodes to nothing."""
         if not isinstance(text, str):
             raise InvalidExampleError(f"{what} must be text, got {type(text).__name__}")
         if not text.strip():
@@ -116,6 +116,11 @@ class Task(ABC):
         ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         if not ids:
             raise InvalidExampleError(f"{what} {_short(text)} encodes to no tokens")
+        return ids
+
+    def _tokens(self, text: str, what: str, add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
+        """Token ids of ``text``; beyond ``limit`` (default ``max_length``) cut to the first ones, with a warning."""
+        ids = self._raw_tokens(text, what, add_special_tokens)
         limit = self.max_length if limit is None else limit
         if len(ids) > limit:
             warnings.warn(
@@ -129,13 +134,7 @@ class Task(ABC):
 
     def _target_tokens(self, text: str, room: int) -> list[int]:
         """Token ids of a generation target; refused when it has unknown tokens or more than ``room`` tokens."""
-        if not isinstance(text, str):
-            raise InvalidExampleError(f"the target must be text, got {type(text).__name__}")
-        if not text.strip():
-            raise InvalidExampleError("the target is empty; every example needs non-empty text")
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise InvalidExampleError(f"the target {_short(text)} encodes to no tokens")
+        ids = self._raw_tokens(text, "the target", add_special_tokens=False)
         unk = self.tokenizer.unk_token_id
         if unk is not None and unk in ids:
             raise InvalidExampleError(

@@ -53,8 +53,7 @@ class EditRequest:
         """The prompt with its first subject mention as ``{}``."""
         if "{}" in self.prompt:
             return self.prompt
-        escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
-        return escape(self.prompt).replace(escape(self.subject), "{}", 1)
+        return _escape_braces(self.prompt).replace(_escape_braces(self.subject), "{}", 1)
 
     @property
     def text(self) -> str:
@@ -113,3 +112,8 @@ def encode(tokenizer: Any, template: str, subject: str, answer: Sequence[int] = 
     ids = prompt_ids + answer[:-1]
     positions = list(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer)))
     return Encoded(ids, lookup, positions, answer)
+
+
+def _escape_braces(text: str) -> str:
+    """``text`` as a literal inside a ``str.format`` template."""
+    return text.replace("{", "{{").replace("}", "}}")
