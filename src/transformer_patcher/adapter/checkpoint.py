@@ -40,6 +40,10 @@ class PatchShapes:
     output_dim: int
 
     @property
+    def dims(self) -> tuple[int, int]:
+        return self.query_dim, self.output_dim
+
+    @property
     def total(self) -> int:
         return self.n_frozen + self.n_trainable
 
@@ -151,6 +155,20 @@ def check_dtypes(groups: Mapping[str, Mapping[str, torch.Tensor]], dtype: str | 
                 raise AdapterFileError(
                     f"{source}: module '{module}': {name} is {tensor.dtype}, but the config's {field} is {dtype}"
                 )
+
+
+def check_dims_fit(
+    shapes: Mapping[str, Any], model_dims: Mapping[str, tuple[int, int]], source: str, noun: str
+) -> None:
+    """Refuse a checkpoint whose (input, output) size for a module is not that module's in the model."""
+    for module, shape in shapes.items():
+        have = model_dims.get(module)
+        if tuple(shape.dims) != have:
+            size = "absent" if have is None else f"{have[0]}→{have[1]}"
+            raise AdapterFileError(
+                f"{source}: the {noun} for '{module}' are {shape.dims[0]}→{shape.dims[1]}, but that layer is {size} "
+                "in this model"
+            )
 
 
 def validate_adapter_file(path: str | os.PathLike[str], config: Any) -> dict[str, PatchShapes]:

@@ -10,8 +10,8 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
 from torch import nn
 
-from ..errors import AdapterFileError, PatchMergeError
-from .checkpoint import check_checkpoint_covers, group_patch_tensors, layers_holding
+from ..errors import PatchMergeError
+from .checkpoint import check_checkpoint_covers, check_dims_fit, group_patch_tensors, layers_holding
 from .config import PatcherConfig
 from .fingerprint import check_fingerprint, compute_fingerprint
 from .layer import MERGE_IMPOSSIBLE, PatcherLayer
@@ -42,12 +42,7 @@ class PatcherModel(BaseTuner):
         if peft_config.fingerprint is not None:
             check_fingerprint(peft_config.fingerprint, actual)
         path, shapes = getattr(peft_config, "checked_weights", (None, {}))  # set when loaded from a folder
-        for module, shape in shapes.items():
-            if (module, shape.query_dim, shape.output_dim) != (target.value_module, query_dim, output_dim):
-                raise AdapterFileError(
-                    f"{path} holds {shape.query_dim}→{shape.output_dim} patches for '{module}', but this model's "
-                    f"FFN '{target.value_module}' is {query_dim}→{output_dim}"
-                )
+        check_dims_fit(shapes, {target.value_module: (query_dim, output_dim)}, str(path), "patches")
         peft_config.target_modules = [target.value_module]
         peft_config.key_module = target.key_module
         peft_config.patch_activation = target.activation
@@ -95,13 +90,8 @@ class PatcherModel(BaseTuner):
         groups, shapes = group_patch_tensors(state_dict, source=f"adapter '{adapter_name}'")
         layers = layers_holding(model, PatcherLayer, adapter_name, "patch_keys")
         check_checkpoint_covers(groups, layers, noun="patches", verb="patch")
-        for module_name, shape in shapes.items():
-            layer = layers[module_name]
-            if (shape.query_dim, shape.output_dim) != (layer.query_dim, layer.output_dim):
-                raise AdapterFileError(
-                    f"checkpoint patches for '{module_name}' are {shape.query_dim}→{shape.output_dim}, but that FFN "
-                    f"is {layer.query_dim}→{layer.output_dim}"
-                )
+        dims = {name: (layer.query_dim, layer.output_dim) for name, layer in layers.items()}
+        check_dims_fit(shapes, dims, f"adapter '{adapter_name}'", "patches")
         for module_name, shape in shapes.items():
             layers[module_name].resize_for_load(adapter_name, shape)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

@@ -28,6 +28,10 @@ class DeltaShapes:
     in_features: int
     out_features: int
 
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
 
 def _check_pair(module: str, group: Mapping[str, torch.Tensor], source: str) -> DeltaShapes:
     missing = [name for name in DELTA_TENSOR_NAMES if name not in group]

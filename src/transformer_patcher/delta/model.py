@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..adapter.checkpoint import check_checkpoint_covers, layers_holding
+from ..adapter.checkpoint import check_checkpoint_covers, check_dims_fit, layers_holding
 from ..adapter.fingerprint import AdapterWording, check_fingerprint, fingerprint_modules
 from ..adapter.registry import model_type_of
 from ..errors import AdapterFileError, UnsupportedArchitectureError
@@ -62,12 +62,8 @@ class DeltaModel(BaseTuner):
         if peft_config.fingerprint is not None:
             check_fingerprint(peft_config.fingerprint, actual, DELTA_WORDING)
         path, shapes = getattr(peft_config, "checked_weights", (None, {}))  # set when loaded from a folder
-        for module, shape in shapes.items():
-            if [shape.in_features, shape.out_features] != actual["modules"].get(module):
-                raise AdapterFileError(
-                    f"{path} holds a {shape.in_features}→{shape.out_features} delta for '{module}', but that layer "
-                    f"is {'→'.join(map(str, actual['modules'].get(module, ['?', '?'])))} in this model"
-                )
+        dims = {name: (size[0], size[1]) for name, size in actual["modules"].items()}
+        check_dims_fit(shapes, dims, str(path), "deltas")
         peft_config.target_modules = targets
         peft_config.fingerprint = actual
         peft_config.rank = 0  # the layers start empty; they move it on every append and load
@@ -113,13 +109,10 @@ class DeltaModel(BaseTuner):
         groups, shapes = group_delta_tensors(state_dict, source=f"adapter '{adapter_name}'")
         layers = layers_holding(model, DeltaLayer, adapter_name, "delta_up")
         check_checkpoint_covers(groups, layers, noun="deltas", verb="edit")
-        for module_name, shape in shapes.items():
+        dims = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+        check_dims_fit(shapes, dims, f"adapter '{adapter_name}'", "deltas")
+        for module_name in shapes:
             layer = layers[module_name]
-            if (shape.in_features, shape.out_features) != (layer.in_features, layer.out_features):
-                raise AdapterFileError(
-                    f"the checkpoint's delta for '{module_name}' is {shape.in_features}→{shape.out_features}, but "
-                    f"that layer is {layer.in_features}→{layer.out_features}"
-                )
             if adapter_name in layer.merged_adapters:
                 raise AdapterFileError(f"adapter '{adapter_name}' is merged into '{module_name}'; unmerge it first")
         for module_name, shape in shapes.items():
