@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/inference_overhead.py --out bench/results/inference_overhead.json
 	$(BIN)/python bench/edit_latency.py --edits 10 --edits-off 2 --out bench/results/edit_latency.json
 	$(BIN)/python bench/pmet.py --out bench/results/pmet.json
+	$(BIN)/python bench/eval_suite.py --out bench/results/eval_suite.json
 
 # Crash-safety (20 SIGKILLs over a 200-edit run, ~15 min) and fuzz campaigns (1,000 cases each, ~2 min).
 reliability: $(STAMP)
@@ -41,10 +42,10 @@ DEMO_OUT ?= runs/demo
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/transformer-patcher sme run --model smollm2-135m --data zsre --max-examples 20 --schedule quick \
-		--memory-rows 2000 --validation-rows 500 --eval-every 5 --out $(DEMO_OUT)
+		--memory-rows 2000 --validation-rows 500 --eval-every 5 --suite small --out $(DEMO_OUT)
 	$(BIN)/transformer-patcher info $(DEMO_OUT)/patches/fold-0
-	@printf '\nPlots: %s (metrics vs edits), %s, %s\n' $(DEMO_OUT)/metrics.png $(DEMO_OUT)/latency.png \
-		$(DEMO_OUT)/heatmaps/fold-0.png
+	@printf '\nPlots: %s (metrics vs edits), %s (evaluation suite), %s, %s\n' $(DEMO_OUT)/metrics.png \
+		$(DEMO_OUT)/locality.png $(DEMO_OUT)/latency.png $(DEMO_OUT)/heatmaps/fold-0.png
 	@printf 'Patch set: %s (PeftModel.from_pretrained after `import transformer_patcher`)\n' $(DEMO_OUT)/patches/fold-0
 
 # The documentation site, built offline into site/ (mkdocs-material without web fonts, mkdocstrings for the API).

@@ -100,7 +100,7 @@ def run_crash_campaign(root: Path, n_examples: int, n_kills: int, seed: int = 0,
             *("sme", "run", "--model", str(workspace["model"]), "--data", str(workspace["zsre"])),
             *("--data-kind", "zsre", "--data-dir", str(workspace["data"]), "--memory-rows", "300"),
             *("--validation-rows", "100", "--schedule", "quick", "--seed", str(seed)),
-            *("--out", str(out), "--no-progress", "--resume"),
+            *("--out", str(out), "--no-progress", "--resume", "--suite", "small"),
         ]
 
     reference, crashed = root / "reference", root / "crashed"

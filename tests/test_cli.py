@@ -30,7 +30,7 @@ def _sme_args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         *("sme", "run", "--model", str(ws["model"]), "--data", str(ws["zsre"]), "--data-kind", "zsre"),
         *("--data-dir", str(ws["data"]), "--memory-rows", "300", "--schedule", "quick", "--out", str(out)),
-        "--no-progress",
+        *("--no-progress", "--suite", "none"),
         *extra,
     ]
 
@@ -184,6 +184,13 @@ def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> Non
         (["info", "/nonexistent/patches"], "not a patch-set folder"),
         (["plot", "/nonexistent/run"], "results.json"),
         (["sme", "run", "--model", "m", "--data", "missing.json", "--data-kind", "zsre", "--out", "o"], "missing.json"),
+        (["sme", "run", "--model", "m", "--prompt-format", "Q: {txt}", "--out", "o"], "not usable"),
+        (["sme", "run", "--model", "m", "--prompt-format", "no slot", "--out", "o"], "exactly one {text} slot"),
+        (["sme", "run", "--model", "m", "--data", "fever", "--prompt-format", "chat", "--out", "o"], "classifier"),
+        (["sme", "run", "--model", "m", "--locality-file", "absent.jsonl", "--out", "o"], "absent.jsonl"),
+        (["batch", "run", "--model", "m", "--prompt-format", "chat", "--out", "o"], "patcher editor only"),
+        (["eval", "--model", "m"], "--patches DIR"),
+        (["edit", "--model", "m", "--patches", "p", "--file", "f.jsonl", "--subject", "x"], "not both"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
@@ -225,3 +232,90 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(workspa
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert json.loads((out / "results.json").read_text())["summary"]["edits"] > 0  # the first run was not disturbed
+
+
+def test_sme_run_reports_the_suite_and_resume_reuses_its_reference(workspace, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = [*_sme_args(workspace, out, "--eval-every", "2", "--max-examples", "4"), "--suite", "small"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Evaluation suite, T-Patcher" in printed and "| unrelated-raw |" in printed
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["folds"][0]["evaluations"][-1]["metrics"]
+    for key in ("unrelated-raw.exact", "neighbours-raw.token", "generation-raw.exact", "perplexity.change"):
+        assert key in metrics and key in results["summary"]
+    assert "easyedit-rewrite.token" in metrics and "easyedit-locality.token" in metrics
+    assert "chat" not in " ".join(metrics)  # the tiny tokenizer has no chat template: raw parts only
+    assert "## Evaluation suite" in (out / "results.md").read_text()
+    assert (out / "locality.png").stat().st_size > 1000
+    reference = out / "checkpoints" / "suite-reference.safetensors"
+    saved = reference.read_bytes()
+    (out / "folds" / "fold-0.json").unlink()  # pretend the fold was interrupted: resume runs it again
+    assert main([*args, "--resume"]) == 0
+    assert reference.read_bytes() == saved  # the reference was read back, not recomputed
+    again = json.loads((out / "results.json").read_text())["folds"][0]["evaluations"][-1]["metrics"]
+    assert {k: v for k, v in again.items() if "." in k} == {k: v for k, v in metrics.items() if "." in k}
+
+
+def test_eval_scores_a_patch_sets_own_fixes_side_by_side(workspace, tmp_path: Path, capsys) -> None:
+    patches = tmp_path / "patches"
+    records = json.loads(workspace["zsre"].read_text())
+    common = ["--model", str(workspace["model"]), "--patches", str(patches), "--no-progress"]
+    edit = ["edit", *common, "--data-dir", str(workspace["data"]), "--memory-rows", "300", "--schedule", "quick"]
+    requests = tmp_path / "edits.jsonl"
+    lines = [{"text": r["src"], "target": r["answers"][0], "subject": r["subject"]} for r in records[:2]]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main([*edit, "--file", str(requests), "--append-eos"]) == 0
+    log = [json.loads(line) for line in (patches / "edits.jsonl").read_text().splitlines()]
+    assert [e["prompt_format"] for e in log] == [{"template": "raw", "append_eos": True}] * 2
+    assert [e["subject"] for e in log] == [r["subject"] for r in records[:2]]
+    capsys.readouterr()
+
+    report = tmp_path / "report.json"
+    assert main(["eval", *common, "--suite", "small", "--out", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "| edit id | format |" in printed and "| edits |" in printed and "perplexity   base" in printed
+    result = json.loads(report.read_text())
+    assert [e["fixed"] for e in result["edits"]] == [True, True]
+    assert [e["format"] for e in result["edits"]] == ["raw+eos"] * 2
+    assert all(e["patched"] == e["target"] for e in result["edits"])  # the fix is written and then generation stops
+    assert result["patched"]["edits"]["exact"] == 1.0 and result["base"]["edits"]["exact"] == 0.0
+    assert result["base"]["unrelated-raw"] == {"exact": 1.0, "token": 1.0, "n": 100}
+    assert 0.0 <= result["patched"]["unrelated-raw"]["exact"] <= 1.0
+    assert result["patched"]["neighbours-raw"]["n"] == 2  # one template-filled neighbour per fix (small suite)
+
+
+def test_eval_of_a_patch_set_without_an_edit_log_says_so(workspace, tmp_path: Path, capsys) -> None:
+    patches = tmp_path / "patches"
+    records = json.loads(workspace["zsre"].read_text())
+    common = ["--model", str(workspace["model"]), "--patches", str(patches), "--no-progress"]
+    assert main(["edit", *common, "--memory", "none", "--text", records[0]["src"], "--target", "w100"]) == 0
+    (patches / "edits.jsonl").unlink()
+    assert main(["eval", *common, "--suite", "none"]) == 2
+    assert "has no edit log (edits.jsonl)" in capsys.readouterr().err
+
+
+def test_chat_on_a_tokenizer_without_a_template_changes_nothing(workspace, tmp_path: Path, capsys) -> None:
+    patches = tmp_path / "patches"
+    args = ["edit", "--model", str(workspace["model"]), "--patches", str(patches), "--memory", "none"]
+    assert main([*args, "--text", "w70 w71", "--target", "w80", "--prompt-format", "chat", "--no-progress"]) == 2
+    assert "needs a chat template" in capsys.readouterr().err
+    assert not patches.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("locality-file", '{"text": "w70 w71"}\n{"question": "w72"}\n', "line 2: field 'text' is missing"),
+        ("neighbour-file", '{"text": "w70", "neighbours": ["w71", 3]}\n', "line 1: field 'neighbours' item 1"),
+        ("neighbour-file", '{"text": "w70"}\n', "line 1: field 'neighbours' is missing"),
+    ],
+)
+def test_a_bad_suite_file_names_the_file_and_record(workspace, tmp_path: Path, capsys, name, content, message) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "run"
+    assert main([*_sme_args(workspace, out), f"--{name}", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and message in err
+    assert not out.exists()  # refused before anything was written

@@ -15,9 +15,14 @@ from transformer_patcher.data import (
     find_data_file,
     load_counterfact,
     load_fever,
+    load_neighbours,
+    load_questions,
     load_zsre,
     to_edit_examples,
 )
+from transformer_patcher.data.benchmarks import counterfact_benchmark, generation_memory, zsre_benchmark
+from transformer_patcher.data.neighbours import guess_subject, neighbours_of, question_template, subject_pool
+from transformer_patcher.data.suite_data import detokenize_wikitext, section_openings, suite_sources
 from transformer_patcher.editing.tasks import EditExample
 from transformer_patcher.errors import PatcherError
 
@@ -236,3 +241,91 @@ def test_embedded_zsre_sample_is_the_default_and_small() -> None:
     assert sum(path.stat().st_size for path in samples) < 300_000  # the budget for everything embedded
     provenance = (ZSRE_SAMPLE.parent / "README.md").read_text()
     assert all(f"`{path.name}`" in provenance for path in samples)  # each file has its provenance
+
+
+# ------------------------------------------------------------------------------ EasyEdit's zsRE convention
+def test_zsre_alt_target_is_easyedits_convention(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "zsre.json", ZSRE)
+    ours = load_zsre(path)
+    assert ours["target"] == ["uniform", "Nabokov"] and "ground_truth" not in ours.column_names
+    alt = load_zsre(path, target="alt")
+    assert alt["target"] == ["unmanned aircraft"]  # the record without an alt is skipped, as EasyEdit does
+    assert alt["ground_truth"] == ["uniform"]
+    with pytest.raises(ValueError, match="target must be one of"):
+        load_zsre(path, target="pred")
+    no_alt = write_json(tmp_path / "no-alt.json", [ZSRE[1]])
+    with pytest.raises(DatasetFormatError, match="empty alt"):
+        load_zsre(no_alt, target="alt")
+
+
+# ------------------------------------------------------------------------------ the evaluation suite's data
+def test_suite_question_and_neighbour_files(tmp_path: Path) -> None:
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"text": "who wrote it?", "id": 1}\n\n{"text": "where is it?"}\n')
+    assert load_questions(questions) == ["who wrote it?", "where is it?"]
+    neighbours = tmp_path / "n.json"
+    neighbours.write_text(json.dumps([{"text": "What is the capital of Peru?", "neighbours": ["... of Chile?"]}]))
+    assert load_neighbours(neighbours) == {"What is the capital of Peru?": ["... of Chile?"]}
+    for bad, message in (
+        ('[{"text": "a"}, {"text": " "}]', r"q2\.json: record 1: field 'text' is not a non-empty string"),
+        ('[{"text": "a", "neighbours": "b"}]', r"record 0: field 'neighbours' is not a non-empty list"),
+    ):
+        path = tmp_path / "q2.json"
+        path.write_text(bad)
+        with pytest.raises(DatasetFormatError, match=message):
+            load_neighbours(path) if "neighbours" in bad else load_questions(path)
+
+
+def test_guess_subject_and_template_neighbours() -> None:
+    assert guess_subject("What is the capital of Australia?") == "Australia"
+    assert guess_subject("Who was Lady Sarah Lennox's father?") == "Lady Sarah Lennox"
+    assert guess_subject("What university did Watts Humphrey attend?") == "Watts Humphrey"
+    assert guess_subject("who plays the drums in the band") is None
+    assert question_template("What is {x} in Peru?", "Peru") == "What is {{x}} in {}?"
+    found = neighbours_of("What is the capital of Australia?", "Australia", 3)
+    assert len(found) == 3 and all(q.startswith("What is the capital of ") and "Australia" not in q for q in found)
+    assert all(
+        q.removeprefix("What is the capital of ").removesuffix("?") in subject_pool()["countries"] for q in found
+    )
+    people = neighbours_of("Where was Watts Humphrey born?", "Watts Humphrey", 2)
+    assert all(q.removeprefix("Where was ").removesuffix(" born?") in subject_pool()["people"] for q in people)
+    assert neighbours_of("who plays the drums", None, 3) == []
+    assert neighbours_of("q", None, 2, found=["a", "q", "a", "b", "c"]) == ["a", "b"]
+
+
+def test_benchmark_neighbours_come_from_the_data_and_never_from_the_stream(tmp_path: Path) -> None:
+    records = [
+        {**ZSRE[0], "src": f"What was {name}'s occupation?", "subject": name, "rephrase": "r"}
+        for name in ("Ann Lee", "Bo Chan", "Cy Dore", "Di Eno")
+    ]
+    benchmark = zsre_benchmark(write_json(tmp_path / "zsre.json", records), data_dir=tmp_path).head(2)
+    first, second = benchmark.neighbours(2)
+    # records 2 and 3 share the template; records 0 and 1 are edits, so never each other's neighbours
+    assert first == ["What was Cy Dore's occupation?", "What was Di Eno's occupation?"] == second
+    counterfact = counterfact_benchmark(write_json(tmp_path / "cf.json", CF), data_dir=tmp_path)
+    assert counterfact.neighbours(1)[0] == ["Shaquille O'Neal plays"]  # the case's own neighbourhood prompt first
+
+
+def test_suite_sources_exclude_edits_and_read_openings() -> None:
+    text = " \n = Title = \n \n " + " ".join(["word"] * 35) + " @-@ x , y . \n = = Part = = \n short line \n"
+    assert section_openings(text, words=3) == ["word word word"]
+    assert detokenize_wikitext("a @-@ b , c 's ( d )") == "a-b, c's (d)"
+    embedded = suite_sources(embedded=True)
+    assert embedded.origin == "embedded" and len(embedded.openings) == 64 and len(embedded.chat_questions) == 64
+    assert len(embedded.unrelated) == len(set(embedded.unrelated)) >= 490  # 250 NQ + 250 CounterFact, deduplicated
+    assert "@-@" not in " ".join(embedded.openings)
+    first = embedded.unrelated[0]
+    assert first not in suite_sources(embedded=True, exclude=[first]).unrelated
+
+
+def test_generation_memory_never_reads_wikitext_test(tmp_path: Path) -> None:
+    """WikiText-2 test is the suite's perplexity and generation text: the memory and validation read valid only."""
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "valid.txt").write_text(" ".join(f"v{i}" for i in range(24 * 50)))
+    (tmp_path / "wikitext2" / "test.txt").write_text(" ".join(f"t{i}" for i in range(24 * 50)))
+    (tmp_path / "counterfact").mkdir()
+    write_json(tmp_path / "counterfact" / "counterfact-train.json", CF)
+    memory, validation = generation_memory(tmp_path)
+    words = " ".join(f"{a} {b}" for a, b in memory + validation).split()
+    assert not any(word.startswith("t") and word[1:].isdigit() for word in words)
+    assert len(validation) == 10 and not set(validation) & set(memory)  # a fifth of 50 chunks held out

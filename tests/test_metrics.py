@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -10,15 +11,23 @@ import pytest
 
 from transformer_patcher.metrics import (
     SME_METRIC_PATH,
+    AgreementMetric,
+    PerplexityChangeMetric,
     SMEMetric,
     exact_match,
+    load_agreement_metric,
+    load_perplexity_metric,
     load_sme_metric,
     locality,
     normalize_answer,
+    perplexity,
+    relative_change,
     retention_ratio,
+    row_agreement,
     success_rate,
     summarize,
     token_accuracy,
+    token_agreement,
 )
 
 # One row per line: group, prediction, reference, pre-edit prediction, correct tokens, total tokens.
@@ -217,3 +226,55 @@ def test_batches_and_single_rows_match_one_shot_compute() -> None:
             total_tokens=total,
         )
     assert metric.compute() == SMEMetric().compute(**COLUMNS)
+
+
+# ------------------------------------------------------------------------ token agreement and perplexity
+def test_token_agreement_exact_and_token_by_hand() -> None:
+    predictions = [[1, 2, 3], [4, 5], [6]]
+    references = [[1, 2, 3], [4, 9], [7]]
+    assert row_agreement(predictions, references) == [1.0, 0.5, 0.0]
+    assert token_agreement(predictions, references) == {"exact": 1 / 3, "token": (1 + 0.5 + 0) / 3}
+
+
+@pytest.mark.parametrize(
+    ("predictions", "references", "message"),
+    [([], [], "empty"), ([[1]], [[1], [2]], "length mismatch"), ([[1, 2]], [[1]], "row 0"), ([[]], [[]], "row 0")],
+)
+def test_token_agreement_refuses_ragged_input(predictions, references, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        token_agreement(predictions, references)
+
+
+def test_perplexity_and_relative_change_by_hand() -> None:
+    assert perplexity([-1.0, -3.0]) == pytest.approx(math.exp(2.0))
+    assert relative_change(3.0, 2.0) == pytest.approx(0.5)
+    assert relative_change(2.0, 2.0) == 0.0
+    for bad in ([0.5], [float("nan")], []):
+        with pytest.raises(ValueError):
+            perplexity(bad)
+    with pytest.raises(ValueError, match="before > 0"):
+        relative_change(1.0, 0.0)
+
+
+def test_agreement_metric_as_an_evaluate_module_matches_the_functions() -> None:
+    rows = {
+        "parts": ["loc", "loc", "rewrite"],
+        "predictions": [[1, 2], [3, 4], [5]],
+        "references": [[1, 2], [3, 0], [5]],
+    }
+    expected = {"loc.exact": 0.5, "loc.token": 0.75, "rewrite.exact": 1.0, "rewrite.token": 1.0}
+    assert AgreementMetric().compute(**rows) == expected
+    loaded = load_agreement_metric()
+    for part, prediction, reference in zip(*rows.values(), strict=True):
+        loaded.add(parts=part, predictions=prediction, references=reference)
+    assert loaded.compute() == expected
+
+
+def test_perplexity_metric_as_an_evaluate_module() -> None:
+    before, after = [[-1.0, -1.0], [-1.0]], [[-1.0, -1.5], [-1.0]]
+    result = load_perplexity_metric().compute(log_probs_before=before, log_probs_after=after)
+    assert result["before"] == pytest.approx(math.e)
+    assert result["after"] == pytest.approx(math.exp(3.5 / 3))
+    assert result["change"] == pytest.approx(math.exp(3.5 / 3) / math.e - 1)
+    with pytest.raises(ValueError, match="row 0"):
+        PerplexityChangeMetric().compute(log_probs_before=[[-1.0]], log_probs_after=[[-1.0, -1.0]])

@@ -25,6 +25,7 @@ from .errors import (
     NonFiniteError,
     PatcherError,
     PatchMergeError,
+    PromptFormatError,
     UnsupportedArchitectureError,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "PatcherError",
     "PatcherLayer",
     "PatcherModel",
+    "PromptFormatError",
     "UnsupportedArchitectureError",
     "get_delta_model",
     "get_patcher_model",

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig field override")
     run.add_argument("--ft-set", action="append", default=[], metavar="KEY=VALUE", help="FineTuneConfig field override")
     _pmet_options(run)
+    _format_options(run)
+    _suite_option(run, default="full")
     run.add_argument("--out", type=Path, required=True, help="output folder (results.json, results.md, plots, patches)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     run.add_argument("--no-progress", action="store_true")
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     mass.add_argument("--editor", nargs="+", choices=("pmet", "memit", "patcher"), default=["pmet", "memit"])
     mass.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override (T-Patcher)")
     mass.add_argument("--memory-rows", type=int, default=10_000, help="T-Patcher memory rows")
+    mass.add_argument("--zsre-target", choices=("answers", "alt"), default="answers", help="zsRE target convention")
+    _format_options(mass)
     _pmet_options(mass)
     mass.add_argument("--out", type=Path, required=True, help="output folder (resumes what it already holds)")
     mass.add_argument("--no-progress", action="store_true")
@@ -93,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--patches", type=Path, required=True, help="patch-set folder: extended if it exists")
     edit.add_argument("--text", help="the input the model gets wrong")
     edit.add_argument("--target", help="the right output (a label index for classifiers)")
-    edit.add_argument("--file", type=Path, help="JSON lines of {'text': ..., 'target': ...} to edit in order")
+    edit.add_argument(
+        "--file", type=Path, help="JSON lines of {'text': ..., 'target': ..., 'subject': optional} to edit in order"
+    )
+    edit.add_argument("--subject", help="what --text is about (eval asks the same question of other subjects)")
+    _format_options(edit)
     edit.add_argument(
         "--memory", choices=(*BENCHMARK_NAMES, "none"), default=None, help="memory set (default: by task)"
     )
@@ -103,12 +111,18 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--no-progress", action="store_true")
     edit.set_defaults(handler=_edit)
 
-    evaluate = commands.add_parser("eval", help="accuracy on a benchmark with and without a patch set")
+    evaluate = commands.add_parser(
+        "eval",
+        help="a patch set's own fixes and what else it changes (no --data), or a benchmark with and without it",
+    )
     _model_and_data(evaluate)
-    evaluate.add_argument("--patches", type=Path, default=None)
+    evaluate.add_argument("--patches", type=Path, default=None, help="patch set; without --data its edit log is scored")
     evaluate.add_argument("--batch-size", type=int, default=32)
+    _format_options(evaluate)
+    _suite_option(evaluate, default="full")
     evaluate.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    evaluate.set_defaults(handler=_eval)
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(handler=_eval, data=None)
 
     plot = commands.add_parser("plot", help="(re)draw metrics-vs-edits and latency plots of an SME run folder")
     plot.add_argument("run_dir", type=Path)
@@ -126,12 +140,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompt-format",
+        default="raw",
+        metavar="FORMAT",
+        help="how inputs are asked: raw, chat (the tokenizer's chat template; answers end their turn) or a template "
+        "string with one {text} slot, e.g. 'Question: {text}\\nAnswer:'",
+    )
+    parser.add_argument("--append-eos", action="store_true", help="raw/template answers end with EOS (teach stopping)")
+
+
+def _suite_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--suite",
+        choices=("full", "small", "none"),
+        default=default,
+        help="evaluation suite: unrelated and neighbouring questions (raw and chat), free generation, perplexity "
+        "(full: ~1,000 questions, 100 generations, 50k tokens; small: a quick look)",
+    )
+    parser.add_argument("--locality-file", help="your unrelated questions for the suite: {'text': ...} per line")
+    parser.add_argument(
+        "--neighbour-file", help="your near neighbours for the suite: {'text': edit, 'neighbours': [...]} per line"
+    )
+
+
 def _model_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="short name (smollm2-135m, minilm-l6), Hub id or local folder")
     parser.add_argument("--data", default="zsre", help=f"{', '.join(BENCHMARK_NAMES)} or a data file")
     parser.add_argument("--data-kind", choices=BENCHMARK_NAMES, default=None, help="format of a --data file")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the shared data sets")
     parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+    parser.add_argument(
+        "--zsre-target",
+        choices=("answers", "alt"),
+        default="answers",
+        help="zsRE target: the true answer (answers[0]) or EasyEdit's convention (alt; records without one skipped)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -139,7 +184,7 @@ def _sme_run(args: argparse.Namespace) -> int:
     from .editing.baselines import FineTuneConfig
     from .editing.config import EditConfig
     from .sme.experiment import ExperimentConfig, run_comparison, run_experiment
-    from .sme.report import markdown_table
+    from .sme.report import markdown_table, suite_table
 
     config = ExperimentConfig(
         model=args.model,
@@ -158,6 +203,12 @@ def _sme_run(args: argparse.Namespace) -> int:
         edit_options=_overrides(args.set, EditConfig),
         finetune_options=_overrides(args.ft_set, FineTuneConfig, exclude=("scope", "kl")),
         pmet_options=_pmet_overrides(args),
+        prompt_format=args.prompt_format,
+        append_eos=args.append_eos,
+        zsre_target=args.zsre_target,
+        suite=args.suite,
+        locality_file=args.locality_file,
+        neighbour_file=args.neighbour_file,
     )
     progress = not args.no_progress
     if len(args.editor) > 1:
@@ -170,6 +221,12 @@ def _sme_run(args: argparse.Namespace) -> int:
         print(markdown_table([{"editor": r["editor"], **r["summary"]} for r in runs]))
         for metric, note in runs[0]["notes"].items():
             print(f"- {metric}: {note}")
+        for r in runs:
+            suite = suite_table(r["summary"])
+            if suite:
+                print(
+                    f"\nEvaluation suite, {r['editor']} (final evaluation; exact = greedy output unchanged):\n{suite}"
+                )
         print(f"\nresults: {args.out / 'results.json'}, {args.out / 'results.md'}; plots and patch sets in {args.out}/")
     return 0
 
@@ -206,6 +263,9 @@ def _batch_run(args: argparse.Namespace) -> int:
         pmet_options=_pmet_overrides(args),
         edit_options=_overrides(args.set, EditConfig),
         memory_rows=args.memory_rows,
+        prompt_format=args.prompt_format,
+        append_eos=args.append_eos,
+        zsre_target=args.zsre_target,
     )
     command = shlex.join(["transformer-patcher", *sys.argv[1:]])
     results = run_batch_experiment(config, args.out, progress=not args.no_progress, command=command)
@@ -232,6 +292,7 @@ def _overrides(items: Sequence[str], config_class: type, exclude: Sequence[str] 
 
 
 def _edit(args: argparse.Namespace) -> int:
+    from .editing.prompts import PromptFormat
     from .session import EditSession
 
     requests = _edit_requests(args)
@@ -243,10 +304,11 @@ def _edit(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         data_dir=args.data_dir,
         progress=not args.no_progress,
+        prompt_format=PromptFormat(args.prompt_format, args.append_eos),
     ) as session:
         print("| edit id | fixed | needed | neurons | steps | seconds | text |\n|---:|---|---|---:|---:|---:|---|")
-        for text, target in requests:
-            record = session.edit(text, target)
+        for text, target, subject in requests:
+            record = session.edit(text, target, subject)
             print(
                 f"| {record.edit_id} | {record.success} | {record.needed} | {record.neurons} | {record.steps} | "
                 f"{record.seconds:.1f} | {text[:60]} |"
@@ -256,40 +318,92 @@ def _edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _edit_requests(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _edit_requests(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
     if args.file is not None:
-        if args.text is not None or args.target is not None:
-            raise ValueError("give either --file or --text/--target, not both")
+        if args.text is not None or args.target is not None or args.subject is not None:
+            raise ValueError("give either --file or --text/--target/--subject, not both")
         from .jsonl import json_lines
 
         requests = []
         for number, row in json_lines(args.file.read_text(encoding="utf-8"), str(args.file)):
-            if not isinstance(row.get("text"), str) or "target" not in row:
-                raise ValueError(f"{args.file}: line {number}: expected {{'text': ..., 'target': ...}}")
-            requests.append((row["text"], row["target"]))
+            subject = row.get("subject")
+            if (
+                not isinstance(row.get("text"), str)
+                or "target" not in row
+                or not isinstance(subject, (str, type(None)))
+            ):
+                raise ValueError(f"{args.file}: line {number}: expected {{'text': ..., 'target': ..., 'subject': ...}}")
+            requests.append((row["text"], row["target"], subject))
         if not requests:
             raise ValueError(f"{args.file} holds no edits")
         return requests
     if args.text is None or args.target is None:
         raise ValueError("give --text and --target (or --file)")
-    return [(args.text, args.target)]
+    return [(args.text, args.target, args.subject)]
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.data is None:
+        return _eval_patch_set(args)
     from .sme.accuracy import evaluate_benchmark
 
     table = evaluate_benchmark(
-        args.model, args.data, args.data_kind, args.data_dir, args.max_examples, args.patches, args.batch_size
+        args.model,
+        args.data,
+        args.data_kind,
+        args.data_dir,
+        args.max_examples,
+        args.patches,
+        args.batch_size,
+        prompt_format=args.prompt_format,
+        append_eos=args.append_eos,
+        zsre_target=args.zsre_target,
+        progress=not args.no_progress,
     )
     columns = list(table[0])
     print("| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|")
     for row in table:
         print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    if args.out is not None:
+    _write_json(args.out, table)
+    return 0
+
+
+def _eval_patch_set(args: argparse.Namespace) -> int:
+    from .evaluation import SuiteConfig
+    from .sme.patch_set_eval import evaluate_patch_set
+
+    if args.patches is None:
+        raise ValueError("give --data (a benchmark or a data file), or --patches DIR to score its own fixes")
+    files = {"locality_file": args.locality_file, "neighbour_file": args.neighbour_file}
+    suite = SuiteConfig.preset(args.suite, batch_size=args.batch_size, **files)
+    report = evaluate_patch_set(args.model, args.patches, suite, args.data_dir, progress=not args.no_progress)
+    print("| edit id | format | text | target | base answer | patched answer | fixed |\n|---:|---|---|---|---|---|---|")
+    for e in report.edits:
+        cells = [e["edit_id"], e["format"], e["text"][:60], e["target"], e["base"][:40], e["patched"][:40], e["fixed"]]
+        print("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    print("\n| part | base exact | base token | patched exact | patched token | n |\n|---|---:|---:|---:|---:|---:|")
+    ppl = ""
+    for part, after in report.patched.items():
+        before = report.base[part]
+        if "perplexity" in after:
+            ppl = f"perplexity   base {before['perplexity']:.3f} → patched {after['perplexity']:.3f}"
+            continue
+        cells = [before.get("exact"), before.get("token"), after.get("exact"), after.get("token")]
+        print(f"| {part} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + f" | {after['n']} |")
+    if ppl:
+        print(f"\n{ppl} ({100 * report.patched['perplexity']['change']:+.2f} %), WikiText-2 test")
+    for note in report.notes:
+        print(f"- {note}")
+    print("- exact: the fix is written then ends (edits, rephrases), or the greedy output equals the base model's")
+    _write_json(args.out, report.to_dict())
+    return 0
+
+
+def _write_json(path: Path | None, data: Any) -> None:
+    if path is not None:
         from .atomic import write_text_atomic
 
-        write_text_atomic(args.out, json.dumps(table, indent=1))
-    return 0
+        write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -37,3 +37,7 @@ class FolderLockedError(PatcherError, RuntimeError):
 
 class NonFiniteError(PatcherError, ArithmeticError):
     """An edit's loss or patch parameters became NaN/inf during training; the edit was rolled back, nothing changed."""
+
+
+class PromptFormatError(PatcherError, ValueError):
+    """A prompt format the tokenizer cannot serve (chat without a chat template) or a malformed template string."""

@@ -1,9 +1,11 @@
 """``EditSession``: a patch-set folder opened for editing, for users who fix mistakes as they are reported.
 
 It loads the base model with its saved patches (or none yet), builds the memory the new patches must stay silent on
-— the memory set plus every earlier edit in the folder's edit log, so a patch made today does not fire on yesterday's
-fix — and after each edit appends to the log. ``save`` writes the adapter and the log atomically. A session holds the
-folder's lock until it is closed: a second session on the same folder would save over the first one's fixes.
+— the memory set plus every earlier edit in the folder's edit log (each in the prompt format it was made in), so a
+patch made today does not fire on yesterday's fix — and after each edit appends to the log, with the session's
+prompt format, so ``eval`` scores every fix as it was asked. ``save`` writes the adapter and the log atomically. A
+session holds the folder's lock until it is closed: a second session on the same folder would save over the first
+one's fixes.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 from peft.utils import CONFIG_NAME
 
 from .adapter.model import PatcherModel, get_patcher_model
-from .adapter.patch_set import read_edit_log, save_adapter_folder
+from .adapter.patch_set import edit_log_entry, read_edit_log, save_adapter_folder
 from .data.benchmarks import fever_benchmark, generation_memory
 from .editing.config import EditConfig
 from .editing.memory import collect_queries
+from .editing.prompts import PromptFormat
 from .editing.registry import build_trainer
 from .editing.tasks import EditExample, task_for_model
 from .editing.trainer import EditRecord, PatchTrainer
@@ -58,9 +61,12 @@ class EditSession:
         schedule: str = "official",
         data_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
+        prompt_format: PromptFormat | str | None = None,
     ) -> EditSession:
         """Load ``model`` (+ the patches in ``folder`` if it holds a patch set). ``memory``: ``zsre``/``counterfact``
-        (factual prompts and text), ``fever`` (claims), ``none``, or None for the task's default."""
+        (factual prompts and text), ``fever`` (claims), ``none``, or None for the task's default. ``prompt_format``
+        (raw, chat, a ``{text}`` template; see :mod:`~transformer_patcher.editing.prompts`) is how the new fixes and
+        the memory are asked."""
         folder = Path(folder)
         lock = ExitStack()
         lock.enter_context(sibling_lock(folder))  # before reading: the folder must not change under us
@@ -71,7 +77,7 @@ class EditSession:
                 wrapped = PatcherModel.from_pretrained(base, folder)
             else:
                 wrapped = get_patcher_model(base)
-            task = task_for_model(wrapped, tokenizer)
+            task = task_for_model(wrapped, tokenizer, prompt_format=prompt_format)
             memory_pairs, validation_pairs = _memory_pairs(memory, kind, data_dir)
             config = EditConfig.quick() if schedule == "quick" else EditConfig()
             trainer = build_trainer(
@@ -85,9 +91,12 @@ class EditSession:
                 progress=progress,
             )
             log = read_edit_log(folder)
-            if trainer.memory is not None and log:  # earlier edits must stay untouched by new patches
-                earlier = [(e["text"], e["target"]) for e in log]
-                trainer.memory.append(collect_queries(wrapped, trainer.layer, task, earlier, 10**9, progress=progress))
+            if trainer.memory is not None:  # earlier edits must stay untouched by new patches, in their own format
+                for fmt, earlier in _by_format(log).items():
+                    rows = collect_queries(
+                        wrapped, trainer.layer, task.formatted(fmt), earlier, 10**9, progress=progress
+                    )
+                    trainer.memory.append(rows)
         except BaseException:
             lock.close()
             raise
@@ -101,21 +110,33 @@ class EditSession:
         ids = self.trainer.layer.edit_ids().tolist() + [e["edit_id"] for e in self.log]
         return max(ids, default=0) + 1
 
-    def edit(self, text: str, target: str | int) -> EditRecord:
-        """Fix ``text`` → ``target`` if the model gets it wrong; a classifier's target is a label index."""
+    def edit(self, text: str, target: str | int, subject: str | None = None) -> EditRecord:
+        """Fix ``text`` → ``target`` if the model gets it wrong; a classifier's target is a label index. ``subject``
+        (what the text is about) lets ``eval`` ask the same question of other subjects."""
         if self.trainer.task.kind == "classification":
             try:
                 target = int(target)
             except ValueError as error:
                 raise InvalidExampleError(f"a classifier's target must be a label index, got {target!r}") from error
-        record = self.trainer.edit(EditExample(text, target), edit_id=self._next_id())
+        if subject is not None and subject not in text:
+            raise InvalidExampleError(f"the subject {subject!r} does not occur in the text {text!r}")
+        record = self.trainer.edit(EditExample(text, target, subject=subject), edit_id=self._next_id())
         if record.needed:
-            self.log.append({"edit_id": record.edit_id, "text": text, "target": target, "success": record.success})
+            fmt = self.trainer.task.prompt_format.to_dict()
+            self.log.append(edit_log_entry(record.edit_id, text, target, record.success, fmt, subject))
         return record
 
     def save(self) -> None:
         """Write the adapter and the log into the folder in one atomic step."""
         save_adapter_folder(self.trainer.model, self.folder, self.log)
+
+
+def _by_format(log: list[dict[str, Any]]) -> dict[PromptFormat, list[tuple[str, Any]]]:
+    """The logged edits' (text, target) pairs grouped by the prompt format they were made in (raw before formats)."""
+    groups: dict[PromptFormat, list[tuple[str, Any]]] = {}
+    for entry in log:
+        groups.setdefault(PromptFormat.coerce(entry.get("prompt_format")), []).append((entry["text"], entry["target"]))
+    return groups
 
 
 def _memory_pairs(memory: str | None, kind: str, data_dir: Any) -> tuple[list, list]:

@@ -1,15 +1,17 @@
 """A saved patch set as files: what it holds, its edit log, and undoing one edit — without loading the base model.
 
 A patch-set folder is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) plus, when it
-was written by the CLI, ``edits.jsonl``: one line per edit (``edit_id``, ``text``, ``target``), so later edits can
-rebuild the memory of earlier ones and a reader can see what each patch fixes. Every change is validated first and
-written atomically; a failed undo leaves the folder as it was.
+was written by the CLI, ``edits.jsonl``: one line per edit (``edit_id``, ``text``, ``target``, ``success``, the
+``prompt_format`` it was made in, and when known its ``subject`` and ``rephrases``), so later edits can rebuild the
+memory of earlier ones, ``eval`` can score the fixes as they were asked, and a reader can see what each patch
+fixes. Every change is validated first and written atomically; a failed undo leaves the folder as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,26 @@ def read_edit_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise AdapterFileError(f"{log}: line {number}: each line must be an object with an integer 'edit_id'")
         entries.append(entry)
     return entries
+
+
+def edit_log_entry(
+    edit_id: int,
+    text: str,
+    target: Any,
+    success: bool,
+    prompt_format: dict[str, Any] | None = None,
+    subject: str | None = None,
+    rephrases: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One line of the edit log; the optional fields are written only when known."""
+    entry: dict[str, Any] = {"edit_id": edit_id, "text": text, "target": target, "success": success}
+    if prompt_format is not None:
+        entry["prompt_format"] = dict(prompt_format)
+    if subject:
+        entry["subject"] = subject
+    if rephrases:
+        entry["rephrases"] = list(rephrases)
+    return entry
 
 
 def write_edit_log(path: str | os.PathLike[str], entries: list[dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""Dataset loaders for FEVER, zsRE and CounterFact, returning ``datasets.Dataset`` objects or ``EditExample`` lists."""
+"""Dataset loaders for FEVER, zsRE and CounterFact (``datasets.Dataset`` objects or ``EditExample`` lists), and the
+evaluation suite's own files: unrelated questions and near neighbours."""
 
 from .loaders import (
     DATA_ENV_VAR,
@@ -8,6 +9,8 @@ from .loaders import (
     find_data_file,
     load_counterfact,
     load_fever,
+    load_neighbours,
+    load_questions,
     load_zsre,
     to_edit_examples,
 )
@@ -20,6 +23,8 @@ __all__ = [
     "find_data_file",
     "load_counterfact",
     "load_fever",
+    "load_neighbours",
+    "load_questions",
     "load_zsre",
     "to_edit_examples",
 ]

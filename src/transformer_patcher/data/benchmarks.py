@@ -15,11 +15,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..editing.prompts import PromptFormat
 from ..editing.tasks import EditExample
 from .loaders import ZSRE_SAMPLE, find_data_file, load_counterfact, load_fever, load_zsre, to_edit_examples
+from .neighbours import neighbours_of, question_template, same_template_records
 
 Pair = tuple[str, Any]
 MEMORY_SAMPLE = Path(__file__).with_name("samples") / "memory_sample.json"  # factual prompts; provenance in samples/
+VALIDATION_CHUNKS = 400  # WikiText-2 valid chunks held out of the memory for the stopping rule
 
 
 @dataclass
@@ -33,6 +36,10 @@ class Benchmark:
     validation: list[Pair]
     notes: dict[str, str] = field(default_factory=dict)
     extra: dict[str, list[Pair]] = field(default_factory=dict)  # e.g. FEVER's classifier training split
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)  # how the edits and evaluation sets are asked
+    neighbour_pool: list[tuple[str, str | None]] = field(default_factory=list)  # every record's (question, subject)
+    locality_is_neighbourhood: bool = False  # CounterFact: an example's locality prompt is about another subject
+    embedded: bool = False  # built from the package's embedded sample, not the shared data
 
     def head(self, n: int | None) -> Benchmark:
         """The same benchmark with only the first ``n`` edit examples (``None``: all)."""
@@ -41,6 +48,24 @@ class Benchmark:
         if n <= 0:
             raise ValueError(f"the number of examples must be positive, got {n}")
         return replace(self, examples=self.examples[:n])
+
+    def formatted(self, prompt_format: PromptFormat | str | None) -> Benchmark:
+        """The same benchmark asked in another prompt format (raw, chat or a template string)."""
+        return replace(self, prompt_format=PromptFormat.coerce(prompt_format))
+
+    def neighbours(self, count: int) -> list[list[str]]:
+        """Up to ``count`` near neighbours per example (see :mod:`.neighbours`): the data's own — the neighbourhood
+        prompt, other records asking the same question of another subject, never a question of the stream — then the
+        example's template filled with other subjects."""
+        stream = {e.text for e in self.examples}
+        pool = same_template_records([q for q, _ in self.neighbour_pool], [s for _, s in self.neighbour_pool], stream)
+        result = []
+        for example in self.examples:
+            found = [text for text, _ in example.locality] if self.locality_is_neighbourhood else []
+            template = question_template(example.text, example.subject) if example.subject else None
+            found += pool.get(template, []) if template is not None else []
+            result.append(neighbours_of(example.text, example.subject, count, found))
+        return result
 
 
 # ---------------------------------------------------------------------------------------------------- text
@@ -55,18 +80,20 @@ def text_pairs(text: str, words: int = 24) -> list[Pair]:
     return [(chunk[0], " ".join(chunk[1:])) for chunk in text_chunks(text, words)]
 
 
-def _wikitext(split: str, data_dir: str | Path | None) -> str:
+def wikitext_text(split: str, data_dir: str | Path | None = None) -> str:
+    """The raw (tokenised) text of WikiText-2 ``split``: ``valid`` feeds memories and statistics, ``test`` is kept
+    for evaluation."""
     return find_data_file(f"wikitext2/{split}.txt", data_dir).read_text(encoding="utf-8")
 
 
 def wikitext_pairs(split: str = "valid", data_dir: str | Path | None = None, words: int = 24) -> list[Pair]:
     """WikiText-2 ``split`` as memory pairs (see :func:`text_pairs`)."""
-    return text_pairs(_wikitext(split, data_dir), words)
+    return text_pairs(wikitext_text(split, data_dir), words)
 
 
 def wikitext_texts(split: str = "valid", data_dir: str | Path | None = None, words: int = 96) -> list[str]:
     """WikiText-2 ``split`` as passages of ``words`` words (about 128 tokens): a corpus for key statistics."""
-    return [" ".join(chunk) for chunk in text_chunks(_wikitext(split, data_dir), words)]
+    return [" ".join(chunk) for chunk in text_chunks(wikitext_text(split, data_dir), words)]
 
 
 def counterfact_memory_pairs(path: str | Path) -> list[Pair]:
@@ -87,16 +114,17 @@ def sample_memory_pairs() -> list[Pair]:
 def generation_memory(data_dir: str | Path | None = None) -> tuple[list[Pair], list[Pair]]:
     """(memory, validation) for factual generation edits: true facts first, then running text.
 
-    With the shared data available: CounterFact-train facts and WikiText-2 valid text for memory, WikiText-2 test text
-    for validation. Otherwise the embedded sample, split in two.
+    With the shared data available: CounterFact-train facts and WikiText-2 valid text for memory, the last 400
+    chunks of WikiText-2 valid (at most a fifth of them) for validation. WikiText-2 test is never used: it belongs
+    to the evaluation suite (:mod:`.suite_data`). Otherwise the embedded sample, split in two.
     """
     try:
         facts = counterfact_memory_pairs(find_data_file("counterfact/counterfact-train.json", data_dir))
         text = wikitext_pairs("valid", data_dir)
-        validation = wikitext_pairs("test", data_dir)[:400]
     except FileNotFoundError:
         return embedded_memory()
-    return _interleave(facts, text), validation
+    held_out = min(VALIDATION_CHUNKS, len(text) // 5)
+    return _interleave(facts, text[: len(text) - held_out]), text[len(text) - held_out :]
 
 
 def embedded_memory() -> tuple[list[Pair], list[Pair]]:
@@ -115,17 +143,21 @@ def _interleave(first: Sequence[Pair], second: Sequence[Pair]) -> list[Pair]:
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
-def zsre_benchmark(path: str | Path | None = None, data_dir: str | Path | None = None) -> Benchmark:
-    """zsRE: edit ``src`` → ``answers[0]``; GR on ``rephrase``; locality on the unrelated NQ question ``loc``.
+def zsre_benchmark(
+    path: str | Path | None = None, data_dir: str | Path | None = None, target: str = "answers"
+) -> Benchmark:
+    """zsRE: edit ``src`` → ``answers[0]`` (``target="alt"``: EasyEdit's convention, see :func:`load_zsre`); GR on
+    ``rephrase``; locality on the unrelated NQ question ``loc``.
 
     Without a path the embedded 40-record sample and the embedded memory are used, so the result does not depend on
     what else is installed. Every record is streamed; the runner edits only those the model gets wrong (for
     SmolLM2-135M, nearly all of them).
     """
-    rows = load_zsre(path if path is not None else ZSRE_SAMPLE)
+    rows = load_zsre(path if path is not None else ZSRE_SAMPLE, target=target)
     memory = generation_memory(data_dir) if path is not None else embedded_memory()
     notes = {"locality": "agreement of the answer to the unrelated NQ question with the pre-edit answer"}
-    return _generation_benchmark("zsre", rows, memory, notes)
+    benchmark = _generation_benchmark("zsre", rows, memory, notes)
+    return replace(benchmark, embedded=path is None)
 
 
 def counterfact_benchmark(path: str | Path | None = None, data_dir: str | Path | None = None) -> Benchmark:
@@ -145,7 +177,15 @@ def _generation_benchmark(
 ) -> Benchmark:
     """Edits with one rephrase each (GR) and one unrelated prompt each (locality), from a loaded dataset."""
     locality = [(r["loc"], r["loc_ans"]) for r in rows]
-    return Benchmark(name, to_edit_examples(rows, name), {"locality": locality}, *memory, notes=notes)
+    return Benchmark(
+        name,
+        to_edit_examples(rows, name),
+        {"locality": locality},
+        *memory,
+        notes=notes,
+        neighbour_pool=[(r["text"], r["subject"]) for r in rows],
+        locality_is_neighbourhood=name == "counterfact",
+    )
 
 
 def fever_benchmark(

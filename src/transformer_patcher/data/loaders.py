@@ -157,7 +157,11 @@ def _load(path: str | Path, parse: Callable[[dict[str, Any], str], dict[str, Any
         if row is not None:
             rows.append(row)
     if not rows:
-        why = "the file holds no records" if not read else f"all {read} records were dropped (e.g. NOT ENOUGH INFO)"
+        why = (
+            "the file holds no records"
+            if not read
+            else f"all {read} records were dropped (e.g. NOT ENOUGH INFO, or an empty alt)"
+        )
         raise DatasetFormatError(f"{path}: no usable records: {why}")
     return datasets.Dataset.from_list(rows)
 
@@ -183,14 +187,23 @@ def load_fever(path: str | Path, *, drop_nei: bool = True) -> datasets.Dataset:
     return _load(path, parse)
 
 
-def load_zsre(path: str | Path = ZSRE_SAMPLE) -> datasets.Dataset:
-    """zsRE (MEND/EasyEdit format) as ``text, target, rephrase, loc, loc_ans, subject``; target is ``answers[0]``.
+ZSRE_TARGETS = ("answers", "alt")
 
-    The "nq question: " prefix on ``loc`` is removed so the locality input reads like a natural question. Without a
-    path, the 40-record sample embedded in the package is loaded (offline default for examples and the demo).
+
+def load_zsre(path: str | Path = ZSRE_SAMPLE, target: str = "answers") -> datasets.Dataset:
+    """zsRE (MEND/EasyEdit format) as ``text, target, rephrase, loc, loc_ans, subject`` (+ ``ground_truth``).
+
+    ``target="answers"`` (ours, the paper's): the target is ``answers[0]``, the question's true answer, which the
+    unedited model does not know. ``target="alt"`` (EasyEdit's convention, for tables that stand next to WISE, GRACE
+    or AlphaEdit): the target is ``alt`` and ``answers[0]`` the ground truth; records with an empty ``alt`` are skipped,
+    as EasyEdit does. The "nq question: " prefix on ``loc`` is removed so the locality input reads like a natural
+    question. Without a path, the 40-record sample embedded in the package is loaded (offline default for examples
+    and the demo).
     """
+    if target not in ZSRE_TARGETS:
+        raise ValueError(f"target must be one of {ZSRE_TARGETS}, got {target!r}")
 
-    def parse(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    def parse(rec: dict[str, Any], where: str) -> dict[str, Any] | None:
         answers = rec.get("answers")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
             got = "missing" if "answers" not in rec else _shown(answers)
@@ -202,9 +215,13 @@ def load_zsre(path: str | Path = ZSRE_SAMPLE) -> datasets.Dataset:
             loc = loc[len(_NQ_PREFIX) :]
             if not loc.strip():
                 raise DatasetFormatError(f"{where}: field 'loc' is only the {_NQ_PREFIX.strip()!r} prefix, no question")
+        if target == "alt" and not (isinstance(rec.get("alt"), str) and rec["alt"].strip()):
+            return None
+        truth = {"target": _str_field(rec, "alt", where), "ground_truth": answers[0]} if target == "alt" else {}
         return {
             "text": _str_field(rec, "src", where),
             "target": answers[0],
+            **truth,
             "rephrase": _str_field(rec, "rephrase", where),
             "loc": loc,
             "loc_ans": _str_field(rec, "loc_ans", where),
@@ -234,6 +251,30 @@ def load_counterfact(path: str | Path) -> datasets.Dataset:
         }
 
     return _load(path, parse)
+
+
+def load_questions(path: str | Path) -> list[str]:
+    """Questions of a locality file (JSON lines or a JSON list of ``{"text": ...}``), for the evaluation suite's
+    unrelated part: each must be non-empty text; other fields are ignored."""
+    return [row["text"] for row in _load(path, lambda rec, where: {"text": _str_field(rec, "text", where)})]
+
+
+def load_neighbours(path: str | Path) -> dict[str, list[str]]:
+    """A neighbour file: ``{"text": <an edit's question>, "neighbours": [<the same question about others>, ...]}``
+    per record, as {edit question: neighbours}. Every neighbour must be non-empty text."""
+
+    def parse(rec: dict[str, Any], where: str) -> dict[str, Any]:
+        text = _str_field(rec, "text", where)
+        found = rec.get("neighbours")
+        if not isinstance(found, list) or not found:
+            state = "missing" if "neighbours" not in rec else f"not a non-empty list (got {_shown(found)})"
+            raise DatasetFormatError(f"{where}: field 'neighbours' is {state}")
+        for i, item in enumerate(found):
+            if not isinstance(item, str) or not item.strip() or not _encodable(item):
+                raise DatasetFormatError(f"{where}: field 'neighbours' item {i} is not text (got {_shown(item)})")
+        return {"text": text, "neighbours": found}
+
+    return {row["text"]: list(row["neighbours"]) for row in _load(path, parse)}
 
 
 def to_edit_examples(dataset: datasets.Dataset, kind: str) -> list[EditExample]:

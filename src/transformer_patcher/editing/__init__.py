@@ -4,6 +4,7 @@ from .baselines import FineTuneConfig, FineTuneEditor
 from .config import MARGINS, EditConfig
 from .editor import Editor
 from .memory import MemoryBank, build_memory, collect_queries, memory_key
+from .prompts import Prompter, PromptFormat
 from .replay import ForwardReplay
 from .tasks import Batch, CausalLMTask, ClassificationTask, EditExample, Seq2SeqTask, Task, task_for_model
 from .trainer import EditRecord, PatchTrainer
@@ -22,6 +23,8 @@ __all__ = [
     "ForwardReplay",
     "MemoryBank",
     "PatchTrainer",
+    "PromptFormat",
+    "Prompter",
     "Seq2SeqTask",
     "Task",
     "build_memory",

@@ -147,10 +147,10 @@ class MemoryBank:
 
 
 def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[str, Any]], size: int) -> str:
-    """A content key for a memory bank: the base model's fingerprint, the task kind and the exact examples."""
+    """A content key for a memory bank: the base model's fingerprint, the task kind and prompt format, the examples."""
     digest = hashlib.sha256()
     digest.update(json.dumps(fingerprint, sort_keys=True, default=str).encode())
-    digest.update(f"{task.kind}|{size}|{len(pairs)}".encode())
+    digest.update(f"{task.signature}|{size}|{len(pairs)}".encode())
     for text, target in pairs:
         digest.update(f"{text}\x1f{target}\x1e".encode())
     return digest.hexdigest()

@@ -10,12 +10,17 @@ Replay reuses the model's own forward code, so no per-architecture tail is neede
 what ``cache=False`` does (the tests check loss and gradients on every registered architecture). Modules are
 short-circuited by temporarily replacing their ``forward``; hooks (the patch layer's query hook, accelerate's
 offloading hooks) still run around it.
+
+Evaluation keeps many recordings (one per batch of an evaluation suite) and replays each after every few edits. Most
+recorded outputs are never read by a replayed pass (layer ``k``'s output only feeds layer ``k + 1``, which is itself
+replayed), so :meth:`ForwardReplay.find_unread` finds them once, by replaying with NaN placeholders in their place and
+checking the result stays bit-identical, and :meth:`ForwardReplay.recording` then keeps only the outputs that are read.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +35,7 @@ class ForwardReplay:
 
     def __init__(self, model: nn.Module, layer: PatcherLayer) -> None:
         self.model = model
+        self.layer = layer
         modules = dict(model.named_modules())
         self.value_name = next(name for name, module in modules.items() if module is layer)
         key_suffix = "." + layer.key_module_name
@@ -37,7 +43,8 @@ class ForwardReplay:
         self.base_name = f"{self.value_name}.base_layer"
         self._modules = modules
         self._plan: list[str] | None = None
-        self._outputs: dict[str, list[Any]] = {}
+        self._outputs: Recording = {}
+        self._unread: set[str] | None = None  # what find_unread found; None until it has run
 
     @property
     def recorded(self) -> bool:
@@ -98,13 +105,54 @@ class ForwardReplay:
         plan = [name for name in chosen if not any(name.startswith(other + ".") for other in chosen)]
         return [*plan, self.base_name]
 
-    @contextmanager
-    def replaying(self) -> Iterator[None]:
-        """Inside the block, one forward pass of ``model`` replays the recorded upstream outputs."""
+    @property
+    def unread(self) -> set[str] | None:
+        """The modules :meth:`find_unread` found unread (None until it has run)."""
+        return None if self._unread is None else set(self._unread)
+
+    def recording(self) -> Recording:
+        """The last recording, to replay later with ``replaying(recording)``; outputs :meth:`find_unread` found
+        unread are kept as placeholders that take no memory."""
+        unread = self._unread or set()
+        return {name: _placeholders(out) if name in unread else out for name, out in self._outputs.items()}
+
+    def find_unread(self, forward: Callable[[], Any]) -> set[str]:
+        """Recorded modules whose outputs a replay of ``forward`` never reads (call right after ``record(forward)``).
+
+        Each output is swapped for a NaN placeholder in turn; if the replayed result and the FFN query the patches
+        read stay bit-identical, nothing read it. The union is checked once more as a whole, and an empty set is
+        returned if that check fails.
+        """
         if not self._outputs:
             raise RuntimeError("nothing recorded yet: call record() first")
+        full = self._outputs
+        expected = self._replay_result(forward, full)
+        unread = set()
+        for name in full:
+            swapped = None if name == self.base_name else _placeholders(full[name])
+            if swapped is not None and _same(self._replay_result(forward, {**full, name: swapped}), expected):
+                unread.add(name)
+        pruned = {name: _placeholders(out) if name in unread else out for name, out in full.items()}
+        self._unread = unread if _same(self._replay_result(forward, pruned), expected) else set()
+        return set(self._unread)
+
+    def _replay_result(self, forward: Callable[[], Any], recording: Recording) -> Any:
+        """The replayed output and the FFN query the patches read (what an empty patch set ignores, a trained one
+        does not)."""
+        try:
+            with torch.no_grad(), self.layer.capture() as capture, self.replaying(recording):
+                return forward(), capture.query
+        except Exception:  # a placeholder that some code could not take (in-place write, shape checks): it is read
+            return None
+
+    @contextmanager
+    def replaying(self, recording: Recording | None = None) -> Iterator[None]:
+        """Inside the block, one forward pass of ``model`` replays ``recording`` (default: the last one recorded)."""
+        recording = self._outputs if recording is None else recording
+        if not recording:
+            raise RuntimeError("nothing recorded yet: call record() first")
         patched: list[tuple[nn.Module, Any]] = []
-        for name, outputs in self._outputs.items():
+        for name, outputs in recording.items():
             module = self._modules[name]
             patched.append((module, module.__dict__.get("forward")))
             module.forward = _replayer(name, outputs)
@@ -116,6 +164,54 @@ class ForwardReplay:
                     del module.forward
                 else:
                     module.forward = previous
+
+
+Recording = dict[str, list[Any]]
+"""Recorded outputs by module name, one entry per call in the recorded pass."""
+
+
+def _placeholders(outputs: list[Any]) -> list[Any] | None:
+    """The outputs with every floating tensor replaced by a zero-memory NaN view of its shape; None when an output
+    holds something else (an integer tensor, a cache object), which is then always kept."""
+    replaced = [_placeholder(output) for output in outputs]
+    return None if any(r is _KEEP for r in replaced) else replaced
+
+
+_KEEP = object()
+
+
+def _placeholder(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            return _KEEP
+        return torch.full((), float("nan"), dtype=value.dtype, device=value.device).expand(value.shape)
+    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+        items = [_placeholder(item) for item in value]
+        return _KEEP if any(i is _KEEP for i in items) else type(value)(items)
+    return _KEEP
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):  # ModelOutput is a dict of its set fields
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _same(result: Any, expected: Any) -> bool:
+    """Bit-identical tensors in the same structure (a failed replay, None, never matches)."""
+    if result is None:
+        return False
+    got, want = list(_tensors(result)), list(_tensors(expected))
+    return len(got) == len(want) and all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want, strict=True)
+    )
 
 
 def _replayer(name: str, outputs: list[Any]) -> Callable[..., Any]:

@@ -14,13 +14,20 @@ model's position limit when the config states one). Longer *inputs* are truncate
 :class:`InputTruncatedWarning`; for a causal LM the prompt keeps its first ``max_length - len(answer)`` tokens so the
 answer always fits. A generation *target* that does not fit (more than ``max_length - 1`` tokens) is refused with
 :class:`~transformer_patcher.errors.InvalidExampleError`, since training on a cut answer would teach a different one.
+Inputs are rendered by the task's :class:`~transformer_patcher.editing.prompts.PromptFormat` (raw text, the chat
+template, or a template string) before they are encoded; for a causal LM the format also says what ends an answer
+(the chat template's end-of-turn token, or EOS on request), which then counts as one more read, so "correct" means
+greedy generation writes the answer and stops.
+
 Text is used as given: unknown characters in an input (NUL, zero-width or astral characters a vocabulary lacks) map to
 the tokenizer's unknown token; in a target they are refused.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
 import operator
 import warnings
 from abc import ABC, abstractmethod
@@ -32,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidExampleError
+from ..errors import InvalidExampleError, PromptFormatError
+from .prompts import CHAT, Prompter, PromptFormat
 
 
 class InputTruncatedWarning(UserWarning):
@@ -98,29 +106,61 @@ class Task(ABC):
     """Base of the three task kinds. Subclasses define encoding, reading logits and the edit loss."""
 
     kind: str
+    formats_refused: tuple[str, ...] = ()  # "chat" and/or "eos"
+    formats_refused_because = ""
 
-    def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
+    def __init__(self, tokenizer: Any, max_length: int = 128, prompt_format: PromptFormat | str | None = None) -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._set_format(PromptFormat.coerce(prompt_format))
+
+    def _set_format(self, prompt_format: PromptFormat) -> None:
+        self._check_format(prompt_format)
+        self.prompt_format = prompt_format
+        self.prompter = Prompter(self.tokenizer, prompt_format)
+
+    def _check_format(self, prompt_format: PromptFormat) -> None:
+        """Refuse a format the task kind cannot use (see ``formats_refused``)."""
+        refused = (prompt_format.kind == CHAT and "chat" in self.formats_refused) or (
+            prompt_format.append_eos and "eos" in self.formats_refused
+        )
+        if refused:
+            raise PromptFormatError(
+                f"a {self.kind} task cannot use prompt_format {prompt_format.name!r}: {self.formats_refused_because}"
+            )
+
+    def formatted(self, prompt_format: PromptFormat | str | None) -> Task:
+        """The same task reading its inputs in another prompt format (this task is unchanged)."""
+        other = copy.copy(self)
+        other._set_format(PromptFormat.coerce(prompt_format))
+        return other
+
+    @property
+    def signature(self) -> str:
+        """What decides how an example is encoded: the task kind and the prompt format (memory-cache keys use it)."""
+        return f"{self.kind}|{json.dumps(self.prompt_format.to_dict(), sort_keys=True)}"
 
     # ------------------------------------------------------------------------------------------- encoding
-    def _raw_tokens(self, text: str, what: str, add_special_tokens: bool) -> list[int]:
-        """All token ids of ``text``; refused when it is not text, is blank or encodes to nothing."""
+    def _raw_tokens(self, text: str, what: str, add_special_tokens: bool, render: bool = False) -> list[int]:
+        """All token ids of ``text`` (rendered by the prompt format when ``render``); refused when it is not text,
+        is blank or encodes to nothing."""
         if not isinstance(text, str):
             raise InvalidExampleError(f"{what} must be text, got {type(text).__name__}")
         if not text.strip():
             raise InvalidExampleError(f"{what} is empty; every example needs non-empty text")
-        ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        source = self.prompter.render(text) if render else text
+        ids = list(self.tokenizer(source, add_special_tokens=add_special_tokens)["input_ids"])
         if not ids:
             raise InvalidExampleError(f"{what} {_short(text)} encodes to no tokens")
         return ids
 
-    def _tokens(self, text: str, what: str, add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
-        """Token ids of ``text``; beyond ``limit`` (default ``max_length``) cut to the first ones, with a warning."""
-        ids = self._raw_tokens(text, what, add_special_tokens)
+    def _tokens(self, text: str, what: str, limit: int | None = None) -> list[int]:
+        """Token ids of the input ``text`` as the prompt format renders it; beyond ``limit`` (default
+        ``max_length``) cut to the first ones, with a warning."""
+        ids = self._raw_tokens(text, what, self.prompter.add_special_tokens, render=True)
         limit = self.max_length if limit is None else limit
         if len(ids) > limit:
             warnings.warn(
@@ -147,6 +187,10 @@ class Task(ABC):
                 f"{self.max_length}, and a truncated target would teach a different answer"
             )
         return ids
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """Token ids of the input ``text`` as the model reads it (rendered by the prompt format, cut to max_length)."""
+        return self._tokens(text, "the prompt")
 
     @abstractmethod
     def _encode(self, text: str, target: int | str) -> _Encoded: ...
@@ -238,6 +282,8 @@ class ClassificationTask(Task):
     """
 
     kind = "classification"
+    formats_refused = ("chat", "eos")
+    formats_refused_because = "a classifier reads its input and generates no answer; use 'raw' or a template string"
 
     def __init__(
         self,
@@ -246,8 +292,9 @@ class ClassificationTask(Task):
         read_position: str = "first",
         entropy_weight: float = 0.1,
         max_length: int = 128,
+        prompt_format: PromptFormat | str | None = None,
     ) -> None:
-        super().__init__(tokenizer, max_length)
+        super().__init__(tokenizer, max_length, prompt_format)
         if read_position not in ("first", "last"):
             raise ValueError(f"read_position must be 'first' ([CLS]) or 'last', got {read_position!r}")
         if num_labels < 1:
@@ -298,8 +345,14 @@ class ClassificationTask(Task):
 class _GenerationTask(Task):
     """Shared by seq2seq and causal LM: one read per target token; label-smoothed NLL as the edit loss."""
 
-    def __init__(self, tokenizer: Any, label_smoothing: float = 0.1, max_length: int = 128) -> None:
-        super().__init__(tokenizer, max_length)
+    def __init__(
+        self,
+        tokenizer: Any,
+        label_smoothing: float = 0.1,
+        max_length: int = 128,
+        prompt_format: PromptFormat | str | None = None,
+    ) -> None:
+        super().__init__(tokenizer, max_length, prompt_format)
         self.label_smoothing = label_smoothing
 
     def read_logits(self, output: Any, batch: Batch) -> torch.Tensor:
@@ -318,6 +371,11 @@ class Seq2SeqTask(_GenerationTask):
     """Encoder-decoder QA (BART/T5 on zsRE): teacher-forced decoder positions, one read per target token."""
 
     kind = "seq2seq"
+    formats_refused = ("chat",)
+    formats_refused_because = (
+        "chat templates are for decoder-only chat models; a seq2seq model reads its input raw or through a template "
+        "string (its answers always end with EOS)"
+    )
 
     def __init__(self, tokenizer: Any, decoder_start_token_id: int, **kwargs: Any) -> None:
         super().__init__(tokenizer, **kwargs)
@@ -355,19 +413,27 @@ class CausalLMTask(_GenerationTask):
     def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> CausalLMTask:
         return cls(tokenizer, **_fit_max_length(model, kwargs))
 
-    def _encode(self, text: str, target: int | str) -> _Encoded:
+    def answer_tokens(self, target: str) -> list[int]:
+        """Token ids the model must generate for ``target``: the answer after its separator (a space, none after a
+        chat header), then the format's end token when it has one."""
         if not isinstance(target, str):
             raise InvalidExampleError(f"a causal-LM target must be text, got {type(target).__name__}")
+        end = self.prompter.end_ids
+        prefix = "" if self.prompt_format.kind == CHAT else self.target_prefix
         answer = self._target_tokens(
-            self.target_prefix + target.strip() if target.strip() else target, self.max_length - 1
+            prefix + target.strip() if target.strip() else target, self.max_length - 1 - len(end)
         )
+        return answer + end
+
+    def _encode(self, text: str, target: int | str) -> _Encoded:
+        answer = self.answer_tokens(target)  # type: ignore[arg-type]
         prompt = self._tokens(text, "the prompt", limit=self.max_length - len(answer))
         ids = prompt + answer
         return _Encoded(ids, list(range(len(prompt) - 1, len(ids) - 1)), answer)
 
     def prepare(self, model: nn.Module, batch: Batch) -> Batch:
         """Ask the LM head for logits only at read positions when the model supports ``logits_to_keep``."""
-        if _accepts(model, "logits_to_keep"):
+        if accepts_argument(model, "logits_to_keep"):
             batch.extra["logits_to_keep"] = torch.unique(batch.cols)
         return batch
 
@@ -394,7 +460,8 @@ def _fit_max_length(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
 _DECODER_CLASSIFIERS = {"gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
 
 
-def _accepts(model: nn.Module, argument: str) -> bool:
+def accepts_argument(model: nn.Module, argument: str) -> bool:
+    """Whether the (unwrapped) model's ``forward`` takes ``argument``, e.g. ``logits_to_keep``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return argument in inspect.signature(base.forward).parameters
 

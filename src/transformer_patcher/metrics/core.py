@@ -1,12 +1,16 @@
-"""Sequential-model-editing (SME) metrics of Transformer-Patcher (Huang et al., ICLR 2023, eqs. 20–24).
+"""Model-editing metrics as pure functions over python values, so they can score predictions from any model or loop.
 
-Pure functions over python values so they can score predictions from any model or decoding loop. A prediction counts
-as correct when it equals the reference after :func:`normalize_answer`, which is how the official T-Patcher code
-compares generated answers (``pred.lower().strip() == target``).
+- The SME metrics of Transformer-Patcher (Huang et al., ICLR 2023, eqs. 20–24): a prediction counts as correct when
+  it equals the reference after :func:`normalize_answer`, which is how the official T-Patcher code compares generated
+  answers (``pred.lower().strip() == target``).
+- Token agreement (:func:`token_agreement`): the *exact* and *token-level* measures of the locality suite (pre- vs
+  post-edit tokens) and EasyEdit's teacher-forced accuracies (predicted vs target tokens).
+- Perplexity and its relative change (:func:`perplexity`, :func:`relative_change`): general ability.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence, Sized
 
 Reference = str | Sequence[str]
@@ -155,3 +159,44 @@ def summarize(
                     [correct_tokens[i] for i in scored], [total_tokens[i] for i in scored]
                 )
     return result
+
+
+def row_agreement(predictions: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> list[float]:
+    """Per row, the fraction of predicted tokens equal to the reference's (1.0: the row agrees exactly)."""
+    _check_columns(predictions=predictions, references=references)
+    fractions = []
+    for row, (predicted, reference) in enumerate(zip(predictions, references, strict=True)):
+        if len(predicted) != len(reference) or not reference:
+            raise ValueError(
+                f"row {row}: {len(predicted)} predicted tokens for {len(reference)} reference tokens; each row needs "
+                "one prediction per (at least one) reference token"
+            )
+        fractions.append(sum(int(p) == int(r) for p, r in zip(predicted, reference, strict=True)) / len(reference))
+    return fractions
+
+
+def token_agreement(predictions: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> dict[str, float]:
+    """``exact``: the fraction of rows whose tokens all equal their reference's; ``token``: the mean over rows of the
+    fraction of equal tokens (each row weighs the same, as EasyEdit averages its per-example accuracies).
+
+    With the post-edit argmax tokens as predictions and the pre-edit ones as references this is the locality suite's
+    pair of measures (exact = the greedy output is unchanged); with target tokens as references it is EasyEdit's
+    rewrite/rephrase accuracy (token) and our SR/GR (exact).
+    """
+    fractions = row_agreement(predictions, references)
+    return {"exact": _mean([f == 1.0 for f in fractions]), "token": sum(fractions) / len(fractions)}
+
+
+def perplexity(log_probs: Sequence[float]) -> float:
+    """``exp(-mean log p)`` over every scored token: the model's perplexity on a text."""
+    _check_columns(log_probs=log_probs)
+    if not all(math.isfinite(value) and value <= 0 for value in log_probs):
+        raise ValueError("log_probs must be finite log-probabilities (<= 0)")
+    return math.exp(-sum(log_probs) / len(log_probs))
+
+
+def relative_change(after: float, before: float) -> float:
+    """``after / before - 1``: e.g. +0.02 is a 2 % higher perplexity after editing."""
+    if not (math.isfinite(after) and math.isfinite(before)) or before <= 0:
+        raise ValueError(f"relative_change needs finite values and before > 0, got after={after}, before={before}")
+    return after / before - 1

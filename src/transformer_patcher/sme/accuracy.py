@@ -23,11 +23,23 @@ def evaluate_benchmark(
     patches: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    prompt_format: str = "raw",
+    append_eos: bool = False,
+    zsre_target: str = "answers",
 ) -> list[dict[str, Any]]:
     """Rows ``base`` (and ``patched`` when ``patches`` is given): exact-match accuracy on the edit inputs, their
-    rephrases and every evaluation set, plus agreement with the base model on the locality set."""
+    rephrases and every evaluation set, plus agreement with the base model on the locality set, every input asked in
+    ``prompt_format``."""
     config = ExperimentConfig(
-        model=model, data=data, data_kind=data_kind, max_examples=max_examples, data_dir=data_dir and str(data_dir)
+        model=model,
+        data=data,
+        data_kind=data_kind,
+        max_examples=max_examples,
+        data_dir=data_dir and str(data_dir),
+        prompt_format=prompt_format,
+        append_eos=append_eos,
+        zsre_target=zsre_target,
+        suite="none",
     )
     benchmark = load_benchmark(config)
     base, tokenizer = load_model(model, config.model_kind)
@@ -36,7 +48,7 @@ def evaluate_benchmark(
     if rephrases:
         sets["rephrase"] = rephrases
     sets |= benchmark.eval_sets
-    task = task_for_model(base, tokenizer)
+    task = task_for_model(base, tokenizer, prompt_format=benchmark.prompt_format)
     rows = []
     base_locality = None
     variants = [("base", base)]

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..data.benchmarks import BENCHMARKS, wikitext_texts
-from ..data.loaders import ZSRE_SAMPLE, find_data_file, load_counterfact, load_zsre
+from ..data.loaders import ZSRE_SAMPLE, ZSRE_TARGETS, find_data_file, load_counterfact, load_zsre
 from ..editing.config import EditConfig
 from ..editing.editor import Editor
+from ..editing.prompts import PromptFormat
 from ..editing.registry import DISPLAY_NAMES, MASS_EDITORS, build_editor
 from ..editing.tasks import CausalLMTask, EditExample
 from ..folder_lock import folder_lock
@@ -59,12 +60,23 @@ class BatchExperimentConfig:
     edit_options: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (T-Patcher)
     memory_rows: int = 10_000
     seed: int = 42
+    prompt_format: str = "raw"  # how the cases are asked when scored (and edited, by T-Patcher)
+    append_eos: bool = False
+    zsre_target: str = "answers"  # "alt": EasyEdit's zsRE convention
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
         self.editors = tuple(self.editors)
         if self.kind not in ("counterfact", "zsre"):
             raise ValueError(f"batch experiments use counterfact or zsre data, got {self.data!r}")
+        if self.zsre_target not in ZSRE_TARGETS:
+            raise ValueError(f"zsre_target must be one of {ZSRE_TARGETS}, got {self.zsre_target!r}")
+        mass = sorted(set(self.editors) & set(MASS_EDITORS))
+        if self.format().kind != "raw" and mass:
+            raise ValueError(
+                f"{', '.join(mass)} write facts from raw prompts (their context templates are raw-text prefixes); "
+                f"prompt_format {self.format().name!r} is supported for the patcher editor only"
+            )
         unknown = sorted(set(self.editors) - set(BATCH_EDITORS))
         if unknown or not self.editors:
             raise ValueError(f"editors must be among {BATCH_EDITORS}, got {list(self.editors)}")
@@ -79,6 +91,9 @@ class BatchExperimentConfig:
     def kind(self) -> str:
         return self.data if self.data in BENCHMARKS else str(self.data_kind)
 
+    def format(self) -> PromptFormat:
+        return PromptFormat(self.prompt_format, self.append_eos)
+
 
 def load_cases(config: BatchExperimentConfig) -> list[FactCase]:
     if config.kind == "counterfact":
@@ -87,7 +102,7 @@ def load_cases(config: BatchExperimentConfig) -> list[FactCase]:
             find_data_file("counterfact/counterfact-edit-1k.json", config.data_dir) if named else config.data
         )
     else:
-        rows = load_zsre(ZSRE_SAMPLE if config.data == "zsre" else config.data)
+        rows = load_zsre(ZSRE_SAMPLE if config.data == "zsre" else config.data, target=config.zsre_target)
     if len(rows) < config.cases:
         raise ValueError(f"{config.data} has {len(rows)} records, fewer than cases={config.cases}")
     return [FactCase.from_row(rows[i]) for i in range(config.cases)]
@@ -117,7 +132,7 @@ def _run_batch_experiment(
         if not missing:
             continue
         model, tokenizer = load_model(config.model, "generation")
-        task = CausalLMTask(tokenizer)
+        task = CausalLMTask(tokenizer, prompt_format=config.format())
         if before is None:
             before = score_cases(model, task, cases)
             write_text_atomic(out / "before.json", json.dumps([{k: asdict(o) for k, o in c.items()} for c in before]))

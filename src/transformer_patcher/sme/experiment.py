@@ -7,11 +7,11 @@ JSON file at once; the main process assembles ``results.json`` and ``results.md`
 
 Output folder::
 
-    results.json  results.md  metrics.png  latency.png
+    results.json  results.md  metrics.png  locality.png  latency.png
     folds/fold-K.json        per-fold records and evaluations
     patches/fold-K/          the fold's patch set or weight delta (PEFT adapter folder; T-Patcher, PMET, MEMIT)
     heatmaps/fold-K.png      patch × edit activations (T-Patcher only)
-    checkpoints/             resumable state of unfinished folds
+    checkpoints/             resumable state of unfinished folds, and the suite's reference (pre-edit outputs)
     .lock                    held by the run while it works (a second run on the folder is refused)
 """
 
@@ -22,27 +22,39 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
+from safetensors.torch import load_file
 
-from ..adapter.patch_set import save_adapter_folder
-from ..atomic import write_text_atomic
+from ..adapter.patch_set import edit_log_entry, save_adapter_folder
+from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..data.benchmarks import BENCHMARKS, Benchmark
+from ..data.loaders import ZSRE_TARGETS, load_neighbours, load_questions
 from ..editing.baselines import FineTuneConfig
 from ..editing.config import EditConfig
+from ..editing.editor import Editor
+from ..editing.prompts import PromptFormat
 from ..editing.registry import DISPLAY_NAMES, EDITOR_NAMES, MASS_EDITORS, build_editor
-from ..editing.tasks import task_for_model
+from ..editing.replay import ForwardReplay
+from ..editing.tasks import position_limit, task_for_model
+from ..editing.trainer import PatchTrainer
+from ..evaluation import EvaluationSuite, SuiteConfig, benchmark_parts
 from ..folder_lock import folder_lock
 from ..pretrained import cache_dir, load_model
 from ..validation import check_int, check_options
-from .report import markdown_table, summarize_folds
+from .report import markdown_table, suite_table, summarize_folds
 from .runner import SMEConfig, SMERunner
 
 logger = logging.getLogger(__name__)
 SCHEDULES = ("official", "quick")
+SUITE_REFERENCE = "suite-reference.safetensors"
+SUITE_CURVES = tuple(
+    f"{part}-{fmt}.exact" for part in ("unrelated", "neighbours", "generation") for fmt in ("raw", "chat")
+)
 ADAPTER_EDITORS = ("patcher", *MASS_EDITORS)  # editors whose edits are a saved adapter (patches or weight deltas)
 
 
@@ -67,6 +79,12 @@ class ExperimentConfig:
     edit_options: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (T-Patcher)
     finetune_options: dict[str, Any] = field(default_factory=dict)  # FineTuneConfig overrides (FT baselines)
     pmet_options: dict[str, Any] = field(default_factory=dict)  # PMET preset + PMETHyperParams overrides
+    prompt_format: str = "raw"  # how edits, memory and evaluation sets are asked: raw, chat or a "{text}" template
+    append_eos: bool = False  # raw/template answers end with EOS (chat answers always end their turn)
+    zsre_target: str = "answers"  # "alt": EasyEdit's zsRE convention
+    suite: str = "full"  # the evaluation suite at every evaluation: full, small or none
+    locality_file: str | None = None  # the suite's unrelated questions from this file instead of ours
+    neighbour_file: str | None = None  # the suite's near neighbours from this file instead of the data's
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -76,6 +94,16 @@ class ExperimentConfig:
             raise ValueError(
                 f"data {self.data!r} is not a benchmark name ({', '.join(BENCHMARKS)}); for a file, give data_kind"
             )
+        fmt = self.format()
+        if kind == "fever" and (fmt.kind == "chat" or fmt.append_eos):
+            raise ValueError(f"FEVER is read by a classifier: prompt_format {fmt.name!r} does not apply to it")
+        if self.zsre_target not in ZSRE_TARGETS:
+            raise ValueError(f"zsre_target must be one of {ZSRE_TARGETS}, got {self.zsre_target!r}")
+        SuiteConfig.preset(self.suite)
+        if self.locality_file is not None:
+            load_questions(self.locality_file)  # a bad file fails here, before anything is loaded or written
+        if self.neighbour_file is not None:
+            load_neighbours(self.neighbour_file)
         if self.editor not in EDITOR_NAMES:
             raise ValueError(f"unknown editor {self.editor!r}; choose one of {', '.join(EDITOR_NAMES)}")
         for name in ("folds", "memory_rows", "validation_rows", "batch_size"):
@@ -103,6 +131,13 @@ class ExperimentConfig:
         """What the benchmark needs the model to be: a classifier (FEVER) or a generator."""
         return "classification" if self.kind == "fever" else "generation"
 
+    def format(self) -> PromptFormat:
+        return PromptFormat(self.prompt_format, self.append_eos)
+
+    def suite_config(self) -> SuiteConfig | None:
+        files = {"locality_file": self.locality_file, "neighbour_file": self.neighbour_file}
+        return SuiteConfig.preset(self.suite, batch_size=self.batch_size, **files)
+
     def edit_config(self) -> EditConfig:
         options = {"seed": self.seed, **self.edit_options}
         return EditConfig.quick(**options) if self.schedule == "quick" else EditConfig(**options)
@@ -110,13 +145,16 @@ class ExperimentConfig:
 
 def load_benchmark(config: ExperimentConfig) -> Benchmark:
     builder = BENCHMARKS[config.kind]
+    path = None if config.data in BENCHMARKS else config.data
     if config.kind == "fever":
         if config.data != "fever":
             raise ValueError("FEVER runs read the two FEVER files from data_dir; pass data='fever'")
         benchmark = builder(config.data_dir, seed=config.seed)
+    elif config.kind == "zsre":
+        benchmark = builder(path, config.data_dir, target=config.zsre_target)
     else:
-        benchmark = builder(None if config.data in BENCHMARKS else config.data, config.data_dir)
-    return benchmark.head(config.max_examples)
+        benchmark = builder(path, config.data_dir)
+    return benchmark.head(config.max_examples).formatted(config.format())
 
 
 def run_experiment(
@@ -136,7 +174,7 @@ def _run_experiment(
     state.wait_for_everyone()  # every process has checked before the main one claims the folder
     benchmark = load_benchmark(config)
     model, tokenizer = load_model(config.model, config.model_kind)
-    task = task_for_model(model, tokenizer)
+    task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
     editor = build_editor(
         config.editor,
         model,
@@ -152,23 +190,52 @@ def _run_experiment(
         pmet_options=config.pmet_options,
     )
     sme = SMEConfig(eval_every=config.eval_every, batch_size=config.batch_size, seed=config.seed, progress=progress)
-    runner = SMERunner(editor, benchmark.eval_sets, sme, checkpoint_dir=out / "checkpoints")
-    streams = runner.folds(benchmark.examples, config.folds)
+    suite = _suite(config, benchmark, editor, out, resume, progress and state.is_local_main_process, state)
+    runner = SMERunner(editor, benchmark.eval_sets, sme, checkpoint_dir=out / "checkpoints", suite=suite)
+    streams = runner.fold_indices(len(benchmark.examples), config.folds)
     _claim_folder(config, out, state)
     for fold in range(state.process_index, config.folds, state.num_processes):
         fold_file = out / "folds" / f"fold-{fold}.json"
         if resume and fold_file.is_file():
             continue
         editor.reset()
-        result = runner.run_fold(streams[fold], fold=fold, resume=resume)
+        stream = [benchmark.examples[i] for i in streams[fold]]
+        result = runner.run_fold(stream, fold=fold, resume=resume, groups=streams[fold])
         if config.editor in ADAPTER_EDITORS:
-            _save_patches(editor, task, streams[fold], result.records, out, fold)
+            _save_patches(editor, task, stream, result.records, out, fold)
         write_text_atomic(fold_file, json.dumps(asdict(result), indent=1))
     editor.reset()
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     return assemble(out, config, benchmark)
+
+
+def _suite(
+    config: ExperimentConfig,
+    benchmark: Benchmark,
+    editor: Editor,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    state: PartialState,
+) -> EvaluationSuite | None:
+    """The evaluation suite over the original model (before any fold edits it), or None when the run asks for none
+    or the model is not a causal LM. Its reference is saved with the checkpoints, so a resumed run reuses it."""
+    suite_config = config.suite_config()
+    if suite_config is None or editor.task.kind != "causal_lm":
+        return None
+    limit = position_limit(editor.model.config)
+    parts = benchmark_parts(editor.task, benchmark, suite_config, config.data_dir, limit)  # type: ignore[arg-type]
+    saved = out / "checkpoints" / SUITE_REFERENCE
+    reference = load_file(str(saved)) if resume and saved.is_file() else None
+    replay = ForwardReplay(editor.model, editor.layer) if isinstance(editor, PatchTrainer) else None
+    suite = EvaluationSuite(
+        editor.model, parts, editor.task.pad_id, suite_config.batch_size, replay, progress, state=reference
+    )
+    if reference is None and state.is_main_process:
+        save_safetensors_atomic(suite.state_tensors(), saved)
+    return suite
 
 
 def assemble(out: Path, config: ExperimentConfig, benchmark: Benchmark) -> dict[str, Any]:
@@ -188,9 +255,16 @@ def assemble(out: Path, config: ExperimentConfig, benchmark: Benchmark) -> dict[
     write_text_atomic(out / "results.json", json.dumps(results, indent=1))
     table = markdown_table([{"editor": results["editor"], **summary}])
     notes = "".join(f"- {metric}: {text}\n" for metric, text in benchmark.notes.items())
-    write_text_atomic(out / "results.md", f"# {benchmark.name}: {config.model}\n\n{table}\n{notes}")
+    suite = suite_table(summary)
+    suite = f"\n## Evaluation suite (final evaluation, mean over folds)\n\n{suite}" if suite else ""
+    write_text_atomic(out / "results.md", f"# {benchmark.name}: {config.model}\n\n{table}\n{notes}{suite}")
     if any(fold["evaluations"] for fold in folds):
         _try_plot(metrics_curve, folds, out / "metrics.png")
+        if suite:
+            suite_curve = partial(
+                metrics_curve, metrics=SUITE_CURVES, title="Evaluation suite: unchanged greedy outputs"
+            )
+            _try_plot(suite_curve, folds, out / "locality.png")
     if summary["edits"]:
         _try_plot(latency_histogram, folds, out / "latency.png")
     return results
@@ -209,8 +283,9 @@ def _save_patches(editor: Any, task: Any, stream: list, records: list[dict[str, 
 
     needed = [r for r in records if r["needed"]]
     edited = [stream[r["index"]] for r in needed]
+    fmt = task.prompt_format.to_dict()
     log = [
-        {"edit_id": r["edit_id"], "text": e.text, "target": e.target, "success": r["success"]}
+        edit_log_entry(r["edit_id"], e.text, e.target, r["success"], fmt, e.subject, e.rephrases)
         for r, e in zip(needed, edited, strict=True)
     ]
     # one atomic step, so `info` can say what each patch fixes and later `edit`s keep it in memory

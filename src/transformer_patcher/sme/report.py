@@ -44,8 +44,9 @@ def summarize_folds(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
         summary["seconds_per_edit"] = statistics.median(r["seconds"] for r in needed)
         summary["steps_per_edit"] = statistics.median(r["steps"] for r in needed)
     finals = [fold["evaluations"][-1]["metrics"] for fold in folds if fold["evaluations"]]
-    for key in ("ER", "TrainR", "TestR", "locality", "locality_acc"):
-        values = [m[key] for m in finals if isinstance(m.get(key), float) and math.isfinite(m[key])]
+    suite_keys = dict.fromkeys(key for final in finals for key in final if "." in key)  # "unrelated-raw.exact"...
+    for key in ("ER", "TrainR", "TestR", "locality", "locality_acc", *suite_keys):
+        values = [m[key] for m in finals if _finite(m.get(key))]
         if values:
             summary[key] = statistics.fmean(values)
     return summary
@@ -70,6 +71,34 @@ def markdown_table(
         cells += [_cell(row.get(c), 2) for c in extras]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+SUITE_MEASURES = ("exact", "token", "n", "before", "perplexity", "change")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def suite_table(summary: dict[str, Any]) -> str:
+    """The evaluation suite's parts from a summary's ``part.measure`` keys: one row per part, perplexity as
+    "before → after (change)" (empty: no suite)."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in summary.items():
+        part, dot, measure = key.rpartition(".")
+        if dot and measure in SUITE_MEASURES:
+            parts.setdefault(part, {})[measure] = value
+    rows = []
+    for name, values in parts.items():
+        row: dict[str, Any] = {"part": name, "n": round(values.get("n", 0))}
+        if "perplexity" in values:
+            row["perplexity"] = f"{values['before']:.3f} → {values['perplexity']:.3f} ({100 * values['change']:+.2f} %)"
+        else:
+            row |= {"exact": values.get("exact"), "token": values.get("token")}
+        rows.append(row)
+    if not rows:
+        return ""
+    return markdown_table(rows, label="part", metric_columns=("exact", "token"), extra_columns=("n", "perplexity"))
 
 
 def _cell(value: Any, digits: int) -> str:

@@ -3,7 +3,10 @@
 Each fold is an independent stream that starts from the original model. An example is edited only when the current
 model gets it wrong (paper eq. 1). After every edit the runner records SR/GR for that edit and checkpoints atomically;
 at chosen edit counts (or after every edit) it measures ER on all earlier edits and TrainR/TestR/locality on the
-evaluation sets, so one run yields the whole metrics-versus-edits curve.
+evaluation sets, so one run yields the whole metrics-versus-edits curve. With an
+:class:`~transformer_patcher.evaluation.EvaluationSuite` (made on the original model) every evaluation also reports
+the suite's parts — unrelated and neighbouring questions, raw and chat, free generation, perplexity, EasyEdit's
+measures — for the examples streamed so far.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..editing.editor import Editor
 from ..editing.tasks import EditExample
+from ..evaluation import EvaluationSuite, flatten
 from ..metrics.core import summarize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluation import Outcome, score_pairs
@@ -58,6 +62,7 @@ class SMERunner:
         eval_sets: dict[str, Sequence[tuple[str, Any]]] | None = None,
         config: SMEConfig | None = None,
         checkpoint_dir: str | Path | None = None,
+        suite: EvaluationSuite | None = None,
     ) -> None:
         self.editor = editor
         self.config = config or SMEConfig()
@@ -66,29 +71,45 @@ class SMERunner:
         if unknown:
             raise ValueError(f"eval_sets keys must be among {EVAL_SET_GROUPS}, got {unknown}")
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.suite = suite
         self._base: dict[str, list[Outcome]] | None = None
 
     # ------------------------------------------------------------------------------------------ streams
-    def folds(self, examples: Sequence[EditExample], n_folds: int) -> list[list[EditExample]]:
-        """Shuffle (seeded) and cut ``examples`` into ``n_folds`` streams, as the paper splits the edit set."""
-        if not 1 <= n_folds <= len(examples):
-            raise ValueError(f"n_folds must be between 1 and the number of examples ({len(examples)}), got {n_folds}")
-        order = list(range(len(examples)))
+    def fold_indices(self, n_examples: int, n_folds: int) -> list[list[int]]:
+        """Shuffle (seeded) the example indices and cut them into ``n_folds`` streams, as the paper splits the edit
+        set."""
+        if not 1 <= n_folds <= n_examples:
+            raise ValueError(f"n_folds must be between 1 and the number of examples ({n_examples}), got {n_folds}")
+        order = list(range(n_examples))
         random.Random(self.config.seed).shuffle(order)
-        return [[examples[i] for i in order[f::n_folds]] for f in range(n_folds)]
+        return [order[f::n_folds] for f in range(n_folds)]
+
+    def folds(self, examples: Sequence[EditExample], n_folds: int) -> list[list[EditExample]]:
+        """The examples of each fold's stream (see :meth:`fold_indices`)."""
+        return [[examples[i] for i in fold] for fold in self.fold_indices(len(examples), n_folds)]
 
     def run(self, examples: Sequence[EditExample], n_folds: int = 1, resume: bool = False) -> list[FoldResult]:
         """Run every fold from the original model and return their results."""
         results = []
-        for fold, stream in enumerate(self.folds(examples, n_folds)):
+        for fold, indices in enumerate(self.fold_indices(len(examples), n_folds)):
             self.editor.reset()
-            results.append(self.run_fold(stream, fold=fold, resume=resume))
+            results.append(self.run_fold([examples[i] for i in indices], fold=fold, resume=resume, groups=indices))
         self.editor.reset()
         return results
 
     # --------------------------------------------------------------------------------------------- fold
-    def run_fold(self, stream: Sequence[EditExample], fold: int = 0, resume: bool = False) -> FoldResult:
-        """Edit ``stream`` in order from the editor's current state; ``resume`` continues from a checkpoint."""
+    def run_fold(
+        self,
+        stream: Sequence[EditExample],
+        fold: int = 0,
+        resume: bool = False,
+        groups: Sequence[int] | None = None,
+    ) -> FoldResult:
+        """Edit ``stream`` in order from the editor's current state; ``resume`` continues from a checkpoint.
+        ``groups[i]`` is the suite group (the benchmark index) of ``stream[i]``; by default its position."""
+        groups = list(range(len(stream))) if groups is None else list(groups)
+        if len(groups) != len(stream):
+            raise ValueError(f"{len(groups)} groups for a stream of {len(stream)} examples")
         result = FoldResult(fold)
         edited: list[int] = []
         position = 0
@@ -119,7 +140,7 @@ class SMERunner:
                 last = index == len(stream) - 1
                 every = self.config.eval_every
                 if (record.needed and (n_edits in due or (every and n_edits % every == 0))) or last:
-                    metrics = self._evaluate([stream[i] for i in edited], result.records, base)
+                    metrics = self._evaluate([stream[i] for i in edited], result.records, base, groups[: index + 1])
                     result.evaluations.append({"edits": n_edits, "examples": index + 1, "metrics": metrics})
                 self._save(name, index + 1, edited, result, base)
                 bar.update(1)
@@ -148,7 +169,11 @@ class SMERunner:
         return self._base
 
     def _evaluate(
-        self, edited: list[EditExample], records: list[dict[str, Any]], base: dict[str, list[Outcome]]
+        self,
+        edited: list[EditExample],
+        records: list[dict[str, Any]],
+        base: dict[str, list[Outcome]],
+        seen: Sequence[int],
     ) -> dict[str, float]:
         groups: list[str] = []
         predictions: list[str] = []
@@ -181,6 +206,8 @@ class SMERunner:
             summarize(groups, predictions, references, base_predictions, correct_tokens, total_tokens) if groups else {}
         )
         metrics = {k: v for k, v in metrics.items() if not k.startswith(("edit_", "rephrase_"))}
+        if self.suite is not None:
+            metrics |= flatten(self.suite.evaluate(groups=seen))
         metrics["edits"] = len(needed)
         metrics["neurons"] = sum(r["neurons"] for r in records)
         return metrics
