@@ -319,3 +319,24 @@ def test_a_bad_suite_file_names_the_file_and_record(workspace, tmp_path: Path, c
     err = capsys.readouterr().err
     assert str(bad) in err and message in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_session_keeps_new_patches_silent_on_earlier_fixes_in_their_own_format(workspace, tmp_path: Path) -> None:
+    from transformer_patcher.editing.prompts import PromptFormat
+    from transformer_patcher.session import EditSession
+
+    patches = tmp_path / "patches"
+    opened = dict(model=str(workspace["model"]), folder=patches, memory="none", schedule="quick", progress=False)
+    with EditSession.open(**opened) as session:  # raw: the answer has 2 tokens, so 2 reads
+        assert session.edit("w70 w71 w72", "w90 w91").needed
+        session.save()
+    ended = PromptFormat("raw", append_eos=True)
+    with EditSession.open(**opened, prompt_format=ended) as session:  # memory is None: nothing to keep silent on
+        assert session.trainer.memory is None
+    with EditSession.open(**{**opened, "memory": "zsre"}, data_dir=workspace["data"], prompt_format=ended) as session:
+        assert session.trainer.memory.n_appended == 2  # the earlier fix's 2 raw reads, not 3 with an EOS read
+        assert session.edit("w73 w74 w75", "w92", subject="w74").needed
+        session.save()
+    log = [json.loads(line) for line in (patches / "edits.jsonl").read_text().splitlines()]
+    assert [e["prompt_format"] for e in log] == [PromptFormat().to_dict(), ended.to_dict()]
+    assert "subject" not in log[0] and log[1]["subject"] == "w74"

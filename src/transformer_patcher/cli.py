@@ -159,10 +159,17 @@ def _suite_option(parser: argparse.ArgumentParser, default: str) -> None:
         help="evaluation suite: unrelated and neighbouring questions (raw and chat), free generation, perplexity "
         "(full: ~1,000 questions, 100 generations, 50k tokens; small: a quick look)",
     )
+    parser.add_argument("--neighbours", type=int, default=None, help="near neighbours per edit (default: the suite's)")
     parser.add_argument("--locality-file", help="your unrelated questions for the suite: {'text': ...} per line")
     parser.add_argument(
         "--neighbour-file", help="your near neighbours for the suite: {'text': edit, 'neighbours': [...]} per line"
     )
+
+
+def _suite_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The suite options given on the command line, as ``SuiteConfig`` fields."""
+    overrides = {"locality_file": args.locality_file, "neighbour_file": args.neighbour_file}
+    return overrides | ({} if args.neighbours is None else {"neighbours": args.neighbours})
 
 
 def _model_and_data(parser: argparse.ArgumentParser) -> None:
@@ -207,8 +214,7 @@ def _sme_run(args: argparse.Namespace) -> int:
         append_eos=args.append_eos,
         zsre_target=args.zsre_target,
         suite=args.suite,
-        locality_file=args.locality_file,
-        neighbour_file=args.neighbour_file,
+        suite_options=_suite_overrides(args),
     )
     progress = not args.no_progress
     if len(args.editor) > 1:
@@ -374,8 +380,7 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
 
     if args.patches is None:
         raise ValueError("give --data (a benchmark or a data file), or --patches DIR to score its own fixes")
-    files = {"locality_file": args.locality_file, "neighbour_file": args.neighbour_file}
-    suite = SuiteConfig.preset(args.suite, batch_size=args.batch_size, **files)
+    suite = SuiteConfig.preset(args.suite, batch_size=args.batch_size, **_suite_overrides(args))
     report = evaluate_patch_set(args.model, args.patches, suite, args.data_dir, progress=not args.no_progress)
     print("| edit id | format | text | target | base answer | patched answer | fixed |\n|---:|---|---|---|---|---|---|")
     for e in report.edits:

@@ -83,8 +83,7 @@ class ExperimentConfig:
     append_eos: bool = False  # raw/template answers end with EOS (chat answers always end their turn)
     zsre_target: str = "answers"  # "alt": EasyEdit's zsRE convention
     suite: str = "full"  # the evaluation suite at every evaluation: full, small or none
-    locality_file: str | None = None  # the suite's unrelated questions from this file instead of ours
-    neighbour_file: str | None = None  # the suite's near neighbours from this file instead of the data's
+    suite_options: dict[str, Any] = field(default_factory=dict)  # SuiteConfig overrides (sizes, your own files)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -99,11 +98,12 @@ class ExperimentConfig:
             raise ValueError(f"FEVER is read by a classifier: prompt_format {fmt.name!r} does not apply to it")
         if self.zsre_target not in ZSRE_TARGETS:
             raise ValueError(f"zsre_target must be one of {ZSRE_TARGETS}, got {self.zsre_target!r}")
-        SuiteConfig.preset(self.suite)
-        if self.locality_file is not None:
-            load_questions(self.locality_file)  # a bad file fails here, before anything is loaded or written
-        if self.neighbour_file is not None:
-            load_neighbours(self.neighbour_file)
+        check_options("suite", self.suite_options, {f.name for f in fields(SuiteConfig)})
+        SuiteConfig.preset("full", **self.suite_options)  # bad sizes fail here, whatever the preset
+        if self.suite_options.get("locality_file") is not None:
+            load_questions(self.suite_options["locality_file"])  # a bad file fails before anything is loaded
+        if self.suite_options.get("neighbour_file") is not None:
+            load_neighbours(self.suite_options["neighbour_file"])
         if self.editor not in EDITOR_NAMES:
             raise ValueError(f"unknown editor {self.editor!r}; choose one of {', '.join(EDITOR_NAMES)}")
         for name in ("folds", "memory_rows", "validation_rows", "batch_size"):
@@ -135,8 +135,7 @@ class ExperimentConfig:
         return PromptFormat(self.prompt_format, self.append_eos)
 
     def suite_config(self) -> SuiteConfig | None:
-        files = {"locality_file": self.locality_file, "neighbour_file": self.neighbour_file}
-        return SuiteConfig.preset(self.suite, batch_size=self.batch_size, **files)
+        return SuiteConfig.preset(self.suite, **{"batch_size": self.batch_size, **self.suite_options})
 
     def edit_config(self) -> EditConfig:
         options = {"seed": self.seed, **self.edit_options}

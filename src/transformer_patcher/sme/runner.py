@@ -12,6 +12,7 @@ measures — for the examples streamed so far.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,8 +141,11 @@ class SMERunner:
                 last = index == len(stream) - 1
                 every = self.config.eval_every
                 if (record.needed and (n_edits in due or (every and n_edits % every == 0))) or last:
+                    started = time.perf_counter()
                     metrics = self._evaluate([stream[i] for i in edited], result.records, base, groups[: index + 1])
-                    result.evaluations.append({"edits": n_edits, "examples": index + 1, "metrics": metrics})
+                    seconds = time.perf_counter() - started
+                    evaluation = {"edits": n_edits, "examples": index + 1, "metrics": metrics, "seconds": seconds}
+                    result.evaluations.append(evaluation)
                 self._save(name, index + 1, edited, result, base)
                 bar.update(1)
                 bar.set_postfix(edits=n_edits, neurons=sum(r["neurons"] for r in result.records))
