@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from transformer_patcher.cli import main
+from transformer_patcher.data.neighbours import neighbours_of
 from workspace import build_workspace
 
 
@@ -283,6 +284,10 @@ def test_eval_scores_a_patch_sets_own_fixes_side_by_side(workspace, tmp_path: Pa
     assert result["base"]["unrelated-raw"] == {"exact": 1.0, "token": 1.0, "n": 100}
     assert 0.0 <= result["patched"]["unrelated-raw"]["exact"] <= 1.0
     assert result["patched"]["neighbours-raw"]["n"] == 2  # one template-filled neighbour per fix (small suite)
+    changed = round((1 - result["patched"]["neighbours-raw"]["exact"]) * 2)
+    assert len(result["leaks"]) == changed  # each neighbour whose answer changed, with both answers
+    asked = {q for r in records[:2] for q in neighbours_of(r["src"], r["subject"], 1)}
+    assert all(leak["question"] in asked and leak["base"] != leak["patched"] for leak in result["leaks"])
 
 
 def test_eval_of_a_patch_set_without_an_edit_log_says_so(workspace, tmp_path: Path, capsys) -> None:

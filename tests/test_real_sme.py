@@ -47,10 +47,16 @@ def test_minilm_fever_stream(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_smollm2_zsre_sample_stream(tmp_path: Path) -> None:
     """SmolLM2-135M on the embedded zsRE sample: every question is an edit, each is fixed and stays fixed, and the
-    unrelated NQ questions keep their answers."""
-    config = ExperimentConfig(model="smollm2-135m", data="zsre", max_examples=6, memory_rows=2000, schedule="quick")
+    unrelated NQ questions keep their answers; the small evaluation suite runs in raw and chat format."""
+    config = ExperimentConfig(
+        model="smollm2-135m", data="zsre", max_examples=6, memory_rows=2000, schedule="quick", suite="small"
+    )
     results = run_experiment(config, tmp_path / "run", progress=False)
     summary = results["summary"]
+    for part in ("unrelated-raw", "unrelated-chat", "neighbours-raw", "neighbours-chat", "generation-chat"):
+        assert 0.0 <= summary[f"{part}.exact"] <= summary[f"{part}.token"] <= 1.0
+    assert summary["unrelated-chat.n"] == 100 and summary["neighbours-raw.n"] == 6
+    assert abs(summary["perplexity.change"]) < 0.05
     assert summary["edits"] >= 5
     assert summary["SR"] == 1.0 and summary["ER"] == 1.0
     assert summary["locality"] >= 0.95

@@ -397,6 +397,15 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
         print(f"| {part} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + f" | {after['n']} |")
     if ppl:
         print(f"\n{ppl} ({100 * report.patched['perplexity']['change']:+.2f} %), WikiText-2 test")
+    if report.leaks:
+        print(
+            "\nNeighbours whose answer changed:\n| part | question | base answer | patched answer |\n|---|---|---|---|"
+        )
+        for leak in report.leaks[:20]:
+            cells = [leak["part"], leak["question"][:60], leak["base"][:40], leak["patched"][:40]]
+            print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if len(report.leaks) > 20:
+            print(f"... {len(report.leaks) - 20} more in --out")
     for note in report.notes:
         print(f"- {note}")
     print("- exact: the fix is written then ends (edits, rephrases), or the greedy output equals the base model's")

@@ -41,9 +41,16 @@ class PatchSetReport:
     patched: dict[str, dict[str, float]]
     edits: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    leaks: list[dict[str, Any]] = field(default_factory=list)  # neighbours whose greedy answer changed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base, "patched": self.patched, "edits": self.edits, "notes": self.notes}
+        return {
+            "base": self.base,
+            "patched": self.patched,
+            "edits": self.edits,
+            "leaks": self.leaks,
+            "notes": self.notes,
+        }
 
 
 def evaluate_patch_set(
@@ -75,7 +82,8 @@ def evaluate_patch_set(
     ]
     if rephrased:
         parts.append(label_part("rephrases", rephrased))
-    notes = []
+    notes: list[str] = []
+    neighbours: list[list[str]] = []
     if suite is not None:
         texts = [entry["text"] for entry in log]
         if suite.neighbour_file is not None:
@@ -104,7 +112,31 @@ def evaluate_patch_set(
         | {"base": b, "patched": a, "fixed": f}
         for e, t, b, a, f in zip(log, tasks, before, after, fixed, strict=True)
     ]
-    return PatchSetReport(scored.reference_scores(), patched_scores, edits, notes)
+    leaks = _leaks(patched, scored, neighbours, suite.neighbours if suite is not None else 0, tokenizer)
+    return PatchSetReport(scored.reference_scores(), patched_scores, edits, notes, leaks)
+
+
+def _leaks(
+    model: Any, suite: EvaluationSuite, neighbours: list[list[str]], count: int, tokenizer: Any
+) -> list[dict[str, Any]]:
+    """The near neighbours whose greedy answer the patches changed: the question, the answer before and after."""
+    questions = [text for texts in neighbours for text in texts[:count]]  # the rows of each neighbours part
+    leaks = []
+    for part in suite.parts:
+        if not part.name.startswith("neighbours-"):
+            continue
+        rows = [row for row, agreement in enumerate(suite.row_agreement(part.name)) if agreement < 1.0]
+        if not rows:
+            continue
+        prompts = [part.prompts[row] for row in rows]
+        after = greedy_continuations(model, prompts, part.stop_ids, part.max_new_tokens, suite.pad_id)
+        before = [suite.continuations(part.name)[row] for row in rows]
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+        leaks += [
+            {"part": part.name, "question": questions[row], "base": decode(b), "patched": decode(a)}
+            for row, b, a in zip(rows, before, after, strict=True)
+        ]
+    return leaks
 
 
 def _answers(model: Any, tasks: list[CausalLMTask], log: list[dict[str, Any]], batch_size: int) -> list[str]:
