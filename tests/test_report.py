@@ -11,9 +11,9 @@ import torch
 from transformer_patcher import PatcherConfig, get_patcher_model
 from transformer_patcher.adapter.patch_set import describe_patch_set, read_edit_log, remove_edit_from_files
 from transformer_patcher.data.benchmarks import (
-    _interleave,
     embedded_memory,
     fever_benchmark,
+    interleave,
     text_pairs,
     zsre_benchmark,
 )
@@ -62,7 +62,7 @@ def test_markdown_table_shows_missing_metrics_as_na() -> None:
 def test_text_pairs_and_interleave() -> None:
     pairs = text_pairs(" ".join(f"t{i}" for i in range(10)), words=4)
     assert pairs == [("t0", "t1 t2 t3"), ("t4", "t5 t6 t7")]  # the incomplete tail is dropped
-    assert _interleave([1, 2, 3], ["a"]) == [1, "a", 2, 3]
+    assert interleave([1, 2, 3], ["a"]) == [1, "a", 2, 3]
 
 
 def test_embedded_zsre_benchmark_is_self_contained() -> None:

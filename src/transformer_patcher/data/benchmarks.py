@@ -124,7 +124,7 @@ def generation_memory(data_dir: str | Path | None = None) -> tuple[list[Pair], l
     except FileNotFoundError:
         return embedded_memory()
     held_out = min(VALIDATION_CHUNKS, len(text) // 5)
-    return _interleave(facts, text[: len(text) - held_out]), text[len(text) - held_out :]
+    return interleave(facts, text[: len(text) - held_out]), text[len(text) - held_out :]
 
 
 def embedded_memory() -> tuple[list[Pair], list[Pair]]:
@@ -134,9 +134,9 @@ def embedded_memory() -> tuple[list[Pair], list[Pair]]:
     return sample[cut:], sample[:cut]
 
 
-def _interleave(first: Sequence[Pair], second: Sequence[Pair]) -> list[Pair]:
-    """Alternate two sources, so any prefix of the memory (a bank is cut at a row count) holds both kinds."""
-    out: list[Pair] = []
+def interleave(first: Sequence[Any], second: Sequence[Any]) -> list[Any]:
+    """Alternate two sources, so any prefix (a memory bank cut at a row count, the suite's first N) holds both."""
+    out: list[Any] = []
     for i in range(max(len(first), len(second))):
         out += [*first[i : i + 1], *second[i : i + 1]]
     return out

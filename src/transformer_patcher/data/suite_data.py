@@ -20,7 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from .benchmarks import wikitext_text
+from .benchmarks import interleave, wikitext_text
 from .loaders import find_data_file, load_counterfact, load_questions, load_zsre
 
 SUITE_SAMPLE = Path(__file__).with_name("samples") / "suite_sample.json"
@@ -76,13 +76,6 @@ def section_openings(text: str, words: int = OPENING_WORDS) -> list[str]:
     return openings
 
 
-def _alternate(first: list[str], second: list[str]) -> list[str]:
-    out: list[str] = []
-    for i in range(max(len(first), len(second))):
-        out += first[i : i + 1] + second[i : i + 1]
-    return out
-
-
 def suite_sources(
     data_dir: str | Path | None = None,
     embedded: bool = False,
@@ -110,7 +103,7 @@ def suite_sources(
     openings = (not embedded and section_openings(test)) or [
         detokenize_wikitext(t) for t in sample["wikitext_openings"]
     ]
-    asked = load_questions(questions_file) if questions_file is not None else _alternate(questions, prompts)
+    asked = load_questions(questions_file) if questions_file is not None else interleave(questions, prompts)
     unrelated = [text for text in dict.fromkeys(asked) if text not in dropped]
     return SuiteSources(
         unrelated,

@@ -140,14 +140,19 @@ def _leaks(
 
 
 def _answers(model: Any, tasks: list[CausalLMTask], log: list[dict[str, Any]], batch_size: int) -> list[str]:
-    """Each fix's greedy answer (what a user reads), in its own prompt format, up to its stop token."""
-    answers = []
-    for task, entry in zip(tasks, log, strict=True):
-        target = task.answer_tokens(str(entry["target"]))
-        (tokens,) = greedy_continuations(
-            model, [task.prompt_tokens(entry["text"])], task.prompter.stop_ids, len(target) + 8, task.pad_id, batch_size
-        )
-        answers.append(task.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    """Each fix's greedy answer (what a user reads), in its own prompt format, up to its stop token; one batched
+    ``generate`` per format, as long as the longest target plus 8 tokens."""
+    answers = [""] * len(log)
+    by_format: dict[Any, list[int]] = {}
+    for index, task in enumerate(tasks):
+        by_format.setdefault(task.prompt_format, []).append(index)
+    for indices in by_format.values():
+        task = tasks[indices[0]]
+        prompts = [task.prompt_tokens(log[i]["text"]) for i in indices]
+        longest = max(len(task.answer_tokens(str(log[i]["target"]))) for i in indices)
+        outputs = greedy_continuations(model, prompts, task.prompter.stop_ids, longest + 8, task.pad_id, batch_size)
+        for i, tokens in zip(indices, outputs, strict=True):
+            answers[i] = task.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return answers
 
 
