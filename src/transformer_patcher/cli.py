@@ -17,7 +17,7 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -367,9 +367,9 @@ def _eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     columns = list(table[0])
-    print("| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|")
+    print(_md_row(columns) + "\n|" + "|".join("---" for _ in columns) + "|")
     for row in table:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        print(_md_row(row.values()))
     _write_json(args.out, table)
     return 0
 
@@ -384,8 +384,11 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
     report = evaluate_patch_set(args.model, args.patches, suite, args.data_dir, progress=not args.no_progress)
     print("| edit id | format | text | target | base answer | patched answer | fixed |\n|---:|---|---|---|---|---|---|")
     for e in report.edits:
-        cells = [e["edit_id"], e["format"], e["text"][:60], e["target"], e["base"][:40], e["patched"][:40], e["fixed"]]
-        print("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+        print(
+            _md_row(
+                [e["edit_id"], e["format"], e["text"][:60], e["target"], e["base"][:40], e["patched"][:40], e["fixed"]]
+            )
+        )
     print("\n| part | base exact | base token | patched exact | patched token | n |\n|---|---:|---:|---:|---:|---:|")
     ppl = ""
     for part, after in report.patched.items():
@@ -393,8 +396,8 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
         if "perplexity" in after:
             ppl = f"perplexity   base {before['perplexity']:.3f} → patched {after['perplexity']:.3f}"
             continue
-        cells = [before.get("exact"), before.get("token"), after.get("exact"), after.get("token")]
-        print(f"| {part} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + f" | {after['n']} |")
+        measures = [before.get("exact"), before.get("token"), after.get("exact"), after.get("token")]
+        print(_md_row([part, *("" if m is None else m for m in measures), after["n"]]))
     if ppl:
         print(f"\n{ppl} ({100 * report.patched['perplexity']['change']:+.2f} %), WikiText-2 test")
     if report.leaks:
@@ -402,8 +405,7 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
             "\nNeighbours whose answer changed:\n| part | question | base answer | patched answer |\n|---|---|---|---|"
         )
         for leak in report.leaks[:20]:
-            cells = [leak["part"], leak["question"][:60], leak["base"][:40], leak["patched"][:40]]
-            print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            print(_md_row([leak["part"], leak["question"][:60], leak["base"][:40], leak["patched"][:40]]))
         if len(report.leaks) > 20:
             print(f"... {len(report.leaks) - 20} more in --out")
     for note in report.notes:
@@ -411,6 +413,12 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
     print("- exact: the fix is written then ends (edits, rephrases), or the greedy output equals the base model's")
     _write_json(args.out, report.to_dict())
     return 0
+
+
+def _md_row(cells: Iterable[Any]) -> str:
+    """One markdown table row: floats to 3 decimals, ``|`` in text escaped."""
+    shown = [f"{c:.3f}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in cells]
+    return "| " + " | ".join(shown) + " |"
 
 
 def _write_json(path: Path | None, data: Any) -> None:

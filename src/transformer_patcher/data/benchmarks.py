@@ -58,7 +58,7 @@ class Benchmark:
         prompt, other records asking the same question of another subject, never a question of the stream — then the
         example's template filled with other subjects."""
         stream = {e.text for e in self.examples}
-        pool = same_template_records([q for q, _ in self.neighbour_pool], [s for _, s in self.neighbour_pool], stream)
+        pool = same_template_records(self.neighbour_pool, stream)
         result = []
         for example in self.examples:
             found = [text for text, _ in example.locality] if self.locality_is_neighbourhood else []

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 SUBJECTS = Path(__file__).with_name("samples") / "subjects.json"
@@ -117,13 +117,13 @@ def neighbours_of(
 
 
 def same_template_records(
-    texts: Sequence[str], subjects: Sequence[str | None], exclude: Sequence[str] = ()
+    records: Sequence[tuple[str, str | None]], exclude: Collection[str] = ()
 ) -> dict[str, list[str]]:
-    """Records grouped by question template (the question with its subject as ``{}``), leaving out ``exclude``d
-    questions (those of the edit stream: a neighbour must not itself be edited)."""
+    """(question, subject) records grouped by question template (the question with its subject as ``{}``), leaving
+    out ``exclude``d questions (those of the edit stream: a neighbour must not itself be edited)."""
     dropped = set(exclude)
     groups: dict[str, list[str]] = {}
-    for text, subject in zip(texts, subjects, strict=True):
+    for text, subject in records:
         template = question_template(text, subject) if subject else None
         if template is not None and text not in dropped:
             groups.setdefault(template, []).append(text)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -76,9 +77,7 @@ class ForcedReads:
             raise ValueError("every sequence needs a non-empty prompt and a non-empty continuation")
         self.size = len(prompts)
         self.lengths = [len(c) for c in continuations]
-        self.offsets = [0]
-        for n in self.lengths:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = list(accumulate(self.lengths, initial=0))
         self.replay = replay
         self.description = description
         self._recordings: dict[int, Recording] = {}

@@ -144,23 +144,21 @@ def label_part(
     """(task, input, target) rows read against their targets, each in its task's prompt format. With
     ``end_token`` the format's end token is part of the target (``exact`` = greedy generation writes the target and
     stops); without it the rows are EasyEdit's ``prompt + target``."""
-    prompts, targets = [], []
-    for task, text, target in rows:
-        answer = task.answer_tokens(target)
-        if not end_token and task.prompter.end_ids:
-            answer = answer[: -len(task.prompter.end_ids)]
-        prompts.append(task.prompt_tokens(text))
-        targets.append(answer)
+    prompts = [task.prompt_tokens(text) for task, text, _ in rows]
+    targets = [_answer(task, target, end_token) for task, _, target in rows]
     return Part(name, prompts, targets, against=LABELS, groups=None if groups is None else list(groups))
+
+
+def _answer(task: CausalLMTask, target: str, end_token: bool) -> list[int]:
+    """The target's tokens, with the format's end token or (EasyEdit's way) without it."""
+    answer = task.answer_tokens(target)
+    return answer if end_token or not task.prompter.end_ids else answer[: -len(task.prompter.end_ids)]
 
 
 def easyedit_locality_part(task: CausalLMTask, pairs: Sequence[tuple[str, str]]) -> Part:
     """EasyEdit's locality: the argmax tokens over ``loc + " " + loc_ans`` compared with the reference model's."""
-    unended = task.formatted(replace(task.prompt_format, append_eos=False))
-    prompts = [unended.prompt_tokens(text) for text, _ in pairs]
-    answers = [unended.answer_tokens(answer) for _, answer in pairs]
-    if unended.prompter.end_ids:  # chat: the answer as EasyEdit writes it, without the end-of-turn token
-        answers = [a[: -len(unended.prompter.end_ids)] for a in answers]
+    prompts = [task.prompt_tokens(text) for text, _ in pairs]
+    answers = [_answer(task, answer, end_token=False) for _, answer in pairs]
     return Part("easyedit-locality", prompts, answers, against=REFERENCE)
 
 

@@ -21,6 +21,7 @@ import hashlib
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
@@ -122,7 +123,12 @@ class EvaluationSuite:
         reads = ForcedReads(
             part.prompts, continuations, self.pad_id, self.batch_size, self.replay, f"reading {part.name}"
         )
-        reference = saved["reads"] if saved is not None else reads.run(self.model, self.progress)
+        if saved is None:
+            reference = reads.run(self.model, self.progress)
+        elif saved["argmax"].numel() != reads.offsets[-1] or saved["log_probs"].numel() != reads.offsets[-1]:
+            raise ValueError(f"the saved suite reference of part {part.name!r} has the wrong number of reads")
+        else:
+            reference = Reads(saved["argmax"], saved["log_probs"], reads.offsets)
         return _Scored(part, reads, continuations, reference)
 
     @property
@@ -227,13 +233,7 @@ def _unpack(state: dict[str, torch.Tensor], parts: Sequence[Part]) -> dict[str, 
             raise ValueError(f"the saved suite reference has no {missing[0]!r}: it was made for other parts")
         if not torch.equal(state[keys[4]], _digest(part.prompts)):
             raise ValueError(f"the saved suite reference of part {name!r} was made for other prompts")
-        flat, lengths = state[keys[0]].tolist(), state[keys[1]].tolist()
-        continuations, start = [], 0
-        for n in lengths:
-            continuations.append(flat[start : start + n])
-            start += n
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
-        unpacked[name] = {"continuations": continuations, "reads": Reads(state[keys[2]], state[keys[3]], offsets)}
+        flat, ends = state[keys[0]].tolist(), list(accumulate(state[keys[1]].tolist(), initial=0))
+        continuations = [flat[start:end] for start, end in pairwise(ends)]
+        unpacked[name] = {"continuations": continuations, "argmax": state[keys[2]], "log_probs": state[keys[3]]}
     return unpacked

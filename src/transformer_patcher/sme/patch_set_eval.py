@@ -112,12 +112,12 @@ def evaluate_patch_set(
         | {"base": b, "patched": a, "fixed": f}
         for e, t, b, a, f in zip(log, tasks, before, after, fixed, strict=True)
     ]
-    leaks = _leaks(patched, scored, neighbours, suite.neighbours if suite is not None else 0, tokenizer)
+    leaks = _leaks(patched, scored, neighbours, suite.neighbours if suite is not None else 0, task)
     return PatchSetReport(scored.reference_scores(), patched_scores, edits, notes, leaks)
 
 
 def _leaks(
-    model: Any, suite: EvaluationSuite, neighbours: list[list[str]], count: int, tokenizer: Any
+    model: Any, suite: EvaluationSuite, neighbours: list[list[str]], count: int, task: CausalLMTask
 ) -> list[dict[str, Any]]:
     """The near neighbours whose greedy answer the patches changed: the question, the answer before and after."""
     questions = [text for texts in neighbours for text in texts[:count]]  # the rows of each neighbours part
@@ -131,9 +131,8 @@ def _leaks(
         prompts = [part.prompts[row] for row in rows]
         after = greedy_continuations(model, prompts, part.stop_ids, part.max_new_tokens, suite.pad_id)
         before = [suite.continuations(part.name)[row] for row in rows]
-        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
         leaks += [
-            {"part": part.name, "question": questions[row], "base": decode(b), "patched": decode(a)}
+            {"part": part.name, "question": questions[row], "base": task.decode(b), "patched": task.decode(a)}
             for row, b, a in zip(rows, before, after, strict=True)
         ]
     return leaks
@@ -152,7 +151,7 @@ def _answers(model: Any, tasks: list[CausalLMTask], log: list[dict[str, Any]], b
         longest = max(len(task.answer_tokens(str(log[i]["target"]))) for i in indices)
         outputs = greedy_continuations(model, prompts, task.prompter.stop_ids, longest + 8, task.pad_id, batch_size)
         for i, tokens in zip(indices, outputs, strict=True):
-            answers[i] = task.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            answers[i] = task.decode(tokens)
     return answers
 
 
