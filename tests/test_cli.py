@@ -191,6 +191,7 @@ def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> Non
         (["sme", "run", "--model", "m", "--locality-file", "absent.jsonl", "--out", "o"], "absent.jsonl"),
         (["batch", "run", "--model", "m", "--prompt-format", "chat", "--out", "o"], "patcher editor only"),
         (["eval", "--model", "m"], "--patches DIR"),
+        (["eval", "--model", "m", "--patches", "p", "--prompt-format", "chat"], "apply with --data"),
         (["edit", "--model", "m", "--patches", "p", "--file", "f.jsonl", "--subject", "x"], "not both"),
     ],
 )

@@ -380,6 +380,11 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
 
     if args.patches is None:
         raise ValueError("give --data (a benchmark or a data file), or --patches DIR to score its own fixes")
+    if args.prompt_format != "raw" or args.append_eos:
+        raise ValueError(
+            "--prompt-format/--append-eos apply with --data; a patch set's fixes are scored in the format each was "
+            "made in (its edit log), and the suite asks raw and chat"
+        )
     suite = SuiteConfig.preset(args.suite, batch_size=args.batch_size, **_suite_overrides(args))
     report = evaluate_patch_set(args.model, args.patches, suite, args.data_dir, progress=not args.no_progress)
     print("| edit id | format | text | target | base answer | patched answer | fixed |\n|---:|---|---|---|---|---|---|")
