@@ -41,7 +41,7 @@ reliability: $(STAMP)
 DEMO_OUT ?= runs/demo
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
-	$(BIN)/transformer-patcher sme run --model smollm2-135m --data zsre --max-examples 20 --schedule quick \
+	$(BIN)/transformer-patcher sme run --model smollm2-135m --data zsre --max-examples 20 \
 		--memory-rows 2000 --validation-rows 500 --eval-every 5 --suite small --out $(DEMO_OUT)
 	$(BIN)/transformer-patcher info $(DEMO_OUT)/patches/fold-0
 	@printf '\nPlots: %s (metrics vs edits), %s (evaluation suite), %s, %s\n' $(DEMO_OUT)/metrics.png \

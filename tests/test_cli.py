@@ -346,3 +346,14 @@ def test_a_session_keeps_new_patches_silent_on_earlier_fixes_in_their_own_format
     log = [json.loads(line) for line in (patches / "edits.jsonl").read_text().splitlines()]
     assert [e["prompt_format"] for e in log] == [PromptFormat().to_dict(), ended.to_dict()]
     assert "subject" not in log[0] and log[1]["subject"] == "w74"
+
+
+def test_cli_schedule_names_are_the_editing_modes() -> None:
+    """The CLI keeps its own list (it imports no torch at start-up); it must name exactly the modes the runs accept."""
+    from transformer_patcher.cli import SCHEDULES
+    from transformer_patcher.editing import EditConfig
+    from transformer_patcher.sme.experiment import SCHEDULES as RUN_SCHEDULES
+
+    assert SCHEDULES == RUN_SCHEDULES
+    for name in SCHEDULES:
+        EditConfig.mode(name)

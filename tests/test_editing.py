@@ -13,6 +13,7 @@ import torch
 from tiny_models import TINY_MODELS, build, inputs_for
 from tiny_tokenizer import EDIT_WORDS, random_pairs, sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher import AdapterFileError, PatcherLayer, get_patcher_model
+from transformer_patcher.adapter.keys import discriminant, init_key, preactivation, separating_scale
 from transformer_patcher.editing import (
     MARGINS,
     Batch,
@@ -171,10 +172,10 @@ def test_patch_trainer_fixes_a_mistake_without_touching_unrelated_outputs() -> N
 
     assert record.needed and record.success
     assert record.mistakes == wrong
-    assert record.neurons == min(wrong, trainer.config.max_patches) == trainer.layer.num_patches()
+    assert record.neurons == wrong == trainer.layer.num_patches()  # no cap in the default mode
     assert trainer.layer.num_trainable_patches() == 0  # committed
     assert trainer.layer.edit_ids().tolist() == [7] * record.neurons
-    assert 0 < record.steps <= trainer.config.max_steps
+    assert 0 <= record.steps <= trainer.config.max_steps
     assert trainer.check(example) == (True, 0)
     assert len(trainer.memory) == rows_before + wrong  # the edit's own reads join the memory
     after_memory = read_logits(trainer.model, trainer.task, memory_pairs)
@@ -188,7 +189,7 @@ def test_patch_trainer_fixes_a_mistake_without_touching_unrelated_outputs() -> N
 def test_quick_schedule_stops_earlier_and_still_fixes_the_edit() -> None:
     """EditConfig.quick() checks every 5 steps: the same edit is fixed in fewer steps than the official 150+."""
     example = edit_examples(1, seed=3)[0]
-    official = sharp_trainer().edit(example, edit_id=0)
+    official = sharp_trainer(EditConfig.faithful()).edit(example, edit_id=0)
     quick_trainer = sharp_trainer(EditConfig.quick())
     quick = quick_trainer.edit(example, edit_id=0)
     assert official.success and quick.success
@@ -199,7 +200,7 @@ def test_quick_schedule_stops_earlier_and_still_fixes_the_edit() -> None:
 
 def test_patches_per_edit_are_capped_by_max_patches() -> None:
     """An edit with more wrong tokens than max_patches adds exactly max_patches neurons (kept even if unfixed)."""
-    trainer = sharp_trainer(EditConfig(max_patches=2, max_steps=30))
+    trainer = sharp_trainer(EditConfig.faithful(max_patches=2, max_steps=30))
     example = edit_examples(1, seed=4, target_length=5)[0]
     wrong = trainer.check(example)[1]
     assert wrong > 2
@@ -211,10 +212,136 @@ def test_patches_per_edit_are_capped_by_max_patches() -> None:
 
 def test_discarded_failure_adds_no_neurons() -> None:
     """keep_failed=False: an edit that is not fixed within max_steps leaves no patch behind."""
-    trainer = sharp_trainer(EditConfig(max_steps=1, keep_failed=False))
+    trainer = sharp_trainer(EditConfig.faithful(max_steps=1, keep_failed=False))
     record = trainer.edit(edit_examples(1, seed=3)[0], edit_id=0)
     assert record.needed and not record.success
     assert record.neurons == 0 == trainer.layer.num_patches()
+
+
+# Recorded with the editor before the default mode existed (commit f3c5446): per edit [steps, success, neurons,
+# mistakes, final loss] and the sums of the committed patch tensors, on the sharp tiny GPT-2 and the tiny LLaMA.
+FAITHFUL_RECORDED = {
+    "official": (
+        [
+            [350, True, 3, 3, 2.062288],
+            [250, True, 3, 3, 1.72757],
+            [300, True, 3, 3, 1.84443],
+            [300, True, 3, 3, 1.775378],
+        ],
+        {"patch_frozen_keys": 4.66689, "patch_frozen_bias": -14.39615, "patch_frozen_values": 25.31299},
+    ),
+    "quick_dropout": (
+        [
+            [175, True, 3, 3, 2.586658],
+            [140, True, 3, 3, 2.086946],
+            [220, True, 3, 3, 2.42929],
+            [185, True, 3, 3, 2.369359],
+        ],
+        {"patch_frozen_keys": 5.02991, "patch_frozen_bias": -13.54505, "patch_frozen_values": 10.17854},
+    ),
+    "capped_uniform": (
+        [
+            [60, False, 2, 3, 22.829266],
+            [60, False, 2, 3, 13.66404],
+            [60, False, 2, 3, 19.272667],
+            [60, False, 2, 3, 19.251041],
+        ],
+        {"patch_frozen_keys": -4.20219, "patch_frozen_bias": -4.73739, "patch_frozen_values": 446.17694},
+    ),
+    "llama": (
+        [[200, False, 2, 2, 3468.976074], [200, False, 2, 2, 6674.414551], [200, False, 2, 2, 5004.737305]],
+        {"patch_frozen_keys": 0.06863, "patch_frozen_bias": -5.47007, "patch_frozen_values": 17.40005},
+    ),
+}
+
+
+def _faithful_run(name: str) -> tuple[list[list], dict[str, float]]:
+    configs = {
+        "official": EditConfig.faithful(),
+        "quick_dropout": EditConfig.quick(dropout=True),
+        "capped_uniform": EditConfig.faithful(max_patches=2, max_steps=60, value_init="uniform"),
+        "llama": EditConfig.faithful(max_steps=200),
+    }
+    if name == "llama":
+        model, task, layer = patched(build("llama"))
+        rows = collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
+        trainer, stream = PatchTrainer(model, task, configs[name], MemoryBank(rows)), edit_examples(3, seed=8)
+    else:
+        trainer, stream = sharp_trainer(configs[name]), edit_examples(4, seed=8, target_length=3)
+    records = []
+    for i, example in enumerate(stream):
+        r = trainer.edit(example, i)
+        records.append([r.steps, r.success, r.neurons, r.mistakes, r.loss])
+    sums = {k: float(v.double().sum()) for k, v in trainer.layer.committed().items() if v.is_floating_point()}
+    return records, sums
+
+
+@pytest.mark.parametrize("name", list(FAITHFUL_RECORDED))
+def test_faithful_mode_gives_the_results_recorded_before_the_default_mode(name: str) -> None:
+    """EditConfig.faithful() (and quick) is the earlier algorithm: same steps, outcomes, losses and patches."""
+    records, sums = _faithful_run(name)
+    expected_records, expected_sums = FAITHFUL_RECORDED[name]
+    assert [r[:4] for r in records] == [r[:4] for r in expected_records]
+    assert [r[4] for r in records] == pytest.approx([r[4] for r in expected_records], rel=1e-4)
+    assert sums == pytest.approx(expected_sums, abs=2e-3, rel=1e-4)
+
+
+def test_default_mode_solves_the_edit_before_any_training_step() -> None:
+    """The solved patches already fix the edit and meet every memory constraint: zero steps, memory untouched."""
+    trainer = sharp_trainer()
+    memory_pairs = random_pairs(40, seed=1)
+    before = read_logits(trainer.model, trainer.task, memory_pairs)
+    example = edit_examples(1, seed=3)[0]
+    record = trainer.edit(example, edit_id=0)
+    assert record.needed and record.success and record.steps == 0
+    assert trainer.check(example) == (True, 0)
+    after = read_logits(trainer.model, trainer.task, memory_pairs)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+    assert (after - before).abs().max() < 1e-3 * before.abs().max()
+
+
+def test_default_mode_keeps_a_stream_of_edits() -> None:
+    """21 edits in the default mode: each fixed within a few steps, all still fixed at the end (ER = 1)."""
+    trainer = sharp_trainer()
+    stream = edit_examples(21, seed=8)
+    records = [trainer.edit(example, edit_id=i) for i, example in enumerate(stream)]
+    assert all(r.needed and r.success for r in records)
+    assert sorted(r.steps for r in records)[len(records) // 2] <= 5
+    assert all(trainer.check(example)[0] for example in stream)
+
+
+def test_default_mode_patches_every_wrong_token() -> None:
+    """No cap by default: an answer with more wrong tokens than the faithful cap of 5 gets one patch per token."""
+    trainer = sharp_trainer()
+    example = edit_examples(1, seed=4, target_length=8)[0]
+    wrong = trainer.check(example)[1]
+    assert wrong > 5
+    record = trainer.edit(example, edit_id=0)
+    assert record.success and record.neurons == wrong == trainer.layer.num_patches()
+
+
+def test_hopeless_edit_is_given_up_early_and_leaves_nothing() -> None:
+    """Too few patches for the wrong tokens: the edit stalls, is given up long before max_steps and its patches
+    are dropped (keep_failed=False, the default)."""
+    trainer = sharp_trainer(EditConfig(max_patches=1, give_up_after=10))
+    example = edit_examples(1, seed=4, target_length=5)[0]
+    record = trainer.edit(example, edit_id=0)
+    assert record.needed and not record.success
+    assert record.steps < trainer.config.max_steps
+    assert record.neurons == 0 == trainer.layer.num_patches()
+
+
+def test_classifier_edit_is_solved_although_its_logits_saturate() -> None:
+    """A tiny BERT classifier cannot reach the generation margin; the solve settles for what it reaches."""
+    model, task, layer = patched(build("bert"))
+    memory_pairs = [(text, 0) for text, _ in random_pairs(40, seed=1)]
+    rows = collect_queries(model, layer, task, memory_pairs, 10_000, progress=False)
+    trainer = PatchTrainer(model, task, EditConfig(), MemoryBank(rows))
+    text = sentence(5, 6, 7)
+    wrong_label = 1 - int(read_logits(model, task, [(text, 0)]).argmax(-1)[0])
+    record = trainer.edit(EditExample(text, wrong_label), edit_id=0)
+    assert record.needed and record.success
+    assert trainer.check(EditExample(text, wrong_label)) == (True, 0)
 
 
 def test_correct_example_needs_no_edit() -> None:
@@ -537,3 +664,78 @@ def test_unknown_activation_needs_explicit_margins() -> None:
     with pytest.raises(ValueError, match="no default memory margins"):
         EditConfig().margins("tanh")
     assert EditConfig(memory_beta=-2.0, memory_gamma=1.0).margins("tanh") == (-2.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------- the default mode's parts
+def test_discriminant_scores_the_query_one_and_the_memory_mean_zero() -> None:
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(500, 8, generator=generator) * torch.linspace(0.1, 3.0, 8) + 2.0
+    mean, precision = rows.mean(0), torch.linalg.inv(torch.cov(rows.T))
+    query = rows[0] + torch.randn(8, generator=generator)
+    w = discriminant(query, mean, precision)
+    assert float(w @ (query - mean)) == pytest.approx(1.0, abs=1e-5)
+    assert float(w @ (mean - mean)) == 0.0
+    # whitening: the score ignores the high-variance directions the raw key q/|q|^2 is dominated by
+    raw = init_key(query)
+    assert float((rows @ w - w @ mean).max()) < float((rows @ raw).max())
+
+
+def test_separating_scale_puts_the_top_memory_row_below_the_ceiling() -> None:
+    scale = separating_scale(0.3, target=18.0, ceiling=-7.5, slack=1.0)
+    assert scale * (0.3 - 1.0) + 18.0 == pytest.approx(-8.5)
+    assert separating_scale(0.99999, 18.0, -7.5) == 1e3  # capped
+    assert separating_scale(1.0, 18.0, -7.5) == 1e3  # a memory row as query-like as the query: the sharpest key
+    assert separating_scale(1.2, 18.0, -7.5) == pytest.approx(200.0)  # one scoring higher fires at most 40 above it
+    assert separating_scale(2.0, 18.0, -7.5) is None  # the key would fire down to t < 1/2: no local patch
+    assert separating_scale(0.3, target=-10.0, ceiling=-7.5) == 1.0  # already below the ceiling
+
+
+def test_memory_statistics_and_max_score() -> None:
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(300, 6, generator=generator) * 2 + 1
+    bank = MemoryBank(rows)
+    mean, precision = bank.statistics(0.1)
+    assert torch.allclose(mean, rows.mean(0), atol=1e-5)
+    assert torch.allclose(precision, precision.T, atol=1e-4) and bool((torch.linalg.eigvalsh(precision) > 0).all())
+    bank.append(torch.full((1, 6), 100.0))  # edits' rows join the statistics as they arrive
+    grown = torch.cat([rows, torch.full((1, 6), 100.0)])
+    assert torch.allclose(bank.statistics(0.1)[0], grown.mean(0), atol=1e-4)
+    bank.truncate_appended()
+    assert torch.allclose(bank.statistics(0.1)[0], mean, atol=1e-5)
+    directions = torch.randn(2, 6, generator=generator)
+    assert torch.allclose(bank.max_score(directions), (rows @ directions.T).amax(0), rtol=2e-2)
+    top, scores = bank.top_rows(directions[0], 3)
+    assert torch.equal(scores, torch.topk(rows @ directions[0], 3).values)
+    assert torch.allclose(top @ directions[0], scores, atol=1e-5)
+
+
+def test_preactivation_is_the_layer_and_memory_formula() -> None:
+    query, keys, bias = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+    assert torch.allclose(preactivation(query, keys, bias), query @ keys.T + bias, atol=1e-6)
+
+
+def test_editing_modes_by_name() -> None:
+    default, faithful = EditConfig(), EditConfig.faithful()
+    assert (default.init, default.stop, default.max_patches, default.keep_failed) == (
+        "solve",
+        "constraints",
+        None,
+        False,
+    )
+    assert (faithful.init, faithful.stop, faithful.max_patches, faithful.keep_failed) == ("paper", "plateau", 5, True)
+    assert faithful.give_up_after is None and faithful.start_val_step == 100 and faithful.check_every == 25
+    assert EditConfig.mode("official") == faithful and EditConfig.mode("default") == default
+    assert EditConfig.mode("quick") == EditConfig.quick() and EditConfig.quick().init == "paper"
+    with pytest.raises(ValueError, match="unknown editing mode"):
+        EditConfig.mode("fast")
+    with pytest.raises(ValueError, match="goes with"):
+        EditConfig(init="paper")
+    with pytest.raises(ValueError, match="dropout"):
+        EditConfig(dropout=True)
+    EditConfig.faithful(dropout=True)  # the official algorithm trains with dropout if asked
+
+
+def test_task_margins_are_the_lead_of_the_label() -> None:
+    task = task_for_model(build("gpt2"), tiny_tokenizer())
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 4.5]])
+    assert task.margins(logits, torch.tensor([1, 2])).tolist() == [1.0, -0.5]

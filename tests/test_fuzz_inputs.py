@@ -161,7 +161,10 @@ def test_path_of_the_wrong_type() -> None:
         {"dropout": "yes"},
         {"early_patience": -1},
         {"lr": "0.01"},  # was: TypeError '<=' not supported between 'str' and 'int'
-        {"max_patches": None},
+        {"max_patches": 0},
+        {"give_up_after": 0},
+        {"init": "random"},
+        {"solve_margin": math.nan},
     ],
 )
 def test_edit_config_names_the_bad_field(bad: dict) -> None:

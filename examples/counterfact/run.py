@@ -17,7 +17,7 @@ from transformer_patcher.cli import main
 from transformer_patcher.data import find_data_file
 
 PROTOCOL = [
-    *("sme", "run", "--model", "smollm2-135m", "--data-kind", "counterfact", "--folds", "10", "--schedule", "quick"),
+    *("sme", "run", "--model", "smollm2-135m", "--data-kind", "counterfact", "--folds", "10"),
     *("--editor", "patcher", "ft-last", "ft-all-kl", "--out", "runs/counterfact"),
 ]
 

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from transformer_patcher.cli import SCHEDULE_HELP, SCHEDULES
 from transformer_patcher.data.benchmarks import Benchmark, fever_benchmark
 from transformer_patcher.editing.registry import DISPLAY_NAMES, EDITOR_NAMES
 from transformer_patcher.editing.tasks import task_for_model
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--folds", type=int, default=4, help="independent SME streams")
     parser.add_argument("--max-examples", type=int, default=400, help="claims of the edit stream used (all folds)")
     parser.add_argument("--memory-rows", type=int, default=10_000, help="T-Patcher memory bank size (at most)")
-    parser.add_argument("--schedule", choices=("quick", "official"), default="quick", help="T-Patcher stopping rule")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
     parser.add_argument("--kl-batch", type=int, default=512, help="memory claims in the FT+KL baselines' KL term")
     parser.add_argument("--seed", type=int, default=42, help="data split, classifier training and editing")
     parser.add_argument("--resume", action="store_true", help="continue: skip finished editors and folds")

@@ -19,7 +19,7 @@ from transformer_patcher.cli import main
 from transformer_patcher.data import find_data_file
 
 PROTOCOL = [
-    *("sme", "run", "--model", "smollm2-135m", "--data-kind", "zsre", "--folds", "20", "--schedule", "quick"),
+    *("sme", "run", "--model", "smollm2-135m", "--data-kind", "zsre", "--folds", "20"),
     *("--editor", "patcher", "ft-last", "ft-all-kl", "--out", "runs/zsre"),
 ]
 

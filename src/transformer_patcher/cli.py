@@ -24,6 +24,11 @@ from typing import Any
 from .errors import PatcherError
 
 BENCHMARK_NAMES = ("zsre", "counterfact", "fever")
+SCHEDULES = ("default", "faithful", "quick", "official")  # EditConfig.mode's names (kept light: no torch import here)
+SCHEDULE_HELP = (
+    "editing mode: default (solved patches, stop once the edit and the memory constraints hold), faithful (the "
+    "official code's algorithm and schedule; 'official' is its earlier name), quick (faithful, checked every 5 steps)"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--folds", type=int, default=1, help="independent streams, each from the original model")
     run.add_argument("--memory-rows", type=int, default=10_000, help="memory queries the patches must stay silent on")
     run.add_argument("--validation-rows", type=int, default=1_000, help="validation memory rows (stopping rule)")
-    run.add_argument("--schedule", choices=("official", "quick"), default="official", help="editor stopping schedule")
+    run.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
     run.add_argument("--eval-every", type=int, default=None, help="also evaluate ER/locality every N edits")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--batch-size", type=int, default=32)
@@ -106,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         "--memory", choices=(*BENCHMARK_NAMES, "none"), default=None, help="memory set (default: by task)"
     )
     edit.add_argument("--memory-rows", type=int, default=10_000)
-    edit.add_argument("--schedule", choices=("official", "quick"), default="official")
+    edit.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
     edit.add_argument("--data-dir", type=Path, default=None)
     edit.add_argument("--no-progress", action="store_true")
     edit.set_defaults(handler=_edit)

@@ -58,7 +58,7 @@ class EditSession:
         folder: str | os.PathLike[str],
         memory: str | None = None,
         memory_rows: int = 10_000,
-        schedule: str = "official",
+        schedule: str = "default",
         data_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
         prompt_format: PromptFormat | str | None = None,
@@ -79,7 +79,7 @@ class EditSession:
                 wrapped = get_patcher_model(base)
             task = task_for_model(wrapped, tokenizer, prompt_format=prompt_format)
             memory_pairs, validation_pairs = _memory_pairs(memory, kind, data_dir)
-            config = EditConfig.quick() if schedule == "quick" else EditConfig()
+            config = EditConfig.mode(schedule)
             trainer = build_trainer(
                 wrapped,
                 task,

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
@@ -31,6 +30,7 @@ from transformers.activations import ACT2FN
 from ..errors import InvalidPatchError, PatchMergeError
 from .checkpoint import FROZEN, PatchShapes
 from .config import PatcherConfig
+from .keys import preactivation
 from .placement import execution_device
 
 MERGE_IMPOSSIBLE = (
@@ -96,6 +96,10 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         weight = getattr(self.base_layer, "weight", None)
         return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
 
+    def activation(self, adapter_name: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The patch activation of an adapter."""
+        return self._activations[self._resolve_adapter(adapter_name)]
+
     def _store_query(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._query = args[0] if args else next(iter(kwargs.values()))
 
@@ -126,12 +130,12 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         q = query.to(device=keys.device, dtype=keys.dtype)
         out = None
         if frozen_keys.shape[0]:
-            pre = F.linear(q, frozen_keys, self.patch_frozen_bias[adapter_name])
+            pre = preactivation(q, frozen_keys, self.patch_frozen_bias[adapter_name])
             out = act(pre) @ self.patch_frozen_values[adapter_name]
             if capture is not None:
                 capture.frozen_preactivations = pre
         if keys.shape[0]:
-            pre = F.linear(q, keys, self.patch_bias[adapter_name])
+            pre = preactivation(q, keys, self.patch_bias[adapter_name])
             trainable = act(pre) @ (self.patch_values[adapter_name] * self.patch_value_scale[adapter_name])
             out = trainable if out is None else out + trainable
             if capture is not None:

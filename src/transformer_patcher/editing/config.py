@@ -1,4 +1,12 @@
-"""``EditConfig``: every knob of the Transformer-Patcher editor, defaulting to the official code's values."""
+"""``EditConfig``: every knob of the Transformer-Patcher editor, with three named configurations.
+
+- ``EditConfig()`` (mode ``default``): patches start solved (a separating key, a bias that silences the memory, values
+  that fix the edit) and training stops as soon as the edit holds with a margin and every memory constraint is met;
+  hopeless edits are given up early and their patches dropped. What measures best (docs/performance.md).
+- ``EditConfig.faithful()``: the official code's algorithm, schedule and values (random values, training to the
+  validation plateau, failed patches kept).
+- ``EditConfig.quick()``: the faithful algorithm checked every 5 steps instead of from step 125 every 25.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +30,15 @@ ACTIVATION_MARGINS: dict[str, float] = {"gelu": 0.0, "relu": 0.0, "silu": 15.0}
 MEMORY_LOSS_WEIGHT = {"classification": 5.0, "seq2seq": 10.0, "causal_lm": 10.0}
 
 
-_POSITIVE_INTS = ("repeats", "max_steps", "check_every", "lr_every", "act_top_k", "memory_top_k", "max_patches")
+_POSITIVE_INTS = ("repeats", "max_steps", "check_every", "lr_every", "act_top_k", "memory_top_k")
 _NON_NEGATIVE_INTS = ("start_val_step", "early_patience", "lr_patience")
 _POSITIVE_FLOATS = ("lr", "grad_clip", "lr_factor")
 _NON_NEGATIVE_FLOATS = ("weight_decay", "early_threshold", "lr_threshold", "act_loss_weight", "memory_loss_weight")
 _FINITE_FLOATS = ("act_margin", "memory_beta", "memory_gamma")
+_NEW_FLOATS = ("edit_margin", "solve_margin", "key_gap", "whiten_ridge")
+INITS = ("paper", "solve")
+STOPS = ("plateau", "constraints")
+MODES = ("default", "faithful", "quick")
 MAX_SEED = 2**32  # the per-edit seed is seed * 1_000_003 + edit_id, which torch.manual_seed must accept
 
 
@@ -43,14 +55,15 @@ def activation_family(activation: str) -> str:
 
 @dataclass
 class EditConfig:
-    """Hyper-parameters of one edit. Defaults are the official code's; the docs list where the paper differs."""
+    """Hyper-parameters of one edit. Field defaults are mode ``default``; :meth:`faithful` gives the official code's
+    values (docs/editing.md lists where each mode differs from the paper)."""
 
     lr: float = 1e-2
     weight_decay: float = 0.01
     grad_clip: float = 5.0
     repeats: int = 8  # the edit example is repeated this many times per batch
     dropout: bool = False  # train the copies with dropout (augmentation); off: copies are identical
-    max_steps: int = 2000
+    max_steps: int = 100  # faithful: 2000
     start_val_step: int = 100  # fixed/plateau checks run after steps > start_val_step that are multiples of ...
     check_every: int = 25  # ... check_every (official: validation every 25 epochs once epoch >= 100)
     use_validation: bool = True  # official use_val=1: once fixed, stop at the validation memory-loss plateau
@@ -67,10 +80,17 @@ class EditConfig:
     memory_gamma: float | None = None
     act_loss_weight: float = 1.0
     memory_loss_weight: float | None = None  # None: MEMORY_LOSS_WEIGHT of the task kind
-    max_patches: int = 5  # one patch per wrong read, at most this many per edit
-    value_init: str = "normal"  # official: v' ~ N(0, 1); the paper's text says uniform [0, 1)
+    max_patches: int | None = None  # one patch per wrong read, at most this many per edit (None: no cap)
+    value_init: str = "normal"  # init="paper": v' ~ N(0, 1) (official); the paper's text says uniform [0, 1)
     cache: bool = True  # last-layer caching; False recomputes the full forward pass every step
-    keep_failed: bool = True  # official: a patch that did not fix its edit within max_steps is still kept
+    keep_failed: bool = False  # keep the patches of an edit that failed (the official code does)
+    init: str = "solve"  # "paper": k = q/‖q‖², b = 0, random v; "solve": separating key and bias, solved values
+    stop: str = "constraints"  # "plateau": official checks; "constraints": stop once the edit and memory hold
+    edit_margin: float = 1.0  # stop="constraints": every read's target logit leads the runner-up by this much
+    solve_margin: float = 14.0  # init="solve": the values give every patched read this logit lead
+    key_gap: float = 12.0  # init="solve": the edit's pre-activation starts this far above the activation margin
+    whiten_ridge: float = 0.1  # init="solve": ridge of the memory covariance the key whitens with
+    give_up_after: int | None = 25  # give a hopeless edit up after this many steps without a 1 % better loss
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -90,22 +110,56 @@ class EditConfig:
             raise ValueError(
                 f"EditConfig.lr_factor must be in (0, 1) (the learning rate is multiplied by it), got {self.lr_factor}"
             )
+        for name in _NEW_FLOATS:
+            check_number(f"EditConfig.{name}", getattr(self, name), 0.0, strict=name == "whiten_ridge")
+        for name in ("max_patches", "give_up_after"):
+            if getattr(self, name) is not None:
+                check_int(f"EditConfig.{name}", getattr(self, name), minimum=1)
         for name in ("dropout", "use_validation", "cache", "keep_failed"):
             check_bool(f"EditConfig.{name}", getattr(self, name))
         if self.value_init not in ("normal", "uniform"):
             raise ValueError(f"value_init must be 'normal' or 'uniform', got {self.value_init!r}")
+        for name, allowed in (("init", INITS), ("stop", STOPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"EditConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if (self.init == "solve") != (self.stop == "constraints"):
+            raise ValueError("init='solve' goes with stop='constraints' and init='paper' with stop='plateau'")
+        if self.stop == "constraints" and self.dropout:
+            raise ValueError("stop='constraints' reads its check off the training pass, which needs dropout=False")
         if not isinstance(self.extra, dict):
             raise ValueError(f"EditConfig.extra must be a dict, got {self.extra!r}")
 
     @classmethod
+    def faithful(cls, **overrides: Any) -> EditConfig:
+        """The official code's algorithm and values: the paper's key init with random values, training until the
+        validation memory loss plateaus on the official check schedule, at most 5 patches, failed patches kept."""
+        official = {
+            "max_steps": 2000,
+            "max_patches": 5,
+            "keep_failed": True,
+            "init": "paper",
+            "stop": "plateau",
+            "give_up_after": None,
+        }
+        return cls(**{**official, **overrides})
+
+    @classmethod
+    def mode(cls, name: str, **overrides: Any) -> EditConfig:
+        """The named configuration ``default``, ``faithful`` or ``quick`` (``official`` is faithful's old name)."""
+        name = "faithful" if name == "official" else name
+        if name not in MODES:
+            raise ValueError(f"unknown editing mode {name!r}; choose one of {MODES}")
+        return cls(**overrides) if name == "default" else getattr(cls, name)(**overrides)
+
+    @classmethod
     def quick(cls, **overrides: Any) -> EditConfig:
-        """The official algorithm with a denser stopping schedule: checks from step 5, every 5 steps.
+        """The faithful algorithm with a denser stopping schedule: checks from step 5, every 5 steps.
 
         The official schedule cannot stop before step 150 (first check after step 125, plateau at the next). On a CPU
         most edits are fixed and their memory loss flat long before that; checking every 5 steps stops them there.
         Everything else, including the plateau rule and the learning-rate schedule, is unchanged.
         """
-        return cls(**{"start_val_step": 0, "check_every": 5, **overrides})
+        return cls.faithful(**{"start_val_step": 0, "check_every": 5, **overrides})
 
     def margins(self, activation: str) -> tuple[float, float]:
         """(beta, gamma) for the patch activation, explicit values winning over the family defaults."""

@@ -47,6 +47,8 @@ class MemoryBank:
         self._rows = rows.detach().to(torch.bfloat16 if half else torch.float32).contiguous()
         self._base = len(self._rows)
         self._filter: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._statistics: tuple[tuple[float, int], torch.Tensor, torch.Tensor] | None = None
+        self._sums: tuple[torch.Tensor, torch.Tensor, int] | None = None  # Σx, Σxxᵀ, n (float64)
 
     def __len__(self) -> int:
         return self._rows.shape[0]
@@ -67,11 +69,15 @@ class MemoryBank:
         rows = rows.detach().reshape(-1, self.dim).to(self._rows.dtype)
         self._rows = torch.cat([self._rows, rows])
         self._filter = None
+        if self._sums is not None:
+            added = rows.double()
+            self._sums = (self._sums[0] + added.sum(0), self._sums[1] + added.T @ added, self._sums[2] + len(added))
 
     def truncate_appended(self) -> None:
         """Forget every edit's rows: back to the bank as built (a new fold starts from the original model)."""
         self._rows = self._rows[: self._base].clone()
         self._filter = None
+        self._sums = None
 
     def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         return (self._rows if index is None else torch.index_select(self._rows, 0, index)).float()
@@ -99,6 +105,36 @@ class MemoryBank:
             # The bound is too loose (many rows tie near the threshold): rank exactly in fp32 instead.
             exact = keys @ self._rows.float().T + bias.detach().float()[:, None]
             return torch.topk(exact, top_k, dim=1).indices.unique()
+
+    def statistics(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and precision (inverse of the covariance plus ``ridge`` × its mean variance) of every row, edits'
+        rows included: what a separating key whitens with. Sums are kept as rows arrive, so an edit pays one
+        d×d inversion, not a pass over the bank."""
+        if self._sums is None:
+            rows = self._rows.double()
+            self._sums = (rows.sum(0), rows.T @ rows, len(rows))
+        if self._statistics is None or self._statistics[0] != (ridge, self._sums[2]):
+            total, outer, n = self._sums
+            if n < 2:
+                raise ValueError("a separating key needs a memory of at least 2 rows")
+            mean = total / n
+            covariance = outer / n - torch.outer(mean, mean)
+            covariance += ridge * covariance.diagonal().mean() * torch.eye(self.dim, dtype=torch.float64)
+            self._statistics = ((ridge, n), mean.float(), torch.linalg.inv(covariance).float())
+        return self._statistics[1], self._statistics[2]
+
+    def max_score(self, directions: torch.Tensor) -> torch.Tensor:
+        """Approximate ``max_x d·x`` over every row, for each direction (n, d): the bfloat16 pass of the filter."""
+        transposed, _ = self._filter_tensors()
+        with torch.no_grad():
+            return (directions.detach().float().to(torch.bfloat16) @ transposed).float().amax(dim=1)
+
+    def top_rows(self, direction: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` rows with the highest exact ``direction·x`` and those scores (fp32, one pass over the bank)."""
+        with torch.no_grad():
+            scores = self._rows.float() @ direction.detach().float()
+            top = torch.topk(scores, min(k, len(scores)))
+        return self.rows(top.indices), top.values
 
     def _relative_error(self) -> float:
         """Bound on |approx − exact| / Σ_j|m_j·k_j| for the bf16 first pass (Σ|m_j k_j| <= ‖m‖‖k‖).

@@ -264,6 +264,12 @@ class Task(ABC):
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
 
+    def margins(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per read: the label's logit minus the best other logit (positive: the read is right)."""
+        logits = logits.float()
+        target = logits.gather(1, labels[:, None]).squeeze(1)
+        return target - logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+
     @abstractmethod
     def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
@@ -332,6 +338,11 @@ class ClassificationTask(Task):
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits[:, 0] > 0).long() if self.num_labels == 1 else logits.argmax(-1)
+
+    def margins(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_labels > 1:
+            return super().margins(logits, labels)
+        return (2.0 * labels.float() - 1.0) * logits[:, 0].float()  # one logit: its sign is the prediction
 
     def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.num_labels > 1:

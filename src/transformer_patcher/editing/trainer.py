@@ -1,13 +1,23 @@
 """``PatchTrainer``: fix one mistake by training new patch neurons, as Transformer-Patcher does (paper §4, App. B).
 
-Per edit: find the wrong reads (at most ``max_patches``), add one patch per wrong read with key ``q/‖q‖²`` (it fires
-with pre-activation 1 on its mistake) and value ``v'⊙a``, then train only those patches with
+Per edit: find the wrong reads (at most ``max_patches``), add one patch per wrong read, then train only those
+patches with
 
     L = L_edit + alc·L_act + mlc·L_mem
 
-using Adam (lr 1e-2, weight decay 0.01), gradient clipping at 5 and a batch of the edit repeated 8 times. Checks run
-on the official schedule; once the edit is fixed, training stops when the validation memory loss stops improving.
-The patches are then committed (frozen) and the edit's queries join the memory, so later patches stay silent on it.
+using Adam (lr 1e-2, weight decay 0.01), gradient clipping at 5 and a batch of the edit repeated 8 times. The patches
+are then committed (frozen) and the edit's queries join the memory, so later patches stay silent on it.
+
+How the patches start and when training stops are the two modes (``EditConfig.init`` / ``stop``):
+
+- faithful (``paper`` / ``plateau``): key ``q/‖q‖²`` (pre-activation 1 on the mistake), bias 0, random value; checks
+  on the official schedule, and once the edit is fixed, training stops when the validation memory loss plateaus.
+- default (``solve`` / ``constraints``): each key is Fisher's discriminant between its query and the memory (whitened
+  by the memory covariance), scaled and biased so the patch fires at ``act_margin + key_gap`` on its mistake while the
+  highest memory row sits below the memory margin; the values are solved (least squares) for the FFN-output change
+  that gives every read a ``solve_margin`` logit lead. Training, often zero steps of it, stops as soon as every read
+  leads by ``edit_margin``, every patch fires above the activation margin and the memory constraints hold; it gives
+  up after ``give_up_after`` steps without a better loss, and a failed edit's patches are dropped.
 
 Numerics: the loss is checked with one ``isfinite`` per step (the value is read for the record anyway), the patch
 parameters once after training. A NaN/inf there, or in the base model's logits/queries at the edit, raises
@@ -28,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter.keys import init_key
+from ..adapter.keys import discriminant, init_key, preactivation, separating_scale
 from ..adapter.layer import PatcherLayer
 from ..errors import NonFiniteError
 from .config import EditConfig
@@ -37,6 +47,10 @@ from .memory import MemoryBank
 from .modes import eval_mode
 from .replay import ForwardReplay
 from .tasks import Batch, EditExample, Task
+
+_SILENCE_ABOVE = 0.9  # a memory row scoring this close to the query's 1 is projected out of the key ...
+_SILENT_ROWS = 32  # ... with the other top rows scoring above half of it
+_SOLVE_ROUNDS = 10  # Gauss-Newton rounds of the value solve at most; most edits need 2-4
 
 
 @dataclass
@@ -61,6 +75,18 @@ class _Forward:
     logits: torch.Tensor  # (n_reads, classes)
     query: torch.Tensor | None  # (n_reads, d) FFN queries at the reads
     preactivations: torch.Tensor | None  # (n_reads, n_trainable)
+
+
+@dataclass
+class LossTerms:
+    """The training loss and its named terms, plus what the stopping rules read off them."""
+
+    total: torch.Tensor
+    edit: torch.Tensor
+    activation: torch.Tensor
+    memory: torch.Tensor | None
+    a_e: torch.Tensor  # (copies, n_patches): each patch's pre-activation on its own read
+    memory_max: torch.Tensor | None  # (n_patches,): the highest memory pre-activation of each patch
 
 
 class PatchTrainer:
@@ -93,9 +119,13 @@ class PatchTrainer:
         self.act_margin = self.config.activation_margin(activation)
         self.memory_weight = self.config.memory_weight(task.kind)
         self._replay = ForwardReplay(model, self.layer) if self.config.cache else None
+        self._required_margin = self.config.edit_margin  # lowered per edit when the solve cannot reach it
+        self._query_scale = torch.ones(1)
 
     # ------------------------------------------------------------------------------------------ forwards
     def _forward(self, batch: Batch, replay: bool = False, record: bool = False) -> _Forward:
+        """One forward pass read at the reads; ``record`` keeps it for replay (the one place a replay is recorded),
+        ``replay`` recomputes only what the patches can change."""
         kwargs = batch.model_kwargs()
         with self.layer.capture(self.adapter) as capture:
             if record and self._replay is not None:
@@ -166,8 +196,14 @@ class PatchTrainer:
             _require_finite(first.query, "the FFN queries at the edit (before any patch was added)")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
-                self._add_patches(first.query[reads], edit_id)
-                success, steps, loss = self._train(single, reads)
+                if cfg.init == "solve":
+                    reads = self._add_solved_patches(first, single, reads, edit_id)
+                    success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
+                    if reads.numel():
+                        success, steps, loss = self._train_to_constraints(single, reads)
+                else:
+                    self._add_patches(first.query[reads], edit_id)
+                    success, steps, loss = self._train(single, reads)
             if success or cfg.keep_failed:
                 self.layer.commit(self.adapter)
             else:
@@ -196,6 +232,112 @@ class PatchTrainer:
         v_prime = torch.randn(shape) if self.config.value_init == "normal" else torch.rand(shape)
         self.layer.add_patches(keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter)
 
+    def _add_solved_patches(self, first: _Forward, single: Batch, reads: torch.Tensor, edit_id: int) -> torch.Tensor:
+        """Separating keys and biases, then the values that solve the edit (module docstring, mode default). Returns
+        the reads that got a patch: a read whose query the memory cannot be told apart from gets none."""
+        queries = first.query.float()
+        target = self.act_margin + self.config.key_gap
+        keys, bias, local = self._separating_keys(queries[reads], target)
+        reads, keys, bias = reads[local], keys[local], bias[local]
+        if reads.numel() == 0:
+            return reads
+        activations = self.layer.activation(self.adapter)(preactivation(queries, keys, bias))  # (n_reads, n_patches)
+        self._query_scale = queries.norm(dim=1)
+        offsets = self._target_offsets(single, reads)
+        gram = activations.T @ activations
+        gram += 1e-4 * gram.diagonal().mean() * torch.eye(len(reads))
+        values = torch.linalg.solve(gram, activations.T @ offsets)
+        self.layer.add_patches(keys, bias, values, edit_id, self.adapter)
+        return reads
+
+    def _separating_keys(self, queries: torch.Tensor, target: float) -> tuple[torch.Tensor, ...]:
+        """Keys/biases firing at ``target`` on their query and below the memory margin on every memory row, and
+        which queries can have one. A query that some memory rows resemble (score above 0.9 along its discriminant)
+        gets a key orthogonal to them; one that memory rows still outscore by more than the sharpest key allows
+        gets none (:func:`separating_scale`)."""
+        bank = self.memory
+        if bank is None or len(bank) < 2:
+            keys = torch.stack([init_key(q, target) for q in queries])
+            return keys, torch.zeros(len(queries)), torch.ones(len(queries), dtype=torch.bool)
+        mean, precision = bank.statistics(self.config.whiten_ridge)
+        directions = torch.stack([discriminant(q, mean, precision) for q in queries])
+        t_max = bank.max_score(directions) - directions @ mean
+        for i in (t_max > _SILENCE_ABOVE).nonzero().flatten().tolist():  # a memory row looks like this query
+            rows, scores = bank.top_rows(directions[i], _SILENT_ROWS)
+            silent = rows[scores - directions[i] @ mean > _SILENCE_ABOVE / 2]
+            try:
+                direction = discriminant(queries[i], mean, precision, silent)
+            except ValueError:  # the query is a combination of those rows
+                continue
+            projected = bank.max_score(direction[None])[0] - direction @ mean
+            if projected < t_max[i]:  # kept only if it separates better (other rows may now score higher)
+                directions[i], t_max[i] = direction, projected
+        ceiling = min(self.beta, target - self.gamma)
+        found = [separating_scale(float(t), target, ceiling) for t in t_max]
+        scales = torch.tensor([1.0 if s is None else s for s in found])
+        keys = scales[:, None] * directions
+        local = torch.tensor([s is not None for s in found])
+        return keys, target - scales * (1.0 + directions @ mean), local
+
+    def _target_offsets(self, single: Batch, reads: torch.Tensor) -> torch.Tensor:
+        """FFN-output changes at the reads (n_reads, d) that give each patched read a ``solve_margin`` logit lead
+        (the other reads keep theirs: zero change). Gauss-Newton on each read's margin, aiming 10 % past it, one
+        replayed forward and backward per round; a step grows the offset at most 5-fold, and rounds stop when the
+        shortfalls stop shrinking for two rounds (a classifier's logits saturate); the best round is kept. Sets the
+        margin the stopping rule asks for: the ``edit_margin``, or half the lead the solve reached when that is less."""
+        margin = self.config.solve_margin
+        offsets = torch.zeros(single.rows.numel(), self.layer.output_dim)
+        patched = torch.zeros(single.rows.numel(), dtype=torch.bool)
+        patched[reads] = True
+        best, best_short, reached, stale = offsets, math.inf, -math.inf, 0
+        scale = self._query_scale  # the first step may be 4 times the FFN query
+        for _ in range(_SOLVE_ROUNDS):
+            offsets.requires_grad_(True)
+            margins = self.task.margins(self._offset_logits(single, offsets), single.labels)
+            short = torch.where(patched, 1.1 * margin - margins.detach(), 0.0).clamp(min=0)
+            if float(short.sum()) < 0.99 * best_short:
+                best, best_short, reached, stale = (
+                    offsets.detach(),
+                    float(short.sum()),
+                    float(margins.detach()[reads].min()),
+                    0,
+                )
+            else:
+                stale += 1
+            if stale == 2 or not bool((short > 0.1 * margin).any()):
+                break
+            (grad,) = torch.autograd.grad(margins[short > 0].sum(), offsets)
+            with torch.no_grad():
+                step = grad * (short / grad.pow(2).sum(1).clamp_min(1e-12))[:, None]
+                room = 4 * torch.maximum(offsets.norm(dim=1), scale)
+                step *= (room / step.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None]
+                offsets = offsets.detach() + step
+        self._required_margin = min(self.config.edit_margin, max(reached / 2, 0.0))
+        return best
+
+    def _offset_logits(self, batch: Batch, offsets: torch.Tensor) -> torch.Tensor:
+        """Read logits of a replayed forward pass with ``offsets`` added to the patched FFN's output at the reads."""
+
+        def add(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            shaped = output.reshape(batch.size, -1, output.shape[-1])
+            added = torch.zeros_like(shaped).index_put((batch.rows, batch.cols), offsets.to(shaped.dtype))
+            return (shaped + added).reshape(output.shape)
+
+        handle = self.layer.register_forward_hook(add)
+        try:
+            return self._forward(batch, replay=True).logits
+        finally:
+            handle.remove()
+
+    def _optimizer(self, params: list[nn.Parameter]) -> tuple[torch.optim.Adam, Any]:
+        """The official optimiser: Adam with L2 weight decay, the learning rate halved on a plateau of the edit loss."""
+        cfg = self.config
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, threshold=cfg.lr_threshold
+        )
+        return optimizer, scheduler
+
     def _params(self) -> list[nn.Parameter]:
         params = [getattr(self.layer, name)[self.adapter] for name in self.layer.adapter_layer_names]
         for p in params:
@@ -207,16 +349,20 @@ class PatchTrainer:
         index = torch.arange(copies)[:, None] * n_reads + reads[None, :]
         return pre[index, torch.arange(len(reads))[None, :]]
 
-    def _memory_term(self, bank: MemoryBank | None, a_e: torch.Tensor) -> torch.Tensor | None:
+    def _memory_term(self, bank: MemoryBank | None, a_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(memory loss, each patch's highest memory pre-activation) over the rows its top-k can touch."""
         if bank is None or len(bank) == 0:
             return None
         keys, bias = self.layer.patch_keys[self.adapter], self.layer.patch_bias[self.adapter]
         index = bank.candidates(keys, bias, self.config.memory_top_k)
         rows = bank.rows(index).to(device=keys.device, dtype=keys.dtype)
-        a_mem = rows @ keys.T + bias
-        return memory_loss(a_mem, a_e, self.config.memory_top_k, self.gamma, self.beta)
+        a_mem = preactivation(rows, keys, bias)
+        return memory_loss(a_mem, a_e, self.config.memory_top_k, self.gamma, self.beta), a_mem.detach().amax(0)
 
-    def _losses(self, out: _Forward, batch: Batch, reads: torch.Tensor, n_reads: int) -> tuple[torch.Tensor, ...]:
+    def _loss_terms(
+        self, out: _Forward, batch: Batch, reads: torch.Tensor, n_reads: int, memory: MemoryBank | None
+    ) -> LossTerms:
+        """The one place the loss is built: ``edit + alc·act (+ mlc·mem)``, the memory term over ``memory``."""
         cfg = self.config
         copies = batch.size
         a_e = self._edit_activations(out.preactivations, reads, n_reads, copies)
@@ -224,7 +370,12 @@ class PatchTrainer:
             a_e = a_e.expand(cfg.repeats, -1)
         edit = self.task.edit_loss(out.logits, batch.labels)
         act = activation_loss(a_e, cfg.act_top_k, self.act_margin)
-        return edit, act, a_e
+        total = edit + cfg.act_loss_weight * act
+        term = self._memory_term(memory, a_e)
+        if term is not None:
+            total = total + self.memory_weight * term[0]
+        memory, memory_max = term if term is not None else (None, None)
+        return LossTerms(total, edit, act, memory, a_e, memory_max)
 
     def _train(self, single: Batch, reads: torch.Tensor) -> tuple[bool, int, float | None]:
         cfg = self.config
@@ -235,31 +386,13 @@ class PatchTrainer:
             with torch.no_grad():
                 self._forward(batch, record=True)
         params = self._params()
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, threshold=cfg.lr_threshold
-        )
+        optimizer, scheduler = self._optimizer(params)
         val_losses: list[float] = []
         fixed, loss_value, step = False, None, 0
         self.model.train(cfg.dropout)
         for step in range(1, cfg.max_steps + 1):
-            out = self._forward(batch, replay=True)
-            edit, act, a_e = self._losses(out, batch, reads, n_reads)
-            loss = edit + cfg.act_loss_weight * act
-            mem = self._memory_term(self.memory, a_e)
-            if mem is not None:
-                loss = loss + self.memory_weight * mem
-            loss_value = float(loss.detach())  # the one sync per step; it also checks the loss is finite
-            if not math.isfinite(loss_value):
-                raise NonFiniteError(
-                    f"the edit's training loss became {loss_value} at step {step} (edit {float(edit.detach())}, "
-                    f"activation {float(act.detach())}, memory {None if mem is None else float(mem.detach())}); "
-                    "the edit was rolled back"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            terms = self._loss_terms(self._forward(batch, replay=True), batch, reads, n_reads, self.memory)
+            loss_value = self._descend(terms, step, params, optimizer)
             lr_due, check_due = step % cfg.lr_every == 0, step % cfg.check_every == 0 and step > cfg.start_val_step
             if not (lr_due or check_due):
                 continue
@@ -274,21 +407,92 @@ class PatchTrainer:
                 val_mem = self._memory_term(self.val_memory or self.memory, val_a_e)
             if val_mem is None:
                 break
-            val_losses.append(float(val_mem))
+            val_losses.append(float(val_mem[0]))
             if _plateaued(val_losses, cfg.early_threshold, cfg.early_patience):
                 break
         else:
             fixed = self._validate(batch, reads, n_reads)[0]
+        self._require_finite_patches(params, step)
+        return fixed, step, loss_value
+
+    def _train_to_constraints(self, single: Batch, reads: torch.Tensor) -> tuple[bool, int, float | None]:
+        """Mode default: step 0 checks the solved patches; each step's own forward pass is its check, so a step
+        costs one replayed forward and backward. Gives up after ``give_up_after`` steps without a 1 % better loss,
+        or at ``max_steps``; then the edit keeps the lowest-loss patches that got it right, if any step did (the
+        memory constraints are not all met, as the faithful mode's plateau does not guarantee them either)."""
+        cfg = self.config
+        n_reads = single.rows.numel()
+        params = self._params()
+        optimizer, scheduler = self._optimizer(params)
+        best, best_step = math.inf, 0
+        right: tuple[float, list[torch.Tensor]] | None = None  # (loss, patch tensors) of the best right state
+        for step in range(cfg.max_steps + 1):
+            out = self._forward(single, replay=True)
+            terms = self._loss_terms(out, single, reads, n_reads, self.memory)
+            if self._holds(out, single, reads, terms):
+                break
+            loss_value = float(terms.total.detach())
+            if bool(self.task.correct(out.logits, single.labels).all()) and (right is None or loss_value < right[0]):
+                right = (loss_value, [p.detach().clone() for p in params])
+            stalled = cfg.give_up_after is not None and step - best_step >= cfg.give_up_after
+            if step == cfg.max_steps or stalled:
+                if not bool(self.task.correct(out.logits, single.labels).all()) and right is not None:
+                    with torch.no_grad():
+                        for param, saved in zip(params, right[1], strict=True):
+                            param.copy_(saved)
+                    self._require_finite_patches(params, step)
+                    return True, step, right[0]
+                break
+            self._descend(terms, step, params, optimizer)
+            if best == math.inf or loss_value < best - 0.01 * abs(best):
+                best, best_step = loss_value, step
+            if step and step % cfg.lr_every == 0:
+                scheduler.step(float(terms.edit.detach()))
+        self._require_finite_patches(params, step)
+        return bool(self.task.correct(out.logits, single.labels).all()), step, float(terms.total.detach())
+
+    def _holds(self, out: _Forward, batch: Batch, reads: torch.Tensor, terms: LossTerms) -> bool:
+        """Every read is right and each patched one leads by ``edit_margin``, every patch fires above the activation
+        margin, and each patch's highest memory pre-activation is below both beta and its edit activation minus
+        gamma."""
+        margins = self.task.margins(out.logits.detach(), batch.labels)
+        if not bool((margins > 0).all()) or not bool((margins[reads] >= self._required_margin).all()):
+            return False
+        a_e = terms.a_e.detach()[0]
+        if not bool((a_e >= self.act_margin).all()):
+            return False
+        return terms.memory_max is None or bool(
+            (terms.memory_max <= torch.clamp(a_e - self.gamma, max=self.beta)).all()
+        )
+
+    def _descend(
+        self, terms: LossTerms, step: int, params: list[nn.Parameter], optimizer: torch.optim.Optimizer
+    ) -> float:
+        """One optimiser step on ``terms.total``; returns the loss, refusing a non-finite one."""
+        loss_value = float(terms.total.detach())  # the one sync per step; it also checks the loss is finite
+        if not math.isfinite(loss_value):
+            memory = None if terms.memory is None else float(terms.memory.detach())
+            raise NonFiniteError(
+                f"the edit's training loss became {loss_value} at step {step} (edit {float(terms.edit.detach())}, "
+                f"activation {float(terms.activation.detach())}, memory {memory}); the edit was rolled back"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        optimizer.step()
+        return loss_value
+
+    def _require_finite_patches(self, params: list[nn.Parameter], step: int) -> None:
         for name, param in zip(self.layer.adapter_layer_names, params, strict=True):
             _require_finite(param.detach(), f"the trained patch tensor {name!r} after step {step}")
-        return fixed, step, loss_value
 
     def _validate(self, batch: Batch, reads: torch.Tensor, n_reads: int) -> tuple[bool, float, torch.Tensor]:
         """Eval-mode check of the edit (dropout off): fixed?, edit loss, and a_e for the validation memory loss."""
         with torch.no_grad(), eval_mode(self.model):
             out = self._forward(batch, replay=True)
-            edit, _, a_e = self._losses(out, batch, reads, n_reads)
+            terms = self._loss_terms(out, batch, reads, n_reads, None)
         fixed = bool(self.task.correct(out.logits, batch.labels).all())
+        edit, a_e = terms.edit, terms.a_e
         edit_value = float(edit)
         if not math.isfinite(edit_value):
             raise NonFiniteError(f"the edit's validation loss became {edit_value}; the edit was rolled back")

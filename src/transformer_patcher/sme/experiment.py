@@ -50,7 +50,7 @@ from .report import markdown_table, suite_table, summarize_folds
 from .runner import SMEConfig, SMERunner
 
 logger = logging.getLogger(__name__)
-SCHEDULES = ("official", "quick")
+SCHEDULES = ("default", "faithful", "quick", "official")  # official: faithful's earlier name
 SUITE_REFERENCE = "suite-reference.safetensors"
 SUITE_CURVES = tuple(
     f"{part}-{fmt}.exact" for part in ("unrelated", "neighbours", "generation") for fmt in ("raw", "chat")
@@ -61,7 +61,7 @@ ADAPTER_EDITORS = ("patcher", *MASS_EDITORS)  # editors whose edits are a saved 
 @dataclass
 class ExperimentConfig:
     """What to run. ``data`` is a benchmark name (``zsre``, ``counterfact``, ``fever``) or a file of that
-    ``data_kind``; ``schedule`` picks the editor's stopping schedule (``quick``: checks every 5 steps)."""
+    ``data_kind``; ``schedule`` names the editing mode (:meth:`EditConfig.mode`: default, faithful, quick)."""
 
     model: str
     data: str = "zsre"
@@ -71,7 +71,7 @@ class ExperimentConfig:
     max_examples: int | None = None
     memory_rows: int = 10_000
     validation_rows: int = 1_000
-    schedule: str = "official"
+    schedule: str = "default"
     eval_every: int | None = None
     seed: int = 42
     batch_size: int = 32
@@ -139,7 +139,7 @@ class ExperimentConfig:
 
     def edit_config(self) -> EditConfig:
         options = {"seed": self.seed, **self.edit_options}
-        return EditConfig.quick(**options) if self.schedule == "quick" else EditConfig(**options)
+        return EditConfig.mode(self.schedule, **options)
 
 
 def load_benchmark(config: ExperimentConfig) -> Benchmark:
