@@ -119,8 +119,6 @@ class PatchTrainer:
         self.act_margin = self.config.activation_margin(activation)
         self.memory_weight = self.config.memory_weight(task.kind)
         self._replay = ForwardReplay(model, self.layer) if self.config.cache else None
-        self._required_margin = self.config.edit_margin  # lowered per edit when the solve cannot reach it
-        self._query_scale = torch.ones(1)
 
     # ------------------------------------------------------------------------------------------ forwards
     def _forward(self, batch: Batch, replay: bool = False, record: bool = False) -> _Forward:
@@ -197,10 +195,10 @@ class PatchTrainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
-                    reads = self._add_solved_patches(first, single, reads, edit_id)
+                    reads, required = self._add_solved_patches(first, single, reads, edit_id)
                     success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
                     if reads.numel():
-                        success, steps, loss = self._train_to_constraints(single, reads)
+                        success, steps, loss = self._train_to_constraints(single, reads, required)
                 else:
                     self._add_patches(first.query[reads], edit_id)
                     success, steps, loss = self._train(single, reads)
@@ -232,23 +230,25 @@ class PatchTrainer:
         v_prime = torch.randn(shape) if self.config.value_init == "normal" else torch.rand(shape)
         self.layer.add_patches(keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter)
 
-    def _add_solved_patches(self, first: _Forward, single: Batch, reads: torch.Tensor, edit_id: int) -> torch.Tensor:
+    def _add_solved_patches(
+        self, first: _Forward, single: Batch, reads: torch.Tensor, edit_id: int
+    ) -> tuple[torch.Tensor, float]:
         """Separating keys and biases, then the values that solve the edit (module docstring, mode default). Returns
-        the reads that got a patch: a read whose query the memory cannot be told apart from gets none."""
+        the reads that got a patch (a read whose query the memory cannot be told apart from gets none) and the lead
+        the stopping rule asks of them."""
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
         keys, bias, local = self._separating_keys(queries[reads], target)
         reads, keys, bias = reads[local], keys[local], bias[local]
         if reads.numel() == 0:
-            return reads
+            return reads, self.config.edit_margin
         activations = self.layer.activation(self.adapter)(preactivation(queries, keys, bias))  # (n_reads, n_patches)
-        self._query_scale = queries.norm(dim=1)
-        offsets = self._target_offsets(single, reads)
+        offsets, required = self._target_offsets(single, reads, queries.norm(dim=1))
         gram = activations.T @ activations
         gram += 1e-4 * gram.diagonal().mean() * torch.eye(len(reads))
         values = torch.linalg.solve(gram, activations.T @ offsets)
         self.layer.add_patches(keys, bias, values, edit_id, self.adapter)
-        return reads
+        return reads, required
 
     def _separating_keys(self, queries: torch.Tensor, target: float) -> tuple[torch.Tensor, ...]:
         """Keys/biases firing at ``target`` on their query and below the memory margin on every memory row, and
@@ -279,18 +279,19 @@ class PatchTrainer:
         local = torch.tensor([s is not None for s in found])
         return keys, target - scales * (1.0 + directions @ mean), local
 
-    def _target_offsets(self, single: Batch, reads: torch.Tensor) -> torch.Tensor:
+    def _target_offsets(
+        self, single: Batch, reads: torch.Tensor, query_norms: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
         """FFN-output changes at the reads (n_reads, d) that give each patched read a ``solve_margin`` logit lead
         (the other reads keep theirs: zero change). Gauss-Newton on each read's margin, aiming 10 % past it, one
         replayed forward and backward per round; a step grows the offset at most 5-fold, and rounds stop when the
-        shortfalls stop shrinking for two rounds (a classifier's logits saturate); the best round is kept. Sets the
-        margin the stopping rule asks for: the ``edit_margin``, or half the lead the solve reached when that is less."""
+        shortfalls stop shrinking for two rounds (a classifier's logits saturate); the best round is kept. Also returns
+        the lead the stopping rule asks for: ``edit_margin``, or half the lead the solve reached when that is less."""
         margin = self.config.solve_margin
         offsets = torch.zeros(single.rows.numel(), self.layer.output_dim)
         patched = torch.zeros(single.rows.numel(), dtype=torch.bool)
         patched[reads] = True
         best, best_short, reached, stale = offsets, math.inf, -math.inf, 0
-        scale = self._query_scale  # the first step may be 4 times the FFN query
         for _ in range(_SOLVE_ROUNDS):
             offsets.requires_grad_(True)
             margins = self.task.margins(self._offset_logits(single, offsets), single.labels)
@@ -309,11 +310,10 @@ class PatchTrainer:
             (grad,) = torch.autograd.grad(margins[short > 0].sum(), offsets)
             with torch.no_grad():
                 step = grad * (short / grad.pow(2).sum(1).clamp_min(1e-12))[:, None]
-                room = 4 * torch.maximum(offsets.norm(dim=1), scale)
+                room = 4 * torch.maximum(offsets.norm(dim=1), query_norms)  # the first step: 4x the FFN query
                 step *= (room / step.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None]
                 offsets = offsets.detach() + step
-        self._required_margin = min(self.config.edit_margin, max(reached / 2, 0.0))
-        return best
+        return best, min(self.config.edit_margin, max(reached / 2, 0.0))
 
     def _offset_logits(self, batch: Batch, offsets: torch.Tensor) -> torch.Tensor:
         """Read logits of a replayed forward pass with ``offsets`` added to the patched FFN's output at the reads."""
@@ -372,10 +372,10 @@ class PatchTrainer:
         act = activation_loss(a_e, cfg.act_top_k, self.act_margin)
         total = edit + cfg.act_loss_weight * act
         term = self._memory_term(memory, a_e)
-        if term is not None:
-            total = total + self.memory_weight * term[0]
-        memory, memory_max = term if term is not None else (None, None)
-        return LossTerms(total, edit, act, memory, a_e, memory_max)
+        mem, mem_max = term if term is not None else (None, None)
+        if mem is not None:
+            total = total + self.memory_weight * mem
+        return LossTerms(total, edit, act, mem, a_e, mem_max)
 
     def _train(self, single: Batch, reads: torch.Tensor) -> tuple[bool, int, float | None]:
         cfg = self.config
@@ -415,7 +415,9 @@ class PatchTrainer:
         self._require_finite_patches(params, step)
         return fixed, step, loss_value
 
-    def _train_to_constraints(self, single: Batch, reads: torch.Tensor) -> tuple[bool, int, float | None]:
+    def _train_to_constraints(
+        self, single: Batch, reads: torch.Tensor, required: float
+    ) -> tuple[bool, int, float | None]:
         """Mode default: step 0 checks the solved patches; each step's own forward pass is its check, so a step
         costs one replayed forward and backward. Gives up after ``give_up_after`` steps without a 1 % better loss,
         or at ``max_steps``; then the edit keeps the lowest-loss patches that got it right, if any step did (the
@@ -429,14 +431,15 @@ class PatchTrainer:
         for step in range(cfg.max_steps + 1):
             out = self._forward(single, replay=True)
             terms = self._loss_terms(out, single, reads, n_reads, self.memory)
-            if self._holds(out, single, reads, terms):
+            if self._holds(out, single, reads, terms, required):
                 break
             loss_value = float(terms.total.detach())
-            if bool(self.task.correct(out.logits, single.labels).all()) and (right is None or loss_value < right[0]):
+            is_right = bool(self.task.correct(out.logits, single.labels).all())
+            if is_right and (right is None or loss_value < right[0]):
                 right = (loss_value, [p.detach().clone() for p in params])
             stalled = cfg.give_up_after is not None and step - best_step >= cfg.give_up_after
             if step == cfg.max_steps or stalled:
-                if not bool(self.task.correct(out.logits, single.labels).all()) and right is not None:
+                if not is_right and right is not None:
                     with torch.no_grad():
                         for param, saved in zip(params, right[1], strict=True):
                             param.copy_(saved)
@@ -451,12 +454,12 @@ class PatchTrainer:
         self._require_finite_patches(params, step)
         return bool(self.task.correct(out.logits, single.labels).all()), step, float(terms.total.detach())
 
-    def _holds(self, out: _Forward, batch: Batch, reads: torch.Tensor, terms: LossTerms) -> bool:
-        """Every read is right and each patched one leads by ``edit_margin``, every patch fires above the activation
+    def _holds(self, out: _Forward, batch: Batch, reads: torch.Tensor, terms: LossTerms, required: float) -> bool:
+        """Every read is right and each patched one leads by ``required``, every patch fires above the activation
         margin, and each patch's highest memory pre-activation is below both beta and its edit activation minus
         gamma."""
         margins = self.task.margins(out.logits.detach(), batch.labels)
-        if not bool((margins > 0).all()) or not bool((margins[reads] >= self._required_margin).all()):
+        if not bool((margins > 0).all()) or not bool((margins[reads] >= required).all()):
             return False
         a_e = terms.a_e.detach()[0]
         if not bool((a_e >= self.act_margin).all()):
