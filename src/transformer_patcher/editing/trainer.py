@@ -17,7 +17,9 @@ How the patches start and when training stops are the two modes (``EditConfig.in
   highest memory row sits below the memory margin; the values are solved (least squares) for the FFN-output change
   that gives every read a ``solve_margin`` logit lead. Training, often zero steps of it, stops as soon as every read
   leads by ``edit_margin``, every patch fires above the activation margin and the memory constraints hold; it gives
-  up after ``give_up_after`` steps without a better loss, and a failed edit's patches are dropped.
+  up after ``give_up_after`` steps without a better loss, and a failed edit's patches are dropped. The first answer
+  token's threshold also rises above the edit's ``contrasts`` (its question asked of other subjects); later answer
+  tokens fire only ``answer_gate`` of the way from the memory to the edit (docs/editing.md, rules 7 and 8).
 
 Numerics: the loss is checked with one ``isfinite`` per step (the value is read for the record anyway), the patch
 parameters once after training. A NaN/inf there, or in the base model's logits/queries at the edit, raises
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,8 +103,10 @@ class PatchTrainer:
         memory: MemoryBank | None = None,
         val_memory: MemoryBank | None = None,
         adapter_name: str = "default",
+        contrasts: Callable[[EditExample], Sequence[str]] | None = None,
     ) -> None:
         self.model = model
+        self.contrasts = contrasts  # mode default: the edit asked of other subjects, which its patch stays below
         self.task = task
         self.config = config or EditConfig()
         self.memory = memory
@@ -179,9 +184,9 @@ class PatchTrainer:
         started = time.perf_counter()
         single = self._batch(example)
         with eval_mode(self.model):
-            return self._edit(edit_id, single, started)
+            return self._edit(edit_id, single, started, example)
 
-    def _edit(self, edit_id: int, single: Batch, started: float) -> EditRecord:
+    def _edit(self, edit_id: int, single: Batch, started: float, example: EditExample) -> EditRecord:
         cfg = self.config
         try:
             with torch.no_grad():
@@ -195,7 +200,8 @@ class PatchTrainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
-                    reads, required = self._add_solved_patches(first, single, reads, edit_id)
+                    contrast = self._contrast_queries(example) if int(reads[0]) == 0 else None
+                    reads, required = self._add_solved_patches(first, single, reads, edit_id, contrast)
                     success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
                     if reads.numel():
                         success, steps, loss = self._train_to_constraints(single, reads, required)
@@ -230,15 +236,26 @@ class PatchTrainer:
         v_prime = torch.randn(shape) if self.config.value_init == "normal" else torch.rand(shape)
         self.layer.add_patches(keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter)
 
+    def _contrast_queries(self, example: EditExample) -> torch.Tensor | None:
+        """FFN queries where the edit's contrasts (``contrasts(example)``: its question asked of other subjects)
+        start their answer, shape (n, d); None when there are none."""
+        texts = list(self.contrasts(example)) if self.contrasts is not None else []
+        if not texts:
+            return None
+        batch = self.task.batch_for(self.model, [(text, example.target) for text in texts])
+        with torch.no_grad():
+            query = self._forward(batch).query
+        return None if query is None else query[batch.first_reads()].float()
+
     def _add_solved_patches(
-        self, first: _Forward, single: Batch, reads: torch.Tensor, edit_id: int
+        self, first: _Forward, single: Batch, reads: torch.Tensor, edit_id: int, contrast: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, float]:
         """Separating keys and biases, then the values that solve the edit (module docstring, mode default). Returns
         the reads that got a patch (a read whose query the memory cannot be told apart from gets none) and the lead
-        the stopping rule asks of them."""
+        the stopping rule asks of them. ``contrast``: queries the first read's patch must stay below (n, d)."""
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
-        keys, bias, local = self._separating_keys(queries[reads], target)
+        keys, bias, local = self._separating_keys(queries[reads], target, int(reads[0]) == 0, contrast)
         reads, keys, bias = reads[local], keys[local], bias[local]
         if reads.numel() == 0:
             return reads, self.config.edit_margin
@@ -250,11 +267,16 @@ class PatchTrainer:
         self.layer.add_patches(keys, bias, values, edit_id, self.adapter)
         return reads, required
 
-    def _separating_keys(self, queries: torch.Tensor, target: float) -> tuple[torch.Tensor, ...]:
+    def _separating_keys(
+        self, queries: torch.Tensor, target: float, first_read: bool = True, contrast: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Keys/biases firing at ``target`` on their query and below the memory margin on every memory row, and
         which queries can have one. A query that some memory rows resemble (score above 0.9 along its discriminant)
         gets a key orthogonal to them; one that memory rows still outscore by more than the sharpest key allows
-        gets none (:func:`separating_scale`)."""
+        gets none (:func:`separating_scale`). The first query's threshold also rises above its ``contrast`` rows
+        (n, d) when they score below 0.9: the patch then fires only on inputs closer to the edit than those. The
+        others (``first_read`` False: all of them) are later answer tokens, whose context already holds the start of
+        the edit's answer: their threshold sits ``answer_gate`` of the way from the top memory row to the edit."""
         bank = self.memory
         if bank is None or len(bank) < 2:
             keys = torch.stack([init_key(q, target) for q in queries])
@@ -272,8 +294,18 @@ class PatchTrainer:
             projected = bank.max_score(direction[None])[0] - direction @ mean
             if projected < t_max[i]:  # kept only if it separates better (other rows may now score higher)
                 directions[i], t_max[i] = direction, projected
+        if contrast is not None:
+            above = float((contrast @ directions[0]).max() - directions[0] @ mean)
+            if above < _SILENCE_ABOVE:
+                t_max[0] = max(float(t_max[0]), above)
         ceiling = min(self.beta, target - self.gamma)
-        found = [separating_scale(float(t), target, ceiling) for t in t_max]
+        gate = self.config.answer_gate
+        later = max(1.0, target * gate / (1 - gate) + ceiling)  # the slack that puts pre-activation 0 there
+        found = [
+            (separating_scale(float(t), target, ceiling, later) if i or not first_read else None)
+            or separating_scale(float(t), target, ceiling)
+            for i, t in enumerate(t_max)
+        ]
         scales = torch.tensor([1.0 if s is None else s for s in found])
         keys = scales[:, None] * directions
         local = torch.tensor([s is not None for s in found])

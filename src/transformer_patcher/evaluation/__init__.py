@@ -1,7 +1,7 @@
 """Evaluation of edited models as their users see them: batched greedy decoding, teacher-forced reads, the locality
 suite (unrelated and neighbouring questions, raw and chat, free generation, perplexity) and EasyEdit's measures."""
 
-from .decoding import greedy_continuations
+from ..editing.decoding import greedy_continuations
 from .forced import ForcedReads, Reads
 from .parts import (
     PRESETS,

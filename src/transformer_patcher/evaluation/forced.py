@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..editing.decoding import ForcedBatch, forced_batch
 from ..editing.modes import eval_mode
 from ..editing.replay import ForwardReplay, Recording
 from ..editing.tasks import accepts_argument
@@ -43,17 +44,6 @@ class Reads:
 
     def argmax_of(self, index: int) -> torch.Tensor:
         return self.argmax[self.offsets[index] : self.offsets[index + 1]]
-
-
-@dataclass
-class _Batch:
-    order: list[int]  # sequence indices in this batch
-    inputs: dict[str, torch.Tensor]
-    rows: torch.Tensor  # per read: the batch row
-    cols: torch.Tensor  # per read: the position
-    kept: torch.Tensor  # per read: index into ``keep``
-    labels: torch.Tensor
-    keep: torch.Tensor  # the positions the LM head is asked for, when the model takes ``logits_to_keep``
 
 
 class ForcedReads:
@@ -85,14 +75,14 @@ class ForcedReads:
 
     def _prepare(
         self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int, batch_size: int
-    ) -> list[_Batch]:
+    ) -> list[ForcedBatch]:
         order = sorted(range(self.size), key=lambda i: (len(prompts[i]) + len(continuations[i]), i))
         batches, start = [], 0
         while start < len(order):
             chunk = order[start : start + batch_size]
             while len(chunk) > 1 and len(chunk) * max(self.lengths[i] for i in chunk) > MAX_LOGIT_ROWS:
                 chunk = chunk[: len(chunk) // 2]
-            batches.append(_batch(chunk, prompts, continuations, pad_id))
+            batches.append(forced_batch(chunk, prompts, continuations, pad_id))
             start += len(chunk)
         return batches
 
@@ -114,7 +104,7 @@ class ForcedReads:
                 log_probs[where] = picked.gather(1, batch.labels[:, None]).squeeze(1) - picked.logsumexp(-1)
         return Reads(argmax, log_probs, self.offsets)
 
-    def _forward(self, model: nn.Module, index: int, batch: _Batch, use_keep: bool) -> torch.Tensor:
+    def _forward(self, model: nn.Module, index: int, batch: ForcedBatch, use_keep: bool) -> torch.Tensor:
         kwargs = dict(batch.inputs, use_cache=False)
         if use_keep:
             kwargs["logits_to_keep"] = batch.keep
@@ -136,35 +126,6 @@ class ForcedReads:
         return logits
 
 
-def _batch(
-    chunk: list[int], prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int
-) -> _Batch:
-    """Right-padded ``prompt + continuation[:-1]`` rows; read ``t`` of a row is the position predicting token ``t``."""
-    rows_ids = [list(prompts[i]) + list(continuations[i][:-1]) for i in chunk]
-    width = max(len(r) for r in rows_ids)
-    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    rows, cols, labels = [], [], []
-    for row, (i, seq) in enumerate(zip(chunk, rows_ids, strict=True)):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        first = len(prompts[i]) - 1
-        rows += [row] * len(continuations[i])
-        cols += range(first, first + len(continuations[i]))
-        labels += continuations[i]
-    cols_t = torch.tensor(cols)
-    keep = torch.unique(cols_t)
-    return _Batch(
-        chunk,
-        {"input_ids": ids, "attention_mask": mask},
-        torch.tensor(rows),
-        cols_t,
-        torch.searchsorted(keep, cols_t),
-        torch.tensor(labels),
-        keep,
-    )
-
-
-def _read_slots(batch: _Batch, position: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+def _read_slots(batch: ForcedBatch, position: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     """Where each of the batch's reads goes in the flat, sequence-ordered result."""
     return torch.cat([position[i] + torch.arange(lengths[i]) for i in batch.order])

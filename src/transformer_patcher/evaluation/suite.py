@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..editing.decoding import greedy_continuations
 from ..editing.replay import ForwardReplay
 from ..metrics.core import perplexity, relative_change, row_agreement
-from .decoding import greedy_continuations
 from .forced import ForcedReads, Reads
 
 REFERENCE = "reference"

@@ -70,6 +70,7 @@ class ExperimentConfig:
     folds: int = 1
     max_examples: int | None = None
     memory_rows: int = 10_000
+    question_rows: int = 20_000  # generators: memory rows over the model's own answers to memory questions
     validation_rows: int = 1_000
     schedule: str = "default"
     eval_every: int | None = None
@@ -108,6 +109,7 @@ class ExperimentConfig:
             raise ValueError(f"unknown editor {self.editor!r}; choose one of {', '.join(EDITOR_NAMES)}")
         for name in ("folds", "memory_rows", "validation_rows", "batch_size"):
             check_int(name, getattr(self, name), minimum=1)
+        check_int("question_rows", self.question_rows, minimum=0)
         for name in ("max_examples", "eval_every"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
@@ -187,6 +189,9 @@ def _run_experiment(
         progress=progress and state.is_local_main_process,
         finetune_options=config.finetune_options,
         pmet_options=config.pmet_options,
+        questions=benchmark.questions,
+        question_rows=config.question_rows,
+        contrasts=benchmark.contrasts(),
     )
     sme = SMEConfig(eval_every=config.eval_every, batch_size=config.batch_size, seed=config.seed, progress=progress)
     suite = _suite(config, benchmark, editor, out, resume, progress and state.is_local_main_process, state)

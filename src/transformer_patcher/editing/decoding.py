@@ -1,19 +1,20 @@
 """Batched greedy decoding with transformers' ``generate``: left-padded batches, the KV cache, stop tokens.
 
-This is what a user of the model sees, so the suite's references are made this way; the comparisons that follow are
-teacher-forced over these outputs (:mod:`.forced`), which is exact for greedy decoding and costs one forward pass.
+This is what a user of the model sees: the evaluation suite's references are made this way (and read back by teacher
+forcing, exact for greedy decoding), and so are the model's own answers that the question memory reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from ..editing.modes import eval_mode
+from .modes import eval_mode
 
 
 def greedy_continuations(
@@ -62,3 +63,45 @@ def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
         if token in stops:
             return tokens[: position + 1]
     return tokens
+
+
+@dataclass
+class ForcedBatch:
+    """Right-padded ``prompt + continuation[:-1]`` rows and their reads (teacher forcing)."""
+
+    order: list[int]  # sequence indices in this batch
+    inputs: dict[str, torch.Tensor]
+    rows: torch.Tensor  # per read: the batch row
+    cols: torch.Tensor  # per read: the position
+    kept: torch.Tensor  # per read: index into ``keep``
+    labels: torch.Tensor
+    keep: torch.Tensor  # the positions the LM head is asked for, when the model takes ``logits_to_keep``
+
+
+def forced_batch(
+    chunk: list[int], prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int
+) -> ForcedBatch:
+    """Right-padded ``prompt + continuation[:-1]`` rows; read ``t`` of a row is the position predicting token ``t``."""
+    rows_ids = [list(prompts[i]) + list(continuations[i][:-1]) for i in chunk]
+    width = max(len(r) for r in rows_ids)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, cols, labels = [], [], []
+    for row, (i, seq) in enumerate(zip(chunk, rows_ids, strict=True)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        first = len(prompts[i]) - 1
+        rows += [row] * len(continuations[i])
+        cols += range(first, first + len(continuations[i]))
+        labels += continuations[i]
+    cols_t = torch.tensor(cols)
+    keep = torch.unique(cols_t)
+    return ForcedBatch(
+        chunk,
+        {"input_ids": ids, "attention_mask": mask},
+        torch.tensor(rows),
+        cols_t,
+        torch.searchsorted(keep, cols_t),
+        torch.tensor(labels),
+        keep,
+    )

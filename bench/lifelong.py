@@ -1,0 +1,213 @@
+"""Lifelong editing: one long stream per case, measured with the evaluation suite as it goes (issue 15).
+
+Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
+
+- ``zsre-raw`` / ``zsre-chat``: SmolLM2-135M-Instruct, all 1,000 records of ``zsre_mend_train-1k.json`` as one
+  stream, asked raw and through the chat template; the small suite every 250 edits;
+- ``counterfact``: SmolLM2, the 1,000 cases of ``counterfact-edit-1k.json`` (efficacy = SR, paraphrase = GR,
+  neighbourhood = the benchmark's locality); the small suite every 250 edits;
+- ``gemma-zsre``: Gemma-3-270M (``make gemma``), the first 200 zsRE records, the same defaults;
+- ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
+  half (ER, TrainR, TestR);
+- ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
+
+The full suite (500 questions per format, 2 neighbours per edit, 50k tokens of perplexity) costs about 5 minutes
+per evaluation at 1,000 edits on one core, so the long streams use the small one (100 questions per format, 1
+neighbour per edit, 8k tokens). Each record holds what the issue asks for: ``case, model, format, edits, SR, ER, GR,
+locality_unrelated, locality_neighbour, free_generation, perplexity_change, command`` (the two locality figures and
+free generation are the worst of the raw and chat parts; each is also given per format under ``suite``), plus
+EasyEdit's token-level ``rel``/``gen``/``loc`` and the curve at every evaluation, also drawn to
+``docs/img/lifelong-CASE.png``. ``--report`` rebuilds the records and plots from finished runs.
+
+    python bench/lifelong.py --cases zsre-raw zsre-chat --out bench/results/lifelong.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformer_patcher.plots import metrics_curve
+from transformer_patcher.sme.experiment import SUITE_CURVES, ExperimentConfig, run_experiment
+
+ZSRE = "zsre/zsre_mend_train-1k.json"
+PLOTS = Path(__file__).resolve().parents[1] / "docs" / "img"
+SUITE_PARTS = ("unrelated", "neighbours", "generation")
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    data: str
+    prompt_format: str = "raw"
+    max_examples: int | None = None
+    schedule: str = "default"
+    eval_every: int = 100
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+CASES = {
+    "zsre-raw": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}),
+    "zsre-chat": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}),
+    "counterfact": Case("smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}),
+    "gemma-zsre": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}),
+    "fever": Case("minilm-l6", "fever", options={"suite": "none"}),  # run by examples/fever/run.py (see fever_run)
+    "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
+}
+
+
+def config_for(case: Case, data_dir: Path) -> ExperimentConfig:
+    data = str(data_dir / case.data) if case.data == ZSRE else case.data
+    return ExperimentConfig(
+        model=case.model,
+        data=data,
+        data_kind="zsre" if case.data == ZSRE else None,
+        max_examples=case.max_examples,
+        schedule=case.schedule,
+        prompt_format=case.prompt_format,
+        eval_every=case.eval_every,
+        data_dir=str(data_dir),
+        suite=case.options.get("suite", "full"),
+    )
+
+
+def command_for(config: ExperimentConfig, out: Path) -> str:
+    """The ``transformer-patcher sme run`` command that runs ``config`` (what a reader re-runs)."""
+    args = ["transformer-patcher", "sme", "run", "--model", config.model, "--data", config.data]
+    if config.data_kind:
+        args += ["--data-kind", config.data_kind]
+    if config.max_examples:
+        args += ["--max-examples", str(config.max_examples)]
+    if config.schedule != "default":
+        args += ["--schedule", config.schedule]
+    if config.prompt_format != "raw":
+        args += ["--prompt-format", config.prompt_format]
+    args += ["--eval-every", str(config.eval_every), "--suite", config.suite, "--data-dir", str(config.data_dir)]
+    return shlex.join([*args, "--out", str(out)])
+
+
+def fever_run(out: Path, data_dir: Path, progress: bool) -> tuple[dict[str, Any], str]:
+    """FEVER needs its classifier first: ``examples/fever/run.py`` fine-tunes MiniLM-L6 on ``paper_dev`` (the paper's
+    f_0), then streams the whole edit half once with T-Patcher. Returns its results and the command."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "fever" / "run.py"
+    args = ["--editors", "patcher", "--folds", "1", "--max-examples", "100000", "--data-dir", str(data_dir)]
+    args += ["--out", str(out), "--threads", "1"] + ([] if progress else ["--no-progress"])
+    args += ["--resume"] if (out / "classifier").is_dir() else []
+    subprocess.run([sys.executable, str(script), *args], check=True)
+    return json.loads((out / "patcher" / "results.json").read_text()), shlex.join(
+        ["python", "examples/fever/run.py", *args]
+    )
+
+
+def stopped_results(out: Path) -> dict[str, Any] | None:
+    """A stopped run's results as far as its checkpoint goes: the last evaluation as the summary (``stopped_at``)."""
+    checkpoint = out / "checkpoints" / "fold-0.json"
+    if not checkpoint.is_file():
+        return None
+    state = json.loads(checkpoint.read_text())["state"]
+    evaluations = state["result"]["evaluations"] if "result" in state else state["evaluations"]
+    if not evaluations:
+        return None
+    last = evaluations[-1]
+    needed = [r for r in state["records"] if r["needed"]][: last["edits"]]
+    seconds = sorted(r["seconds"] for r in needed)
+    summary = {**last["metrics"], "edits": last["edits"], "stopped_at": last["edits"]}
+    summary["seconds_per_edit"] = sum(seconds) / len(seconds) if seconds else None
+    return {"summary": summary, "folds": [{"evaluations": evaluations}]}
+
+
+def record(name: str, case: Case, results: dict[str, Any], command: str, seconds: float) -> dict[str, Any]:
+    """One record of ``lifelong.json`` from a run's ``results.json``."""
+    summary = results["summary"]
+    worst = lambda part, measure: min(  # noqa: E731
+        (summary[f"{part}-{fmt}.{measure}"] for fmt in ("raw", "chat") if f"{part}-{fmt}.{measure}" in summary),
+        default=None,
+    )
+    curve = [
+        {"edits": e["edits"], **{k: v for k, v in e["metrics"].items() if not k.endswith(".n")}}
+        for e in results["folds"][0]["evaluations"]
+    ]
+    return {
+        "case": name,
+        "model": case.model,
+        "format": case.prompt_format,
+        "schedule": case.schedule,
+        "edits": summary["edits"],
+        "stopped_at": summary.get("stopped_at"),  # a stream stopped for CPU time: its last evaluation
+        "SR": summary["SR"],
+        "ER": summary.get("ER"),
+        "GR": summary.get("GR"),
+        "locality_unrelated": worst("unrelated", "exact"),
+        "locality_neighbour": worst("neighbours", "exact"),
+        "free_generation": worst("generation", "token"),
+        "perplexity_change": summary.get("perplexity.change"),
+        "locality": summary.get("locality"),
+        "TrainR": summary.get("TrainR"),
+        "TestR": summary.get("TestR"),
+        "easyedit": {
+            "rel": summary.get("easyedit-rewrite.token"),
+            "gen": summary.get("easyedit-rephrase.token"),
+            "loc": summary.get("easyedit-locality.token"),
+        },
+        "suite": {k: v for k, v in summary.items() if k.split("-")[0] in SUITE_PARTS and not k.endswith(".n")},
+        "seconds_per_edit": summary.get("seconds_per_edit"),
+        "run_seconds": round(seconds, 1),
+        "curve": curve,
+        "command": command,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--runs", type=Path, default=Path("runs/lifelong"), help="one sme run folder per case")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/lifelong.json"))
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only rebuild records and plots from finished runs")
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.cases:
+        case = CASES[name]
+        config = config_for(case, args.data_dir)
+        out = args.runs / name
+        started = time.perf_counter()
+        done = out / "patcher" / "results.json" if name == "fever" else out / "results.json"
+        command = command_for(config, out)
+        if args.report:
+            results = json.loads(done.read_text()) if done.is_file() else stopped_results(out)
+            if results is None:
+                continue
+            earlier = json.loads(args.out.read_text())["records"] if args.out.is_file() else []
+            seconds = next((r["run_seconds"] for r in earlier if r["case"] == name), 0.0)
+        elif name == "fever":
+            results, command = fever_run(out, args.data_dir, not args.no_progress)
+            seconds = time.perf_counter() - started
+        else:
+            results = run_experiment(config, out, resume=(out / "config.json").is_file(), progress=not args.no_progress)
+            seconds = time.perf_counter() - started
+        row = record(name, case, results, command, seconds)
+        if len(row["curve"]) > 1:  # a curve needs two evaluations (FEVER has only the final one)
+            PLOTS.mkdir(parents=True, exist_ok=True)
+            metrics = ("SR", "GR", "ER", "TestR", *SUITE_CURVES)
+            metrics_curve(results, PLOTS / f"lifelong-{name}.png", metrics, title=f"{name}: {case.model}, one stream")
+        args.runs.mkdir(parents=True, exist_ok=True)
+        with open(args.runs / "lifelong.lock", "w") as lock:  # runs of other cases may write beside this one
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stored = json.loads(args.out.read_text()) if args.out.is_file() else {"records": []}
+            stored["records"] = [r for r in stored["records"] if r["case"] != name] + [row]
+            stored["records"].sort(key=lambda r: list(CASES).index(r["case"]))
+            args.out.write_text(json.dumps(stored, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "suite")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The question memory (the model's own answers to questions, raw and chat) and per-edit contrasts (issue 15)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_suite import chat_tokenizer
+from tiny_tokenizer import EDIT_WORDS, random_pairs, sentence, sharp_gpt2, tiny_tokenizer
+from transformer_patcher import PatcherConfig, get_patcher_model
+from transformer_patcher.data.benchmarks import zsre_benchmark
+from transformer_patcher.data.neighbours import subject_pool
+from transformer_patcher.data.questions import (
+    Contrasts,
+    contrast_questions,
+    memory_subjects,
+    question_templates,
+    template_questions,
+)
+from transformer_patcher.editing import EditConfig, EditExample, MemoryBank, PatchTrainer
+from transformer_patcher.editing.decoding import greedy_continuations
+from transformer_patcher.editing.memory import answered_queries, build_memory, collect_queries, question_formats
+from transformer_patcher.editing.prompts import CHAT, RAW, PromptFormat
+from transformer_patcher.editing.tasks import CausalLMTask
+
+
+def chat_model() -> tuple[torch.nn.Module, CausalLMTask]:
+    return get_patcher_model(sharp_gpt2()), CausalLMTask(chat_tokenizer())
+
+
+def test_answered_queries_read_the_question_end_and_each_answer_token_in_every_format() -> None:
+    """Rows are the FFN queries of prompt + the model's own greedy answer at the positions that predict each answer
+    token, raw then chat per question: the same vectors a plain forward pass over that text shows."""
+    model, task = chat_model()
+    layer = model.base_model.patch_layer()
+    questions = [q for q, _ in random_pairs(3, seed=4, length=5)]
+    assert question_formats(task) == [PromptFormat(RAW), PromptFormat(CHAT)]
+    rows = answered_queries(model, layer, task, questions, 10_000, max_new_tokens=4, progress=False)
+    expected = []
+    for question in questions:
+        for fmt in (RAW, CHAT):
+            asked = task.formatted(fmt)
+            prompt = asked.prompt_tokens(question)
+            (answer,) = greedy_continuations(model, [prompt], asked.prompter.stop_ids, 4, asked.pad_id)
+            assert 1 <= len(answer) <= 4
+            with torch.no_grad(), layer.capture() as record:
+                model(input_ids=torch.tensor([prompt + answer]))
+            expected.append(record.query[0, len(prompt) - 1 : len(prompt) - 1 + len(answer)])
+    assert torch.allclose(rows, torch.cat(expected), atol=1e-5)
+    capped = answered_queries(model, layer, task, questions, 5, max_new_tokens=4, progress=False)
+    assert torch.equal(capped, rows[:5])
+
+
+def test_a_base_model_is_asked_raw_only_and_a_template_task_in_its_own_format_too() -> None:
+    task = CausalLMTask(tiny_tokenizer())
+    assert question_formats(task) == [PromptFormat(RAW)]
+    assert question_formats(task.formatted("Q: {text} A:")) == [PromptFormat("Q: {text} A:"), PromptFormat(RAW)]
+
+
+def test_memory_subjects_leave_out_the_benchmark_and_the_neighbour_pool() -> None:
+    """No memory question is about a subject the evaluation asks about: the data's own or the neighbour pool's."""
+    pool = {s.casefold() for kind in subject_pool().values() for s in kind}
+    embedded = memory_subjects(embedded=True)
+    assert len(embedded) > 1000 and not pool & {s.casefold() for s in embedded}
+    banned = embedded[:10]
+    kept = memory_subjects(embedded=True, exclude=[s.upper() for s in banned])
+    assert kept == embedded[10:]
+    benchmark = zsre_benchmark()  # the embedded sample
+    subjects = {example.subject for example in benchmark.examples}
+    assert not subjects & set(benchmark.memory_subjects)
+    assert all(not any(s in q for s in subjects) for q in benchmark.questions)
+
+
+def test_template_questions_use_every_template_and_fill_one_subject() -> None:
+    templates = question_templates()
+    assert all(t.count("{}") == 1 for t in templates)
+    subjects = [f"<{i}>" for i in range(200)]
+    questions = template_questions(subjects, 150, seed=3)
+    assert len(questions) == 150 and len(set(questions)) == 150
+    assert {q.replace(next(s for s in subjects if s in q), "{}") for q in questions} == set(templates)
+    assert template_questions(subjects, 150, seed=3) == questions  # seeded
+    assert len(template_questions(subjects[:7], 150)) == 7  # each subject at most once
+
+
+def test_contrasts_ask_the_edit_question_of_other_subjects() -> None:
+    subjects = ("Lyon", "Oslo", "Quito", "Perth", "Cairo")
+    asked = contrast_questions("What is the capital of {Paris}? Paris!", "Paris", subjects, 3)
+    assert len(asked) == 3 and all(q.startswith("What is the capital of {") and "Paris!" in q for q in asked)
+    assert {q.split("{")[1].split("}")[0] for q in asked} <= set(subjects)
+    assert contrast_questions("Who wrote it?", "Paris", subjects, 3) == []  # the subject is not in the text
+    assert contrast_questions("Who wrote it?", None, subjects, 3) == []
+    example = EditExample("Where was Ada Lovelace born?", "London", subject="Ada Lovelace")
+    assert Contrasts(subjects, count=2)(example) == contrast_questions(example.text, "Ada Lovelace", subjects, 2)
+
+
+def contrast_trainer(contrasts: Contrasts | None) -> PatchTrainer:
+    model = get_patcher_model(sharp_gpt2(), PatcherConfig(patch_activation="relu"))
+    task = CausalLMTask(chat_tokenizer())
+    layer = model.base_model.patch_layer()
+    rows = collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
+    return PatchTrainer(model, task, EditConfig(), MemoryBank(rows), contrasts=contrasts)
+
+
+def first_read_preactivation(trainer: PatchTrainer, texts: list[str], target: str) -> torch.Tensor:
+    batch = trainer.task.batch_for(trainer.model, [(text, target) for text in texts])
+    with torch.no_grad(), trainer.layer.capture() as record:
+        trainer.model(**batch.model_kwargs())
+    return trainer.task.at_reads(record.frozen_preactivations, batch)[batch.first_reads()]
+
+
+def test_contrasted_edit_stays_below_its_threshold_on_its_question_about_other_subjects() -> None:
+    """The first read's patch sets its threshold above the contrasts: with a ReLU patch each gets exactly 0 (the
+    highest sits 1 below the threshold), while the edit is fixed as before; without contrasts some of them fire."""
+    text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4)[0]
+    subject = text.split()[-1]  # the question ends with its subject: the first read sees it at once
+    others = tuple(sentence(i) for i in range(EDIT_WORDS[0] + 20, EDIT_WORDS[0] + 30))
+    contrasts = Contrasts(others, count=4)
+    example = EditExample(text, target, subject=subject)
+    asked = contrasts(example)
+    assert len(asked) == 4
+    trainer = contrast_trainer(contrasts)
+    record = trainer.edit(example, edit_id=0)
+    assert record.success and trainer.check(example)[0]
+    first = first_read_preactivation(trainer, asked, target)[:, 0]
+    assert float(first.max()) == pytest.approx(-1.0, abs=1e-3)
+    assert float(first_read_preactivation(trainer, [text], target)[0, 0]) > 0
+    plain = contrast_trainer(None)
+    assert plain.edit(example, edit_id=0).success
+    assert (first_read_preactivation(plain, asked, target)[:, 0] > 0).any()
+
+
+def test_patch_activation_of_a_new_patch_set_is_checked() -> None:
+    with pytest.raises(ValueError, match="no default memory margins"):
+        EditConfig(patch_activation="sigmoid")
+    assert EditConfig(patch_activation="relu6").margins("relu6") == (0.0, 0.0)
+
+
+def test_question_memory_is_cached_with_its_questions(tmp_path: Path) -> None:
+    """Memory rows over pairs, then over answered questions; the cache file is named by both."""
+    model, task = chat_model()
+    layer = model.base_model.patch_layer()
+    pairs = random_pairs(5, seed=1)
+    questions = [q for q, _ in random_pairs(4, seed=6)]
+    bank = build_memory(model, layer, task, pairs, 20, tmp_path, questions=questions, question_rows=12, progress=False)
+    assert len(bank) == 5 * 2 + 12  # every pair's 2 answer tokens, then 12 rows of answered questions
+    again = build_memory(model, layer, task, pairs, 20, tmp_path, questions=questions, question_rows=12, progress=False)
+    assert torch.equal(again.rows(), bank.rows())
+    other = build_memory(
+        model, layer, task, pairs, 20, tmp_path, questions=questions[:2], question_rows=12, progress=False
+    )
+    assert len(list(tmp_path.iterdir())) == 2 and len(other) <= 32
+
+
+def test_later_answer_tokens_are_gated_harder_than_the_first() -> None:
+    """ReLU6 patches of a two-token answer: the first token's threshold sits 1 above the top memory row, a later
+    token's `answer_gate` of the way from it to the edit (slack 12 for a pre-activation of 12 at the edit)."""
+    model = get_patcher_model(sharp_gpt2(), PatcherConfig(patch_activation="relu6"))
+    task = CausalLMTask(chat_tokenizer())
+    layer = model.base_model.patch_layer()
+    rows = collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
+    for example in [EditExample(t, y) for t, y in random_pairs(6, seed=3, words=EDIT_WORDS, length=4)]:
+        trainer = PatchTrainer(model, task, EditConfig(), MemoryBank(rows))
+        record = trainer.edit(example, edit_id=0)
+        committed = layer.committed()
+        if record.neurons == 2 and record.steps == 0:  # both tokens patched by the solve alone
+            break
+        trainer.reset()
+    else:
+        pytest.fail("no example needed a patch on both answer tokens")
+    keys, bias = committed["patch_frozen_keys"], committed["patch_frozen_bias"]
+    top = (rows @ keys.T + bias).max(0).values
+    assert top.tolist() == pytest.approx([-1.0, -12.0], abs=0.1)  # t_max comes from the bfloat16 first pass
+    assert EditConfig.faithful().patch_activation_for("causal_lm") is None  # the FFN's own
+    assert EditConfig().patch_activation_for("causal_lm") == "relu6"
+    assert EditConfig().patch_activation_for("classification") is None
+    assert EditConfig(patch_activation="gelu").patch_activation_for("classification") == "gelu"
+    with pytest.raises(ValueError, match="answer_gate"):
+        EditConfig(answer_gate=1.0)
