@@ -94,17 +94,19 @@ def command_for(config: ExperimentConfig, out: Path) -> str:
     return shlex.join([*args, "--out", str(out)])
 
 
-def fever_run(out: Path, data_dir: Path, progress: bool) -> tuple[dict[str, Any], str]:
-    """FEVER needs its classifier first: ``examples/fever/run.py`` fine-tunes MiniLM-L6 on ``paper_dev`` (the paper's
-    f_0), then streams the whole edit half once with T-Patcher. Returns its results and the command."""
-    script = Path(__file__).resolve().parents[1] / "examples" / "fever" / "run.py"
+def fever_args(out: Path, data_dir: Path) -> list[str]:
+    """The arguments of ``examples/fever/run.py`` for the FEVER case (classifier, then one T-Patcher stream)."""
     args = ["--editors", "patcher", "--folds", "1", "--max-examples", "100000", "--data-dir", str(data_dir)]
-    args += ["--out", str(out), "--threads", "1"] + ([] if progress else ["--no-progress"])
-    args += ["--resume"] if (out / "classifier").is_dir() else []
-    subprocess.run([sys.executable, str(script), *args], check=True)
-    return json.loads((out / "patcher" / "results.json").read_text()), shlex.join(
-        ["python", "examples/fever/run.py", *args]
-    )
+    return [*args, "--out", str(out), "--threads", "1", "--no-progress"]
+
+
+def fever_run(out: Path, data_dir: Path) -> dict[str, Any]:
+    """FEVER needs its classifier first: ``examples/fever/run.py`` fine-tunes MiniLM-L6 on ``paper_dev`` (the paper's
+    f_0), then streams the whole edit half once with T-Patcher."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "fever" / "run.py"
+    resume = ["--resume"] if (out / "classifier").is_dir() else []
+    subprocess.run([sys.executable, str(script), *fever_args(out, data_dir), *resume], check=True)
+    return json.loads((out / "patcher" / "results.json").read_text())
 
 
 def stopped_results(out: Path) -> dict[str, Any] | None:
@@ -181,7 +183,10 @@ def main() -> None:
         out = args.runs / name
         started = time.perf_counter()
         done = out / "patcher" / "results.json" if name == "fever" else out / "results.json"
-        command = command_for(config, out)
+        if name == "fever":
+            command = shlex.join(["python", "examples/fever/run.py", *fever_args(out, args.data_dir)])
+        else:
+            command = command_for(config, out)
         if args.report:
             results = json.loads(done.read_text()) if done.is_file() else stopped_results(out)
             if results is None:
@@ -189,7 +194,7 @@ def main() -> None:
             earlier = json.loads(args.out.read_text())["records"] if args.out.is_file() else []
             seconds = next((r["run_seconds"] for r in earlier if r["case"] == name), 0.0)
         elif name == "fever":
-            results, command = fever_run(out, args.data_dir, not args.no_progress)
+            results = fever_run(out, args.data_dir)
             seconds = time.perf_counter() - started
         else:
             results = run_experiment(config, out, resume=(out / "config.json").is_file(), progress=not args.no_progress)
