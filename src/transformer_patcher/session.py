@@ -21,7 +21,7 @@ from .adapter.config import PatcherConfig
 from .adapter.model import PatcherModel, get_patcher_model
 from .adapter.patch_set import edit_log_entry, read_edit_log, save_adapter_folder
 from .data.benchmarks import fever_benchmark, generation_memory
-from .data.questions import MEMORY_QUESTIONS, Contrasts, memory_subjects, template_questions
+from .data.questions import contrasts_over, memory_questions, memory_subjects
 from .editing.config import EditConfig
 from .editing.memory import collect_queries
 from .editing.prompts import PromptFormat
@@ -97,9 +97,9 @@ class EditSession:
                 memory_rows,
                 cache_dir=cache_dir() / "memory",
                 progress=progress,
-                questions=template_questions(subjects, MEMORY_QUESTIONS),
+                questions=memory_questions(subjects),
                 question_rows=question_rows,
-                contrasts=Contrasts(tuple(subjects)) if subjects else None,
+                contrasts=contrasts_over(subjects),
             )
             log = read_edit_log(folder)
             if trainer.memory is not None:  # earlier edits must stay untouched by new patches, in their own format

@@ -19,7 +19,7 @@ from ..editing.prompts import PromptFormat
 from ..editing.tasks import EditExample
 from .loaders import ZSRE_SAMPLE, find_data_file, load_counterfact, load_fever, load_zsre, to_edit_examples
 from .neighbours import neighbours_of, question_template, same_template_records
-from .questions import MEMORY_QUESTIONS, Contrasts, memory_subjects, template_questions
+from .questions import Contrasts, contrasts_over, memory_questions, memory_subjects
 
 Pair = tuple[str, Any]
 MEMORY_SAMPLE = Path(__file__).with_name("samples") / "memory_sample.json"  # factual prompts; provenance in samples/
@@ -54,11 +54,11 @@ class Benchmark:
     @property
     def questions(self) -> list[str]:
         """Memory questions the model answers itself (generators): the package templates over ``memory_subjects``."""
-        return template_questions(self.memory_subjects, MEMORY_QUESTIONS)
+        return memory_questions(self.memory_subjects)
 
     def contrasts(self) -> Contrasts | None:
         """Each edit's question asked of other subjects (``memory_subjects``): what its patch's threshold sits above."""
-        return Contrasts(tuple(self.memory_subjects)) if self.memory_subjects else None
+        return contrasts_over(self.memory_subjects)
 
     def formatted(self, prompt_format: PromptFormat | str | None) -> Benchmark:
         """The same benchmark asked in another prompt format (raw, chat or a template string)."""

@@ -40,15 +40,24 @@ def memory_subjects(
 ) -> list[str]:
     """CounterFact-train subjects, each once in file order, without ``exclude`` and the neighbour pool's subjects;
     the embedded 1,500 of them with ``embedded`` or when the shared data is missing."""
-    try:
-        if embedded:
-            raise FileNotFoundError
-        rows = load_counterfact(find_data_file("counterfact/counterfact-train.json", data_dir))
-        found = [row["subject"].strip() for row in rows]
-    except FileNotFoundError:
+    found = None if embedded else _counterfact_train_subjects(data_dir)
+    if found is None:
         found = json.loads(MEMORY_SUBJECTS.read_text(encoding="utf-8"))
     banned = {s.casefold() for s in exclude} | {s.casefold() for kind in subject_pool().values() for s in kind}
     return [s for s in dict.fromkeys(found) if s and s.casefold() not in banned]
+
+
+def _counterfact_train_subjects(data_dir: str | Path | None) -> list[str] | None:
+    try:
+        rows = load_counterfact(find_data_file("counterfact/counterfact-train.json", data_dir))
+    except FileNotFoundError:
+        return None
+    return [row["subject"].strip() for row in rows]
+
+
+def memory_questions(subjects: Sequence[str]) -> list[str]:
+    """The question memory's questions over ``subjects`` (more than its default 20,000 rows read)."""
+    return template_questions(subjects, MEMORY_QUESTIONS)
 
 
 def template_questions(subjects: Sequence[str], count: int, seed: int = 0) -> list[str]:
@@ -81,3 +90,8 @@ class Contrasts:
 
     def __call__(self, example: EditExample) -> list[str]:
         return contrast_questions(example.text, example.subject, self.subjects, self.count)
+
+
+def contrasts_over(subjects: Sequence[str]) -> Contrasts | None:
+    """Each edit's contrasts over ``subjects``; None without subjects."""
+    return Contrasts(tuple(subjects)) if subjects else None

@@ -196,11 +196,11 @@ def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[st
 
 
 class _Captured(Exception):
-    """Raised by :func:`_up_to` once the patched layer has run: the rest of the forward pass is not needed."""
+    """Raised by :func:`up_to` once the patched layer has run: the rest of the forward pass is not needed."""
 
 
 @contextmanager
-def _up_to(layer: nn.Module) -> Iterator[None]:
+def up_to(layer: nn.Module) -> Iterator[None]:
     """Run a forward pass only up to ``layer`` (what a query capture needs): the blocks after it and the LM head,
     most of the cost for a large vocabulary (Gemma's 262k), are skipped."""
 
@@ -233,7 +233,7 @@ def collect_queries(
     with bar, eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             batch: Batch = task.batch_for(model, pairs[start : start + batch_size])
-            with torch.no_grad(), layer.capture() as record, _up_to(layer):
+            with torch.no_grad(), layer.capture() as record, up_to(layer):
                 model(**batch.model_kwargs())
             rows = task.at_reads(record.query, batch).float().cpu()[: max_rows - total]
             chunks.append(rows)
@@ -295,7 +295,7 @@ def _queries_along(
     """Per prompt, the FFN queries at the positions that predict its answer's tokens, shape (len(answer), d): one
     teacher-forced forward pass."""
     batch = forced_batch(list(range(len(prompts))), prompts, answers, pad_id)
-    with eval_mode(model), torch.no_grad(), layer.capture() as record, _up_to(layer):
+    with eval_mode(model), torch.no_grad(), layer.capture() as record, up_to(layer):
         model(**batch.inputs)
     query = record.query.reshape(len(prompts), batch.inputs["input_ids"].shape[1], -1)
     return list(query[batch.rows, batch.cols].float().cpu().split([len(a) for a in answers]))

@@ -46,7 +46,7 @@ from ..adapter.layer import PatcherLayer
 from ..errors import NonFiniteError
 from .config import EditConfig
 from .losses import activation_loss, memory_loss
-from .memory import MemoryBank
+from .memory import MemoryBank, up_to
 from .modes import eval_mode
 from .replay import ForwardReplay
 from .tasks import Batch, EditExample, Task
@@ -243,9 +243,9 @@ class PatchTrainer:
         if not texts:
             return None
         batch = self.task.batch_for(self.model, [(text, example.target) for text in texts])
-        with torch.no_grad():
-            query = self._forward(batch).query
-        return None if query is None else query[batch.first_reads()].float()
+        with torch.no_grad(), self.layer.capture(self.adapter) as record, up_to(self.layer):
+            self.model(**batch.model_kwargs())  # only the FFN query is read: the pass stops at the patched layer
+        return self.task.at_reads(record.query, batch)[batch.first_reads()].float()
 
     def _add_solved_patches(
         self, first: _Forward, single: Batch, reads: torch.Tensor, edit_id: int, contrast: torch.Tensor | None = None
