@@ -20,6 +20,7 @@ from transformer_patcher.data.questions import (
     template_questions,
 )
 from transformer_patcher.editing import EditConfig, EditExample, MemoryBank, PatchTrainer
+from transformer_patcher.editing.contexts import TokenContexts
 from transformer_patcher.editing.decoding import greedy_continuations
 from transformer_patcher.editing.memory import answered_queries, build_memory, collect_queries, question_formats
 from transformer_patcher.editing.prompts import CHAT, RAW, PromptFormat
@@ -95,12 +96,12 @@ def test_contrasts_ask_the_edit_question_of_other_subjects() -> None:
     assert Contrasts(subjects, count=2)(example) == contrast_questions(example.text, "Ada Lovelace", subjects, 2)
 
 
-def contrast_trainer(contrasts: Contrasts | None) -> PatchTrainer:
+def contrast_trainer(contrasts: Contrasts | None, spread: float = 0.0) -> PatchTrainer:
     model = get_patcher_model(sharp_gpt2(), PatcherConfig(patch_activation="relu"))
     task = CausalLMTask(chat_tokenizer())
     layer = model.base_model.patch_layer()
     rows = collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
-    return PatchTrainer(model, task, EditConfig(), MemoryBank(rows), contrasts=contrasts)
+    return PatchTrainer(model, task, EditConfig(contrast_spread=spread), MemoryBank(rows), contrasts=contrasts)
 
 
 def first_read_preactivation(trainer: PatchTrainer, texts: list[str], target: str) -> torch.Tensor:
@@ -112,7 +113,8 @@ def first_read_preactivation(trainer: PatchTrainer, texts: list[str], target: st
 
 def test_contrasted_edit_stays_below_its_threshold_on_its_question_about_other_subjects() -> None:
     """The first read's patch sets its threshold above the contrasts: with a ReLU patch each gets exactly 0 (the
-    highest sits 1 below the threshold), while the edit is fixed as before; without contrasts some of them fire."""
+    highest sits 1 below the threshold, and `contrast_spread` sd further), while the edit is fixed as before; without
+    contrasts some of them fire."""
     text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4)[0]
     subject = text.split()[-1]  # the question ends with its subject: the first read sees it at once
     others = tuple(sentence(i) for i in range(EDIT_WORDS[0] + 20, EDIT_WORDS[0] + 30))
@@ -126,6 +128,11 @@ def test_contrasted_edit_stays_below_its_threshold_on_its_question_about_other_s
     first = first_read_preactivation(trainer, asked, target)[:, 0]
     assert float(first.max()) == pytest.approx(-1.0, abs=1e-3)
     assert float(first_read_preactivation(trainer, [text], target)[0, 0]) > 0
+    spread = contrast_trainer(contrasts, spread=0.5)  # the default: half a standard deviation above the highest
+    assert spread.edit(example, edit_id=0).success
+    scores = first_read_preactivation(spread, asked, target)[:, 0]
+    gap = -1 - float(scores.max())  # in pre-activation units: 0.5 sd of the contrasts' scores
+    assert gap > 0 and gap == pytest.approx(0.5 * float(scores.std()), rel=2e-2)
     plain = contrast_trainer(None)
     assert plain.edit(example, edit_id=0).success
     assert (first_read_preactivation(plain, asked, target)[:, 0] > 0).any()
@@ -178,3 +185,44 @@ def test_later_answer_tokens_are_gated_harder_than_the_first() -> None:
     assert EditConfig(patch_activation="gelu").patch_activation_for("classification") == "gelu"
     with pytest.raises(ValueError, match="answer_gate"):
         EditConfig(answer_gate=1.0)
+
+
+def test_token_contexts_are_windows_ending_at_the_token_spread_over_its_occurrences() -> None:
+    contexts = TokenContexts([[5, 6, 7, 6], [6, 8, 9, 6, 10], [7]], per_token=2, window=3)
+    assert contexts.occurrences(6) == 3  # a sequence's first token has no context and is not an occurrence
+    assert contexts.windows(6) == [[5, 6], [8, 9, 6]]  # the first and last of 3 occurrences, at most 3 tokens
+    assert contexts.windows(7) == [[5, 6, 7]] and contexts.windows(5) == [] and contexts.windows(99) == []
+    assert TokenContexts([[5, 6]] * 10, per_token=4).windows(6) == [[5, 6]] * 4
+    with pytest.raises(ValueError, match="per_token"):
+        TokenContexts([], per_token=0)
+
+
+def test_a_later_answer_token_stays_below_running_text_that_ends_in_its_token() -> None:
+    """The patch on an answer's second token reads at its first. Text that ends in that token comes close to the
+    edit there; with token contexts the patch's threshold sits `answer_gate` of the way from the top context to the
+    edit, so every context gets pre-activation <= -12 while the edit is fixed; without them some score far higher."""
+    model = get_patcher_model(sharp_gpt2(), PatcherConfig(patch_activation="relu6"))
+    task = CausalLMTask(chat_tokenizer())
+    layer = model.base_model.patch_layer()
+    rows = collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
+    others = random_pairs(30, seed=9, length=5)
+    found = []
+    for example in [EditExample(t, y) for t, y in random_pairs(8, seed=3, words=EDIT_WORDS, length=4)]:
+        token = task.answer_tokens(example.target)[0]
+        texts = [f"{text} {task.tokenizer.decode([token])}" for text, _ in others]
+        contexts = TokenContexts.from_texts(task.tokenizer, texts, per_token=8)
+        (queries,) = contexts.queries(model, layer, [token], task.pad_id)
+        assert queries is not None and queries.shape == (8, layer.query_dim)
+        top = {}
+        for name, given in (("contexts", contexts), ("plain", None)):
+            trainer = PatchTrainer(model, task, EditConfig(), MemoryBank(rows), contexts=given)
+            record = trainer.edit(example, edit_id=0)
+            keys, bias = layer.committed()["patch_frozen_keys"], layer.committed()["patch_frozen_bias"]
+            if record.neurons == 2 and record.success:
+                top[name] = float((queries @ keys[1] + bias[1]).max())
+            trainer.reset()
+        if len(top) == 2:
+            found.append(top)
+    assert found, "no example needed a patch on both answer tokens"
+    assert all(top["contexts"] <= min(top["plain"], -12 + 0.1) for top in found)
+    assert sum(top["plain"] > -10 for top in found) >= 2  # the same patches without contexts

@@ -38,11 +38,11 @@ MEMORY_LOSS_WEIGHT = {"classification": 5.0, "seq2seq": 10.0, "causal_lm": 10.0}
 
 
 _POSITIVE_INTS = ("repeats", "max_steps", "check_every", "lr_every", "act_top_k", "memory_top_k")
-_NON_NEGATIVE_INTS = ("start_val_step", "early_patience", "lr_patience")
+_NON_NEGATIVE_INTS = ("start_val_step", "early_patience", "lr_patience", "token_contexts")
 _POSITIVE_FLOATS = ("lr", "grad_clip", "lr_factor")
 _NON_NEGATIVE_FLOATS = ("weight_decay", "early_threshold", "lr_threshold", "act_loss_weight", "memory_loss_weight")
 _FINITE_FLOATS = ("act_margin", "memory_beta", "memory_gamma")
-_NEW_FLOATS = ("edit_margin", "solve_margin", "key_gap", "whiten_ridge", "answer_gate")
+_NEW_FLOATS = ("edit_margin", "solve_margin", "key_gap", "whiten_ridge", "answer_gate", "contrast_spread")
 INITS = ("paper", "solve")
 STOPS = ("plateau", "constraints")
 MODES = ("default", "faithful", "quick")
@@ -100,6 +100,8 @@ class EditConfig:
     give_up_after: int | None = 25  # give a hopeless edit up after this many steps without a 1 % better loss
     patch_activation: str | None = None  # a new patch set's neurons: None by task kind, "ffn" the FFN's own (paper)
     answer_gate: float = 0.5  # init="solve": a patch on a later answer token fires only this far from memory to edit
+    contrast_spread: float = 0.5  # init="solve": thresholds sit this many standard deviations above the top contrast
+    token_contexts: int = 16  # init="solve", causal LMs: running-text contexts of its token a later patch stays below
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
 

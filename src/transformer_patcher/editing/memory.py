@@ -279,7 +279,7 @@ def answered_queries(
                 answers = greedy_continuations(
                     model, prompts, fmt.prompter.stop_ids, max_new_tokens, fmt.pad_id, batch_size
                 )
-                per_format.append(_queries_along(model, layer, prompts, answers, fmt.pad_id))
+                per_format.append(queries_along(model, layer, prompts, answers, fmt.pad_id))
             added = [row for question in zip(*per_format, strict=True) for row in question]
             rows += added
             total += sum(len(r) for r in added)
@@ -289,7 +289,7 @@ def answered_queries(
     return torch.cat(rows)[:max_rows] if rows else torch.zeros(0, layer.query_dim)
 
 
-def _queries_along(
+def queries_along(
     model: nn.Module, layer: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
 ) -> list[torch.Tensor]:
     """Per prompt, the FFN queries at the positions that predict its answer's tokens, shape (len(answer), d): one

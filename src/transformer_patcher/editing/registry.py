@@ -18,6 +18,7 @@ from ..adapter.config import PatcherConfig
 from ..adapter.model import get_patcher_model
 from .baselines import FineTuneConfig, FineTuneEditor
 from .config import EditConfig
+from .contexts import TokenContexts
 from .editor import Editor
 from .memory import build_memory
 from .tasks import EditExample, Task
@@ -128,6 +129,17 @@ def build_trainer(
             if pairs
             else None
         )
+    config = edit_config or EditConfig()
+    contexts = None
+    if task.kind == "causal_lm" and config.init == "solve" and config.token_contexts and memory_pairs:
+        texts = [f"{text} {target}" for text, target in memory_pairs]
+        contexts = TokenContexts.from_texts(task.tokenizer, texts, per_token=config.token_contexts)
     return PatchTrainer(
-        wrapped, task, edit_config, memory=banks["memory"], val_memory=banks["validation"], contrasts=contrasts
+        wrapped,
+        task,
+        config,
+        memory=banks["memory"],
+        val_memory=banks["validation"],
+        contrasts=contrasts,
+        contexts=contexts,
     )

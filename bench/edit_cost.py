@@ -1,0 +1,97 @@
+"""What the lifelong rules cost per edit: SmolLM2-135M, the lifelong runs' memory, the same zsRE records edited
+from the unedited model under each variant.
+
+Variants (``EditConfig`` overrides of mode ``default``): ``default``; ``no-token-contexts`` (``token_contexts=0``,
+rule 9 off); ``no-contrasts`` (no contrast questions, rule 7 off). The memory is the one ``bench/lifelong.py``'s
+zsRE runs build (10,000 text rows and 20,000 question rows, read from the user cache when built before). Variants
+take turns edit by edit (ABAB…), each on its own copy of the model, so the machine's noise falls on all alike; each
+record gives the median and mean seconds of a needed edit, with SR and the neurons added.
+
+    python bench/edit_cost.py --edits 30 --out bench/results/edit_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from transformer_patcher.editing.registry import build_editor
+from transformer_patcher.editing.tasks import task_for_model
+from transformer_patcher.pretrained import cache_dir, load_model
+from transformer_patcher.sme.experiment import ExperimentConfig, load_benchmark
+
+VARIANTS = {"default": {}, "no-token-contexts": {"token_contexts": 0}, "no-contrasts": {}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--edits", type=int, default=30)
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/edit_cost.json"))
+    args = parser.parse_args()
+    config = ExperimentConfig(
+        model="smollm2-135m",
+        data=str(args.data_dir / "zsre" / "zsre_mend_train-1k.json"),
+        data_kind="zsre",
+        max_examples=args.edits,
+        data_dir=str(args.data_dir),
+    )
+    benchmark = load_benchmark(config)
+    trainers = {}
+    for name, overrides in VARIANTS.items():
+        model, tokenizer = load_model(config.model, config.model_kind)
+        task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
+        trainers[name] = build_editor(
+            "patcher",
+            model,
+            task,
+            benchmark.memory,
+            benchmark.validation,
+            replace(config.edit_config(), **overrides),
+            memory_rows=config.memory_rows,
+            validation_rows=config.validation_rows,
+            cache_dir=cache_dir() / "memory",
+            questions=benchmark.questions,
+            question_rows=config.question_rows,
+            contrasts=None if name == "no-contrasts" else benchmark.contrasts(),
+        )
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    success = {name: 0 for name in VARIANTS}
+    neurons = {name: 0 for name in VARIANTS}
+    for i, example in enumerate(benchmark.examples[: args.edits]):
+        for name, trainer in trainers.items():
+            started = time.perf_counter()
+            record = trainer.edit(example, edit_id=i)
+            if record.needed:
+                seconds[name].append(time.perf_counter() - started)
+            success[name] += record.success
+            neurons[name] += record.neurons
+    records = [
+        {
+            "variant": name,
+            "overrides": VARIANTS[name],
+            "edits": len(seconds[name]),
+            "median_s": statistics.median(seconds[name]),
+            "mean_s": statistics.fmean(seconds[name]),
+            "SR": success[name] / args.edits,
+            "neurons": neurons[name],
+        }
+        for name in VARIANTS
+    ]
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+    command = f"python bench/edit_cost.py --edits {args.edits} --out {args.out}"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": command, "machine": machine, "records": records}, indent=1) + "\n")
+    for row in records:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
