@@ -27,7 +27,8 @@ from transformer_patcher.editing.tasks import task_for_model
 from transformer_patcher.pretrained import cache_dir, load_model
 from transformer_patcher.sme.experiment import ExperimentConfig, load_benchmark
 
-VARIANTS = {"default": {}, "no-token-contexts": {"token_contexts": 0}, "no-contrasts": {}}
+# name: (EditConfig overrides, whether the edit's question is asked of other subjects)
+VARIANTS = {"default": ({}, True), "no-token-contexts": ({"token_contexts": 0}, True), "no-contrasts": ({}, False)}
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     )
     benchmark = load_benchmark(config)
     trainers = {}
-    for name, overrides in VARIANTS.items():
+    for name, (overrides, contrasted) in VARIANTS.items():
         model, tokenizer = load_model(config.model, config.model_kind)
         task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
         trainers[name] = build_editor(
@@ -60,7 +61,7 @@ def main() -> None:
             cache_dir=cache_dir() / "memory",
             questions=benchmark.questions,
             question_rows=config.question_rows,
-            contrasts=None if name == "no-contrasts" else benchmark.contrasts(),
+            contrasts=benchmark.contrasts() if contrasted else None,
         )
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     success = {name: 0 for name in VARIANTS}
@@ -76,7 +77,8 @@ def main() -> None:
     records = [
         {
             "variant": name,
-            "overrides": VARIANTS[name],
+            "overrides": VARIANTS[name][0],
+            "contrasts": VARIANTS[name][1],
             "edits": len(seconds[name]),
             "median_s": statistics.median(seconds[name]),
             "mean_s": statistics.fmean(seconds[name]),
