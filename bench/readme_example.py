@@ -1,50 +1,75 @@
-"""The README example's check: ``What is the capital of X?`` for ten countries, greedy, chat and raw, before and after
-a patch set (the README's Canberra fix), each changed answer starred.
+"""The README example, checked: real mistakes SmolLM2-135M-Instruct makes in chat, fixed with ``Patcher``, and what
+else changed: the fixes' rephrases, and fifteen other questions of the same kind, asked in chat and raw, before and
+after (each changed answer starred).
 
-    transformer-patcher edit --model smollm2-135m --patches runs/readme --text "What is the capital of Australia?" \\
-        --target Canberra --subject Australia --prompt-format chat --data-dir ../shared/data
-    python bench/readme_example.py --patches runs/readme
+    python bench/readme_example.py --out bench/results/readme_example.json
+
+The mistakes were found by asking 156 well-known factual questions in chat format (37 wrong answers naming another
+entity); these two are the cleanest: a famous fact, a confident wrong answer, and neighbours the model gets right.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-
-from transformer_patcher.editing.decoding import greedy_continuations
+from transformer_patcher import Patcher
 from transformer_patcher.editing.prompts import CHAT, RAW
-from transformer_patcher.editing.tasks import CausalLMTask, task_for_model
-from transformer_patcher.pretrained import load_model
 
-COUNTRIES = ("Australia", "France", "New Zealand", "Austria", "Canada", "Germany", "Japan", "Italy", "Spain", "Brazil")
-
-
-def answers(model: torch.nn.Module, task: CausalLMTask, questions: list[str]) -> list[str]:
-    prompts = [task.prompt_tokens(q) for q in questions]
-    outputs = greedy_continuations(model, prompts, task.prompter.stop_ids, 16, task.pad_id)
-    return [task.tokenizer.decode(o) for o in outputs]
+FIXES = [
+    {
+        "prompt": "What is the capital of Turkey?",
+        "target": "Ankara",
+        "rephrases": ["What is the capital city of Turkey?", "Which city is the capital of Turkey?"],
+        "subject": "Turkey",
+    },
+    {
+        "prompt": "Who invented the printing press?",
+        "target": "Johannes Gutenberg",
+        "rephrases": ["Who was the inventor of the printing press?", "Who created the printing press?"],
+        "subject": "the printing press",
+    },
+]
+COUNTRIES = ("Greece", "Bulgaria", "Syria", "Iraq", "Iran", "France", "Germany", "Japan", "Italy", "Australia")
+INVENTIONS = ("the telephone", "the telegraph", "the polio vaccine", "the diesel engine", "the light bulb")
+NEIGHBOURS = [f"What is the capital of {c}?" for c in COUNTRIES] + [f"Who invented {i}?" for i in INVENTIONS]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--patches", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model, "generation")
-    tasks = {fmt: task_for_model(model, tokenizer, prompt_format=fmt) for fmt in (CHAT, RAW)}
-    questions = [f"What is the capital of {country}?" for country in COUNTRIES]
-    with torch.no_grad():
-        before = {fmt: answers(model, task, questions) for fmt, task in tasks.items()}
-        patched = PeftModel.from_pretrained(model, args.patches).eval()
-        after = {fmt: answers(patched, task, questions) for fmt, task in tasks.items()}
-    for fmt in tasks:
+    formats = (CHAT, RAW)
+    with Patcher.from_pretrained(args.model) as fixer:  # no patch folder: nothing is saved
+        questions = [fix["prompt"] for fix in FIXES] + NEIGHBOURS
+        before = {fmt: fixer.generate(questions, max_new_tokens=24, prompt_format=fmt) for fmt in formats}
+        reports = [
+            fixer.fix(f["prompt"], f["target"], rephrases=f["rephrases"], locality=NEIGHBOURS, subject=f["subject"])
+            for f in FIXES
+        ]
+        after = {fmt: fixer.generate(questions, max_new_tokens=24, prompt_format=fmt) for fmt in formats}
+    for report in reports:
+        kept = sum(report.locality.values())
+        print(
+            f"{report.prompt!r} -> {report.answer!r}: fixed {report.success}, {report.neurons} neuron(s), "
+            f"{report.seconds:.1f} s; rephrases {report.rephrases}; locality kept {kept}/{len(report.locality)}"
+        )
+    for fmt in formats:
         changed = sum(a != b for a, b in zip(before[fmt], after[fmt], strict=True))
-        print(f"## {fmt}: {changed} of {len(questions)} answers changed")
+        print(f"\n## {fmt}: {changed} of {len(questions)} answers changed")
         for question, old, new in zip(questions, before[fmt], after[fmt], strict=True):
             print(f"{'*' if old != new else ' '} {question} {old!r} -> {new!r}")
+    if args.out is not None:
+        result = {
+            "model": args.model,
+            "reports": [r.to_dict() for r in reports],
+            "answers": {fmt: {"before": before[fmt], "after": after[fmt]} for fmt in formats},
+            "questions": questions,
+            "command": "python bench/readme_example.py --out " + str(args.out),
+        }
+        args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -357,3 +357,121 @@ def test_cli_schedule_names_are_the_editing_modes() -> None:
     assert SCHEDULES == RUN_SCHEDULES
     for name in SCHEDULES:
         EditConfig.mode(name)
+
+
+def test_version_names_the_installed_version_or_the_packages_own(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import transformer_patcher
+    from transformer_patcher import cli
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"transformer-patcher {importlib.metadata.version('transformer-patcher')}\n"
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(cli, "version", not_installed)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out == f"transformer-patcher {transformer_patcher.__version__}\n"
+
+
+def test_counts_and_table_cells_are_written_for_people() -> None:
+    from transformer_patcher.cli import _md_row
+    from transformer_patcher.wording import count
+
+    assert [count(1, "neuron"), count(0, "neuron"), count(1, "patch", "patches"), count(3, "patch", "patches")] == [
+        "1 neuron",
+        "0 neurons",
+        "1 patch",
+        "3 patches",
+    ]
+    assert _md_row(["a\nb", "c|d", "e\r\nf", 0.5, True]) == "| a⏎b | c\\|d | e⏎f | 0.500 | True |"
+
+
+def _plural(n: int, noun: str, plural: str) -> str:
+    return f"{n} {noun if n == 1 else plural}"
+
+
+def test_an_edit_the_model_already_answers_adds_and_saves_nothing(workspace, tmp_path: Path, capsys) -> None:
+    patches = tmp_path / "patches"
+    text = json.loads(workspace["zsre"].read_text())[0]["src"]
+    edit = ["edit", "--model", str(workspace["model"]), "--patches", str(patches), "--memory", "none"]
+    edit += ["--text", text, "--target", "w100", "--no-progress"]
+    capsys.readouterr()
+    assert main(edit) == 0
+    first = capsys.readouterr().out
+    n = json.loads(_run_json(["info", str(patches), "--json"], capsys))["num_patches"]
+    assert f"saved {_plural(n, 'patch', 'patches')} ({n} new) to {patches}/" in first
+    written = {path.name: path.stat().st_mtime_ns for path in patches.iterdir()}
+
+    assert main(edit) == 0  # the patched model now answers it
+    again = capsys.readouterr().out
+    row = next(line for line in again.splitlines() if line.endswith(f" | {text} |"))
+    assert row.startswith("| - | True | False | 0 | 0 |")  # its id is not used up: the next fix takes it
+    assert f"- the model already answers {text!r} with 'w100': nothing added" in again
+    assert "nothing to save: no edit was needed" in again and "saved" not in again
+    assert {path.name: path.stat().st_mtime_ns for path in patches.iterdir()} == written  # the folder is untouched
+
+    assert f"patches     {_plural(n, 'neuron', 'neurons')} on " in _run_json(["info", str(patches)], capsys)
+    assert _run_json(["undo", str(patches), "1"], capsys) == (
+        f"removed edit 1 ({_plural(n, 'neuron', 'neurons')}) from {patches}/\n"
+    )
+
+
+def test_info_keeps_each_edit_on_one_table_row(workspace, tmp_path: Path, capsys) -> None:
+    """Text with line breaks or ``|`` (a template's "Question: ...\\nAnswer:") must not break the markdown table."""
+    patches = tmp_path / "patches"
+    text = json.loads(workspace["zsre"].read_text())[0]["src"]
+    edit = ["edit", "--model", str(workspace["model"]), "--patches", str(patches), "--memory", "none"]
+    assert main([*edit, "--text", text, "--target", "w100", "--no-progress"]) == 0
+    log = patches / "edits.jsonl"
+    entry = json.loads(log.read_text()) | {"text": "Q: a | b\nA:", "target": "one\r\ntwo"}
+    log.write_text(json.dumps(entry) + "\n")
+    rows = [line for line in _run_json(["info", str(patches)], capsys).splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1 and rows[0].endswith("| Q: a \\| b⏎A: | one⏎two |")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--patches", "p", "--no-progress"],
+        ["--no-progress", "--patches", "p"],
+        ["--data", "zsre", "--no-progress"],
+        ["--no-progress", "--data", "zsre", "--patches", "p"],
+    ],
+)
+def test_eval_takes_no_progress_in_both_forms_and_any_order(argv: list[str], monkeypatch, capsys) -> None:
+    """``eval`` gained ``--no-progress`` with the patch-set form; an install from before rejects it."""
+    from transformer_patcher.sme import accuracy, patch_set_eval
+
+    asked = []
+
+    def benchmark(*args: object, progress: bool, **options: object) -> list[dict]:
+        asked.append(progress)
+        return [{"model": "base", "edit": 0.5}]
+
+    def patch_set(*args: object, progress: bool) -> patch_set_eval.PatchSetReport:
+        asked.append(progress)
+        return patch_set_eval.PatchSetReport(base={}, patched={})
+
+    monkeypatch.setattr(accuracy, "evaluate_benchmark", benchmark)
+    monkeypatch.setattr(patch_set_eval, "evaluate_patch_set", patch_set)
+    assert main(["eval", "--model", "m", *argv]) == 0
+    assert asked == [False]
+
+
+def test_no_progress_also_silences_the_bars_of_transformers(workspace, tmp_path: Path, capsys) -> None:
+    from transformers.utils import logging as hf_logging
+
+    patches = tmp_path / "patches"
+    common = ["--model", str(workspace["model"]), "--patches", str(patches)]
+    text = json.loads(workspace["zsre"].read_text())[0]["src"]
+    assert main(["edit", *common, "--memory", "none", "--text", text, "--target", "w100", "--no-progress"]) == 0
+    assert main(["eval", *common, "--suite", "none", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored for whatever runs next in this process

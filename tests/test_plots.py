@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 from transformers.activations import ACT2FN
 
 from tiny_models import build
 from tiny_tokenizer import EDIT_WORDS, random_pairs, sharp_gpt2, tiny_tokenizer
-from transformer_patcher import PatcherLayer, get_patcher_model, init_key
+from transformer_patcher import PatcherLayer, get_patcher_model, init_key, plots
 from transformer_patcher.editing import EditExample, Task, task_for_model
 from transformer_patcher.plots import (
     CURVE_FIGSIZE,
@@ -34,6 +35,19 @@ PRE, BIAS = 6.0, -3.0  # pre-activation of a patch on its own read, and everywhe
 def patched(base: torch.nn.Module) -> tuple[torch.nn.Module, Task, PatcherLayer]:
     model = get_patcher_model(base).eval()
     return model, task_for_model(model, tiny_tokenizer()), model.base_model.patch_layer()
+
+
+def drawn_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """The figures the plot functions save from now on, to inspect their artists."""
+    figures: list[Figure] = []
+    save = plots._save
+
+    def keep(figure: Figure, path: str | Path) -> Path:
+        figures.append(figure)
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -187,6 +201,21 @@ def test_metrics_curve_writes_a_png(tmp_path: Path) -> None:
     assert png_size(single) == (160, 120)
 
 
+def test_coinciding_curves_all_stay_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SR = ER = 1.0 at every point: ER is drawn above SR but thinner, in another dash pattern and with a smaller
+    marker of another shape, so SR still shows around it."""
+    figures = drawn_figures(monkeypatch)
+    perfect = {"records": [], "evaluations": [evaluation(n, SR=1.0, GR=0.5, ER=1.0) for n in (1, 2, 3)]}
+    metrics_curve([perfect], tmp_path / "metrics.png")
+    lines = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+    assert list(lines) == ["SR", "GR", "ER"]
+    sr, er = lines["SR"], lines["ER"]
+    assert er.get_zorder() > sr.get_zorder()
+    assert er.get_linewidth() < sr.get_linewidth() and er.get_markersize() < sr.get_markersize()
+    assert len({line.get_linestyle() for line in lines.values()}) == 3
+    assert len({line.get_marker() for line in lines.values()}) == 3
+
+
 @pytest.mark.parametrize(
     ("folds", "metrics", "match"),
     [
@@ -219,6 +248,17 @@ def test_latency_histogram_writes_a_png(tmp_path: Path) -> None:
     ]
     path = latency_histogram(folds, tmp_path / "lat" / "latency.png")
     assert png_size(path) == (round(LATENCY_FIGSIZE[0] * DPI), round(LATENCY_FIGSIZE[1] * DPI))
+
+
+def test_latency_bars_have_edges_so_adjacent_bins_stay_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = drawn_figures(monkeypatch)
+    folds = [{"records": [record(True, s, int(10 * s)) for s in (1.0, 2.0, 2.0, 3.0)], "evaluations": []}]
+    latency_histogram(folds, tmp_path / "latency.png", bins=3)
+    bars = [bar for ax in figures[0].axes for bar in ax.patches]
+    assert len(bars) == 6  # 3 bins in each panel (seconds, steps), side by side
+    for bar in bars:
+        assert bar.get_linewidth() > 0 and bar.get_edgecolor()[3] > 0
+        assert bar.get_edgecolor()[:3] != bar.get_facecolor()[:3]
 
 
 @pytest.mark.parametrize(

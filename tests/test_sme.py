@@ -78,9 +78,9 @@ def test_sme_run_fixes_every_edit_and_keeps_locality(monkeypatch: pytest.MonkeyP
 
     assert [result.fold for result in results] == [0, 1]
     for fold, result in enumerate(results):
-        assert at_start[fold * 1_000_000] == (0, base_rows)  # each fold starts from the original model and memory
+        assert at_start[fold * 1_000_000 + 1] == (0, base_rows)  # each fold starts from the original model and memory
         records = result.records
-        assert [r["edit_id"] for r in records] == [fold * 1_000_000 + i for i in range(6)]
+        assert [r["edit_id"] for r in records] == [fold * 1_000_000 + i for i in range(1, 7)]  # 1-based, as `edit`'s
         assert [r["index"] for r in records] == list(range(6))
         assert all(r["needed"] and r["success"] and r["edit_correct"] for r in records)
         assert all(r["steps"] >= 0 and r["seconds"] > 0 and r["neurons"] >= 1 for r in records)

@@ -1,5 +1,8 @@
 """transformer-patcher: fix a deployed transformer's mistakes one by one with a few trainable neurons.
 
+    fixer = Patcher.from_pretrained("smollm2-135m", patches="fixes/")
+    fixer.fix("What is the capital of Australia?", "Canberra")
+
 Importing the package registers the ``"PATCHER"`` (patch neurons) and ``"DELTA"`` (low-rank weight deltas) adapter
 types with peft, after which ``PeftModel.from_pretrained`` loads saved adapters of either type like any other.
 """
@@ -26,8 +29,10 @@ from .errors import (
     PatcherError,
     PatchMergeError,
     PromptFormatError,
+    UnknownModelError,
     UnsupportedArchitectureError,
 )
+from .patcher import FixReport, Patcher
 
 __version__ = "0.1.0"
 
@@ -39,17 +44,20 @@ __all__ = [
     "DeltaLayer",
     "DeltaModel",
     "FingerprintMismatchError",
+    "FixReport",
     "FolderLockedError",
     "InvalidExampleError",
     "InvalidPatchError",
     "NonFiniteError",
     "PatchCapture",
     "PatchMergeError",
+    "Patcher",
     "PatcherConfig",
     "PatcherError",
     "PatcherLayer",
     "PatcherModel",
     "PromptFormatError",
+    "UnknownModelError",
     "UnsupportedArchitectureError",
     "get_delta_model",
     "get_patcher_model",

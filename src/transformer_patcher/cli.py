@@ -17,11 +17,15 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import PatcherError
+from .wording import count
 
 BENCHMARK_NAMES = ("zsre", "counterfact", "fever")
 SCHEDULES = ("default", "faithful", "quick", "official")  # EditConfig.mode's names (kept light: no torch import here)
@@ -36,16 +40,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        with _library_bars(not getattr(args, "no_progress", False)):
+            return int(args.handler(args) or 0)
     except (PatcherError, ValueError, KeyError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"transformer-patcher: error: {message}", file=sys.stderr)
         return 2
 
 
+@contextmanager
+def _library_bars(enabled: bool) -> Iterator[None]:
+    """``--no-progress`` also silences the bars transformers and the Hub draw (loading and writing weights), which
+    our own ``progress`` flags do not reach; their previous setting is restored afterwards."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _version() -> str:
+    """The installed distribution's version; the package's own in a source tree that was never installed."""
+    try:
+        return version("transformer-patcher")
+    except PackageNotFoundError:
+        return __version__
+
+
 # ------------------------------------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer-patcher", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"transformer-patcher {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sme = commands.add_parser("sme", help="sequential model editing experiments").add_subparsers(
@@ -328,15 +360,25 @@ def _edit(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         prompt_format=PromptFormat(args.prompt_format, args.append_eos),
     ) as session:
-        print("| edit id | fixed | needed | neurons | steps | seconds | text |\n|---:|---|---|---:|---:|---:|---|")
+        before = session.num_patches
+        print(session.memory.describe() + "\n")
+        print(_md_head(["edit id", "fixed", "needed", "neurons", "steps", "seconds", "text"], "rllrrrl"))
+        answered = []
         for text, target, subject in requests:
             record = session.edit(text, target, subject)
-            print(
-                f"| {record.edit_id} | {record.success} | {record.needed} | {record.neurons} | {record.steps} | "
-                f"{record.seconds:.1f} | {text[:60]} |"
-            )
+            if not record.needed:  # its id stays unused: the next fix takes it
+                answered.append((text, target))
+            edit_id = record.edit_id if record.needed else "-"
+            cells = [edit_id, record.success, record.needed, record.neurons, record.steps, f"{record.seconds:.1f}"]
+            print(_md_row([*cells, text[:60]]))
+        for text, target in answered:
+            print(f"- the model already answers {text[:60]!r} with {target!r}: nothing added")
+        if len(answered) == len(requests):  # nothing changed: the folder is left as it was
+            print("\nnothing to save: no edit was needed")
+            return 0
         session.save()
-    print(f"\nsaved {session.num_patches} patches to {args.patches}/")
+    new = session.num_patches - before
+    print(f"\nsaved {count(session.num_patches, 'patch', 'patches')} ({new} new) to {args.patches}/")
     return 0
 
 
@@ -383,7 +425,7 @@ def _eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     columns = list(table[0])
-    print(_md_row(columns) + "\n|" + "|".join("---" for _ in columns) + "|")
+    print(_md_head(columns, "l" * len(columns)))
     for row in table:
         print(_md_row(row.values()))
     _write_json(args.out, table)
@@ -403,14 +445,14 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
         )
     suite = SuiteConfig.preset(args.suite, batch_size=args.batch_size, **_suite_overrides(args))
     report = evaluate_patch_set(args.model, args.patches, suite, args.data_dir, progress=not args.no_progress)
-    print("| edit id | format | text | target | base answer | patched answer | fixed |\n|---:|---|---|---|---|---|---|")
+    print(_md_head(["edit id", "format", "text", "target", "base answer", "patched answer", "fixed"], "rllllll"))
     for e in report.edits:
         print(
             _md_row(
                 [e["edit_id"], e["format"], e["text"][:60], e["target"], e["base"][:40], e["patched"][:40], e["fixed"]]
             )
         )
-    print("\n| part | base exact | base token | patched exact | patched token | n |\n|---|---:|---:|---:|---:|---:|")
+    print("\n" + _md_head(["part", "base exact", "base token", "patched exact", "patched token", "n"], "lrrrrr"))
     ppl = ""
     for part, after in report.patched.items():
         before = report.base[part]
@@ -423,7 +465,8 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
         print(f"\n{ppl} ({100 * report.patched['perplexity']['change']:+.2f} %), WikiText-2 test")
     if report.leaks:
         print(
-            "\nNeighbours whose answer changed:\n| part | question | base answer | patched answer |\n|---|---|---|---|"
+            "\nNeighbours whose answer changed:\n"
+            + _md_head(["part", "question", "base answer", "patched answer"], "llll")
         )
         for leak in report.leaks[:20]:
             print(_md_row([leak["part"], leak["question"][:60], leak["base"][:40], leak["patched"][:40]]))
@@ -437,9 +480,20 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
 
 
 def _md_row(cells: Iterable[Any]) -> str:
-    """One markdown table row: floats to 3 decimals, ``|`` in text escaped."""
-    shown = [f"{c:.3f}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in cells]
+    """One markdown table row: floats to 3 decimals; ``|`` escaped and line breaks shown as ``⏎``, since either
+    would break the row."""
+    shown = [f"{c:.3f}" if isinstance(c, float) else _md_cell(str(c)) for c in cells]
     return "| " + " | ".join(shown) + " |"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎")
+
+
+def _md_head(columns: Sequence[str], align: str) -> str:
+    """A table's header row and separator; ``align`` has one letter per column, ``r`` for right-aligned numbers."""
+    rule = ["---:" if a == "r" else "---" for _, a in zip(columns, align, strict=True)]
+    return _md_row(columns) + "\n|" + "|".join(rule) + "|"
 
 
 def _write_json(path: Path | None, data: Any) -> None:
@@ -475,11 +529,11 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     print(f"patch set   {info['path']}")
     print(f"base model  {info['base_model']}")
-    print(f"patches     {info['num_patches']} neurons on {info['target_module']} ({info['activation']})")
+    print(f"patches     {count(info['num_patches'], 'neuron')} on {info['target_module']} ({info['activation']})")
     print(f"file        {info['file_bytes']:,} bytes of safetensors\n")
-    print("| edit id | neurons | text | target |\n|---:|---:|---|---|")
+    print(_md_head(["edit id", "neurons", "text", "target"], "rrll"))
     for edit in info["edits"]:
-        print(f"| {edit['edit_id']} | {edit['neurons']} | {edit.get('text', '')} | {edit.get('target', '')} |")
+        print(_md_row([edit["edit_id"], edit["neurons"], edit.get("text", ""), edit.get("target", "")]))
     return 0
 
 
@@ -500,15 +554,15 @@ def _info_delta(args: argparse.Namespace) -> int:
         return 0
     print(f"weight delta {info['path']}")
     print(f"base model   {info['base_model']}")
-    print(f"method       {info['method']}, total rank {info['rank']} over {len(info['modules'])} modules")
+    print(f"method       {info['method']}, total rank {info['rank']} over {count(len(info['modules']), 'module')}")
     print(f"file         {info['file_bytes']:,} bytes of safetensors\n")
-    print("| module | rank | in | out |\n|---|---:|---:|---:|")
+    print(_md_head(["module", "rank", "in", "out"], "lrrr"))
     for name, shape in info["modules"].items():
-        print(f"| {name} | {shape['rank']} | {shape['in']} | {shape['out']} |")
+        print(_md_row([name, shape["rank"], shape["in"], shape["out"]]))
     if info["edits"]:
-        print("\n| edit id | text | target |\n|---:|---|---|")
+        print("\n" + _md_head(["edit id", "text", "target"], "rll"))
         for edit in info["edits"]:
-            print(f"| {edit['edit_id']} | {edit.get('text', '')} | {edit.get('target', '')} |")
+            print(_md_row([edit["edit_id"], edit.get("text", ""), edit.get("target", "")]))
     return 0
 
 
@@ -521,7 +575,7 @@ def _undo(args: argparse.Namespace) -> int:
             "earlier ones applied, so one edit cannot be taken out on its own; re-run the edits without it"
         )
     removed = remove_edit_from_files(args.patches, args.edit_id)
-    print(f"removed edit {args.edit_id} ({removed} neurons) from {args.patches}/")
+    print(f"removed edit {args.edit_id} ({count(removed, 'neuron')}) from {args.patches}/")
     return 0
 
 

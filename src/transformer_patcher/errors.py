@@ -41,3 +41,7 @@ class NonFiniteError(PatcherError, ArithmeticError):
 
 class PromptFormatError(PatcherError, ValueError):
     """A prompt format the tokenizer cannot serve (chat without a chat template) or a malformed template string."""
+
+
+class UnknownModelError(PatcherError, ValueError):
+    """A model name that is neither a package short name, a local model folder, nor a Hub id reachable from here."""

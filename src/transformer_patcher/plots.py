@@ -31,6 +31,10 @@ LATENCY_FIGSIZE = (10.0, 4.0)
 MAX_TICKS = 20  # beyond this many rows/columns, label only every k-th so labels stay readable
 MAX_RATE = 2.0
 DEFAULT_METRICS = ("SR", "GR", "ER", "TrainR", "TestR", "locality")
+# Curves often coincide (SR = ER = 1.0): each later one is drawn on top, thinner, dashed differently and with a
+# smaller marker of another shape, so every curve shows around the ones above it.
+CURVE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+CURVE_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
 
 # --------------------------------------------------------------------------------------------- activations
@@ -248,11 +252,20 @@ def metrics_curve(
             raise ValueError(f"metric {metric!r} has values outside [0, {MAX_RATE}]; metrics_curve plots rates only")
     figure = _new_figure(figsize, dpi)
     ax = figure.add_subplot()
-    for metric, curve in curves.items():
-        (line,) = ax.plot(curve.edits, curve.mean, marker="o" if len(curve.edits) <= 30 else None, label=metric)
+    for i, (metric, curve) in enumerate(curves.items()):
+        (line,) = ax.plot(
+            curve.edits,
+            curve.mean,
+            label=metric,
+            marker=CURVE_MARKERS[i % len(CURVE_MARKERS)] if len(curve.edits) <= 30 else None,
+            markersize=max(3.0, 9.0 - 1.2 * i),
+            linestyle=CURVE_LINESTYLES[i % len(CURVE_LINESTYLES)],
+            linewidth=max(1.0, 3.0 - 0.4 * i),
+            zorder=2 + i,
+        )
         if len(fold_list) > 1:
             ax.fill_between(curve.edits, curve.low, curve.high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_ylim(0, max(1.0, *(max(curve.high) for curve in curves.values())) + 0.02)
+    ax.set_ylim(0, max(1.0, *(max(curve.high) for curve in curves.values())) + 0.05)  # room for markers at 1.0
     ax.set_xlabel("number of edits")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("rate")
@@ -291,7 +304,7 @@ def latency_histogram(
     figure = _new_figure(figsize, dpi)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (label, unit, values) in zip(axes, panels, strict=True):
-        ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
+        ax.hist(values, bins=bins, color="tab:blue", alpha=0.8, edgecolor="white", linewidth=1.0)  # bins stay apart
         median = float(np.median(values))
         ax.axvline(median, color="tab:red", linestyle="--", label=f"median {median:.3g} {unit}")
         ax.set_xlabel(label)

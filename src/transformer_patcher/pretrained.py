@@ -9,7 +9,9 @@ The two decoders ship as GGUF. Each is converted once to a plain fp32 transforme
 (``$TRANSFORMER_PATCHER_CACHE``, default ``~/.cache/transformer_patcher``), which then loads in seconds instead of
 the 16 s (SmolLM2) or 48 s (Gemma) that the GGUF takes.
 
-A Hub id or a local path is returned unchanged, for online users.
+A Hub id or a local path is returned unchanged, for online users. A model loaded by short name keeps that name as its
+``name_or_path``, so the patch sets made on it record a name that loads anywhere the package is installed, never
+the cache folder of the machine that made them.
 """
 
 from __future__ import annotations
@@ -25,11 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UnknownModelError
+
 logger = logging.getLogger(__name__)
 
 MINILM = "minilm-l6"
 SMOLLM2 = "smollm2-135m"
 GEMMA3 = "gemma3-270m"
+
+
+# Where each short-named model comes from on the Hub (model-card metadata; the weights here are a GGUF's, so the
+# fingerprint check refuses the Hub's own weights for the decoders).
+UPSTREAM = {
+    MINILM: "sentence-transformers/all-MiniLM-L6-v2",
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    GEMMA3: "google/gemma-3-270m",
+}
 
 
 def cache_dir() -> Path:
@@ -135,21 +148,32 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def portable_name(name_or_path: str) -> str:
+    """What a patch set records as its base model: a short name as given, the cache folder of a converted model
+    mapped back to its short name, anything else (a Hub id, the user's own path) unchanged."""
+    if name_or_path in UPSTREAM:
+        return name_or_path
+    resolved = Path(name_or_path).expanduser().resolve()
+    for short, spec in _GGUF_MODELS.items():
+        if resolved == (cache_dir() / spec.folder).resolve():
+            return short
+    return name_or_path
+
+
 def load_model(name_or_path: str, kind: str, num_labels: int | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for a task ``kind``: ``"classification"`` or ``"generation"``.
 
     Generation picks a seq2seq or causal LM class from the config. Remote code is never run.
     """
     from transformers import (
-        AutoConfig,
         AutoModelForCausalLM,
         AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
 
+    config = model_config(name_or_path)
     path = resolve_model(name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if kind == "classification":
         kwargs = {"num_labels": num_labels} if num_labels is not None else {}
         if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
@@ -160,13 +184,27 @@ def load_model(name_or_path: str, kind: str, num_labels: int | None = None) -> t
         model = auto.from_pretrained(path, trust_remote_code=False)
     else:
         raise ValueError(f"kind must be 'classification' or 'generation', got {kind!r}")
+    model.name_or_path = model.config._name_or_path = portable_name(name_or_path)  # what adapters will record
     return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def model_kind(name_or_path: str) -> str:
     """``"classification"`` for a sequence-classification checkpoint, else ``"generation"``."""
+    architectures = model_config(name_or_path).architectures or []
+    return "classification" if any(a.endswith("ForSequenceClassification") for a in architectures) else "generation"
+
+
+def model_config(name_or_path: str) -> Any:
+    """The transformers config of a short name, Hub id or local folder; an unknown name is one clear error."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model(name_or_path), trust_remote_code=False)
-    architectures = config.architectures or []
-    return "classification" if any(a.endswith("ForSequenceClassification") for a in architectures) else "generation"
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise UnknownModelError(f"a model is named by a short name, Hub id or folder; got {name_or_path!r}")
+    path = resolve_model(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise UnknownModelError(
+            f"cannot load the model {name_or_path!r}: it is not a short name ({', '.join(UPSTREAM)}), a folder with "
+            f"a config.json, or a Hub id reachable from here ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error

@@ -5,13 +5,14 @@ It loads the base model with its saved patches (or none yet), builds the memory 
 patch made today does not fire on yesterday's fix — and after each edit appends to the log, with the session's
 prompt format, so ``eval`` scores every fix as it was asked. ``save`` writes the adapter and the log atomically. A
 session holds the folder's lock until it is closed: a second session on the same folder would save over the first
-one's fixes.
+one's fixes. A session without a folder edits in memory only (``Patcher`` uses that until it is told where to save).
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from peft.utils import CONFIG_NAME
 from .adapter.config import PatcherConfig
 from .adapter.model import PatcherModel, get_patcher_model
 from .adapter.patch_set import edit_log_entry, read_edit_log, save_adapter_folder
-from .data.benchmarks import fever_benchmark, generation_memory
+from .data.benchmarks import embedded_memory, fever_benchmark, generation_memory
+from .data.loaders import find_data_file
 from .data.questions import contrasts_over, memory_questions, memory_subjects
 from .editing.config import EditConfig
 from .editing.memory import collect_queries
@@ -30,17 +32,46 @@ from .editing.tasks import EditExample, task_for_model
 from .editing.trainer import EditRecord, PatchTrainer
 from .errors import InvalidExampleError
 from .folder_lock import sibling_lock
-from .pretrained import cache_dir, load_model, model_kind
+from .pretrained import cache_dir, load_model, model_kind, portable_name
+from .wording import count
+
+AUTO = "auto"  # prompt format: chat for a decoder whose tokenizer has a chat template, raw otherwise
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """Which memory the new patches stay silent on: what ``edit`` reports before it edits."""
+
+    name: str  # zsre, counterfact, fever or none
+    source: str  # where its rows come from
+    prompt_format: str
+    rows: int  # query rows, earlier edits included
+    earlier_edits: int
+
+    def describe(self) -> str:
+        if self.name == "none":
+            return "memory: none (nothing keeps the new patches silent on other inputs)"
+        earlier = f" (with {count(self.earlier_edits, 'earlier edit')})" if self.earlier_edits else ""
+        rows = count(self.rows, "query row")
+        return f"memory: {self.name} from {self.source}, {self.prompt_format} format, {rows}{earlier}"
 
 
 class EditSession:
     """Edit a model one request at a time and keep the result as a patch-set folder. Use it as a context manager
     (or call :meth:`close`) to release the folder's lock."""
 
-    def __init__(self, trainer: PatchTrainer, folder: Path, log: list[dict[str, Any]], lock: ExitStack) -> None:
+    def __init__(
+        self,
+        trainer: PatchTrainer,
+        folder: Path | None,
+        log: list[dict[str, Any]],
+        lock: ExitStack,
+        memory: MemoryInfo,
+    ) -> None:
         self.trainer = trainer
         self.folder = folder
         self.log = log
+        self.memory = memory
         self._lock = lock
 
     def __enter__(self) -> EditSession:
@@ -57,7 +88,7 @@ class EditSession:
     def open(
         cls,
         model: str,
-        folder: str | os.PathLike[str],
+        folder: str | os.PathLike[str] | None,
         memory: str | None = None,
         memory_rows: int = 10_000,
         question_rows: int = 20_000,
@@ -66,27 +97,36 @@ class EditSession:
         progress: bool = True,
         prompt_format: PromptFormat | str | None = None,
     ) -> EditSession:
-        """Load ``model`` (+ the patches in ``folder`` if it holds a patch set). ``memory``: ``zsre``/``counterfact``
-        (factual prompts and text), ``fever`` (claims), ``none``, or None for the task's default. ``prompt_format``
-        (raw, chat, a ``{text}`` template; see :mod:`~transformer_patcher.editing.prompts`) is how the new fixes and
-        the memory are asked. A generator's memory also reads its own answers to ``question_rows`` rows' worth of
-        questions (raw and chat), and each fix is contrasted with its question about other subjects
+        """Load ``model`` (+ the patches in ``folder`` if it holds a patch set; None: edit in memory). ``memory``:
+        ``zsre``/``counterfact`` (factual prompts and text), ``fever`` (claims), ``none``, or None for the task's
+        default; without the shared data the package's embedded sample is used. ``prompt_format`` (raw, chat, a
+        ``{text}`` template, or ``auto``: chat when the tokenizer has a chat template; see
+        :mod:`~transformer_patcher.editing.prompts`) is how the new fixes and the memory
+        are asked. A generator's memory also reads its own answers to ``question_rows`` rows' worth of questions
+        (raw and chat), and each fix is contrasted with its question about other subjects
         (:mod:`~transformer_patcher.data.questions`)."""
-        folder = Path(folder)
+        folder = None if folder is None else Path(folder)
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder} is a file; a patch set is a folder")
+        kind = model_kind(model)  # an unknown model is refused before anything is written
         lock = ExitStack()
-        lock.enter_context(sibling_lock(folder))  # before reading: the folder must not change under us
+        if folder is not None:  # before reading: the folder must not change under us
+            lock.enter_context(sibling_lock(folder))
         try:
-            kind = model_kind(model)
             base, tokenizer = load_model(model, kind)
             config = EditConfig.mode(schedule)
-            task = task_for_model(base, tokenizer, prompt_format=prompt_format)
-            if (folder / CONFIG_NAME).is_file():
+            auto = isinstance(prompt_format, str) and prompt_format == AUTO
+            task = task_for_model(base, tokenizer, prompt_format=None if auto else prompt_format)
+            if auto and task.kind == "causal_lm" and getattr(tokenizer, "chat_template", None):
+                task = task.formatted("chat")  # how a deployed chat model is asked
+            if folder is not None and (folder / CONFIG_NAME).is_file():
                 wrapped = PatcherModel.from_pretrained(base, folder)
+                wrapped.peft_config["default"].base_model_name_or_path = portable_name(model)  # the fingerprint held
             else:
                 wrapped = get_patcher_model(
                     base, PatcherConfig(patch_activation=config.patch_activation_for(task.kind))
                 )
-            memory_pairs, validation_pairs = _memory_pairs(memory, kind, data_dir)
+            choice, memory_pairs, validation_pairs, source = _memory_pairs(memory, kind, data_dir)
             subjects = memory_subjects(data_dir) if memory_pairs and kind == "generation" else []
             trainer = build_trainer(
                 wrapped,
@@ -101,17 +141,19 @@ class EditSession:
                 question_rows=question_rows,
                 contrasts=contrasts_over(subjects),
             )
-            log = read_edit_log(folder)
+            log = read_edit_log(folder) if folder is not None else []
             if trainer.memory is not None:  # earlier edits must stay untouched by new patches, in their own format
                 for fmt, earlier in _by_format(log).items():
                     rows = collect_queries(
                         wrapped, trainer.layer, task.formatted(fmt), earlier, 10**9, progress=progress
                     )
                     trainer.memory.append(rows)
+            rows = 0 if trainer.memory is None else len(trainer.memory)
+            info = MemoryInfo(choice, source, task.prompt_format.name, rows, len(log) if rows else 0)
         except BaseException:
             lock.close()
             raise
-        return cls(trainer, folder, log, lock)
+        return cls(trainer, folder, log, lock, info)
 
     @property
     def num_patches(self) -> int:
@@ -121,25 +163,66 @@ class EditSession:
         ids = self.trainer.layer.edit_ids().tolist() + [e["edit_id"] for e in self.log]
         return max(ids, default=0) + 1
 
-    def edit(self, text: str, target: str | int, subject: str | None = None) -> EditRecord:
+    def edit(
+        self,
+        text: str,
+        target: str | int,
+        subject: str | None = None,
+        rephrases: tuple[str, ...] = (),
+    ) -> EditRecord:
         """Fix ``text`` → ``target`` if the model gets it wrong; a classifier's target is a label index. ``subject``
-        (what the text is about) lets ``eval`` ask the same question of other subjects."""
-        if self.trainer.task.kind == "classification":
-            try:
-                target = int(target)
-            except ValueError as error:
-                raise InvalidExampleError(f"a classifier's target must be a label index, got {target!r}") from error
+        (what the text is about) lets ``eval`` ask the same question of other subjects; ``rephrases`` are kept in the
+        edit log."""
+        target = self.coerce_target(target)
         if subject is not None and subject not in text:
             raise InvalidExampleError(f"the subject {subject!r} does not occur in the text {text!r}")
         record = self.trainer.edit(EditExample(text, target, subject=subject), edit_id=self._next_id())
         if record.needed:
             fmt = self.trainer.task.prompt_format.to_dict()
-            self.log.append(edit_log_entry(record.edit_id, text, target, record.success, fmt, subject))
+            self.log.append(edit_log_entry(record.edit_id, text, target, record.success, fmt, subject, rephrases))
         return record
 
-    def save(self) -> None:
-        """Write the adapter and the log into the folder in one atomic step."""
-        save_adapter_folder(self.trainer.model, self.folder, self.log)
+    def coerce_target(self, target: str | int) -> str | int:
+        """A classifier's target as its label index (``"1"`` from a command line included); others unchanged."""
+        if self.trainer.task.kind != "classification":
+            return target
+        try:
+            return int(target)
+        except (TypeError, ValueError) as error:
+            raise InvalidExampleError(f"a classifier's target must be a label index, got {target!r}") from error
+
+    def annotate(self, edit_id: int, checks: dict[str, Any]) -> None:
+        """Attach what was measured after an edit to its log entry."""
+        for entry in self.log:
+            if entry["edit_id"] == edit_id:
+                entry["checks"] = checks
+
+    def undo(self, edit_id: int) -> int:
+        """Remove every neuron of ``edit_id`` and its log entry (saved with the next :meth:`save`); returns how many
+        neurons went. Its queries stay in the memory: later patches keep staying silent on its text."""
+        if edit_id not in self.edit_ids():
+            raise KeyError(f"no edit with id {edit_id} (have {sorted(self.edit_ids())})")
+        layer = self.trainer.layer
+        removed = layer.remove_edit(edit_id) if edit_id in layer.edit_ids().tolist() else 0
+        self.log = [e for e in self.log if e["edit_id"] != edit_id]
+        return removed
+
+    def edit_ids(self) -> set[int]:
+        return set(self.trainer.layer.edit_ids().tolist()) | {e["edit_id"] for e in self.log}
+
+    def save(self, folder: str | os.PathLike[str] | None = None) -> Path:
+        """Write the adapter and the log into the session's folder (or ``folder``) in one atomic step."""
+        target = self.folder if folder is None else Path(folder)
+        if target is None:
+            raise ValueError("this session has no patch folder; give save() one")
+        if target == self.folder:
+            save_adapter_folder(self.trainer.model, target, self.log)
+            return target
+        if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+            raise FileExistsError(f"{target} already exists; save to a new folder or to the session's own")
+        with sibling_lock(target):
+            save_adapter_folder(self.trainer.model, target, self.log)
+        return target
 
 
 def _by_format(log: list[dict[str, Any]]) -> dict[PromptFormat, list[tuple[str, Any]]]:
@@ -150,15 +233,26 @@ def _by_format(log: list[dict[str, Any]]) -> dict[PromptFormat, list[tuple[str, 
     return groups
 
 
-def _memory_pairs(memory: str | None, kind: str, data_dir: Any) -> tuple[list, list]:
+def _memory_pairs(memory: str | None, kind: str, data_dir: Any) -> tuple[str, list, list, str]:
+    """(name, memory pairs, validation pairs, where they come from) for a memory choice."""
     choice = memory or ("fever" if kind == "classification" else "zsre")
-    if choice == "none":
-        return [], []
+    if choice == "none":  # PatchTrainer warns
+        return choice, [], [], "none"
     if choice == "fever":
         if kind != "classification":
             raise ValueError("FEVER memory is for classifiers; a generative model takes zsre/counterfact or none")
-        benchmark = fever_benchmark(data_dir)
-        return benchmark.memory, benchmark.validation
+        try:
+            benchmark = fever_benchmark(data_dir)
+        except FileNotFoundError:  # the embedded sentences: any text the classifier reads keeps patches quiet
+            memory, validation = embedded_memory()
+            return choice, [(text, 0) for text, _ in memory], [(t, 0) for t, _ in validation], "embedded sample text"
+        return choice, benchmark.memory, benchmark.validation, "FEVER claims, shared data"
     if kind == "classification":
         raise ValueError(f"{choice} memory is for generative models; a classifier takes fever or none")
-    return generation_memory(data_dir)
+    memory, validation = generation_memory(data_dir)
+    try:
+        find_data_file("counterfact/counterfact-train.json", data_dir)
+        source = "CounterFact-train facts and WikiText-2, shared data"
+    except FileNotFoundError:
+        source = "the package's embedded sample"
+    return choice, memory, validation, source

@@ -12,8 +12,9 @@ from transformers.activations import ACT2FN
 
 from .checkpoint import validate_adapter_file
 from .config_file import NULLABLE_STR, STR_LIST, CarriedFields, ValidatedConfigFile, config_schema
+from .peft_type import AdapterType
 
-PATCHER = "PATCHER"
+PATCHER = AdapterType.PATCHER
 PATCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # Values the paper (§4, Appendix) and the official code (patch.py, amplify_con) use to initialise the value scale.
@@ -48,6 +49,13 @@ class PatcherConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
     num_patches: int = field(
         default=0, metadata={"help": "Number of patch neurons; kept in sync with the layer on every change and load."}
     )
+    num_trainable_patches: int = field(
+        default=0,
+        metadata={
+            "help": "How many of them are still in training (not yet committed). With num_patches it sizes the layer "
+            "on injection, so loaders that fill existing tensors (transformers' load_adapter) find the right shapes."
+        },
+    )
     init_value_scale: float = field(
         default=OFFICIAL_CODE_VALUE_SCALE,
         metadata={
@@ -74,6 +82,9 @@ class PatcherConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
             raise ValueError(f"key_module must be None or a module name, got {self.key_module!r}")
         if not isinstance(self.num_patches, int) or isinstance(self.num_patches, bool) or self.num_patches < 0:
             raise ValueError(f"num_patches must be a non-negative integer, got {self.num_patches!r}")
+        trainable = self.num_trainable_patches
+        if not isinstance(trainable, int) or isinstance(trainable, bool) or not 0 <= trainable <= self.num_patches:
+            raise ValueError(f"num_trainable_patches must be an integer in [0, num_patches], got {trainable!r}")
         if not isinstance(self.layer_index, int) or isinstance(self.layer_index, bool):
             raise ValueError(f"layer_index must be an integer, got {self.layer_index!r}")
         scale = self.init_value_scale
@@ -107,6 +118,7 @@ def _schema() -> dict[str, Any]:
             "layer_index": {"type": "integer"},
             "patch_activation": NULLABLE_STR,
             "num_patches": {"type": "integer", "minimum": 0},
+            "num_trainable_patches": {"type": "integer", "minimum": 0},
             "init_value_scale": {"type": "number", "exclusiveMinimum": 0},
             "patch_dtype": {"enum": [*PATCH_DTYPES, None]},
             "fingerprint": {

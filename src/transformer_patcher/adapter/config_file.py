@@ -53,7 +53,7 @@ class CarriedFields:
 
 def config_schema(config_cls: type, peft_type: str, properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Schema of ``config_cls``'s JSON form: ``properties`` typed, its other dataclass fields free, nothing else."""
-    typed = {"peft_type": {"const": peft_type}, **PEFT_FIELDS, **properties}
+    typed = {"peft_type": {"const": str(peft_type)}, **PEFT_FIELDS, **properties}
     return {
         "type": "object",
         "properties": {f.name: typed.get(f.name, {}) for f in fields(config_cls)},

@@ -80,10 +80,13 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- set-up
     def update_layer(self, adapter_name: str, config: PatcherConfig) -> None:
-        """Create an empty patch set for ``adapter_name`` on the FFN's execution device."""
+        """Create ``adapter_name``'s patch tensors on the FFN's execution device, zero-filled and sized by the
+        config's counts (a fresh config: empty), ready for a loader to fill them."""
         device, dtype = execution_device(self.base_layer), self._patch_dtype(config)
+        trainable = config.num_trainable_patches
         for name in self._tensor_names():
-            empty = torch.zeros(self._shape(name, 0), device=device, dtype=torch.int64 if "ids" in name else dtype)
+            rows = config.num_patches - trainable if name in FROZEN else trainable
+            empty = torch.zeros(self._shape(name, rows), device=device, dtype=torch.int64 if "ids" in name else dtype)
             getattr(self, name)[adapter_name] = nn.Parameter(empty) if name in self.adapter_layer_names else empty
         self.patch_config[adapter_name] = config
         self._activations[adapter_name] = ACT2FN[config.patch_activation]
@@ -170,7 +173,9 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         store[adapter_name] = tensor
 
     def _sync_config(self, adapter_name: str) -> None:
-        self.patch_config[adapter_name].num_patches = self.num_patches(adapter_name)
+        config = self.patch_config[adapter_name]
+        config.num_patches = self.num_patches(adapter_name)
+        config.num_trainable_patches = self.num_trainable_patches(adapter_name)
 
     def num_patches(self, adapter_name: str | None = None) -> int:
         adapter = self._resolve_adapter(adapter_name)

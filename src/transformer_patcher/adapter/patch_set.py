@@ -26,6 +26,7 @@ from ..folder_lock import sibling_lock
 from ..jsonl import json_lines
 from .checkpoint import group_patch_tensors, read_adapter_file
 from .config import PatcherConfig
+from .model_card import CARD_NAME, model_card
 
 EDIT_LOG = "edits.jsonl"
 _ROWS = {  # tensor name → the edit-id tensor that labels its rows
@@ -121,13 +122,20 @@ def write_edit_log(path: str | os.PathLike[str], entries: list[dict[str, Any]]) 
     write_text_atomic(Path(path) / EDIT_LOG, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
 
 
+def write_log_and_card(folder: Path, config: PatcherConfig, entries: list[dict[str, Any]]) -> None:
+    """The edit log (when there are edits) and the model card that describes the folder's patches and edits."""
+    if entries:
+        write_edit_log(folder, entries)
+    write_text_atomic(folder / CARD_NAME, model_card(config, entries))
+
+
 def save_adapter_folder(model: Any, path: str | os.PathLike[str], entries: list[dict[str, Any]]) -> None:
     """``model.save_pretrained(path)`` plus the edit log, swapped in as one atomic step: a crash mid-save leaves the
     previous adapter folder whole, never new weights beside an old config or log."""
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
-        write_edit_log(staging, entries)
+        write_log_and_card(staging, model.peft_config[model.active_adapter], entries)
 
     replace_folder_atomic(Path(path), write)
 
@@ -175,13 +183,13 @@ def _remove_edit(folder: Path, edit_id: int) -> int:
         raise KeyError(f"{folder} has no patches for edit id {edit_id}")
     group_patch_tensors(kept, str(weights))  # the result must still be a valid adapter file
     config.num_patches -= removed
+    config.num_trainable_patches = sum(len(t) for k, t in kept.items() if k.endswith(".patch_edit_ids"))
     log = read_edit_log(folder)
 
     def write(staging: Path) -> None:
         save_file(kept, str(staging / weights.name), metadata={"format": "pt"})
         config.save_pretrained(str(staging))
-        if log:
-            write_edit_log(staging, [e for e in log if e["edit_id"] != edit_id])
+        write_log_and_card(staging, config, [e for e in log if e["edit_id"] != edit_id])
 
     replace_folder_atomic(folder, write)
     return removed

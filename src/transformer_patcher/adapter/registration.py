@@ -7,6 +7,8 @@ into those dicts is enough (and is what peft's own model-card code supports sinc
 
 from __future__ import annotations
 
+import warnings
+
 from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
@@ -35,3 +37,6 @@ def register() -> None:
     package's ``__init__`` does.
     """
     register_peft_type(PATCHER, PatcherConfig, PatcherModel)
+    # peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` on every wrap, so every run would
+    # print this FutureWarning about code that is neither the user's nor ours; silence exactly that one message.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

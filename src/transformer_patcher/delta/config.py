@@ -9,8 +9,9 @@ from peft import PeftConfig
 from peft.utils import CONFIG_NAME
 
 from ..adapter.config_file import NULLABLE_STR, CarriedFields, ValidatedConfigFile, config_schema
+from ..adapter.peft_type import AdapterType
 
-DELTA = "DELTA"
+DELTA = AdapterType.DELTA
 DELTA_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 

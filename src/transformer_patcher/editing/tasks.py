@@ -163,6 +163,10 @@ class Task(ABC):
             raise InvalidExampleError(f"{what} {_short(text)} encodes to no tokens")
         return ids
 
+    def check_text(self, text: str, what: str = "the text") -> None:
+        """Refuse (InvalidExampleError) an input the task cannot read: not text, blank, or no tokens."""
+        self._raw_tokens(text, what, add_special_tokens=False)
+
     def _tokens(self, text: str, what: str, limit: int | None = None) -> list[int]:
         """Token ids of the input ``text`` as the prompt format renders it; beyond ``limit`` (default
         ``max_length``) cut to the first ones, with a warning."""

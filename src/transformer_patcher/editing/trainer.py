@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -114,6 +115,13 @@ class PatchTrainer:
         self.task = task
         self.config = config or EditConfig()
         self.memory = memory
+        if memory is None:
+            warnings.warn(
+                "PatchTrainer has no memory: nothing keeps the new patches silent on other inputs, so they may change "
+                "unrelated answers; build one with build_trainer(...) or pass memory=",
+                UserWarning,
+                stacklevel=2,
+            )
         self.val_memory = val_memory
         self.adapter = adapter_name
         self.layer: PatcherLayer = model.base_model.patch_layer(adapter_name)

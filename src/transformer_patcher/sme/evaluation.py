@@ -25,6 +25,7 @@ class Outcome:
     correct_tokens: int
     total_tokens: int
     log_prob: float = 0.0  # mean log-probability of the target's tokens (the label's, for classification)
+    predicted_ids: tuple[int, ...] = ()  # the argmax at each read (EasyEdit-style locality compares these)
 
 
 def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], batch_size: int = 32) -> list[Outcome]:
@@ -48,6 +49,7 @@ def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], 
                         correct_tokens=int(right[reads].sum()),
                         total_tokens=int(reads.sum()),
                         log_prob=float(log_probs[reads].mean()),
+                        predicted_ids=tuple(predicted[reads].tolist()),
                     )
                 )
     return outcomes

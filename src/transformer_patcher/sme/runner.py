@@ -28,6 +28,13 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluation import Outcome, score_pairs
 
 EVAL_SET_GROUPS = ("train", "test", "locality")
+FOLD_ID_STRIDE = 1_000_000  # fold f numbers its edits from f * FOLD_ID_STRIDE + 1: ids stay unique across folds
+
+
+def fold_edit_id(fold: int, index: int) -> int:
+    """The edit id of a fold's ``index``-th example (0-based): 1-based within the fold, as ``edit`` numbers a patch
+    set's edits, so ids read the same in a run's patch sets and in one made by hand."""
+    return fold * FOLD_ID_STRIDE + index + 1
 
 
 @dataclass
@@ -131,7 +138,7 @@ class SMERunner:
         try:
             for index in range(position, len(stream)):
                 example = stream[index]
-                record = self.editor.edit(example, edit_id=fold * 1_000_000 + index)
+                record = self.editor.edit(example, edit_id=fold_edit_id(fold, index))
                 row = record.to_dict() | {"index": index}
                 if record.needed:
                     edited.append(index)
