@@ -53,7 +53,7 @@ def measure(name: str, repeats: int) -> dict:
     # Both sides are fresh in-memory copies, so neither runs on lazily mapped checkpoint pages.
     base, patched = copy.deepcopy(loaded), get_patcher_model(copy.deepcopy(loaded), PatcherConfig())
     del loaded
-    layer = patched.patch_layer()
+    layer = patched.base_model.patch_layer()
     rows = []
     for count in tqdm(PATCH_COUNTS, desc=f"{name}: patch counts"):
         added = count - layer.num_patches()

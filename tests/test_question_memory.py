@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from transformer_patcher.editing.contexts import TokenContexts
 from transformer_patcher.editing.decoding import greedy_continuations
 from transformer_patcher.editing.memory import answered_queries, build_memory, collect_queries, question_formats
 from transformer_patcher.editing.prompts import CHAT, RAW, PromptFormat
+from transformer_patcher.editing.subjects import SubjectIndex
 from transformer_patcher.editing.tasks import CausalLMTask
 
 
@@ -226,3 +228,54 @@ def test_a_later_answer_token_stays_below_running_text_that_ends_in_its_token() 
     assert found, "no example needed a patch on both answer tokens"
     assert all(top["contexts"] <= min(top["plain"], -12 + 0.1) for top in found)
     assert sum(top["plain"] > -10 for top in found) >= 2  # the same patches without contexts
+
+
+def test_subject_index_finds_the_subjects_whose_embeddings_are_nearest() -> None:
+    """Cosine of mean input embeddings; the subject itself and subjects containing it (or contained in it) are never
+    its neighbours."""
+    tokenizer = tiny_tokenizer()
+    embeddings = torch.zeros(128, 4)
+    embeddings[10] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    embeddings[11] = torch.tensor([0.9, 0.1, 0.0, 0.0])
+    embeddings[12] = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    embeddings[13] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    embeddings[14] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    pool = ["w13", "w12", "w10 w14", "w11", "w10"]
+    index = SubjectIndex(embeddings, tokenizer, pool)
+    assert index.nearest("w10", 2) == ["w11", "w12"]
+    assert index.nearest("w10", 10) == ["w11", "w12", "w13"]
+    assert index.nearest("w10", 0) == [] and SubjectIndex(embeddings, tokenizer, []).nearest("w10", 3) == []
+
+
+def test_contrasts_ask_the_nearest_subjects_first_then_random_ones() -> None:
+    subjects = [f"Person {i}" for i in range(40)]
+    text = "Where was Ada Lovelace born?"
+    near = ["Person 7", "Ada Lovelace", "Person 3", "Person 7"]
+    asked = contrast_questions(text, "Ada Lovelace", subjects, 6, nearest=near)
+    assert asked[:2] == ["Where was Person 7 born?", "Where was Person 3 born?"]
+    assert len(asked) == len(set(asked)) == 6 and all("Ada" not in q for q in asked)
+    random_only = contrast_questions(text, "Ada Lovelace", subjects, 6)
+    assert asked[2:] == [q for q in random_only if q not in asked[:2]][:4]
+
+
+def test_nearest_contrasts_and_kept_inputs_hold_the_patch_below_them() -> None:
+    """With `nearest_contrasts`, the trainer asks the subjects its index finds nearest first; every `keep` input
+    joins the contrasts, so the first read's patch stays below it too (exactly 0 for a ReLU patch)."""
+    text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4)[0]
+    subject = text.split()[-1]
+    others = tuple(sentence(i) for i in range(EDIT_WORDS[0] + 20, EDIT_WORDS[0] + 30))
+    first, *rest = text.split()
+    keep = (" ".join([f"w{int(first[1:]) + 1}", *rest]),)  # one word away: the plain patch fires on it
+    fired = {}
+    for kept in ((), keep):
+        trainer = contrast_trainer(Contrasts(others, count=4))
+        trainer.config = replace(trainer.config, nearest_contrasts=4)
+        trainer.subjects = SubjectIndex.from_model(trainer.model, trainer.task.tokenizer, others)
+        example = EditExample(text, target, subject=subject, keep=kept)
+        texts = trainer._contrast_texts(example)
+        near = trainer.subjects.nearest(subject, trainer.config.nearest_contrasts)
+        assert len(near) == 4 and texts[:4] == [text.replace(subject, s) for s in near] and texts[4:] == list(kept)
+        assert trainer.edit(example, edit_id=0).success
+        assert float(first_read_preactivation(trainer, [text], target)[0, 0]) > 0
+        fired[kept] = float(first_read_preactivation(trainer, list(keep), target)[0, 0])
+    assert fired[()] > 0 > fired[keep]

@@ -69,6 +69,7 @@ class Patcher:
         schedule: str = "default",
         data_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
+        edit_options: Mapping[str, Any] | None = None,
     ) -> Patcher:
         """Load ``model`` (short name such as ``smollm2-135m``, Hub id or local folder) with the patch set in
         ``patches`` (created on :meth:`save` if it does not exist yet; None: keep the fixes in memory until
@@ -84,6 +85,7 @@ class Patcher:
             data_dir=data_dir,
             progress=progress,
             prompt_format=prompt_format,
+            edit_options=edit_options,
         )
         return cls(session)
 
@@ -132,13 +134,15 @@ class Patcher:
         subject: str | None = None,
     ) -> FixReport:
         """Make the model answer ``prompt`` with ``target`` (a label index for classifiers), then check that each
-        of ``rephrases`` gets the target too and that each ``locality`` prompt's answer did not change. Invalid
+        of ``rephrases`` gets the target too and that each ``locality`` prompt's answer did not change. The new
+        patches are also built to stay silent on the ``locality`` prompts. ``subject`` (what the prompt is about, a
+        substring of it) lets the patch contrast the prompt with the same question about similar subjects. Invalid
         input raises before anything changes."""
         rephrases, locality = self._texts(rephrases, "rephrase"), self._texts(locality, "locality prompt")
         self._texts([prompt], "prompt")
         target = self.session.coerce_target(target)
         before = self._answers(locality)
-        record = self.session.edit(prompt, target, subject, tuple(rephrases))
+        record = self.session.edit(prompt, target, subject, tuple(rephrases), keep=tuple(locality))
         after = self._answers(locality)
         report = FixReport(
             edit_id=record.edit_id if record.needed else None,

@@ -11,6 +11,7 @@ one's fixes. A session without a folder edits in memory only (``Patcher`` uses t
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,15 +97,17 @@ class EditSession:
         data_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
         prompt_format: PromptFormat | str | None = None,
+        edit_options: Mapping[str, Any] | None = None,
     ) -> EditSession:
-        """Load ``model`` (+ the patches in ``folder`` if it holds a patch set; None: edit in memory). ``memory``:
-        ``zsre``/``counterfact`` (factual prompts and text), ``fever`` (claims), ``none``, or None for the task's
-        default; without the shared data the package's embedded sample is used. ``prompt_format`` (raw, chat, a
-        ``{text}`` template, or ``auto``: chat when the tokenizer has a chat template; see
-        :mod:`~transformer_patcher.editing.prompts`) is how the new fixes and the memory
-        are asked. A generator's memory also reads its own answers to ``question_rows`` rows' worth of questions
-        (raw and chat), and each fix is contrasted with its question about other subjects
-        (:mod:`~transformer_patcher.data.questions`)."""
+        """Load ``model`` (+ the patches in ``folder`` if it holds a patch set; None: edit in memory).
+
+        ``memory``: ``zsre``/``counterfact`` (factual prompts and text), ``fever`` (claims), ``none``, or None for
+        the task's default; without the shared data the package's embedded sample is used. ``prompt_format`` (raw,
+        chat, a ``{text}`` template, or ``auto``: chat when the tokenizer has a chat template; see
+        :mod:`~transformer_patcher.editing.prompts`) is how the new fixes and the memory are asked; ``edit_options``
+        override :class:`EditConfig` fields of the ``schedule``. A generator's memory also reads its own answers to
+        ``question_rows`` rows' worth of questions (raw and chat), and each fix is contrasted with its question
+        about other subjects (:mod:`~transformer_patcher.data.questions`)."""
         folder = None if folder is None else Path(folder)
         if folder is not None and folder.exists() and not folder.is_dir():
             raise FileExistsError(f"{folder} is a file; a patch set is a folder")
@@ -114,7 +117,7 @@ class EditSession:
             lock.enter_context(sibling_lock(folder))
         try:
             base, tokenizer = load_model(model, kind)
-            config = EditConfig.mode(schedule)
+            config = EditConfig.mode(schedule, **dict(edit_options or {}))
             auto = isinstance(prompt_format, str) and prompt_format == AUTO
             task = task_for_model(base, tokenizer, prompt_format=None if auto else prompt_format)
             if auto and task.kind == "causal_lm" and getattr(tokenizer, "chat_template", None):
@@ -169,14 +172,16 @@ class EditSession:
         target: str | int,
         subject: str | None = None,
         rephrases: tuple[str, ...] = (),
+        keep: tuple[str, ...] = (),
     ) -> EditRecord:
         """Fix ``text`` → ``target`` if the model gets it wrong; a classifier's target is a label index. ``subject``
-        (what the text is about) lets ``eval`` ask the same question of other subjects; ``rephrases`` are kept in the
-        edit log."""
+        (what the text is about) picks the contrasts and lets ``eval`` ask the same question of other subjects;
+        ``rephrases`` are kept in the edit log; the new patches stay silent on the ``keep`` inputs."""
         target = self.coerce_target(target)
         if subject is not None and subject not in text:
             raise InvalidExampleError(f"the subject {subject!r} does not occur in the text {text!r}")
-        record = self.trainer.edit(EditExample(text, target, subject=subject), edit_id=self._next_id())
+        example = EditExample(text, target, subject=subject, keep=tuple(keep))
+        record = self.trainer.edit(example, edit_id=self._next_id())
         if record.needed:
             fmt = self.trainer.task.prompt_format.to_dict()
             self.log.append(edit_log_entry(record.edit_id, text, target, record.success, fmt, subject, rephrases))

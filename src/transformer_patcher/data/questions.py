@@ -69,15 +69,19 @@ def template_questions(subjects: Sequence[str], count: int, seed: int = 0) -> li
     return [templates[i % len(templates)].format(order[i % len(order)]) for i in range(min(count, len(order)))]
 
 
-def contrast_questions(text: str, subject: str | None, subjects: Sequence[str], count: int, seed: int = 0) -> list[str]:
+def contrast_questions(
+    text: str, subject: str | None, subjects: Sequence[str], count: int, seed: int = 0, nearest: Sequence[str] = ()
+) -> list[str]:
     """``text`` asked of ``count`` other subjects (its template with the subject swapped), or [] when the text does not
-    name its subject."""
+    name its subject: the ``nearest`` subjects first, then random ones from ``subjects``."""
     template = question_template(text, subject) if subject else None
     if template is None or SLOT not in template:
         return []
     rng = random.Random(f"{seed}|{text}")
-    others = [s for s in rng.sample(list(subjects), min(len(subjects), 2 * count)) if s != subject]
-    return [template.format(other) for other in others[:count]]
+    chosen = list(dict.fromkeys(s for s in nearest if s != subject))[:count]
+    drawn = rng.sample(list(subjects), min(len(subjects), 2 * count))
+    chosen += [s for s in drawn if s != subject and s not in chosen][: count - len(chosen)]
+    return [template.format(other) for other in chosen]
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,9 @@ class Contrasts:
     subjects: tuple[str, ...]
     count: int = CONTRASTS
 
-    def __call__(self, example: EditExample) -> list[str]:
-        return contrast_questions(example.text, example.subject, self.subjects, self.count)
+    def __call__(self, example: EditExample, nearest: Sequence[str] = ()) -> list[str]:
+        """``nearest``: subjects of the pool to ask first (the trainer's nearest to the example's subject)."""
+        return contrast_questions(example.text, example.subject, self.subjects, self.count, nearest=nearest)
 
 
 def contrasts_over(subjects: Sequence[str]) -> Contrasts | None:

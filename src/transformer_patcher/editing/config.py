@@ -38,7 +38,7 @@ MEMORY_LOSS_WEIGHT = {"classification": 5.0, "seq2seq": 10.0, "causal_lm": 10.0}
 
 
 _POSITIVE_INTS = ("repeats", "max_steps", "check_every", "lr_every", "act_top_k", "memory_top_k")
-_NON_NEGATIVE_INTS = ("start_val_step", "early_patience", "lr_patience", "token_contexts")
+_NON_NEGATIVE_INTS = ("start_val_step", "early_patience", "lr_patience", "token_contexts", "nearest_contrasts")
 _POSITIVE_FLOATS = ("lr", "grad_clip", "lr_factor")
 _NON_NEGATIVE_FLOATS = ("weight_decay", "early_threshold", "lr_threshold", "act_loss_weight", "memory_loss_weight")
 _FINITE_FLOATS = ("act_margin", "memory_beta", "memory_gamma")
@@ -102,6 +102,7 @@ class EditConfig:
     answer_gate: float = 0.5  # init="solve": a patch on a later answer token fires only this far from memory to edit
     contrast_spread: float = 0.5  # init="solve": thresholds sit this many standard deviations above the top contrast
     token_contexts: int = 16  # init="solve", causal LMs: running-text contexts of its token a later patch stays below
+    nearest_contrasts: int = 0  # init="solve": of the contrasts, how many ask the subjects nearest the edit's own
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
 

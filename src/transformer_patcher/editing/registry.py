@@ -21,6 +21,7 @@ from .config import EditConfig
 from .contexts import TokenContexts
 from .editor import Editor
 from .memory import build_memory
+from .subjects import ContrastPool, SubjectIndex
 from .tasks import EditExample, Task
 from .trainer import PatchTrainer
 
@@ -130,10 +131,12 @@ def build_trainer(
             else None
         )
     config = edit_config or EditConfig()
-    contexts = None
+    contexts = subjects = None
     if task.kind == "causal_lm" and config.init == "solve" and config.token_contexts and memory_pairs:
         texts = [f"{text} {target}" for text, target in memory_pairs]
         contexts = TokenContexts.from_texts(task.tokenizer, texts, per_token=config.token_contexts)
+    if config.init == "solve" and config.nearest_contrasts and isinstance(contrasts, ContrastPool):
+        subjects = SubjectIndex.from_model(wrapped, task.tokenizer, contrasts.subjects)
     return PatchTrainer(
         wrapped,
         task,
@@ -142,4 +145,5 @@ def build_trainer(
         val_memory=banks["validation"],
         contrasts=contrasts,
         contexts=contexts,
+        subjects=subjects,
     )

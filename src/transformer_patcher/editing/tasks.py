@@ -73,6 +73,7 @@ class EditExample:
     rephrases: tuple[str, ...] = ()
     locality: tuple[tuple[str, int | str], ...] = ()  # (input, its reference output) pairs that must not change
     subject: str | None = None  # what the text is about; PMET writes the fact at its last token
+    keep: tuple[str, ...] = ()  # inputs whose answers this edit must not change: its patch stays below them
 
 
 @dataclass

@@ -52,6 +52,7 @@ from .losses import activation_loss, memory_loss
 from .memory import MemoryBank, up_to
 from .modes import eval_mode
 from .replay import ForwardReplay
+from .subjects import SubjectIndex
 from .tasks import Batch, EditExample, Task
 
 _SILENCE_ABOVE = 0.9  # a memory row scoring this close to the query's 1 is projected out of the key ...
@@ -106,12 +107,14 @@ class PatchTrainer:
         memory: MemoryBank | None = None,
         val_memory: MemoryBank | None = None,
         adapter_name: str = "default",
-        contrasts: Callable[[EditExample], Sequence[str]] | None = None,
+        contrasts: Callable[..., Sequence[str]] | None = None,
         contexts: TokenContexts | None = None,
+        subjects: SubjectIndex | None = None,
     ) -> None:
         self.model = model
         self.contrasts = contrasts  # mode default: the edit asked of other subjects, which its patch stays below
         self.contexts = contexts  # mode default: running text a later answer token's patch stays below
+        self.subjects = subjects  # mode default: which contrast subjects are nearest to an edit's own
         self.task = task
         self.config = config or EditConfig()
         self.memory = memory
@@ -260,10 +263,20 @@ class PatchTrainer:
         contexts = iter(at_later)
         return [self._contrast_queries(example) if int(r) == 0 else next(contexts) for r in reads]
 
+    def _contrast_texts(self, example: EditExample) -> list[str]:
+        """The edit's question asked of other subjects (``contrasts``; the :attr:`subjects` nearest to its own
+        first, ``config.nearest_contrasts`` of them), then the inputs it must keep (``example.keep``)."""
+        texts: list[str] = []
+        if self.contrasts is not None:
+            count = self.config.nearest_contrasts
+            near = self.subjects.nearest(example.subject, count) if self.subjects and example.subject else []
+            texts = list(self.contrasts(example, near) if near else self.contrasts(example))
+        return texts + list(example.keep)
+
     def _contrast_queries(self, example: EditExample) -> torch.Tensor | None:
-        """FFN queries where the edit's contrasts (``contrasts(example)``: its question asked of other subjects)
-        start their answer, shape (n, d); None when there are none."""
-        texts = list(self.contrasts(example)) if self.contrasts is not None else []
+        """FFN queries where the edit's contrasts (:meth:`_contrast_texts`) start their answer, shape (n, d); None
+        when there are none."""
+        texts = self._contrast_texts(example)
         if not texts:
             return None
         batch = self.task.batch_for(self.model, [(text, example.target) for text in texts])
