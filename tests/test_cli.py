@@ -89,7 +89,11 @@ def test_edit_info_eval_undo_round_trip(workspace: dict[str, Path], tmp_path: Pa
     assert main(["edit", *common, "--text", first["src"], "--target", first["answers"][0]]) == 0
     requests = tmp_path / "edits.jsonl"
     requests.write_text(json.dumps({"text": second["src"], "target": second["answers"][0]}) + "\n")
+    capsys.readouterr()
     assert main(["edit", *common, "--file", str(requests)]) == 0  # a second session extends the folder
+    said = capsys.readouterr().out  # which memory, its rows, and the earlier edit it now holds
+    assert "memory: zsre from CounterFact-train facts and WikiText-2 in the data folder, raw format" in said
+    assert "with 1 earlier edit)" in said
 
     info = json.loads(_run_json(["info", str(patches), "--json"], capsys))
     assert [e["edit_id"] for e in info["edits"]] == [1, 2]

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .closable import Closable
 from .editing.decoding import greedy_continuations
 from .editing.tasks import Task, position_limit
 from .errors import InvalidExampleError
@@ -49,7 +50,7 @@ class FixReport:
         return asdict(self)
 
 
-class Patcher:
+class Patcher(Closable):
     """A model opened for fixing, with its patch set. Use :meth:`from_pretrained`; close it (or use ``with``) to
     release the patch folder's lock."""
 
@@ -112,12 +113,6 @@ class Patcher:
     def edits(self) -> list[dict[str, Any]]:
         """The edit log: one entry per fix, with what was checked after it."""
         return list(self.session.log)
-
-    def __enter__(self) -> Patcher:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Release the patch folder (unsaved fixes are dropped)."""

@@ -22,6 +22,7 @@ from peft.utils import CONFIG_NAME
 from .adapter.config import PatcherConfig
 from .adapter.model import PatcherModel, get_patcher_model
 from .adapter.patch_set import edit_log_entry, read_edit_log, save_adapter_folder
+from .closable import Closable
 from .data.benchmarks import embedded_memory, fever_benchmark, generation_memory
 from .data.loaders import find_data_file
 from .data.questions import contrasts_over, memory_questions, memory_subjects
@@ -57,7 +58,7 @@ class MemoryInfo:
         return f"memory: {self.name} from {self.source}, {self.prompt_format} format, {rows}{earlier}"
 
 
-class EditSession:
+class EditSession(Closable):
     """Edit a model one request at a time and keep the result as a patch-set folder. Use it as a context manager
     (or call :meth:`close`) to release the folder's lock."""
 
@@ -74,12 +75,6 @@ class EditSession:
         self.log = log
         self.memory = memory
         self._lock = lock
-
-    def __enter__(self) -> EditSession:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Release the folder (unsaved edits are dropped)."""
@@ -251,13 +246,13 @@ def _memory_pairs(memory: str | None, kind: str, data_dir: Any) -> tuple[str, li
         except FileNotFoundError:  # the embedded sentences: any text the classifier reads keeps patches quiet
             memory, validation = embedded_memory()
             return choice, [(text, 0) for text, _ in memory], [(t, 0) for t, _ in validation], "embedded sample text"
-        return choice, benchmark.memory, benchmark.validation, "FEVER claims, shared data"
+        return choice, benchmark.memory, benchmark.validation, "FEVER claims in the data folder"
     if kind == "classification":
         raise ValueError(f"{choice} memory is for generative models; a classifier takes fever or none")
     memory, validation = generation_memory(data_dir)
     try:
         find_data_file("counterfact/counterfact-train.json", data_dir)
-        source = "CounterFact-train facts and WikiText-2, shared data"
+        source = "CounterFact-train facts and WikiText-2 in the data folder"
     except FileNotFoundError:
         source = "the package's embedded sample"
     return choice, memory, validation, source
