@@ -6,7 +6,9 @@
 - ``checkpoint-tensors``: the n-th checkpoint's tensor file, half written;
 - ``checkpoint-pointer``: the n-th checkpoint's JSON pointer, half written (its new tensor file is complete);
 - ``save-pretrained``: the n-th adapter weights file written by ``save_pretrained``, half written;
-- ``fold-record``: the n-th ``folds/fold-K.json``, half written.
+- ``fold-record``: the n-th ``folds/fold-K.json``, half written;
+- ``swap-aside``: right after the n-th folder swap moved the old folder aside to ``.NAME.previous``, before the new
+  one is renamed in (the two-rename fallback only: set ``TRANSFORMER_PATCHER_FORCE_FALLBACK_SWAP=1``).
 
 The kill is a real ``SIGKILL`` of this process: no ``finally`` blocks, no flushing, as in an OOM kill or power cut.
 """
@@ -96,6 +98,13 @@ def arm(point: str, n: int, delay: float) -> None:
                 Path(path), safetensors.torch.save(tensors, metadata)
             ),
         )
+    elif point == "swap-aside":
+
+        def rename_then_die(original: Callable[..., Any], src: Any, dst: Any) -> None:
+            original(src, dst)
+            die()
+
+        on_nth_call(os, "rename", n, rename_then_die, when=lambda _src, dst, *_: str(dst).endswith(".previous"))
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 

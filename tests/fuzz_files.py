@@ -5,12 +5,15 @@ Each case writes one mutated copy of a valid file into a temporary folder and lo
 the package's own classes (naming the file, or the base-model fact that differs) with the model untouched, or a load
 that yields exactly the original tensors. Two documented exceptions are tallied under their own labels: safetensors
 has no checksum, so a byte flip inside tensor data that leaves finite values loads as written; and a config value
-that is valid but different (another activation, say) is applied as written.
+that is valid but different (another activation, say) is applied as written. Adapter files are also given finite but
+absurd magnitudes and consistent headers declaring gigabytes (a sparse file), and fingerprints are set to null,
+stripped of their whole-model views or altered, against models that share the adapted layers or carry 1 % noise.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 import tempfile
@@ -111,6 +114,14 @@ def accepted(loaded: dict[str, torch.Tensor], original: dict[str, torch.Tensor],
 class Mutation:
     kind: str
     data: bytes
+    size: int | None = None  # the file is extended to this many bytes: a sparse tail of zeros
+
+
+def write_mutation(path: Path, mutation: Mutation) -> None:
+    path.write_bytes(mutation.data)
+    if mutation.size is not None:
+        with open(path, "r+b") as handle:
+            handle.truncate(mutation.size)
 
 
 def _header(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -175,13 +186,13 @@ def safetensors_mutations(original: bytes) -> st.SearchStrategy[Mutation]:
     def missing(name: str) -> Mutation:
         return tensor_level(lambda t: t.pop(name), "missing tensor")
 
-    def non_finite(name: str, value: float, where: int) -> Mutation:
+    def set_value(name: str, value: float, where: int, kind: str) -> Mutation:
         def edit(t: dict[str, torch.Tensor]) -> None:
             flat = t[name].reshape(-1)
             if flat.numel() and flat.is_floating_point():
                 flat[where % flat.numel()] = value
 
-        return tensor_level(edit, "NaN/inf")
+        return tensor_level(edit, kind)
 
     def new_metadata(value: dict[str, str] | None) -> Mutation:
         return tensor_level(lambda t: None, "metadata", value)
@@ -206,11 +217,55 @@ def safetensors_mutations(original: bytes) -> st.SearchStrategy[Mutation]:
         st.builds(rename, name, st.builds(lambda k, s: k + s, name, suffixes)),
         st.builds(extra, st.sampled_from(["base_model.model.lm_head.weight", "rows2", "mom2.x"]) | strings),
         st.builds(missing, name),
-        st.builds(non_finite, name, st.sampled_from([float("nan"), float("inf"), -float("inf")]), st.integers(0, 99)),
+        st.builds(
+            set_value,
+            name,
+            st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+            st.integers(0, 99),
+            st.just("NaN/inf"),
+        ),
+        st.builds(
+            set_value,
+            name,
+            st.sampled_from([3e38, -3e38, 1e30, 1e12, -1e8]),
+            st.integers(0, 99),
+            st.just("finite but absurd magnitude"),
+        ),
         st.builds(
             new_metadata, st.none() | st.dictionaries(st.sampled_from(["key", "module", "tokens", "format"]), strings)
         ),
     )
+
+
+def declared_huge(original: bytes, name: str, shape: list[int]) -> Mutation:
+    """``original`` rewritten so that tensor ``name`` has ``shape``: header, offsets and file size consistent, the new
+    data a sparse tail of zeros, as a forged file declaring gigabytes would be."""
+    header, buffer = _header(original)
+    others = sorted((k for k in header if k not in ("__metadata__", name)), key=lambda k: header[k]["data_offsets"])
+    kept = b""
+    for key in others:
+        start, end = header[key]["data_offsets"]
+        header[key]["data_offsets"] = [len(kept), len(kept) + end - start]
+        kept += buffer[start:end]
+    nbytes = math.prod(shape) * {"F64": 8, "I64": 8, "F32": 4, "F16": 2, "BF16": 2}[header[name]["dtype"]]
+    header[name] = {**header[name], "shape": shape, "data_offsets": [len(kept), len(kept) + nbytes]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = struct.pack("<Q", len(text)) + text + kept
+    return Mutation("declared huge (consistent header, sparse data)", data, len(data) + nbytes)
+
+
+def declared_size_mutations(original: bytes) -> st.SearchStrategy[Mutation]:
+    """One tensor of ``original`` declared 0.25–4 GB large, along its rows or its columns, in a consistent file."""
+    header, _ = _header(original)
+    names = sorted(k for k in header if k != "__metadata__")
+
+    def build_one(name: str, exponent: int, along_rows: bool) -> Mutation:
+        shape = list(header[name]["shape"]) or [1]
+        shape[0 if along_rows or len(shape) == 1 else -1] = 2**exponent
+        return declared_huge(original, name, shape)
+
+    return st.builds(build_one, st.sampled_from(names), st.integers(26, 29), st.booleans())
 
 
 JSON_VALUES = st.recursive(
@@ -384,7 +439,11 @@ def _adapter_file_campaign(make: Callable[[str], AdapterSetup], max_examples: in
         setup = make(tmp)
 
         @fuzz_settings(max_examples)
-        @given(mutation=safetensors_mutations(setup.weights) | st.sampled_from(_FOLDER_MUTATIONS))
+        @given(
+            mutation=safetensors_mutations(setup.weights)
+            | declared_size_mutations(setup.weights)
+            | st.sampled_from(_FOLDER_MUTATIONS)
+        )
         def case(mutation: Mutation) -> None:
             with tempfile.TemporaryDirectory() as work:
                 folder = setup.copy(work)
@@ -393,7 +452,7 @@ def _adapter_file_campaign(make: Callable[[str], AdapterSetup], max_examples: in
                     if mutation.kind.endswith("a folder"):
                         (folder / WEIGHTS).mkdir()
                 else:
-                    (folder / WEIGHTS).write_bytes(mutation.data)
+                    write_mutation(folder / WEIGHTS, mutation)
                 tally[load_adapter_folder(setup, folder, mutation.data)] += 1
 
         case()
@@ -455,24 +514,51 @@ def delta_config(max_examples: int) -> Counter:
     return _adapter_config_campaign(delta_setup, max_examples)
 
 
+def _sharing_ffns() -> torch.nn.Module:
+    """Seed 1's LLaMA with seed 0's FFNs copied in: every weight the patch set and the delta read is the same."""
+    model, original = build("llama", seed=1), build("llama")
+    for name in ("model.layers.0.mlp", "model.layers.1.mlp"):
+        model.get_submodule(name).load_state_dict(original.get_submodule(name).state_dict())
+    return model
+
+
+def _noisy() -> torch.nn.Module:
+    model, g = build("llama"), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1 + 0.01 * torch.randn(parameter.shape, generator=g))
+    return model
+
+
 @campaign("fingerprint mismatch")
 def fingerprint_mismatch(max_examples: int) -> Counter:
-    """Another seed's or architecture's base model, or one edited fingerprint field: refused unless only the exact
-    digest changed (the sketch still says "same weights") or a sketch edit stays within tolerance."""
+    """Another seed's or architecture's base model (also one sharing the adapted layers, or with 1 % noise on every
+    weight), or an edited fingerprint (one field, null, or without its whole-model views): refused unless only the
+    exact digest changed (the sketch still says "same weights"), a sketch edit stays within tolerance, or the
+    whole-model views are gone (checked on what remains, with a warning)."""
     tally: Counter = Counter()
     others = {f"llama seed {s}": (lambda s=s: build("llama", seed=s)) for s in (1, 2)}
     others |= {name: (lambda name=name: build(name)) for name in ("mistral", "qwen2", "gpt2")}
+    others |= {"llama seed 1 sharing seed 0's FFNs": _sharing_ffns, "llama with 1 % noise": _noisy}
     with tempfile.TemporaryDirectory() as tmp:
         setups = {"PATCHER": patcher_setup(tmp + "/p"), "DELTA": delta_setup(tmp + "/d")}
         models = {name: make() for name, make in others.items()}
 
         def edit_field(setup: AdapterSetup) -> st.SearchStrategy[tuple[str, object]]:
-            fields = sorted(setup.config["fingerprint"])
-            sketch = setup.config["fingerprint"]["weights_sketch"]
+            fingerprint = setup.config["fingerprint"]
+            digests = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+            def scaled(field_: str) -> st.SearchStrategy[tuple[str, object]]:
+                return st.tuples(
+                    st.just(field_), st.floats(-0.5, 0.5).map(lambda r: [x * (1 + r) for x in fingerprint[field_]])
+                )
+
             return st.one_of(
-                st.tuples(st.sampled_from(fields), JSON_VALUES),
-                st.tuples(st.just("weights_sketch"), st.floats(-0.5, 0.5).map(lambda r: [x * (1 + r) for x in sketch])),
-                st.tuples(st.just("weights_sha256"), st.text("0123456789abcdef", min_size=64, max_size=64)),
+                st.tuples(st.sampled_from(sorted(fingerprint)), JSON_VALUES),
+                scaled("weights_sketch"),
+                scaled("model_sketch"),
+                st.tuples(st.sampled_from(["weights_sha256", "model_shapes_sha256"]), digests),
+                st.tuples(st.just("fingerprint"), st.sampled_from([None, "without whole-model views"])),
             )
 
         @fuzz_settings(max_examples)
@@ -501,7 +587,13 @@ def fingerprint_mismatch(max_examples: int) -> Counter:
                     return
                 key, value = data.draw(edit_field(setup), label="edited field")
                 config = json.loads((folder / CONFIG).read_text())
-                config["fingerprint"][key] = value
+                if key != "fingerprint":
+                    config["fingerprint"][key] = value
+                elif value is None:
+                    config["fingerprint"] = None
+                else:
+                    for view in ("model_shapes_sha256", "model_sketch"):
+                        del config["fingerprint"][view]
                 (folder / CONFIG).write_text(json.dumps(config))
                 tally[load_adapter_folder(setup, folder, None)] += 1
 

@@ -66,7 +66,8 @@ def test_same_model_at_lower_precision_is_accepted(saved: Path) -> None:
 
 
 def test_fingerprint_check_can_be_bypassed_explicitly(saved: Path) -> None:
-    model = PatcherModel.from_pretrained(build("llama", seed=1), saved, check_fingerprint=False)
+    with pytest.warns(UserWarning, match="check_fingerprint=False: .* may not belong to this model"):
+        model = PatcherModel.from_pretrained(build("llama", seed=1), saved, check_fingerprint=False)
     assert model.patch_layer().num_patches() == 3
 
 

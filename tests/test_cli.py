@@ -185,7 +185,7 @@ def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> Non
         (["sme", "run", "--model", "m", "--set", "lr", "--out", "o"], "KEY=VALUE"),
         (["sme", "run", "--model", "m", "--set", "lr=-1", "--out", "o"], "lr must be > 0"),
         (["sme", "run", "--model", "m", "--ft-set", "kl_batch=0", "--out", "o"], "kl_batch must be >= 1"),
-        (["sme", "run", "--model", "m", "--folds", "0", "--out", "o"], "folds must be >= 1"),
+        (["sme", "run", "--model", "m", "--folds", "0", "--out", "o"], "--folds: expected a positive integer"),
         (["info", "/nonexistent/patches"], "not a patch-set folder"),
         (["plot", "/nonexistent/run"], "results.json"),
         (["sme", "run", "--model", "m", "--data", "missing.json", "--data-kind", "zsre", "--out", "o"], "missing.json"),
@@ -196,7 +196,7 @@ def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> Non
         (["batch", "run", "--model", "m", "--prompt-format", "chat", "--out", "o"], "patcher editor only"),
         (["eval", "--model", "m"], "--patches DIR"),
         (["eval", "--model", "m", "--patches", "p", "--prompt-format", "chat"], "apply with --data"),
-        (["edit", "--model", "m", "--patches", "p", "--file", "f.jsonl", "--subject", "x"], "not both"),
+        (["edit", "--model", "m", "--patches", "p", "--file", __file__, "--subject", "x"], "not both"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from transformer_patcher.cli import main
 from transformer_patcher.errors import FolderLockedError
@@ -73,10 +74,12 @@ def test_a_folder_that_existed_is_kept(tmp_path: Path) -> None:
 
 
 def test_edit_and_undo_refuse_a_patch_set_another_session_holds(tmp_path: Path, capsys) -> None:
-    patches = tmp_path / "patches"
+    patches, model = tmp_path / "patches", tmp_path / "model"
+    tiny = GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16, n_positions=8)
+    GPT2LMHeadModel(tiny).save_pretrained(model)  # a model that resolves; the lock refuses before it is loaded
     holder = hold_in_another_process(patches, "sibling_lock")
     try:
-        edit = ["edit", "--model", "never-loaded", "--patches", str(patches), "--text", "w9 w10", "--target", "w11"]
+        edit = ["edit", "--model", str(model), "--patches", str(patches), "--text", "w9 w10", "--target", "w11"]
         assert main(edit) == 2
         assert f"{patches} is in use by another process (pid {holder.pid}" in capsys.readouterr().err
         assert main(["undo", str(patches), "1"]) == 2

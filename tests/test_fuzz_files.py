@@ -12,7 +12,16 @@ import torch
 from safetensors.torch import load_file, save, save_file
 
 import fuzz_files
-from fuzz_files import CONFIG, WEIGHTS, AdapterSetup, delta_setup, load_adapter_folder, patcher_setup
+from fuzz_files import (
+    CONFIG,
+    WEIGHTS,
+    AdapterSetup,
+    declared_huge,
+    delta_setup,
+    load_adapter_folder,
+    patcher_setup,
+    write_mutation,
+)
 from fuzzing import CAMPAIGNS
 from transformer_patcher import AdapterFileError
 from transformer_patcher.editing.memory import MemoryBank
@@ -42,6 +51,13 @@ def _edit_config(folder: Path, edit: Callable[[dict], None]) -> None:
     config = json.loads((folder / CONFIG).read_text())
     edit(config)
     (folder / CONFIG).write_text(json.dumps(config))
+
+
+def _declare_huge(folder: Path) -> None:
+    """A consistent file whose first tensor declares 2**28 rows (1 GB or more, a sparse tail)."""
+    data = (folder / WEIGHTS).read_bytes()
+    name = min(load_file(folder / WEIGHTS))
+    write_mutation(folder / WEIGHTS, declared_huge(data, name, [2**28, *load_file(folder / WEIGHTS)[name].shape[1:]]))
 
 
 def _narrow_weights(folder: Path) -> None:
@@ -80,6 +96,12 @@ REFUSALS: dict[str, Callable[[Path], None]] = {
     "float64 tensors for a float32 config": lambda f: save_file(
         {k: v.double() if v.is_floating_point() else v for k, v in load_file(f / WEIGHTS).items()}, f / WEIGHTS
     ),
+    # finite, so once loaded: every logit NaN
+    "finite but absurd magnitudes": lambda f: save_file(
+        {k: v * 1e30 if v.is_floating_point() else v for k, v in load_file(f / WEIGHTS).items()}, f / WEIGHTS
+    ),
+    # read whole before any check: 24 s and 4.7 GB RSS for 1.6 GB
+    "a consistent header declaring gigabytes": _declare_huge,
 }
 MISMATCHES: dict[str, Callable[[Path], None]] = {
     "sketch of 3 numbers": lambda f: _edit_config(
@@ -88,16 +110,31 @@ MISMATCHES: dict[str, Callable[[Path], None]] = {
     "sketch of huge integers": lambda f: _edit_config(
         f, lambda c: c["fingerprint"].update(weights_sketch=[10**400] * 16, weights_sha256="0")
     ),
+    # the adapted layers' views alone accepted another model sharing them, or 1 % noise on every weight
+    "whole-model sketch moved 1 %": lambda f: _edit_config(
+        f, lambda c: c["fingerprint"].update(model_sketch=[x * 1.01 for x in c["fingerprint"]["model_sketch"]])
+    ),
+    "whole-model shapes differ": lambda f: _edit_config(f, lambda c: c["fingerprint"].update(model_shapes_sha256="0")),
 }
+UNVERIFIED: dict[str, Callable[[Path], None]] = {
+    # was applied silently, and its save then recorded the new model's fingerprint
+    "fingerprint null": lambda f: _edit_config(f, lambda c: c.update(fingerprint=None)),
+}
+EXPECTED = (
+    {name: "AdapterFileError" for name in REFUSALS}
+    | {name: "FingerprintMismatchError" for name in MISMATCHES}
+    | {name: "UnverifiedAdapterError" for name in UNVERIFIED}
+)
 
 
 @pytest.mark.parametrize("peft_type", sorted(SETUPS))
-@pytest.mark.parametrize("mutation", sorted(REFUSALS) + sorted(MISMATCHES))
+@pytest.mark.parametrize("mutation", sorted(EXPECTED))
 def test_bad_adapter_folder_is_refused_before_the_model_changes(peft_type: str, mutation: str, tmp_path: Path) -> None:
     setup, folder = _folder(SETUPS[peft_type], tmp_path)
-    {**REFUSALS, **MISMATCHES}[mutation](folder)
-    expected = "AdapterFileError" if mutation in REFUSALS else "FingerprintMismatchError"
-    assert load_adapter_folder(setup, folder, None).startswith(f"refused: {expected}")  # also checks untouched
+    {**REFUSALS, **MISMATCHES, **UNVERIFIED}[mutation](folder)
+    assert load_adapter_folder(setup, folder, None).startswith(
+        f"refused: {EXPECTED[mutation]}"
+    )  # also checks untouched
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,10 @@ def saved(tmp_path: Path) -> Path:
     layer.add_patches(torch.randn(1, d, generator=generator), 0.0, torch.randn(1, 32, generator=generator), 9)
     model.save_pretrained(tmp_path / "p")
     (tmp_path / "p" / "edits.jsonl").write_text(
-        json.dumps({"edit_id": 4, "text": "a", "target": "b"}) + "\n" + json.dumps({"edit_id": 9, "text": "c"}) + "\n"
+        json.dumps({"edit_id": 4, "text": "a", "target": "b"})
+        + "\n"
+        + json.dumps({"edit_id": 9, "text": "c", "target": "d"})
+        + "\n"
     )
     return tmp_path / "p"
 

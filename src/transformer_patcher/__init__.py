@@ -31,6 +31,7 @@ from .errors import (
     PromptFormatError,
     UnknownModelError,
     UnsupportedArchitectureError,
+    UnverifiedAdapterError,
 )
 from .patcher import FixReport, Patcher
 
@@ -59,6 +60,7 @@ __all__ = [
     "PromptFormatError",
     "UnknownModelError",
     "UnsupportedArchitectureError",
+    "UnverifiedAdapterError",
     "get_delta_model",
     "get_patcher_model",
     "init_key",

@@ -17,13 +17,15 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
+from .adapter.patch_set import read_edit_log
+from .atomic import open_regular_file, recover_folder
 from .errors import PatcherError
 from .wording import count
 
@@ -36,16 +38,33 @@ SCHEDULE_HELP = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as error:
+        return _error(error)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with _library_bars(not getattr(args, "no_progress", False)):
             return int(args.handler(args) or 0)
-    except (PatcherError, ValueError, KeyError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"transformer-patcher: error: {message}", file=sys.stderr)
-        return 2
+    except (PatcherError, ValueError, KeyError, OSError, ModuleNotFoundError) as error:
+        return _error(error.args[0] if isinstance(error, KeyError) and error.args else error)
+
+
+def _error(message: object) -> int:
+    """Print ``message`` as the CLI's one error line, made safe to show (see :func:`_one_line`); exit status 2."""
+    print(f"transformer-patcher: error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
+class _UsageError(Exception):
+    """A command line argparse refuses; ``main`` reports it like any other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors reported by ``main`` as one ``error:`` line (exit status 2), not usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
 @contextmanager
@@ -76,7 +95,7 @@ def _version() -> str:
 
 # ------------------------------------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transformer-patcher", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="transformer-patcher", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"transformer-patcher {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -90,19 +109,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--editor", nargs="+", choices=EDITOR_NAMES, default=["patcher"], help="several: one run each, one table"
     )
-    run.add_argument("--folds", type=int, default=1, help="independent streams, each from the original model")
-    run.add_argument("--memory-rows", type=int, default=10_000, help="memory queries the patches must stay silent on")
+    run.add_argument("--folds", type=_positive, default=1, help="independent streams, each from the original model")
+    run.add_argument(
+        "--memory-rows", type=_positive, default=10_000, help="memory queries the patches must stay silent on"
+    )
     run.add_argument(
         "--question-rows",
-        type=int,
+        type=_non_negative,
         default=20_000,
         help="generators: memory rows over the model's own answers to memory questions, raw and chat (0: none)",
     )
-    run.add_argument("--validation-rows", type=int, default=1_000, help="validation memory rows (stopping rule)")
+    run.add_argument("--validation-rows", type=_positive, default=1_000, help="validation memory rows (stopping rule)")
     run.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
-    run.add_argument("--eval-every", type=int, default=None, help="also evaluate ER/locality every N edits")
+    run.add_argument("--eval-every", type=_positive, default=None, help="also evaluate ER/locality every N edits")
     run.add_argument("--seed", type=int, default=42)
-    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--batch-size", type=_positive, default=32)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig field override")
     run.add_argument("--ft-set", action="append", default=[], metavar="KEY=VALUE", help="FineTuneConfig field override")
     _pmet_options(run)
@@ -122,12 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     mass.add_argument("--model", required=True, help="short name (smollm2-135m), Hub id or local folder")
     mass.add_argument("--data", default="counterfact", help="counterfact, zsre, or a data file of --data-kind")
     mass.add_argument("--data-kind", choices=("counterfact", "zsre"), default=None)
-    mass.add_argument("--data-dir", type=Path, default=None, help="folder holding the shared data sets")
-    mass.add_argument("--cases", type=int, default=100, help="edit the first N records")
-    mass.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100])
+    mass.add_argument("--data-dir", type=_data_folder, default=None, help="folder holding the shared data sets")
+    mass.add_argument("--cases", type=_positive, default=100, help="edit the first N records")
+    mass.add_argument("--batch-sizes", type=_positive, nargs="+", default=[1, 10, 100])
     mass.add_argument("--editor", nargs="+", choices=("pmet", "memit", "patcher"), default=["pmet", "memit"])
     mass.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override (T-Patcher)")
-    mass.add_argument("--memory-rows", type=int, default=10_000, help="T-Patcher memory rows")
+    mass.add_argument("--memory-rows", type=_positive, default=10_000, help="T-Patcher memory rows")
     mass.add_argument("--zsre-target", choices=("answers", "alt"), default="answers", help="zsRE target convention")
     _format_options(mass)
     _pmet_options(mass)
@@ -137,23 +158,28 @@ def _parser() -> argparse.ArgumentParser:
 
     edit = commands.add_parser("edit", help="fix one or more mistakes and save the patch set")
     edit.add_argument("--model", required=True, help="short name (smollm2-135m, minilm-l6), Hub id or local folder")
-    edit.add_argument("--patches", type=Path, required=True, help="patch-set folder: extended if it exists")
+    edit.add_argument("--patches", type=_folder_to_write, required=True, help="patch-set folder: extended if it exists")
     edit.add_argument("--text", help="the input the model gets wrong")
     edit.add_argument("--target", help="the right output (a label index for classifiers)")
     edit.add_argument(
-        "--file", type=Path, help="JSON lines of {'text': ..., 'target': ..., 'subject': optional} to edit in order"
+        "--file",
+        type=_input_file,
+        help="JSON lines of {'text': ..., 'target': ..., 'subject': optional} to edit in order",
     )
     edit.add_argument("--subject", help="what --text is about (eval asks the same question of other subjects)")
     _format_options(edit)
     edit.add_argument(
         "--memory", choices=(*BENCHMARK_NAMES, "none"), default=None, help="memory set (default: by task)"
     )
-    edit.add_argument("--memory-rows", type=int, default=10_000)
+    edit.add_argument("--memory-rows", type=_positive, default=10_000)
     edit.add_argument(
-        "--question-rows", type=int, default=20_000, help="generators: memory rows over the model's own answers"
+        "--question-rows",
+        type=_non_negative,
+        default=20_000,
+        help="generators: memory rows over the model's own answers",
     )
     edit.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
-    edit.add_argument("--data-dir", type=Path, default=None)
+    edit.add_argument("--data-dir", type=_data_folder, default=None)
     edit.add_argument("--no-progress", action="store_true")
     edit.set_defaults(handler=_edit)
 
@@ -163,10 +189,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _model_and_data(evaluate)
     evaluate.add_argument("--patches", type=Path, default=None, help="patch set; without --data its edit log is scored")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=_positive, default=32)
     _format_options(evaluate)
     _suite_option(evaluate, default="full")
-    evaluate.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    evaluate.add_argument("--out", type=_file_to_write, default=None, help="also write the results as JSON here")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(handler=_eval, data=None)
 
@@ -181,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
 
     undo = commands.add_parser("undo", help="remove every neuron of one edit from a saved patch set")
     undo.add_argument("patches", type=Path)
-    undo.add_argument("edit_id", type=int)
+    undo.add_argument("edit_id", type=_edit_id)
     undo.set_defaults(handler=_undo)
     return parser
 
@@ -205,7 +231,9 @@ def _suite_option(parser: argparse.ArgumentParser, default: str) -> None:
         help="evaluation suite: unrelated and neighbouring questions (raw and chat), free generation, perplexity "
         "(full: ~1,000 questions, 100 generations, 50k tokens; small: a quick look)",
     )
-    parser.add_argument("--neighbours", type=int, default=None, help="near neighbours per edit (default: the suite's)")
+    parser.add_argument(
+        "--neighbours", type=_non_negative, default=None, help="near neighbours per edit (default: the suite's)"
+    )
     parser.add_argument("--locality-file", help="your unrelated questions for the suite: {'text': ...} per line")
     parser.add_argument(
         "--neighbour-file", help="your near neighbours for the suite: {'text': edit, 'neighbours': [...]} per line"
@@ -222,14 +250,91 @@ def _model_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="short name (smollm2-135m, minilm-l6), Hub id or local folder")
     parser.add_argument("--data", default="zsre", help=f"{', '.join(BENCHMARK_NAMES)} or a data file")
     parser.add_argument("--data-kind", choices=BENCHMARK_NAMES, default=None, help="format of a --data file")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the shared data sets")
-    parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+    parser.add_argument("--data-dir", type=_data_folder, default=None, help="folder holding the shared data sets")
+    parser.add_argument("--max-examples", type=_positive, default=None, help="use only the first N examples")
     parser.add_argument(
         "--zsre-target",
         choices=("answers", "alt"),
         default="answers",
         help="zsRE target: the true answer (answers[0]) or EasyEdit's convention (alt; records without one skipped)",
     )
+
+
+# ------------------------------------------------------------------------------------------ argument types
+INT64_MAX = 2**63 - 1  # counts and edit ids end up in int64 tensors
+
+
+def _integer(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type for integers from ``minimum`` to ``INT64_MAX``: a zero or negative count is a mistake to
+    refuse, not a run that silently does nothing, and a larger id could never be stored."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if not minimum <= value <= INT64_MAX:
+            raise argparse.ArgumentTypeError(f"expected {what} (at most 2**63 - 1), got {text!r}")
+        return value
+
+    return parse
+
+
+_positive = _integer(1, "a positive integer")
+_non_negative = _integer(0, "a non-negative integer")
+_edit_id = _integer(1, "an edit id, a positive integer")
+
+
+def _data_folder(text: str) -> Path:
+    """A ``--data-dir`` must exist: a mistyped one would otherwise fall back to other data without a word."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return Path(text)
+
+
+def _input_file(text: str) -> Path:
+    """A file to read: a folder or a missing path is refused at once, not met as a traceback when it is read."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is {'a folder' if Path(text).is_dir() else 'not a file'}")
+    return Path(text)
+
+
+def _writable(path: Path, folder: bool) -> Path:
+    """``path`` if a ``folder`` (or file) can be made there: the path itself and every folder above it that exists
+    must be of the right kind, checked before any work so that a failure leaves nothing behind."""
+    if path.exists() and path.is_dir() != folder:
+        kind = "a file, not a folder" if folder else "a folder, not a file"
+        raise argparse.ArgumentTypeError(f"{str(path)!r} is {kind}")
+    above = next((parent for parent in path.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise argparse.ArgumentTypeError(f"{str(path)!r}: {str(above)!r} is a file, not a folder")
+    return path
+
+
+def _folder_to_write(text: str) -> Path:
+    return _writable(Path(text), folder=True)
+
+
+def _file_to_write(text: str) -> Path:
+    return _writable(Path(text), folder=False)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_model_and_data(args: argparse.Namespace) -> None:
+    """The data file and the model, checked before a run takes its output folder's lock or writes anything."""
+    from .pretrained import model_config
+
+    named = args.data in BENCHMARK_NAMES or args.data.startswith(("http://", "https://"))
+    if not named and not Path(args.data).is_file():
+        raise FileNotFoundError(f"dataset file not found: {args.data}")
+    model_config(args.model)
+
+
+def _check_edit_log(folder: Path) -> None:
+    """A patch folder a crash left aside is put back, and its edit log (each line's id, text and target, which
+    ``eval`` and ``edit`` read) is checked before anything is loaded or locked."""
+    recover_folder(folder)
+    read_edit_log(folder)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -263,6 +368,7 @@ def _sme_run(args: argparse.Namespace) -> int:
         suite=args.suite,
         suite_options=_suite_overrides(args),
     )
+    _check_model_and_data(args)
     progress = not args.no_progress
     if len(args.editor) > 1:
         command = shlex.join(["transformer-patcher", *sys.argv[1:]])
@@ -280,7 +386,8 @@ def _sme_run(args: argparse.Namespace) -> int:
                 print(
                     f"\nEvaluation suite, {r['editor']} (final evaluation; exact = greedy output unchanged):\n{suite}"
                 )
-        print(f"\nresults: {args.out / 'results.json'}, {args.out / 'results.md'}; plots and patch sets in {args.out}/")
+        out = _one_line(args.out)
+        print(f"\nresults: {out}/results.json, {out}/results.md; plots and patch sets in {out}/")
     return 0
 
 
@@ -320,10 +427,11 @@ def _batch_run(args: argparse.Namespace) -> int:
         append_eos=args.append_eos,
         zsre_target=args.zsre_target,
     )
+    _check_model_and_data(args)
     command = shlex.join(["transformer-patcher", *sys.argv[1:]])
     results = run_batch_experiment(config, args.out, progress=not args.no_progress, command=command)
     print(markdown_table(results["rows"], metric_columns=FACT_COLUMNS, extra_columns=FACT_EXTRAS))
-    print(f"results: {args.out / 'results.json'}, {args.out / 'results.md'}")
+    print(f"results: {_one_line(args.out)}/results.json, {_one_line(args.out)}/results.md")
     return 0
 
 
@@ -349,6 +457,7 @@ def _edit(args: argparse.Namespace) -> int:
     from .session import EditSession
 
     requests = _edit_requests(args)
+    _check_edit_log(args.patches)
     with EditSession.open(
         args.model,
         args.patches,
@@ -361,7 +470,7 @@ def _edit(args: argparse.Namespace) -> int:
         prompt_format=PromptFormat(args.prompt_format, args.append_eos),
     ) as session:
         before = session.num_patches
-        print(session.memory.describe() + "\n")
+        print(_one_line(session.memory.describe()) + "\n")
         print(_md_head(["edit id", "fixed", "needed", "neurons", "steps", "seconds", "text"], "rllrrrl"))
         answered = []
         for text, target, subject in requests:
@@ -378,7 +487,7 @@ def _edit(args: argparse.Namespace) -> int:
             return 0
         session.save()
     new = session.num_patches - before
-    print(f"\nsaved {count(session.num_patches, 'patch', 'patches')} ({new} new) to {args.patches}/")
+    print(f"\nsaved {count(session.num_patches, 'patch', 'patches')} ({new} new) to {_one_line(args.patches)}/")
     return 0
 
 
@@ -444,6 +553,7 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
             "made in (its edit log), and the suite asks raw and chat"
         )
     suite = SuiteConfig.preset(args.suite, batch_size=args.batch_size, **_suite_overrides(args))
+    _check_edit_log(args.patches)
     report = evaluate_patch_set(args.model, args.patches, suite, args.data_dir, progress=not args.no_progress)
     print(_md_head(["edit id", "format", "text", "target", "base answer", "patched answer", "fixed"], "rllllll"))
     for e in report.edits:
@@ -473,21 +583,37 @@ def _eval_patch_set(args: argparse.Namespace) -> int:
         if len(report.leaks) > 20:
             print(f"... {len(report.leaks) - 20} more in --out")
     for note in report.notes:
-        print(f"- {note}")
+        print(f"- {_one_line(note)}")
     print("- exact: the fix is written then ends (edits, rephrases), or the greedy output equals the base model's")
     _write_json(args.out, report.to_dict())
     return 0
 
 
 def _md_row(cells: Iterable[Any]) -> str:
-    """One markdown table row: floats to 3 decimals; ``|`` escaped and line breaks shown as ``⏎``, since either
-    would break the row."""
+    """One markdown table row: floats to 3 decimals, text made safe by :func:`_md_cell`."""
     shown = [f"{c:.3f}" if isinstance(c, float) else _md_cell(str(c)) for c in cells]
     return "| " + " | ".join(shown) + " |"
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎")
+    """:func:`_one_line` with ``|`` escaped: either would otherwise end the cell or forge a row."""
+    return _one_line(text).replace("|", "\\|")
+
+
+# Text from files (edit logs, adapter configs, data) reaches the terminal: control characters there would run as
+# escape sequences (clear the screen, move the cursor, retitle the window), line breaks would forge lines, and bidi
+# controls would reorder what is shown. Line breaks become ⏎; the others their Python escape.
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_VISIBLE = str.maketrans(
+    {chr(c): f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+    | {c: f"\\u{ord(c):04x}" for c in _BIDI_CONTROLS + "\u2028\u2029"}
+    | {"\n": "⏎", "\r": "⏎"}
+)
+
+
+def _one_line(text: object) -> str:
+    """``text`` as one line that shows what it holds and cannot act on the terminal (see ``_VISIBLE``)."""
+    return str(text).replace("\r\n", "\n").translate(_VISIBLE)
 
 
 def _md_head(columns: Sequence[str], align: str) -> str:
@@ -514,7 +640,7 @@ def _plot(args: argparse.Namespace) -> int:
     if any(r["needed"] for fold in folds for r in fold["records"]):
         written.append(latency_histogram(folds, args.run_dir / "latency.png"))
     written += sorted((args.run_dir / "heatmaps").glob("*.png"))
-    print("\n".join(str(path) for path in written))
+    print("\n".join(_one_line(path) for path in written))
     return 0
 
 
@@ -527,9 +653,10 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"patch set   {info['path']}")
-    print(f"base model  {info['base_model']}")
-    print(f"patches     {count(info['num_patches'], 'neuron')} on {info['target_module']} ({info['activation']})")
+    print(f"patch set   {_one_line(info['path'])}")
+    print(f"base model  {_one_line(info['base_model'])}")
+    on = f"{_one_line(info['target_module'])} ({_one_line(info['activation'])})"
+    print(f"patches     {count(info['num_patches'], 'neuron')} on {on}")
     print(f"file        {info['file_bytes']:,} bytes of safetensors\n")
     print(_md_head(["edit id", "neurons", "text", "target"], "rrll"))
     for edit in info["edits"]:
@@ -540,7 +667,9 @@ def _info(args: argparse.Namespace) -> int:
 def _peft_type(folder: Path) -> str | None:
     """The ``peft_type`` an adapter folder declares (None when unreadable: the full loader then says why)."""
     try:
-        return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+        recover_folder(folder)
+        with open_regular_file(folder / "adapter_config.json") as handle:  # a FIFO would block a plain read
+            return json.load(handle).get("peft_type")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -552,9 +681,10 @@ def _info_delta(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"weight delta {info['path']}")
-    print(f"base model   {info['base_model']}")
-    print(f"method       {info['method']}, total rank {info['rank']} over {count(len(info['modules']), 'module')}")
+    print(f"weight delta {_one_line(info['path'])}")
+    print(f"base model   {_one_line(info['base_model'])}")
+    modules = count(len(info["modules"]), "module")
+    print(f"method       {_one_line(info['method'])}, total rank {_one_line(info['rank'])} over {modules}")
     print(f"file         {info['file_bytes']:,} bytes of safetensors\n")
     print(_md_head(["module", "rank", "in", "out"], "lrrr"))
     for name, shape in info["modules"].items():
@@ -575,7 +705,7 @@ def _undo(args: argparse.Namespace) -> int:
             "earlier ones applied, so one edit cannot be taken out on its own; re-run the edits without it"
         )
     removed = remove_edit_from_files(args.patches, args.edit_id)
-    print(f"removed edit {args.edit_id} ({count(removed, 'neuron')}) from {args.patches}/")
+    print(f"removed edit {args.edit_id} ({count(removed, 'neuron')}) from {_one_line(args.patches)}/")
     return 0
 
 

@@ -19,6 +19,13 @@ class FingerprintMismatchError(AdapterFileError):
     """An adapter was made for a different base model than the one it is being loaded into."""
 
 
+class UnverifiedAdapterError(FingerprintMismatchError):
+    """A saved adapter records no base-model fingerprint, so nothing shows it belongs to this model.
+
+    A subclass of ``FingerprintMismatchError``: the same explicit opt-out (``check_fingerprint=False``) attaches it.
+    """
+
+
 class InvalidPatchError(PatcherError, ValueError):
     """Patch tensors with the wrong shape or dtype, or holding NaN/inf, or an unknown edit id."""
 

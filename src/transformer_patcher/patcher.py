@@ -131,7 +131,7 @@ class Patcher(Closable):
         """Make the model answer ``prompt`` with ``target`` (a label index for classifiers), then check that each
         of ``rephrases`` gets the target too and that each ``locality`` prompt's answer did not change. The new
         patches are also built to stay silent on the ``locality`` prompts. ``subject`` (what the prompt is about, a
-        substring of it) lets the patch contrast the prompt with the same question about similar subjects. Invalid
+        substring of it) lets the patch contrast the prompt with the same question about other subjects. Invalid
         input raises before anything changes."""
         rephrases, locality = self._texts(rephrases, "rephrase"), self._texts(locality, "locality prompt")
         self._texts([prompt], "prompt")

@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 MINILM = "minilm-l6"
 SMOLLM2 = "smollm2-135m"
 GEMMA3 = "gemma3-270m"
+# What transformers loads a local folder's PyTorch weights from (single file or sharded); checked before any work.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 # Where each short-named model comes from on the Hub (model-card metadata; the weights here are a GGUF's, so the
@@ -172,20 +179,24 @@ def load_model(name_or_path: str, kind: str, num_labels: int | None = None) -> t
         AutoTokenizer,
     )
 
+    if kind not in ("classification", "generation"):
+        raise ValueError(f"kind must be 'classification' or 'generation', got {kind!r}")
     config = model_config(name_or_path)
     path = resolve_model(name_or_path)
-    if kind == "classification":
-        kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-        if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-            logger.warning("%s has no trained classification head; a randomly initialised one is added", path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False, **kwargs)
-    elif kind == "generation":
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(path, trust_remote_code=False)
-    else:
-        raise ValueError(f"kind must be 'classification' or 'generation', got {kind!r}")
+    try:
+        if kind == "classification":
+            kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+            if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+                logger.warning("%s has no trained classification head; a randomly initialised one is added", path)
+            model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False, **kwargs)
+        else:
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model = auto.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except OSError as error:  # weights or tokenizer files missing or unreadable: one clear error, not a traceback
+        raise UnknownModelError(f"cannot load the model {name_or_path!r}: {_first_line(error)}") from error
     model.name_or_path = model.config._name_or_path = portable_name(name_or_path)  # what adapters will record
-    return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return model.eval(), tokenizer
 
 
 def model_kind(name_or_path: str) -> str:
@@ -195,16 +206,30 @@ def model_kind(name_or_path: str) -> str:
 
 
 def model_config(name_or_path: str) -> Any:
-    """The transformers config of a short name, Hub id or local folder; an unknown name is one clear error."""
+    """The transformers config of a short name, Hub id or local folder. An unknown name, a missing folder or one
+    without weights is one clear error here, before a caller takes a lock or writes anything."""
     from transformers import AutoConfig
 
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UnknownModelError(f"a model is named by a short name, Hub id or folder; got {name_or_path!r}")
     path = resolve_model(name_or_path)
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).exists():  # a path, never a Hub id
+        raise UnknownModelError(f"cannot load the model {name_or_path!r}: no such folder")
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise UnknownModelError(
             f"cannot load the model {name_or_path!r}: it is not a short name ({', '.join(UPSTREAM)}), a folder with "
-            f"a config.json, or a Hub id reachable from here ({type(error).__name__}: {str(error).splitlines()[0]})"
+            f"a config.json, or a Hub id reachable from here ({type(error).__name__}: {_first_line(error)})"
         ) from error
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in WEIGHT_FILES):
+        raise UnknownModelError(
+            f"cannot load the model {name_or_path!r}: the folder has a config.json but no weights "
+            "(model.safetensors or pytorch_model.bin, whole or sharded)"
+        )
+    return config
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

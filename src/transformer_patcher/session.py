@@ -22,6 +22,7 @@ from peft.utils import CONFIG_NAME
 from .adapter.config import PatcherConfig
 from .adapter.model import PatcherModel, get_patcher_model
 from .adapter.patch_set import edit_log_entry, read_edit_log, save_adapter_folder
+from .atomic import check_plain_folder, recover_folder
 from .closable import Closable
 from .data.benchmarks import embedded_memory, fever_benchmark, generation_memory
 from .data.loaders import find_data_file
@@ -111,6 +112,9 @@ class EditSession(Closable):
         if folder is not None:  # before reading: the folder must not change under us
             lock.enter_context(sibling_lock(folder))
         try:
+            if folder is not None:  # a crash mid-save must not make this session start a new patch set over it
+                recover_folder(folder, locked=True)
+                check_plain_folder(folder)  # refused now, not after the edits: it could not be saved
             base, tokenizer = load_model(model, kind)
             config = EditConfig.mode(schedule, **dict(edit_options or {}))
             auto = isinstance(prompt_format, str) and prompt_format == AUTO
@@ -218,11 +222,19 @@ class EditSession(Closable):
         if target == self.folder:
             save_adapter_folder(self.trainer.model, target, self.log)
             return target
-        if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        if _occupied(target):  # refused before a lock file is written beside it
             raise FileExistsError(f"{target} already exists; save to a new folder or to the session's own")
         with sibling_lock(target):
+            recover_folder(target, locked=True)  # a patch set a crash left moved aside is still one
+            if _occupied(target):
+                raise FileExistsError(f"{target} already exists; save to a new folder or to the session's own")
             save_adapter_folder(self.trainer.model, target, self.log)
         return target
+
+
+def _occupied(folder: Path) -> bool:
+    """Whether saving a new patch set to ``folder`` would overwrite something (an empty folder is free)."""
+    return folder.exists() and not (folder.is_dir() and not any(folder.iterdir()))
 
 
 def _by_format(log: list[dict[str, Any]]) -> dict[PromptFormat, list[tuple[str, Any]]]:

@@ -1,8 +1,9 @@
 """Reading patch files safely: safetensors only, every tensor checked before the model is touched.
 
 An adapter file is untrusted input. It is parsed with safetensors (never pickle), grouped per patched module, and
-checked for missing or unexpected tensors, wrong ranks, dtypes and sizes, NaN/inf, and agreement with its config.
-Only a file that passes is ever loaded into a model.
+checked for missing or unexpected tensors, wrong ranks, dtypes and sizes, NaN/inf, and agreement with its config;
+a file larger than its config allows is refused before it is read (``bounds``). Only a file that passes is ever
+loaded into a model, and only after its magnitudes were compared with the model's own weights.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import AdapterFileError
+from .bounds import MAX_WIDTH, check_declared_size, file_size_limit, largest_row_norm
 
 PEFT_KEY_PREFIX = "base_model.model."
 FROZEN = ("patch_frozen_keys", "patch_frozen_bias", "patch_frozen_values", "patch_frozen_edit_ids")
@@ -32,16 +34,24 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @dataclass(frozen=True)
 class PatchShapes:
-    """Patch counts and dimensions of one patched module in a checkpoint."""
+    """Patch counts, dimensions and largest magnitudes of one patched module in a checkpoint."""
 
     n_frozen: int
     n_trainable: int
     query_dim: int
     output_dim: int
+    key_norm: float
+    bias_norm: float
+    value_norm: float  # of the effective values (v' ⊙ a for the trainable patches)
 
     @property
     def dims(self) -> tuple[int, int]:
         return self.query_dim, self.output_dim
+
+    @property
+    def magnitudes(self) -> dict[str, float]:
+        """Largest key and value row norms and largest |bias|, by what ``bounds.check_magnitudes`` calls them."""
+        return {"patch keys": self.key_norm, "patch biases": self.bias_norm, "patch values": self.value_norm}
 
     @property
     def total(self) -> int:
@@ -83,7 +93,16 @@ def _check_group(module: str, group: Mapping[str, torch.Tensor], source: str) ->
     for name, shape in expected.items():
         if tuple(group[name].shape) != shape:
             raise fail(f"{name} has shape {tuple(group[name].shape)}, expected {shape}")
-    return PatchShapes(n_frozen, n_trainable, query_dim, output_dim)
+    biases = torch.cat([group["patch_frozen_bias"].double(), group["patch_bias"].double()]).abs()
+    return PatchShapes(
+        n_frozen,
+        n_trainable,
+        query_dim,
+        output_dim,
+        key_norm=largest_row_norm(fk, tk),
+        bias_norm=float(biases.max()) if biases.numel() else 0.0,
+        value_norm=largest_row_norm(fv, tv.double() * group["patch_value_scale"].double()),
+    )
 
 
 def split_by_module(
@@ -171,9 +190,23 @@ def check_dims_fit(
             )
 
 
+def _check_patch_file_size(path: str, config: Any) -> None:
+    """Bound the file by ``num_patches`` rows of the fingerprint's widths (``MAX_WIDTH`` when it gives none): per
+    patch a key, a bias, a value and a value scale in ``patch_dtype`` (8 bytes when unset) and an int64 edit id."""
+    fingerprint = config.fingerprint or {}
+    query_dim, output_dim = (fingerprint.get(dim) or MAX_WIDTH for dim in ("query_dim", "output_dim"))
+    itemsize = getattr(torch, config.patch_dtype).itemsize if config.patch_dtype else 8
+    targets = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
+    row_bytes = (query_dim + 1 + 2 * output_dim) * itemsize + 8
+    limit = file_size_limit(config.num_patches, row_bytes, len(PATCH_TENSOR_NAMES) * len(targets))
+    implied = f"num_patches={config.num_patches} of {query_dim}→{output_dim}, patch_dtype={config.patch_dtype}"
+    check_declared_size(path, limit, implied)
+
+
 def validate_adapter_file(path: str | os.PathLike[str], config: Any) -> dict[str, PatchShapes]:
     """Check a saved adapter file against its own config; raise ``AdapterFileError`` on any disagreement."""
     source = os.fspath(path)
+    _check_patch_file_size(source, config)
     groups, shapes = group_patch_tensors(read_adapter_file(path), source)
     check_dtypes(groups, config.patch_dtype, source, "patch_dtype")
     targets = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]

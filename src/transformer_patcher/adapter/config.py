@@ -11,7 +11,7 @@ from peft.utils import CONFIG_NAME
 from transformers.activations import ACT2FN
 
 from .checkpoint import validate_adapter_file
-from .config_file import NULLABLE_STR, STR_LIST, CarriedFields, ValidatedConfigFile, config_schema
+from .config_file import FINGERPRINT_VIEWS, NULLABLE_STR, STR_LIST, CarriedFields, ValidatedConfigFile, config_schema
 from .peft_type import AdapterType
 
 PATCHER = AdapterType.PATCHER
@@ -126,8 +126,7 @@ def _schema() -> dict[str, Any]:
                 "properties": {
                     "query_dim": {"type": "integer", "minimum": 1},
                     "output_dim": {"type": "integer", "minimum": 1},
-                    "weights_sha256": NULLABLE_STR,
-                    "weights_sketch": {"type": ["array", "null"], "items": {"type": "number"}},
+                    **FINGERPRINT_VIEWS,
                 },
             },
         },
@@ -135,6 +134,7 @@ def _schema() -> dict[str, Any]:
 
 
 CONFIG_SCHEMA = PatcherConfig.config_schema = _schema()
+PatcherConfig.loaders = "transformer_patcher.PatcherModel.from_pretrained or transformer_patcher.Patcher"
 
 
 def validate_config_dict(data: object, source: str = CONFIG_NAME) -> None:

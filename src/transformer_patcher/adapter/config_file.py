@@ -3,6 +3,9 @@
 A saved config is untrusted input: it is parsed as JSON, checked against a JSON schema that names every field of the
 config class (unknown fields refused), searched for non-finite numbers, and only then turned into a config. Loading a
 config also checks the ``adapter_model.safetensors`` next to it, so that a PEFT load fails before the model is touched.
+A refused config names the package's loader: plain peft reads ``peft_type`` itself before any of this runs, so it
+gives its own ``KeyError``/``TypeError`` for a config that is not an object, and loads one whose ``peft_type`` was
+changed as that other adapter type.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ PEFT_FIELDS: dict[str, dict[str, Any]] = {
     "auto_mapping": {"type": ["object", "null"]},
 }
 PEFT_UNUSED = ("exclude_modules", "target_parameters", "modules_to_save")
+# The weight views of a fingerprint (``fingerprint`` module); the whole-model ones are absent from older files.
+FINGERPRINT_VIEWS: dict[str, dict[str, Any]] = {
+    "weights_sha256": NULLABLE_STR,
+    "weights_sketch": {"type": ["array", "null"], "items": {"type": "number"}},
+    "model_shapes_sha256": {"type": "string"},
+    "model_sketch": {"type": "array", "items": {"type": "number"}},
+}
 
 
 @dataclass
@@ -87,30 +97,44 @@ def _depth(value: object) -> int:
     return deepest
 
 
-def check_config_dict(data: object, schema: dict[str, Any], peft_type: str, source: str = CONFIG_NAME) -> None:
-    """Raise ``AdapterFileError`` when ``data`` is nested too deeply, breaks ``schema`` or holds NaN/inf anywhere."""
+def check_config_dict(
+    data: object, schema: dict[str, Any], peft_type: str, source: str = CONFIG_NAME, hint: str = ""
+) -> None:
+    """Raise ``AdapterFileError`` when ``data`` is nested too deeply, breaks ``schema`` or holds NaN/inf anywhere;
+    ``hint`` ends the message."""
     if _depth(data) > MAX_DEPTH:
-        raise AdapterFileError(f"{source}: JSON nested more than {MAX_DEPTH} levels deep; not an adapter config")
+        raise AdapterFileError(f"{source}: JSON nested more than {MAX_DEPTH} levels deep; not an adapter config.{hint}")
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         details = "; ".join(f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:5])
-        raise AdapterFileError(f"{source} is not a valid {peft_type} adapter config: {details}")
+        raise AdapterFileError(f"{source} is not a valid {peft_type} adapter config: {details}.{hint}")
     bad_numbers = _non_finite(data, "")
     if bad_numbers:
-        raise AdapterFileError(f"{source}: non-finite value in {', '.join(bad_numbers)}")
+        raise AdapterFileError(f"{source}: non-finite value in {', '.join(bad_numbers)}.{hint}")
 
 
 class ValidatedConfigFile:
     """Mixin for a ``PeftConfig`` dataclass: schema-checked ``from_json_file``, weight-checked ``from_pretrained``.
 
-    Subclasses set ``config_schema`` and implement ``validate_weights_file``; list this class before ``PeftConfig``.
+    Subclasses set ``config_schema`` and ``loaders`` and implement ``validate_weights_file``; list this class before
+    ``PeftConfig``.
     """
 
     config_schema: ClassVar[dict[str, Any]]
+    loaders: ClassVar[str]  # the supported way to load this adapter type, named by every refusal of its config
+
+    @classmethod
+    def _hint(cls) -> str:
+        peft_type = cls.config_schema["properties"]["peft_type"]["const"]
+        return (
+            f" A {peft_type} adapter loads with {cls.loaders}, which check the whole folder before the model changes; "
+            "plain PeftModel.from_pretrained acts on the config's peft_type before anything is checked."
+        )
 
     @classmethod
     def validate_config_dict(cls, data: object, source: str = CONFIG_NAME) -> None:
-        check_config_dict(data, cls.config_schema, cls.config_schema["properties"]["peft_type"]["const"], source)
+        peft_type = cls.config_schema["properties"]["peft_type"]["const"]
+        check_config_dict(data, cls.config_schema, peft_type, source, cls._hint())
 
     @classmethod
     def validate_weights_file(cls, path: str, config: Any) -> dict[str, Any]:
@@ -127,7 +151,9 @@ class ValidatedConfigFile:
             with open(path_json_file, encoding="utf-8") as handle:
                 loaded = json.load(handle)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise AdapterFileError(f"{path_json_file} is not a readable JSON adapter config: {exc}") from exc
+            raise AdapterFileError(
+                f"{path_json_file} is not a readable JSON adapter config: {exc}.{cls._hint()}"
+            ) from exc
         cls.validate_config_dict(loaded, source=path_json_file)
         return loaded
 
@@ -141,7 +167,9 @@ class ValidatedConfigFile:
         except AdapterFileError:
             raise
         except (TypeError, ValueError) as exc:
-            raise AdapterFileError(f"{pretrained_model_name_or_path}: not a usable adapter config: {exc}") from exc
+            raise AdapterFileError(
+                f"{pretrained_model_name_or_path}: not a usable adapter config: {exc}.{cls._hint()}"
+            ) from exc
         unused = {name: getattr(config, name) for name in PEFT_UNUSED if getattr(config, name)}
         if unused:  # peft would act on them, and fail only after changing the model
             raise AdapterFileError(

@@ -11,9 +11,10 @@ from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
 from torch import nn
 
 from ..errors import PatchMergeError
-from .checkpoint import check_checkpoint_covers, check_dims_fit, group_patch_tensors, layers_holding
+from .bounds import check_magnitudes, weight_scale
+from .checkpoint import PEFT_KEY_PREFIX, check_checkpoint_covers, check_dims_fit, group_patch_tensors, layers_holding
 from .config import PatcherConfig
-from .fingerprint import check_fingerprint, compute_fingerprint
+from .fingerprint import PATCH_WORDING, compute_fingerprint, settle_fingerprint
 from .layer import MERGE_IMPOSSIBLE, PatcherLayer
 from .registry import resolve_patch_target
 
@@ -27,7 +28,8 @@ class PatcherModel(BaseTuner):
 
     # --------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: PatcherConfig, model_config: dict[str, Any]) -> PatcherConfig:
-        """Resolve the FFN to exact names and check (or record) the base-model fingerprint, before any change."""
+        """Resolve the FFN to exact names; check a saved patch set's sizes, base-model fingerprint and magnitudes
+        against it (a new one records the fingerprint instead), before any change."""
         target = resolve_patch_target(
             self.model,
             target_modules=peft_config.target_modules,
@@ -36,17 +38,23 @@ class PatcherModel(BaseTuner):
             activation=peft_config.patch_activation,
         )
         modules = dict(self.model.named_modules())
-        query_dim = _get_in_out_features(modules[target.key_module])[0]
-        output_dim = _get_in_out_features(_unwrapped(modules[target.value_module]))[1]
-        actual = compute_fingerprint(self.model, target, query_dim, output_dim)
-        if peft_config.fingerprint is not None:
-            check_fingerprint(peft_config.fingerprint, actual)
+        key, value = modules[target.key_module], _unwrapped(modules[target.value_module])
+        query_dim, output_dim = _get_in_out_features(key)[0], _get_in_out_features(value)[1]
         path, shapes = getattr(peft_config, "checked_weights", (None, {}))  # set when loaded from a folder
         check_dims_fit(shapes, {target.value_module: (query_dim, output_dim)}, str(path), "patches")
+        # transformers' load_adapter builds the config without the package reading the folder: patches say it is saved
+        saved = (
+            hasattr(peft_config, "checked_weights")
+            or peft_config.num_patches > 0
+            or peft_config.fingerprint is not None
+        )
+        actual = compute_fingerprint(self.model, target, query_dim, output_dim)
+        settle_fingerprint(peft_config, actual, PATCH_WORDING, saved)
+        scales = {target.value_module: _patch_scales(key, value)}
+        check_magnitudes({module: shape.magnitudes for module, shape in shapes.items()}, scales, str(path))
         peft_config.target_modules = [target.value_module]
         peft_config.key_module = target.key_module
         peft_config.patch_activation = target.activation
-        peft_config.fingerprint = actual
         return peft_config
 
     def _create_and_replace(
@@ -86,12 +94,20 @@ class PatcherModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: PatcherConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Validate a checkpoint and resize the patch tensors to its counts, before peft loads it."""
-        groups, shapes = group_patch_tensors(state_dict, source=f"adapter '{adapter_name}'")
+        """Validate a checkpoint (also against the model's weights) and resize the patch tensors to its counts, before
+        peft loads it. Loading into an existing adapter reaches only this check, never ``_prepare_adapter_config``."""
+        source = f"adapter '{adapter_name}'"
+        groups, shapes = group_patch_tensors(state_dict, source=source)
         layers = layers_holding(model, PatcherLayer, adapter_name, "patch_keys")
         check_checkpoint_covers(groups, layers, noun="patches", verb="patch")
         dims = {name: (layer.query_dim, layer.output_dim) for name, layer in layers.items()}
-        check_dims_fit(shapes, dims, f"adapter '{adapter_name}'", "patches")
+        check_dims_fit(shapes, dims, source, "patches")
+        modules = {name.removeprefix(PEFT_KEY_PREFIX): module for name, module in model.named_modules()}
+        scales = {
+            name: _patch_scales(modules[layer.key_module_name], layer.get_base_layer())
+            for name, layer in layers.items()
+        }
+        check_magnitudes({module: shape.magnitudes for module, shape in shapes.items()}, scales, source)
         for module_name, shape in shapes.items():
             layers[module_name].resize_for_load(adapter_name, shape)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
@@ -127,11 +143,13 @@ class PatcherModel(BaseTuner):
     ) -> PeftModel:
         """Load a saved patch set onto ``model``: validated, safetensors-only, and fingerprint-checked.
 
-        Equivalent to ``PeftModel.from_pretrained`` once ``transformer_patcher`` is imported, which this guarantees.
+        Equivalent to ``PeftModel.from_pretrained`` once ``transformer_patcher`` is imported, which this guarantees,
+        except that ``check_fingerprint=False`` attaches a patch set whose fingerprint is missing or names another
+        model, with a warning. Its recorded fingerprint is kept either way, so a save still names the model the patches
+        were trained on.
         """
         config = PatcherConfig.from_pretrained(model_id, **kwargs)
-        if not check_fingerprint:
-            config.fingerprint = None
+        config.check_fingerprint = check_fingerprint  # read by settle_fingerprint; not a field, never saved
         return PeftModel.from_pretrained(
             model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
         )
@@ -139,6 +157,12 @@ class PatcherModel(BaseTuner):
 
 def _unwrapped(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, PatcherLayer) else module
+
+
+def _patch_scales(key_module: nn.Module, value_module: nn.Module) -> dict[str, float]:
+    """What bounds each patch tensor: keys and biases meet the FFN's key weights, values add to its value weights."""
+    key = weight_scale(key_module)
+    return {"patch keys": key, "patch biases": key, "patch values": weight_scale(value_module)}
 
 
 def get_patcher_model(

@@ -4,7 +4,9 @@ A patch-set folder is a PEFT adapter folder (``adapter_config.json`` + ``adapter
 was written by the CLI, ``edits.jsonl``: one line per edit (``edit_id``, ``text``, ``target``, ``success``, the
 ``prompt_format`` it was made in, and when known its ``subject`` and ``rephrases``), so later edits can rebuild the
 memory of earlier ones, ``eval`` can score the fixes as they were asked, and a reader can see what each patch
-fixes. Every change is validated first and written atomically; a failed undo leaves the folder as it was.
+fixes. Every change is validated first and written atomically; a failed undo leaves the folder as it was. Each
+reader and writer first recovers the folder from a crash mid-swap (:func:`~..atomic.recover_folder`), reads regular
+files only (a FIFO would hang it), and a writer refuses a folder holding links or special files.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from ..atomic import replace_folder_atomic, write_text_atomic
+from ..atomic import (
+    check_plain_folder,
+    open_regular_file,
+    recover_folder,
+    replace_folder_atomic,
+    require_regular_file,
+    write_text_atomic,
+)
 from ..errors import AdapterFileError
 from ..folder_lock import sibling_lock
 from ..jsonl import json_lines
@@ -76,9 +85,12 @@ class PatchSetInfo:
 
 
 def _load(path: Path) -> tuple[PatcherConfig, dict[str, torch.Tensor], Path]:
+    weights = path / SAFETENSORS_WEIGHTS_NAME
+    for file in (path / CONFIG_NAME, weights):  # before the loaders open them: a FIFO would hang them
+        if file.exists():
+            require_regular_file(file)
     if not (path / CONFIG_NAME).is_file():
         raise AdapterFileError(f"{path} is not a patch-set folder: it has no {CONFIG_NAME}")
-    weights = path / SAFETENSORS_WEIGHTS_NAME
     config = PatcherConfig.from_pretrained(str(path))  # validates the weights against the config
     if not weights.is_file():
         raise AdapterFileError(f"{path} has no {SAFETENSORS_WEIGHTS_NAME}")
@@ -88,12 +100,20 @@ def _load(path: Path) -> tuple[PatcherConfig, dict[str, torch.Tensor], Path]:
 def read_edit_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The folder's edit log (empty when it has none); a malformed line is an error naming the line."""
     log = Path(path) / EDIT_LOG
-    if not log.is_file():
+    try:
+        with open_regular_file(log) as handle:
+            text = handle.read().decode("utf-8")
+    except (FileNotFoundError, NotADirectoryError):
         return []
     entries = []
-    for number, entry in json_lines(log.read_text(encoding="utf-8"), str(log), AdapterFileError):
+    for number, entry in json_lines(text, str(log), AdapterFileError):
         if not isinstance(entry.get("edit_id"), int):
             raise AdapterFileError(f"{log}: line {number}: each line must be an object with an integer 'edit_id'")
+        for field, kinds, what in (("text", str, "text"), ("target", (str, int), "text or a label index")):
+            value = entry.get(field)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                state = "missing" if field not in entry else f"a {type(value).__name__}, not {what}"
+                raise AdapterFileError(f"{log}: line {number}: field {field!r} is {state}")
         entries.append(entry)
     return entries
 
@@ -134,7 +154,7 @@ def save_adapter_folder(model: Any, path: str | os.PathLike[str], entries: list[
     previous adapter folder whole, never new weights beside an old config or log."""
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, save_embedding_layers=False)  # never embeddings; no Hub lookup of the base
         write_log_and_card(staging, model.peft_config[model.active_adapter], entries)
 
     replace_folder_atomic(Path(path), write)
@@ -143,6 +163,7 @@ def save_adapter_folder(model: Any, path: str | os.PathLike[str], entries: list[
 def describe_patch_set(path: str | os.PathLike[str]) -> PatchSetInfo:
     """Read a patch-set folder (validated, safetensors only) and say what it holds."""
     folder = Path(path)
+    recover_folder(folder)
     config, tensors, weights = _load(folder)
     ids = torch.cat([t for name, t in tensors.items() if name.endswith(("patch_frozen_edit_ids", ".patch_edit_ids"))])
     counts: dict[int, int] = {}
@@ -165,6 +186,8 @@ def remove_edit_from_files(path: str | os.PathLike[str], edit_id: int) -> int:
     """Delete every neuron of ``edit_id`` from a saved patch set (and its log line); return how many were removed."""
     folder = Path(path)
     with sibling_lock(folder):  # an edit session saving meanwhile would bring the edit back
+        recover_folder(folder, locked=True)
+        check_plain_folder(folder)  # before reading: nothing is read through a link into the new folder
         return _remove_edit(folder, edit_id)
 
 

@@ -37,15 +37,23 @@ class DatasetFormatError(PatcherError, ValueError):
     """A dataset file is not in the expected format; the message names the file, the line or record and the field."""
 
 
+class DataDirError(PatcherError, ValueError):
+    """A data folder was given that does not exist (not a FileNotFoundError: that one means "use the fallback")."""
+
+
 # --------------------------------------------------------------------------------------------------- locating
 def find_data_file(name: str, data_dir: str | Path | None = None) -> Path:
     """Find ``name`` (e.g. ``"fever/paper_dev.jsonl"``) so scripts run unchanged on machines with different layouts.
 
     Looks in ``data_dir``, then ``$TRANSFORMER_PATCHER_DATA``, then ``shared/data`` and ``../shared/data`` relative to
-    the current directory and to the repository checkout.
+    the current directory and to the repository checkout. A ``data_dir`` that is not a folder is refused
+    (:class:`DataDirError`, which the callers that fall back to embedded samples on a missing file do not catch):
+    a mistyped folder must not quietly give other data.
     """
     candidates: list[Path] = []
     if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise DataDirError(f"the data folder {str(data_dir)!r} does not exist or is not a folder")
         candidates.append(Path(data_dir))
     if os.environ.get(DATA_ENV_VAR):
         candidates.append(Path(os.environ[DATA_ENV_VAR]))
@@ -60,10 +68,10 @@ def find_data_file(name: str, data_dir: str | Path | None = None) -> Path:
         path = directory / name
         if path.is_file():
             return path
-    looked = "\n  ".join(str(d / name) for d in seen)
-    raise FileNotFoundError(
-        f"data file {name!r} not found; looked in:\n  {looked}\n"
-        f"pass data_dir= or set {DATA_ENV_VAR} to the folder holding it"
+    looked = ", ".join(str(d / name) for d in seen)
+    raise FileNotFoundError(  # one line, as the CLI shows every error
+        f"data file {name!r} not found; looked in {looked}; pass data_dir= or set {DATA_ENV_VAR} to the folder "
+        "holding it"
     )
 
 

@@ -2,11 +2,13 @@
 
 A DELTA checkpoint holds, per edited module, ``<module>.delta_up`` (d_out × r) and ``<module>.delta_down`` (r × d_in).
 Anything else, a missing half, a non-2-D or non-float tensor, NaN/inf, factors whose ranks disagree, dimensions that
-contradict the config's fingerprint, or a total rank other than ``config.rank`` is an ``AdapterFileError``.
+contradict the config's fingerprint, or a total rank other than ``config.rank`` is an ``AdapterFileError``, and so is a
+file larger than the config's rank allows, before it is read.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..adapter.bounds import MAX_WIDTH, check_declared_size, file_size_limit
 from ..adapter.checkpoint import FLOAT_DTYPES, check_dtypes, check_same_modules, read_adapter_file, split_by_module
 from ..errors import AdapterFileError
 
@@ -22,15 +25,21 @@ DELTA_TENSOR_NAMES = ("delta_up", "delta_down")
 
 @dataclass(frozen=True)
 class DeltaShapes:
-    """Rank and dimensions of one module's delta in a checkpoint."""
+    """Rank, dimensions and size of one module's delta in a checkpoint."""
 
     rank: int
     in_features: int
     out_features: int
+    norm: float  # Frobenius norm of up @ down
 
     @property
     def dims(self) -> tuple[int, int]:
         return self.in_features, self.out_features
+
+    @property
+    def magnitudes(self) -> dict[str, float]:
+        """The delta's norm, by what ``bounds.check_magnitudes`` calls it."""
+        return {"weight delta": self.norm}
 
 
 def _check_pair(module: str, group: Mapping[str, torch.Tensor], source: str) -> DeltaShapes:
@@ -55,7 +64,10 @@ def _check_pair(module: str, group: Mapping[str, torch.Tensor], source: str) -> 
             f"delta_up {tuple(up.shape)} and delta_down {tuple(down.shape)} disagree on the rank "
             f"({up.shape[1]} vs {down.shape[0]})"
         )
-    return DeltaShapes(rank=int(up.shape[1]), in_features=int(down.shape[1]), out_features=int(up.shape[0]))
+    # ‖up @ down‖²_F = Σ (upᵀup) ⊙ (down downᵀ): r × r products, never the d_out × d_in delta itself
+    u, d = up.double(), down.double()
+    norm = math.sqrt(max(0.0, float(((u.T @ u) * (d @ d.T)).sum())))
+    return DeltaShapes(int(up.shape[1]), int(down.shape[1]), int(up.shape[0]), norm)
 
 
 def group_delta_tensors(
@@ -66,9 +78,20 @@ def group_delta_tensors(
     return groups, {module: _check_pair(module, group, source) for module, group in groups.items()}
 
 
+def _check_delta_file_size(path: str, config: Any) -> None:
+    """Bound the file by ``config.rank`` rank-1 terms of the widest target (its fingerprint's in + out features,
+    ``MAX_WIDTH`` each when it gives none) in ``delta_dtype``."""
+    recorded = (config.fingerprint or {}).get("modules") or {}
+    widest = max(sum(recorded.get(name) or (MAX_WIDTH, MAX_WIDTH)) for name in config.target_modules)
+    itemsize = getattr(torch, config.delta_dtype).itemsize
+    limit = file_size_limit(config.rank, widest * itemsize, 2 * len(config.target_modules))
+    check_declared_size(path, limit, f"rank={config.rank}, at most {widest} in + out features, {config.delta_dtype}")
+
+
 def validate_delta_file(path: str | os.PathLike[str], config: Any) -> dict[str, DeltaShapes]:
     """Check a saved DELTA adapter file against its own config; raise ``AdapterFileError`` on any disagreement."""
     source = os.fspath(path)
+    _check_delta_file_size(source, config)
     groups, shapes = group_delta_tensors(read_adapter_file(path), source)
     check_dtypes(groups, config.delta_dtype, source, "delta_dtype")
     check_same_modules(shapes, list(config.target_modules), source, verb="edits")

@@ -8,7 +8,7 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME
 
-from ..adapter.config_file import NULLABLE_STR, CarriedFields, ValidatedConfigFile, config_schema
+from ..adapter.config_file import FINGERPRINT_VIEWS, NULLABLE_STR, CarriedFields, ValidatedConfigFile, config_schema
 from ..adapter.peft_type import AdapterType
 
 DELTA = AdapterType.DELTA
@@ -91,8 +91,7 @@ def _schema() -> dict[str, Any]:
                     "model_type": NULLABLE_STR,
                     "hidden_size": {"type": ["integer", "null"]},
                     "modules": {"type": "object", "additionalProperties": dims},
-                    "weights_sha256": NULLABLE_STR,
-                    "weights_sketch": {"type": ["array", "null"], "items": {"type": "number"}},
+                    **FINGERPRINT_VIEWS,
                 },
             },
         },
@@ -100,6 +99,7 @@ def _schema() -> dict[str, Any]:
 
 
 CONFIG_SCHEMA = DeltaConfig.config_schema = _schema()
+DeltaConfig.loaders = "transformer_patcher.DeltaModel.from_pretrained"
 
 
 def validate_config_dict(data: object, source: str = CONFIG_NAME) -> None:

@@ -11,8 +11,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..adapter.bounds import check_magnitudes, weight_scale
 from ..adapter.checkpoint import check_checkpoint_covers, check_dims_fit, layers_holding
-from ..adapter.fingerprint import AdapterWording, check_fingerprint, fingerprint_modules
+from ..adapter.fingerprint import AdapterWording, fingerprint_modules, settle_fingerprint
 from ..adapter.registry import model_type_of
 from ..errors import AdapterFileError, UnsupportedArchitectureError
 from .checkpoint import group_delta_tensors
@@ -37,7 +38,8 @@ class DeltaModel(BaseTuner):
 
     # --------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: DeltaConfig, model_config: dict[str, Any]) -> DeltaConfig:
-        """Check every target (exists, is Linear/Conv1D), order them as the model does, check or record the fingerprint.
+        """Check every target (exists, is Linear/Conv1D) and order them as the model does; check a saved delta's sizes,
+        base-model fingerprint and magnitudes against the model (a new one records the fingerprint instead).
 
         Runs before any module is replaced, so a refusal leaves the model as it was.
         """
@@ -59,13 +61,15 @@ class DeltaModel(BaseTuner):
         order = {name: i for i, name in enumerate(modules)}
         targets = sorted(peft_config.target_modules or [], key=order.__getitem__)
         actual = fingerprint_modules(self.model, targets)
-        if peft_config.fingerprint is not None:
-            check_fingerprint(peft_config.fingerprint, actual, DELTA_WORDING)
         path, shapes = getattr(peft_config, "checked_weights", (None, {}))  # set when loaded from a folder
         dims = {name: (size[0], size[1]) for name, size in actual["modules"].items()}
         check_dims_fit(shapes, dims, str(path), "deltas")
+        # transformers' load_adapter builds the config without the package reading the folder: a rank says it is saved
+        saved = hasattr(peft_config, "checked_weights") or peft_config.rank > 0 or peft_config.fingerprint is not None
+        settle_fingerprint(peft_config, actual, DELTA_WORDING, saved)
+        scales = {name: {"weight delta": weight_scale(modules[name])} for name in shapes}
+        check_magnitudes({module: shape.magnitudes for module, shape in shapes.items()}, scales, str(path))
         peft_config.target_modules = targets
-        peft_config.fingerprint = actual
         peft_config.rank = 0  # the layers start empty; they move it on every append and load
         self._pending_targets = tuple(targets)
         return peft_config
@@ -105,12 +109,17 @@ class DeltaModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: DeltaConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Validate a checkpoint against the wrapped layers and resize their factors to its ranks, before peft loads."""
-        groups, shapes = group_delta_tensors(state_dict, source=f"adapter '{adapter_name}'")
+        """Validate a checkpoint against the wrapped layers (sizes and magnitudes) and resize their factors to its
+        ranks, before peft loads. Loading into an existing adapter reaches only this check, never
+        ``_prepare_adapter_config``."""
+        source = f"adapter '{adapter_name}'"
+        groups, shapes = group_delta_tensors(state_dict, source=source)
         layers = layers_holding(model, DeltaLayer, adapter_name, "delta_up")
         check_checkpoint_covers(groups, layers, noun="deltas", verb="edit")
         dims = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
-        check_dims_fit(shapes, dims, f"adapter '{adapter_name}'", "deltas")
+        check_dims_fit(shapes, dims, source, "deltas")
+        scales = {name: {"weight delta": weight_scale(layer.get_base_layer())} for name, layer in layers.items()}
+        check_magnitudes({module: shape.magnitudes for module, shape in shapes.items()}, scales, source)
         for module_name in shapes:
             layer = layers[module_name]
             if adapter_name in layer.merged_adapters:
@@ -165,11 +174,11 @@ class DeltaModel(BaseTuner):
 
         The config and ``adapter_model.safetensors`` are checked before the model is touched; a pickled
         ``adapter_model.bin`` is never read. Equivalent to ``PeftModel.from_pretrained`` once ``transformer_patcher``
-        is imported, which this guarantees.
+        is imported, which this guarantees, except that ``check_fingerprint=False`` attaches a delta whose fingerprint
+        is missing or names another model, with a warning (its recorded fingerprint is kept).
         """
         config = DeltaConfig.from_pretrained(model_id, **kwargs)
-        if not check_fingerprint:
-            config.fingerprint = None
+        config.check_fingerprint = check_fingerprint  # read by settle_fingerprint; not a field, never saved
         return PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, config=config, **kwargs)
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapter.fingerprint import model_digest
 from ..atomic import save_safetensors_atomic
 from ..errors import AdapterFileError
 from .decoding import forced_batch, greedy_continuations
@@ -186,7 +187,7 @@ class MemoryBank:
 
 
 def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[str, Any]], size: int) -> str:
-    """A content key for a memory bank: the base model's fingerprint, the task kind and prompt format, the examples."""
+    """A content key for a memory bank: the base model (its digest), the task kind and prompt format, the examples."""
     digest = hashlib.sha256()
     digest.update(json.dumps(fingerprint, sort_keys=True, default=str).encode())
     digest.update(f"{task.signature}|{size}|{len(pairs)}".encode())
@@ -322,7 +323,9 @@ def build_memory(
     """
     asked = [(question, "?") for question in questions] if question_rows else []
     size = max_rows + (question_rows if asked else 0)
-    key = memory_key(layer.patch_config[adapter_name].fingerprint, task, [*pairs, *asked], size)
+    # the rows are read from the attached model: keyed on it, not on the model a loaded patch set records
+    base = {"model": model_digest(model), "key_module": layer.key_module_name}
+    key = memory_key(base, task, [*pairs, *asked], size)
     path = Path(cache_dir) / f"{tag}-{size}-{key[:16]}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return MemoryBank.load(path, key, dim=layer.query_dim)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..adapter.model import PatcherModel
 from ..editing.tasks import task_for_model
 from ..pretrained import load_model
+from ..validation import check_int
 from .evaluation import score_pairs
 from .experiment import ExperimentConfig, load_benchmark
 
@@ -41,7 +42,10 @@ def evaluate_benchmark(
         zsre_target=zsre_target,
         suite="none",
     )
+    check_int("batch_size", batch_size, minimum=1)
     benchmark = load_benchmark(config)
+    if not benchmark.examples:  # FEVER's edits are half of paper_test's claims that paper_dev lacks: maybe none
+        raise ValueError(f"{data}: the benchmark has no edit examples to score")
     base, tokenizer = load_model(model, config.model_kind)
     sets = {"edit": [(e.text, e.target) for e in benchmark.examples]}
     rephrases = [(text, e.target) for e in benchmark.examples for text in e.rephrases]

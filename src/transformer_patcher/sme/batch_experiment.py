@@ -36,7 +36,7 @@ from ..editing.prompts import PromptFormat
 from ..editing.registry import DISPLAY_NAMES, MASS_EDITORS, build_editor
 from ..editing.tasks import CausalLMTask, EditExample
 from ..folder_lock import folder_lock
-from ..pretrained import cache_dir, load_model
+from ..pretrained import cache_dir, load_model, model_config
 from .evaluation import Outcome
 from .fact_scores import FactCase, fact_metrics, score_cases
 from .report import FACT_COLUMNS, FACT_EXTRAS, markdown_table
@@ -113,6 +113,7 @@ def run_batch_experiment(
 ) -> dict[str, Any]:
     """Run every (editor, batch size) not already in ``out_dir/parts`` and write the combined results. The folder
     is locked while this runs: a second run on it raises FolderLockedError."""
+    model_config(config.model)  # an unknown model is refused before the folder is locked or written
     with folder_lock(out_dir):
         return _run_batch_experiment(config, Path(out_dir), progress, command)
 

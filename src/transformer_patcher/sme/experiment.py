@@ -44,7 +44,7 @@ from ..editing.tasks import position_limit, task_for_model
 from ..editing.trainer import PatchTrainer
 from ..evaluation import EvaluationSuite, SuiteConfig, benchmark_parts
 from ..folder_lock import folder_lock
-from ..pretrained import cache_dir, load_model
+from ..pretrained import cache_dir, load_model, model_config
 from ..validation import check_int, check_options
 from .report import markdown_table, suite_table, summarize_folds
 from .runner import SMEConfig, SMERunner
@@ -163,6 +163,7 @@ def run_experiment(
 ) -> dict[str, Any] | None:
     """Run every fold this process owns; on the main process return the assembled results (None elsewhere).
     The folder is locked while this runs: a second run on it raises FolderLockedError."""
+    model_config(config.model)  # an unknown model is refused before the folder is locked or written
     state = PartialState()
     with folder_lock(out_dir, rank=state.process_index):
         return _run_experiment(config, Path(out_dir), resume, progress, state)

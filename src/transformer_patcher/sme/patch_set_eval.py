@@ -15,6 +15,7 @@ from typing import Any
 
 from ..adapter.model import PatcherModel
 from ..adapter.patch_set import EDIT_LOG, read_edit_log
+from ..atomic import recover_folder
 from ..data.neighbours import guess_subject, neighbours_of
 from ..data.suite_data import suite_sources
 from ..editing.prompts import PromptFormat
@@ -63,6 +64,7 @@ def evaluate_patch_set(
     """Score the fixes in ``patches``' edit log and run ``suite`` (None: the fixes only) on ``model`` with and
     without the patches. A patch set without an edit log is refused: nothing says what it was meant to fix."""
     folder = Path(patches)
+    recover_folder(folder)  # a crash between the fallback swap's renames must not hide the patch set
     log = read_edit_log(folder)
     if not log:
         raise AdapterFileError(
