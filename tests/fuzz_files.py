@@ -8,17 +8,25 @@ has no checksum, so a byte flip inside tensor data that leaves finite values loa
 that is valid but different (another activation, say) is applied as written. Adapter files are also given finite but
 absurd magnitudes and consistent headers declaring gigabytes (a sparse file), and fingerprints are set to null,
 stripped of their whole-model views or altered, against models that share the adapted layers or carry 1 % noise.
+
+A last campaign fuzzes a saved patch set's entries rather than its bytes: links, FIFOs and a sparse file in it, the
+folder or its lock file a link, through every entry point that reads or rewrites a patch set (library and CLI).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import shutil
+import signal
+import stat
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,14 @@ from transformer_patcher import (
     get_delta_model,
     get_patcher_model,
 )
+from transformer_patcher.adapter.patch_set import (
+    EDIT_LOG,
+    describe_patch_set,
+    edit_log_entry,
+    remove_edit_from_files,
+    write_edit_log,
+)
+from transformer_patcher.cli import main
 from transformer_patcher.editing.memory import MemoryBank
 from transformer_patcher.pmet import covariance
 from transformer_patcher.sme.checkpoint import load_checkpoint, save_checkpoint
@@ -728,4 +744,345 @@ def sme_checkpoint(max_examples: int) -> Counter:
             tally[label] += 1
 
     case()
+    return tally
+
+
+# ------------------------------------------------------------------------------------ patch-set folder entries
+PATCH_FILES = (CONFIG, WEIGHTS, EDIT_LOG)
+ENTRY_POINTS = ("describe", "undo", "load", "cli info", "cli undo")
+READS = {"describe": PATCH_FILES, "load": (CONFIG, WEIGHTS), "cli info": PATCH_FILES}  # what each reader opens
+LEFTOVERS = (".tmp", ".staging", ".previous")
+SPARSE = "sparse.bin"
+DEADLINE_S = 60
+
+
+class Hang(BaseException):
+    """A call still blocked at its deadline: a BaseException, so that no ``except Exception`` turns it into a
+    refusal (the CLI reports an ``OSError`` such as ``TimeoutError`` as status 2)."""
+
+
+class CliRefusal(Exception):
+    """The CLI's status 2 with its one error line."""
+
+
+@contextmanager
+def deadline(seconds: int = DEADLINE_S) -> Iterator[None]:
+    """Raise :class:`Hang` in a call still running after ``seconds`` (SIGALRM interrupts a blocked ``open``)."""
+
+    def expire(*_: object) -> None:
+        raise Hang(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass(frozen=True)
+class EntryMutation:
+    """One hostile change to a patch set's entries. ``entry``: the patch file replaced, or the extra entry's path
+    inside the folder; ``target``: what a link points at (``secret``, ``folder``, ``itself``, ``dangling``, ``copy``
+    of the same file outside the folder, or ``.``)."""
+
+    kind: str
+    entry: str = ""
+    target: str = ""
+    absolute: bool = True
+    size: int = 0
+    secret: bytes = b"SECRET-0"
+
+    @property
+    def token(self) -> bytes:
+        return self.secret.split(b'"text": "')[-1].split(b'"')[0].strip()
+
+
+@dataclass
+class EntryLayout:
+    """A mutated patch set at ``box/adapter``, and beside ``box`` the ``outside`` fixtures its links point at."""
+
+    folder: Path
+    outside: Path
+    links: dict[Path, str] = field(default_factory=dict)
+    fifos: list[Path] = field(default_factory=list)
+
+    @property
+    def read_through_link(self) -> set[str]:
+        """The patch files a reader reaches through a link (all of them when the folder is one)."""
+        if self.folder.is_symlink():
+            return set(PATCH_FILES)
+        return {name for name in PATCH_FILES if (self.folder / name).is_symlink()}
+
+
+@dataclass
+class PatchSetSetup:
+    """A saved PATCHER patch set with an edit log (edits 1-4), and what each entry point gives on it untouched."""
+
+    adapter: AdapterSetup
+    results: dict[str, object] = field(default_factory=dict)
+
+
+def _entry_mutations() -> st.SearchStrategy[EntryMutation]:
+    """Links replacing a patch file or added (at the top or in a subfolder), FIFOs likewise, the folder itself a
+    link, a link as its lock file, and a sparse extra file of 1–256 MiB; the secret is plain text or an edit-log
+    line, so a reader following a link into it would accept it."""
+    token = st.text("0123456789abcdef", min_size=16, max_size=32).map(lambda t: f"SECRET-{t}")
+    secret = st.builds(
+        lambda t, as_log: (
+            json.dumps({"edit_id": 1, "text": t, "target": "x"}) + "\n" if as_log else f'"text": "{t}"\n'
+        ).encode(),
+        token,
+        st.booleans(),
+    )
+    extra = st.builds(
+        lambda where, name: where + "extra-" + name,
+        st.sampled_from(["", "notes/"]),
+        st.text("ab-_", min_size=1, max_size=6),
+    )
+    patch_file = st.sampled_from(PATCH_FILES)
+    return st.one_of(
+        st.builds(
+            EntryMutation,
+            st.just("link replaces a patch file"),
+            patch_file,
+            st.sampled_from(["secret", "folder", "itself", "dangling", "copy"]),
+            st.booleans(),
+            secret=secret,
+        ),
+        st.builds(
+            EntryMutation,
+            st.just("extra link"),
+            extra,
+            st.sampled_from(["secret", "folder", ".", "dangling"]),
+            st.booleans(),
+            secret=secret,
+        ),
+        st.builds(EntryMutation, st.just("FIFO replaces a patch file"), patch_file, secret=secret),
+        st.builds(EntryMutation, st.just("extra FIFO"), extra, secret=secret),
+        st.builds(EntryMutation, st.just("folder is a link"), target=st.just("copy"), absolute=st.booleans()),
+        st.builds(
+            EntryMutation,
+            st.just("lock file is a link"),
+            target=st.sampled_from(["secret", "folder", "itself", "dangling"]),
+            absolute=st.booleans(),
+            secret=secret,
+        ),
+        st.builds(
+            EntryMutation,
+            st.just("sparse extra file"),
+            st.sampled_from(["", "notes/"]).map(lambda where: where + SPARSE),
+            size=st.integers(2**20, 2**28),
+        ),
+    )
+
+
+def _lay_out(setup: PatchSetSetup, work: Path, mutation: EntryMutation) -> EntryLayout:
+    outside, box = work / "outside", work / "box"
+    shutil.copytree(setup.adapter.folder, outside / "real")
+    (outside / "secret.txt").write_bytes(mutation.secret)
+    (outside / "tree" / "deep").mkdir(parents=True)
+    (outside / "tree" / "deep" / "file").write_text("x")
+    box.mkdir()
+    layout = EntryLayout(box / "adapter", outside)
+
+    def link(path: Path, role: str) -> None:
+        copy = "real" if path == layout.folder else f"real/{path.name}"
+        fixture = {"secret": "secret.txt", "folder": "tree", "dangling": "missing", "copy": copy}
+        if role in fixture:
+            target = outside / fixture[role]
+            text = str(target) if mutation.absolute else os.path.relpath(target, path.parent)
+        else:
+            text = path.name if role == "itself" else role
+        path.symlink_to(text)
+        layout.links[path] = text
+
+    if mutation.kind == "folder is a link":
+        link(layout.folder, "copy")
+        return layout
+    shutil.copytree(setup.adapter.folder, layout.folder)
+    path = layout.folder / mutation.entry
+    path.parent.mkdir(exist_ok=True)
+    if mutation.kind == "lock file is a link":
+        link(box / ".adapter.lock", mutation.target)
+    elif mutation.kind.startswith("sparse"):
+        with open(path, "wb") as handle:
+            handle.truncate(mutation.size)
+    else:
+        path.unlink(missing_ok=True)
+        if "FIFO" in mutation.kind:
+            os.mkfifo(path)
+            layout.fifos.append(path)
+        else:
+            link(path, mutation.target)
+    return layout
+
+
+def _tree(root: Path) -> dict[str, object]:
+    """Every entry under ``root`` by ``lstat``, never following a link: a file's bytes (a sparse one's size), a
+    link's target, or the kind of anything else."""
+    entries: dict[str, object] = {}
+    pending = [root]
+    while pending:
+        for path in sorted(pending.pop().iterdir()):
+            mode = os.lstat(path).st_mode
+            key = str(path.relative_to(root))
+            if stat.S_ISDIR(mode):
+                entries[key] = "folder"
+                pending.append(path)
+            elif stat.S_ISLNK(mode):
+                entries[key] = ("link", os.readlink(path))
+            elif stat.S_ISREG(mode):
+                entries[key] = path.stat().st_size if path.name == SPARSE else path.read_bytes()
+            else:
+                entries[key] = stat.S_IFMT(mode)
+    return entries
+
+
+def _state(layout: EntryLayout) -> dict[str, dict[str, object]]:
+    """The folder's entries (none of its own when it is a link) and the fixtures' (the real set among them)."""
+    folder = {} if layout.folder.is_symlink() else _tree(layout.folder)
+    return {"folder": folder, "outside": _tree(layout.outside)}
+
+
+def _without_path(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k != "path"}
+
+
+def _enter(entry: str, setup: PatchSetSetup, folder: Path) -> object:
+    """Run ``entry`` on ``folder`` under a deadline: its result, or the package's error (:class:`CliRefusal` for the
+    CLI's status 2); anything else raised breaks the contract."""
+    with deadline():
+        if entry == "describe":
+            return _without_path(describe_patch_set(folder).to_dict())
+        if entry == "undo":
+            return remove_edit_from_files(folder, 1)
+        if entry == "load":
+            return PatcherModel.from_pretrained(setup.adapter.model, folder)
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            status = main(["info", str(folder)] if entry == "cli info" else ["undo", str(folder), "1"])
+    if status == 2:
+        assert "transformer-patcher: error: " in err.getvalue(), err.getvalue()
+        raise CliRefusal(err.getvalue().strip().splitlines()[-1])
+    assert status == 0, status
+    return out.getvalue().replace(str(folder), "<folder>")
+
+
+def _check_success(entry: str, setup: PatchSetSetup, layout: EntryLayout, result: object) -> str:
+    """Check what ``entry`` gave on a folder it accepted; return "read", or "read through a link" when it gave what
+    a link (or links) inside or as the folder points at."""
+    through = layout.read_through_link & set(READS.get(entry, ()))
+    expected = setup.results.get(entry)
+    if entry == "load":
+        assert isinstance(result, PeftModel)
+        assert torch.equal(logits(result, inputs_for(result)), setup.adapter.adapted)
+        setup.adapter.reset()
+    elif entry in ("undo", "cli undo"):
+        assert not layout.links and not layout.fifos, "a writer accepted a folder holding links or FIFOs"
+        assert result == expected, (result, expected)
+        assert _without_path(describe_patch_set(layout.folder).to_dict()) == setup.results["undone"]
+        return "wrote"
+    elif result != expected:  # only the edit log may differ, when it is read through a link
+        assert EDIT_LOG in through, f"{entry} read the folder differently:\n{result}\n{expected}"
+        if entry == "describe":
+            assert isinstance(result, dict) and isinstance(expected, dict)
+            assert {k: v for k, v in result.items() if k != "edits"} == {
+                k: v for k, v in expected.items() if k != "edits"
+            }
+        else:
+            assert isinstance(result, str) and isinstance(expected, str)
+            assert result.split("\n\n")[0] == expected.split("\n\n")[0]
+    return "read through a link" if through else "read"
+
+
+def _check_invariants(layout: EntryLayout, mutation: EntryMutation, before: dict[str, Any], wrote: bool) -> None:
+    """Every link and FIFO as it was, no leftover beside or inside the folder, nothing of the secret inside it,
+    nothing outside it changed, and nothing in it unless ``wrote``."""
+    for path, target in layout.links.items():
+        assert path.is_symlink() and os.readlink(path) == target, f"{path} is no longer the link to {target}"
+    for path in layout.fifos:
+        assert stat.S_ISFIFO(os.lstat(path).st_mode), f"{path} is no longer a FIFO"
+    assert {p.name for p in layout.folder.parent.iterdir()} <= {"adapter", ".adapter.lock"}
+    after = _state(layout)
+    assert after["outside"] == before["outside"], "something outside the folder changed (the real set, the secret)"
+    for key, value in after["folder"].items():
+        assert not key.endswith(LEFTOVERS), f"{layout.folder / key} was left behind"
+        assert not isinstance(value, bytes) or mutation.token not in value, f"the secret is in {layout.folder / key}"
+    if not wrote:
+        assert after["folder"] == before["folder"], "a reader or a refused writer changed the folder"
+
+
+def folder_entry_case(setup: PatchSetSetup, mutation: EntryMutation) -> str:
+    outcomes: dict[str, str] = {}
+    for entry in ENTRY_POINTS:
+        with tempfile.TemporaryDirectory() as work:
+            layout = _lay_out(setup, Path(work), mutation)
+            before = _state(layout)
+            try:
+                result = _enter(entry, setup, layout.folder)
+            except Exception as error:  # the contract is checked below
+                assert isinstance(error, (PatcherError, CliRefusal)), f"{entry}: {type(error).__name__}: {error}"
+                if entry == "load":
+                    assert_untouched(setup.adapter.model, setup.adapter.reference, setup.adapter.names)
+                outcomes[entry] = "refused (status 2)" if isinstance(error, CliRefusal) else outcome_label(error)
+                _check_invariants(layout, mutation, before, wrote=False)
+                continue
+            outcomes[entry] = _check_success(entry, setup, layout, result)
+            if outcomes[entry] == "wrote" and mutation.kind.startswith("sparse"):
+                carried = next(layout.folder.rglob(SPARSE)).stat()
+                if carried.st_blocks * 512 >= carried.st_size // 2:
+                    outcomes[entry] = "wrote (the sparse file carried over dense)"
+            _check_invariants(layout, mutation, before, wrote=outcomes[entry].startswith("wrote"))
+    return _entry_label(outcomes)
+
+
+def _entry_label(outcomes: dict[str, str]) -> str:
+    """``refused`` by every entry point, ``accepted ... as written`` when a reader followed a link, else harmless;
+    then which entry points did what."""
+    groups: dict[str, list[str]] = {}
+    for entry, outcome in outcomes.items():
+        groups.setdefault(outcome, []).append(entry)
+    details = "; ".join(f"{'/'.join(entries)} {outcome}" for outcome, entries in groups.items())
+    if all(o.startswith("refused") for o in outcomes.values()):
+        return f"refused: by every entry point ({details})"
+    if "read through a link" in outcomes.values():
+        return f"accepted: read through a link, as written ({details})"
+    return f"harmless: ({details})"
+
+
+def patch_set_setup(tmp: str) -> PatchSetSetup:
+    """The PATCHER adapter-file campaign's patch set plus an edit log, and each entry point's result on it."""
+    adapter = patcher_setup(tmp)
+    write_edit_log(adapter.folder, [edit_log_entry(i, f"fact {i}", "answer", True) for i in (1, 2, 3, 4)])
+    setup = PatchSetSetup(adapter)
+    for entry in ("describe", "cli info", "cli undo", "undo"):  # a load gives ``adapter.adapted``
+        with tempfile.TemporaryDirectory() as work:
+            folder = adapter.copy(work)
+            setup.results[entry] = _enter(entry, setup, folder)
+            setup.results["undone"] = _without_path(describe_patch_set(folder).to_dict())
+    return setup
+
+
+@campaign("patch folder entries")
+def patch_folder_entries(max_examples: int) -> Counter:
+    """Links (to a secret file, a folder, themselves, nowhere, a copy outside), FIFOs and a sparse extra file in or
+    as a saved patch set, or as its lock file, through ``describe_patch_set``, ``remove_edit_from_files``,
+    ``PatcherModel.from_pretrained`` and the CLI's ``info`` and ``undo``: no hang, the package's error or the
+    original set (or what a link names, for a reader), and no link, FIFO or secret ever written into the folder."""
+    tally: Counter = Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = patch_set_setup(tmp)
+
+        @fuzz_settings(max_examples)
+        @given(mutation=_entry_mutations())
+        def case(mutation: EntryMutation) -> None:
+            try:
+                tally[folder_entry_case(setup, mutation)] += 1
+            except BaseException:
+                setup.adapter.reset()  # a broken contract must not spoil the cases hypothesis tries while shrinking
+                raise
+
+        case()
     return tally

@@ -284,6 +284,7 @@ def _loader_campaign(kind: str, max_examples: int) -> Counter:
         except UnicodeDecodeError:
             raw_surrogates = True  # a lone surrogate written raw, a cut or inserted byte: not UTF-8
         benign = corruption in (None, "bom", "blank-lines", "crlf")
+        records = json.loads(json.dumps(records))  # as the file reads back: an escaped surrogate pair is one character
         try:
             dataset = loader(path)
         except DatasetFormatError as error:

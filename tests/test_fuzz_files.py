@@ -14,11 +14,16 @@ from safetensors.torch import load_file, save, save_file
 import fuzz_files
 from fuzz_files import (
     CONFIG,
+    EDIT_LOG,
     WEIGHTS,
     AdapterSetup,
+    EntryMutation,
+    PatchSetSetup,
     declared_huge,
     delta_setup,
+    folder_entry_case,
     load_adapter_folder,
+    patch_set_setup,
     patcher_setup,
     write_mutation,
 )
@@ -194,3 +199,40 @@ def test_checkpoint_with_non_finite_tensors_is_refused_even_with_a_matching_chec
     save_checkpoint(tmp_path, "fold-0", {"x": torch.tensor([1.0, float("nan")])}, {"position": 1})
     with pytest.raises(AdapterFileError, match=r"tensors \['x'\] hold NaN or inf"):
         load_checkpoint(tmp_path, "fold-0")
+
+
+# ------------------------------------------------------------------------------------- patch-set folder entries
+@pytest.fixture(scope="module")
+def patch_set(tmp_path_factory: pytest.TempPathFactory) -> PatchSetSetup:
+    return patch_set_setup(str(tmp_path_factory.mktemp("patch_set")))
+
+
+LOG_SECRET = json.dumps({"edit_id": 1, "text": "SECRET-0123456789abcdef", "target": "x"}).encode() + b"\n"
+ENTRY_CASES: dict[str, tuple[EntryMutation, str]] = {  # one of each kind, whatever hypothesis draws
+    "config links to a secret file": (EntryMutation("link replaces a patch file", CONFIG, "secret"), "refused"),
+    "weights link to themselves": (EntryMutation("link replaces a patch file", WEIGHTS, "itself"), "refused"),
+    "weights link to a copy outside": (
+        EntryMutation("link replaces a patch file", WEIGHTS, "copy", absolute=False),
+        "accepted: read through a link",
+    ),
+    "edit log links to a secret log line": (
+        EntryMutation("link replaces a patch file", EDIT_LOG, "secret", secret=LOG_SECRET),
+        "accepted: read through a link",
+    ),
+    "loop -> . in a subfolder": (EntryMutation("extra link", "notes/loop", "."), "harmless"),
+    "config is a FIFO": (EntryMutation("FIFO replaces a patch file", CONFIG), "refused"),
+    "extra FIFO": (EntryMutation("extra FIFO", "pipe"), "harmless"),
+    "folder is a link": (EntryMutation("folder is a link", target="copy"), "accepted: read through a link"),
+    "lock file links to a secret file": (EntryMutation("lock file is a link", target="secret"), "harmless"),
+    "sparse extra file": (EntryMutation("sparse extra file", "sparse.bin", size=2**24), "harmless"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_CASES))
+def test_patch_folder_entry_keeps_the_contract(patch_set: PatchSetSetup, name: str) -> None:
+    mutation, expected = ENTRY_CASES[name]
+    assert folder_entry_case(patch_set, mutation).startswith(expected)
+
+
+def test_an_edit_log_linking_to_itself_is_refused_with_the_package_error(patch_set: PatchSetSetup) -> None:
+    folder_entry_case(patch_set, EntryMutation("link replaces a patch file", EDIT_LOG, "itself"))

@@ -9,13 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from crash_campaign import CHILD, child_env
+from fuzz_files import deadline
 from transformer_patcher import atomic
 from transformer_patcher.adapter.patch_set import describe_patch_set, read_edit_log, remove_edit_from_files
 from transformer_patcher.atomic import FORCE_FALLBACK_ENV, recover_folder, replace_folder_atomic
@@ -246,22 +245,6 @@ def test_a_link_made_during_a_save_is_copied_as_a_link_never_read_through(tmp_pa
 # 3. FIFOs never hang a reader
 
 
-@contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging: a blocked open() is interrupted by SIGALRM."""
-
-    def expire(*_: object) -> None:
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def test_an_edit_log_that_is_a_fifo_is_refused_by_info_and_undo(
     patches: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -287,3 +270,15 @@ def test_an_adapter_config_that_is_a_fifo_is_refused(patches: Path) -> None:
         with pytest.raises(AdapterFileError, match=r"adapter_config\.json is a FIFO"):
             remove_edit_from_files(patches, 1)
     assert _siblings(patches) == ["p"]
+
+
+def test_a_huge_sparse_file_of_the_user_is_carried_over_without_being_written_out(patches: Path) -> None:
+    """Files a save does not write are carried into the new folder by hard link: a 1 GiB sparse file costs no disk
+    and no time, where a copy would write it out dense."""
+    extra = patches / "scratch.bin"
+    with open(extra, "wb") as handle:
+        handle.truncate(2**30)
+    inode = extra.stat().st_ino
+    assert remove_edit_from_files(patches, 1) > 0
+    carried = (patches / "scratch.bin").stat()
+    assert carried.st_size == 2**30 and carried.st_ino == inode and carried.st_blocks * 512 < 2**20

@@ -116,7 +116,12 @@ def _kind(mode: int) -> str:
 def require_regular_file(path: str | os.PathLike[str]) -> None:
     """Raise AdapterFileError unless ``path`` is a regular file (links followed; FileNotFoundError when missing):
     a FIFO would block its reader forever, a device never end."""
-    mode = os.stat(path).st_mode
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as error:  # a link loop, a permission error: not a file this package can read
+        raise AdapterFileError(f"{path} cannot be read ({error.strerror}); refusing it") from error
     if not stat.S_ISREG(mode):
         raise AdapterFileError(f"{path} is {_kind(mode)}, not a regular file; refusing to read it")
 
@@ -205,14 +210,22 @@ def recover_folder(folder: str | os.PathLike[str], locked: bool = False) -> None
 
 
 def _carry_over(folder: Path, staging: Path) -> None:
-    """Copy the entries of ``folder`` that ``staging`` lacks; links are copied as links, never read through (the
-    folder was checked to hold none, this guards a link made meanwhile)."""
+    """Carry the entries of ``folder`` that ``staging`` lacks over by hard link: nothing is copied, so a huge or
+    sparse file of the user's costs no disk; links are linked as links, never read through (the folder was checked
+    to hold none, this guards a link made meanwhile). Where hard links are refused, files are copied."""
     for item in folder.iterdir():
         if not os.path.lexists(staging / item.name):
             if item.is_dir() and not item.is_symlink():
-                shutil.copytree(item, staging / item.name, symlinks=True)
+                shutil.copytree(item, staging / item.name, symlinks=True, copy_function=_link_or_copy)
             else:
-                shutil.copy2(item, staging / item.name, follow_symlinks=False)
+                _link_or_copy(item, staging / item.name)
+
+
+def _link_or_copy(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
 
 
 def _fsync_tree(root: Path) -> None:
