@@ -5,8 +5,9 @@ answer starred).
 
     python bench/readme_example.py --out bench/results/readme_example.json
 
-The mistakes were found by asking 156 well-known factual questions in chat format (37 wrong answers naming another
-entity); these two are the cleanest: a famous fact, a confident wrong answer, and neighbours the model gets right.
+The mistakes were found by asking 156 well-known factual questions in chat format (``bench/chat_mistakes.py``: 37
+wrong answers naming another entity); these two are the cleanest: a famous fact, a confident wrong answer, and
+neighbours the model gets right.
 """
 
 from __future__ import annotations
