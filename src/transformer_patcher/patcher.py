@@ -22,8 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .closable import Closable
 from .editing.decoding import greedy_continuations
+from .editing.modes import eval_mode
 from .editing.tasks import Task, position_limit
 from .errors import InvalidExampleError
 from .session import AUTO, EditSession, MemoryInfo
@@ -194,7 +197,7 @@ class Patcher(Closable):
         after the last; ``False`` (EasyEdit's default) measures each edit alone and undoes it."""
         prompts = _as_list(prompts)
         n = len(prompts)
-        targets = _aligned(target_new, n, "target_new")
+        targets = [self.session.coerce_target(t) for t in _aligned(target_new, n, "target_new")]
         truths = _aligned(ground_truth, n, "ground_truth")
         rephrased = _aligned(rephrase_prompts, n, "rephrase_prompts")
         subjects = _aligned(subject, n, "subject")
@@ -305,7 +308,8 @@ class Patcher(Closable):
 
 def _seq2seq_answers(model: Any, task: Task, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     inputs = task.tokenizer([task.prompter.render(p) for p in prompts], return_tensors="pt", padding=True)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    with eval_mode(model), torch.no_grad():  # dropout off, as for the causal LMs' greedy_continuations
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     return task.tokenizer.batch_decode(output, skip_special_tokens=True)
 
 

@@ -25,7 +25,6 @@ from .adapter.patch_set import edit_log_entry, read_edit_log, save_adapter_folde
 from .atomic import check_plain_folder, recover_folder
 from .closable import Closable
 from .data.benchmarks import embedded_memory, fever_benchmark, generation_memory
-from .data.loaders import find_data_file
 from .data.questions import contrasts_over, memory_questions, memory_subjects
 from .editing.config import EditConfig
 from .editing.memory import collect_queries
@@ -219,9 +218,9 @@ class EditSession(Closable):
         target = self.folder if folder is None else Path(folder)
         if target is None:
             raise ValueError("this session has no patch folder; give save() one")
-        if target == self.folder:
-            save_adapter_folder(self.trainer.model, target, self.log)
-            return target
+        if self.folder is not None and target.resolve() == self.folder.resolve():
+            save_adapter_folder(self.trainer.model, self.folder, self.log)
+            return self.folder
         if _occupied(target):  # refused before a lock file is written beside it
             raise FileExistsError(f"{target} already exists; save to a new folder or to the session's own")
         with sibling_lock(target):
@@ -262,9 +261,8 @@ def _memory_pairs(memory: str | None, kind: str, data_dir: Any) -> tuple[str, li
     if kind == "classification":
         raise ValueError(f"{choice} memory is for generative models; a classifier takes fever or none")
     memory, validation = generation_memory(data_dir)
-    try:
-        find_data_file("counterfact/counterfact-train.json", data_dir)
-        source = "CounterFact-train facts and WikiText-2 in the data folder"
-    except FileNotFoundError:
-        source = "the package's embedded sample"
+    embedded = memory == embedded_memory()[0]  # generation_memory falls back when either shared file is missing
+    source = (
+        "the package's embedded sample" if embedded else "CounterFact-train facts and WikiText-2 in the data folder"
+    )
     return choice, memory, validation, source
