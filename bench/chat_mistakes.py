@@ -17,9 +17,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from transformer_patcher.editing.decoding import greedy_continuations
-from transformer_patcher.editing.tasks import task_for_model
-from transformer_patcher.pretrained import load_model
+from transformer_patcher.core.decoding import greedy_continuations
+from transformer_patcher.core.pretrained import load_model
+from transformer_patcher.core.tasks import task_for_model
 
 QUESTIONS = Path(__file__).with_name("chat_questions.json")
 _CLAUSE_END = re.compile(r"(?<!\b[A-Z])\.(?:\s|$)|[;\n]")  # a sentence end that is not an initial ("D.C."), ; or \n

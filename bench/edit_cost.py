@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from transformer_patcher.editing.registry import build_editor
-from transformer_patcher.editing.tasks import task_for_model
-from transformer_patcher.pretrained import cache_dir, load_model
-from transformer_patcher.sme.experiment import ExperimentConfig, load_benchmark
+from transformer_patcher.core.pretrained import cache_dir, load_model
+from transformer_patcher.core.tasks import task_for_model
+from transformer_patcher.experiments.registry import build_editor
+from transformer_patcher.experiments.sme.experiment import ExperimentConfig, load_benchmark
 
 # name: (EditConfig overrides, whether the edit's question is asked of other subjects)
 VARIANTS = {"default": ({}, True), "no-token-contexts": ({"token_contexts": 0}, True), "no-contrasts": ({}, False)}

@@ -37,9 +37,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from transformer_patcher import get_patcher_model
+from transformer_patcher.core.pretrained import resolve_model
+from transformer_patcher.core.tasks import position_limit
 from transformer_patcher.data.loaders import load_zsre
 from transformer_patcher.data.suite_data import suite_sources
-from transformer_patcher.editing import (
+from transformer_patcher.experiments.evaluation import EvaluationSuite, SuiteConfig, locality_parts
+from transformer_patcher.methods.patcher import (
     CausalLMTask,
     ClassificationTask,
     EditConfig,
@@ -49,9 +52,6 @@ from transformer_patcher.editing import (
     PatchTrainer,
     build_memory,
 )
-from transformer_patcher.editing.tasks import position_limit
-from transformer_patcher.evaluation import EvaluationSuite, SuiteConfig, locality_parts
-from transformer_patcher.pretrained import resolve_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"

@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 from transformer_patcher import get_patcher_model
+from transformer_patcher.core.pretrained import load_model
+from transformer_patcher.core.tasks import CausalLMTask, position_limit
 from transformer_patcher.data.benchmarks import zsre_benchmark
 from transformer_patcher.data.loaders import find_data_file
-from transformer_patcher.editing.replay import ForwardReplay
-from transformer_patcher.editing.tasks import CausalLMTask, position_limit
-from transformer_patcher.evaluation import EvaluationSuite, SuiteConfig, benchmark_parts
-from transformer_patcher.pretrained import load_model
+from transformer_patcher.experiments.evaluation import EvaluationSuite, SuiteConfig, benchmark_parts
+from transformer_patcher.methods.patcher.replay import ForwardReplay
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ Why: with the official activation margin m_a = 0, an edit on SmolLM2 (a SiLU FFN
 about 2-5, memory queries sit 12-14 below it (far below the memory margin beta), and the *rephrases* of the edit sit
 about 4 below the edit's pre-activation, around 0, where SiLU is nearly silent. The patch then barely fires on the
 rephrases and GR is low. This benchmark measures GR against the activation margin m_a (the SiLU margin sweep behind
-``ACTIVATION_MARGINS["silu"] = 15`` in ``transformer_patcher.editing.config``) and against the memory composition and
+``ACTIVATION_MARGINS["silu"] = 15`` in ``transformer_patcher.methods.patcher.config``) and against the memory
+composition and
 the memory margins (beta, gamma). ``--diag`` prints, per edit, the new patches' pre-activations on the edit and on
 its rephrase and their maximum over the first 5,000 memory rows, which is where the figures above come from (the
 bank grows by each edit's own queries after its built rows, so with ``--rows`` below 5,000 that maximum includes
@@ -66,9 +67,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transformer_patcher import get_patcher_model
+from transformer_patcher.core.pretrained import resolve_model
+from transformer_patcher.core.scoring import Outcome, score_pairs
 from transformer_patcher.data import find_data_file
 from transformer_patcher.data.benchmarks import generation_memory
-from transformer_patcher.editing import (
+from transformer_patcher.methods.patcher import (
     CausalLMTask,
     EditConfig,
     EditExample,
@@ -77,8 +80,6 @@ from transformer_patcher.editing import (
     PatchTrainer,
     build_memory,
 )
-from transformer_patcher.pretrained import resolve_model
-from transformer_patcher.sme.evaluation import Outcome, score_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"

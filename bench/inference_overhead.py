@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from transformer_patcher import PatcherConfig, get_patcher_model
-from transformer_patcher.pretrained import SMOLLM2, resolve_model
+from transformer_patcher.core.pretrained import SMOLLM2, resolve_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import build

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformer_patcher.plots import metrics_curve
-from transformer_patcher.sme.experiment import SUITE_CURVES, ExperimentConfig, run_experiment
+from transformer_patcher.experiments.plots import metrics_curve
+from transformer_patcher.experiments.sme.experiment import SUITE_CURVES, ExperimentConfig, run_experiment
 
 ZSRE = "zsre/zsre_mend_train-1k.json"
 PLOTS = Path(__file__).resolve().parents[1] / "docs" / "img"

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.data.benchmarks import wikitext_texts
 from transformer_patcher.data.loaders import find_data_file, load_counterfact
-from transformer_patcher.pmet import (
+from transformer_patcher.methods.pmet import (
     EditRequest,
     collect_second_moments,
     compute_deltas,
@@ -31,7 +32,6 @@ from transformer_patcher.pmet import (
     context_templates,
     pmet_hparams,
 )
-from transformer_patcher.pretrained import load_model
 
 
 def main() -> None:

@@ -14,10 +14,12 @@ import json
 import time
 from pathlib import Path
 
+from transformer_patcher.core.pretrained import cache_dir, load_model
+from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.benchmarks import wikitext_texts
 from transformer_patcher.data.loaders import find_data_file, load_counterfact
-from transformer_patcher.editing.tasks import CausalLMTask
-from transformer_patcher.pmet import (
+from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
+from transformer_patcher.methods.pmet import (
     EditRequest,
     PMETHyperParams,
     compute_deltas,
@@ -25,9 +27,7 @@ from transformer_patcher.pmet import (
     context_templates,
     second_moments,
 )
-from transformer_patcher.pmet.algorithm import applied
-from transformer_patcher.pretrained import cache_dir, load_model
-from transformer_patcher.sme.fact_scores import FactCase, fact_metrics, score_cases
+from transformer_patcher.methods.pmet.algorithm import applied
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from transformer_patcher import Patcher
-from transformer_patcher.editing.prompts import CHAT, RAW
+from transformer_patcher.core.prompts import CHAT, RAW
 
 FIXES = [  # the README's call first
     {

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model, init_key
-from transformer_patcher.pretrained import SMOLLM2, resolve_model
+from transformer_patcher.core.pretrained import SMOLLM2, resolve_model
 
 EDIT_PROMPT, NEW_ANSWER = "The capital of France is", " Rome"
 CONTROL_PROMPT = "The capital of Germany is"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from transformer_patcher.atomic import FORCE_FALLBACK_ENV
+from transformer_patcher.core.atomic import FORCE_FALLBACK_ENV
 from workspace import build_workspace
 
 CHILD = Path(__file__).with_name("crash_child.py")

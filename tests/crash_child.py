@@ -26,10 +26,10 @@ from typing import Any
 import peft.peft_model
 import safetensors.torch
 
-import transformer_patcher.sme.checkpoint as checkpoint
-import transformer_patcher.sme.experiment as experiment
+import transformer_patcher.experiments.sme.experiment as experiment
+import transformer_patcher.experiments.sme.run_state as checkpoint
 from transformer_patcher.cli import main
-from transformer_patcher.editing.trainer import PatchTrainer
+from transformer_patcher.methods.patcher.trainer import PatchTrainer
 
 
 def die() -> None:

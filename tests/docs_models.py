@@ -17,8 +17,8 @@ import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from transformer_patcher.core.pretrained import GEMMA3, SMOLLM2
 from transformer_patcher.data.benchmarks import sample_memory_pairs
-from transformer_patcher.pretrained import GEMMA3, SMOLLM2
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (  # SmolLM2-135M-Instruct's, without its default system prompt
@@ -70,7 +70,7 @@ def build_docs_models(root: Path) -> dict[str, str]:
 def prelude(standins: dict[str, str]) -> str:
     """Python source that makes ``transformer_patcher`` resolve the short names to ``standins``."""
     return (
-        "import transformer_patcher.pretrained as _pretrained\n"
+        "import transformer_patcher.core.pretrained as _pretrained\n"
         f"_standins = {json.dumps(standins)}\n"
         "_real_resolve = _pretrained.resolve_model\n"
         "_pretrained.resolve_model = lambda name: _standins.get(name) or _real_resolve(name)\n"

@@ -54,17 +54,17 @@ from transformer_patcher import (
     get_delta_model,
     get_patcher_model,
 )
-from transformer_patcher.adapter.patch_set import (
+from transformer_patcher.cli import main
+from transformer_patcher.experiments.sme.run_state import load_checkpoint, save_checkpoint
+from transformer_patcher.methods.patcher.memory import MemoryBank
+from transformer_patcher.methods.pmet import covariance
+from transformer_patcher.tuners.patcher.patch_set import (
     EDIT_LOG,
     describe_patch_set,
     edit_log_entry,
     remove_edit_from_files,
     write_edit_log,
 )
-from transformer_patcher.cli import main
-from transformer_patcher.editing.memory import MemoryBank
-from transformer_patcher.pmet import covariance
-from transformer_patcher.sme.checkpoint import load_checkpoint, save_checkpoint
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -36,13 +36,13 @@ from fuzzing import campaign, fuzz_settings, outcome_label
 from tiny_models import build
 from tiny_tokenizer import sentence, tiny_tokenizer
 from transformer_patcher import PatcherConfig, get_patcher_model
-from transformer_patcher.adapter.config import PATCH_DTYPES
+from transformer_patcher.core.errors import InvalidExampleError
+from transformer_patcher.core.tasks import InputTruncatedWarning
 from transformer_patcher.data import DatasetFormatError, load_counterfact, load_fever, load_zsre
-from transformer_patcher.editing import EditConfig, EditExample, MemoryBank, PatchTrainer, task_for_model
-from transformer_patcher.editing.tasks import InputTruncatedWarning
-from transformer_patcher.errors import InvalidExampleError
-from transformer_patcher.pmet import PMETHyperParams
-from transformer_patcher.pmet.requests import EditRequest, encode
+from transformer_patcher.methods.patcher import EditConfig, EditExample, MemoryBank, PatchTrainer, task_for_model
+from transformer_patcher.methods.pmet import PMETHyperParams
+from transformer_patcher.methods.pmet.requests import EditRequest, encode
+from transformer_patcher.tuners.patcher.config import PATCH_DTYPES
 
 NAMES: list[str] = []  # the campaigns of this module, in registration order
 
@@ -510,7 +510,7 @@ def fuzz_pmet_hparams(max_examples: int) -> Counter:
 @_register("config: ExperimentConfig options")
 def fuzz_experiment_options(max_examples: int) -> Counter:
     """ExperimentConfig's seed and its EditConfig/PMET option dicts, which it validates at construction."""
-    from transformer_patcher.sme.experiment import ExperimentConfig
+    from transformer_patcher.experiments.sme.experiment import ExperimentConfig
 
     tally: Counter = Counter()
     value = st.one_of(CONFIG_VALUE, st.sampled_from(_EXTRA_VALUES["EditConfig"]))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transformer_patcher import atomic
-from transformer_patcher.atomic import replace_folder_atomic, save_safetensors_atomic, write_text_atomic
+from transformer_patcher.core import atomic
+from transformer_patcher.core.atomic import replace_folder_atomic, save_safetensors_atomic, write_text_atomic
 
 
 def write_files(**files: str):

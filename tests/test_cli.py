@@ -332,8 +332,8 @@ def test_a_bad_suite_file_names_the_file_and_record(workspace, tmp_path: Path, c
 
 
 def test_a_session_keeps_new_patches_silent_on_earlier_fixes_in_their_own_format(workspace, tmp_path: Path) -> None:
-    from transformer_patcher.editing.prompts import PromptFormat
-    from transformer_patcher.session import EditSession
+    from transformer_patcher.core.prompts import PromptFormat
+    from transformer_patcher.experiments.session import EditSession
 
     patches = tmp_path / "patches"
     opened = dict(model=str(workspace["model"]), folder=patches, memory="none", schedule="quick", progress=False)
@@ -355,8 +355,8 @@ def test_a_session_keeps_new_patches_silent_on_earlier_fixes_in_their_own_format
 def test_cli_schedule_names_are_the_editing_modes() -> None:
     """The CLI keeps its own list (it imports no torch at start-up); it must name exactly the modes the runs accept."""
     from transformer_patcher.cli import SCHEDULES
-    from transformer_patcher.editing import EditConfig
-    from transformer_patcher.sme.experiment import SCHEDULES as RUN_SCHEDULES
+    from transformer_patcher.experiments.sme.experiment import SCHEDULES as RUN_SCHEDULES
+    from transformer_patcher.methods.patcher import EditConfig
 
     assert SCHEDULES == RUN_SCHEDULES
     for name in SCHEDULES:
@@ -385,7 +385,7 @@ def test_version_names_the_installed_version_or_the_packages_own(capsys, monkeyp
 
 def test_counts_and_table_cells_are_written_for_people() -> None:
     from transformer_patcher.cli import _md_row
-    from transformer_patcher.wording import count
+    from transformer_patcher.core.wording import count
 
     assert [count(1, "neuron"), count(0, "neuron"), count(1, "patch", "patches"), count(3, "patch", "patches")] == [
         "1 neuron",
@@ -450,7 +450,7 @@ def test_info_keeps_each_edit_on_one_table_row(workspace, tmp_path: Path, capsys
 )
 def test_eval_takes_no_progress_in_both_forms_and_any_order(argv: list[str], monkeypatch, capsys) -> None:
     """``eval`` gained ``--no-progress`` with the patch-set form; an install from before rejects it."""
-    from transformer_patcher.sme import accuracy, patch_set_eval
+    from transformer_patcher.experiments.sme import accuracy, patch_set_eval
 
     asked = []
 

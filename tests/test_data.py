@@ -9,6 +9,8 @@ from typing import Any
 import datasets
 import pytest
 
+from transformer_patcher.core.errors import PatcherError
+from transformer_patcher.core.tasks import EditExample
 from transformer_patcher.data import (
     ZSRE_SAMPLE,
     DatasetFormatError,
@@ -23,8 +25,6 @@ from transformer_patcher.data import (
 from transformer_patcher.data.benchmarks import counterfact_benchmark, generation_memory, zsre_benchmark
 from transformer_patcher.data.neighbours import guess_subject, neighbours_of, question_template, subject_pool
 from transformer_patcher.data.suite_data import detokenize_wikitext, section_openings, suite_sources
-from transformer_patcher.editing.tasks import EditExample
-from transformer_patcher.errors import PatcherError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

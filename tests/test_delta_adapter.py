@@ -31,7 +31,7 @@ from transformer_patcher import (
     UnsupportedArchitectureError,
     get_delta_model,
 )
-from transformer_patcher.adapter.fingerprint import _SKETCH_SEED, SKETCH_SIZE, _sketch
+from transformer_patcher.tuners.fingerprint import _SKETCH_SEED, SKETCH_SIZE, _sketch
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

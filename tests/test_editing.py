@@ -13,8 +13,9 @@ import torch
 from tiny_models import TINY_MODELS, build, inputs_for
 from tiny_tokenizer import EDIT_WORDS, random_pairs, sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher import AdapterFileError, PatcherLayer, get_patcher_model
-from transformer_patcher.adapter.keys import discriminant, init_key, preactivation, separating_scale
-from transformer_patcher.editing import (
+from transformer_patcher.core.errors import InvalidExampleError
+from transformer_patcher.experiments.sme import score_pairs
+from transformer_patcher.methods.patcher import (
     MARGINS,
     Batch,
     EditConfig,
@@ -26,9 +27,8 @@ from transformer_patcher.editing import (
     collect_queries,
     task_for_model,
 )
-from transformer_patcher.editing.losses import activation_loss, memory_loss, topk_exp_mean
-from transformer_patcher.errors import InvalidExampleError
-from transformer_patcher.sme import score_pairs
+from transformer_patcher.methods.patcher.losses import activation_loss, memory_loss, topk_exp_mean
+from transformer_patcher.tuners.patcher.keys import discriminant, init_key, preactivation, separating_scale
 
 
 def patched(base: torch.nn.Module) -> tuple[torch.nn.Module, Task, PatcherLayer]:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tiny_tokenizer import sharp_gpt2, tiny_tokenizer
-from transformer_patcher.editing.tasks import CausalLMTask
-from transformer_patcher.sme.evaluation import Outcome, score_pairs
-from transformer_patcher.sme.fact_scores import FactCase, fact_metrics, score_cases
+from transformer_patcher.core.scoring import Outcome, score_pairs
+from transformer_patcher.core.tasks import CausalLMTask
+from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
 
 
 def _outcome(correct: bool, prediction: str, log_prob: float) -> Outcome:

@@ -11,8 +11,8 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from transformer_patcher.cli import main
-from transformer_patcher.errors import FolderLockedError
-from transformer_patcher.folder_lock import folder_lock
+from transformer_patcher.core.errors import FolderLockedError
+from transformer_patcher.core.folder_lock import folder_lock
 
 HOLD = (
     "import sys, time; from transformer_patcher import folder_lock\n"

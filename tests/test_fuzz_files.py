@@ -29,9 +29,9 @@ from fuzz_files import (
 )
 from fuzzing import CAMPAIGNS
 from transformer_patcher import AdapterFileError
-from transformer_patcher.editing.memory import MemoryBank
-from transformer_patcher.pmet import covariance
-from transformer_patcher.sme.checkpoint import load_checkpoint, save_checkpoint
+from transformer_patcher.experiments.sme.run_state import load_checkpoint, save_checkpoint
+from transformer_patcher.methods.patcher.memory import MemoryBank
+from transformer_patcher.methods.pmet import covariance
 
 FILE_CAMPAIGNS = [name for name, function in CAMPAIGNS.items() if function.__module__ == fuzz_files.__name__]
 CASES = 30

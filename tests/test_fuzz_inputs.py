@@ -18,12 +18,12 @@ from fuzzing import CAMPAIGNS
 from tiny_models import build
 from tiny_tokenizer import sentence, tiny_tokenizer
 from transformer_patcher import PatcherConfig, get_patcher_model
+from transformer_patcher.core.errors import InvalidExampleError
+from transformer_patcher.core.tasks import InputTruncatedWarning
 from transformer_patcher.data import DatasetFormatError, load_counterfact, load_fever, load_zsre
-from transformer_patcher.editing import CausalLMTask, EditConfig, EditExample, task_for_model
-from transformer_patcher.editing.tasks import InputTruncatedWarning
-from transformer_patcher.errors import InvalidExampleError
-from transformer_patcher.pmet import PMETHyperParams
-from transformer_patcher.pmet.requests import EditRequest, encode
+from transformer_patcher.methods.patcher import CausalLMTask, EditConfig, EditExample, task_for_model
+from transformer_patcher.methods.pmet import PMETHyperParams
+from transformer_patcher.methods.pmet.requests import EditRequest, encode
 
 
 @pytest.mark.parametrize("name", fuzz_inputs.NAMES)
@@ -348,7 +348,7 @@ def test_from_record_refuses_absent_or_non_text_fields(record: dict, match: str)
     ],
 )
 def test_experiment_config_names_the_bad_field(kwargs: dict, match: str) -> None:
-    from transformer_patcher.sme.experiment import ExperimentConfig
+    from transformer_patcher.experiments.sme.experiment import ExperimentConfig
 
     with pytest.raises(ValueError, match=match):
         ExperimentConfig(model="tiny", **kwargs)

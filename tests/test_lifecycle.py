@@ -17,14 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from tiny_models import build, inputs_for, logits
-from transformer_patcher import (
-    PatcherConfig,
-    PatcherLayer,
-    PatcherModel,
-    PatchMergeError,
-    get_patcher_model,
-    init_key,
-)
+from transformer_patcher import PatcherConfig, PatcherLayer, PatcherModel, PatchMergeError, get_patcher_model, init_key
 
 
 def patched(arch: str = "llama", n: int = 3, seed: int = 0, adapter_name: str = "default"):

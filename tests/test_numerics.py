@@ -11,7 +11,8 @@ import transformers as tf
 
 from tiny_tokenizer import EDIT_WORDS, random_pairs, random_sentence, sharp_gpt2, sharp_gpt2_config, tiny_tokenizer
 from transformer_patcher import PatcherConfig, get_patcher_model
-from transformer_patcher.editing import (
+from transformer_patcher.core.errors import NonFiniteError, PatcherError
+from transformer_patcher.methods.patcher import (
     EditConfig,
     EditExample,
     MemoryBank,
@@ -20,7 +21,6 @@ from transformer_patcher.editing import (
     collect_queries,
     task_for_model,
 )
-from transformer_patcher.errors import NonFiniteError, PatcherError
 
 MEMORY_PAIRS = random_pairs(30, seed=1)
 HELD_OUT = random_pairs(20, seed=2)

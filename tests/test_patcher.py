@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from tiny_tokenizer import sharp_gpt2, tiny_tokenizer
 from transformer_patcher import FixReport, InvalidExampleError, Patcher, UnknownModelError
-from transformer_patcher.adapter.config import PATCHER, PatcherConfig
-from transformer_patcher.editing.tasks import task_for_model
-from transformer_patcher.editing.trainer import PatchTrainer
-from transformer_patcher.pretrained import SMOLLM2, cache_dir, portable_name
+from transformer_patcher.core.pretrained import SMOLLM2, cache_dir, portable_name
+from transformer_patcher.core.tasks import task_for_model
+from transformer_patcher.methods.patcher.trainer import PatchTrainer
+from transformer_patcher.tuners.patcher.config import PATCHER, PatcherConfig
 from workspace import build_workspace
 
 

@@ -12,9 +12,9 @@ from transformers.activations import ACT2FN
 
 from tiny_models import build
 from tiny_tokenizer import EDIT_WORDS, random_pairs, sharp_gpt2, tiny_tokenizer
-from transformer_patcher import PatcherLayer, get_patcher_model, init_key, plots
-from transformer_patcher.editing import EditExample, Task, task_for_model
-from transformer_patcher.plots import (
+from transformer_patcher import PatcherLayer, get_patcher_model, init_key
+from transformer_patcher.experiments import plots
+from transformer_patcher.experiments.plots import (
     CURVE_FIGSIZE,
     DPI,
     LATENCY_FIGSIZE,
@@ -26,7 +26,8 @@ from transformer_patcher.plots import (
     metrics_curve,
     patch_activations,
 )
-from transformer_patcher.sme.runner import FoldResult
+from transformer_patcher.experiments.sme.runner import FoldResult
+from transformer_patcher.methods.patcher import EditExample, Task, task_for_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PRE, BIAS = 6.0, -3.0  # pre-activation of a patch on its own read, and everywhere else (its bias)

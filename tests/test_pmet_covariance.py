@@ -11,9 +11,9 @@ import torch
 
 from tiny_models import build
 from tiny_tokenizer import random_sentence, sharp_gpt2, tiny_tokenizer
-from transformer_patcher.errors import AdapterFileError
-from transformer_patcher.pmet import covariance
-from transformer_patcher.pmet.covariance import SecondMoment, collect_second_moments, second_moments
+from transformer_patcher.core.errors import AdapterFileError
+from transformer_patcher.methods.pmet import covariance
+from transformer_patcher.methods.pmet.covariance import SecondMoment, collect_second_moments, second_moments
 
 
 def _texts(n: int = 7, seed: int = 0) -> list[str]:

@@ -10,13 +10,19 @@ from peft import PeftModel
 
 from tiny_models import VOCAB
 from tiny_tokenizer import EDIT_WORDS, MEMORY_WORDS, random_sentence, sentence, tiny_tokenizer
-from transformer_patcher.delta import DeltaModel
-from transformer_patcher.editing.tasks import EditExample
-from transformer_patcher.errors import InvalidExampleError, InvalidPatchError, UnsupportedArchitectureError
-from transformer_patcher.pmet import EditRequest, PMETEditor, PMETHyperParams, collect_second_moments, pmet_hparams
-from transformer_patcher.pmet.algorithm import read_at_subject
-from transformer_patcher.pmet.architecture import block_modules
-from transformer_patcher.pmet.requests import encode
+from transformer_patcher.core.errors import InvalidExampleError, InvalidPatchError, UnsupportedArchitectureError
+from transformer_patcher.core.tasks import EditExample
+from transformer_patcher.methods.pmet import (
+    EditRequest,
+    PMETEditor,
+    PMETHyperParams,
+    collect_second_moments,
+    pmet_hparams,
+)
+from transformer_patcher.methods.pmet.algorithm import read_at_subject
+from transformer_patcher.methods.pmet.architecture import block_modules
+from transformer_patcher.methods.pmet.requests import encode
+from transformer_patcher.tuners.delta import DeltaModel
 
 HPARAMS = PMETHyperParams(
     layers=(0, 1),

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from transformer_patcher.pmet.update import residual_share, solve_update
+from transformer_patcher.methods.pmet.update import residual_share, solve_update
 
 
 def _problem(d_in: int = 12, d_out: int = 7, n: int = 3, seed: int = 0):

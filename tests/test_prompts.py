@@ -8,10 +8,10 @@ import pytest
 from test_suite import chat_tokenizer
 from tiny_tokenizer import sharp_gpt2, tiny_tokenizer
 from transformer_patcher import get_patcher_model
-from transformer_patcher.editing.prompts import Prompter, PromptFormat
-from transformer_patcher.editing.tasks import CausalLMTask, ClassificationTask, Seq2SeqTask
-from transformer_patcher.errors import PromptFormatError
-from transformer_patcher.evaluation import greedy_continuations
+from transformer_patcher.core.errors import PromptFormatError
+from transformer_patcher.core.prompts import Prompter, PromptFormat
+from transformer_patcher.core.tasks import CausalLMTask, ClassificationTask, Seq2SeqTask
+from transformer_patcher.experiments.evaluation import greedy_continuations
 
 
 def test_chat_renders_the_template_and_ends_the_answer_with_the_end_of_turn_token() -> None:
@@ -84,7 +84,7 @@ def test_coerce_reads_what_configs_and_logs_carry() -> None:
 
 def test_a_trained_chat_edit_is_generated_and_then_stops() -> None:
     """Success as a user sees it: after a chat edit, generate() writes the answer and stops at the end of turn."""
-    from transformer_patcher.editing import EditConfig, EditExample, PatchTrainer
+    from transformer_patcher.methods.patcher import EditConfig, EditExample, PatchTrainer
 
     model = get_patcher_model(sharp_gpt2())
     task = CausalLMTask(chat_tokenizer(), prompt_format="chat")

@@ -11,6 +11,9 @@ import torch
 from test_suite import chat_tokenizer
 from tiny_tokenizer import EDIT_WORDS, random_pairs, sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher import PatcherConfig, get_patcher_model
+from transformer_patcher.core.decoding import greedy_continuations
+from transformer_patcher.core.prompts import CHAT, RAW, PromptFormat
+from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.benchmarks import zsre_benchmark
 from transformer_patcher.data.neighbours import subject_pool
 from transformer_patcher.data.questions import (
@@ -20,13 +23,10 @@ from transformer_patcher.data.questions import (
     question_templates,
     template_questions,
 )
-from transformer_patcher.editing import EditConfig, EditExample, MemoryBank, PatchTrainer
-from transformer_patcher.editing.contexts import TokenContexts
-from transformer_patcher.editing.decoding import greedy_continuations
-from transformer_patcher.editing.memory import answered_queries, build_memory, collect_queries, question_formats
-from transformer_patcher.editing.prompts import CHAT, RAW, PromptFormat
-from transformer_patcher.editing.subjects import SubjectIndex
-from transformer_patcher.editing.tasks import CausalLMTask
+from transformer_patcher.methods.patcher import EditConfig, EditExample, MemoryBank, PatchTrainer
+from transformer_patcher.methods.patcher.contexts import TokenContexts
+from transformer_patcher.methods.patcher.memory import answered_queries, build_memory, collect_queries, question_formats
+from transformer_patcher.methods.patcher.subjects import SubjectIndex
 
 
 def chat_model() -> tuple[torch.nn.Module, CausalLMTask]:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model, init_key
-from transformer_patcher.pretrained import GEMMA3, MINILM, SMOLLM2, resolve_model
+from transformer_patcher.core.pretrained import GEMMA3, MINILM, SMOLLM2, resolve_model
 
 CLAIMS = ["Paris is the capital of France.", "The moon is made of green cheese."]
 
@@ -110,7 +110,8 @@ MEMORY_SENTENCES = [
 
 def test_minilm_editor_fixes_a_claim_and_keeps_memory_predictions() -> None:
     """The trained editor on real MiniLM: the claim flips to its target and memory sentences keep their predictions."""
-    from transformer_patcher.editing import (
+    from transformer_patcher.experiments.sme import score_pairs
+    from transformer_patcher.methods.patcher import (
         EditConfig,
         EditExample,
         MemoryBank,
@@ -118,7 +119,6 @@ def test_minilm_editor_fixes_a_claim_and_keeps_memory_predictions() -> None:
         collect_queries,
         task_for_model,
     )
-    from transformer_patcher.sme import score_pairs
 
     path = _resolve(MINILM)
     torch.manual_seed(0)

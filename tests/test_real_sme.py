@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from transformer_patcher.sme.experiment import ExperimentConfig, run_experiment
+from transformer_patcher.experiments.sme.experiment import ExperimentConfig, run_experiment
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

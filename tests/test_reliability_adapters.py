@@ -29,7 +29,7 @@ from transformer_patcher import (
     get_delta_model,
     get_patcher_model,
 )
-from transformer_patcher.errors import UnverifiedAdapterError
+from transformer_patcher.core.errors import UnverifiedAdapterError
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -144,7 +144,7 @@ def test_a_model_that_cannot_load_is_refused_before_any_lock(workspace, command,
 
 
 def test_evaluate_benchmark_refuses_a_batch_size_below_one() -> None:
-    from transformer_patcher.sme.accuracy import evaluate_benchmark
+    from transformer_patcher.experiments.sme.accuracy import evaluate_benchmark
 
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate_benchmark("m", "zsre", batch_size=0)

@@ -15,12 +15,12 @@ import pytest
 
 from crash_campaign import CHILD, child_env
 from fuzz_files import deadline
-from transformer_patcher import atomic
-from transformer_patcher.adapter.patch_set import describe_patch_set, read_edit_log, remove_edit_from_files
-from transformer_patcher.atomic import FORCE_FALLBACK_ENV, recover_folder, replace_folder_atomic
 from transformer_patcher.cli import main
-from transformer_patcher.errors import AdapterFileError
-from transformer_patcher.session import EditSession
+from transformer_patcher.core import atomic
+from transformer_patcher.core.atomic import FORCE_FALLBACK_ENV, recover_folder, replace_folder_atomic
+from transformer_patcher.core.errors import AdapterFileError
+from transformer_patcher.experiments.session import EditSession
+from transformer_patcher.tuners.patcher.patch_set import describe_patch_set, read_edit_log, remove_edit_from_files
 from workspace import build_workspace
 
 

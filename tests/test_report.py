@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from transformer_patcher import PatcherConfig, get_patcher_model
-from transformer_patcher.adapter.patch_set import describe_patch_set, read_edit_log, remove_edit_from_files
-from transformer_patcher.data.benchmarks import (
-    embedded_memory,
-    fever_benchmark,
-    interleave,
-    text_pairs,
-    zsre_benchmark,
-)
-from transformer_patcher.errors import AdapterFileError
-from transformer_patcher.sme.report import markdown_table, summarize_folds
+from transformer_patcher.core.errors import AdapterFileError
+from transformer_patcher.data.benchmarks import embedded_memory, fever_benchmark, interleave, text_pairs, zsre_benchmark
+from transformer_patcher.experiments.sme.report import markdown_table, summarize_folds
+from transformer_patcher.tuners.patcher.patch_set import describe_patch_set, read_edit_log, remove_edit_from_files
 
 
 def _record(needed: bool, correct: bool = True, rephrases=(), seconds: float = 1.0, neurons: int = 1) -> dict:

@@ -12,19 +12,18 @@ import torch
 from tiny_models import build
 from tiny_tokenizer import EDIT_WORDS, random_pairs, sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher import AdapterFileError, get_patcher_model
-from transformer_patcher.editing import (
+from transformer_patcher.experiments.sme import SMEConfig, SMERunner, load_checkpoint, score_pairs
+from transformer_patcher.methods.baselines import FineTuneConfig, FineTuneEditor
+from transformer_patcher.methods.patcher import (
     EditConfig,
     EditExample,
     EditRecord,
-    FineTuneConfig,
-    FineTuneEditor,
     MemoryBank,
     PatchTrainer,
     Task,
     collect_queries,
     task_for_model,
 )
-from transformer_patcher.sme import SMEConfig, SMERunner, load_checkpoint, score_pairs
 
 LOCALITY = random_pairs(20, seed=2)
 

@@ -12,10 +12,9 @@ import transformers as tf
 from tiny_models import build
 from tiny_tokenizer import EDIT_WORDS, random_pairs, random_sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher import PatcherConfig, get_patcher_model
+from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.suite_data import SuiteSources
-from transformer_patcher.editing.replay import ForwardReplay
-from transformer_patcher.editing.tasks import CausalLMTask
-from transformer_patcher.evaluation import (
+from transformer_patcher.experiments.evaluation import (
     EvaluationSuite,
     ForcedReads,
     Part,
@@ -25,6 +24,7 @@ from transformer_patcher.evaluation import (
     label_part,
     locality_parts,
 )
+from transformer_patcher.methods.patcher.replay import ForwardReplay
 
 # user turns start with w4, assistant turns with w6, every turn ends with w5 (the end-of-turn token)
 CHAT_TEMPLATE = (

@@ -45,13 +45,13 @@ from typing import Any
 import torch
 
 from transformer_patcher.cli import SCHEDULE_HELP, SCHEDULES
+from transformer_patcher.core.pretrained import MINILM, load_model, resolve_model
+from transformer_patcher.core.scoring import score_pairs
+from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.data.benchmarks import Benchmark, fever_benchmark
-from transformer_patcher.editing.registry import DISPLAY_NAMES, EDITOR_NAMES
-from transformer_patcher.editing.tasks import task_for_model
-from transformer_patcher.pretrained import MINILM, load_model, resolve_model
-from transformer_patcher.sme.evaluation import score_pairs
-from transformer_patcher.sme.experiment import ExperimentConfig, run_experiment
-from transformer_patcher.sme.report import markdown_table
+from transformer_patcher.experiments.registry import DISPLAY_NAMES, EDITOR_NAMES
+from transformer_patcher.experiments.sme.experiment import ExperimentConfig, run_experiment
+from transformer_patcher.experiments.sme.report import markdown_table
 
 logger = logging.getLogger("fever")
 

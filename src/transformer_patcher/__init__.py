@@ -7,19 +7,7 @@ Importing the package registers the ``"PATCHER"`` (patch neurons) and ``"DELTA"`
 types with peft, after which ``PeftModel.from_pretrained`` loads saved adapters of either type like any other.
 """
 
-from .adapter import (
-    PATCHER,
-    PatchCapture,
-    PatcherConfig,
-    PatcherLayer,
-    PatcherModel,
-    get_patcher_model,
-    init_key,
-    resolve_patch_target,
-    supported_model_types,
-)
-from .delta import DELTA, DeltaConfig, DeltaLayer, DeltaModel, get_delta_model
-from .errors import (
+from transformer_patcher.core.errors import (
     AdapterFileError,
     FingerprintMismatchError,
     FolderLockedError,
@@ -33,7 +21,19 @@ from .errors import (
     UnsupportedArchitectureError,
     UnverifiedAdapterError,
 )
-from .patcher import FixReport, Patcher
+from transformer_patcher.experiments.fixer import FixReport, Patcher
+from transformer_patcher.tuners.delta import DELTA, DeltaConfig, DeltaLayer, DeltaModel, get_delta_model
+from transformer_patcher.tuners.patcher import (
+    PATCHER,
+    PatchCapture,
+    PatcherConfig,
+    PatcherLayer,
+    PatcherModel,
+    get_patcher_model,
+    init_key,
+    resolve_patch_target,
+    supported_model_types,
+)
 
 __version__ = "0.1.0"
 

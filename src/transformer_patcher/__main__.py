@@ -1,5 +1,5 @@
 """``python -m transformer_patcher`` runs the command line."""
 
-from .cli import main_exit
+from transformer_patcher.cli import main_exit
 
 main_exit()

@@ -23,11 +23,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from .adapter.patch_set import read_edit_log
-from .atomic import open_regular_file, recover_folder
-from .errors import PatcherError
-from .wording import count
+from transformer_patcher import __version__
+from transformer_patcher.core.atomic import open_regular_file, recover_folder
+from transformer_patcher.core.errors import PatcherError
+from transformer_patcher.core.wording import count
+from transformer_patcher.tuners.patcher.patch_set import read_edit_log
 
 BENCHMARK_NAMES = ("zsre", "counterfact", "fever")
 SCHEDULES = ("default", "faithful", "quick", "official")  # EditConfig.mode's names (kept light: no torch import here)
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run = sme.add_parser("run", help="edit a benchmark's stream in folds and measure SR/GR/ER/TrainR/TestR/locality")
     _model_and_data(run)
-    from .editing.registry import EDITOR_NAMES
+    from transformer_patcher.experiments.registry import EDITOR_NAMES
 
     run.add_argument(
         "--editor", nargs="+", choices=EDITOR_NAMES, default=["patcher"], help="several: one run each, one table"
@@ -322,7 +322,7 @@ def _file_to_write(text: str) -> Path:
 # ------------------------------------------------------------------------------------------------ checks
 def _check_model_and_data(args: argparse.Namespace) -> None:
     """The data file and the model, checked before a run takes its output folder's lock or writes anything."""
-    from .pretrained import model_config
+    from transformer_patcher.core.pretrained import model_config
 
     named = args.data in BENCHMARK_NAMES or args.data.startswith(("http://", "https://"))
     if not named and not Path(args.data).is_file():
@@ -339,10 +339,10 @@ def _check_edit_log(folder: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _sme_run(args: argparse.Namespace) -> int:
-    from .editing.baselines import FineTuneConfig
-    from .editing.config import EditConfig
-    from .sme.experiment import ExperimentConfig, run_comparison, run_experiment
-    from .sme.report import markdown_table, suite_table
+    from transformer_patcher.experiments.sme.experiment import ExperimentConfig, run_comparison, run_experiment
+    from transformer_patcher.experiments.sme.report import markdown_table, suite_table
+    from transformer_patcher.methods.baselines import FineTuneConfig
+    from transformer_patcher.methods.patcher.config import EditConfig
 
     config = ExperimentConfig(
         model=args.model,
@@ -392,7 +392,7 @@ def _sme_run(args: argparse.Namespace) -> int:
 
 
 def _pmet_options(parser: argparse.ArgumentParser) -> None:
-    from .pmet import DEFAULT_PRESET, PRESETS
+    from transformer_patcher.methods.pmet import DEFAULT_PRESET, PRESETS
 
     parser.add_argument("--pmet-preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="PMET/MEMIT settings")
     parser.add_argument(
@@ -401,16 +401,16 @@ def _pmet_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _pmet_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from .pmet import DEFAULT_PRESET, PMETHyperParams
+    from transformer_patcher.methods.pmet import DEFAULT_PRESET, PMETHyperParams
 
     options = _overrides(args.pmet_set, PMETHyperParams, exclude=("extra", "variant"))
     return options if args.pmet_preset == DEFAULT_PRESET else {"preset": args.pmet_preset, **options}
 
 
 def _batch_run(args: argparse.Namespace) -> int:
-    from .editing.config import EditConfig
-    from .sme.batch_experiment import BatchExperimentConfig, run_batch_experiment
-    from .sme.report import FACT_COLUMNS, FACT_EXTRAS, markdown_table
+    from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, run_batch_experiment
+    from transformer_patcher.experiments.sme.report import FACT_COLUMNS, FACT_EXTRAS, markdown_table
+    from transformer_patcher.methods.patcher.config import EditConfig
 
     config = BatchExperimentConfig(
         model=args.model,
@@ -453,8 +453,8 @@ def _overrides(items: Sequence[str], config_class: type, exclude: Sequence[str] 
 
 
 def _edit(args: argparse.Namespace) -> int:
-    from .editing.prompts import PromptFormat
-    from .session import EditSession
+    from transformer_patcher.core.prompts import PromptFormat
+    from transformer_patcher.experiments.session import EditSession
 
     requests = _edit_requests(args)
     _check_edit_log(args.patches)
@@ -495,7 +495,7 @@ def _edit_requests(args: argparse.Namespace) -> list[tuple[str, str, str | None]
     if args.file is not None:
         if args.text is not None or args.target is not None or args.subject is not None:
             raise ValueError("give either --file or --text/--target/--subject, not both")
-        from .jsonl import json_lines
+        from transformer_patcher.core.jsonl import json_lines
 
         requests = []
         for number, row in json_lines(args.file.read_text(encoding="utf-8"), str(args.file)):
@@ -518,7 +518,7 @@ def _edit_requests(args: argparse.Namespace) -> list[tuple[str, str, str | None]
 def _eval(args: argparse.Namespace) -> int:
     if args.data is None:
         return _eval_patch_set(args)
-    from .sme.accuracy import evaluate_benchmark
+    from transformer_patcher.experiments.sme.accuracy import evaluate_benchmark
 
     table = evaluate_benchmark(
         args.model,
@@ -542,8 +542,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_patch_set(args: argparse.Namespace) -> int:
-    from .evaluation import SuiteConfig
-    from .sme.patch_set_eval import evaluate_patch_set
+    from transformer_patcher.experiments.evaluation import SuiteConfig
+    from transformer_patcher.experiments.sme.patch_set_eval import evaluate_patch_set
 
     if args.patches is None:
         raise ValueError("give --data (a benchmark or a data file), or --patches DIR to score its own fixes")
@@ -624,13 +624,13 @@ def _md_head(columns: Sequence[str], align: str) -> str:
 
 def _write_json(path: Path | None, data: Any) -> None:
     if path is not None:
-        from .atomic import write_text_atomic
+        from transformer_patcher.core.atomic import write_text_atomic
 
         write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import latency_histogram, metrics_curve
+    from transformer_patcher.experiments.plots import latency_histogram, metrics_curve
 
     results_file = args.run_dir / "results.json"
     if not results_file.is_file():
@@ -645,7 +645,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .adapter.patch_set import describe_patch_set
+    from transformer_patcher.tuners.patcher.patch_set import describe_patch_set
 
     if _peft_type(args.patches) == "DELTA":
         return _info_delta(args)
@@ -675,7 +675,7 @@ def _peft_type(folder: Path) -> str | None:
 
 
 def _info_delta(args: argparse.Namespace) -> int:
-    from .delta.delta_set import describe_delta
+    from transformer_patcher.tuners.delta.delta_set import describe_delta
 
     info = describe_delta(args.patches)
     if args.json:
@@ -697,7 +697,7 @@ def _info_delta(args: argparse.Namespace) -> int:
 
 
 def _undo(args: argparse.Namespace) -> int:
-    from .adapter.patch_set import remove_edit_from_files
+    from transformer_patcher.tuners.patcher.patch_set import remove_edit_from_files
 
     if _peft_type(args.patches) == "DELTA":
         raise ValueError(

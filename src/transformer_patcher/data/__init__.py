@@ -1,7 +1,7 @@
 """Dataset loaders for FEVER, zsRE and CounterFact (``datasets.Dataset`` objects or ``EditExample`` lists), and the
 evaluation suite's own files: unrelated questions and near neighbours."""
 
-from .loaders import (
+from transformer_patcher.data.loaders import (
     DATA_ENV_VAR,
     FEVER_LABELS,
     ZSRE_SAMPLE,

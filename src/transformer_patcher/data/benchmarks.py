@@ -15,11 +15,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..editing.prompts import PromptFormat
-from ..editing.tasks import EditExample
-from .loaders import ZSRE_SAMPLE, find_data_file, load_counterfact, load_fever, load_zsre, to_edit_examples
-from .neighbours import neighbours_of, question_template, same_template_records
-from .questions import Contrasts, contrasts_over, memory_questions, memory_subjects
+from transformer_patcher.core.prompts import PromptFormat
+from transformer_patcher.core.tasks import EditExample
+from transformer_patcher.data.loaders import (
+    ZSRE_SAMPLE,
+    find_data_file,
+    load_counterfact,
+    load_fever,
+    load_zsre,
+    to_edit_examples,
+)
+from transformer_patcher.data.neighbours import neighbours_of, question_template, same_template_records
+from transformer_patcher.data.questions import Contrasts, contrasts_over, memory_questions, memory_subjects
 
 Pair = tuple[str, Any]
 MEMORY_SAMPLE = Path(__file__).with_name("samples") / "memory_sample.json"  # factual prompts; provenance in samples/

@@ -8,7 +8,7 @@ byte-order mark is skipped, JSON lines are separated by ``\n`` only (U+2028 and 
 strings are text). Fields the loader does not read are ignored, whatever their type. Any other text is kept as it is
 (NUL, zero-width, right-to-left and astral characters, any length): the editing task truncates long inputs with a
 warning and refuses targets it cannot encode. :func:`to_edit_examples` turns a loaded dataset into the package's
-:class:`~transformer_patcher.editing.tasks.EditExample` list.
+:class:`~transformer_patcher.core.tasks.EditExample` list.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..editing.tasks import EditExample
-from ..errors import PatcherError
-from ..jsonl import json_lines
+from transformer_patcher.core.errors import PatcherError
+from transformer_patcher.core.jsonl import json_lines
+from transformer_patcher.core.tasks import EditExample
 
 if TYPE_CHECKING:
     import datasets

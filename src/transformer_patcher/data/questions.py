@@ -20,9 +20,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..editing.tasks import EditExample
-from .loaders import find_data_file, load_counterfact
-from .neighbours import SLOT, question_template, subject_pool
+from transformer_patcher.core.tasks import EditExample
+from transformer_patcher.data.loaders import find_data_file, load_counterfact
+from transformer_patcher.data.neighbours import SLOT, question_template, subject_pool
 
 QUESTION_TEMPLATES = Path(__file__).with_name("samples") / "question_templates.json"
 MEMORY_SUBJECTS = Path(__file__).with_name("samples") / "memory_subjects.json"  # offline default; see samples/README

@@ -20,8 +20,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from .benchmarks import interleave, wikitext_text
-from .loaders import find_data_file, load_counterfact, load_questions, load_zsre
+from transformer_patcher.data.benchmarks import interleave, wikitext_text
+from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_questions, load_zsre
 
 SUITE_SAMPLE = Path(__file__).with_name("samples") / "suite_sample.json"
 _DETOKENIZE = (

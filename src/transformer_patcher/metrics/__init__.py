@@ -9,8 +9,8 @@ from typing import Any
 
 import evaluate
 
-from .agreement_metric import AgreementMetric
-from .core import (
+from transformer_patcher.metrics.agreement_metric import AgreementMetric
+from transformer_patcher.metrics.core import (
     GROUPS,
     exact_match,
     locality,
@@ -24,8 +24,8 @@ from .core import (
     token_accuracy,
     token_agreement,
 )
-from .perplexity_metric import PerplexityChangeMetric
-from .sme_metric import SMEMetric
+from transformer_patcher.metrics.perplexity_metric import PerplexityChangeMetric
+from transformer_patcher.metrics.sme_metric import SMEMetric
 
 SME_METRIC_PATH = Path(__file__).with_name("sme_metric.py")
 """The metric scripts, for ``evaluate.load``."""

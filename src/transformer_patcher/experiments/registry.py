@@ -1,0 +1,148 @@
+"""Editors by name: ``patcher`` (Transformer-Patcher), the four fine-tuning baselines of the paper, and ``pmet`` with
+its MEMIT-style ablation ``memit`` (decoder-only LMs, one example per SME step).
+
+One place that turns a name from a command line or a results table into a ready editor over a base model, with its
+memory banks built (and cached) from the benchmark's memory pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from transformer_patcher.core.editor import Editor
+from transformer_patcher.core.tasks import EditExample, Task
+from transformer_patcher.methods.baselines import FineTuneConfig, FineTuneEditor
+from transformer_patcher.methods.patcher.config import EditConfig
+from transformer_patcher.methods.patcher.contexts import TokenContexts
+from transformer_patcher.methods.patcher.memory import build_memory
+from transformer_patcher.methods.patcher.subjects import ContrastPool, SubjectIndex
+from transformer_patcher.methods.patcher.trainer import PatchTrainer
+from transformer_patcher.methods.pmet import PMETEditor, pmet_hparams
+from transformer_patcher.tuners.patcher.config import PatcherConfig
+from transformer_patcher.tuners.patcher.model import get_patcher_model
+
+FINE_TUNE_EDITORS = {
+    "ft-last": FineTuneConfig(scope="last"),
+    "ft-all": FineTuneConfig(scope="all"),
+    "ft-last-kl": FineTuneConfig(scope="last", kl=True),
+    "ft-all-kl": FineTuneConfig(scope="all", kl=True),
+}
+MASS_EDITORS = {"pmet": "PMET", "memit": "MEMIT (ablation)"}
+EDITOR_NAMES = ("patcher", *FINE_TUNE_EDITORS, *MASS_EDITORS)
+DISPLAY_NAMES = (
+    {"patcher": "T-Patcher"} | {name: config.name for name, config in FINE_TUNE_EDITORS.items()} | MASS_EDITORS
+)
+
+
+def build_editor(
+    name: str,
+    model: nn.Module,
+    task: Task,
+    memory_pairs: Sequence[tuple[str, Any]] = (),
+    validation_pairs: Sequence[tuple[str, Any]] = (),
+    edit_config: EditConfig | None = None,
+    memory_rows: int = 10_000,
+    validation_rows: int = 1_000,
+    cache_dir: str | os.PathLike[str] | None = None,
+    patcher_config: PatcherConfig | None = None,
+    progress: bool = True,
+    finetune_options: dict[str, Any] | None = None,
+    pmet_options: dict[str, Any] | None = None,
+    questions: Sequence[str] = (),
+    question_rows: int = 0,
+    contrasts: Callable[[EditExample], Sequence[str]] | None = None,
+) -> Editor:
+    """Build editor ``name`` over the base ``model``. ``patcher`` wraps it with the patch adapter (its ``.model`` is
+    the wrapped model); the fine-tuning editors edit the base model's weights in place, with ``finetune_options``
+    overriding :class:`FineTuneConfig` fields (e.g. a smaller ``kl_batch`` on a CPU); ``pmet``/``memit`` wrap it with
+    a weight-delta adapter, their key statistics computed (and cached) from the memory texts, with ``pmet_options``
+    naming a ``preset`` and overriding :class:`~transformer_patcher.methods.pmet.PMETHyperParams` fields."""
+    if name not in EDITOR_NAMES:
+        raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(EDITOR_NAMES)}")
+    if name in MASS_EDITORS:
+        hparams = pmet_hparams(variant=name, **(pmet_options or {}))
+        texts = [f"{text} {target}" for text, target in memory_pairs]
+        stats_dir = None if cache_dir is None else os.path.join(os.fspath(cache_dir), "pmet")
+        return PMETEditor(model, task.tokenizer, hparams, texts, task=task, cache_dir=stats_dir, progress=progress)
+    if name in FINE_TUNE_EDITORS:
+        config = replace(FINE_TUNE_EDITORS[name], **(finetune_options or {}))
+        return FineTuneEditor(model, task, config, memory_pairs=memory_pairs)
+    activation = (edit_config or EditConfig()).patch_activation_for(task.kind)
+    wrapped = get_patcher_model(model, patcher_config or PatcherConfig(patch_activation=activation))
+    return build_trainer(
+        wrapped,
+        task,
+        memory_pairs,
+        validation_pairs,
+        edit_config,
+        memory_rows,
+        validation_rows,
+        cache_dir,
+        progress,
+        questions,
+        question_rows,
+        contrasts,
+    )
+
+
+def build_trainer(
+    wrapped: nn.Module,
+    task: Task,
+    memory_pairs: Sequence[tuple[str, Any]] = (),
+    validation_pairs: Sequence[tuple[str, Any]] = (),
+    edit_config: EditConfig | None = None,
+    memory_rows: int = 10_000,
+    validation_rows: int = 1_000,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    questions: Sequence[str] = (),
+    question_rows: int = 0,
+    contrasts: Callable[[EditExample], Sequence[str]] | None = None,
+) -> PatchTrainer:
+    """A :class:`PatchTrainer` over an already patch-wrapped model, its memory banks built (and cached) from pairs;
+    a generator's memory also reads its own answers to ``questions`` (at most ``question_rows`` rows)."""
+    layer = wrapped.base_model.patch_layer()
+    asked = questions if task.kind == "causal_lm" else ()
+    banks = {}
+    for tag, pairs, rows, extra in (
+        ("memory", memory_pairs, memory_rows, question_rows),
+        ("validation", validation_pairs, validation_rows, 0),
+    ):
+        banks[tag] = (
+            build_memory(
+                wrapped,
+                layer,
+                task,
+                pairs,
+                rows,
+                cache_dir,
+                tag,
+                progress=progress,
+                questions=asked,
+                question_rows=extra,
+            )
+            if pairs
+            else None
+        )
+    config = edit_config or EditConfig()
+    contexts = subjects = None
+    if task.kind == "causal_lm" and config.init == "solve" and config.token_contexts and memory_pairs:
+        texts = [f"{text} {target}" for text, target in memory_pairs]
+        contexts = TokenContexts.from_texts(task.tokenizer, texts, per_token=config.token_contexts)
+    if config.init == "solve" and config.nearest_contrasts and isinstance(contrasts, ContrastPool):
+        subjects = SubjectIndex.from_model(wrapped, task.tokenizer, contrasts.subjects)
+    return PatchTrainer(
+        wrapped,
+        task,
+        config,
+        memory=banks["memory"],
+        val_memory=banks["validation"],
+        contrasts=contrasts,
+        contexts=contexts,
+        subjects=subjects,
+    )

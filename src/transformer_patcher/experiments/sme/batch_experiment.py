@@ -1,0 +1,283 @@
+"""Batch-editing experiments: N facts written at once, judged with ROME-style scores (CounterFact, zsRE).
+
+For each editor and batch size ``b`` the first ``cases`` records are cut into batches of ``b``; every batch is
+edited from the original model and scored right after (so batch size 1 is ``cases`` independent single edits).
+PMET and its MEMIT ablation edit a batch in one closed-form update; T-Patcher edits the batch's facts one after
+another (its sequential protocol), which is the comparison on the same cases the paper's tables make.
+
+Target vectors depend only on the original model and the request, so they are computed once per variant for all
+cases, saved (``targets-<editor>.safetensors``) and reused by every batch size — as the official code caches them.
+Each (editor, batch size) result is written as soon as it is done (``parts/``), so an interrupted run resumes.
+
+Output folder: ``results.json``, ``results.md``, ``before.json`` (pre-edit outcomes), ``parts/``, ``targets-*``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import fmean, median
+from typing import Any
+
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from transformer_patcher.core.atomic import save_safetensors_atomic, write_text_atomic
+from transformer_patcher.core.editor import Editor
+from transformer_patcher.core.folder_lock import folder_lock
+from transformer_patcher.core.pretrained import cache_dir, load_model, model_config
+from transformer_patcher.core.prompts import PromptFormat
+from transformer_patcher.core.scoring import Outcome
+from transformer_patcher.core.tasks import CausalLMTask, EditExample
+from transformer_patcher.data.benchmarks import BENCHMARKS, wikitext_texts
+from transformer_patcher.data.loaders import ZSRE_SAMPLE, ZSRE_TARGETS, find_data_file, load_counterfact, load_zsre
+from transformer_patcher.experiments.registry import DISPLAY_NAMES, MASS_EDITORS, build_editor
+from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
+from transformer_patcher.experiments.sme.report import FACT_COLUMNS, FACT_EXTRAS, markdown_table
+from transformer_patcher.methods.patcher.config import EditConfig
+from transformer_patcher.methods.pmet import EditRequest, PMETEditor, Targets, pmet_hparams
+
+BATCH_EDITORS = ("pmet", "memit", "patcher")
+STATS_TEXTS = 2000
+
+
+@dataclass
+class BatchExperimentConfig:
+    """What to run: ``data`` is ``counterfact``, ``zsre`` or a file of that ``data_kind``."""
+
+    model: str
+    data: str = "counterfact"
+    data_kind: str | None = None
+    data_dir: str | None = None
+    cases: int = 100
+    batch_sizes: tuple[int, ...] = (1, 10, 100)
+    editors: tuple[str, ...] = ("pmet", "memit")
+    pmet_options: dict[str, Any] = field(default_factory=dict)  # preset + PMETHyperParams overrides
+    edit_options: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (T-Patcher)
+    memory_rows: int = 10_000
+    seed: int = 42
+    prompt_format: str = "raw"  # how the cases are asked when scored (and edited, by T-Patcher)
+    append_eos: bool = False
+    zsre_target: str = "answers"  # "alt": EasyEdit's zsRE convention
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = tuple(self.batch_sizes)
+        self.editors = tuple(self.editors)
+        if self.kind not in ("counterfact", "zsre"):
+            raise ValueError(f"batch experiments use counterfact or zsre data, got {self.data!r}")
+        if self.zsre_target not in ZSRE_TARGETS:
+            raise ValueError(f"zsre_target must be one of {ZSRE_TARGETS}, got {self.zsre_target!r}")
+        mass = sorted(set(self.editors) & set(MASS_EDITORS))
+        if self.format().kind != "raw" and mass:
+            raise ValueError(
+                f"{', '.join(mass)} write facts from raw prompts (their context templates are raw-text prefixes); "
+                f"prompt_format {self.format().name!r} is supported for the patcher editor only"
+            )
+        unknown = sorted(set(self.editors) - set(BATCH_EDITORS))
+        if unknown or not self.editors:
+            raise ValueError(f"editors must be among {BATCH_EDITORS}, got {list(self.editors)}")
+        if self.cases < 1 or not self.batch_sizes or any(b < 1 or b > self.cases for b in self.batch_sizes):
+            raise ValueError(f"need cases >= 1 and batch sizes in [1, cases]; got {self.cases}, {self.batch_sizes}")
+        EditConfig.quick(**self.edit_options)  # bad T-Patcher options fail before anything loads
+
+        pmet_hparams(**self.pmet_options)  # and bad PMET options
+
+    @property
+    def kind(self) -> str:
+        return self.data if self.data in BENCHMARKS else str(self.data_kind)
+
+    def format(self) -> PromptFormat:
+        return PromptFormat(self.prompt_format, self.append_eos)
+
+
+def load_cases(config: BatchExperimentConfig) -> list[FactCase]:
+    if config.kind == "counterfact":
+        named = config.data in BENCHMARKS
+        rows = load_counterfact(
+            find_data_file("counterfact/counterfact-edit-1k.json", config.data_dir) if named else config.data
+        )
+    else:
+        rows = load_zsre(ZSRE_SAMPLE if config.data == "zsre" else config.data, target=config.zsre_target)
+    if len(rows) < config.cases:
+        raise ValueError(f"{config.data} has {len(rows)} records, fewer than cases={config.cases}")
+    return [FactCase.from_row(rows[i]) for i in range(config.cases)]
+
+
+def run_batch_experiment(
+    config: BatchExperimentConfig, out_dir: str | os.PathLike[str], progress: bool = True, command: str | None = None
+) -> dict[str, Any]:
+    """Run every (editor, batch size) not already in ``out_dir/parts`` and write the combined results. The folder
+    is locked while this runs: a second run on it raises FolderLockedError."""
+    model_config(config.model)  # an unknown model is refused before the folder is locked or written
+    with folder_lock(out_dir):
+        return _run_batch_experiment(config, Path(out_dir), progress, command)
+
+
+def _run_batch_experiment(
+    config: BatchExperimentConfig, out: Path, progress: bool, command: str | None
+) -> dict[str, Any]:
+    saved = out / "config.json"
+    settings = json.loads(json.dumps(asdict(config)))
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
+        raise ValueError(f"{out} holds a batch experiment with other settings; use another folder")
+    cases = load_cases(config)
+    write_text_atomic(saved, json.dumps(settings, indent=1, sort_keys=True))
+    before: list[dict[str, Outcome]] | None = _read_before(out / "before.json")
+    for editor_name in config.editors:
+        missing = [b for b in config.batch_sizes if not (out / "parts" / f"{editor_name}-b{b}.json").is_file()]
+        if not missing:
+            continue
+        model, tokenizer = load_model(config.model, "generation")
+        task = CausalLMTask(tokenizer, prompt_format=config.format())
+        if before is None:
+            before = score_cases(model, task, cases)
+            write_text_atomic(out / "before.json", json.dumps([{k: asdict(o) for k, o in c.items()} for c in before]))
+        job = _Job(config, editor_name, model, task, cases, out, progress)
+        editor, edit = (_mass_editor if editor_name in MASS_EDITORS else _patcher_editor)(job)
+        _run_sizes(editor, edit, job, before, missing)
+    return assemble_batch(out, config, cases, command)
+
+
+@dataclass
+class _Job:
+    """One editor's share of a batch experiment."""
+
+    config: BatchExperimentConfig
+    name: str
+    model: nn.Module
+    task: CausalLMTask
+    cases: Sequence[FactCase]
+    out: Path
+    progress: bool
+
+
+def _mass_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
+
+    config, name, out = job.config, job.name, job.out
+    hparams = pmet_hparams(variant=name, **config.pmet_options)
+    try:
+        texts = wikitext_texts("valid", config.data_dir)[:STATS_TEXTS]
+    except FileNotFoundError:
+        texts = [f"{a} {b}" for a, b in BENCHMARKS[config.kind](None, config.data_dir).memory]
+    tokenizer = job.task.tokenizer
+    stats = cache_dir() / "pmet"
+    editor = PMETEditor(job.model, tokenizer, hparams, texts, task=job.task, cache_dir=stats, progress=job.progress)
+    requests = [EditRequest(c.prompt, c.subject, c.target) for c in job.cases]
+    target_file = out / f"targets-{name}.safetensors"
+    if target_file.is_file():
+        saved = load_file(str(target_file))
+        meta = json.loads((out / f"targets-{name}.json").read_text())
+        targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"])
+        target_seconds = meta["seconds_per_request"]
+    else:
+        start = time.perf_counter()
+        targets = editor.compute_targets(requests)
+        target_seconds = (time.perf_counter() - start) / len(requests)
+        save_safetensors_atomic({"values": targets.values, "init": targets.init}, target_file)
+        meta = {"steps": targets.steps, "probabilities": targets.probabilities, "seconds_per_request": target_seconds}
+        write_text_atomic(out / f"targets-{name}.json", json.dumps(meta))
+
+    def edit(index: list[int]) -> float:
+        result = editor.edit_batch([requests[i] for i in index], targets=targets.select(index))
+        return result.seconds + target_seconds * len(index)
+
+    return editor, edit
+
+
+def _patcher_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
+    config, cases = job.config, job.cases
+    benchmark = BENCHMARKS[config.kind](None, config.data_dir)
+    editor = build_editor(
+        "patcher",
+        job.model,
+        job.task,
+        benchmark.memory,
+        benchmark.validation,
+        EditConfig.quick(seed=config.seed, **config.edit_options),
+        memory_rows=config.memory_rows,
+        cache_dir=cache_dir() / "memory",
+        progress=job.progress,
+    )
+
+    def edit(index: list[int]) -> float:
+        began = time.perf_counter()
+        for i in index:  # one after another: T-Patcher's sequential protocol
+            editor.edit(EditExample(cases[i].prompt, cases[i].target, subject=cases[i].subject), edit_id=i)
+        return time.perf_counter() - began
+
+    return editor, edit
+
+
+def _run_sizes(
+    editor: Editor,
+    edit: Callable[[list[int]], float],
+    job: _Job,
+    before: Sequence[dict[str, Outcome]],
+    sizes: Sequence[int],
+) -> None:
+    """For each size: cut the cases into batches, ``edit`` each from the original model, score it, write the part."""
+    name, task, cases, out, progress = job.name, job.task, job.cases, job.out, job.progress
+    for size in sizes:
+        after, seconds = [], []
+        for start in tqdm(range(0, len(cases), size), desc=f"{name} b={size}", unit="batch", disable=not progress):
+            index = list(range(start, min(start + size, len(cases))))
+            editor.reset()
+            seconds.append(edit(index))
+            after += score_cases(editor.model, task, [cases[i] for i in index])
+        editor.reset()
+        _write_part(out, name, size, after, before, seconds)
+
+
+def _write_part(
+    out: Path,
+    name: str,
+    size: int,
+    after: Sequence[dict[str, Outcome]],
+    before: Sequence[dict[str, Outcome]],
+    seconds: Sequence[float],
+) -> None:
+    row = {
+        "editor": DISPLAY_NAMES[name],
+        "batch_size": size,
+        "batches": len(seconds),
+        "cases": len(after),
+        **fact_metrics(after, before[: len(after)]),
+        "seconds_per_batch": median(seconds),
+        "seconds_per_edit": fmean(seconds) * len(seconds) / len(after),
+    }
+    write_text_atomic(out / "parts" / f"{name}-b{size}.json", json.dumps(row, indent=1))
+
+
+def _read_before(path: Path) -> list[dict[str, Outcome]] | None:
+    if not path.is_file():
+        return None
+    return [{k: Outcome(**o) for k, o in case.items()} for case in json.loads(path.read_text())]
+
+
+def assemble_batch(
+    out: Path, config: BatchExperimentConfig, cases: Sequence[FactCase], command: str | None = None
+) -> dict[str, Any]:
+    """``results.json`` / ``results.md`` from the parts, editors in config order, rows by batch size."""
+    rows = [
+        json.loads((out / "parts" / f"{e}-b{b}.json").read_text())
+        for e in config.editors
+        for b in config.batch_sizes
+        if (out / "parts" / f"{e}-b{b}.json").is_file()
+    ]
+    before = _read_before(out / "before.json") or []
+    baseline = {"editor": "unedited", "batch_size": 0, "cases": len(before), **fact_metrics(before, before)}
+    results = {"config": asdict(config), "command": command, "rows": [baseline, *rows]}
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1))
+    footer = f"\nCommand: `{command}`\n" if command else ""
+    write_text_atomic(
+        out / "results.md",
+        f"# Batch editing: {config.model} on {config.data} ({len(cases)} cases)\n\n"
+        + markdown_table(results["rows"], metric_columns=FACT_COLUMNS, extra_columns=FACT_EXTRAS)
+        + footer,
+    )
+    return results

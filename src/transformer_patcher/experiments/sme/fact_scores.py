@@ -1,0 +1,97 @@
+"""ROME-style scores of a batch of fact edits (CounterFact, zsRE): what a mass editor is judged by.
+
+Per case, with p(·) the mean per-token probability of an answer after the prompt (teacher forcing):
+
+- efficacy / paraphrase **score**: p(new target) > p(true answer) on the edit prompt / its paraphrase;
+- neighbourhood **score**: p(true answer) > p(new target) on a prompt about a neighbouring subject;
+- efficacy / paraphrase **accuracy**: the new target is the greedy continuation (every token the argmax);
+- neighbourhood **accuracy**: the greedy answer on the neighbouring prompt is unchanged from the unedited model.
+
+Probability scores need the true answer (CounterFact's ``ground_truth``); zsRE has none, so only accuracies exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import fmean
+from typing import Any
+
+from torch import nn
+
+from transformer_patcher.core.scoring import Outcome, score_pairs
+from transformer_patcher.core.tasks import Task
+
+
+@dataclass(frozen=True)
+class FactCase:
+    """One fact edit and the prompts it is judged on."""
+
+    prompt: str
+    subject: str
+    target: str
+    paraphrase: str
+    neighbourhood: str
+    neighbourhood_answer: str
+    true_answer: str | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> FactCase:
+        """From a ``load_counterfact`` / ``load_zsre`` row."""
+        return cls(
+            row["text"],
+            row["subject"],
+            row["target"],
+            row["rephrase"],
+            row["loc"],
+            row["loc_ans"],
+            row.get("ground_truth"),
+        )
+
+
+def _pairs(case: FactCase) -> list[tuple[str, str]]:
+    pairs = [
+        (case.prompt, case.target),
+        (case.paraphrase, case.target),
+        (case.neighbourhood, case.neighbourhood_answer),
+    ]
+    if case.true_answer is not None:
+        pairs += [
+            (case.prompt, case.true_answer),
+            (case.paraphrase, case.true_answer),
+            (case.neighbourhood, case.target),
+        ]
+    return pairs
+
+
+def score_cases(
+    model: nn.Module, task: Task, cases: Sequence[FactCase], batch_size: int = 32
+) -> list[dict[str, Outcome]]:
+    """Outcomes per case: ``edit``, ``paraphrase``, ``neighbourhood`` (+ ``*_true`` / ``neighbourhood_new``)."""
+    names = ("edit", "paraphrase", "neighbourhood", "edit_true", "paraphrase_true", "neighbourhood_new")
+    flat = [pair for case in cases for pair in _pairs(case)]
+    outcomes = score_pairs(model, task, flat, batch_size)
+    result, position = [], 0
+    for case in cases:
+        n = len(_pairs(case))
+        result.append(dict(zip(names, outcomes[position : position + n], strict=False)))
+        position += n
+    return result
+
+
+def fact_metrics(after: Sequence[dict[str, Outcome]], before: Sequence[dict[str, Outcome]]) -> dict[str, float]:
+    """Aggregate scores and accuracies (means over cases) from outcomes after and before the edits."""
+    metrics = {
+        "efficacy_acc": fmean(c["edit"].correct for c in after),
+        "paraphrase_acc": fmean(c["paraphrase"].correct for c in after),
+        "neighborhood_acc": fmean(
+            a["neighbourhood"].prediction == b["neighbourhood"].prediction for a, b in zip(after, before, strict=True)
+        ),
+    }
+    if all("edit_true" in c for c in after):
+        metrics |= {
+            "efficacy_score": fmean(c["edit"].log_prob > c["edit_true"].log_prob for c in after),
+            "paraphrase_score": fmean(c["paraphrase"].log_prob > c["paraphrase_true"].log_prob for c in after),
+            "neighborhood_score": fmean(c["neighbourhood"].log_prob > c["neighbourhood_new"].log_prob for c in after),
+        }
+    return metrics

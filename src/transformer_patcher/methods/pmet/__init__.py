@@ -1,0 +1,36 @@
+"""PMET: precise mass editing of decoder-only LMs, its edits kept in a low-rank weight-delta adapter.
+
+``PMETEditor`` edits batches of ``EditRequest``\\ s (many facts in one closed-form update, and batch after batch);
+``PMETHyperParams`` / ``PRESETS`` hold the official, EasyEdit and SmolLM2 settings, and ``variant="memit"`` is the
+MEMIT-style ablation.
+"""
+
+from transformer_patcher.methods.pmet.algorithm import compute_deltas, compute_keys
+from transformer_patcher.methods.pmet.covariance import SecondMoment, collect_second_moments, second_moments
+from transformer_patcher.methods.pmet.editor import BatchResult, PMETEditor
+from transformer_patcher.methods.pmet.hparams import DEFAULT_PRESET, PRESETS, PMETHyperParams, pmet_hparams
+from transformer_patcher.methods.pmet.requests import EditRequest
+from transformer_patcher.methods.pmet.targets import Targets, compute_targets
+from transformer_patcher.methods.pmet.templates import context_templates
+from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
+    "BatchResult",
+    "EditRequest",
+    "LowRankDelta",
+    "PMETEditor",
+    "PMETHyperParams",
+    "SecondMoment",
+    "Targets",
+    "collect_second_moments",
+    "compute_deltas",
+    "compute_keys",
+    "compute_targets",
+    "context_templates",
+    "pmet_hparams",
+    "residual_share",
+    "second_moments",
+    "solve_update",
+]

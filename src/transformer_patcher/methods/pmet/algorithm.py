@@ -1,0 +1,139 @@
+"""The PMET layer loop: from target vectors to one low-rank ΔW per edited FFN output projection.
+
+For edited layer ``l_i`` (i = 0 … L−1, shallow to deep), with the updates of earlier layers already in effect:
+
+- keys ``K``: the input of the FFN output projection at the subject's last token, averaged over the context templates
+  of each group and then over groups (``compute_ks``);
+- current values: the z layer's FFN output (PMET) or block output (MEMIT ablation) at the subject's last token of the
+  bare prompt, under the partially edited model;
+- residuals ``R = (z − current) · share(i)`` with ``share = 1/sqrt(L − i)`` (PMET) or ``1/(L − i)`` (MEMIT);
+- ``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` (:func:`solve_update`), kept as low-rank factors.
+
+Earlier updates act through temporary forward hooks, so the model is the same object, unchanged, when this returns
+(or raises): applying the deltas is the caller's decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from transformer_patcher.core.modes import eval_mode
+from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
+from transformer_patcher.methods.pmet.covariance import SecondMoment
+from transformer_patcher.methods.pmet.hparams import PMETHyperParams
+from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode
+from transformer_patcher.methods.pmet.targets import Targets, output_hook, pad_encodings, rewrite_templates
+from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
+
+
+def read_at_subject(
+    model: nn.Module,
+    tokenizer: Any,
+    encodings: Sequence[Encoded],
+    module_name: str,
+    side: str,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """The input (``side="input"``) or output of ``module_name`` at each encoding's lookup token, as float32 rows."""
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seen: list[torch.Tensor] = []
+
+    def keep(value: Any) -> None:
+        seen.append((value[0] if isinstance(value, tuple) else value).detach())
+
+    module = base.get_submodule(module_name)
+    if side == "input":
+        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+    else:
+        handle = module.register_forward_hook(lambda _m, _a, output: keep(output))
+    rows = []
+    try:
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, len(encodings), batch_size):
+                chunk = encodings[start : start + batch_size]
+                ids, mask = pad_encodings(chunk, pad, device)
+                seen.clear()
+                base.base_model(input_ids=ids, attention_mask=mask)  # no LM head: only a module's value is read
+                lookups = torch.tensor([e.lookup for e in chunk], device=device)
+                rows.append(seen[0][torch.arange(len(chunk), device=device), lookups].float().cpu())
+    finally:
+        handle.remove()
+    return torch.cat(rows)
+
+
+def compute_keys(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    templates: Sequence[Sequence[str]],
+    module_name: str,
+) -> torch.Tensor:
+    """``K`` (d_in × n): FFN keys at the subject's last token, mean within each template group, then across groups."""
+    encodings = [
+        encode(tokenizer, template, request.subject)
+        for request in requests
+        for template in rewrite_templates(templates, request)
+    ]
+    keys = read_at_subject(model, tokenizer, encodings, module_name, "input")
+    sizes = [len(group) for group in templates]
+    per_request = keys.reshape(len(requests), sum(sizes), -1)
+    groups = torch.split(per_request, sizes, dim=1)
+    return torch.stack([group.mean(1) for group in groups]).mean(0).T
+
+
+@contextmanager
+def applied(model: nn.Module, deltas: dict[str, LowRankDelta]) -> Iterator[None]:
+    """Add ``x @ ΔWᵀ`` to each named module's output while inside (forward hooks; the weights are never touched)."""
+    base = unwrap(model)
+    handles = []
+
+    def hook_for(delta: LowRankDelta):
+        up, down = delta.up.float(), delta.down.float()
+
+        def add(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            x = args[0]
+            shift = (x.float() @ down.T.to(x.device)) @ up.T.to(x.device)
+            return output_hook(lambda out: out + shift.to(out.dtype))(_module, args, output)
+
+        return add
+
+    try:
+        for name, delta in deltas.items():
+            handles.append(base.get_submodule(name).register_forward_hook(hook_for(delta)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def compute_deltas(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    hparams: PMETHyperParams,
+    moments: dict[int, SecondMoment],
+    templates: Sequence[Sequence[str]],
+    targets: Targets,
+) -> dict[str, LowRankDelta]:
+    """One ``ΔW`` per edited FFN output projection (module name → factors) for this batch of requests."""
+    z_block = block_modules(model, hparams.layers[-1])
+    read_module = z_block.block if hparams.variant == "memit" else z_block.ffn_out
+    bare = [encode(tokenizer, request.template, request.subject) for request in requests]
+    wanted = targets.values.double().T  # d × n
+    deltas: dict[str, LowRankDelta] = {}
+    for position, layer in enumerate(hparams.layers):
+        modules = block_modules(model, layer)
+        with applied(model, deltas):
+            keys = compute_keys(model, tokenizer, requests, templates, modules.ffn_out)
+            current = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
+        share = residual_share(position, len(hparams.layers), hparams.variant)
+        covariance = moments[layer].regularized(hparams.mom2_ridge)
+        deltas[modules.ffn_out] = solve_update(keys, (wanted - current) * share, covariance, hparams.mom2_update_weight)
+    return deltas

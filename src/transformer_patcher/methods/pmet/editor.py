@@ -1,0 +1,183 @@
+"""``PMETEditor``: batch and sequential-batch PMET editing, its edits held in a DELTA (low-rank weight) adapter.
+
+The model is wrapped once with :func:`get_delta_model` over the edited FFN output projections. Each call to
+:meth:`PMETEditor.edit_batch` computes target vectors against the model as it is now (earlier batches included),
+solves the per-layer updates in closed form and appends their factors to the adapter — so a stream of batches is
+"sequential batch editing", and the adapter saves, loads, disables, unloads and merges like any PEFT adapter.
+
+The editor also implements the SME :class:`~transformer_patcher.core.editor.Editor` protocol (one example per
+call), which is what ``transformer-patcher sme run --editor pmet`` drives.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from transformer_patcher.core.editor import EditRecord
+from transformer_patcher.core.errors import InvalidExampleError, InvalidPatchError
+from transformer_patcher.core.scoring import score_pairs
+from transformer_patcher.core.tasks import CausalLMTask, EditExample, Task
+from transformer_patcher.methods.pmet.algorithm import compute_deltas
+from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
+from transformer_patcher.methods.pmet.covariance import SecondMoment, second_moments
+from transformer_patcher.methods.pmet.hparams import PMETHyperParams
+from transformer_patcher.methods.pmet.requests import EditRequest
+from transformer_patcher.methods.pmet.targets import Targets, compute_targets
+from transformer_patcher.methods.pmet.templates import context_templates
+from transformer_patcher.tuners.delta import DeltaConfig, DeltaLayer, get_delta_model
+
+
+@dataclass
+class BatchResult:
+    """What one batch edit did: its requests' targets (steps, probabilities) and the rank it added per layer."""
+
+    requests: int
+    seconds: float
+    targets: Targets
+    rank_added: int
+
+
+class PMETEditor:
+    """PMET (``hparams.variant="pmet"``) or its MEMIT ablation over a decoder-only LM."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        hparams: PMETHyperParams,
+        stats_texts: Sequence[str] = (),
+        moments: dict[int, SecondMoment] | None = None,
+        task: Task | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        adapter_name: str = "default",
+        templates: Sequence[Sequence[str]] | None = None,
+        progress: bool = True,
+    ) -> None:
+        base = unwrap(model)
+        self.blocks = [block_modules(base, layer) for layer in hparams.layers]  # unsupported models stop here
+        if moments is None:
+            if not stats_texts:
+                raise ValueError("PMET needs key statistics: pass stats_texts (any local text) or moments")
+            moments = second_moments(
+                base,
+                tokenizer,
+                list(stats_texts)[: hparams.mom2_n_texts],
+                hparams.layers,
+                cache_dir=cache_dir,
+                max_length=hparams.mom2_max_length,
+                progress=progress,
+            )
+        missing = [layer for layer in hparams.layers if layer not in moments]
+        if missing:
+            raise ValueError(f"no key statistics for layers {missing}")
+        self.hparams = hparams
+        self.tokenizer = tokenizer
+        self.moments = moments
+        self.adapter_name = adapter_name
+        self.progress = progress
+        self.task = task or CausalLMTask(tokenizer)
+        if hasattr(model, "peft_config") and adapter_name in model.peft_config:
+            self.model = model
+        else:
+            config = DeltaConfig(target_modules=[b.ffn_out for b in self.blocks], method=hparams.variant)
+            self.model = get_delta_model(model, config, adapter_name=adapter_name)
+        self.templates = [list(group) for group in templates] if templates is not None else None
+
+    # ------------------------------------------------------------------------------------------- batches
+    def context_templates(self) -> list[list[str]]:
+        """The context templates, generated (seeded) on first use with the edits switched off."""
+        if self.templates is None:
+            with self.model.disable_adapter():
+                self.templates = context_templates(self.model, self.tokenizer, self.hparams.context_template_lengths)
+        return self.templates
+
+    def compute_targets(self, requests: Sequence[EditRequest]) -> Targets:
+        """Target vectors of ``requests`` against the model as it is now (reusable while the model is unchanged)."""
+        return compute_targets(
+            self.model, self.tokenizer, requests, self.hparams, self.context_templates(), progress=self.progress
+        )
+
+    def edit_batch(self, requests: Sequence[EditRequest], targets: Targets | None = None) -> BatchResult:
+        """Write every request into the model at once; on any error the adapter is left as it was."""
+        if not requests:
+            raise InvalidExampleError("no requests to edit")
+        start = time.perf_counter()
+        targets = targets if targets is not None else self.compute_targets(requests)
+        if targets.values.shape[0] != len(requests):
+            raise ValueError(f"{targets.values.shape[0]} targets for {len(requests)} requests")
+        deltas = compute_deltas(
+            self.model, self.tokenizer, requests, self.hparams, self.moments, self.context_templates(), targets
+        )
+        bad = [name for name, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]
+        if bad:
+            raise InvalidPatchError(f"the PMET update for {bad} is not finite; nothing was changed")
+        layers = self.delta_layers()
+        ranks = {name: layer.rank(self.adapter_name) for name, layer in layers.items()}
+        try:
+            for name, delta in deltas.items():
+                layers[name].add_delta(self.adapter_name, delta.up, delta.down)
+        except BaseException:
+            self._truncate(ranks)  # no copy on the normal path: only a failed append is rolled back
+            raise
+        return BatchResult(len(requests), time.perf_counter() - start, targets, len(requests))
+
+    def _truncate(self, ranks: dict[str, int]) -> None:
+        for name, layer in self.delta_layers().items():
+            if layer.rank(self.adapter_name) != ranks[name]:
+                keep = ranks[name]
+                up = layer.delta_up[self.adapter_name][:, :keep].detach().clone()
+                down = layer.delta_down[self.adapter_name][:keep].detach().clone()
+                layer.clear_delta(self.adapter_name)
+                layer.add_delta(self.adapter_name, up, down)
+
+    def delta_layers(self) -> dict[str, DeltaLayer]:
+        base = unwrap(self.model)
+        return {b.ffn_out: base.get_submodule(b.ffn_out) for b in self.blocks}
+
+    # ------------------------------------------------------------------------------------ SME protocol
+    def edit(self, example: EditExample, edit_id: int) -> EditRecord:
+        """One SME step: edit ``example`` (as a batch of one) only if the model gets it wrong."""
+        if not example.subject:
+            raise InvalidExampleError(
+                f"PMET needs the subject of each example (the fact is written at its last token); {example.text!r} "
+                "has none — use a benchmark with subjects (zsRE, CounterFact) or give EditExample.subject"
+            )
+        if not isinstance(example.target, str):
+            raise InvalidExampleError("PMET edits text targets of causal language models")
+        request = EditRequest(example.text, example.subject, example.target)
+        before = score_pairs(self.model, self.task, [(example.text, example.target)])[0]
+        if before.correct:
+            return EditRecord(edit_id, needed=False, success=True)
+        result = self.edit_batch([request])
+        after = score_pairs(self.model, self.task, [(example.text, example.target)])[0]
+        return EditRecord(
+            edit_id,
+            needed=True,
+            success=after.correct,
+            steps=result.targets.steps[0],
+            seconds=result.seconds,
+            mistakes=before.total_tokens - before.correct_tokens,
+        )
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, layer in self.delta_layers().items():
+            tensors[f"{name}.up"] = layer.delta_up[self.adapter_name].detach().cpu().clone()
+            tensors[f"{name}.down"] = layer.delta_down[self.adapter_name].detach().cpu().clone()
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.reset()
+        for name, layer in self.delta_layers().items():
+            layer.add_delta(self.adapter_name, tensors[f"{name}.up"], tensors[f"{name}.down"])
+
+    def reset(self) -> None:
+        for layer in self.delta_layers().values():
+            layer.clear_delta(self.adapter_name)

@@ -1,0 +1,111 @@
+"""PMET hyper-parameters and the presets the paper, EasyEdit and our SmolLM2 tuning use.
+
+Field names follow the official ``PMETHyperParams`` so a published hparams file maps one to one. Layers are indices
+of decoder blocks; the last one is where the target vectors are optimised ("z layer"). ``variant="memit"`` is the
+MEMIT-style ablation the paper compares against: one delta on the residual stream at the z layer and residuals
+spread by ``1/(L − i)``, where PMET optimises attention- and FFN-output deltas, keeps only the FFN one and spreads by
+``1/sqrt(L − i)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from transformer_patcher.core.validation import check_int, check_number, check_options
+
+VARIANTS = ("pmet", "memit")
+
+
+@dataclass(frozen=True)
+class PMETHyperParams:
+    """Everything one PMET (or MEMIT-ablation) edit depends on."""
+
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+    variant: str = "pmet"
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 30
+    clamp_norm_factor: float = 0.75
+    v_weight_decay: float = 0.5
+    kl_factor: float = 1.0
+    nll_loss_factor: float = 1.0
+    mom2_update_weight: float = 15000.0
+    mom2_ridge: float = 0.0  # C + ridge·(tr C/d)·I; 0 keeps the official C (see SecondMoment.regularized)
+    mom2_n_texts: int = 2000  # texts of the statistics corpus (the official mom2_n_samples, scaled to CPU budgets)
+    mom2_max_length: int = 128
+    context_template_lengths: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, how many) of generated prefixes
+    requests_per_step: int = 8  # requests optimised together in one forward pass while computing targets
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance notes for presets
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (tuple, list)):
+            raise ValueError(f"layers must be a non-empty sequence of block indices, got {self.layers!r}")
+        layers = tuple(self.layers)
+        if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise ValueError(f"layers must be a non-empty sequence of block indices >= 0, got {self.layers!r}")
+        if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
+            raise ValueError(f"layers must be strictly increasing, got {layers}")
+        object.__setattr__(self, "layers", layers)
+        positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor")
+        non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge")
+        for name in positive + non_negative:
+            check_number(name, getattr(self, name), 0.0, strict=name in positive)
+        for name in ("v_num_grad_steps", "mom2_n_texts", "mom2_max_length", "requests_per_step"):
+            check_int(name, getattr(self, name), minimum=1)
+        pairs = self.context_template_lengths
+        if not isinstance(pairs, (tuple, list)) or not all(isinstance(pair, (tuple, list)) for pair in pairs):
+            raise ValueError(f"context_template_lengths must be (tokens, count) pairs of integers >= 1, got {pairs!r}")
+        lengths = tuple(tuple(pair) for pair in pairs)
+        if any(
+            len(pair) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in pair)
+            for pair in lengths
+        ):
+            raise ValueError(f"context_template_lengths must be (tokens, count) pairs of integers >= 1, got {pairs!r}")
+        object.__setattr__(self, "context_template_lengths", lengths)
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {self.extra!r}")
+
+    def with_options(self, **options: Any) -> PMETHyperParams:
+        """A copy with ``options`` replaced; unknown names are an error naming the valid ones."""
+        check_options("PMET", options, {f.name for f in fields(self)} - {"extra"})
+        return replace(self, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("extra")
+        data["layers"] = list(self.layers)
+        data["context_template_lengths"] = [list(p) for p in self.context_template_lengths]
+        return data
+
+
+# edit/hparams/PMET/EleutherAI_gpt-j-6B.json of the official repository (GPT-J-6B, 28 blocks); EasyEdit's
+# hparams/PMET/gpt-j-6B.yaml repeats it except for lambda.
+_GPT_J = dict(layers=(3, 4, 5, 6, 7, 8), v_lr=0.2, v_num_grad_steps=30, clamp_norm_factor=0.75, kl_factor=1.0)
+
+PRESETS: dict[str, PMETHyperParams] = {
+    "gpt-j-official": PMETHyperParams(**_GPT_J, mom2_update_weight=6000.0, extra={"source": "official PMET repo"}),
+    "gpt-j-easyedit": PMETHyperParams(**_GPT_J, mom2_update_weight=15000.0, extra={"source": "EasyEdit gpt-j-6B"}),
+    # EasyEdit's Llama-2-7B values (32 blocks).
+    "llama-easyedit": PMETHyperParams(
+        layers=(4, 5, 6, 7, 8),
+        v_num_grad_steps=20,
+        clamp_norm_factor=1.0,
+        kl_factor=0.0625,
+        extra={"source": "EasyEdit hparams/PMET/llama-7b.yaml"},
+    ),
+    # Tuned for SmolLM2-135M (30 blocks, d_ff 1536) with bench/pmet_tune.py on CounterFact records 900-915, which no
+    # reported result uses: the official clamp (0.75) capped the targets, and lambda scales with d_ff (GPT-J: 16384).
+    "smollm2-135m": PMETHyperParams(
+        v_lr=2.0, clamp_norm_factor=1.5, mom2_update_weight=2000.0, extra={"source": "bench/pmet_tune.py"}
+    ),
+}
+DEFAULT_PRESET = "smollm2-135m"
+
+
+def pmet_hparams(preset: str = DEFAULT_PRESET, **options: Any) -> PMETHyperParams:
+    """A preset with ``options`` overriding its fields (e.g. ``variant="memit"``); unknown names are an error."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown PMET preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset].with_options(**options)

@@ -1,0 +1,204 @@
+"""``DeltaLayer``: a linear layer plus a low-rank weight delta per adapter, ``W' = W + up @ down``.
+
+The factors are buffers-in-spirit: ``nn.Parameter``s (so peft saves, moves and loads them like any adapter weight)
+that never require grad, because they come from a closed-form solve and are only ever appended to. ``up`` is
+d_out × r and ``down`` r × d_in whatever the base layer's storage (a transformers ``Conv1D`` keeps its weight as
+d_in × d_out; ``get_delta_weight`` returns the delta in the base weight's own orientation).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from transformer_patcher.core.errors import InvalidPatchError, UnsupportedArchitectureError
+from transformer_patcher.tuners.delta.config import DeltaConfig
+from transformer_patcher.tuners.placement import execution_device
+
+FACTORS = ("delta_up", "delta_down")
+
+
+class DeltaLayer(nn.Module, BaseTunerLayer):
+    """A wrapped ``nn.Linear`` / ``Conv1D`` that adds ``x @ (up @ down)ᵀ`` for each active adapter."""
+
+    adapter_layer_names = FACTORS
+    other_param_names = ("delta_config",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DeltaConfig) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise UnsupportedArchitectureError(
+                f"a weight delta needs an nn.Linear or transformers Conv1D layer, got {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight stored (in, out)
+        d_in, d_out = base_layer.weight.shape if self.fan_in_fan_out else base_layer.weight.shape[::-1]
+        self.in_features, self.out_features = int(d_in), int(d_out)
+        self.delta_up = nn.ParameterDict()
+        self.delta_down = nn.ParameterDict()
+        self.delta_config: dict[str, DeltaConfig] = {}
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self._active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        self.update_layer(adapter_name, config)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def update_layer(self, adapter_name: str, config: DeltaConfig) -> None:
+        """Create an empty (rank-0) delta for ``adapter_name`` on the layer's execution device."""
+        device, dtype = execution_device(self.base_layer), getattr(torch, config.delta_dtype)
+        self.delta_config[adapter_name] = config
+        self._set_factors(
+            adapter_name,
+            torch.zeros(self.out_features, 0, device=device, dtype=dtype),
+            torch.zeros(0, self.in_features, device=device, dtype=dtype),
+        )
+        # Declared frozen, so peft's set_adapter / set_requires_grad never make them trainable.
+        self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: FACTORS}
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _set_factors(self, adapter_name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Store new factors and move ``config.rank`` (the total over every layer) by the change in this layer."""
+        old = self.delta_up[adapter_name].shape[1] if adapter_name in self.delta_up else 0
+        self.delta_up[adapter_name] = nn.Parameter(up, requires_grad=False)
+        self.delta_down[adapter_name] = nn.Parameter(down, requires_grad=False)
+        config = self.delta_config[adapter_name]
+        config.rank += up.shape[1] - old
+
+    def _resolve_adapter(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            if len(self.active_adapters) != 1:
+                raise ValueError(f"{len(self.active_adapters)} adapters are active; pass adapter_name explicitly")
+            adapter_name = self.active_adapters[0]
+        if adapter_name not in self.delta_up:
+            raise KeyError(f"no delta adapter named {adapter_name!r} on this layer (have {sorted(self.delta_up)})")
+        return adapter_name
+
+    # ------------------------------------------------------------------------------------------- the delta
+    def rank(self, adapter_name: str | None = None) -> int:
+        """Current rank of the adapter's delta on this layer."""
+        return int(self.delta_up[self._resolve_adapter(adapter_name)].shape[1])
+
+    def _factor(
+        self, tensor: object, name: str, shape: tuple[int | None, int | None], dtype: torch.dtype
+    ) -> torch.Tensor:
+        t = torch.as_tensor(tensor).detach()
+        if not t.is_floating_point():
+            raise InvalidPatchError(f"{name} must be floating point, got {t.dtype}")
+        if t.dim() != 2 or any(want is not None and got != want for got, want in zip(t.shape, shape, strict=True)):
+            expected = " × ".join("r" if d is None else str(d) for d in shape)
+            raise InvalidPatchError(f"{name} must have shape ({expected}), got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise InvalidPatchError(f"{name} contains NaN or inf; a delta must be finite")
+        cast = t.to(dtype)
+        if not torch.isfinite(cast).all():
+            raise InvalidPatchError(f"{name} overflows the delta dtype {dtype}")
+        return cast
+
+    def add_delta(self, adapter_name: str | None, up: torch.Tensor, down: torch.Tensor) -> int:
+        """Append ``up`` (d_out × r) and ``down`` (r × d_in) along the rank, so the delta grows by ``up @ down``.
+
+        Factors are cast to the config's ``delta_dtype`` and kept on the layer's device. Returns the rank added.
+        Nothing changes if an argument is invalid (``InvalidPatchError``).
+        """
+        adapter = self._resolve_adapter(adapter_name)
+        if adapter in self.merged_adapters:
+            raise InvalidPatchError(f"adapter {adapter!r} is merged into the base weight; unmerge it before adding")
+        old_up, old_down = self.delta_up[adapter], self.delta_down[adapter]
+        up = self._factor(up, "up", (self.out_features, None), old_up.dtype)
+        down = self._factor(down, "down", (None, self.in_features), old_down.dtype)
+        if up.shape[1] != down.shape[0]:
+            raise InvalidPatchError(
+                f"up {tuple(up.shape)} and down {tuple(down.shape)} must share the rank r (up's columns, down's rows)"
+            )
+        new_up = torch.cat([old_up.detach(), up.to(old_up.device)], dim=1)
+        new_down = torch.cat([old_down.detach(), down.to(old_down.device)], dim=0)
+        self._set_factors(adapter, new_up, new_down)
+        return int(up.shape[1])
+
+    def clear_delta(self, adapter_name: str | None = None) -> int:
+        """Drop the adapter's delta on this layer (back to rank 0); returns the rank removed."""
+        adapter = self._resolve_adapter(adapter_name)
+        if adapter in self.merged_adapters:
+            raise InvalidPatchError(f"adapter {adapter!r} is merged into the base weight; unmerge it before clearing")
+        removed = self.rank(adapter)
+        self.resize_for_load(adapter, 0)
+        return removed
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``up @ down`` in the delta dtype, in the base weight's orientation (transposed for ``Conv1D``)."""
+        delta = self.delta_up[adapter_name] @ self.delta_down[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def resize_for_load(self, adapter_name: str, rank: int) -> None:
+        """Reshape the factors to a checkpoint's (already validated) rank so ``load_state_dict`` fills them."""
+        up, down = self.delta_up[adapter_name], self.delta_down[adapter_name]
+        self._set_factors(
+            adapter_name,
+            torch.zeros(self.out_features, rank, device=up.device, dtype=up.dtype),
+            torch.zeros(rank, self.in_features, device=down.device, dtype=down.dtype),
+        )
+
+    # --------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.delta_up or self.delta_up[adapter].shape[1] == 0:
+                continue
+            up, down = self.delta_up[adapter], self.delta_down[adapter]
+            delta = F.linear(F.linear(x.to(device=down.device, dtype=down.dtype), down), up)
+            result = result + delta.to(device=result.device, dtype=result.dtype)
+        return result
+
+    # ------------------------------------------------------------------------------------ peft lifecycle
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the deltas of ``adapter_names`` (default: the active ones) into the base weight.
+
+        The sum is formed in the delta dtype and rounded once to the weight's dtype. With ``safe_merge`` it is checked
+        for NaN/inf before the weight is overwritten.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        for adapter in adapter_names:
+            if adapter not in self.delta_up:
+                continue
+            delta = self.get_delta_weight(adapter).to(weight.device)
+            merged = (weight.data.to(delta.dtype) + delta).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            weight.data.copy_(merged)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged delta again (exact up to the rounding of the merged weight)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.delta_up:
+                delta = self.get_delta_weight(adapter).to(weight.device)
+                weight.data.copy_((weight.data.to(delta.dtype) - delta).to(weight.dtype))
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move the factors to the layer's execution device; unlike peft's default, keep the delta dtype."""
+        target = device or execution_device(self.base_layer)
+        if adapter_name in self.delta_up and self.delta_up[adapter_name].device != torch.device("meta"):
+            up, down = self.delta_up[adapter_name], self.delta_down[adapter_name]
+            self.delta_up[adapter_name] = nn.Parameter(up.detach().to(target), requires_grad=False)
+            self.delta_down[adapter_name] = nn.Parameter(down.detach().to(target), requires_grad=False)
+
+    def __repr__(self) -> str:
+        return "delta." + super().__repr__()
