@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from transformer_patcher.core.errors import PatcherError
-from transformer_patcher.core.tasks import EditExample
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.data import (
     ZSRE_SAMPLE,
     DatasetFormatError,

@@ -11,7 +11,7 @@ from peft import PeftModel
 from tiny_models import VOCAB
 from tiny_tokenizer import EDIT_WORDS, MEMORY_WORDS, random_sentence, sentence, tiny_tokenizer
 from transformer_patcher.core.errors import InvalidExampleError, InvalidPatchError, UnsupportedArchitectureError
-from transformer_patcher.core.tasks import EditExample
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.methods.pmet import (
     EditRequest,
     PMETEditor,

@@ -8,7 +8,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from transformer_patcher.core.tasks import EditExample, Task
+from transformer_patcher.core.examples import EditExample
+from transformer_patcher.core.tasks import Task
 
 
 @dataclass

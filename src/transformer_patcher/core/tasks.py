@@ -65,18 +65,6 @@ def position_limit(config: Any) -> int | None:
     return limit
 
 
-@dataclass(frozen=True)
-class EditExample:
-    """One input with its correct output: a class id for classification, an answer string for generation."""
-
-    text: str
-    target: int | str
-    rephrases: tuple[str, ...] = ()
-    locality: tuple[tuple[str, int | str], ...] = ()  # (input, its reference output) pairs that must not change
-    subject: str | None = None  # what the text is about; PMET writes the fact at its last token
-    keep: tuple[str, ...] = ()  # inputs whose answers this edit must not change: its patch stays below them
-
-
 @dataclass
 class Batch:
     """Padded model inputs plus the reads: ``rows[j], cols[j]`` is where read ``j`` looks, ``labels[j]`` its answer."""

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.prompts import PromptFormat
-from transformer_patcher.core.tasks import EditExample
 from transformer_patcher.data.loaders import (
     ZSRE_SAMPLE,
     find_data_file,

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformer_patcher.core.errors import PatcherError
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.jsonl import json_lines
-from transformer_patcher.core.tasks import EditExample
 
 if TYPE_CHECKING:
     import datasets

@@ -20,7 +20,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformer_patcher.core.tasks import EditExample
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.data.loaders import find_data_file, load_counterfact
 from transformer_patcher.data.neighbours import SLOT, question_template, subject_pool
 

@@ -22,8 +22,9 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 from transformers.activations import ACT2FN
 
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.modes import eval_mode
-from transformer_patcher.core.tasks import EditExample, Task
+from transformer_patcher.core.tasks import Task
 
 DPI = 100
 CURVE_FIGSIZE = (7.0, 4.5)

@@ -15,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from transformer_patcher.core.editor import Editor
-from transformer_patcher.core.tasks import EditExample, Task
+from transformer_patcher.core.examples import EditExample
+from transformer_patcher.core.tasks import Task
 from transformer_patcher.methods.baselines import FineTuneConfig, FineTuneEditor
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts

@@ -23,10 +23,11 @@ from transformer_patcher.core.atomic import check_plain_folder, recover_folder
 from transformer_patcher.core.closable import Closable
 from transformer_patcher.core.editor import EditRecord
 from transformer_patcher.core.errors import InvalidExampleError
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.folder_lock import sibling_lock
 from transformer_patcher.core.pretrained import cache_dir, load_model, model_kind, portable_name
 from transformer_patcher.core.prompts import PromptFormat
-from transformer_patcher.core.tasks import EditExample, task_for_model
+from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.core.wording import count
 from transformer_patcher.data.benchmarks import embedded_memory, fever_benchmark, generation_memory
 from transformer_patcher.data.questions import contrasts_over, memory_questions, memory_subjects

@@ -20,8 +20,9 @@ from torch import nn
 from torch.func import functional_call
 
 from transformer_patcher.core.editor import EditRecord
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.modes import eval_mode
-from transformer_patcher.core.tasks import Batch, EditExample, Task
+from transformer_patcher.core.tasks import Batch, Task
 from transformer_patcher.core.validation import check_bool, check_int, check_number
 from transformer_patcher.tuners.architectures import resolve_patch_target
 

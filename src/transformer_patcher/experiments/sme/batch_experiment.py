@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 
 from transformer_patcher.core.atomic import save_safetensors_atomic, write_text_atomic
 from transformer_patcher.core.editor import Editor
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.folder_lock import folder_lock
 from transformer_patcher.core.pretrained import cache_dir, load_model, model_config
 from transformer_patcher.core.prompts import PromptFormat
 from transformer_patcher.core.scoring import Outcome
-from transformer_patcher.core.tasks import CausalLMTask, EditExample
+from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.benchmarks import BENCHMARKS, wikitext_texts
 from transformer_patcher.data.loaders import ZSRE_SAMPLE, ZSRE_TARGETS, find_data_file, load_counterfact, load_zsre
 from transformer_patcher.experiments.registry import DISPLAY_NAMES, MASS_EDITORS, build_editor

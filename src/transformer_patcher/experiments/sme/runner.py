@@ -22,8 +22,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from transformer_patcher.core.editor import Editor
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.scoring import Outcome, score_pairs
-from transformer_patcher.core.tasks import EditExample
 from transformer_patcher.experiments.evaluation import EvaluationSuite, flatten
 from transformer_patcher.experiments.sme.run_state import load_checkpoint, save_checkpoint
 from transformer_patcher.metrics.core import summarize

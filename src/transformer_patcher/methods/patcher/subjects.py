@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from transformer_patcher.core.tasks import EditExample
+from transformer_patcher.core.examples import EditExample
 
 
 @runtime_checkable

@@ -45,8 +45,9 @@ from torch import nn
 
 from transformer_patcher.core.editor import EditRecord
 from transformer_patcher.core.errors import NonFiniteError
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.modes import eval_mode
-from transformer_patcher.core.tasks import Batch, EditExample, Task
+from transformer_patcher.core.tasks import Batch, Task
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
 from transformer_patcher.methods.patcher.losses import activation_loss, memory_loss

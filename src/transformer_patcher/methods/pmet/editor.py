@@ -22,8 +22,9 @@ from torch import nn
 
 from transformer_patcher.core.editor import EditRecord
 from transformer_patcher.core.errors import InvalidExampleError, InvalidPatchError
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.scoring import score_pairs
-from transformer_patcher.core.tasks import CausalLMTask, EditExample, Task
+from transformer_patcher.core.tasks import CausalLMTask, Task
 from transformer_patcher.methods.pmet.algorithm import compute_deltas
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment, second_moments
