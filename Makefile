@@ -26,6 +26,8 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
+	# The one-way layers of docs/architecture.md ([tool.importlinter] in pyproject.toml).
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/inference_overhead.py --out bench/results/inference_overhead.json

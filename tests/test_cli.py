@@ -15,6 +15,8 @@ from transformer_patcher.cli import main
 from transformer_patcher.data.neighbours import neighbours_of
 from workspace import build_workspace
 
+HEAVY = ("torch", "transformers", "peft", "datasets", "evaluate")  # what --help, --version and info never import
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -384,7 +386,7 @@ def test_version_names_the_installed_version_or_the_packages_own(capsys, monkeyp
 
 
 def test_counts_and_table_cells_are_written_for_people() -> None:
-    from transformer_patcher.cli import _md_row
+    from transformer_patcher.cli.output import md_row
     from transformer_patcher.core.wording import count
 
     assert [count(1, "neuron"), count(0, "neuron"), count(1, "patch", "patches"), count(3, "patch", "patches")] == [
@@ -393,7 +395,7 @@ def test_counts_and_table_cells_are_written_for_people() -> None:
         "1 patch",
         "3 patches",
     ]
-    assert _md_row(["a\nb", "c|d", "e\r\nf", 0.5, True]) == "| a⏎b | c\\|d | e⏎f | 0.500 | True |"
+    assert md_row(["a\nb", "c|d", "e\r\nf", 0.5, True]) == "| a⏎b | c\\|d | e⏎f | 0.500 | True |"
 
 
 def _plural(n: int, noun: str, plural: str) -> str:
@@ -479,3 +481,212 @@ def test_no_progress_also_silences_the_bars_of_transformers(workspace, tmp_path:
     err = capsys.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err
     assert hf_logging.is_progress_bar_enabled()  # restored for whatever runs next in this process
+
+
+# ------------------------------------------------------------------ a light start: --help, --version, info
+@pytest.fixture(scope="module")
+def saved_patches(workspace: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A patch set of two fixes with an edit log, made by ``edit``."""
+    patches = tmp_path_factory.mktemp("saved") / "patches"
+    records = json.loads(workspace["zsre"].read_text())[:2]
+    requests = patches.parent / "edits.jsonl"
+    requests.write_text("".join(json.dumps({"text": r["src"], "target": r["answers"][0]}) + "\n" for r in records))
+    edit = ["edit", "--model", str(workspace["model"]), "--patches", str(patches), "--memory", "none"]
+    assert main([*edit, "--schedule", "quick", "--file", str(requests), "--no-progress"]) == 0
+    return patches
+
+
+def _fresh(argv: list[str], module: str | None = None) -> tuple[int, str, list[str]]:
+    """Run the CLI on ``argv`` in a fresh interpreter (its ``main``, or ``python -m module``): the exit status,
+    stdout, and which of the heavy modules it had imported when it exited."""
+    script = (
+        "import atexit, json, runpy, sys\n"
+        f"atexit.register(lambda: print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr))\n"
+        f"sys.argv[1:] = {argv!r}\n"
+    )
+    if module is None:
+        script += "from transformer_patcher.cli import main\nsys.exit(main())\n"
+    else:
+        script += f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    return done.returncode, done.stdout, json.loads(done.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "module"),
+    [
+        (["--help"], None),
+        (["--version"], None),
+        (["sme", "--help"], None),
+        (["info", "--help"], None),
+        (["--version"], "transformer_patcher"),
+        (["--help"], "transformer_patcher.cli"),
+    ],
+)
+def test_help_and_version_import_no_torch(argv: list[str], module: str | None) -> None:
+    status, out, heavy = _fresh(argv, module)
+    assert status == 0 and out.startswith(("usage: transformer-patcher", "transformer-patcher 0.")), out
+    assert heavy == []
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_info_imports_no_torch_and_prints_what_the_library_reads(saved_patches: Path, flags, capsys, monkeypatch):
+    status, out, heavy = _fresh(["info", str(saved_patches), *flags])
+    assert status == 0 and heavy == []
+    from transformer_patcher.cli import info
+
+    monkeypatch.setattr(info, "describe_patch_folder", lambda folder: None)  # the library's reader only
+    capsys.readouterr()
+    assert main(["info", str(saved_patches), *flags]) == 0
+    assert out == capsys.readouterr().out
+    assert "| 1 |" in out or '"edit_id": 1' in out
+
+
+def test_the_torch_free_reader_gives_what_describe_patch_set_gives(saved_patches: Path, tmp_path: Path) -> None:
+    from transformer_patcher.cli.patch_folder import describe_patch_folder
+    from transformer_patcher.tuners.patcher.patch_set import describe_patch_set
+
+    expected = describe_patch_set(saved_patches).to_dict()
+    assert describe_patch_folder(saved_patches) == expected
+    assert [e["edit_id"] for e in expected["edits"]] == [1, 2] and expected["edits"][0]["text"]
+    assert describe_patch_folder(tmp_path / "absent") is None  # the library's reader says what is wrong
+
+
+def test_the_torch_free_reader_holds_the_librarys_constants(saved_patches: Path) -> None:
+    """What ``cli.patch_folder`` writes down about the files is what the library writes and accepts."""
+    from dataclasses import fields
+
+    from safetensors import safe_open
+    from transformers.activations import ACT2FN
+
+    from transformer_patcher.cli import patch_folder
+    from transformer_patcher.tuners.bounds import file_size_limit
+    from transformer_patcher.tuners.patcher import PatcherConfig
+
+    config = json.loads((saved_patches / patch_folder.CONFIG_NAME).read_text())
+    assert set(config) == set(patch_folder.CONFIG_FIELDS) == {f.name for f in fields(PatcherConfig)}
+    defaults = {f.name: f.default for f in fields(PatcherConfig)}
+    assert {name: defaults[name] for name in patch_folder.CONFIG_DEFAULTS} == patch_folder.CONFIG_DEFAULTS
+    with safe_open(saved_patches / patch_folder.WEIGHTS_NAME, "pt") as weights:
+        names = list(weights.keys())
+    assert all(name.startswith(patch_folder.PEFT_KEY_PREFIX) for name in names)
+    assert {name.rpartition(".")[2] for name in names} == set(patch_folder.PATCH_TENSOR_NAMES)
+    assert set(ACT2FN) >= patch_folder.ACTIVATIONS
+    for dtype in patch_folder.PATCH_DTYPES:
+        PatcherConfig(patch_dtype=dtype)
+    assert file_size_limit(0, 0, 0) >= patch_folder.MAX_HEADER_BYTES + 8  # the size argument in patch_folder
+
+
+def test_the_torch_free_reader_never_accepts_what_the_library_refuses(tmp_path: Path) -> None:
+    """Fuzzed adapter files, configs and edit logs: whatever ``describe_patch_folder`` accepts, the library accepts
+    and describes the same way; anything else it leaves to the library (None)."""
+    from collections import Counter
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from fuzz_files import (
+        CONFIG,
+        JSON_VALUES,
+        WEIGHTS,
+        Mutation,
+        declared_size_mutations,
+        json_mutations,
+        patcher_setup,
+        safetensors_mutations,
+        write_mutation,
+    )
+    from fuzzing import fuzz_settings
+    from transformer_patcher import PatcherError
+    from transformer_patcher.cli.patch_folder import describe_patch_folder
+    from transformer_patcher.tuners.edit_log import EDIT_LOG
+    from transformer_patcher.tuners.patcher.patch_set import describe_patch_set
+
+    setup = patcher_setup(str(tmp_path / "setup"))
+    log = [{"edit_id": i, "text": f"w{70 + i}", "target": f"w{80 + i}", "success": True} for i in (1, 2, 3, 4)]
+    (setup.folder / EDIT_LOG).write_text("".join(json.dumps(entry) + "\n" for entry in log))
+    original = describe_patch_set(setup.folder).to_dict()
+    assert describe_patch_folder(setup.folder) == original
+
+    def log_line(entry: int, key: str, value: object) -> Mutation:
+        entries = [dict(e) for e in log]
+        entries[entry][key] = value
+        return Mutation(f"edit log {key}", "".join(json.dumps(e) + "\n" for e in entries).encode())
+
+    plausible = st.sampled_from([1, 0, -1, True, None, 1.0, "w70", "", ["x"], {"a": 1}, 2**63])
+    log_mutations = st.builds(
+        log_line, st.integers(0, 3), st.sampled_from(["edit_id", "text", "target"]), JSON_VALUES | plausible
+    ) | st.binary(max_size=40).map(lambda data: Mutation("edit log bytes", data))
+    files = st.one_of(
+        st.tuples(st.just(WEIGHTS), safetensors_mutations(setup.weights) | declared_size_mutations(setup.weights)),
+        st.tuples(st.just(CONFIG), json_mutations(setup.config, plausible | st.sampled_from(["relu", "float16"]))),
+        st.tuples(st.just(EDIT_LOG), log_mutations),
+    )
+    tally: Counter = Counter()
+
+    @fuzz_settings(150)
+    @given(case=files)
+    def check(case: tuple[str, Mutation]) -> None:
+        name, mutation = case
+        folder = setup.copy(str(tmp_path / f"case-{sum(tally.values())}"))
+        write_mutation(folder / name, mutation)
+        fast = describe_patch_folder(folder)
+        try:
+            library: object = describe_patch_set(folder).to_dict()
+        except (PatcherError, ValueError, OSError, KeyError) as error:
+            library = error
+        if fast is not None:
+            assert library == fast, (mutation.kind, library)
+        tally[(name, "read here" if fast is not None else "left to the library")] += 1
+
+    check()
+    assert sum(tally.values()) >= 140, tally
+    assert tally[(EDIT_LOG, "read here")] and tally[(WEIGHTS, "left to the library")], tally
+
+
+REGISTERED = (
+    "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING\n"
+    "assert {'PATCHER', 'DELTA'} <= set(PEFT_TYPE_TO_CONFIG_MAPPING) & set(PEFT_TYPE_TO_TUNER_MAPPING)\n"
+    "assert not [f for f in sys.meta_path if type(f).__name__ == '_PeftRegistration']  # the hook is gone\n"
+)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "import sys, transformer_patcher\n"
+        f"assert not set({HEAVY!r}) & set(sys.modules), sorted(set({HEAVY!r}) & set(sys.modules))\n"
+        "import peft\n",
+        "import sys, peft\nimport transformer_patcher\n",
+        "import sys, transformer_patcher as tp\n"
+        "assert tp.PatcherConfig.__name__ == 'PatcherConfig' and tp.DELTA == 'DELTA'\n"
+        "assert set(tp.__all__) <= set(dir(tp)) and tp.__version__ == '0.1.0'\n",
+        "import sys\nfrom transformer_patcher.tuners.patcher import PatcherConfig\n",  # peft comes half-way through
+        "import sys\nfrom transformer_patcher import Patcher\n",
+    ],
+    ids=["package-then-peft", "peft-then-package", "attribute", "submodule", "Patcher"],
+)
+def test_the_peft_types_are_registered_whichever_is_imported_first(script: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script + REGISTERED], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_plain_peft_and_transformers_load_a_patch_set_after_a_light_import(workspace, saved_patches: Path) -> None:
+    """``import transformer_patcher`` (no peft yet), then stock loaders: the types were registered on the way."""
+    script = (
+        "import sys, transformer_patcher\n"
+        "assert 'peft' not in sys.modules\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model, patches = {str(workspace['model'])!r}, {str(saved_patches)!r}\n"
+        "loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), patches)\n"
+        "assert type(loaded.peft_config['default']).__name__ == 'PatcherConfig'\n"
+        "base = AutoModelForCausalLM.from_pretrained(model)\n"
+        "base.load_adapter(patches)\n"
+        "assert type(base.peft_config['default']).__name__ == 'PatcherConfig'\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

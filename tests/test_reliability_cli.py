@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from transformer_patcher.cli import _md_row, _one_line, main
+from transformer_patcher.cli import main
+from transformer_patcher.cli.output import md_row, one_line
 from workspace import build_workspace
 
 HUGE = str(2**70)  # 1180591620717411303424: no int64 holds it
@@ -236,13 +237,13 @@ def test_the_installed_command_prints_no_traceback(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------- item 7: untrusted text shown
 def test_one_line_shows_control_characters_instead_of_obeying_them() -> None:
-    assert _one_line("a\x1b[2Jb") == "a\\x1b[2Jb"
-    assert _one_line("\x9b31m\x07\x00\x7f") == "\\x9b31m\\x07\\x00\\x7f"
-    assert _one_line("x\r\ny\nz\rw") == "x⏎y⏎z⏎w"
-    assert _one_line("\u202eevil\u2028") == "\\u202eevil\\u2028"
-    assert _one_line("plain, ünïcode ✓") == "plain, ünïcode ✓"
+    assert one_line("a\x1b[2Jb") == "a\\x1b[2Jb"
+    assert one_line("\x9b31m\x07\x00\x7f") == "\\x9b31m\\x07\\x00\\x7f"
+    assert one_line("x\r\ny\nz\rw") == "x⏎y⏎z⏎w"
+    assert one_line("\u202eevil\u2028") == "\\u202eevil\\u2028"
+    assert one_line("plain, ünïcode ✓") == "plain, ünïcode ✓"
     assert (
-        _md_row(["a|b\x1b]0;title\x07", "q\n| 9 | forged |"]) == "| a\\|b\\x1b]0;title\\x07 | q⏎\\| 9 \\| forged \\| |"
+        md_row(["a|b\x1b]0;title\x07", "q\n| 9 | forged |"]) == "| a\\|b\\x1b]0;title\\x07 | q⏎\\| 9 \\| forged \\| |"
     )
 
 

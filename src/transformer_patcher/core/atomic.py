@@ -26,13 +26,13 @@ import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, BinaryIO
 
 from transformer_patcher.core.errors import AdapterFileError
 from transformer_patcher.core.folder_lock import sibling_lock
+
+if TYPE_CHECKING:
+    import torch
 
 FORCE_FALLBACK_ENV = "TRANSFORMER_PATCHER_FORCE_FALLBACK_SWAP"
 _RENAME_EXCHANGE = 2
@@ -58,6 +58,8 @@ def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
     """``safetensors.torch.save_file`` to ``path`` atomically (parent folders are created)."""
+    from safetensors.torch import save_file  # here, not above: the readers of this module (``info``) need no torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with _removed_on_failure(tmp):

@@ -311,9 +311,16 @@ class ClassificationTask(Task):
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer: Any, **kwargs: Any) -> ClassificationTask:
-        """Read [CLS] on encoder models and the last token on decoder classifiers (what their heads pool)."""
+        """Read [CLS] on encoder models and the last token on decoder classifiers (what their heads pool).
+
+        transformers names a decoder-only model's sequence-classification head ``score`` (it pools the last
+        non-padding token) and an encoder's ``classifier``, so the head tells which read the model pools, for
+        architectures this package does not list as well.
+        """
         config = model.config
-        last = getattr(config, "is_decoder", False) or config.model_type in _DECODER_CLASSIFIERS
+        last = getattr(config, "is_decoder", False) or (
+            not getattr(config, "is_encoder_decoder", False) and isinstance(getattr(model, "score", None), nn.Linear)
+        )
         return cls(tokenizer, config.num_labels, "last" if last else "first", **_fit_max_length(model, kwargs))
 
     @property
@@ -468,7 +475,6 @@ def _fit_max_length(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-_DECODER_CLASSIFIERS = {"gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
 
 
 def accepts_argument(model: nn.Module, argument: str) -> bool:

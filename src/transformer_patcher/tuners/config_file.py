@@ -2,7 +2,8 @@
 
 A saved config is untrusted input: it is parsed as JSON, checked against a JSON schema that names every field of the
 config class (unknown fields refused), searched for non-finite numbers, and only then turned into a config. Loading a
-config also checks the ``adapter_model.safetensors`` next to it, so that a PEFT load fails before the model is touched.
+config also checks the ``adapter_model.safetensors`` next to it, so that a PEFT load fails before the model is touched;
+what that check found travels with the config as its ``loaded`` record, for the tuner to compare with the model.
 A refused config names the package's loader: plain peft reads ``peft_type`` itself before any of this runs, so it
 gives its own ``KeyError``/``TypeError`` for a config that is not an object, and loads one whose ``peft_type`` was
 changed as that other adapter type.
@@ -13,14 +14,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import jsonschema
+from peft import PeftConfig
 from peft.utils import CONFIG_NAME
 
 from transformer_patcher.core.errors import AdapterFileError
-from transformer_patcher.tuners.patcher.patch_file import locate_adapter_weights
+from transformer_patcher.tuners.adapter_file import locate_adapter_weights
 
 NULLABLE_STR: dict[str, Any] = {"type": ["string", "null"]}
 STR_LIST: dict[str, Any] = {"type": ["array", "string", "null"], "items": {"type": "string"}}
@@ -59,6 +62,11 @@ class CarriedFields:
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused; read by peft."})
     target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused; read by peft."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
+
+
+def fingerprint_schema(properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Schema of a config's ``fingerprint``: ``properties`` (the adapter type's facts), the weight views, or null."""
+    return {"type": ["object", "null"], "properties": {**properties, **FINGERPRINT_VIEWS}}
 
 
 def config_schema(config_cls: type, peft_type: str, properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -113,15 +121,27 @@ def check_config_dict(
         raise AdapterFileError(f"{source}: non-finite value in {', '.join(bad_numbers)}.{hint}")
 
 
+@dataclass(frozen=True)
+class LoadedWeights:
+    """How a config was read from an adapter folder: its weights file, what checking it against the config found
+    (module name → shapes), and whether the loader asked for the base-model fingerprint to be checked."""
+
+    path: str
+    shapes: Mapping[str, Any]
+    check_fingerprint: bool = True
+
+
 class ValidatedConfigFile:
     """Mixin for a ``PeftConfig`` dataclass: schema-checked ``from_json_file``, weight-checked ``from_pretrained``.
 
     Subclasses set ``config_schema`` and ``loaders`` and implement ``validate_weights_file``; list this class before
-    ``PeftConfig``.
+    ``PeftConfig``. A config read by ``from_pretrained`` carries a ``LoadedWeights`` record, set once as it is built
+    (never a dataclass field, so never saved); one built any other way has None.
     """
 
     config_schema: ClassVar[dict[str, Any]]
     loaders: ClassVar[str]  # the supported way to load this adapter type, named by every refusal of its config
+    loaded: LoadedWeights | None = None  # not a field: this mixin is no dataclass
 
     @classmethod
     def _hint(cls) -> str:
@@ -159,9 +179,17 @@ class ValidatedConfigFile:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        subfolder: str | None = None,
+        check_fingerprint: bool = True,
+        **kwargs: Any,
     ) -> Any:
-        """Load and validate a config, then check its ``adapter_model.safetensors`` before any model is touched."""
+        """Load and validate a config, then check its ``adapter_model.safetensors`` before any model is touched.
+
+        ``check_fingerprint=False`` is recorded for the tuner: the adapter may then attach to a model its fingerprint
+        does not name (with a warning).
+        """
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)  # type: ignore[misc]
         except AdapterFileError:
@@ -177,6 +205,12 @@ class ValidatedConfigFile:
                 "never uses: its file holds only its own tensors, for exactly its target_modules"
             )
         weights = locate_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        # kept (not a dataclass field, so never saved) for the tuner to check against the model before injecting
-        config.checked_weights = (weights, cls.validate_weights_file(weights, config))
+        config.loaded = LoadedWeights(weights, cls.validate_weights_file(weights, config), check_fingerprint)
         return config
+
+
+class AdapterConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
+    """Base of the package's adapter configs: a ``PeftConfig`` with the carried fields, checked whenever it is read.
+
+    Not a dataclass itself; each adapter type's config is one, and adds its own fields.
+    """

@@ -51,22 +51,14 @@ _WEIGHT_VIEWS = ("weights_sha256", "weights_sketch", *_MODEL_VIEWS)
 
 @dataclass(frozen=True)
 class AdapterWording:
-    """How a fingerprint mismatch names the adapter, the weights it depends on and the loader to bypass the check."""
+    """How a fingerprint mismatch names the adapter, the weights it depends on, how it was made, what goes wrong on
+    another model, and the loader to bypass the check (each tuner fills in its own ``from_pretrained``)."""
 
     noun: str
     weights: str
     made: str
-    loader: str
     consequence: str
-
-
-PATCH_WORDING = AdapterWording(
-    noun="patch set",
-    weights="the patched FFN",
-    made="trained",
-    loader="transformer_patcher.PatcherModel.from_pretrained",
-    consequence="the patches will not do what they were trained for",
-)
+    loader: str = ""
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -182,9 +174,7 @@ def sketch_distance(a: list[float], b: list[float]) -> float:
     return float((ta - tb).norm() / ta.norm().clamp_min(1e-12))
 
 
-def fingerprint_problems(
-    expected: dict[str, Any], actual: dict[str, Any], wording: AdapterWording = PATCH_WORDING
-) -> list[str]:
+def fingerprint_problems(expected: dict[str, Any], actual: dict[str, Any], wording: AdapterWording) -> list[str]:
     """Every fact that differs between a recorded fingerprint and the model's; the weights only when the
     architecture agrees, the whole model only when the record has its views (older ones do not)."""
     problems = [
@@ -214,9 +204,7 @@ def fingerprint_problems(
     return problems
 
 
-def check_fingerprint(
-    expected: dict[str, Any], actual: dict[str, Any], wording: AdapterWording = PATCH_WORDING
-) -> None:
+def check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], wording: AdapterWording) -> None:
     """Raise ``FingerprintMismatchError`` naming every fact that differs between adapter and model."""
     problems = fingerprint_problems(expected, actual, wording)
     if problems:
@@ -227,19 +215,20 @@ def check_fingerprint(
         )
 
 
-def settle_fingerprint(config: Any, actual: dict[str, Any], wording: AdapterWording, saved: bool) -> None:
+def settle_fingerprint(
+    config: Any, actual: dict[str, Any], wording: AdapterWording, saved: bool, checked: bool = True
+) -> None:
     """Record ``actual`` on a new adapter; check a ``saved`` one's recorded fingerprint against it, never replace it.
 
     A saved adapter without a fingerprint is refused (``UnverifiedAdapterError``): nothing shows it was made on this
-    model. ``config.check_fingerprint = False`` (set by the package's loaders on request) turns that and a mismatch
-    into a warning; the recorded fingerprint, even None, is kept, so a later save still names the model it was made
-    on, not this one.
+    model. ``checked=False`` (the package's loaders' ``check_fingerprint=False``) turns that and a mismatch into a
+    warning; the recorded fingerprint, even None, is kept, so a later save still names the model it was made on, not
+    this one.
     """
     if not saved:
         config.fingerprint = actual
         return
     recorded = config.fingerprint
-    checked = getattr(config, "check_fingerprint", True)
     if recorded is None:
         if checked:
             raise UnverifiedAdapterError(

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformer_patcher.core.pretrained import UPSTREAM
 from transformer_patcher.core.wording import count
+from transformer_patcher.tuners.adapter_file import config_targets
 
 CARD_NAME = "README.md"
 TAGS = ("transformer-patcher", "model-editing", "peft", "patcher")
@@ -43,8 +44,7 @@ def _checks(entry: dict[str, Any], part: str) -> str:
 def model_card(config: Any, entries: Sequence[dict[str, Any]]) -> str:
     """The card of an adapter folder with ``config`` (a ``PatcherConfig`` or ``DeltaConfig``) and its edit log."""
     base = config.base_model_name_or_path or "(a model built from its config: no name recorded)"
-    targets = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
-    where = f"on `{', '.join(map(str, targets))}`"
+    where = f"on `{', '.join(map(str, config_targets(config)))}`"
     hub_base = UPSTREAM.get(base) or (base if _looks_like_hub_id(base) else None)
     header = ["---", "library_name: peft"]
     if hub_base:

@@ -1,5 +1,7 @@
 """Register the package's peft types (``"PATCHER"``, ``"DELTA"``) with stock peft, without modifying peft.
 
+Each tuner's package registers its own type when imported (``tuners.patcher``, ``tuners.delta``).
+
 ``peft.register_peft_method`` only accepts members of its ``PeftType`` enum, which cannot be extended. ``PeftType``
 is a ``str`` enum and every lookup goes through dicts keyed by ``config.peft_type``, so writing the plain string key
 into those dicts is enough (and is what peft's own model-card code supports since huggingface/peft#2635).
@@ -12,9 +14,6 @@ import warnings
 from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
-
-from transformer_patcher.tuners.patcher.config import PATCHER, PatcherConfig
-from transformer_patcher.tuners.patcher.model import PatcherModel
 
 
 def register_peft_type(peft_type: str, config_cls: type[PeftConfig], tuner_cls: type[BaseTuner]) -> None:
@@ -30,13 +29,7 @@ def register_peft_type(peft_type: str, config_cls: type[PeftConfig], tuner_cls: 
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
 
 
-def register() -> None:
-    """Idempotently make peft aware of PatcherConfig/PatcherModel; runs on ``import transformer_patcher``.
-
-    The ``"DELTA"`` type registers itself the same way when ``transformer_patcher.tuners.delta`` is imported, which the
-    package's ``__init__`` does.
-    """
-    register_peft_type(PATCHER, PatcherConfig, PatcherModel)
-    # peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` on every wrap, so every run would
-    # print this FutureWarning about code that is neither the user's nor ours; silence exactly that one message.
+def quiet_peft_wrapping() -> None:
+    """peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` on every wrap, so every run would
+    print this FutureWarning about code that is neither the user's nor ours; silence exactly that one message."""
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

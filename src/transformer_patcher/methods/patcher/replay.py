@@ -46,10 +46,6 @@ class ForwardReplay:
         self._outputs: Recording = {}
         self._unread: set[str] | None = None  # what find_unread found; None until it has run
 
-    @property
-    def recorded(self) -> bool:
-        return bool(self._outputs)
-
     def record(self, forward: Callable[[], Any]) -> Any:
         """Run ``forward`` (without gradients) and keep the outputs replay will need; returns its result."""
         names = list(self._modules) if self._plan is None else [*self._plan]

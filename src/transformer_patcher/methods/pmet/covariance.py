@@ -13,8 +13,10 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from transformer_patcher.core.atomic import save_safetensors_atomic
 from transformer_patcher.core.errors import AdapterFileError
 from transformer_patcher.core.modes import eval_mode
+from transformer_patcher.core.tasks import position_limit
 from transformer_patcher.tuners.architectures import PatchTarget, hidden_size_of, resolve_patch_target
 from transformer_patcher.tuners.fingerprint import compute_fingerprint
 
@@ -62,9 +65,10 @@ def _key_width(module: nn.Module) -> int:
 
 
 def _max_positions(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(limit) if limit else 1 << 30
+    """How many positions a statistics text may use: the model's own limit (core's rule, which also knows that
+    RoBERTa-family positions start after the padding index), unbounded (2³⁰) when the positions are relative."""
+    limit = position_limit(getattr(model, "config", None))
+    return limit if limit else 1 << 30
 
 
 def stats_key(model: nn.Module, target: PatchTarget, texts: Sequence[str], max_length: int) -> str:
@@ -78,6 +82,59 @@ def stats_key(model: nn.Module, target: PatchTarget, texts: Sequence[str], max_l
     for text in texts:
         digest.update(text.encode() + b"\x1e")
     return digest.hexdigest()
+
+
+class KeyMoments:
+    """Forward pre-hooks that sum ``k kᵀ`` of each layer's FFN keys over the tokens :attr:`mask` marks as real.
+
+    Before each forward the caller sets :attr:`mask` (the flattened attention mask of the batch) and adds its real
+    tokens to :attr:`tokens`.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[int, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+        self.tokens = 0
+
+    def record(self, layer: int, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        keys = args[0].detach().reshape(-1, args[0].shape[-1])[self.mask].float()
+        # One batch (≤ batch_size × max_length tokens) is summed in float32, where the matmul cost lies;
+        # the running sum over batches, where rounding would accumulate, is float64.
+        self.sums[layer] = self.sums.get(layer, 0) + (keys.T @ keys).double()
+
+    @contextmanager
+    def attached(self, modules: dict[int, nn.Module]) -> Iterator[None]:
+        """Hook :meth:`record` onto each layer's FFN output projection (layer → module) while inside."""
+        handles = [module.register_forward_pre_hook(partial(self.record, layer)) for layer, module in modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def moment(self, layer: int, module: str) -> SecondMoment:
+        """Layer ``layer``'s mean ``E[k kᵀ]``, with a warning when there are too few tokens for its key width."""
+        width = self.sums[layer].shape[0]
+        if self.tokens < MIN_TOKENS_PER_DIM * width:
+            logger.warning(
+                "layer %d: %d tokens for %d-dimensional keys (< %d x width): the statistics are rank-deficient; "
+                "use more text or a ridge",
+                layer,
+                self.tokens,
+                width,
+                MIN_TOKENS_PER_DIM,
+            )
+        return SecondMoment(module, self.sums[layer] / self.tokens, self.tokens)
+
+
+def _batches(
+    tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int
+) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """Each padded, truncated batch of ``texts`` with how many texts it holds."""
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        batch = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        yield batch, len(chunk)
 
 
 def collect_second_moments(
@@ -96,53 +153,16 @@ def collect_second_moments(
     max_length = min(max_length, _max_positions(model))
     modules = dict(model.named_modules())
     targets = {layer: ffn_target(model, layer) for layer in layers}
-    sums: dict[int, torch.Tensor] = {}
-    mask: list[torch.Tensor] = []
-
-    def hook(layer: int):
-        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            keys = args[0].detach().reshape(-1, args[0].shape[-1])[mask[0]].float()
-            # One batch (≤ batch_size × max_length tokens) is summed in float32, where the matmul cost lies;
-            # the running sum over batches, where rounding would accumulate, is float64.
-            sums[layer] = sums.get(layer, 0) + (keys.T @ keys).double()
-
-        return record
-
-    handles = [modules[t.value_module].register_forward_pre_hook(hook(layer)) for layer, t in targets.items()]
-    tokens = 0
-    try:
-        with eval_mode(model), torch.no_grad():
-            bar = tqdm(total=len(texts), desc="FFN key statistics", unit="text", disable=not progress)
-            with bar:
-                for start in range(0, len(texts), batch_size):
-                    batch = tokenizer(
-                        list(texts[start : start + batch_size]),
-                        return_tensors="pt",
-                        padding=True,
-                        truncation=True,
-                        max_length=max_length,
-                    )
-                    mask[:] = [batch["attention_mask"].reshape(-1).bool()]
-                    tokens += int(mask[0].sum())
-                    model(**batch)
-                    bar.update(len(texts[start : start + batch_size]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    result = {}
-    for layer, target in targets.items():
-        width = sums[layer].shape[0]
-        if tokens < MIN_TOKENS_PER_DIM * width:
-            logger.warning(
-                "layer %d: %d tokens for %d-dimensional keys (< %d x width): the statistics are rank-deficient; "
-                "use more text or a ridge",
-                layer,
-                tokens,
-                width,
-                MIN_TOKENS_PER_DIM,
-            )
-        result[layer] = SecondMoment(target.value_module, sums[layer] / tokens, tokens)
-    return result
+    moments = KeyMoments()
+    hooked = {layer: modules[t.value_module] for layer, t in targets.items()}
+    bar = tqdm(total=len(texts), desc="FFN key statistics", unit="text", disable=not progress)
+    with moments.attached(hooked), eval_mode(model), torch.no_grad(), bar:
+        for batch, size in _batches(tokenizer, texts, batch_size, max_length):
+            moments.mask = batch["attention_mask"].reshape(-1).bool()
+            moments.tokens += int(moments.mask.sum())
+            model(**batch)
+            bar.update(size)
+    return {layer: moments.moment(layer, target.value_module) for layer, target in targets.items()}
 
 
 def second_moments(

@@ -13,8 +13,10 @@ request alone; batching only fills the matrix units.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -84,7 +86,7 @@ def compute_targets(
     progress: bool = True,
 ) -> Targets:
     """Optimise the target vector of every request against ``model`` as it is now (earlier edits included)."""
-    results: list[tuple[torch.Tensor, torch.Tensor, int, float]] = []
+    results: list[RequestTarget] = []
     bar = tqdm(total=len(requests), desc="PMET targets", unit="req", disable=not progress)
     with bar, eval_mode(model), frozen(model):
         for start in range(0, len(requests), hparams.requests_per_step):
@@ -92,10 +94,10 @@ def compute_targets(
             results.extend(_optimise_chunk(model, tokenizer, chunk, hparams, templates))
             bar.update(len(chunk))
     return Targets(
-        torch.stack([r[0] for r in results]),
-        torch.stack([r[1] for r in results]),
-        [r[2] for r in results],
-        [r[3] for r in results],
+        torch.stack([r.value for r in results]),
+        torch.stack([r.init for r in results]),
+        [r.steps for r in results],
+        [r.probability for r in results],
     )
 
 
@@ -114,26 +116,59 @@ def next_token_log_probs(base: nn.Module, input_ids: torch.Tensor, attention_mas
     return torch.log_softmax(logits, dim=-1)
 
 
-def _optimise_chunk(
-    model: nn.Module,
-    tokenizer: Any,
-    requests: Sequence[EditRequest],
-    hparams: PMETHyperParams,
-    templates: Sequence[Sequence[str]],
-) -> list[tuple[torch.Tensor, torch.Tensor, int, float]]:
-    base = unwrap(model)
-    device = next(base.parameters()).device
-    modules = block_modules(base, hparams.layers[-1])
-    sites = (
-        {"block": modules.block}
-        if hparams.variant == "memit"
-        else {"attn": modules.attention_out, "mlp": modules.ffn_out}
-    )
-    hidden = base.get_output_embeddings().weight.shape[1]
+# ------------------------------------------------------------------------------------------ one chunk of requests
+@dataclass
+class RequestTarget:
+    """What optimising one request gave: its target ``z``, its pre-edit value, the steps taken and the final mean
+    probability of the target over its prompts."""
 
+    value: torch.Tensor  # (d,) float32, on the CPU
+    init: torch.Tensor  # (d,)
+    steps: int
+    probability: float
+
+
+@dataclass
+class PromptBatch:
+    """Every prompt of a chunk of requests, right-padded, with where each prompt is written and read.
+
+    Per request (in order) the rows are its context-template prompts, with the answer appended (teacher forcing),
+    starting at ``first_row`` (the bare prompt, template ``"{}"``, where the pre-edit values are read), then one KL
+    prompt (``"{subject} is a"``) at ``kl_rows``. The reads are the positions whose next token is an answer token.
+    """
+
+    input_ids: torch.Tensor  # (rows, width)
+    attention: torch.Tensor  # (rows, width)
+    lookups: torch.Tensor  # (rows,) the subject's last token: where the deltas are added
+    owner: list[int]  # request index of each row
+    owners: torch.Tensor  # the same, as a tensor
+    first_row: list[int]
+    kl_rows: list[int]
+    read_row: torch.Tensor  # (reads,)
+    read_pos: torch.Tensor
+    read_label: torch.Tensor
+    answer_length: torch.Tensor  # (rows,) answer tokens per row (at least 1): the NLL is a per-token mean
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.owner)
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.first_row)
+
+
+def _long(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def build_batch(
+    tokenizer: Any, requests: Sequence[EditRequest], templates: Sequence[Sequence[str]], device: torch.device
+) -> PromptBatch:
+    """Encode and pad the template prompts and the KL prompt of every request (see :class:`PromptBatch`)."""
     encodings: list[Encoded] = []
-    owner: list[int] = []  # request index of each row
-    first_row: list[int] = []  # the bare prompt (template "{}") of each request: where initial values are read
+    owner: list[int] = []
+    first_row: list[int] = []
     kl_rows: list[int] = []
     for r, request in enumerate(requests):
         answer = target_ids(tokenizer, request.target)
@@ -146,112 +181,268 @@ def _optimise_chunk(
         owner.append(r)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids, attention = pad_encodings(encodings, pad, device)
-    lookups = torch.tensor([e.lookup for e in encodings], device=device)
-    owners = torch.tensor(owner, device=device)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    read_row = as_tensor([row for row, e in enumerate(encodings) for _ in e.target_positions])
-    read_pos = as_tensor([p for e in encodings for p in e.target_positions])
-    read_label = as_tensor([t for e in encodings for t in e.target_ids])
-    answer_length = torch.tensor([max(len(e.target_ids), 1) for e in encodings], device=device)
+    return PromptBatch(
+        input_ids=input_ids,
+        attention=attention,
+        lookups=torch.tensor([e.lookup for e in encodings], device=device),
+        owner=owner,
+        owners=torch.tensor(owner, device=device),
+        first_row=first_row,
+        kl_rows=kl_rows,
+        read_row=_long([row for row, e in enumerate(encodings) for _ in e.target_positions], device),
+        read_pos=_long([p for e in encodings for p in e.target_positions], device),
+        read_label=_long([t for e in encodings for t in e.target_ids], device),
+        answer_length=torch.tensor([max(len(e.target_ids), 1) for e in encodings], device=device),
+    )
 
-    n = len(requests)
-    deltas = {site: [torch.zeros(hidden, device=device, requires_grad=True) for _ in range(n)] for site in sites}
-    init: dict[str, list[torch.Tensor | None]] = {site: [None] * n for site in sites}
-    optimizer = torch.optim.Adam([p for params in deltas.values() for p in params], lr=hparams.v_lr)
-    active = list(range(n))
-    rows_now: list[int] = []
-    kl_init: dict[int, torch.Tensor] = {}
-    nll_factor = [hparams.nll_loss_factor] * n
-    steps = [0] * n
-    probability = [0.0] * n
 
-    def adder(site: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        def add(output: torch.Tensor) -> torch.Tensor:
-            for position, row in enumerate(rows_now):
-                r = owner[row]
-                if init[site][r] is None and row == first_row[r]:
-                    init[site][r] = output[position, lookups[row]].detach().clone()
-            local = torch.arange(len(rows_now), device=device)
-            shift = torch.stack([deltas[site][owner[row]] for row in rows_now]).to(output.dtype)
-            return output.index_put((local, lookups[rows_now]), shift, accumulate=True)
+class SubjectShift:
+    """The optimised deltas of a chunk, one per request and site, and the forward hooks that add them.
 
-        return add
+    While attached, each site's output gets its request's delta added at the subject's last token of every row in
+    :attr:`rows` (the rows of the current forward, in order). The first forward also records each site's pre-edit
+    output at the bare prompt of each request (:attr:`init`): the clamp, the decay and the written target use it.
+    """
 
-    handles = [base.get_submodule(name).register_forward_hook(output_hook(adder(site))) for site, name in sites.items()]
-    try:
+    def __init__(self, batch: PromptBatch, sites: Sequence[str], hidden: int, device: torch.device) -> None:
+        n = batch.n_requests
+        self.batch = batch
+        self.device = device
+        self.deltas = {
+            site: [torch.zeros(hidden, device=device, requires_grad=True) for _ in range(n)] for site in sites
+        }
+        self.init: dict[str, list[torch.Tensor | None]] = {site: [None] * n for site in sites}
+        self.rows: list[int] = []
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for params in self.deltas.values() for p in params]
+
+    def add(self, site: str, output: torch.Tensor) -> torch.Tensor:
+        """``output`` (rows of :attr:`rows`) with each row's delta added at its lookup token."""
+        batch = self.batch
+        for position, row in enumerate(self.rows):
+            r = batch.owner[row]
+            if self.init[site][r] is None and row == batch.first_row[r]:
+                self.init[site][r] = output[position, batch.lookups[row]].detach().clone()
+        local = torch.arange(len(self.rows), device=self.device)
+        shift = torch.stack([self.deltas[site][batch.owner[row]] for row in self.rows]).to(output.dtype)
+        return output.index_put((local, batch.lookups[self.rows]), shift, accumulate=True)
+
+    @contextmanager
+    def attached(self, base: nn.Module, modules: dict[str, str]) -> Iterator[None]:
+        """Hook :meth:`add` onto each site's module (``modules``: site → module name) while inside."""
+        handles = [
+            base.get_submodule(name).register_forward_hook(output_hook(partial(self.add, site)))
+            for site, name in modules.items()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def initial(self, site: str, r: int) -> torch.Tensor:
+        value = self.init[site][r]
+        if value is None:
+            raise RuntimeError(f"no pre-edit value of request {r} at {site}: it is recorded by the first forward")
+        return value.float()
+
+    def decay(self, r: int) -> Any:
+        """Request ``r``'s weight-decay term: ``Σ_site ‖δ‖ / ‖init‖²``."""
+        return sum(
+            self.deltas[site][r].norm() / self.initial(site, r).norm().clamp_min(1e-12) ** 2 for site in self.deltas
+        )
+
+    def drop_gradients(self, r: int) -> None:
+        for site in self.deltas:
+            self.deltas[site][r].grad = None
+
+    @torch.no_grad()
+    def clamp_(self, r: int, factor: float) -> None:
+        """Scale request ``r``'s deltas back to at most ``factor × ‖init‖`` each."""
+        for site in self.deltas:
+            limit = factor * self.initial(site, r).norm()
+            norm = self.deltas[site][r].norm()
+            if norm > limit:
+                self.deltas[site][r].mul_(limit / norm)
+
+    def target(self, site: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(init + δ, init)`` of request ``r`` at ``site``, float32 on the CPU."""
+        init = self.initial(site, r)
+        return (init + self.deltas[site][r].detach()).cpu(), init.cpu()
+
+
+@dataclass
+class RequestState:
+    """What one request carries from step to step."""
+
+    nll_factor: float
+    steps: int = 0
+    probability: float = 0.0
+    kl_init: torch.Tensor | None = None
+
+
+@dataclass
+class StepReads:
+    """The rows of the active requests for one forward and the positions read from its output."""
+
+    rows: list[int]  # batch rows in this forward, in order
+    local: torch.Tensor  # batch row -> its index in this forward (-1 when absent)
+    t_row: torch.Tensor  # answer reads: batch row, position, label
+    t_pos: torch.Tensor
+    t_label: torch.Tensor
+    k_row: torch.Tensor  # the KL row of each active request, in ``active`` order
+    width: int  # the longest row in this forward
+
+
+def step_reads(batch: PromptBatch, active: Sequence[int]) -> StepReads:
+    """The forward rows and reads of the requests in ``active``."""
+    device = batch.input_ids.device
+    is_active = torch.zeros(batch.n_requests, dtype=torch.bool, device=device)
+    is_active[list(active)] = True
+    rows = [row for row in range(batch.n_rows) if batch.owner[row] in active]
+    local = torch.full((batch.n_rows,), -1, dtype=torch.long, device=device)
+    local[rows] = torch.arange(len(rows), device=device)
+    reads = is_active[batch.owners[batch.read_row]]
+    return StepReads(
+        rows=rows,
+        local=local,
+        t_row=batch.read_row[reads],
+        t_pos=batch.read_pos[reads],
+        t_label=batch.read_label[reads],
+        k_row=_long([batch.kl_rows[r] for r in active], device),
+        width=int(batch.attention[rows].sum(1).max()),
+    )
+
+
+def forward_reads(base: nn.Module, batch: PromptBatch, reads: StepReads) -> torch.Tensor:
+    """Next-token log-probabilities at the answer reads, then at the KL prompt's subject token of each request."""
+    rows = reads.rows
+    return next_token_log_probs(
+        base,
+        batch.input_ids[rows, : reads.width],
+        batch.attention[rows, : reads.width],
+        (reads.local[torch.cat([reads.t_row, reads.k_row])], torch.cat([reads.t_pos, batch.lookups[reads.k_row]])),
+    )
+
+
+def answer_scores(batch: PromptBatch, reads: StepReads, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch row its answer's mean NLL per token, and per request how many answer tokens are not the argmax."""
+    answer = log_probs[: len(reads.t_row)]
+    target_lp = answer.gather(1, reads.t_label[:, None]).squeeze(1)
+    wrong = (answer.argmax(-1) != reads.t_label).float()
+    device = batch.input_ids.device
+    row_nll = torch.zeros(batch.n_rows, device=device).index_add(0, reads.t_row, -target_lp) / batch.answer_length
+    wrong_count = torch.zeros(batch.n_requests, device=device).index_add(0, batch.owners[reads.t_row], wrong)
+    return row_nll, wrong_count
+
+
+def request_loss(
+    hparams: PMETHyperParams, state: RequestState, nll_each: torch.Tensor, kl_now: torch.Tensor, decay: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's ``(loss, kl)``: weighted NLL over its prompts + KL to its first step's "is a" distribution +
+    weight decay."""
+    if state.kl_init is None:
+        state.kl_init = kl_now.detach().clone()
+    kl = hparams.kl_factor * F.kl_div(state.kl_init, kl_now, log_target=True, reduction="sum")
+    loss = state.nll_factor * nll_each.mean() + kl + hparams.v_weight_decay * decay
+    return loss, kl
+
+
+def is_done(hparams: PMETHyperParams, step: int, loss: torch.Tensor, kl: torch.Tensor, on_target: bool) -> bool:
+    """The official early exits: a small loss, the last step, or the target already the argmax and a small KL."""
+    if bool(loss < LOSS_EXIT) or step == hparams.v_num_grad_steps - 1:
+        return True
+    return on_target and bool(kl <= KL_EXIT)
+
+
+def step_losses(
+    hparams: PMETHyperParams,
+    batch: PromptBatch,
+    reads: StepReads,
+    log_probs: torch.Tensor,
+    shift: SubjectShift,
+    states: list[RequestState],
+    active: Sequence[int],
+    step: int,
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The losses of the active requests that go on, and those that are done; updates each request's state."""
+    row_nll, wrong_count = answer_scores(batch, reads, log_probs)
+    losses: list[torch.Tensor] = []
+    finished: list[int] = []
+    for a, r in enumerate(active):
+        state = states[r]
+        nll_each = row_nll[torch.arange(batch.first_row[r], batch.kl_rows[r], device=batch.input_ids.device)]
+        loss, kl = request_loss(hparams, state, nll_each, log_probs[len(reads.t_row) + a], shift.decay(r))
+        state.probability = float(torch.exp(-nll_each.detach()).mean())
+        state.steps = step
+        on_target = bool(wrong_count[r] == 0)  # the target is already the argmax everywhere
+        state.nll_factor = 0.1 * hparams.nll_loss_factor if on_target else hparams.nll_loss_factor
+        if is_done(hparams, step, loss, kl, on_target):
+            finished.append(r)
+        else:
+            losses.append(loss)
+    return losses, finished
+
+
+def backward_step(
+    base: nn.Module,
+    hparams: PMETHyperParams,
+    batch: PromptBatch,
+    shift: SubjectShift,
+    states: list[RequestState],
+    active: Sequence[int],
+    step: int,
+) -> list[int]:
+    """One forward over the active requests' rows and the backward of the summed losses of those that go on;
+    returns the requests that are done."""
+    reads = step_reads(batch, active)
+    shift.rows = reads.rows
+    with torch.enable_grad():
+        log_probs = forward_reads(base, batch, reads)
+        losses, finished = step_losses(hparams, batch, reads, log_probs, shift, states, active, step)
+        if losses:
+            torch.stack(losses).sum().backward()
+    return finished
+
+
+def delta_sites(base: nn.Module, hparams: PMETHyperParams) -> dict[str, str]:
+    """Site → module name of the deltas: attention and FFN outputs (PMET) or the block output (MEMIT ablation)."""
+    modules = block_modules(base, hparams.layers[-1])
+    if hparams.variant == "memit":
+        return {"block": modules.block}
+    return {"attn": modules.attention_out, "mlp": modules.ffn_out}
+
+
+def _optimise_chunk(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    hparams: PMETHyperParams,
+    templates: Sequence[Sequence[str]],
+) -> list[RequestTarget]:
+    """Optimise the deltas of ``requests`` together; each request leaves the batch at its own early exit."""
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    sites = delta_sites(base, hparams)
+    batch = build_batch(tokenizer, requests, templates, device)
+    shift = SubjectShift(batch, list(sites), base.get_output_embeddings().weight.shape[1], device)
+    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
+    states = [RequestState(hparams.nll_loss_factor) for _ in requests]
+    active = list(range(len(requests)))
+    with shift.attached(base, sites):
         for step in range(hparams.v_num_grad_steps):
-            is_active = torch.zeros(n, dtype=torch.bool, device=device)
-            is_active[active] = True
-            rows_now[:] = [row for row in range(len(encodings)) if owner[row] in active]
-            local = torch.full((len(encodings),), -1, dtype=torch.long, device=device)
-            local[rows_now] = torch.arange(len(rows_now), device=device)
-            reads = is_active[owners[read_row]]
-            t_row, t_pos, t_label = read_row[reads], read_pos[reads], read_label[reads]
-            k_row = as_tensor([kl_rows[r] for r in active])
-            width = int(attention[rows_now].sum(1).max())
             optimizer.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                log_probs = next_token_log_probs(
-                    base,
-                    input_ids[rows_now, :width],
-                    attention[rows_now, :width],
-                    (local[torch.cat([t_row, k_row])], torch.cat([t_pos, lookups[k_row]])),
-                )
-                target_lp = log_probs[: len(t_row)].gather(1, t_label[:, None]).squeeze(1)
-                wrong = (log_probs[: len(t_row)].argmax(-1) != t_label).float()
-                row_nll = torch.zeros(len(encodings), device=device).index_add(0, t_row, -target_lp) / answer_length
-                wrong_count = torch.zeros(n, device=device).index_add(0, owners[t_row], wrong)
-                losses = []
-                finished = []
-                for a, r in enumerate(active):
-                    rows = torch.arange(first_row[r], kl_rows[r], device=device)
-                    nll_each = row_nll[rows]
-                    kl_now = log_probs[len(t_row) + a]
-                    if r not in kl_init:
-                        kl_init[r] = kl_now.detach().clone()
-                    kl = hparams.kl_factor * F.kl_div(kl_init[r], kl_now, log_target=True, reduction="sum")
-                    decay = sum(
-                        deltas[site][r].norm() / init[site][r].float().norm().clamp_min(1e-12) ** 2 for site in sites
-                    )
-                    loss = nll_factor[r] * nll_each.mean() + kl + hparams.v_weight_decay * decay
-                    probability[r] = float(torch.exp(-nll_each.detach()).mean())
-                    steps[r] = step
-                    done = bool(loss < LOSS_EXIT) or step == hparams.v_num_grad_steps - 1
-                    if wrong_count[r] == 0:  # the target is already the argmax everywhere
-                        nll_factor[r] = 0.1 * hparams.nll_loss_factor
-                        done = done or bool(kl <= KL_EXIT)
-                    else:
-                        nll_factor[r] = hparams.nll_loss_factor
-                    if done:
-                        finished.append(r)
-                    else:
-                        losses.append(loss)
-                if losses:
-                    torch.stack(losses).sum().backward()
-            for r in finished:
+            for r in backward_step(base, hparams, batch, shift, states, active, step):
                 active.remove(r)
-                for site in sites:
-                    deltas[site][r].grad = None
+                shift.drop_gradients(r)
             if not active:
                 break
             optimizer.step()
-            with torch.no_grad():
-                for r in active:
-                    for site in sites:
-                        limit = hparams.clamp_norm_factor * init[site][r].float().norm()
-                        norm = deltas[site][r].norm()
-                        if norm > limit:
-                            deltas[site][r].mul_(limit / norm)
-    finally:
-        for handle in handles:
-            handle.remove()
+            for r in active:
+                shift.clamp_(r, hparams.clamp_norm_factor)
     written = "block" if hparams.variant == "memit" else "mlp"
     return [
-        (
-            (init[written][r].float() + deltas[written][r].detach()).cpu(),
-            init[written][r].float().cpu(),
-            steps[r] + 1,
-            probability[r],
-        )
-        for r in range(n)
+        RequestTarget(*shift.target(written, r), steps=state.steps + 1, probability=state.probability)
+        for r, state in enumerate(states)
     ]

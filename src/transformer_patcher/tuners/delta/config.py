@@ -5,16 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from peft import PeftConfig
-from peft.utils import CONFIG_NAME
-
-from transformer_patcher.tuners.config_file import (
-    FINGERPRINT_VIEWS,
-    NULLABLE_STR,
-    CarriedFields,
-    ValidatedConfigFile,
-    config_schema,
-)
+from transformer_patcher.tuners.config_file import NULLABLE_STR, AdapterConfig, config_schema, fingerprint_schema
 from transformer_patcher.tuners.delta.delta_file import validate_delta_file
 from transformer_patcher.tuners.peft_type import AdapterType
 
@@ -23,7 +14,7 @@ DELTA_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 @dataclass
-class DeltaConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
+class DeltaConfig(AdapterConfig):
     """Configuration of a weight-delta adapter (peft type ``"DELTA"``): ``W' = W + up @ down`` on each target layer.
 
     The factors are computed elsewhere (PMET/MEMIT closed forms) and appended with ``DeltaLayer.add_delta``; nothing
@@ -72,7 +63,6 @@ class DeltaConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
 
     @classmethod
     def validate_weights_file(cls, path: str, config: Any) -> dict[str, Any]:
-
         return validate_delta_file(path, config)
 
 
@@ -91,23 +81,16 @@ def _schema() -> dict[str, Any]:
             "method": {"type": "string", "minLength": 1},
             "delta_dtype": {"enum": list(DELTA_DTYPES)},
             "rank": {"type": "integer", "minimum": 0},
-            "fingerprint": {
-                "type": ["object", "null"],
-                "properties": {
+            "fingerprint": fingerprint_schema(
+                {
                     "model_type": NULLABLE_STR,
                     "hidden_size": {"type": ["integer", "null"]},
                     "modules": {"type": "object", "additionalProperties": dims},
-                    **FINGERPRINT_VIEWS,
-                },
-            },
+                }
+            ),
         },
     )
 
 
-CONFIG_SCHEMA = DeltaConfig.config_schema = _schema()
+DeltaConfig.config_schema = _schema()
 DeltaConfig.loaders = "transformer_patcher.DeltaModel.from_pretrained"
-
-
-def validate_config_dict(data: object, source: str = CONFIG_NAME) -> None:
-    """Raise ``AdapterFileError`` when ``data`` is not a valid DELTA adapter config (unknown fields included)."""
-    DeltaConfig.validate_config_dict(data, source)

@@ -17,16 +17,10 @@ from typing import Any
 import torch
 
 from transformer_patcher.core.errors import AdapterFileError
+from transformer_patcher.tuners.adapter_file import group_tensors, module_error, read_checked_file
 from transformer_patcher.tuners.bounds import MAX_WIDTH, check_declared_size, file_size_limit
-from transformer_patcher.tuners.patcher.patch_file import (
-    FLOAT_DTYPES,
-    check_dtypes,
-    check_same_modules,
-    read_adapter_file,
-    split_by_module,
-)
-
-DELTA_TENSOR_NAMES = ("delta_up", "delta_down")
+from transformer_patcher.tuners.delta.schema import DELTA_TENSOR_NAMES, DELTA_TENSORS, delta_sizes
+from transformer_patcher.tuners.tensor_schema import row_bytes
 
 
 @dataclass(frozen=True)
@@ -48,27 +42,15 @@ class DeltaShapes:
         return {"weight delta": self.norm}
 
 
-def _check_pair(module: str, group: Mapping[str, torch.Tensor], source: str) -> DeltaShapes:
-    missing = [name for name in DELTA_TENSOR_NAMES if name not in group]
-    if missing:
-        raise AdapterFileError(f"{source}: module '{module}' lacks tensors {missing}")
-
-    def fail(message: str) -> AdapterFileError:
-        return AdapterFileError(f"{source}: module '{module}': {message}")
-
-    for name in DELTA_TENSOR_NAMES:
-        tensor = group[name]
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise fail(f"{name} must be floating point (float32/float16/bfloat16/float64), got {tensor.dtype}")
-        if tensor.dim() != 2:
-            raise fail(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
-        if not torch.isfinite(tensor).all():
-            raise fail(f"{name} contains NaN or inf")
+def _measure_pair(module: str, group: Mapping[str, torch.Tensor], source: str) -> DeltaShapes:
+    """Rank, dimensions and norm of one module's delta, whose factors must agree on the rank."""
     up, down = group["delta_up"], group["delta_down"]
     if up.shape[1] != down.shape[0]:
-        raise fail(
+        raise module_error(
+            source,
+            module,
             f"delta_up {tuple(up.shape)} and delta_down {tuple(down.shape)} disagree on the rank "
-            f"({up.shape[1]} vs {down.shape[0]})"
+            f"({up.shape[1]} vs {down.shape[0]})",
         )
     # ‖up @ down‖²_F = Σ (upᵀup) ⊙ (down downᵀ): r × r products, never the d_out × d_in delta itself
     u, d = up.double(), down.double()
@@ -80,17 +62,18 @@ def group_delta_tensors(
     state_dict: Mapping[str, torch.Tensor], source: str
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, DeltaShapes]]:
     """Split checkpoint tensors by module (names without the peft prefix) and validate each pair."""
-    groups = split_by_module(state_dict, DELTA_TENSOR_NAMES, source, peft_type="DELTA", noun="delta")
-    return groups, {module: _check_pair(module, group, source) for module, group in groups.items()}
+    return group_tensors(state_dict, DELTA_TENSORS, source, ("DELTA", "delta"), True, _measure_pair)
 
 
 def _check_delta_file_size(path: str, config: Any) -> None:
     """Bound the file by ``config.rank`` rank-1 terms of the widest target (its fingerprint's in + out features,
     ``MAX_WIDTH`` each when it gives none) in ``delta_dtype``."""
     recorded = (config.fingerprint or {}).get("modules") or {}
-    widest = max(sum(recorded.get(name) or (MAX_WIDTH, MAX_WIDTH)) for name in config.target_modules)
+    dims = [recorded.get(name) or (MAX_WIDTH, MAX_WIDTH) for name in config.target_modules]
+    widest = max(d_in + d_out for d_in, d_out in dims)
     itemsize = getattr(torch, config.delta_dtype).itemsize
-    limit = file_size_limit(config.rank, widest * itemsize, 2 * len(config.target_modules))
+    row = max(row_bytes(DELTA_TENSORS, delta_sizes(1, d_in, d_out), itemsize) for d_in, d_out in dims)
+    limit = file_size_limit(config.rank, row, len(DELTA_TENSOR_NAMES) * len(config.target_modules))
     check_declared_size(path, limit, f"rank={config.rank}, at most {widest} in + out features, {config.delta_dtype}")
 
 
@@ -98,9 +81,8 @@ def validate_delta_file(path: str | os.PathLike[str], config: Any) -> dict[str, 
     """Check a saved DELTA adapter file against its own config; raise ``AdapterFileError`` on any disagreement."""
     source = os.fspath(path)
     _check_delta_file_size(source, config)
-    groups, shapes = group_delta_tensors(read_adapter_file(path), source)
-    check_dtypes(groups, config.delta_dtype, source, "delta_dtype")
-    check_same_modules(shapes, list(config.target_modules), source, verb="edits")
+    dtype = ("delta_dtype", config.delta_dtype)
+    shapes = read_checked_file(path, group_delta_tensors, dtype, list(config.target_modules), verb="edits")
     total = sum(s.rank for s in shapes.values())
     if total != config.rank:
         raise AdapterFileError(f"{source} holds deltas of total rank {total} but its config says rank={config.rank}")

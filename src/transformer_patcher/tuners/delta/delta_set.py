@@ -10,8 +10,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from transformer_patcher.core.errors import AdapterFileError
 from transformer_patcher.tuners.delta.config import DeltaConfig
-from transformer_patcher.tuners.delta.delta_file import validate_delta_file
-from transformer_patcher.tuners.patcher.patch_set import read_edit_log
+from transformer_patcher.tuners.edit_log import read_edit_log
 
 
 def describe_delta(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -23,7 +22,7 @@ def describe_delta(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{folder} is not an adapter folder: it needs {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}"
         )
     config = DeltaConfig.from_pretrained(str(folder))  # validates config and weights together
-    shapes = validate_delta_file(weights, config)
+    shapes = config.loaded.shapes
     return {
         "path": str(folder),
         "kind": "weight delta",

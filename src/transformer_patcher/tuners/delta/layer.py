@@ -13,30 +13,34 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from transformer_patcher.core.errors import InvalidPatchError, UnsupportedArchitectureError
 from transformer_patcher.tuners.delta.config import DeltaConfig
+from transformer_patcher.tuners.delta.delta_file import DeltaShapes
+from transformer_patcher.tuners.delta.schema import DELTA_TENSOR_NAMES, SPECS, delta_sizes
 from transformer_patcher.tuners.placement import execution_device
+from transformer_patcher.tuners.tuner_layer import TunerLayer
 
-FACTORS = ("delta_up", "delta_down")
 
-
-class DeltaLayer(nn.Module, BaseTunerLayer):
+class DeltaLayer(TunerLayer):
     """A wrapped ``nn.Linear`` / ``Conv1D`` that adds ``x @ (up @ down)ᵀ`` for each active adapter."""
 
-    adapter_layer_names = FACTORS
+    adapter_layer_names = DELTA_TENSOR_NAMES
     other_param_names = ("delta_config",)
+    adapter_noun = "delta"
+    adapter_store = "delta_up"
+    tensor_names = DELTA_TENSOR_NAMES
+    repr_prefix = "delta"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DeltaConfig) -> None:
-        super().__init__()
         if not isinstance(base_layer, (nn.Linear, Conv1D)):
             raise UnsupportedArchitectureError(
                 f"a weight delta needs an nn.Linear or transformers Conv1D layer, got {type(base_layer).__name__}"
             )
-        self.base_layer = base_layer
+        super().__init__(base_layer, adapter_name)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight stored (in, out)
         d_in, d_out = base_layer.weight.shape if self.fan_in_fan_out else base_layer.weight.shape[::-1]
         self.in_features, self.out_features = int(d_in), int(d_out)
@@ -44,40 +48,43 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         self.delta_down = nn.ParameterDict()
         self.delta_config: dict[str, DeltaConfig] = {}
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
-        self._active_adapter = adapter_name
-        self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
 
     # ----------------------------------------------------------------------------------------------- set-up
     def update_layer(self, adapter_name: str, config: DeltaConfig) -> None:
         """Create an empty (rank-0) delta for ``adapter_name`` on the layer's execution device."""
         device, dtype = execution_device(self.base_layer), getattr(torch, config.delta_dtype)
         self.delta_config[adapter_name] = config
-        self._set_factors(
-            adapter_name,
-            torch.zeros(self.out_features, 0, device=device, dtype=dtype),
-            torch.zeros(0, self.in_features, device=device, dtype=dtype),
-        )
+        self._set_factors(adapter_name, *self._zeros(0, device, dtype))
         # Declared frozen, so peft's set_adapter / set_requires_grad never make them trainable.
-        self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: FACTORS}
+        self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: DELTA_TENSOR_NAMES}
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def _zeros(self, rank: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero factors of rank ``rank``, shaped by the schema."""
+        sizes = delta_sizes(rank, self.in_features, self.out_features)
+        return tuple(
+            torch.zeros(SPECS[name].shape_for(sizes), device=device, dtype=dtype) for name in DELTA_TENSOR_NAMES
+        )
+
     def _set_factors(self, adapter_name: str, up: torch.Tensor, down: torch.Tensor) -> None:
-        """Store new factors and move ``config.rank`` (the total over every layer) by the change in this layer."""
-        old = self.delta_up[adapter_name].shape[1] if adapter_name in self.delta_up else 0
+        """Store new factors (never trained) and publish the change of rank."""
+        before = self.delta_up[adapter_name].shape[1] if adapter_name in self.delta_up else 0
         self.delta_up[adapter_name] = nn.Parameter(up, requires_grad=False)
         self.delta_down[adapter_name] = nn.Parameter(down, requires_grad=False)
-        config = self.delta_config[adapter_name]
-        config.rank += up.shape[1] - old
+        self._publish_rank(adapter_name, before)
 
-    def _resolve_adapter(self, adapter_name: str | None) -> str:
-        if adapter_name is None:
-            if len(self.active_adapters) != 1:
-                raise ValueError(f"{len(self.active_adapters)} adapters are active; pass adapter_name explicitly")
-            adapter_name = self.active_adapters[0]
-        if adapter_name not in self.delta_up:
-            raise KeyError(f"no delta adapter named {adapter_name!r} on this layer (have {sorted(self.delta_up)})")
-        return adapter_name
+    def _publish_rank(self, adapter_name: str, before: int) -> None:
+        """Show the adapter's total rank in its config after every change: ``rank`` is public state of a
+        ``DeltaConfig`` (read by callers and by peft's save, which writes the config as it is). It totals every
+        layer of the adapter, which share the config and none of which sees the others, so each moves it by its own
+        change from ``before``; the factors here stay the only source."""
+        config = self.delta_config[adapter_name]
+        config.rank += self.rank(adapter_name) - before
 
     # ------------------------------------------------------------------------------------------- the delta
     def rank(self, adapter_name: str | None = None) -> int:
@@ -127,7 +134,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         if adapter in self.merged_adapters:
             raise InvalidPatchError(f"adapter {adapter!r} is merged into the base weight; unmerge it before clearing")
         removed = self.rank(adapter)
-        self.resize_for_load(adapter, 0)
+        self._resize(adapter, 0)
         return removed
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -135,14 +142,13 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         delta = self.delta_up[adapter_name] @ self.delta_down[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
-    def resize_for_load(self, adapter_name: str, rank: int) -> None:
+    def resize_for_load(self, adapter_name: str, shapes: DeltaShapes) -> None:
         """Reshape the factors to a checkpoint's (already validated) rank so ``load_state_dict`` fills them."""
-        up, down = self.delta_up[adapter_name], self.delta_down[adapter_name]
-        self._set_factors(
-            adapter_name,
-            torch.zeros(self.out_features, rank, device=up.device, dtype=up.dtype),
-            torch.zeros(rank, self.in_features, device=down.device, dtype=down.dtype),
-        )
+        self._resize(adapter_name, shapes.rank)
+
+    def _resize(self, adapter_name: str, rank: int) -> None:
+        up = self.delta_up[adapter_name]
+        self._set_factors(adapter_name, *self._zeros(rank, up.device, up.dtype))
 
     # --------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -191,14 +197,3 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             if adapter in self.delta_up:
                 delta = self.get_delta_weight(adapter).to(weight.device)
                 weight.data.copy_((weight.data.to(delta.dtype) - delta).to(weight.dtype))
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """Move the factors to the layer's execution device; unlike peft's default, keep the delta dtype."""
-        target = device or execution_device(self.base_layer)
-        if adapter_name in self.delta_up and self.delta_up[adapter_name].device != torch.device("meta"):
-            up, down = self.delta_up[adapter_name], self.delta_down[adapter_name]
-            self.delta_up[adapter_name] = nn.Parameter(up.detach().to(target), requires_grad=False)
-            self.delta_down[adapter_name] = nn.Parameter(down.detach().to(target), requires_grad=False)
-
-    def __repr__(self) -> str:
-        return "delta." + super().__repr__()

@@ -14,8 +14,7 @@ from transformer_patcher.tuners.patcher.config import (
 )
 from transformer_patcher.tuners.patcher.keys import init_key
 from transformer_patcher.tuners.patcher.layer import PatchCapture, PatcherLayer
-from transformer_patcher.tuners.patcher.model import PatcherModel, get_patcher_model
-from transformer_patcher.tuners.registration import register
+from transformer_patcher.tuners.patcher.model import PatcherModel, get_patcher_model, register
 
 register()
 

@@ -6,17 +6,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from peft import PeftConfig
-from peft.utils import CONFIG_NAME
 from transformers.activations import ACT2FN
 
 from transformer_patcher.tuners.config_file import (
-    FINGERPRINT_VIEWS,
     NULLABLE_STR,
     STR_LIST,
-    CarriedFields,
-    ValidatedConfigFile,
+    AdapterConfig,
     config_schema,
+    fingerprint_schema,
 )
 from transformer_patcher.tuners.patcher.patch_file import validate_adapter_file
 from transformer_patcher.tuners.peft_type import AdapterType
@@ -30,7 +27,7 @@ OFFICIAL_CODE_VALUE_SCALE = 10.0
 
 
 @dataclass
-class PatcherConfig(ValidatedConfigFile, CarriedFields, PeftConfig):
+class PatcherConfig(AdapterConfig):
     """Configuration of a Transformer-Patcher patch set (peft type ``"PATCHER"``).
 
     By default the patches extend the last FFN of the model, found through the architecture registry; the resolved
@@ -128,22 +125,12 @@ def _schema() -> dict[str, Any]:
             "num_trainable_patches": {"type": "integer", "minimum": 0},
             "init_value_scale": {"type": "number", "exclusiveMinimum": 0},
             "patch_dtype": {"enum": [*PATCH_DTYPES, None]},
-            "fingerprint": {
-                "type": ["object", "null"],
-                "properties": {
-                    "query_dim": {"type": "integer", "minimum": 1},
-                    "output_dim": {"type": "integer", "minimum": 1},
-                    **FINGERPRINT_VIEWS,
-                },
-            },
+            "fingerprint": fingerprint_schema(
+                {"query_dim": {"type": "integer", "minimum": 1}, "output_dim": {"type": "integer", "minimum": 1}}
+            ),
         },
     )
 
 
-CONFIG_SCHEMA = PatcherConfig.config_schema = _schema()
+PatcherConfig.config_schema = _schema()
 PatcherConfig.loaders = "transformer_patcher.PatcherModel.from_pretrained or transformer_patcher.Patcher"
-
-
-def validate_config_dict(data: object, source: str = CONFIG_NAME) -> None:
-    """Raise ``AdapterFileError`` when ``data`` is not a valid PATCHER adapter config (unknown fields included)."""
-    PatcherConfig.validate_config_dict(data, source)

@@ -23,15 +23,26 @@ from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import _get_in_out_features
 from torch import nn
 from transformers.activations import ACT2FN
 
 from transformer_patcher.core.errors import InvalidPatchError, PatchMergeError
 from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.keys import preactivation
-from transformer_patcher.tuners.patcher.patch_file import FROZEN, PatchShapes
+from transformer_patcher.tuners.patcher.patch_file import PatchShapes
+from transformer_patcher.tuners.patcher.schema import (
+    BUFFERS,
+    FROZEN,
+    PARAMETERS,
+    PATCH_TENSOR_NAMES,
+    SPECS,
+    TRAINABLE,
+    patch_sizes,
+)
 from transformer_patcher.tuners.placement import execution_device
+from transformer_patcher.tuners.tensor_schema import ID, ID_DTYPE
+from transformer_patcher.tuners.tuner_layer import TunerLayer
 
 MERGE_IMPOSSIBLE = (
     "Transformer-Patcher patches cannot be merged into the base weights: a patch adds act(q·k + b)·v, which is "
@@ -49,24 +60,27 @@ class PatchCapture:
     frozen_preactivations: torch.Tensor | None = None  # committed patches, shape (..., n_frozen)
 
 
-class PatcherLayer(nn.Module, BaseTunerLayer):
+class PatcherLayer(TunerLayer):
     """A wrapped FFN output projection that adds Transformer-Patcher neurons for each adapter."""
 
-    adapter_layer_names = ("patch_keys", "patch_bias", "patch_values", "patch_value_scale")
-    other_param_names = (*FROZEN, "patch_edit_ids", "patch_config")
+    adapter_layer_names = PARAMETERS
+    other_param_names = (*BUFFERS, "patch_config")
+    adapter_noun = "patch"
+    adapter_store = "patch_keys"
+    tensor_names = PATCH_TENSOR_NAMES
+    repr_prefix = "patcher"
 
     def __init__(self, base_layer: nn.Module, key_module: nn.Module, adapter_name: str, config: PatcherConfig) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, adapter_name)
         self.query_dim = _get_in_out_features(key_module)[0]
         self.output_dim = _get_in_out_features(base_layer)[1]
         if self.query_dim is None or self.output_dim is None:
             raise InvalidPatchError(
                 f"cannot read the feature sizes of {type(key_module).__name__}/{type(base_layer).__name__}"
             )
-        for name in self.adapter_layer_names:
+        for name in PARAMETERS:
             setattr(self, name, nn.ParameterDict())
-        for name in (*FROZEN, "patch_edit_ids"):
+        for name in BUFFERS:
             setattr(self, name, BufferDict(persistent=True))
         self.patch_config: dict[str, PatcherConfig] = {}
         self.key_module_name = config.key_module
@@ -74,9 +88,11 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         self._query: torch.Tensor | None = None
         self._capture: tuple[str, PatchCapture] | None = None
         self._hook = key_module.register_forward_pre_hook(self._store_query, with_kwargs=True)
-        self._active_adapter = adapter_name
-        self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.query_dim, self.output_dim
 
     # ----------------------------------------------------------------------------------------------- set-up
     def update_layer(self, adapter_name: str, config: PatcherConfig) -> None:
@@ -84,13 +100,14 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         config's counts (a fresh config: empty), ready for a loader to fill them."""
         device, dtype = execution_device(self.base_layer), self._patch_dtype(config)
         trainable = config.num_trainable_patches
-        for name in self._tensor_names():
-            rows = config.num_patches - trainable if name in FROZEN else trainable
-            empty = torch.zeros(self._shape(name, rows), device=device, dtype=torch.int64 if "ids" in name else dtype)
-            getattr(self, name)[adapter_name] = nn.Parameter(empty) if name in self.adapter_layer_names else empty
+        for name in self.tensor_names:
+            rows = config.num_patches - trainable if SPECS[name].frozen else trainable
+            tensor_dtype = ID_DTYPE if SPECS[name].kind == ID else dtype
+            empty = torch.zeros(self._shape(name, rows), device=device, dtype=tensor_dtype)
+            getattr(self, name)[adapter_name] = nn.Parameter(empty) if name in PARAMETERS else empty
         self.patch_config[adapter_name] = config
         self._activations[adapter_name] = ACT2FN[config.patch_activation]
-        self._sync_config(adapter_name)
+        self._publish_counts(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _patch_dtype(self, config: PatcherConfig) -> torch.dtype:
@@ -157,22 +174,10 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
             self._capture = previous
 
     # ------------------------------------------------------------------------------------ patch bookkeeping
-    def _resolve_adapter(self, adapter_name: str | None) -> str:
-        if adapter_name is None:
-            if len(self.active_adapters) != 1:
-                raise ValueError(f"{len(self.active_adapters)} adapters are active; pass adapter_name explicitly")
-            adapter_name = self.active_adapters[0]
-        if adapter_name not in self.patch_keys:
-            raise KeyError(f"no patch adapter named {adapter_name!r} on this layer (have {sorted(self.patch_keys)})")
-        return adapter_name
-
-    def _set(self, adapter_name: str, name: str, tensor: torch.Tensor) -> None:
-        store = getattr(self, name)
-        if isinstance(store, nn.ParameterDict):
-            tensor = nn.Parameter(tensor, requires_grad=store[adapter_name].requires_grad)
-        store[adapter_name] = tensor
-
-    def _sync_config(self, adapter_name: str) -> None:
+    def _publish_counts(self, adapter_name: str) -> None:
+        """Show the adapter's patch counts in its config after every change: ``num_patches`` is public state of a
+        ``PatcherConfig`` (read by callers and by peft's save, which writes the config as it is) and sizes the layer
+        when transformers' ``load_adapter`` fills existing tensors. The tensors here stay the only source."""
         config = self.patch_config[adapter_name]
         config.num_patches = self.num_patches(adapter_name)
         config.num_trainable_patches = self.num_trainable_patches(adapter_name)
@@ -245,7 +250,7 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
         extend("patch_values", values / scale)
         extend("patch_value_scale", torch.full_like(values, scale))
         extend("patch_edit_ids", ids.to(current.device))
-        self._sync_config(adapter)
+        self._publish_counts(adapter)
         return n
 
     def _take(self, adapter: str, names: Sequence[str], keep: torch.Tensor | None) -> None:
@@ -267,16 +272,16 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
             for name, new in moved.items():
                 old = getattr(self, name)[adapter]
                 self._set(adapter, name, torch.cat([old, new.detach().to(dtype=old.dtype)]))
-            self._take(adapter, (*self.adapter_layer_names, "patch_edit_ids"), None)
-        self._sync_config(adapter)
+            self._take(adapter, TRAINABLE, None)
+        self._publish_counts(adapter)
         return n
 
     def discard(self, adapter_name: str | None = None) -> int:
         """Drop the in-progress patches (a failed edit); committed patches are untouched. Returns how many."""
         adapter = self._resolve_adapter(adapter_name)
         n = self.patch_keys[adapter].shape[0]
-        self._take(adapter, (*self.adapter_layer_names, "patch_edit_ids"), None)
-        self._sync_config(adapter)
+        self._take(adapter, TRAINABLE, None)
+        self._publish_counts(adapter)
         return n
 
     def remove_edit(self, edit_id: int, adapter_name: str | None = None) -> int:
@@ -289,8 +294,8 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
             present = sorted(set(self.edit_ids(adapter).tolist()))
             raise InvalidPatchError(f"no patch of adapter {adapter!r} has edit id {edit_id}; present ids: {present}")
         self._take(adapter, FROZEN, frozen_keep)
-        self._take(adapter, (*self.adapter_layer_names, "patch_edit_ids"), keep)
-        self._sync_config(adapter)
+        self._take(adapter, TRAINABLE, keep)
+        self._publish_counts(adapter)
         return removed
 
     def committed(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -318,24 +323,17 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
             self._set(adapter, name, tensors[name].to(device=old.device, dtype=old.dtype).clone())
         self.discard(adapter)
 
-    def _tensor_names(self) -> tuple[str, ...]:
-        return (*FROZEN, *self.adapter_layer_names, "patch_edit_ids")
-
     def _shape(self, name: str, rows: int) -> tuple[int, ...]:
         """Shape of patch tensor ``name`` holding ``rows`` neurons."""
-        if name.endswith("keys"):
-            return (rows, self.query_dim)
-        if name.endswith(("values", "value_scale")):
-            return (rows, self.output_dim)
-        return (rows,)
+        return SPECS[name].shape_for(patch_sizes(rows, self.query_dim, self.output_dim))
 
     def resize_for_load(self, adapter_name: str, shapes: PatchShapes) -> None:
         """Reshape the patch tensors to a checkpoint's (already validated) counts so ``load_state_dict`` fills them."""
-        for name in self._tensor_names():
+        for name in self.tensor_names:
             old = getattr(self, name)[adapter_name]
-            rows = shapes.n_frozen if "frozen" in name else shapes.n_trainable
+            rows = shapes.rows(SPECS[name].frozen)
             self._set(adapter_name, name, torch.zeros(self._shape(name, rows), device=old.device, dtype=old.dtype))
-        self._sync_config(adapter_name)
+        self._publish_counts(adapter_name)
 
     # ------------------------------------------------------------------------------------ peft lifecycle
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -357,14 +355,3 @@ class PatcherLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._activations.pop(adapter_name, None)
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """Move patches to the FFN's execution device; unlike peft's default, keep their configured dtype."""
-        target = device or execution_device(self.base_layer)
-        for name in self._tensor_names():
-            store = getattr(self, name)
-            if adapter_name in store and store[adapter_name].device != torch.device("meta"):
-                self._set(adapter_name, name, store[adapter_name].detach().to(target))
-
-    def __repr__(self) -> str:
-        return "patcher." + super().__repr__()

@@ -1,19 +1,16 @@
 """A saved patch set as files: what it holds, its edit log, and undoing one edit — without loading the base model.
 
 A patch-set folder is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) plus, when it
-was written by the CLI, ``edits.jsonl``: one line per edit (``edit_id``, ``text``, ``target``, ``success``, the
-``prompt_format`` it was made in, and when known its ``subject`` and ``rephrases``), so later edits can rebuild the
-memory of earlier ones, ``eval`` can score the fixes as they were asked, and a reader can see what each patch
-fixes. Every change is validated first and written atomically; a failed undo leaves the folder as it was. Each
-reader and writer first recovers the folder from a crash mid-swap (:func:`~..atomic.recover_folder`), reads regular
-files only (a FIFO would hang it), and a writer refuses a folder holding links or special files.
+was written by the CLI, the edit log ``edits.jsonl`` (``tuners.edit_log``) and a model card. Every change is validated
+first and written atomically; a failed undo leaves the folder as it was. Each reader and writer first recovers the
+folder from a crash mid-swap (:func:`~..atomic.recover_folder`), reads regular files only (a FIFO would hang it), and
+a writer refuses a folder holding links or special files.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,6 @@ from safetensors.torch import save_file
 
 from transformer_patcher.core.atomic import (
     check_plain_folder,
-    open_regular_file,
     recover_folder,
     replace_folder_atomic,
     require_regular_file,
@@ -32,23 +28,24 @@ from transformer_patcher.core.atomic import (
 )
 from transformer_patcher.core.errors import AdapterFileError
 from transformer_patcher.core.folder_lock import sibling_lock
-from transformer_patcher.core.jsonl import json_lines
+from transformer_patcher.tuners.adapter_file import config_targets, read_adapter_file
+from transformer_patcher.tuners.edit_log import EDIT_LOG, edit_log_entry, read_edit_log, write_edit_log
 from transformer_patcher.tuners.model_card import CARD_NAME, model_card
 from transformer_patcher.tuners.patcher.config import PatcherConfig
-from transformer_patcher.tuners.patcher.patch_file import group_patch_tensors, read_adapter_file
+from transformer_patcher.tuners.patcher.patch_file import group_patch_tensors
+from transformer_patcher.tuners.patcher.schema import EDIT_IDS, edit_ids_for
 
-EDIT_LOG = "edits.jsonl"
-_ROWS = {  # tensor name → the edit-id tensor that labels its rows
-    "patch_frozen_keys": "patch_frozen_edit_ids",
-    "patch_frozen_bias": "patch_frozen_edit_ids",
-    "patch_frozen_values": "patch_frozen_edit_ids",
-    "patch_frozen_edit_ids": "patch_frozen_edit_ids",
-    "patch_keys": "patch_edit_ids",
-    "patch_bias": "patch_edit_ids",
-    "patch_values": "patch_edit_ids",
-    "patch_value_scale": "patch_edit_ids",
-    "patch_edit_ids": "patch_edit_ids",
-}
+__all__ = [  # the edit log's names too: callers read and write it through this module
+    "EDIT_LOG",
+    "PatchSetInfo",
+    "describe_patch_set",
+    "edit_log_entry",
+    "read_edit_log",
+    "remove_edit_from_files",
+    "save_adapter_folder",
+    "write_edit_log",
+    "write_log_and_card",
+]
 
 
 @dataclass
@@ -97,51 +94,6 @@ def _load(path: Path) -> tuple[PatcherConfig, dict[str, torch.Tensor], Path]:
     return config, read_adapter_file(weights), weights
 
 
-def read_edit_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The folder's edit log (empty when it has none); a malformed line is an error naming the line."""
-    log = Path(path) / EDIT_LOG
-    try:
-        with open_regular_file(log) as handle:
-            text = handle.read().decode("utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    entries = []
-    for number, entry in json_lines(text, str(log), AdapterFileError):
-        if not isinstance(entry.get("edit_id"), int):
-            raise AdapterFileError(f"{log}: line {number}: each line must be an object with an integer 'edit_id'")
-        for field, kinds, what in (("text", str, "text"), ("target", (str, int), "text or a label index")):
-            value = entry.get(field)
-            if not isinstance(value, kinds) or isinstance(value, bool):
-                state = "missing" if field not in entry else f"a {type(value).__name__}, not {what}"
-                raise AdapterFileError(f"{log}: line {number}: field {field!r} is {state}")
-        entries.append(entry)
-    return entries
-
-
-def edit_log_entry(
-    edit_id: int,
-    text: str,
-    target: Any,
-    success: bool,
-    prompt_format: dict[str, Any] | None = None,
-    subject: str | None = None,
-    rephrases: Sequence[str] = (),
-) -> dict[str, Any]:
-    """One line of the edit log; the optional fields are written only when known."""
-    entry: dict[str, Any] = {"edit_id": edit_id, "text": text, "target": target, "success": success}
-    if prompt_format is not None:
-        entry["prompt_format"] = dict(prompt_format)
-    if subject:
-        entry["subject"] = subject
-    if rephrases:
-        entry["rephrases"] = list(rephrases)
-    return entry
-
-
-def write_edit_log(path: str | os.PathLike[str], entries: list[dict[str, Any]]) -> None:
-    write_text_atomic(Path(path) / EDIT_LOG, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
-
-
 def write_log_and_card(folder: Path, config: PatcherConfig, entries: list[dict[str, Any]]) -> None:
     """The edit log (when there are edits) and the model card that describes the folder's patches and edits."""
     if entries:
@@ -165,15 +117,14 @@ def describe_patch_set(path: str | os.PathLike[str]) -> PatchSetInfo:
     folder = Path(path)
     recover_folder(folder)
     config, tensors, weights = _load(folder)
-    ids = torch.cat([t for name, t in tensors.items() if name.endswith(("patch_frozen_edit_ids", ".patch_edit_ids"))])
+    ids = torch.cat([t for key, t in tensors.items() if _tensor_name(key) in EDIT_IDS])
     counts: dict[int, int] = {}
     for edit_id in ids.tolist():
         counts[edit_id] = counts.get(edit_id, 0) + 1
-    targets = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
     return PatchSetInfo(
         folder,
         config.base_model_name_or_path,
-        ", ".join(map(str, targets)),
+        ", ".join(map(str, config_targets(config))),
         config.patch_activation,
         dict(config.fingerprint or {}),
         dict(sorted(counts.items())),
@@ -197,16 +148,16 @@ def _remove_edit(folder: Path, edit_id: int) -> int:
     removed = 0
     for key, tensor in tensors.items():
         module, _, name = key.rpartition(".")
-        labels = tensors[f"{module}.{_ROWS[name]}"]
+        labels = tensors[f"{module}.{edit_ids_for(name)}"]
         keep = labels != edit_id
         kept[key] = tensor[keep]
-        if name in ("patch_frozen_edit_ids", "patch_edit_ids"):
+        if name in EDIT_IDS:
             removed += int((~keep).sum())
     if removed == 0:
         raise KeyError(f"{folder} has no patches for edit id {edit_id}")
-    group_patch_tensors(kept, str(weights))  # the result must still be a valid adapter file
-    config.num_patches -= removed
-    config.num_trainable_patches = sum(len(t) for k, t in kept.items() if k.endswith(".patch_edit_ids"))
+    _, shapes = group_patch_tensors(kept, str(weights))  # the result must still be a valid adapter file
+    in_progress = sum(shape.n_trainable for shape in shapes.values())
+    config = dataclasses.replace(config, num_patches=config.num_patches - removed, num_trainable_patches=in_progress)
     log = read_edit_log(folder)
 
     def write(staging: Path) -> None:
@@ -216,3 +167,8 @@ def _remove_edit(folder: Path, edit_id: int) -> int:
 
     replace_folder_atomic(folder, write)
     return removed
+
+
+def _tensor_name(key: str) -> str:
+    """The patch tensor a checkpoint key names (the part after its module)."""
+    return key.rpartition(".")[2]

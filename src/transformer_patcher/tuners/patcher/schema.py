@@ -1,0 +1,40 @@
+"""The patch tensors of one adapter on one FFN, declared once.
+
+Committed patches are frozen buffers; in-progress ones are the trainable parameters (values factored ``v' ⊙ a``) plus
+their edit ids. Every patch row carries the id of the edit that created it, in the edit-id tensor of its side.
+"""
+
+from __future__ import annotations
+
+from transformer_patcher.tuners.tensor_schema import D_IN, D_OUT, FLOAT, ID, PATCHES, TensorSpec, names
+
+PATCH_TENSORS = (
+    TensorSpec("patch_frozen_keys", (PATCHES, D_IN), frozen=True),
+    TensorSpec("patch_frozen_bias", (PATCHES,), frozen=True),
+    TensorSpec("patch_frozen_values", (PATCHES, D_OUT), frozen=True),
+    TensorSpec("patch_frozen_edit_ids", (PATCHES,), frozen=True, kind=ID),
+    TensorSpec("patch_keys", (PATCHES, D_IN), frozen=False),
+    TensorSpec("patch_bias", (PATCHES,), frozen=False),
+    TensorSpec("patch_values", (PATCHES, D_OUT), frozen=False),
+    TensorSpec("patch_value_scale", (PATCHES, D_OUT), frozen=False),
+    TensorSpec("patch_edit_ids", (PATCHES,), frozen=False, kind=ID),
+)
+SPECS = {spec.name: spec for spec in PATCH_TENSORS}
+
+PATCH_TENSOR_NAMES = names(PATCH_TENSORS)
+FROZEN = names(spec for spec in PATCH_TENSORS if spec.frozen)
+TRAINABLE = names(spec for spec in PATCH_TENSORS if not spec.frozen)
+PARAMETERS = names(spec for spec in PATCH_TENSORS if not spec.frozen and spec.kind == FLOAT)  # what training moves
+BUFFERS = names(spec for spec in PATCH_TENSORS if spec.name not in PARAMETERS)
+EDIT_IDS = names(spec for spec in PATCH_TENSORS if spec.kind == ID)
+
+
+def edit_ids_for(name: str) -> str:
+    """The edit-id tensor that labels the rows of patch tensor ``name`` (the one on its frozen or in-progress side)."""
+    frozen = SPECS[name].frozen
+    return next(ids for ids in EDIT_IDS if SPECS[ids].frozen == frozen)
+
+
+def patch_sizes(patches: int, query_dim: int, output_dim: int) -> dict[str, int]:
+    """The named sizes of ``patches`` neurons on an FFN with queries of ``query_dim`` and outputs of ``output_dim``."""
+    return {PATCHES: patches, D_IN: query_dim, D_OUT: output_dim}

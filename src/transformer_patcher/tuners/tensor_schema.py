@@ -1,0 +1,62 @@
+"""How an adapter declares its tensors once: name, whether they are frozen, shape in named sizes, kind of values.
+
+Each tuner lists its tensors here-shaped (``patcher.schema``, ``delta.schema``) and every reader derives what it needs
+from that one list: the layer the shapes and dtypes it creates, the file checks the shapes they expect, the size bound
+the bytes a row may take, and the patch-set tools which tensors label the rows of which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+# The named sizes a shape is written in.
+PATCHES = "patches"  # patch neurons (committed ones for a frozen tensor, in-progress ones otherwise)
+RANK = "rank"  # rank-1 terms of a low-rank delta
+D_IN = "d_in"  # input features of the layer the adapter extends (the FFN query for patches)
+D_OUT = "d_out"  # its output features
+ROW_SIZES = (PATCHES, RANK)  # the sizes that grow as an adapter grows
+
+FLOAT: Literal["float"] = "float"
+ID: Literal["id"] = "id"
+ID_DTYPE = torch.int64
+ID_BYTES = ID_DTYPE.itemsize
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One per-adapter tensor: ``frozen`` ones are never trained; ``kind`` is ``"float"`` (values in the adapter's
+    float dtype, finite) or ``"id"`` (int64 edit ids)."""
+
+    name: str
+    shape: tuple[str, ...]
+    frozen: bool
+    kind: Literal["float", "id"] = FLOAT
+
+    def shape_for(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """The concrete shape for ``sizes`` (named size → value)."""
+        return tuple(sizes[size] for size in self.shape)
+
+    def row_width(self, sizes: Mapping[str, int]) -> int:
+        """Values per row: the product of the sizes that do not grow with the adapter."""
+        width = 1
+        for size in self.shape:
+            if size not in ROW_SIZES:
+                width *= sizes[size]
+        return width
+
+
+def names(specs: Iterable[TensorSpec]) -> tuple[str, ...]:
+    return tuple(spec.name for spec in specs)
+
+
+def row_bytes(specs: Iterable[TensorSpec], sizes: Mapping[str, int], float_bytes: int) -> int:
+    """Most bytes one row of the adapter takes in a file: the larger of its frozen and its other tensors, floats in
+    ``float_bytes`` and ids in int64."""
+    totals = {True: 0, False: 0}
+    for spec in specs:
+        totals[spec.frozen] += spec.row_width(sizes) * (ID_BYTES if spec.kind == ID else float_bytes)
+    return max(totals.values())

@@ -1,0 +1,139 @@
+"""PMET target optimisation in parts: the prompt batch, the delta hooks, the early exits, and batching that changes
+nothing (each request leaves the batch at its own exit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_pmet_editor import HPARAMS, _model, _requests
+from tiny_tokenizer import tiny_tokenizer
+from transformer_patcher.methods.pmet import compute_targets, covariance
+from transformer_patcher.methods.pmet.architecture import unwrap
+from transformer_patcher.methods.pmet.requests import target_ids
+from transformer_patcher.methods.pmet.targets import (
+    KL_EXIT,
+    LOSS_EXIT,
+    SubjectShift,
+    build_batch,
+    delta_sites,
+    is_done,
+    step_reads,
+)
+
+TEMPLATES = [["{}"], ["w5 w6. {}", "w7. {}"]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def test_the_batch_holds_each_requests_template_prompts_then_its_kl_prompt(tokenizer) -> None:
+    requests = _requests(2)
+    batch = build_batch(tokenizer, requests, TEMPLATES, torch.device("cpu"))
+    assert batch.first_row == [0, 4] and batch.kl_rows == [3, 7]
+    assert batch.owner == [0, 0, 0, 0, 1, 1, 1, 1] and batch.owners.tolist() == batch.owner
+    answers = [target_ids(tokenizer, r.target) for r in requests]
+    assert all(len(a) == 1 for a in answers)  # one read per template prompt, none on the KL prompts
+    assert batch.read_row.tolist() == [0, 1, 2, 4, 5, 6]
+    assert batch.read_label.tolist() == [answers[0][0]] * 3 + [answers[1][0]] * 3
+    for row in range(batch.n_rows):  # the lookup is the subject's (last) token, the reads are the prompt's end
+        subject = requests[batch.owner[row]].subject
+        assert tokenizer.convert_ids_to_tokens(int(batch.input_ids[row, batch.lookups[row]])) == subject
+    length = batch.attention.sum(1)
+    assert (batch.read_pos == length[batch.read_row] - 1).all()
+
+
+def test_a_step_reads_only_the_active_requests(tokenizer) -> None:
+    batch = build_batch(tokenizer, _requests(3), TEMPLATES, torch.device("cpu"))
+    reads = step_reads(batch, [0, 2])
+    assert reads.rows == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert reads.local[reads.rows].tolist() == list(range(8)) and (reads.local[4:8] == -1).all()
+    assert set(batch.owners[reads.t_row].tolist()) == {0, 2}
+    assert reads.k_row.tolist() == [3, 11]
+
+
+def test_the_hooks_add_each_requests_delta_at_its_subject_and_come_off(tokenizer) -> None:
+    model = _model("gpt2")
+    base = unwrap(model)
+    batch = build_batch(tokenizer, _requests(2), TEMPLATES, torch.device("cpu"))
+    sites = delta_sites(base, HPARAMS.with_options(variant="memit"))
+    shift = SubjectShift(batch, list(sites), 32, torch.device("cpu"))
+    with torch.no_grad():
+        shift.deltas["block"][1].fill_(1.0)
+    block = base.get_submodule(sites["block"])
+    shift.rows = step_reads(batch, [0, 1]).rows
+
+    def block_output() -> torch.Tensor:  # read by a hook registered last, so after the shift's
+        seen: list[torch.Tensor] = []
+        reader = block.register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention)
+        finally:
+            reader.remove()
+        return seen[0]
+
+    with torch.no_grad():
+        plain = block_output()
+        with pytest.raises(RuntimeError, match="boom"), shift.attached(base, sites):
+            shifted = block_output()
+            raise RuntimeError("boom")
+        after = block_output()  # the hooks are off again
+    assert torch.equal(after, plain)
+    difference = shifted - plain
+    rows = torch.arange(batch.n_rows)
+    expected = (batch.owners == 1).float()[:, None].expand(-1, 32)
+    torch.testing.assert_close(difference[rows, batch.lookups], expected, rtol=0, atol=1e-5)
+    difference[rows, batch.lookups] = 0
+    assert not difference.any()
+    for r, row in enumerate(batch.first_row):  # pre-edit values: the first forward, at the bare prompt
+        assert torch.equal(shift.init["block"][r], plain[row, batch.lookups[row]])
+
+
+@pytest.mark.parametrize(
+    ("step", "loss", "kl", "on_target", "done"),
+    [
+        (0, LOSS_EXIT / 2, 1.0, False, True),  # a small loss
+        (59, 1.0, 1.0, False, True),  # the last step
+        (0, 1.0, KL_EXIT, True, True),  # on target with a small KL
+        (0, 1.0, KL_EXIT, False, False),
+        (0, 1.0, 2 * KL_EXIT, True, False),
+    ],
+)
+def test_early_exits(step: int, loss: float, kl: float, on_target: bool, done: bool) -> None:
+    assert is_done(HPARAMS, step, torch.tensor(loss), torch.tensor(kl), on_target) is done
+
+
+@pytest.mark.parametrize(("arch", "variant"), [("gpt2", "pmet"), ("llama", "memit")])
+def test_optimising_together_equals_optimising_alone(arch: str, variant: str, tokenizer) -> None:
+    model = _model(arch)
+    hparams = HPARAMS.with_options(variant=variant, v_num_grad_steps=20)
+    requests = _requests(4)
+    alone = compute_targets(model, tokenizer, requests, hparams.with_options(requests_per_step=1), TEMPLATES, False)
+    together = compute_targets(model, tokenizer, requests, hparams.with_options(requests_per_step=4), TEMPLATES, False)
+    assert alone.steps == together.steps
+    torch.testing.assert_close(together.init, alone.init, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together.values, alone.values, rtol=1e-5, atol=1e-6)
+    assert together.probabilities == pytest.approx(alone.probabilities, rel=1e-4)
+
+
+def test_the_statistics_hooks_come_off_when_a_forward_fails(tokenizer) -> None:
+    model = _model("gpt2")
+    calls = 0
+
+    def fail_second(_module: torch.nn.Module, _args: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("out of memory")
+
+    guard = model.transformer.register_forward_pre_hook(fail_second)
+    hooks_before = {name: len(m._forward_pre_hooks) for name, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        covariance.collect_second_moments(model, tokenizer, ["w5 w6"] * 4, [0, 1], batch_size=2, progress=False)
+    guard.remove()
+    assert calls == 2
+    assert {name: len(m._forward_pre_hooks) for name, m in model.named_modules()} == {
+        name: count - (name == "transformer") for name, count in hooks_before.items()
+    }
