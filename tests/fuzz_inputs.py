@@ -42,7 +42,7 @@ from transformer_patcher.data import DatasetFormatError, load_counterfact, load_
 from transformer_patcher.methods.patcher import EditConfig, EditExample, MemoryBank, PatchTrainer, task_for_model
 from transformer_patcher.methods.pmet import PMETHyperParams
 from transformer_patcher.methods.pmet.requests import EditRequest, encode
-from transformer_patcher.tuners.patcher.config import PATCH_DTYPES
+from transformer_patcher.tuners.patcher.schema import PATCH_DTYPES
 
 NAMES: list[str] = []  # the campaigns of this module, in registration order
 

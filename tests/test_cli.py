@@ -562,7 +562,7 @@ def test_the_torch_free_reader_holds_the_librarys_constants(saved_patches: Path)
 
     from transformer_patcher.cli import patch_folder
     from transformer_patcher.tuners.bounds import file_size_limit
-    from transformer_patcher.tuners.patcher import PatcherConfig
+    from transformer_patcher.tuners.patcher.config import PatcherConfig
 
     config = json.loads((saved_patches / patch_folder.CONFIG_NAME).read_text())
     assert set(config) == set(patch_folder.CONFIG_FIELDS) == {f.name for f in fields(PatcherConfig)}
@@ -662,7 +662,8 @@ REGISTERED = (
         "import sys, transformer_patcher as tp\n"
         "assert tp.PatcherConfig.__name__ == 'PatcherConfig' and tp.DELTA == 'DELTA'\n"
         "assert set(tp.__all__) <= set(dir(tp)) and tp.__version__ == '0.1.0'\n",
-        "import sys\nfrom transformer_patcher.tuners.patcher import PatcherConfig\n",  # peft comes half-way through
+        # peft comes half-way through
+        "import sys\nfrom transformer_patcher.tuners.patcher.config import PatcherConfig\n",
         "import sys\nfrom transformer_patcher import Patcher\n",
     ],
     ids=["package-then-peft", "peft-then-package", "attribute", "submodule", "Patcher"],

@@ -22,7 +22,7 @@ from transformer_patcher.methods.pmet import (
 from transformer_patcher.methods.pmet.algorithm import read_at_subject
 from transformer_patcher.methods.pmet.architecture import block_modules
 from transformer_patcher.methods.pmet.requests import encode
-from transformer_patcher.tuners.delta import DeltaModel
+from transformer_patcher.tuners.delta.model import DeltaModel
 
 HPARAMS = PMETHyperParams(
     layers=(0, 1),

@@ -40,23 +40,14 @@ _EXPORTS: dict[str, str] = {
         "transformer_patcher.core.errors",
     ),
     **dict.fromkeys(("FixReport", "Patcher"), "transformer_patcher.experiments.fixer"),
-    **dict.fromkeys(
-        ("DELTA", "DeltaConfig", "DeltaLayer", "DeltaModel", "get_delta_model"), "transformer_patcher.tuners.delta"
-    ),
-    **dict.fromkeys(
-        (
-            "PATCHER",
-            "PatchCapture",
-            "PatcherConfig",
-            "PatcherLayer",
-            "PatcherModel",
-            "get_patcher_model",
-            "init_key",
-            "resolve_patch_target",
-            "supported_model_types",
-        ),
-        "transformer_patcher.tuners.patcher",
-    ),
+    **dict.fromkeys(("DELTA", "DeltaConfig"), "transformer_patcher.tuners.delta.config"),
+    "DeltaLayer": "transformer_patcher.tuners.delta.layer",
+    **dict.fromkeys(("DeltaModel", "get_delta_model"), "transformer_patcher.tuners.delta.model"),
+    **dict.fromkeys(("PATCHER", "PatcherConfig"), "transformer_patcher.tuners.patcher.config"),
+    **dict.fromkeys(("PatchCapture", "PatcherLayer"), "transformer_patcher.tuners.patcher.layer"),
+    **dict.fromkeys(("PatcherModel", "get_patcher_model"), "transformer_patcher.tuners.patcher.model"),
+    "init_key": "transformer_patcher.tuners.patcher.keys",
+    **dict.fromkeys(("resolve_patch_target", "supported_model_types"), "transformer_patcher.tuners.architectures"),
 }
 
 __all__ = [
@@ -106,18 +97,14 @@ if _TYPE_CHECKING:  # what type checkers and IDEs see; at run time ``__getattr__
         UnverifiedAdapterError,
     )
     from transformer_patcher.experiments.fixer import FixReport, Patcher
-    from transformer_patcher.tuners.delta import DELTA, DeltaConfig, DeltaLayer, DeltaModel, get_delta_model
-    from transformer_patcher.tuners.patcher import (
-        PATCHER,
-        PatchCapture,
-        PatcherConfig,
-        PatcherLayer,
-        PatcherModel,
-        get_patcher_model,
-        init_key,
-        resolve_patch_target,
-        supported_model_types,
-    )
+    from transformer_patcher.tuners.architectures import resolve_patch_target, supported_model_types
+    from transformer_patcher.tuners.delta.config import DELTA, DeltaConfig
+    from transformer_patcher.tuners.delta.layer import DeltaLayer
+    from transformer_patcher.tuners.delta.model import DeltaModel, get_delta_model
+    from transformer_patcher.tuners.patcher.config import PATCHER, PatcherConfig
+    from transformer_patcher.tuners.patcher.keys import init_key
+    from transformer_patcher.tuners.patcher.layer import PatchCapture, PatcherLayer
+    from transformer_patcher.tuners.patcher.model import PatcherModel, get_patcher_model
 
 
 def __getattr__(name: str) -> _Any:
@@ -135,7 +122,7 @@ def __dir__() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- peft registration
-_TUNERS = ("transformer_patcher.tuners.patcher", "transformer_patcher.tuners.delta")  # each registers on import
+_TUNERS = ("transformer_patcher.tuners.patcher.model", "transformer_patcher.tuners.delta.model")  # register on import
 
 
 class _PeftRegistration:
@@ -144,8 +131,9 @@ class _PeftRegistration:
     It wraps the loader of ``peft`` and, while it waits, of this package's own modules: after one of them has run,
     if peft is loaded and none of this package's modules is still half-way through its own import, it removes
     itself and imports the tuners, which register with peft. Waiting for the package's modules matters when peft is
-    first imported from inside them (``from transformer_patcher.tuners.patcher import ...`` imports peft half-way):
-    the tuners are then imported once the outermost of those imports has finished, never from a half-run module.
+    first imported from inside them (``from transformer_patcher.tuners.patcher.config import ...`` imports peft
+    half-way): the tuners are then imported once the outermost of those imports has finished, never from a half-run
+    module.
     """
 
     def __init__(self) -> None:

@@ -25,15 +25,12 @@ from typing import Any
 
 from transformer_patcher.core.atomic import open_regular_file, recover_folder
 from transformer_patcher.tuners.edit_log import read_edit_log
+from transformer_patcher.tuners.patcher.schema import EDIT_IDS as ID_TENSORS
+from transformer_patcher.tuners.patcher.schema import PATCH_DTYPES, PATCH_TENSOR_NAMES
+from transformer_patcher.tuners.tensor_schema import PEFT_KEY_PREFIX
 
 CONFIG_NAME = "adapter_config.json"  # peft.utils.CONFIG_NAME
 WEIGHTS_NAME = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME
-PEFT_KEY_PREFIX = "base_model.model."  # tuners.patcher.patch_file.PEFT_KEY_PREFIX
-FROZEN = ("patch_frozen_keys", "patch_frozen_bias", "patch_frozen_values", "patch_frozen_edit_ids")
-TRAINABLE = ("patch_keys", "patch_bias", "patch_values", "patch_value_scale", "patch_edit_ids")
-PATCH_TENSOR_NAMES = FROZEN + TRAINABLE  # tuners.patcher.patch_file.PATCH_TENSOR_NAMES
-ID_TENSORS = ("patch_frozen_edit_ids", "patch_edit_ids")
-PATCH_DTYPES = ("float32", "float16", "bfloat16", "float64")  # tuners.patcher.config.PATCH_DTYPES
 # transformers' ACT2FN names (a subset is enough: another name sends the folder to the library's reader)
 ACTIVATIONS = frozenset(
     {

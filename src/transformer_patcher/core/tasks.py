@@ -475,8 +475,6 @@ def _fit_max_length(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-
-
 def accepts_argument(model: nn.Module, argument: str) -> bool:
     """Whether the (unwrapped) model's ``forward`` takes ``argument``, e.g. ``logits_to_keep``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

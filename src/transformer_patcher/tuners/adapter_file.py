@@ -22,9 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from transformer_patcher.core.errors import AdapterFileError
-from transformer_patcher.tuners.tensor_schema import ID, ID_DTYPE, TensorSpec, names
+from transformer_patcher.tuners.tensor_schema import ID, ID_DTYPE, PEFT_KEY_PREFIX, TensorSpec, names
 
-PEFT_KEY_PREFIX = "base_model.model."
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 Shapes = TypeVar("Shapes")  # what a tuner measures of one module's tensors (``PatchShapes``, ``DeltaShapes``)
@@ -87,7 +86,7 @@ def tensor_problem(spec: TensorSpec, tensor: torch.Tensor, check_dims: bool) -> 
     """What is wrong with the values of ``tensor`` read as ``spec``, or None: edit ids must be 1-D int64, float tensors
     of a float dtype, of the spec's number of dimensions (only with ``check_dims``) and finite."""
     if spec.kind == ID:
-        if tensor.dtype != ID_DTYPE or tensor.dim() != 1:
+        if tensor.dtype != getattr(torch, ID_DTYPE) or tensor.dim() != 1:
             return f"{spec.name} must be a 1-D int64 tensor of edit ids, got {tensor.dtype} {tuple(tensor.shape)}"
         return None
     if tensor.dtype not in FLOAT_DTYPES:

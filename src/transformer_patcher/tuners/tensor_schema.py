@@ -11,8 +11,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 # The named sizes a shape is written in.
 PATCHES = "patches"  # patch neurons (committed ones for a frozen tensor, in-progress ones otherwise)
 RANK = "rank"  # rank-1 terms of a low-rank delta
@@ -22,8 +20,9 @@ ROW_SIZES = (PATCHES, RANK)  # the sizes that grow as an adapter grows
 
 FLOAT: Literal["float"] = "float"
 ID: Literal["id"] = "id"
-ID_DTYPE = torch.int64
-ID_BYTES = ID_DTYPE.itemsize
+ID_DTYPE = "int64"  # torch/safetensors dtype name of the edit ids
+ID_BYTES = 8
+PEFT_KEY_PREFIX = "base_model.model."  # how peft names an adapter tensor in its file: prefix + module + tensor
 
 
 @dataclass(frozen=True)

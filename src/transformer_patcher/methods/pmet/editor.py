@@ -32,7 +32,9 @@ from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.requests import EditRequest
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets
 from transformer_patcher.methods.pmet.templates import context_templates
-from transformer_patcher.tuners.delta import DeltaConfig, DeltaLayer, get_delta_model
+from transformer_patcher.tuners.delta.config import DeltaConfig
+from transformer_patcher.tuners.delta.layer import DeltaLayer
+from transformer_patcher.tuners.delta.model import get_delta_model
 
 
 @dataclass

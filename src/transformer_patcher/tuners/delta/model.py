@@ -15,10 +15,11 @@ from transformers.pytorch_utils import Conv1D
 from transformer_patcher.core.errors import AdapterFileError, UnsupportedArchitectureError
 from transformer_patcher.tuners.architectures import model_type_of
 from transformer_patcher.tuners.bounds import weight_scale
-from transformer_patcher.tuners.delta.config import DeltaConfig
+from transformer_patcher.tuners.delta.config import DELTA, DeltaConfig
 from transformer_patcher.tuners.delta.delta_file import group_delta_tensors
 from transformer_patcher.tuners.delta.layer import DeltaLayer
 from transformer_patcher.tuners.fingerprint import AdapterWording, fingerprint_modules
+from transformer_patcher.tuners.registration import register_peft_type
 from transformer_patcher.tuners.tuner import Scales, Tuner, wrap_model
 
 
@@ -157,3 +158,11 @@ def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "
     The wrapper takes the model's train/eval mode (a fresh ``PeftModel`` claims training even around an eval model).
     """
     return wrap_model(model, config, adapter_name)
+
+
+def register() -> None:
+    """Idempotently make peft aware of DeltaConfig/DeltaModel; runs when this module is imported."""
+    register_peft_type(DELTA, DeltaConfig, DeltaModel)
+
+
+register()

@@ -1,36 +1,7 @@
-"""The patch adapter: a PEFT tuner that grows Transformer-Patcher neurons in one FFN."""
+"""The patch adapter (peft type ``"PATCHER"``): a PEFT tuner that grows Transformer-Patcher neurons in one FFN.
 
-from transformer_patcher.tuners.architectures import (
-    ARCHITECTURES,
-    PatchTarget,
-    resolve_patch_target,
-    supported_model_types,
-)
-from transformer_patcher.tuners.patcher.config import (
-    OFFICIAL_CODE_VALUE_SCALE,
-    PAPER_VALUE_SCALE,
-    PATCHER,
-    PatcherConfig,
-)
-from transformer_patcher.tuners.patcher.keys import init_key
-from transformer_patcher.tuners.patcher.layer import PatchCapture, PatcherLayer
-from transformer_patcher.tuners.patcher.model import PatcherModel, get_patcher_model, register
-
-register()
-
-__all__ = [
-    "ARCHITECTURES",
-    "OFFICIAL_CODE_VALUE_SCALE",
-    "PAPER_VALUE_SCALE",
-    "PATCHER",
-    "PatchCapture",
-    "PatchTarget",
-    "PatcherConfig",
-    "PatcherLayer",
-    "PatcherModel",
-    "get_patcher_model",
-    "init_key",
-    "register",
-    "resolve_patch_target",
-    "supported_model_types",
-]
+One module per idea: ``config`` (PatcherConfig), ``layer`` (PatcherLayer, the neurons), ``model`` (PatcherModel,
+``get_patcher_model``), ``keys`` (the pre-activation and key initialisation), ``schema`` (its tensors, declared
+once), ``patch_file`` (reading a weights file), ``patch_set`` (a saved folder). The package itself imports nothing,
+so the schema reads without torch; the public names are ``transformer_patcher.PatcherConfig`` and so on.
+"""

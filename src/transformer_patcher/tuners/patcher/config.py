@@ -16,10 +16,10 @@ from transformer_patcher.tuners.config_file import (
     fingerprint_schema,
 )
 from transformer_patcher.tuners.patcher.patch_file import validate_adapter_file
+from transformer_patcher.tuners.patcher.schema import PATCH_DTYPES
 from transformer_patcher.tuners.peft_type import AdapterType
 
 PATCHER = AdapterType.PATCHER
-PATCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # Values the paper (§4, Appendix) and the official code (patch.py, amplify_con) use to initialise the value scale.
 PAPER_VALUE_SCALE = 5.0

@@ -102,7 +102,7 @@ class PatcherLayer(TunerLayer):
         trainable = config.num_trainable_patches
         for name in self.tensor_names:
             rows = config.num_patches - trainable if SPECS[name].frozen else trainable
-            tensor_dtype = ID_DTYPE if SPECS[name].kind == ID else dtype
+            tensor_dtype = getattr(torch, ID_DTYPE) if SPECS[name].kind == ID else dtype
             empty = torch.zeros(self._shape(name, rows), device=device, dtype=tensor_dtype)
             getattr(self, name)[adapter_name] = nn.Parameter(empty) if name in PARAMETERS else empty
         self.patch_config[adapter_name] = config

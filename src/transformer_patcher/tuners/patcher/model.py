@@ -10,7 +10,6 @@ from peft.tuners.tuners_utils import _get_in_out_features
 from torch import nn
 
 from transformer_patcher.core.errors import PatchMergeError
-from transformer_patcher.tuners.adapter_file import PEFT_KEY_PREFIX
 from transformer_patcher.tuners.architectures import resolve_patch_target
 from transformer_patcher.tuners.bounds import weight_scale
 from transformer_patcher.tuners.fingerprint import AdapterWording, compute_fingerprint
@@ -18,6 +17,7 @@ from transformer_patcher.tuners.patcher.config import PATCHER, PatcherConfig
 from transformer_patcher.tuners.patcher.layer import MERGE_IMPOSSIBLE, PatcherLayer
 from transformer_patcher.tuners.patcher.patch_file import group_patch_tensors
 from transformer_patcher.tuners.registration import quiet_peft_wrapping, register_peft_type
+from transformer_patcher.tuners.tensor_schema import PEFT_KEY_PREFIX
 from transformer_patcher.tuners.tuner import Scales, Tuner, wrap_model
 
 
@@ -121,10 +121,10 @@ def get_patcher_model(
 
 
 def register() -> None:
-    """Idempotently make peft aware of PatcherConfig/PatcherModel; runs on ``import transformer_patcher``.
-
-    The ``"DELTA"`` type registers itself the same way when ``transformer_patcher.tuners.delta`` is imported, which the
-    package's ``__init__`` does.
-    """
+    """Idempotently make peft aware of PatcherConfig/PatcherModel; runs when this module is imported (which the
+    package's ``__init__`` arranges as soon as peft is imported)."""
     register_peft_type(PATCHER, PatcherConfig, PatcherModel)
     quiet_peft_wrapping()
+
+
+register()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from transformer_patcher.tuners.tensor_schema import D_IN, D_OUT, FLOAT, ID, PATCHES, TensorSpec, names
 
+PATCH_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what patch_dtype may name
+
 PATCH_TENSORS = (
     TensorSpec("patch_frozen_keys", (PATCHES, D_IN), frozen=True),
     TensorSpec("patch_frozen_bias", (PATCHES,), frozen=True),
