@@ -15,7 +15,7 @@ from transformer_patcher.core.errors import FolderLockedError
 from transformer_patcher.core.folder_lock import folder_lock
 
 HOLD = (
-    "import sys, time; from transformer_patcher import folder_lock\n"
+    "import sys, time; from transformer_patcher.core import folder_lock\n"
     "with getattr(folder_lock, sys.argv[2])(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)\n"
 )
 
