@@ -9,6 +9,7 @@ from transformer_patcher.methods.pmet.algorithm import compute_deltas, compute_k
 from transformer_patcher.methods.pmet.covariance import SecondMoment, collect_second_moments, second_moments
 from transformer_patcher.methods.pmet.editor import BatchResult, PMETEditor
 from transformer_patcher.methods.pmet.hparams import DEFAULT_PRESET, PRESETS, PMETHyperParams, pmet_hparams
+from transformer_patcher.methods.pmet.null_space import NullSpace, null_space_projection, solve_projected_update
 from transformer_patcher.methods.pmet.requests import EditRequest
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets
 from transformer_patcher.methods.pmet.templates import context_templates
@@ -20,6 +21,7 @@ __all__ = [
     "BatchResult",
     "EditRequest",
     "LowRankDelta",
+    "NullSpace",
     "PMETEditor",
     "PMETHyperParams",
     "SecondMoment",
@@ -29,8 +31,10 @@ __all__ = [
     "compute_keys",
     "compute_targets",
     "context_templates",
+    "null_space_projection",
     "pmet_hparams",
     "residual_share",
     "second_moments",
+    "solve_projected_update",
     "solve_update",
 ]

@@ -26,6 +26,7 @@ from transformer_patcher.core.modes import eval_mode
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
+from transformer_patcher.methods.pmet.null_space import NullSpace
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode
 from transformer_patcher.methods.pmet.targets import Targets, output_hook, pad_encodings, rewrite_templates
 from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
@@ -121,8 +122,12 @@ def compute_deltas(
     moments: dict[int, SecondMoment],
     templates: Sequence[Sequence[str]],
     targets: Targets,
+    null_space: NullSpace | None = None,
 ) -> dict[str, LowRankDelta]:
-    """One ``ΔW`` per edited FFN output projection (module name → factors) for this batch of requests."""
+    """One ``ΔW`` per edited FFN output projection (module name → factors) for this batch of requests.
+
+    With ``null_space`` each update is AlphaEdit's projected one (it then holds the batch's keys as pending).
+    """
     z_block = block_modules(model, hparams.layers[-1])
     read_module = z_block.block if hparams.variant == "memit" else z_block.ffn_out
     bare = [encode(tokenizer, request.template, request.subject) for request in requests]
@@ -134,6 +139,10 @@ def compute_deltas(
             keys = compute_keys(model, tokenizer, requests, templates, modules.ffn_out)
             current = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
         share = residual_share(position, len(hparams.layers), hparams.variant)
-        covariance = moments[layer].regularized(hparams.mom2_ridge)
-        deltas[modules.ffn_out] = solve_update(keys, (wanted - current) * share, covariance, hparams.mom2_update_weight)
+        residuals = (wanted - current) * share
+        if null_space is not None:
+            deltas[modules.ffn_out] = null_space.solve(layer, keys, residuals)
+        else:
+            covariance = moments[layer].regularized(hparams.mom2_ridge)
+            deltas[modules.ffn_out] = solve_update(keys, residuals, covariance, hparams.mom2_update_weight)
     return deltas

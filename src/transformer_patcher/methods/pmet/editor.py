@@ -29,6 +29,7 @@ from transformer_patcher.methods.pmet.algorithm import compute_deltas
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment, second_moments
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
+from transformer_patcher.methods.pmet.null_space import NullSpace
 from transformer_patcher.methods.pmet.requests import EditRequest
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets
 from transformer_patcher.methods.pmet.templates import context_templates
@@ -92,6 +93,15 @@ class PMETEditor:
             config = DeltaConfig(target_modules=[b.ffn_out for b in self.blocks], method=hparams.variant)
             self.model = get_delta_model(model, config, adapter_name=adapter_name)
         self.templates = [list(group) for group in templates] if templates is not None else None
+        self.null_space = (
+            NullSpace.from_moments(
+                {layer: moments[layer].matrix for layer in hparams.layers},
+                hparams.null_space_threshold,
+                hparams.null_space_l2,
+            )
+            if hparams.null_space
+            else None
+        )
 
     # ------------------------------------------------------------------------------------------- batches
     def context_templates(self) -> list[list[str]]:
@@ -115,20 +125,34 @@ class PMETEditor:
         targets = targets if targets is not None else self.compute_targets(requests)
         if targets.values.shape[0] != len(requests):
             raise ValueError(f"{targets.values.shape[0]} targets for {len(requests)} requests")
-        deltas = compute_deltas(
-            self.model, self.tokenizer, requests, self.hparams, self.moments, self.context_templates(), targets
-        )
-        bad = [name for name, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]
-        if bad:
-            raise InvalidPatchError(f"the PMET update for {bad} is not finite; nothing was changed")
-        layers = self.delta_layers()
-        ranks = {name: layer.rank(self.adapter_name) for name, layer in layers.items()}
         try:
-            for name, delta in deltas.items():
-                layers[name].add_delta(self.adapter_name, delta.up, delta.down)
+            deltas = compute_deltas(
+                self.model,
+                self.tokenizer,
+                requests,
+                self.hparams,
+                self.moments,
+                self.context_templates(),
+                targets,
+                self.null_space,
+            )
+            bad = [n for n, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]
+            if bad:
+                raise InvalidPatchError(f"the PMET update for {bad} is not finite; nothing was changed")
+            layers = self.delta_layers()
+            ranks = {name: layer.rank(self.adapter_name) for name, layer in layers.items()}
+            try:
+                for name, delta in deltas.items():
+                    layers[name].add_delta(self.adapter_name, delta.up, delta.down)
+            except BaseException:
+                self._truncate(ranks)  # no copy on the normal path: only a failed append is rolled back
+                raise
         except BaseException:
-            self._truncate(ranks)  # no copy on the normal path: only a failed append is rolled back
+            if self.null_space is not None:
+                self.null_space.discard()
             raise
+        if self.null_space is not None:
+            self.null_space.commit()
         return BatchResult(len(requests), time.perf_counter() - start, targets, len(requests))
 
     def _truncate(self, ranks: dict[str, int]) -> None:
@@ -174,13 +198,19 @@ class PMETEditor:
         for name, layer in self.delta_layers().items():
             tensors[f"{name}.up"] = layer.delta_up[self.adapter_name].detach().cpu().clone()
             tensors[f"{name}.down"] = layer.delta_down[self.adapter_name].detach().cpu().clone()
+        if self.null_space is not None:
+            tensors.update(self.null_space.state_tensors())
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.reset()
         for name, layer in self.delta_layers().items():
             layer.add_delta(self.adapter_name, tensors[f"{name}.up"], tensors[f"{name}.down"])
+        if self.null_space is not None:
+            self.null_space.load_state_tensors(tensors)
 
     def reset(self) -> None:
         for layer in self.delta_layers().values():
             layer.clear_delta(self.adapter_name)
+        if self.null_space is not None:
+            self.null_space.reset()

@@ -35,6 +35,11 @@ class PMETHyperParams:
     mom2_max_length: int = 128
     context_template_lengths: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, how many) of generated prefixes
     requests_per_step: int = 8  # requests optimised together in one forward pass while computing targets
+    # AlphaEdit (methods/pmet/null_space.py): project each update onto the null space of the preserved keys, and
+    # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
+    null_space: bool = False
+    null_space_threshold: float = 1e-2  # eigenvalues below this × the mean eigenvalue of E[k kᵀ] span the null space
+    null_space_l2: float = 10.0  # AlphaEdit's L2 weight α
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance notes for presets
 
     def __post_init__(self) -> None:
@@ -48,7 +53,10 @@ class PMETHyperParams:
         if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
             raise ValueError(f"layers must be strictly increasing, got {layers}")
         object.__setattr__(self, "layers", layers)
-        positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor")
+        if not isinstance(self.null_space, bool):
+            raise ValueError(f"null_space must be True or False, got {self.null_space!r}")
+        positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor", "null_space_threshold")
+        positive += ("null_space_l2",)
         non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge")
         for name in positive + non_negative:
             check_number(name, getattr(self, name), 0.0, strict=name in positive)

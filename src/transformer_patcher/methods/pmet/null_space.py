@@ -1,0 +1,106 @@
+"""AlphaEdit's null-space projection for sequential batches (Fang et al., ICLR 2025), kept per edited layer.
+
+Locate-then-edit updates disturb what the layer already knows, and over many sequential batches the disturbances add
+up until the model collapses. AlphaEdit projects each update onto the null space of the *preserved* keys ``K₀`` (the
+FFN keys of ordinary text, summarised by the key second moment ``C = E[k kᵀ]`` the statistics already hold), so that
+``ΔW k₀ = 0`` for every preserved key, and solves the update for the new keys and the keys of earlier batches:
+
+``ΔWᵀ = (P (K Kᵀ + Kₚ Kₚᵀ) + α I)⁻¹ P K Rᵀ``
+
+with ``P = Û Ûᵀ``, ``Û`` the eigenvectors of ``C`` whose eigenvalues are small. The solution ``X`` of
+``(P A + α I) X = P B`` satisfies ``X = P (B − A X) / α``: its columns lie in the range of ``P``, which is why
+``ΔW k₀ = Xᵀ k₀ = 0`` exactly when ``P k₀ = 0``. The result is kept as low-rank factors like PMET's own update:
+``up = R`` (d_out × n), ``down = ((P A + α I)⁻¹ P K)ᵀ`` (n × d_in).
+
+Deviation from AlphaEdit's code: it keeps eigenvectors whose eigenvalue is below an absolute 1e-2 (fitted to its
+models' key scale); here ``threshold`` is relative to the mean eigenvalue ``tr C / d``, as ``mom2_ridge`` is, so the
+same setting means the same on models whose keys have other scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from transformer_patcher.methods.pmet.update import LowRankDelta
+
+
+def null_space_projection(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``P = Û Ûᵀ`` over the eigenvectors of ``C`` whose eigenvalue is below ``threshold · tr C / d`` (float64)."""
+    if second_moment.dim() != 2 or second_moment.shape[0] != second_moment.shape[1]:
+        raise ValueError(f"the second moment must be square, got {tuple(second_moment.shape)}")
+    if threshold <= 0:
+        raise ValueError(f"the null-space threshold must be positive, got {threshold}")
+    moment = second_moment.double()
+    moment = (moment + moment.T) / 2  # eigh reads one triangle: make both the same
+    values, vectors = torch.linalg.eigh(moment)
+    scale = float(torch.trace(moment)) / moment.shape[0]
+    kept = vectors[:, values < threshold * scale]
+    return kept @ kept.T
+
+
+def solve_projected_update(
+    keys: torch.Tensor, residuals: torch.Tensor, projection: torch.Tensor, earlier: torch.Tensor, l2: float
+) -> LowRankDelta:
+    """AlphaEdit's ``ΔW`` for keys ``K`` (d_in × n) and residuals ``R`` (d_out × n), with ``earlier = Kₚ Kₚᵀ``."""
+    if keys.dim() != 2 or residuals.dim() != 2 or keys.shape[1] != residuals.shape[1]:
+        raise ValueError(
+            f"keys (d_in × n) and residuals (d_out × n) must share n columns; got {tuple(keys.shape)} and "
+            f"{tuple(residuals.shape)}"
+        )
+    d_in = keys.shape[0]
+    for name, matrix in (("projection", projection), ("earlier keys' moment", earlier)):
+        if matrix.shape != (d_in, d_in):
+            raise ValueError(f"the {name} must be {d_in} × {d_in}, got {tuple(matrix.shape)}")
+    if l2 <= 0:
+        raise ValueError(f"the L2 weight must be positive, got {l2}")
+    k = keys.double()
+    p = projection.double()
+    system = p @ (k @ k.T + earlier.double()) + l2 * torch.eye(d_in, dtype=torch.float64)
+    down = torch.linalg.solve(system, p @ k).T
+    return LowRankDelta(residuals.double(), down)
+
+
+class NullSpace:
+    """The projections of the edited layers and the keys every committed batch wrote there (``Kₚ Kₚᵀ``).
+
+    :meth:`solve` computes a layer's update and holds its keys as pending; :meth:`commit` adds them to the earlier
+    keys once the batch is in the model, :meth:`discard` drops them when it is not: a failed batch leaves no trace.
+    """
+
+    def __init__(self, projections: Mapping[int, torch.Tensor], l2: float) -> None:
+        self.projections = {layer: p.double() for layer, p in projections.items()}
+        self.l2 = l2
+        self.earlier = {layer: torch.zeros_like(p) for layer, p in self.projections.items()}
+        self.pending: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def from_moments(cls, moments: Mapping[int, torch.Tensor], threshold: float, l2: float) -> NullSpace:
+        """One projection per layer from that layer's key second moment."""
+        return cls({layer: null_space_projection(m, threshold) for layer, m in moments.items()}, l2)
+
+    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> LowRankDelta:
+        delta = solve_projected_update(keys, residuals, self.projections[layer], self.earlier[layer], self.l2)
+        self.pending[layer] = keys.double() @ keys.double().T
+        return delta
+
+    def commit(self) -> None:
+        for layer, moment in self.pending.items():
+            self.earlier[layer] = self.earlier[layer] + moment
+        self.pending = {}
+
+    def discard(self) -> None:
+        self.pending = {}
+
+    def reset(self) -> None:
+        """Forget every batch (the projections stay: they depend on the base model only)."""
+        self.earlier = {layer: torch.zeros_like(m) for layer, m in self.earlier.items()}
+        self.pending = {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"null_space.{layer}.earlier": m.clone() for layer, m in self.earlier.items()}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.earlier = {layer: tensors[f"null_space.{layer}.earlier"].double().clone() for layer in self.earlier}
+        self.pending = {}
