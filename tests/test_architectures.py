@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as tf
 
 from helpers import queries
 from tiny_models import TINY_MODELS, build, inputs_for, logits
+from tiny_tokenizer import tiny_tokenizer
 from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model, init_key
+from transformer_patcher.core.tasks import ClassificationTask
+from transformer_patcher.methods.pmet.covariance import _max_positions
 
 EXPECTED_TARGETS = {
     "bert": ("bert.encoder.layer.1.output.dense", "bert.encoder.layer.1.intermediate.dense"),
@@ -67,3 +71,35 @@ def test_targeted_patch_changes_its_input_only_and_round_trips(arch: str, tmp_pa
     assert torch.equal(logits(reloaded, target_batch), logits(model, target_batch))
     assert torch.equal(logits(reloaded, other_batch), before_other)
     assert reloaded.patch_layer().edit_ids().tolist() == [3]
+
+
+_SMALL = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8
+)
+_CLASSIFIER_SIZES = {
+    "gpt2": dict(n_embd=16, n_layer=1, n_head=2),
+    "opt": dict(ffn_dim=32, word_embed_proj_dim=16),
+    "distilbert": dict(dim=16, hidden_dim=32, n_layers=1, n_heads=2),
+    "bart": dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2),
+}
+_LAST = ("gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+
+
+@pytest.mark.parametrize("model_type", [*_LAST, "bert", "roberta", "distilbert", "electra", "bart"])
+def test_a_classifier_is_read_where_its_head_pools(model_type: str) -> None:
+    """Decoder classifiers (a ``score`` head pooling the last token) are read at the last token, encoders and
+    seq2seq classifiers at the first; Gemma 3's text classifier reads the last token too."""
+    config = tf.AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0)
+    for name, value in {**_SMALL, **_CLASSIFIER_SIZES.get(model_type, {})}.items():
+        if hasattr(config, name) or model_type in _CLASSIFIER_SIZES:
+            setattr(config, name, value)
+    model = tf.AutoModelForSequenceClassification.from_config(config)
+    task = ClassificationTask.for_model(model, tiny_tokenizer())
+    assert task.read_position == ("last" if model_type in _LAST else "first")
+
+
+def test_pmet_statistics_respect_robertas_position_offset() -> None:
+    """RoBERTa's positions start after the padding index: 64 configured positions hold 62 tokens."""
+    config = tf.RobertaConfig(vocab_size=64, max_position_embeddings=64, pad_token_id=1, **_SMALL)
+    assert _max_positions(tf.RobertaModel(config)) == 62
+    assert _max_positions(tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=64, **_CLASSIFIER_SIZES["gpt2"]))) == 64

@@ -661,7 +661,9 @@ REGISTERED = (
         "import sys, peft\nimport transformer_patcher\n",
         "import sys, transformer_patcher as tp\n"
         "assert tp.PatcherConfig.__name__ == 'PatcherConfig' and tp.DELTA == 'DELTA'\n"
-        "assert set(tp.__all__) <= set(dir(tp)) and tp.__version__ == '0.1.0'\n",
+        "assert set(tp.__all__) == set(tp._EXPORTS) and tp.__version__ == '0.1.0'\n"
+        "values = [getattr(tp, name) for name in tp.__all__]\n"
+        "assert all(isinstance(v, str) or v.__module__.startswith('transformer_patcher.') for v in values)\n",
         # peft comes half-way through
         "import sys\nfrom transformer_patcher.tuners.patcher.config import PatcherConfig\n",
         "import sys\nfrom transformer_patcher import Patcher\n",

@@ -52,6 +52,8 @@ SIBLINGS: dict[str, frozenset[str]] = {
 }
 # Only these may load package modules by name (importlib) inside functions: lazy attributes and lazy subcommands.
 LAZY_LOADERS = {"", "cli", "__main__"}
+# Modules below the top that load a module whose name is computed, and why: never one of this package's.
+COMPUTED_LOADS = {f"{PACKAGE}.core.pretrained": "the PyPI package a short model name comes in (its folder's name)"}
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,31 @@ def hidden_imports(modules: Mapping[str, Module]) -> list[str]:
     return found
 
 
+def computed_loads(modules: Mapping[str, Module]) -> list[str]:
+    """``import_module``/``__import__`` calls whose name is not written out: invisible to the layer and cycle checks,
+    so only the top (lazy attributes, lazy subcommands) and the modules in COMPUTED_LOADS may make them."""
+    found = []
+    for module in modules.values():
+        if top(module.name) in LAZY_LOADERS or module.name in COMPUTED_LOADS:
+            continue
+        lines = module.source.splitlines()
+        for node in ast.walk(ast.parse(module.source, module.path)):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            arg = node.args[0]
+            if name in {"import_module", "__import__"} and not (
+                isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+            ):
+                found.append(
+                    f"{module.path}:{node.lineno}: {module.name} loads a module whose name is computed; write the"
+                    f" import out (or list the module in COMPUTED_LOADS with the reason)\n"
+                    f"    {lines[node.lineno - 1].strip()}"
+                )
+    return found
+
+
 def _ancestors(module: str) -> list[str]:
     parts = module.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
@@ -323,6 +350,25 @@ def test_imports_point_down_the_layers() -> None:
 def test_no_package_import_hides_in_a_function() -> None:
     found = hidden_imports(MODULES)
     assert not found, _report(found, "package imports inside functions")
+
+
+def test_no_module_below_the_top_loads_a_computed_name() -> None:
+    found = computed_loads(MODULES)
+    assert not found, _report(found, "computed module loads")
+
+
+def test_the_checker_catches_a_computed_load() -> None:
+    modules = _synthetic(
+        {
+            f"{PACKAGE}.methods.patcher.memory": (
+                "import importlib\n\nNAME = 'transformer_patcher.experiments.fixer'\n"
+                "fixer = importlib.import_module(NAME)\n"
+            ),
+            f"{PACKAGE}.cli": "import importlib\n\ndef run(name):\n    return importlib.import_module(name)\n",
+        }
+    )
+    found = computed_loads(modules)
+    assert len(found) == 1 and "methods/patcher/memory.py:4:" in found[0], found
 
 
 def test_the_module_import_graph_has_no_cycles() -> None:

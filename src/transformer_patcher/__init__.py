@@ -12,8 +12,10 @@ either order: at once when peft already is, otherwise right after peft's own imp
 
 from __future__ import annotations
 
+import contextlib as _contextlib
 import importlib as _importlib
 import sys as _sys
+import threading as _threading
 import warnings as _warnings
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
@@ -157,20 +159,27 @@ class _PeftRegistration:
 
     def ran(self, name: str, ran: bool) -> None:
         """Module ``name`` ran (or failed: ``ran`` False) through one of our loaders."""
-        self.running.discard(name)
-        peft = _sys.modules.get("peft")
-        if not ran or peft is None or self.running:
-            return
-        if name != "peft" and getattr(getattr(peft, "__spec__", None), "_initializing", False):
-            return  # peft itself is half-way through its import (in another thread): its own wrapper fires
-        _register()
+        with _LOCK:
+            self.running.discard(name)
+            peft = _sys.modules.get("peft")
+            if not ran or peft is None or self.running:
+                return
+            if name != "peft" and getattr(getattr(peft, "__spec__", None), "_initializing", False):
+                return  # peft itself is half-way through its import (in another thread): its own wrapper fires
+            _register()
 
     def install(self) -> None:
+        """Put the hook first on ``sys.meta_path``, replacing one a previous import of this module left there
+        (``importlib.reload``)."""
+        for finder in list(_sys.meta_path):
+            if type(finder).__name__ == type(self).__name__ and type(finder).__module__ == __name__:
+                _remove(finder)
         _sys.meta_path.insert(0, self)
 
-    def remove(self) -> None:
-        if self in _sys.meta_path:
-            _sys.meta_path.remove(self)
+
+def _remove(finder: object) -> None:
+    with _contextlib.suppress(ValueError):  # another thread removed it first
+        _sys.meta_path.remove(finder)
 
 
 class _ChainedLoader:
@@ -204,20 +213,24 @@ class _ChainedLoader:
 
 
 _HOOK = _PeftRegistration()
+_LOCK = _threading.RLock()  # one registration, whichever thread finishes an import first
 
 
 def _register() -> None:
-    """Import the tuners (each registers its peft type); a failure is a warning, so that peft stays usable."""
-    _HOOK.remove()
-    try:
-        for tuner in _TUNERS:
-            _importlib.import_module(tuner)
-    except Exception as error:  # reported; any use of the tuners raises it again
-        _warnings.warn(
-            f"transformer_patcher could not register its peft types (PATCHER, DELTA): {error!r}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    """Import the tuners (each registers its peft type), once. A failure is a warning that names the error, so that
+    peft stays usable for other adapters; loading a PATCHER or DELTA folder then fails in peft (``KeyError``), and
+    importing ``transformer_patcher.tuners.patcher.model`` raises the error itself."""
+    with _LOCK:
+        _remove(_HOOK)
+        try:
+            for tuner in _TUNERS:
+                _importlib.import_module(tuner)
+        except Exception as error:  # reported here; any use of the tuners raises it again
+            _warnings.warn(
+                f"transformer_patcher could not register its peft types (PATCHER, DELTA): {error!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 if "peft" in _sys.modules:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from transformer_patcher.cli.output import md_head, md_row, one_line
-from transformer_patcher.cli.patch_folder import describe_patch_folder
+from transformer_patcher.cli.patch_folder import CONFIG_NAME, describe_patch_folder
 from transformer_patcher.core.atomic import open_regular_file, recover_folder
 from transformer_patcher.core.wording import count
 
@@ -55,7 +55,7 @@ def peft_type(folder: Path) -> str | None:
     """The ``peft_type`` an adapter folder declares (None when unreadable: the full loader then says why)."""
     try:
         recover_folder(folder)
-        with open_regular_file(folder / "adapter_config.json") as handle:  # a FIFO would block a plain read
+        with open_regular_file(folder / CONFIG_NAME) as handle:  # a FIFO would block a plain read
             return json.load(handle).get("peft_type")
     except (OSError, ValueError, AttributeError):
         return None

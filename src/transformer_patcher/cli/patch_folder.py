@@ -26,8 +26,16 @@ from typing import Any
 from transformer_patcher.core.atomic import open_regular_file, recover_folder
 from transformer_patcher.tuners.edit_log import read_edit_log
 from transformer_patcher.tuners.patcher.schema import EDIT_IDS as ID_TENSORS
-from transformer_patcher.tuners.patcher.schema import PATCH_DTYPES, PATCH_TENSOR_NAMES
-from transformer_patcher.tuners.tensor_schema import PEFT_KEY_PREFIX
+from transformer_patcher.tuners.patcher.schema import (
+    FROZEN,
+    PATCH_DTYPES,
+    PATCH_TENSOR_NAMES,
+    PATCH_TENSORS,
+    SPECS,
+    TRAINABLE,
+    patch_sizes,
+)
+from transformer_patcher.tuners.tensor_schema import ID_DTYPE, PEFT_KEY_PREFIX, row_bytes
 
 CONFIG_NAME = "adapter_config.json"  # peft.utils.CONFIG_NAME
 WEIGHTS_NAME = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME
@@ -47,6 +55,7 @@ MAX_FILE_BYTES = 256 << 20  # a larger weights file is left to the library's rea
 # safetensors dtype → bytes per value; the float ones → the config's patch_dtype name
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+DTYPE_NAMES = {**FLOAT_DTYPES, "I64": "int64"}
 # Where the exponent of a little-endian float lies: (byte index, mask) pairs; a value is NaN or ±inf exactly when
 # every one of its exponent bits is set, that is when (byte & mask) == mask for each pair.
 _EXPONENT = {
@@ -225,12 +234,13 @@ def _config(data: bytes) -> dict[str, Any]:
 def _size_bound(config: dict[str, Any]) -> int:
     """The largest file whose tensors fit ``config`` exactly (the library's own bound is never smaller)."""
     width = DTYPE_BYTES[_safetensors_dtype(config["patch_dtype"])] if config["patch_dtype"] else 8
-    row = (config["fingerprint"]["query_dim"] + 1 + 2 * config["fingerprint"]["output_dim"]) * width + 8
-    return 8 + MAX_HEADER_BYTES + config["num_patches"] * row
+    sizes = patch_sizes(1, config["fingerprint"]["query_dim"], config["fingerprint"]["output_dim"])
+    return 8 + MAX_HEADER_BYTES + config["num_patches"] * row_bytes(PATCH_TENSORS, sizes, width)
 
 
-def _safetensors_dtype(patch_dtype: str) -> str:
-    return next(code for code, name in FLOAT_DTYPES.items() if name == patch_dtype)
+def _safetensors_dtype(dtype: str) -> str:
+    """safetensors' code for a torch dtype name ("float32" → "F32")."""
+    return next(code for code, name in DTYPE_NAMES.items() if name == dtype)
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -290,23 +300,12 @@ def _patch_tensors(data: bytes, config: dict[str, Any]) -> list[bytes]:
     total, ids = 0, []
     for group in groups.values():
         _check(set(group) == set(PATCH_TENSOR_NAMES), "a missing patch tensor")
-        n_frozen, n_trainable = (_rows(group[name][1]) for name in ("patch_frozen_keys", "patch_keys"))
-        query, output = dims
-        expected = {
-            "patch_frozen_keys": (n_frozen, query),
-            "patch_frozen_bias": (n_frozen,),
-            "patch_frozen_values": (n_frozen, output),
-            "patch_frozen_edit_ids": (n_frozen,),
-            "patch_keys": (n_trainable, query),
-            "patch_bias": (n_trainable,),
-            "patch_values": (n_trainable, output),
-            "patch_value_scale": (n_trainable, output),
-            "patch_edit_ids": (n_trainable,),
-        }
+        n_frozen, n_trainable = (_rows(group[names[0]][1]) for names in (FROZEN, TRAINABLE))
+        sizes = {True: patch_sizes(n_frozen, *dims), False: patch_sizes(n_trainable, *dims)}
         for name, (dtype, shape, raw) in group.items():
-            _check(shape == expected[name], "a tensor of another shape")
+            _check(shape == SPECS[name].shape_for(sizes[SPECS[name].frozen]), "a tensor of another shape")
             if name in ID_TENSORS:
-                _check(dtype == "I64", "edit ids that are not int64")
+                _check(dtype == _safetensors_dtype(ID_DTYPE), "edit ids that are not int64")
                 ids.append(raw)
             else:
                 _check(dtype in FLOAT_DTYPES, "patch values that are not floats")

@@ -314,12 +314,14 @@ class ClassificationTask(Task):
         """Read [CLS] on encoder models and the last token on decoder classifiers (what their heads pool).
 
         transformers names a decoder-only model's sequence-classification head ``score`` (it pools the last
-        non-padding token) and an encoder's ``classifier``, so the head tells which read the model pools, for
-        architectures this package does not list as well.
+        non-padding token) and an encoder's ``classifier``, so the head says which position the model pools; this
+        also covers decoder classifiers that the registry does not list by name (Gemma 3 among them). A head wrapped
+        by peft (``modules_to_save``) is still a module named ``score``.
         """
         config = model.config
+        head = getattr(model, "score", None)
         last = getattr(config, "is_decoder", False) or (
-            not getattr(config, "is_encoder_decoder", False) and isinstance(getattr(model, "score", None), nn.Linear)
+            not getattr(config, "is_encoder_decoder", False) and isinstance(head, nn.Module)
         )
         return cls(tokenizer, config.num_labels, "last" if last else "first", **_fit_max_length(model, kwargs))
 

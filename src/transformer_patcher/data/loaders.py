@@ -8,7 +8,7 @@ byte-order mark is skipped, JSON lines are separated by ``\n`` only (U+2028 and 
 strings are text). Fields the loader does not read are ignored, whatever their type. Any other text is kept as it is
 (NUL, zero-width, right-to-left and astral characters, any length): the editing task truncates long inputs with a
 warning and refuses targets it cannot encode. :func:`to_edit_examples` turns a loaded dataset into the package's
-:class:`~transformer_patcher.core.tasks.EditExample` list.
+:class:`~transformer_patcher.core.examples.EditExample` list.
 """
 
 from __future__ import annotations

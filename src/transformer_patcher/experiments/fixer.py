@@ -6,12 +6,11 @@
     fixer.save()
 
 It is the front door over :class:`~transformer_patcher.experiments.session.EditSession` (the ``edit`` command's engine):
-the
-model is loaded by short name, Hub id or folder; the default memory (embedded in the package when the shared data is
+the model is loaded by short name, Hub id or folder; the default memory (embedded in the package when the shared data is
 absent) is built once per model and prompt format and cached; a chat model is asked through its chat template. Each
-``fix`` reports what a user would check by hand: whether the answer is now the target, whether its rephrases are,
-and whether the answers to the locality prompts stayed the same. ``edit`` takes EasyEdit's arguments and returns
-its metric layout, so EasyEdit scripts can switch over. ``fixer.model`` is a plain ``PeftModel`` for anything else.
+``fix`` reports what a user would check by hand: whether the answer is now the target, whether its rephrases are, and
+whether the answers to the locality prompts stayed the same. ``edit`` takes EasyEdit's arguments and returns its metric
+layout, so EasyEdit scripts can switch over. ``fixer.model`` is a plain ``PeftModel`` for anything else.
 """
 
 from __future__ import annotations

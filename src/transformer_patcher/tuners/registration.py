@@ -1,6 +1,7 @@
 """Register the package's peft types (``"PATCHER"``, ``"DELTA"``) with stock peft, without modifying peft.
 
-Each tuner's package registers its own type when imported (``tuners.patcher``, ``tuners.delta``).
+Each tuner's ``model`` module registers its own type when imported (``tuners.patcher.model``, ``tuners.delta.model``),
+which the package's ``__init__`` arranges as soon as peft is imported.
 
 ``peft.register_peft_method`` only accepts members of its ``PeftType`` enum, which cannot be extended. ``PeftType``
 is a ``str`` enum and every lookup goes through dicts keyed by ``config.peft_type``, so writing the plain string key

@@ -10,8 +10,7 @@ Greedy decoding is a chain of argmaxes, so a model's greedy output equals a refe
 argmax at every read is that continuation's token: comparing reads is comparing generations, without generating.
 
 With a :class:`~transformer_patcher.methods.patcher.replay.ForwardReplay` (T-Patcher: edits change one FFN), the first
-run
-records the layers below the patch for every batch and later runs recompute only what the patches can change, which
+run records the layers below the patch for every batch and later runs recompute only what the patches can change, which
 is what makes re-evaluating a long stream every few edits affordable. Outputs no replayed pass reads are dropped from
 the recordings, so they cost a few hidden-state vectors per token.
 """

@@ -1,12 +1,11 @@
 """The sequential-model-editing (SME) runner: streams of mistakes fixed one after another, measured as in the paper.
 
-Each fold is an independent stream that starts from the original model. An example is edited only when the current
-model gets it wrong (paper eq. 1). After every edit the runner records SR/GR for that edit and checkpoints atomically;
-at chosen edit counts (or after every edit) it measures ER on all earlier edits and TrainR/TestR/locality on the
-evaluation sets, so one run yields the whole metrics-versus-edits curve. With an
+Each fold is an independent stream that starts from the original model. An example is edited only when the current model
+gets it wrong (paper eq. 1). After every edit the runner records SR/GR for that edit and checkpoints atomically; at
+chosen edit counts (or after every edit) it measures ER on all earlier edits and TrainR/TestR/locality on the evaluation
+sets, so one run yields the whole metrics-versus-edits curve. With an
 :class:`~transformer_patcher.experiments.evaluation.EvaluationSuite` (made on the original model) every evaluation also
-reports
-the suite's parts — unrelated and neighbouring questions, raw and chat, free generation, perplexity, EasyEdit's
+reports the suite's parts — unrelated and neighbouring questions, raw and chat, free generation, perplexity, EasyEdit's
 measures — for the examples streamed so far.
 """
 

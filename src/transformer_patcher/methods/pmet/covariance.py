@@ -55,7 +55,7 @@ class SecondMoment:
 
 
 def ffn_target(model: nn.Module, layer: int) -> PatchTarget:
-    """The FFN of decoder layer ``layer`` (negative counts from the end), found by the adapter's registry."""
+    """The FFN of decoder layer ``layer`` (negative counts from the end), found by ``tuners.architectures``."""
     return resolve_patch_target(model, layer_index=layer)
 
 

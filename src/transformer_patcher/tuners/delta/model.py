@@ -46,10 +46,16 @@ class DeltaModel(Tuner):
         """Check every target (exists, is Linear/Conv1D) and put them in model order, then inject: a refusal leaves
         the model as it was."""
         config = self.peft_config[adapter_name]
-        targets = _ordered_targets(model, config.target_modules or [])
+        requested = config.target_modules
+        targets = _ordered_targets(model, requested or [])
         self._exact_targets[adapter_name] = targets
         config.target_modules = list(targets)
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:  # nothing of a refused adapter stays behind
+            self._exact_targets.pop(adapter_name, None)
+            config.target_modules = requested
+            raise
         config.target_modules = list(targets)  # peft condenses lists of 20 or more names into suffixes
 
     def _prepare_adapter_config(self, peft_config: DeltaConfig, model_config: dict[str, Any]) -> DeltaConfig:

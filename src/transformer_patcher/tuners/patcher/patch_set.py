@@ -1,10 +1,10 @@
 """A saved patch set as files: what it holds, its edit log, and undoing one edit — without loading the base model.
 
-A patch-set folder is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) plus, when it
-was written by the CLI, the edit log ``edits.jsonl`` (``tuners.edit_log``) and a model card. Every change is validated
-first and written atomically; a failed undo leaves the folder as it was. Each reader and writer first recovers the
-folder from a crash mid-swap (:func:`~..atomic.recover_folder`), reads regular files only (a FIFO would hang it), and
-a writer refuses a folder holding links or special files.
+A patch-set folder is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) plus, when it was
+written by the CLI, the edit log ``edits.jsonl`` (``tuners.edit_log``) and a model card. Every change is validated first
+and written atomically; a failed undo leaves the folder as it was. Each reader and writer first recovers the folder from
+a crash mid-swap (:func:`~transformer_patcher.core.atomic.recover_folder`), reads regular files only (a FIFO would hang
+it), and a writer refuses a folder holding links or special files.
 """
 
 from __future__ import annotations
