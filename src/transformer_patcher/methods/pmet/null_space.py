@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from transformer_patcher.methods.pmet.update import LowRankDelta
+from transformer_patcher.methods.pmet.update import LowRankDelta, check_columns
 
 
 def null_space_projection(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -44,12 +44,7 @@ def solve_projected_update(
     keys: torch.Tensor, residuals: torch.Tensor, projection: torch.Tensor, earlier: torch.Tensor, l2: float
 ) -> LowRankDelta:
     """AlphaEdit's ``ΔW`` for keys ``K`` (d_in × n) and residuals ``R`` (d_out × n), with ``earlier = Kₚ Kₚᵀ``."""
-    if keys.dim() != 2 or residuals.dim() != 2 or keys.shape[1] != residuals.shape[1]:
-        raise ValueError(
-            f"keys (d_in × n) and residuals (d_out × n) must share n columns; got {tuple(keys.shape)} and "
-            f"{tuple(residuals.shape)}"
-        )
-    d_in = keys.shape[0]
+    d_in = check_columns(keys, residuals)
     for name, matrix in (("projection", projection), ("earlier keys' moment", earlier)):
         if matrix.shape != (d_in, d_in):
             raise ValueError(f"the {name} must be {d_in} × {d_in}, got {tuple(matrix.shape)}")

@@ -44,16 +44,21 @@ def residual_share(position: int, n_layers: int, spread: str = "pmet") -> float:
     return 1.0 / math.sqrt(remaining) if spread == "pmet" else 1.0 / remaining
 
 
-def solve_update(
-    keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, weight: float
-) -> LowRankDelta:
-    """``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` as ``(R, Kᵀ (K Kᵀ + λC)⁻¹)``, solved in float64 (a solve, not an inverse)."""
+def check_columns(keys: torch.Tensor, residuals: torch.Tensor) -> int:
+    """``d_in`` of keys (d_in × n) and residuals (d_out × n) that share their n columns; a ValueError otherwise."""
     if keys.dim() != 2 or residuals.dim() != 2 or keys.shape[1] != residuals.shape[1]:
         raise ValueError(
             f"keys (d_in × n) and residuals (d_out × n) must share n columns; got {tuple(keys.shape)} and "
             f"{tuple(residuals.shape)}"
         )
-    d_in = keys.shape[0]
+    return keys.shape[0]
+
+
+def solve_update(
+    keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, weight: float
+) -> LowRankDelta:
+    """``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` as ``(R, Kᵀ (K Kᵀ + λC)⁻¹)``, solved in float64 (a solve, not an inverse)."""
+    d_in = check_columns(keys, residuals)
     if second_moment.shape != (d_in, d_in):
         raise ValueError(f"the second moment must be {d_in} × {d_in}, got {tuple(second_moment.shape)}")
     if weight <= 0:
