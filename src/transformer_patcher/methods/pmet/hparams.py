@@ -38,7 +38,7 @@ class PMETHyperParams:
     # AlphaEdit (methods/pmet/null_space.py): project each update onto the null space of the preserved keys, and
     # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
     null_space: bool = False
-    null_space_threshold: float = 1e-2  # eigenvalues below this × the mean eigenvalue of E[k kᵀ] span the null space
+    null_space_threshold: float = 1e-2  # the share of the keys' energy (tr E[k kᵀ]) the null space may carry
     null_space_l2: float = 10.0  # AlphaEdit's L2 weight α
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance notes for presets
 
@@ -55,11 +55,15 @@ class PMETHyperParams:
         object.__setattr__(self, "layers", layers)
         if not isinstance(self.null_space, bool):
             raise ValueError(f"null_space must be True or False, got {self.null_space!r}")
-        positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor", "null_space_threshold")
-        positive += ("null_space_l2",)
+        positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor", "null_space_l2")
+        positive += ("null_space_threshold",)
         non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge")
         for name in positive + non_negative:
             check_number(name, getattr(self, name), 0.0, strict=name in positive)
+        if self.null_space_threshold >= 1:
+            raise ValueError(
+                f"null_space_threshold is a share of the keys' energy below 1, got {self.null_space_threshold}"
+            )
         for name in ("v_num_grad_steps", "mom2_n_texts", "mom2_max_length", "requests_per_step"):
             check_int(name, getattr(self, name), minimum=1)
         pairs = self.context_template_lengths

@@ -12,9 +12,12 @@ with ``P = Û Ûᵀ``, ``Û`` the eigenvectors of ``C`` whose eigenvalues are sm
 ``ΔW k₀ = Xᵀ k₀ = 0`` exactly when ``P k₀ = 0``. The result is kept as low-rank factors like PMET's own update:
 ``up = R`` (d_out × n), ``down = ((P A + α I)⁻¹ P K)ᵀ`` (n × d_in).
 
-Deviation from AlphaEdit's code: it keeps eigenvectors whose eigenvalue is below an absolute 1e-2 (fitted to its
-models' key scale); here ``threshold`` is relative to the mean eigenvalue ``tr C / d``, as ``mom2_ridge`` is, so the
-same setting means the same on models whose keys have other scales.
+Deviation from AlphaEdit's code: it keeps the eigenvectors whose eigenvalue is below an absolute 1e-2, a value set
+for its models' key scale. Here ``threshold`` is the share of the keys' energy (``tr C``) the null space may carry:
+the smallest eigenvalues are kept while their sum stays within ``threshold · tr C``, which means the same on every
+model. On SmolLM2-135M the absolute rule would keep most directions (its keys are small) and a rule relative to the
+mean eigenvalue none (``bench/pmet_key_spectrum.py``). A preserved key keeps its output up to the energy it has in
+the kept directions: exactly, for keys in the span of the rest.
 """
 
 from __future__ import annotations
@@ -26,18 +29,24 @@ import torch
 from transformer_patcher.methods.pmet.update import LowRankDelta, check_columns
 
 
-def null_space_projection(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``P = Û Ûᵀ`` over the eigenvectors of ``C`` whose eigenvalue is below ``threshold · tr C / d`` (float64)."""
+def null_space_basis(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``Û`` (d × k, float64): the eigenvectors of ``C`` with the smallest eigenvalues, as many as together carry at
+    most ``threshold`` of ``tr C``."""
     if second_moment.dim() != 2 or second_moment.shape[0] != second_moment.shape[1]:
         raise ValueError(f"the second moment must be square, got {tuple(second_moment.shape)}")
-    if threshold <= 0:
-        raise ValueError(f"the null-space threshold must be positive, got {threshold}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"the null-space threshold is a share of the keys' energy in (0, 1), got {threshold}")
     moment = second_moment.double()
     moment = (moment + moment.T) / 2  # eigh reads one triangle: make both the same
-    values, vectors = torch.linalg.eigh(moment)
-    scale = float(torch.trace(moment)) / moment.shape[0]
-    kept = vectors[:, values < threshold * scale]
-    return kept @ kept.T
+    values, vectors = torch.linalg.eigh(moment)  # ascending
+    energy = torch.cumsum(values.clamp(min=0), 0)
+    return vectors[:, energy <= threshold * energy[-1]]
+
+
+def null_space_projection(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``P = Û Ûᵀ`` over :func:`null_space_basis` (float64)."""
+    basis = null_space_basis(second_moment, threshold)
+    return basis @ basis.T
 
 
 def solve_projected_update(
