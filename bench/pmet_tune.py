@@ -4,7 +4,7 @@ Targets are computed once for the batch (they do not depend on λ); each λ then
 through temporary forward hooks (the model is never changed), and ROME-style scores before and after.
 
     python bench/pmet_tune.py --start 900 --n 16 --set v_lr=2.0 clamp_norm_factor=1.5 --lams 15000 6000 2000 \
-        --out bench/results/pmet_tune.jsonl
+        --out bench/results/pmet_tune.jsonl [--trials '{"track": "ffn"}' '{"track": "residual"}']
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="PMETHyperParams fields")
     parser.add_argument("--lams", nargs="+", type=float, default=[15000.0])
+    parser.add_argument(
+        "--trials", nargs="*", default=["{}"], metavar="JSON", help="option sets tried on the same targets, each λ"
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m", "generation")
@@ -57,12 +60,12 @@ def main() -> None:
     common["target_probabilities"] = [round(p, 3) for p in targets.probabilities]
     with args.out.open("a") as log:
         log.write(json.dumps({**common, "lam": None, **fact_metrics(before, before)}) + "\n")
-        for lam in args.lams:
-            trial = hparams.with_options(mom2_update_weight=lam)
+        for lam, extra in ((lam, json.loads(t)) for lam in args.lams for t in args.trials):
+            trial = hparams.with_options(mom2_update_weight=lam, **extra)
             deltas = compute_deltas(model, tokenizer, requests, trial, moments, templates, targets)
             with applied(model, deltas):
                 after = score_cases(model, task, cases)
-            row = {**common, "lam": lam, **fact_metrics(after, before)}
+            row = {**common, "lam": lam, "trial": extra, **fact_metrics(after, before)}
             log.write(json.dumps(row) + "\n")
             print(json.dumps({k: v for k, v in row.items() if k != "target_probabilities"}), flush=True)
 

@@ -163,6 +163,7 @@ def test_batch_run_scores_pmet_batches_and_resumes(workspace: dict[str, Path], t
     rows = {(r["editor"], r["batch_size"]): r for r in results["rows"]}
     assert set(rows) == {("unedited", 0), ("PMET", 1), ("PMET", 4), ("MEMIT (ablation)", 1), ("MEMIT (ablation)", 4)}
     assert rows[("PMET", 1)]["batches"] == 4 and rows[("PMET", 4)]["batches"] == 1
+    assert {r["mode"] for r in results["rows"][1:]} == {"independent"}
     assert rows[("MEMIT (ablation)", 4)]["efficacy_acc"] > rows[("unedited", 0)]["efficacy_acc"]
     assert "efficacy_score" not in rows[("PMET", 1)]  # zsRE has no true answer to compare probabilities with
     written = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}

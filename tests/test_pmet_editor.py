@@ -140,6 +140,26 @@ def test_pmet_batch_writes_the_ffn_targets_and_raises_every_target(arch: str, to
     assert sum(_next_token(editor.model, tokenizer, r.text) == r.target for r in requests) >= 3
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_residual_tracking_counts_every_layers_write_once(arch: str, tokenizer) -> None:
+    """The lower layers' writes reach the residual stream as well as the z layer's FFN input. Tracking the FFN
+    output (the paper) puts them on top of ``δ_mlp``; tracking the residual stream lands the z layer's block output
+    on its pre-edit value plus ``δ_mlp``, within 2 % (λ → 0)."""
+    requests = _requests(6)
+    changes = {}
+    for track in ("ffn", "residual"):
+        hparams = HPARAMS.with_options(mom2_update_weight=1e-4, track=track)
+        editor = PMETEditor(_model(arch), tokenizer, hparams, _texts(), progress=False)
+        block = block_modules(editor.model, HPARAMS.layers[-1]).block
+        bare = [encode(tokenizer, r.template, r.subject) for r in requests]
+        before = read_at_subject(editor.model, tokenizer, bare, block, "output")
+        result = editor.edit_batch(requests)
+        moved = read_at_subject(editor.model, tokenizer, bare, block, "output") - before
+        wanted = result.targets.values - result.targets.init
+        changes[track] = ((moved - wanted).norm(dim=1) / wanted.norm(dim=1)).max()
+    assert changes["residual"] < 0.02 < changes["ffn"]
+
+
 def _target_probabilities(model: torch.nn.Module, tokenizer, requests: list[EditRequest]) -> torch.Tensor:
     probabilities = _logits(model, tokenizer, [r.text for r in requests]).softmax(-1)
     ids = [tokenizer.convert_tokens_to_ids(r.target) for r in requests]
@@ -275,6 +295,8 @@ def test_hyperparameters_are_validated() -> None:
         PMETHyperParams(mom2_update_weight=float("nan"))
     with pytest.raises(ValueError, match="unknown PMET option"):
         HPARAMS.with_options(lambda_=3)
+    with pytest.raises(ValueError, match="track"):
+        HPARAMS.with_options(track="block")
 
 
 def test_presets_carry_the_published_settings() -> None:

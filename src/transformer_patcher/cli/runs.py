@@ -23,8 +23,14 @@ from transformer_patcher.cli.options import (
 )
 from transformer_patcher.cli.output import one_line
 from transformer_patcher.core.pretrained import model_config
+from transformer_patcher.experiments.evaluation import SuiteConfig
 from transformer_patcher.experiments.registry import EDITOR_NAMES
-from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, run_batch_experiment
+from transformer_patcher.experiments.sme.batch_experiment import (
+    MODES,
+    SUITE_OPTIONS,
+    BatchExperimentConfig,
+    run_batch_experiment,
+)
 from transformer_patcher.experiments.sme.experiment import ExperimentConfig, run_comparison, run_experiment
 from transformer_patcher.experiments.sme.report import FACT_COLUMNS, FACT_EXTRAS, markdown_table, suite_table
 from transformer_patcher.methods.baselines import FineTuneConfig
@@ -124,6 +130,28 @@ def setup_batch_run(mass: argparse.ArgumentParser) -> None:
     mass.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override (T-Patcher)")
     mass.add_argument("--memory-rows", type=positive, default=10_000, help="T-Patcher memory rows")
     mass.add_argument("--zsre-target", choices=("answers", "alt"), default="answers", help="zsRE target convention")
+    mass.add_argument(
+        "--mode",
+        choices=MODES,
+        default="independent",
+        help="independent: every batch edited from the original model; sequential: the batches written one after "
+        "another into the same model (never reset), with a record after each batch: every earlier batch's "
+        "efficacy, the neighbourhood and general ability (add --pmet-set null_space=true for AlphaEdit's projection)",
+    )
+    mass.add_argument(
+        "--suite",
+        choices=("full", "small", "none"),
+        default="small",
+        help="sequential mode's general ability after each batch: free generation and WikiText-2 perplexity against "
+        "the unedited model (small: 32 generations, 8k tokens; full: 100 generations, 50k tokens)",
+    )
+    mass.add_argument(
+        "--suite-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"suite size override, KEY one of {', '.join(SUITE_OPTIONS)}",
+    )
     format_options(mass)
     pmet_options(mass)
     mass.add_argument("--out", type=Path, required=True, help="output folder (resumes what it already holds)")
@@ -146,6 +174,9 @@ def batch_run(args: argparse.Namespace) -> int:
         prompt_format=args.prompt_format,
         append_eos=args.append_eos,
         zsre_target=args.zsre_target,
+        mode=args.mode,
+        suite=args.suite,
+        suite_options=overrides(args.suite_set, SuiteConfig),
     )
     check_model_and_data(args)
     command = shlex.join(["transformer-patcher", *sys.argv[1:]])

@@ -1,15 +1,19 @@
 """Batch-editing experiments: N facts written at once, judged with ROME-style scores (CounterFact, zsRE).
 
-For each editor and batch size ``b`` the first ``cases`` records are cut into batches of ``b``; every batch is
-edited from the original model and scored right after (so batch size 1 is ``cases`` independent single edits).
-PMET and its MEMIT ablation edit a batch in one closed-form update; T-Patcher edits the batch's facts one after
-another (its sequential protocol), which is the comparison on the same cases the paper's tables make.
+For each editor and batch size ``b`` the first ``cases`` records are cut into batches of ``b``. In the default
+``independent`` mode every batch is edited from the original model and scored right after (so batch size 1 is
+``cases`` independent single edits). PMET and its MEMIT ablation edit a batch in one closed-form update; T-Patcher
+edits the batch's facts one after another (its sequential protocol), which is the comparison on the same cases the
+paper's tables make. In ``sequential`` mode the batches are written one after another into the same model and a
+record follows each batch (:mod:`.sequential_batches`).
 
-Target vectors depend only on the original model and the request, so they are computed once per variant for all
-cases, saved (``targets-<editor>.safetensors``) and reused by every batch size — as the official code caches them.
-Each (editor, batch size) result is written as soon as it is done (``parts/``), so an interrupted run resumes.
+Independent mode: target vectors depend only on the original model and the request, so they are computed once per
+variant for all cases, saved (``targets-<editor>.safetensors``) and reused by every batch size — as the official code
+caches them. Each (editor, batch size) result is written as soon as it is done (``parts/``), so an interrupted run
+resumes; sequential mode resumes from the checkpoint after its last batch.
 
-Output folder: ``results.json``, ``results.md``, ``before.json`` (pre-edit outcomes), ``parts/``, ``targets-*``.
+Output folder: ``results.json``, ``results.md``, ``before.json`` (pre-edit outcomes), ``parts/``, ``targets-*``
+(independent), ``checkpoints/`` and ``suite-reference.safetensors`` (sequential).
 """
 
 from __future__ import annotations
@@ -34,17 +38,34 @@ from transformer_patcher.core.folder_lock import folder_lock
 from transformer_patcher.core.pretrained import cache_dir, load_model, model_config
 from transformer_patcher.core.prompts import PromptFormat
 from transformer_patcher.core.scoring import Outcome
-from transformer_patcher.core.tasks import CausalLMTask
+from transformer_patcher.core.tasks import CausalLMTask, position_limit
+from transformer_patcher.core.validation import check_options
 from transformer_patcher.data.benchmarks import BENCHMARKS, wikitext_texts
 from transformer_patcher.data.loaders import ZSRE_SAMPLE, ZSRE_TARGETS, find_data_file, load_counterfact, load_zsre
+from transformer_patcher.data.suite_data import suite_sources
+from transformer_patcher.experiments.evaluation import EvaluationSuite, SuiteConfig, locality_parts
 from transformer_patcher.experiments.registry import DISPLAY_NAMES, MASS_EDITORS, build_editor
 from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
 from transformer_patcher.experiments.sme.report import FACT_COLUMNS, FACT_EXTRAS, markdown_table
+from transformer_patcher.experiments.sme.sequential_batches import (
+    SequentialJob,
+    batch_slices,
+    decay_table,
+    part_file,
+    run_sequential,
+)
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.pmet import EditRequest, PMETEditor, Targets, pmet_hparams
 
 BATCH_EDITORS = ("pmet", "memit", "patcher")
 STATS_TEXTS = 2000
+MODES = ("independent", "sequential")
+# The suite's sizes a batch run may set: only free generation and perplexity are asked (general ability), as the
+# fact scores already measure the edits' neighbourhood.
+SUITE_OPTIONS = ("generation", "generation_tokens", "perplexity_tokens", "window", "formats", "batch_size")
+SUITE_REFERENCE = "suite-reference.safetensors"
+# Settings added after run folders were written: a folder without them ran with these values, and still resumes.
+ADDED_SETTINGS: dict[str, Any] = {"mode": "independent", "suite": "small", "suite_options": {}}
 
 
 @dataclass
@@ -65,10 +86,17 @@ class BatchExperimentConfig:
     prompt_format: str = "raw"  # how the cases are asked when scored (and edited, by T-Patcher)
     append_eos: bool = False
     zsre_target: str = "answers"  # "alt": EasyEdit's zsRE convention
+    mode: str = "independent"  # "sequential": batches one after another into the same model (sequential_batches)
+    suite: str = "small"  # sequential mode's general ability after each batch: full, small or none
+    suite_options: dict[str, Any] = field(default_factory=dict)  # SuiteConfig sizes (SUITE_OPTIONS)
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
         self.editors = tuple(self.editors)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        check_options("suite", self.suite_options, SUITE_OPTIONS)
+        self.suite_config()  # bad sizes fail before anything loads
         if self.kind not in ("counterfact", "zsre"):
             raise ValueError(f"batch experiments use counterfact or zsre data, got {self.data!r}")
         if self.zsre_target not in ZSRE_TARGETS:
@@ -95,6 +123,10 @@ class BatchExperimentConfig:
     def format(self) -> PromptFormat:
         return PromptFormat(self.prompt_format, self.append_eos)
 
+    def suite_config(self) -> SuiteConfig | None:
+        """The general-ability suite: free generation and perplexity only (no unrelated or neighbour questions)."""
+        return SuiteConfig.preset(self.suite, **self.suite_options, unrelated=0, neighbours=0)
+
 
 def load_cases(config: BatchExperimentConfig) -> list[FactCase]:
     if config.kind == "counterfact":
@@ -112,8 +144,9 @@ def load_cases(config: BatchExperimentConfig) -> list[FactCase]:
 def run_batch_experiment(
     config: BatchExperimentConfig, out_dir: str | os.PathLike[str], progress: bool = True, command: str | None = None
 ) -> dict[str, Any]:
-    """Run every (editor, batch size) not already in ``out_dir/parts`` and write the combined results. The folder
-    is locked while this runs: a second run on it raises FolderLockedError."""
+    """Run every (editor, batch size) not finished in ``out_dir/parts`` (sequential mode: continue after the last
+    checkpointed batch) and write the combined results. The folder is locked while this runs: a second run on it
+    raises FolderLockedError."""
     model_config(config.model)  # an unknown model is refused before the folder is locked or written
     with folder_lock(out_dir):
         return _run_batch_experiment(config, Path(out_dir), progress, command)
@@ -124,13 +157,13 @@ def _run_batch_experiment(
 ) -> dict[str, Any]:
     saved = out / "config.json"
     settings = json.loads(json.dumps(asdict(config)))
-    if saved.is_file() and json.loads(saved.read_text()) != settings:
+    if saved.is_file() and {**ADDED_SETTINGS, **json.loads(saved.read_text())} != settings:
         raise ValueError(f"{out} holds a batch experiment with other settings; use another folder")
     cases = load_cases(config)
     write_text_atomic(saved, json.dumps(settings, indent=1, sort_keys=True))
     before: list[dict[str, Outcome]] | None = _read_before(out / "before.json")
     for editor_name in config.editors:
-        missing = [b for b in config.batch_sizes if not (out / "parts" / f"{editor_name}-b{b}.json").is_file()]
+        missing = [b for b in config.batch_sizes if not _done(out, config, editor_name, b)]
         if not missing:
             continue
         model, tokenizer = load_model(config.model, "generation")
@@ -140,8 +173,23 @@ def _run_batch_experiment(
             write_text_atomic(out / "before.json", json.dumps([{k: asdict(o) for k, o in c.items()} for c in before]))
         job = _Job(config, editor_name, model, task, cases, out, progress)
         editor, edit = (_mass_editor if editor_name in MASS_EDITORS else _patcher_editor)(job)
-        _run_sizes(editor, edit, job, before, missing)
+        if config.mode == "independent":
+            _run_sizes(editor, edit, job, before, missing)
+            continue
+        setting = _null_space_setting(config, editor_name)
+        sequential = SequentialJob(
+            editor_name, editor, edit, task, cases, before, out, _suite(job, editor), setting, progress
+        )
+        for size in missing:
+            run_sequential(sequential, size)
     return assemble_batch(out, config, cases, command)
+
+
+def _done(out: Path, config: BatchExperimentConfig, name: str, size: int) -> bool:
+    """Whether (editor, batch size) is finished: its part, or in sequential mode the part after its last batch."""
+    if config.mode == "sequential":
+        return part_file(out, name, size, len(batch_slices(config.cases, size))).is_file()
+    return (out / "parts" / f"{name}-b{size}.json").is_file()
 
 
 @dataclass
@@ -158,8 +206,7 @@ class _Job:
 
 
 def _mass_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
-
-    config, name, out = job.config, job.name, job.out
+    config, name = job.config, job.name
     hparams = pmet_hparams(variant=name, **config.pmet_options)
     try:
         texts = wikitext_texts("valid", config.data_dir)[:STATS_TEXTS]
@@ -169,25 +216,70 @@ def _mass_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
     stats = cache_dir() / "pmet"
     editor = PMETEditor(job.model, tokenizer, hparams, texts, task=job.task, cache_dir=stats, progress=job.progress)
     requests = [EditRequest(c.prompt, c.subject, c.target) for c in job.cases]
-    target_file = out / f"targets-{name}.safetensors"
-    if target_file.is_file():
-        saved = load_file(str(target_file))
-        meta = json.loads((out / f"targets-{name}.json").read_text())
-        targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"])
-        target_seconds = meta["seconds_per_request"]
-    else:
-        start = time.perf_counter()
-        targets = editor.compute_targets(requests)
-        target_seconds = (time.perf_counter() - start) / len(requests)
-        save_safetensors_atomic({"values": targets.values, "init": targets.init}, target_file)
-        meta = {"steps": targets.steps, "probabilities": targets.probabilities, "seconds_per_request": target_seconds}
-        write_text_atomic(out / f"targets-{name}.json", json.dumps(meta))
+    if config.mode == "sequential":  # targets against the model as each batch finds it, earlier batches included
+
+        def edit_current(index: list[int]) -> float:
+            return editor.edit_batch([requests[i] for i in index]).seconds
+
+        return editor, edit_current
+    targets, target_seconds = _original_targets(editor, requests, job.out, name)
 
     def edit(index: list[int]) -> float:
         result = editor.edit_batch([requests[i] for i in index], targets=targets.select(index))
         return result.seconds + target_seconds * len(index)
 
     return editor, edit
+
+
+def _original_targets(
+    editor: PMETEditor, requests: Sequence[EditRequest], out: Path, name: str
+) -> tuple[Targets, float]:
+    """Every request's targets against the original model, and their seconds per request: computed once, saved."""
+    target_file = out / f"targets-{name}.safetensors"
+    if target_file.is_file():
+        saved = load_file(str(target_file))
+        meta = json.loads((out / f"targets-{name}.json").read_text())
+        targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"])
+        return targets, meta["seconds_per_request"]
+    start = time.perf_counter()
+    targets = editor.compute_targets(requests)
+    target_seconds = (time.perf_counter() - start) / len(requests)
+    save_safetensors_atomic({"values": targets.values, "init": targets.init}, target_file)
+    meta = {"steps": targets.steps, "probabilities": targets.probabilities, "seconds_per_request": target_seconds}
+    write_text_atomic(out / f"targets-{name}.json", json.dumps(meta))
+    return targets, target_seconds
+
+
+def _null_space_setting(config: BatchExperimentConfig, name: str) -> dict[str, Any]:
+    """AlphaEdit's projection as each sequential record states it (None: T-Patcher, which has no such option)."""
+    if name not in MASS_EDITORS:
+        return {"null_space": None}
+    hparams = pmet_hparams(variant=name, **config.pmet_options)
+    if not hparams.null_space:
+        return {"null_space": False}
+    return {
+        "null_space": True,
+        "null_space_threshold": hparams.null_space_threshold,
+        "null_space_l2": hparams.null_space_l2,
+    }
+
+
+def _suite(job: _Job, editor: Editor) -> EvaluationSuite | None:
+    """The general-ability suite (None: ``suite="none"``). Its reference is read from the unedited model once and
+    saved, so later editors and resumed runs reuse it."""
+    suite_config = job.config.suite_config()
+    if suite_config is None:
+        return None
+    sources = suite_sources(job.config.data_dir)
+    parts = locality_parts(job.task, sources, suite_config, max_positions=position_limit(job.model.config))
+    saved = job.out / SUITE_REFERENCE
+    reference = load_file(str(saved)) if saved.is_file() else None
+    suite = EvaluationSuite(
+        editor.model, parts, job.task.pad_id, suite_config.batch_size, progress=job.progress, state=reference
+    )
+    if reference is None:
+        save_safetensors_atomic(suite.state_tensors(), saved)
+    return suite
 
 
 def _patcher_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
@@ -245,6 +337,7 @@ def _write_part(
     row = {
         "editor": DISPLAY_NAMES[name],
         "batch_size": size,
+        "mode": "independent",
         "batches": len(seconds),
         "cases": len(after),
         **fact_metrics(after, before[: len(after)]),
@@ -263,13 +356,9 @@ def _read_before(path: Path) -> list[dict[str, Outcome]] | None:
 def assemble_batch(
     out: Path, config: BatchExperimentConfig, cases: Sequence[FactCase], command: str | None = None
 ) -> dict[str, Any]:
-    """``results.json`` / ``results.md`` from the parts, editors in config order, rows by batch size."""
-    rows = [
-        json.loads((out / "parts" / f"{e}-b{b}.json").read_text())
-        for e in config.editors
-        for b in config.batch_sizes
-        if (out / "parts" / f"{e}-b{b}.json").is_file()
-    ]
+    """``results.json`` / ``results.md`` from the parts, editors in config order, rows by batch size (and batch
+    index in sequential mode)."""
+    rows = [json.loads(path.read_text()) for path in _part_files(out, config)]
     before = _read_before(out / "before.json") or []
     baseline = {"editor": "unedited", "batch_size": 0, "cases": len(before), **fact_metrics(before, before)}
     results = {"config": asdict(config), "command": command, "rows": [baseline, *rows]}
@@ -277,8 +366,34 @@ def assemble_batch(
     footer = f"\nCommand: `{command}`\n" if command else ""
     write_text_atomic(
         out / "results.md",
-        f"# Batch editing: {config.model} on {config.data} ({len(cases)} cases)\n\n"
+        f"# Batch editing: {config.model} on {config.data} ({len(cases)} cases, {config.mode} batches)\n\n"
         + markdown_table(results["rows"], metric_columns=FACT_COLUMNS, extra_columns=FACT_EXTRAS)
+        + _decay_tables(rows)
         + footer,
     )
     return results
+
+
+def _part_files(out: Path, config: BatchExperimentConfig) -> list[Path]:
+    if config.mode == "sequential":
+        files = [
+            part_file(out, e, b, k)
+            for e in config.editors
+            for b in config.batch_sizes
+            for k in range(1, len(batch_slices(config.cases, b)) + 1)
+        ]
+    else:
+        files = [out / "parts" / f"{e}-b{b}.json" for e in config.editors for b in config.batch_sizes]
+    return [path for path in files if path.is_file()]
+
+
+def _decay_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """Sequential rows: per (editor, batch size), each earlier batch's efficacy acc after every batch."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("mode") == "sequential":  # parts written before modes existed are independent
+            groups.setdefault((row["editor"], row["batch_size"]), []).append(row)
+    return "".join(
+        f"\n## {editor}, batches of {size}: efficacy acc of each batch after later ones\n\n{decay_table(group)}"
+        for (editor, size), group in groups.items()
+    )

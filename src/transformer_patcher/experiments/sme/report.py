@@ -9,7 +9,8 @@ from typing import Any
 
 METRIC_COLUMNS = ("SR", "GR", "ER", "TrainR", "TestR", "locality", "locality_acc")
 EXTRA_COLUMNS = ("edits", "folds", "seconds_per_edit")
-# Batch (mass) editing: ROME-style probability scores, then accuracies (sme.fact_scores).
+# Batch (mass) editing: ROME-style probability scores, then accuracies (sme.fact_scores), then sequential batches'
+# general ability (free generation unchanged, token share; relative perplexity change).
 FACT_COLUMNS = (
     "efficacy_score",
     "paraphrase_score",
@@ -17,8 +18,20 @@ FACT_COLUMNS = (
     "efficacy_acc",
     "paraphrase_acc",
     "neighborhood_acc",
+    "generation-raw.token",
+    "generation-chat.token",
+    "perplexity.change",
 )
-FACT_EXTRAS = ("batch_size", "cases", "seconds_per_batch", "seconds_per_edit")
+FACT_EXTRAS = (
+    "mode",
+    "batch_size",
+    "batch_index",
+    "edited",
+    "cases",
+    "seconds_per_batch",
+    "seconds_per_edit",
+    "seconds_per_fact",
+)
 
 
 def summarize_folds(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:

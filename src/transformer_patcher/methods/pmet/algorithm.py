@@ -28,7 +28,7 @@ from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.null_space import NullSpace
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode
-from transformer_patcher.methods.pmet.targets import Targets, output_hook, pad_encodings, rewrite_templates
+from transformer_patcher.methods.pmet.targets import Targets, output_hook, pad_rows, rewrite_templates
 from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
 
 
@@ -59,7 +59,7 @@ def read_at_subject(
         with eval_mode(model), torch.no_grad():
             for start in range(0, len(encodings), batch_size):
                 chunk = encodings[start : start + batch_size]
-                ids, mask = pad_encodings(chunk, pad, device)
+                ids, mask = pad_rows([e.ids for e in chunk], pad, device)
                 seen.clear()
                 base.base_model(input_ids=ids, attention_mask=mask)  # no LM head: only a module's value is read
                 lookups = torch.tensor([e.lookup for e in chunk], device=device)
@@ -129,9 +129,13 @@ def compute_deltas(
     With ``null_space`` each update is AlphaEdit's projected one (it then holds the batch's keys as pending).
     """
     z_block = block_modules(model, hparams.layers[-1])
-    read_module = z_block.block if hparams.variant == "memit" else z_block.ffn_out
     bare = [encode(tokenizer, request.template, request.subject) for request in requests]
     wanted = targets.values.double().T  # d × n
+    read_module = z_block.block if hparams.variant == "memit" else z_block.ffn_out
+    if hparams.variant == "pmet" and hparams.track == "residual":  # the FFN change, carried by the residual stream
+        read_module = z_block.block
+        start = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
+        wanted = start + (targets.values - targets.init).double().T
     deltas: dict[str, LowRankDelta] = {}
     for position, layer in enumerate(hparams.layers):
         modules = block_modules(model, layer)

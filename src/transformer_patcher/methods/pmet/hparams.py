@@ -15,6 +15,7 @@ from typing import Any
 from transformer_patcher.core.validation import check_int, check_number, check_options
 
 VARIANTS = ("pmet", "memit")
+TRACKS = ("ffn", "residual")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class PMETHyperParams:
     mom2_max_length: int = 128
     context_template_lengths: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, how many) of generated prefixes
     requests_per_step: int = 8  # requests optimised together in one forward pass while computing targets
+    # What the layer loop drives to the target (PMET; the MEMIT ablation always tracks the residual stream):
+    # "ffn" (the paper) compares the z layer's FFN output with z, so the lower layers' writes, which reach the
+    # residual stream too, come on top of the target; "residual" compares the z layer's block output with its
+    # pre-edit value plus the FFN change δ_mlp, so every layer's write is counted once
+    track: str = "ffn"
     # AlphaEdit (methods/pmet/null_space.py): project each update onto the null space of the preserved keys, and
     # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
     null_space: bool = False
@@ -45,6 +51,8 @@ class PMETHyperParams:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.track not in TRACKS:
+            raise ValueError(f"track must be one of {TRACKS}, got {self.track!r}")
         if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (tuple, list)):
             raise ValueError(f"layers must be a non-empty sequence of block indices, got {self.layers!r}")
         layers = tuple(self.layers)

@@ -9,6 +9,12 @@ ablation optimises one ``δ`` on the block output (the residual stream) instead.
 Several requests are optimised in one forward pass (``requests_per_step``). Each has its own parameters, its own
 loss terms and its own early exit, and a finished request leaves the batch, so the result equals optimising each
 request alone; batching only fills the matrix units.
+
+Only the tokens from the subject's last token on are run at each step. The deltas are added there, and attention is
+causal, so every earlier token's keys and values, at every layer, are the same at every step: they are computed once
+per chunk (:func:`prefix_keys`) and each step attends to them. The steps' tokens are packed into one sequence with a
+block mask (each token sees its own prompt only) rather than padded rows: the parts after the subject are 1–8 tokens
+long, and padding them to the longest would more than double the work.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from transformer_patcher.core.modes import eval_mode, frozen
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
@@ -36,17 +43,24 @@ KL_EXIT = 0.01
 
 @dataclass
 class Targets:
-    """Per request (rows): the target ``z`` at the z layer, its pre-edit value, steps taken and final probability."""
+    """Per request (rows): the target ``z`` at the z layer, its pre-edit value, steps taken and final probability,
+    and (PMET) the norm of the optimised ``δ_attn``, the share of the change that is not written."""
 
     values: torch.Tensor  # (n, d) float32
     init: torch.Tensor  # (n, d)
     steps: list[int]
     probabilities: list[float]
+    attention_norms: list[float] | None = None  # None: the MEMIT ablation, or targets read back from a file
 
     def select(self, indices: Sequence[int]) -> Targets:
         index = list(indices)
+        norms = self.attention_norms
         return Targets(
-            self.values[index], self.init[index], [self.steps[i] for i in index], [self.probabilities[i] for i in index]
+            self.values[index],
+            self.init[index],
+            [self.steps[i] for i in index],
+            [self.probabilities[i] for i in index],
+            None if norms is None else [norms[i] for i in index],
         )
 
 
@@ -55,14 +69,17 @@ def rewrite_templates(templates: Sequence[Sequence[str]], request: EditRequest) 
     return [context.format(request.template) for group in templates for context in group]
 
 
-def pad_encodings(encodings: Sequence[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask of encodings (right padding keeps every lookup index valid)."""
-    width = max(len(e.ids) for e in encodings)
-    ids = torch.full((len(encodings), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encodings), width), dtype=torch.long)
-    for row, e in enumerate(encodings):
-        ids[row, : len(e.ids)] = torch.tensor(e.ids)
-        mask[row, : len(e.ids)] = 1
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of token rows, padded on the right (or the left) to the longest."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -98,17 +115,18 @@ def compute_targets(
         torch.stack([r.init for r in results]),
         [r.steps for r in results],
         [r.probability for r in results],
+        None if hparams.variant == "memit" else [r.attention_norm for r in results],
     )
 
 
-def next_token_log_probs(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, reads: Any) -> Any:
-    """Log-probabilities of the next token at ``reads = (rows, positions)`` only.
+def next_token_log_probs(base: nn.Module, reads: Any, **inputs: Any) -> Any:
+    """Log-probabilities of the next token at ``reads = (rows, positions)`` only, ``inputs`` going to the body.
 
     The LM head runs on the read positions alone (a few per prompt) rather than on every position: the head and the
     softmax over a large vocabulary (49k tokens for SmolLM2) at every position would be computed and back-propagated
     for nothing.
     """
-    hidden = base.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = base.base_model(**inputs).last_hidden_state
     logits = base.get_output_embeddings()(hidden[reads]).float()
     cap = getattr(base.config, "final_logit_softcapping", None)
     if cap:
@@ -126,20 +144,28 @@ class RequestTarget:
     init: torch.Tensor  # (d,)
     steps: int
     probability: float
+    attention_norm: float  # ‖δ_attn‖ (PMET; 0 for the MEMIT ablation)
 
 
 @dataclass
 class PromptBatch:
-    """Every prompt of a chunk of requests, right-padded, with where each prompt is written and read.
+    """Every prompt of a chunk of requests, cut at the subject's last token, with where each is written and read.
 
     Per request (in order) the rows are its context-template prompts, with the answer appended (teacher forcing),
     starting at ``first_row`` (the bare prompt, template ``"{}"``, where the pre-edit values are read), then one KL
     prompt (``"{subject} is a"``) at ``kl_rows``. The reads are the positions whose next token is an answer token.
+
+    Each row is split in two: the **prefix**, every token before the subject's last one (left-padded; the deltas
+    never reach it), and the **suffix**, from that token to the last read (right-padded; what each step runs).
+    ``input_ids``, ``attention``, ``lookups`` and the reads index the suffix, so every lookup is 0.
     """
 
-    input_ids: torch.Tensor  # (rows, width)
+    prefix_ids: torch.Tensor  # (rows, prefix width)
+    prefix_attention: torch.Tensor
+    input_ids: torch.Tensor  # (rows, width) the suffixes
     attention: torch.Tensor  # (rows, width)
-    lookups: torch.Tensor  # (rows,) the subject's last token: where the deltas are added
+    positions: torch.Tensor  # (rows, width) the suffix tokens' positions in the whole prompt
+    lookups: torch.Tensor  # (rows,) the subject's last token in the suffix: where the deltas are added
     owner: list[int]  # request index of each row
     owners: torch.Tensor  # the same, as a tensor
     first_row: list[int]
@@ -180,17 +206,24 @@ def build_batch(
         encodings.append(encode(tokenizer, KL_TEMPLATE, request.subject))
         owner.append(r)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, attention = pad_encodings(encodings, pad, device)
+    prefix_ids, prefix_attention = pad_rows([e.ids[: e.lookup] or [pad] for e in encodings], pad, device, left=True)
+    prefix_attention[[row for row, e in enumerate(encodings) if e.lookup == 0], -1] = 0  # an empty prefix
+    suffixes = [e.ids[e.lookup : max([e.lookup, *e.target_positions]) + 1] for e in encodings]
+    input_ids, attention = pad_rows(suffixes, pad, device)
+    starts = torch.tensor([e.lookup for e in encodings], device=device)
     return PromptBatch(
+        prefix_ids=prefix_ids,
+        prefix_attention=prefix_attention,
         input_ids=input_ids,
         attention=attention,
-        lookups=torch.tensor([e.lookup for e in encodings], device=device),
+        positions=starts[:, None] + torch.arange(input_ids.shape[1], device=device),
+        lookups=torch.zeros(len(encodings), dtype=torch.long, device=device),
         owner=owner,
         owners=torch.tensor(owner, device=device),
         first_row=first_row,
         kl_rows=kl_rows,
         read_row=_long([row for row, e in enumerate(encodings) for _ in e.target_positions], device),
-        read_pos=_long([p for e in encodings for p in e.target_positions], device),
+        read_pos=_long([p - e.lookup for e in encodings for p in e.target_positions], device),
         read_label=_long([t for e in encodings for t in e.target_ids], device),
         answer_length=torch.tensor([max(len(e.target_ids), 1) for e in encodings], device=device),
     )
@@ -199,34 +232,34 @@ def build_batch(
 class SubjectShift:
     """The optimised deltas of a chunk, one per request and site, and the forward hooks that add them.
 
-    While attached, each site's output gets its request's delta added at the subject's last token of every row in
-    :attr:`rows` (the rows of the current forward, in order). The first forward also records each site's pre-edit
-    output at the bare prompt of each request (:attr:`init`): the clamp, the decay and the written target use it.
+    While attached, each site's output gets its request's delta added at the subject's last token of every batch row
+    in :attr:`rows` (the rows of the current forward, in order), which :attr:`where` locates in the output (batch
+    index, position). The first forward also records each site's pre-edit output at the bare prompt of each request
+    (:attr:`init`): the clamp, the decay and the written target use it.
     """
 
     def __init__(self, batch: PromptBatch, sites: Sequence[str], hidden: int, device: torch.device) -> None:
         n = batch.n_requests
         self.batch = batch
-        self.device = device
         self.deltas = {
             site: [torch.zeros(hidden, device=device, requires_grad=True) for _ in range(n)] for site in sites
         }
         self.init: dict[str, list[torch.Tensor | None]] = {site: [None] * n for site in sites}
         self.rows: list[int] = []
+        self.where: tuple[torch.Tensor, torch.Tensor] = (_long([], device), _long([], device))
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for params in self.deltas.values() for p in params]
 
     def add(self, site: str, output: torch.Tensor) -> torch.Tensor:
-        """``output`` (rows of :attr:`rows`) with each row's delta added at its lookup token."""
+        """``output`` with each row's delta added at its lookup token (:attr:`where`)."""
         batch = self.batch
-        for position, row in enumerate(self.rows):
+        for i, row in enumerate(self.rows):
             r = batch.owner[row]
             if self.init[site][r] is None and row == batch.first_row[r]:
-                self.init[site][r] = output[position, batch.lookups[row]].detach().clone()
-        local = torch.arange(len(self.rows), device=self.device)
+                self.init[site][r] = output[self.where[0][i], self.where[1][i]].detach().clone()
         shift = torch.stack([self.deltas[site][batch.owner[row]] for row in self.rows]).to(output.dtype)
-        return output.index_put((local, batch.lookups[self.rows]), shift, accumulate=True)
+        return output.index_put(self.where, shift, accumulate=True)
 
     @contextmanager
     def attached(self, base: nn.Module, modules: dict[str, str]) -> Iterator[None]:
@@ -284,45 +317,107 @@ class RequestState:
 
 @dataclass
 class StepReads:
-    """The rows of the active requests for one forward and the positions read from its output."""
+    """The suffixes of the active requests' rows packed into one sequence, and the positions read from its output."""
 
     rows: list[int]  # batch rows in this forward, in order
-    local: torch.Tensor  # batch row -> its index in this forward (-1 when absent)
-    t_row: torch.Tensor  # answer reads: batch row, position, label
+    start: torch.Tensor  # batch row -> where its suffix starts in the packed sequence (-1 when absent)
+    token_row: torch.Tensor  # (tokens,) the batch row of each packed token
+    input_ids: torch.Tensor  # (1, tokens)
+    positions: torch.Tensor  # (1, tokens) each token's position in its whole prompt
+    t_row: torch.Tensor  # answer reads: batch row, position in its suffix, label
     t_pos: torch.Tensor
     t_label: torch.Tensor
     k_row: torch.Tensor  # the KL row of each active request, in ``active`` order
-    width: int  # the longest row in this forward
+
+    @property
+    def writes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each row's subject token is in the packed output (batch index, position): the deltas go there."""
+        starts = self.start[self.rows]
+        return torch.zeros_like(starts), starts
 
 
 def step_reads(batch: PromptBatch, active: Sequence[int]) -> StepReads:
-    """The forward rows and reads of the requests in ``active``."""
+    """The packed forward and the reads of the requests in ``active``."""
     device = batch.input_ids.device
     is_active = torch.zeros(batch.n_requests, dtype=torch.bool, device=device)
     is_active[list(active)] = True
     rows = [row for row in range(batch.n_rows) if batch.owner[row] in active]
-    local = torch.full((batch.n_rows,), -1, dtype=torch.long, device=device)
-    local[rows] = torch.arange(len(rows), device=device)
+    real = batch.attention[rows].bool()
+    lengths = real.sum(1)
+    start = torch.full((batch.n_rows,), -1, dtype=torch.long, device=device)
+    start[rows] = lengths.cumsum(0) - lengths
     reads = is_active[batch.owners[batch.read_row]]
     return StepReads(
         rows=rows,
-        local=local,
+        start=start,
+        token_row=torch.repeat_interleave(_long(rows, device), lengths),
+        input_ids=batch.input_ids[rows][real][None],
+        positions=batch.positions[rows][real][None],
         t_row=batch.read_row[reads],
         t_pos=batch.read_pos[reads],
         t_label=batch.read_label[reads],
         k_row=_long([batch.kl_rows[r] for r in active], device),
-        width=int(batch.attention[rows].sum(1).max()),
     )
 
 
-def forward_reads(base: nn.Module, batch: PromptBatch, reads: StepReads) -> torch.Tensor:
-    """Next-token log-probabilities at the answer reads, then at the KL prompt's subject token of each request."""
-    rows = reads.rows
+def packed_mask(query_row: torch.Tensor, key_row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive 4-D mask of a packed forward: a query sees the cached prefix slots of its own row (``key_row``)
+    and the packed tokens of its own row up to itself."""
+    index = torch.arange(len(query_row), device=query_row.device)
+    own = query_row[:, None] == query_row[None, :]
+    allowed = torch.cat([key_row[None, :] == query_row[:, None], own & (index[None, :] <= index[:, None])], dim=1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[
+        None, None
+    ]
+
+
+@dataclass
+class PrefixKeys:
+    """Every prefix token's keys and values at every layer, packed along the sequence (``(1, heads, slots, d)``)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    slot_row: torch.Tensor  # (slots,) the batch row of each slot
+
+
+@torch.no_grad()
+def prefix_keys(base: nn.Module, batch: PromptBatch) -> PrefixKeys:
+    """Every row's prefix run once (padded), then its real slots packed: what every step's suffixes attend to."""
+    positions = (batch.prefix_attention.cumsum(1) - 1).clamp_min(0)
+    cache = base.base_model(
+        input_ids=batch.prefix_ids, attention_mask=batch.prefix_attention, position_ids=positions, use_cache=True
+    ).past_key_values
+    real = batch.prefix_attention.bool()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:  # (rows, heads, width, d) -> (1, heads, slots, d)
+        return tensor.transpose(1, 2)[real].transpose(0, 1)[None]
+
+    rows = torch.arange(batch.n_rows, device=real.device)[:, None].expand_as(real)
+    return PrefixKeys(
+        [pack(layer.keys) for layer in cache.layers], [pack(layer.values) for layer in cache.layers], rows[real]
+    )
+
+
+def forward_reads(base: nn.Module, batch: PromptBatch, reads: StepReads, prefix: PrefixKeys) -> torch.Tensor:
+    """Next-token log-probabilities at the answer reads, then at the KL prompt's subject token of each request.
+
+    The active rows' suffixes run packed, on a fresh cache holding their rows' prefix slots (a forward appends to
+    its cache).
+    """
+    slots = torch.isin(prefix.slot_row, reads.token_row)
+    cache = DynamicCache(config=base.config)
+    for layer, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
+        cache.update(keys[:, :, slots], values[:, :, slots], layer)
+    dtype = prefix.keys[0].dtype
+    at = torch.cat([reads.start[reads.t_row] + reads.t_pos, reads.start[reads.k_row]])
     return next_token_log_probs(
         base,
-        batch.input_ids[rows, : reads.width],
-        batch.attention[rows, : reads.width],
-        (reads.local[torch.cat([reads.t_row, reads.k_row])], torch.cat([reads.t_pos, batch.lookups[reads.k_row]])),
+        (torch.zeros_like(at), at),
+        input_ids=reads.input_ids,
+        attention_mask=packed_mask(reads.token_row, prefix.slot_row[slots], dtype),
+        position_ids=reads.positions,
+        past_key_values=cache,
+        use_cache=True,
     )
 
 
@@ -389,6 +484,7 @@ def backward_step(
     base: nn.Module,
     hparams: PMETHyperParams,
     batch: PromptBatch,
+    prefix: PrefixKeys,
     shift: SubjectShift,
     states: list[RequestState],
     active: Sequence[int],
@@ -397,9 +493,9 @@ def backward_step(
     """One forward over the active requests' rows and the backward of the summed losses of those that go on;
     returns the requests that are done."""
     reads = step_reads(batch, active)
-    shift.rows = reads.rows
+    shift.rows, shift.where = reads.rows, reads.writes
     with torch.enable_grad():
-        log_probs = forward_reads(base, batch, reads)
+        log_probs = forward_reads(base, batch, reads, prefix)
         losses, finished = step_losses(hparams, batch, reads, log_probs, shift, states, active, step)
         if losses:
             torch.stack(losses).sum().backward()
@@ -412,6 +508,29 @@ def delta_sites(base: nn.Module, hparams: PMETHyperParams) -> dict[str, str]:
     if hparams.variant == "memit":
         return {"block": modules.block}
     return {"attn": modules.attention_out, "mlp": modules.ffn_out}
+
+
+def descend(
+    base: nn.Module,
+    hparams: PMETHyperParams,
+    batch: PromptBatch,
+    prefix: PrefixKeys,
+    shift: SubjectShift,
+    states: list[RequestState],
+) -> None:
+    """Adam on the deltas for ``hparams.v_num_grad_steps`` steps; each request stops at its own exit."""
+    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
+    active = list(range(batch.n_requests))
+    for step in range(hparams.v_num_grad_steps):
+        optimizer.zero_grad(set_to_none=True)
+        for r in backward_step(base, hparams, batch, prefix, shift, states, active, step):
+            active.remove(r)
+            shift.drop_gradients(r)
+        if not active:
+            return
+        optimizer.step()
+        for r in active:
+            shift.clamp_(r, hparams.clamp_norm_factor)
 
 
 def _optimise_chunk(
@@ -427,22 +546,17 @@ def _optimise_chunk(
     sites = delta_sites(base, hparams)
     batch = build_batch(tokenizer, requests, templates, device)
     shift = SubjectShift(batch, list(sites), base.get_output_embeddings().weight.shape[1], device)
-    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
     states = [RequestState(hparams.nll_loss_factor) for _ in requests]
-    active = list(range(len(requests)))
+    prefix = prefix_keys(base, batch)
     with shift.attached(base, sites):
-        for step in range(hparams.v_num_grad_steps):
-            optimizer.zero_grad(set_to_none=True)
-            for r in backward_step(base, hparams, batch, shift, states, active, step):
-                active.remove(r)
-                shift.drop_gradients(r)
-            if not active:
-                break
-            optimizer.step()
-            for r in active:
-                shift.clamp_(r, hparams.clamp_norm_factor)
+        descend(base, hparams, batch, prefix, shift, states)
     written = "block" if hparams.variant == "memit" else "mlp"
     return [
-        RequestTarget(*shift.target(written, r), steps=state.steps + 1, probability=state.probability)
+        RequestTarget(
+            *shift.target(written, r),
+            steps=state.steps + 1,
+            probability=state.probability,
+            attention_norm=float(shift.deltas["attn"][r].detach().norm()) if "attn" in sites else 0.0,
+        )
         for r, state in enumerate(states)
     ]
