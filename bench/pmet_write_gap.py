@@ -6,6 +6,8 @@ batch, and per fact read
 - ``realised``: the share of the optimised FFN change ``δ_mlp = z − h`` that the edited model's z-layer FFN output
   carries at the bare prompt's subject token (projection onto ``δ_mlp`` / ``‖δ_mlp‖``; 1 = the target is written
   whole), and ``off_target`` (the rest of the change, relative to ``‖δ_mlp‖``);
+- ``residual_change``: how far the z layer's block output (the residual stream) moved, over ``‖δ_mlp‖``, and
+  ``residual_cosine`` with ``δ_mlp``: the lower layers' writes reach the residual stream too;
 - ``attention_share``: ``‖δ_attn‖ / (‖δ_attn‖ + ‖δ_mlp‖)``, the optimised change the FFN target leaves out;
 - the target's probability while optimising (both deltas) and after the write (greedy: ``efficacy``).
 
@@ -56,10 +58,12 @@ def main() -> None:
     templates = context_templates(model, tokenizer, hparams.context_template_lengths)
     targets = compute_targets(model, tokenizer, requests, hparams, templates)
     deltas = compute_deltas(model, tokenizer, requests, hparams, moments, templates, targets)
-    ffn = block_modules(model, hparams.layers[-1]).ffn_out
+    modules = block_modules(model, hparams.layers[-1])
     bare = [encode(tokenizer, r.template, r.subject) for r in requests]
+    block_before = read_at_subject(model, tokenizer, bare, modules.block, "output")
     with applied(model, deltas):
-        written = read_at_subject(model, tokenizer, bare, ffn, "output")
+        written = read_at_subject(model, tokenizer, bare, modules.ffn_out, "output")
+        block_moved = read_at_subject(model, tokenizer, bare, modules.block, "output") - block_before
         after = score_cases(model, CausalLMTask(tokenizer), [FactCase.from_row(r) for r in rows])
     change = targets.values - targets.init
     norm = change.norm(dim=1)
@@ -67,6 +71,7 @@ def main() -> None:
     realised = (moved * change).sum(1) / norm**2
     off = (moved - realised[:, None] * change).norm(dim=1) / norm
     attn = torch.tensor(targets.attention_norms)
+    residual_cosine = torch.nn.functional.cosine_similarity(block_moved, change, dim=1)
     facts = [
         {
             "prompt": request.text,
@@ -75,6 +80,9 @@ def main() -> None:
             "steps": targets.steps[i],
             "realised": float(realised[i]),
             "off_target": float(off[i]),
+            "residual_change": float(block_moved[i].norm() / norm[i]),
+            "residual_cosine": float(residual_cosine[i]),
+            "residual_norm": float(block_before[i].norm()),
             "attention_share": float(attn[i] / (attn[i] + norm[i])),
             "efficacy": after[i]["edit"].correct,
         }
@@ -91,7 +99,7 @@ def main() -> None:
         "efficacy_acc": len(hit) / len(facts),
         **{
             f"{key}_median_{name}": median(key, group)
-            for key in ("realised", "off_target", "attention_share", "probability_optimised")
+            for key in ("realised", "off_target", "residual_change", "attention_share", "probability_optimised")
             for name, group in (("hit", hit), ("miss", miss))
         },
     }

@@ -510,29 +510,6 @@ def delta_sites(base: nn.Module, hparams: PMETHyperParams) -> dict[str, str]:
     return {"attn": modules.attention_out, "mlp": modules.ffn_out}
 
 
-def descend(
-    base: nn.Module,
-    hparams: PMETHyperParams,
-    batch: PromptBatch,
-    prefix: PrefixKeys,
-    shift: SubjectShift,
-    states: list[RequestState],
-) -> None:
-    """Adam on the deltas for ``hparams.v_num_grad_steps`` steps; each request stops at its own exit."""
-    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
-    active = list(range(batch.n_requests))
-    for step in range(hparams.v_num_grad_steps):
-        optimizer.zero_grad(set_to_none=True)
-        for r in backward_step(base, hparams, batch, prefix, shift, states, active, step):
-            active.remove(r)
-            shift.drop_gradients(r)
-        if not active:
-            return
-        optimizer.step()
-        for r in active:
-            shift.clamp_(r, hparams.clamp_norm_factor)
-
-
 def _optimise_chunk(
     model: nn.Module,
     tokenizer: Any,
@@ -547,9 +524,20 @@ def _optimise_chunk(
     batch = build_batch(tokenizer, requests, templates, device)
     shift = SubjectShift(batch, list(sites), base.get_output_embeddings().weight.shape[1], device)
     states = [RequestState(hparams.nll_loss_factor) for _ in requests]
+    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
+    active = list(range(len(requests)))
     prefix = prefix_keys(base, batch)
     with shift.attached(base, sites):
-        descend(base, hparams, batch, prefix, shift, states)
+        for step in range(hparams.v_num_grad_steps):
+            optimizer.zero_grad(set_to_none=True)
+            for r in backward_step(base, hparams, batch, prefix, shift, states, active, step):
+                active.remove(r)
+                shift.drop_gradients(r)
+            if not active:
+                break
+            optimizer.step()
+            for r in active:
+                shift.clamp_(r, hparams.clamp_norm_factor)
     written = "block" if hparams.variant == "memit" else "mlp"
     return [
         RequestTarget(
