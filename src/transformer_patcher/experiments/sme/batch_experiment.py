@@ -317,8 +317,8 @@ def _run_sizes(
     name, task, cases, out, progress = job.name, job.task, job.cases, job.out, job.progress
     for size in sizes:
         after, seconds = [], []
-        for start in tqdm(range(0, len(cases), size), desc=f"{name} b={size}", unit="batch", disable=not progress):
-            index = list(range(start, min(start + size, len(cases))))
+        for batch in tqdm(batch_slices(len(cases), size), desc=f"{name} b={size}", unit="batch", disable=not progress):
+            index = list(batch)
             editor.reset()
             seconds.append(edit(index))
             after += score_cases(editor.model, task, [cases[i] for i in index])

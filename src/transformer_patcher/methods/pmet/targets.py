@@ -405,9 +405,10 @@ def forward_reads(base: nn.Module, batch: PromptBatch, reads: StepReads, prefix:
     its cache).
     """
     slots = torch.isin(prefix.slot_row, reads.token_row)
+    every = bool(slots.all())  # until a request exits: no copy of the keys and values
     cache = DynamicCache(config=base.config)
     for layer, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
-        cache.update(keys[:, :, slots], values[:, :, slots], layer)
+        cache.update(keys if every else keys[:, :, slots], values if every else values[:, :, slots], layer)
     dtype = prefix.keys[0].dtype
     at = torch.cat([reads.start[reads.t_row] + reads.t_pos, reads.start[reads.k_row]])
     return next_token_log_probs(
