@@ -39,14 +39,21 @@ def main() -> None:
     parser.add_argument(
         "--trials", nargs="*", default=["{}"], metavar="JSON", help="option sets tried on the same targets, each λ"
     )
+    parser.add_argument(
+        "--data",
+        default="counterfact/counterfact-edit-1k.json",
+        help="CounterFact file (a path, or one under the data folder)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = parser.parse_args()
-    model, tokenizer = load_model("smollm2-135m", "generation")
+    model, tokenizer = load_model("smollm2-135m", "generation", device=args.device)
     options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     hparams = PMETHyperParams(**options)
     texts = wikitext_texts("valid")[: hparams.mom2_n_texts]
     moments = second_moments(model, tokenizer, texts, hparams.layers, cache_dir=cache_dir() / "pmet", progress=False)
-    rows = list(load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json")))
+    data = Path(args.data) if Path(args.data).is_file() else find_data_file(args.data)
+    rows = list(load_counterfact(data))
     rows = rows[args.start : args.start + args.n]
     cases = [FactCase.from_row(r) for r in rows]
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
@@ -56,7 +63,13 @@ def main() -> None:
     began = time.perf_counter()
     targets = compute_targets(model, tokenizer, requests, hparams, templates, progress=False)
     target_seconds = (time.perf_counter() - began) / len(requests)
-    common = {"records": [args.start, args.start + args.n], "options": options, "target_s_per_request": target_seconds}
+    common = {
+        "data": data.name,
+        "records": [args.start, args.start + args.n],
+        "options": options,
+        "device": str(next(model.parameters()).device),
+        "target_s_per_request": target_seconds,
+    }
     common["target_probabilities"] = [round(p, 3) for p in targets.probabilities]
     with args.out.open("a") as log:
         log.write(json.dumps({**common, "lam": None, **fact_metrics(before, before)}) + "\n")

@@ -22,7 +22,7 @@ from transformer_patcher.cli.options import (
     suite_overrides,
 )
 from transformer_patcher.cli.output import one_line
-from transformer_patcher.core.pretrained import model_config
+from transformer_patcher.core.pretrained import DEVICE_HELP, check_device, model_config
 from transformer_patcher.experiments.evaluation import SuiteConfig
 from transformer_patcher.experiments.registry import EDITOR_NAMES
 from transformer_patcher.experiments.sme.batch_experiment import (
@@ -154,6 +154,9 @@ def setup_batch_run(mass: argparse.ArgumentParser) -> None:
     )
     format_options(mass)
     pmet_options(mass)
+    mass.add_argument(
+        "--device", type=device_option, default="auto", help=f"{DEVICE_HELP}; a run may resume on another device"
+    )
     mass.add_argument("--out", type=Path, required=True, help="output folder (resumes what it already holds)")
     mass.add_argument("--no-progress", action="store_true")
     mass.set_defaults(handler=batch_run)
@@ -177,6 +180,7 @@ def batch_run(args: argparse.Namespace) -> int:
         mode=args.mode,
         suite=args.suite,
         suite_options=overrides(args.suite_set, SuiteConfig),
+        device=args.device,
     )
     check_model_and_data(args)
     command = shlex.join(["transformer-patcher", *sys.argv[1:]])
@@ -187,6 +191,14 @@ def batch_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- shared
+def device_option(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether the machine has it is checked at run)."""
+    try:
+        return check_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def pmet_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pmet-preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="PMET/MEMIT settings")
     parser.add_argument(

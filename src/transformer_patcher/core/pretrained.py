@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -42,6 +43,10 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 
+
+# Where a model may be placed: "auto" (CUDA when there is one, else the CPU), "cpu", "cuda" or "cuda:N".
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_HELP = "where the model runs: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N"
 
 # Where each short-named model comes from on the Hub (model-card metadata; the weights here are a GGUF's, so the
 # fingerprint check refuses the Hub's own weights for the decoders).
@@ -167,10 +172,38 @@ def portable_name(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, kind: str, num_labels: int | None = None) -> tuple[Any, Any]:
+def check_device(device: str) -> str:
+    """``device`` if it is one :data:`DEVICE_PATTERN` allows (``auto``, ``cpu``, ``cuda``, ``cuda:N``), else a
+    ValueError; nothing is checked against the machine (see :func:`resolve_device`)."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
+def resolve_device(device: str) -> str:
+    """The torch device ``device`` names on this machine: ``auto`` becomes ``cuda`` when CUDA is available, else
+    ``cpu``. Asking for CUDA where there is none, or for a GPU index the machine lacks, is a ValueError too."""
+    import torch
+
+    check_device(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(device.partition(":")[2] or 0) >= count:
+            found = f"{count} GPU(s)" if count else "no CUDA GPU (or a torch built without CUDA)"
+            raise ValueError(f"device {device!r} was asked for, but this machine has {found}")
+    return device
+
+
+def load_model(
+    name_or_path: str, kind: str, num_labels: int | None = None, device: str | None = None
+) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for a task ``kind``: ``"classification"`` or ``"generation"``.
 
-    Generation picks a seq2seq or causal LM class from the config. Remote code is never run.
+    Generation picks a seq2seq or causal LM class from the config. Remote code is never run. ``device`` (``auto``,
+    ``cpu``, ``cuda``, ``cuda:N``; see :func:`resolve_device`) moves the model there; None leaves it where
+    transformers loads it (the CPU).
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -181,6 +214,7 @@ def load_model(name_or_path: str, kind: str, num_labels: int | None = None) -> t
 
     if kind not in ("classification", "generation"):
         raise ValueError(f"kind must be 'classification' or 'generation', got {kind!r}")
+    target = None if device is None else resolve_device(device)  # a bad device fails before anything loads
     config = model_config(name_or_path)
     path = resolve_model(name_or_path)
     try:
@@ -196,6 +230,8 @@ def load_model(name_or_path: str, kind: str, num_labels: int | None = None) -> t
     except OSError as error:  # weights or tokenizer files missing or unreadable: one clear error, not a traceback
         raise UnknownModelError(f"cannot load the model {name_or_path!r}: {_first_line(error)}") from error
     model.name_or_path = model.config._name_or_path = portable_name(name_or_path)  # what adapters will record
+    if target is not None:
+        model.to(target)
     return model.eval(), tokenizer
 
 

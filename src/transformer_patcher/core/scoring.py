@@ -36,16 +36,18 @@ def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], 
             batch = task.batch_for(model, pairs[start : start + batch_size])
             with torch.no_grad():
                 logits = task.read_logits(model(**batch.model_kwargs()), batch)
-            predicted = task.predictions(logits)
-            right = task.correct(logits, batch.labels)
-            log_probs = _label_log_probs(logits.float(), batch.labels)
+            # per read, on the CPU: one copy per batch rather than a device sync per example
+            predicted = task.predictions(logits).cpu()
+            right = task.correct(logits, batch.labels).cpu()
+            log_probs = _label_log_probs(logits.float(), batch.labels).cpu()
+            example, labels = batch.example.cpu(), batch.labels.cpu()
             for i in range(batch.size):
-                reads = batch.example == i
+                reads = example == i
                 outcomes.append(
                     Outcome(
                         correct=bool(right[reads].all()),
                         prediction=_render(task, predicted[reads]),
-                        reference=_render(task, batch.labels[reads]),
+                        reference=_render(task, labels[reads]),
                         correct_tokens=int(right[reads].sum()),
                         total_tokens=int(reads.sum()),
                         log_prob=float(log_probs[reads].mean()),

@@ -33,7 +33,7 @@ import operator
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,6 +65,12 @@ def position_limit(config: Any) -> int | None:
     return limit
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """The device ``model`` takes its inputs on: its first parameter's (the CPU when it has none on a real device)."""
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None or parameter.device.type == "meta" else parameter.device
+
+
 @dataclass
 class Batch:
     """Padded model inputs plus the reads: ``rows[j], cols[j]`` is where read ``j`` looks, ``labels[j]`` its answer."""
@@ -82,6 +88,19 @@ class Batch:
 
     def model_kwargs(self) -> dict[str, Any]:
         return {**self.inputs, **self.extra}
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch with its inputs and reads (and any tensor in ``extra``) on ``device``."""
+        move = lambda value: value.to(device) if isinstance(value, torch.Tensor) else value  # noqa: E731
+        return replace(
+            self,
+            inputs={k: v.to(device) for k, v in self.inputs.items()},
+            rows=self.rows.to(device),
+            cols=self.cols.to(device),
+            labels=self.labels.to(device),
+            example=self.example.to(device),
+            extra={k: move(v) for k, v in self.extra.items()},
+        )
 
     def first_reads(self) -> torch.Tensor:
         """A mask over the reads: the first read of each example (where its answer starts)."""
@@ -226,9 +245,10 @@ class Task(ABC):
     def repeat(self, batch: Batch, copies: int) -> Batch:
         """``copies`` stacked copies of a one-example batch (the paper's repeated edit batch)."""
         n = batch.rows.numel()
+        copy_index = torch.arange(copies, device=batch.rows.device).repeat_interleave(n)
         return Batch(
             {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in batch.inputs.items()},
-            torch.arange(copies).repeat_interleave(n) * batch.size + batch.rows.repeat(copies),
+            copy_index * batch.size + batch.rows.repeat(copies),
             batch.cols.repeat(copies),
             batch.labels.repeat(copies),
             batch.example.repeat(copies),
@@ -236,8 +256,9 @@ class Task(ABC):
         )
 
     def batch_for(self, model: nn.Module, pairs: Sequence[tuple[str, int | str]]) -> Batch:
-        """``collate`` plus the model-specific forward kwargs of ``prepare``: what a forward pass of ``model`` needs."""
-        batch = self.collate(pairs)
+        """``collate`` on the model's device plus the model-specific forward kwargs of ``prepare``: what a forward pass
+        of ``model`` needs."""
+        batch = self.collate(pairs).to(input_device(model))
         limit = position_limit(getattr(model, "config", None))
         if limit is not None:
             for name in ("input_ids", "decoder_input_ids"):

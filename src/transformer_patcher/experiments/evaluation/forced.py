@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from transformer_patcher.core.decoding import ForcedBatch, forced_batch
 from transformer_patcher.core.modes import eval_mode
-from transformer_patcher.core.tasks import accepts_argument
+from transformer_patcher.core.tasks import accepts_argument, input_device
 from transformer_patcher.methods.patcher.replay import ForwardReplay, Recording
 
 MAX_LOGIT_ROWS = 2048  # logits kept per batch (rows × vocabulary floats): bounds memory for long windows
@@ -87,21 +87,24 @@ class ForcedReads:
         return batches
 
     def run(self, model: nn.Module, progress: bool = False) -> Reads:
-        """Argmax and label log-probabilities at every read, for ``model`` as it is now."""
+        """Argmax and label log-probabilities at every read, for ``model`` as it is now (on the CPU, wherever the model
+        runs)."""
         n_reads = self.offsets[-1]
         argmax = torch.empty(n_reads, dtype=torch.long)
         log_probs = torch.empty(n_reads, dtype=torch.float32)
         position = torch.tensor(self.offsets[:-1])
         use_keep = accepts_argument(model, "logits_to_keep")
+        device = input_device(model)
         with eval_mode(model), torch.no_grad():
-            for index, batch in enumerate(
+            for index, stored in enumerate(
                 tqdm(self._batches, desc=self.description, leave=False, disable=not progress)
             ):
+                batch = stored.to(device)
                 logits = self._forward(model, index, batch, use_keep)
                 picked = logits[batch.rows, batch.kept if use_keep else batch.cols].float()
                 where = _read_slots(batch, position, self.lengths)
-                argmax[where] = picked.argmax(-1)
-                log_probs[where] = picked.gather(1, batch.labels[:, None]).squeeze(1) - picked.logsumexp(-1)
+                argmax[where] = picked.argmax(-1).cpu()
+                log_probs[where] = (picked.gather(1, batch.labels[:, None]).squeeze(1) - picked.logsumexp(-1)).cpu()
         return Reads(argmax, log_probs, self.offsets)
 
     def _forward(self, model: nn.Module, index: int, batch: ForcedBatch, use_keep: bool) -> torch.Tensor:

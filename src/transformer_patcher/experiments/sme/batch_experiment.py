@@ -35,7 +35,7 @@ from transformer_patcher.core.atomic import save_safetensors_atomic, write_text_
 from transformer_patcher.core.editor import Editor
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.folder_lock import folder_lock
-from transformer_patcher.core.pretrained import cache_dir, load_model, model_config
+from transformer_patcher.core.pretrained import cache_dir, check_device, load_model, model_config, resolve_device
 from transformer_patcher.core.prompts import PromptFormat
 from transformer_patcher.core.scoring import Outcome
 from transformer_patcher.core.tasks import CausalLMTask, position_limit
@@ -66,6 +66,9 @@ SUITE_OPTIONS = ("generation", "generation_tokens", "perplexity_tokens", "window
 SUITE_REFERENCE = "suite-reference.safetensors"
 # Settings added after run folders were written: a folder without them ran with these values, and still resumes.
 ADDED_SETTINGS: dict[str, Any] = {"mode": "independent", "suite": "small", "suite_options": {}}
+# Fields that say how a run is carried out, not what it computes: left out of the saved settings, so a run folder
+# resumes whatever their values (a run started on the CPU may continue on a GPU).
+RUN_ONLY = ("device",)
 
 
 @dataclass
@@ -89,10 +92,12 @@ class BatchExperimentConfig:
     mode: str = "independent"  # "sequential": batches one after another into the same model (sequential_batches)
     suite: str = "small"  # sequential mode's general ability after each batch: full, small or none
     suite_options: dict[str, Any] = field(default_factory=dict)  # SuiteConfig sizes (SUITE_OPTIONS)
+    device: str = "auto"  # where the model runs: auto (CUDA when available), cpu, cuda or cuda:N (RUN_ONLY)
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
         self.editors = tuple(self.editors)
+        check_device(self.device)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         check_options("suite", self.suite_options, SUITE_OPTIONS)
@@ -148,6 +153,7 @@ def run_batch_experiment(
     checkpointed batch) and write the combined results. The folder is locked while this runs: a second run on it
     raises FolderLockedError."""
     model_config(config.model)  # an unknown model is refused before the folder is locked or written
+    resolve_device(config.device)  # and so is a device this machine lacks
     with folder_lock(out_dir):
         return _run_batch_experiment(config, Path(out_dir), progress, command)
 
@@ -156,7 +162,7 @@ def _run_batch_experiment(
     config: BatchExperimentConfig, out: Path, progress: bool, command: str | None
 ) -> dict[str, Any]:
     saved = out / "config.json"
-    settings = json.loads(json.dumps(asdict(config)))
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in RUN_ONLY}
     if saved.is_file() and {**ADDED_SETTINGS, **json.loads(saved.read_text())} != settings:
         raise ValueError(f"{out} holds a batch experiment with other settings; use another folder")
     cases = load_cases(config)
@@ -166,7 +172,7 @@ def _run_batch_experiment(
         missing = [b for b in config.batch_sizes if not _done(out, config, editor_name, b)]
         if not missing:
             continue
-        model, tokenizer = load_model(config.model, "generation")
+        model, tokenizer = load_model(config.model, "generation", device=config.device)
         task = CausalLMTask(tokenizer, prompt_format=config.format())
         if before is None:
             before = score_cases(model, task, cases)

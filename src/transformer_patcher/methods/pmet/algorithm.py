@@ -10,7 +10,8 @@ For edited layer ``l_i`` (i = 0 … L−1, shallow to deep), with the updates of
 - ``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` (:func:`solve_update`), kept as low-rank factors.
 
 Earlier updates act through temporary forward hooks, so the model is the same object, unchanged, when this returns
-(or raises): applying the deltas is the caller's decision.
+(or raises): applying the deltas is the caller's decision. Keys, values and the solve stay on the model's device
+(targets and key statistics, kept on the CPU, are moved there).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def read_at_subject(
     side: str,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """The input (``side="input"``) or output of ``module_name`` at each encoding's lookup token, as float32 rows."""
+    """The input (``side="input"``) or output of ``module_name`` at each encoding's lookup token, as float32 rows on
+    the model's device."""
     base = unwrap(model)
     device = next(base.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -63,7 +65,7 @@ def read_at_subject(
                 seen.clear()
                 base.base_model(input_ids=ids, attention_mask=mask)  # no LM head: only a module's value is read
                 lookups = torch.tensor([e.lookup for e in chunk], device=device)
-                rows.append(seen[0][torch.arange(len(chunk), device=device), lookups].float().cpu())
+                rows.append(seen[0][torch.arange(len(chunk), device=device), lookups].float())
     finally:
         handle.remove()
     return torch.cat(rows)
@@ -129,13 +131,14 @@ def compute_deltas(
     With ``null_space`` each update is AlphaEdit's projected one (it then holds the batch's keys as pending).
     """
     z_block = block_modules(model, hparams.layers[-1])
+    device = next(unwrap(model).parameters()).device
     bare = [encode(tokenizer, request.template, request.subject) for request in requests]
-    wanted = targets.values.double().T  # d × n
+    wanted = targets.values.to(device).double().T  # d × n
     read_module = z_block.block if hparams.variant == "memit" else z_block.ffn_out
     if hparams.variant == "pmet" and hparams.track == "residual":  # the FFN change, carried by the residual stream
         read_module = z_block.block
         start = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
-        wanted = start + (targets.values - targets.init).double().T
+        wanted = start + (targets.values - targets.init).to(device).double().T
     deltas: dict[str, LowRankDelta] = {}
     for position, layer in enumerate(hparams.layers):
         modules = block_modules(model, layer)

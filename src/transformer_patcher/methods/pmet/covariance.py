@@ -5,6 +5,9 @@ A key ``k`` is the input of a layer's FFN output projection (``down_proj``, ``c_
 bar, and cached as safetensors keyed by the layer's weight fingerprint and the exact text, so a cache file can never
 be applied to another model, layer or corpus. With too few tokens ``C_l`` is rank-deficient: a warning says so
 below 10 × the key width, and :meth:`SecondMoment.regularized` adds a ridge.
+
+The keys are summed on the model's device; ``C_l`` is kept on the CPU, computed or read from the cache alike, and the
+updates move it to where they are solved.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ MIN_TOKENS_PER_DIM = 10
 
 @dataclass
 class SecondMoment:
-    """``E[k kᵀ]`` (float64) of one layer's FFN keys, from ``tokens`` tokens."""
+    """``E[k kᵀ]`` (float64, on the CPU) of one layer's FFN keys, from ``tokens`` tokens."""
 
     module: str
     matrix: torch.Tensor
@@ -51,7 +54,7 @@ class SecondMoment:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
         d = self.matrix.shape[0]
         scale = float(torch.trace(self.matrix)) / d
-        return self.matrix + ridge * scale * torch.eye(d, dtype=self.matrix.dtype)
+        return self.matrix + ridge * scale * torch.eye(d, dtype=self.matrix.dtype, device=self.matrix.device)
 
 
 def ffn_target(model: nn.Module, layer: int) -> PatchTarget:
@@ -124,7 +127,7 @@ class KeyMoments:
                 width,
                 MIN_TOKENS_PER_DIM,
             )
-        return SecondMoment(module, self.sums[layer] / self.tokens, self.tokens)
+        return SecondMoment(module, (self.sums[layer] / self.tokens).cpu(), self.tokens)
 
 
 def _batches(
@@ -155,12 +158,14 @@ def collect_second_moments(
     targets = {layer: ffn_target(model, layer) for layer in layers}
     moments = KeyMoments()
     hooked = {layer: modules[t.value_module] for layer, t in targets.items()}
+    device = next(model.parameters()).device
     bar = tqdm(total=len(texts), desc="FFN key statistics", unit="text", disable=not progress)
     with moments.attached(hooked), eval_mode(model), torch.no_grad(), bar:
         for batch, size in _batches(tokenizer, texts, batch_size, max_length):
-            moments.mask = batch["attention_mask"].reshape(-1).bool()
+            inputs = {name: tensor.to(device) for name, tensor in batch.items()}
+            moments.mask = inputs["attention_mask"].reshape(-1).bool()
             moments.tokens += int(moments.mask.sum())
-            model(**batch)
+            model(**inputs)
             bar.update(size)
     return {layer: moments.moment(layer, target.value_module) for layer, target in targets.items()}
 

@@ -93,9 +93,10 @@ class PMETEditor:
             config = DeltaConfig(target_modules=[b.ffn_out for b in self.blocks], method=hparams.variant)
             self.model = get_delta_model(model, config, adapter_name=adapter_name)
         self.templates = [list(group) for group in templates] if templates is not None else None
+        device = next(base.parameters()).device  # the projections live where the updates are solved
         self.null_space = (
             NullSpace.from_moments(
-                {layer: moments[layer].matrix for layer in hparams.layers},
+                {layer: moments[layer].matrix.to(device) for layer in hparams.layers},
                 hparams.null_space_threshold,
                 hparams.null_space_l2,
             )

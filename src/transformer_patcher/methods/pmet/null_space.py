@@ -52,7 +52,8 @@ def null_space_projection(second_moment: torch.Tensor, threshold: float) -> torc
 def solve_projected_update(
     keys: torch.Tensor, residuals: torch.Tensor, projection: torch.Tensor, earlier: torch.Tensor, l2: float
 ) -> LowRankDelta:
-    """AlphaEdit's ``ΔW`` for keys ``K`` (d_in × n) and residuals ``R`` (d_out × n), with ``earlier = Kₚ Kₚᵀ``."""
+    """AlphaEdit's ``ΔW`` for keys ``K`` (d_in × n) and residuals ``R`` (d_out × n), with ``earlier = Kₚ Kₚᵀ``,
+    solved in float64 on the keys' device (``P`` and ``Kₚ Kₚᵀ`` are moved there)."""
     d_in = check_columns(keys, residuals)
     for name, matrix in (("projection", projection), ("earlier keys' moment", earlier)):
         if matrix.shape != (d_in, d_in):
@@ -60,8 +61,9 @@ def solve_projected_update(
     if l2 <= 0:
         raise ValueError(f"the L2 weight must be positive, got {l2}")
     k = keys.double()
-    p = projection.double()
-    system = p @ (k @ k.T + earlier.double()) + l2 * torch.eye(d_in, dtype=torch.float64)
+    p = projection.to(k.device, torch.float64)
+    identity = torch.eye(d_in, dtype=torch.float64, device=k.device)
+    system = p @ (k @ k.T + earlier.to(k.device, torch.float64)) + l2 * identity
     down = torch.linalg.solve(system, p @ k).T
     return LowRankDelta(residuals.double(), down)
 
@@ -71,6 +73,7 @@ class NullSpace:
 
     :meth:`solve` computes a layer's update and holds its keys as pending; :meth:`commit` adds them to the earlier
     keys once the batch is in the model, :meth:`discard` drops them when it is not: a failed batch leaves no trace.
+    Everything stays on the projections' device; :meth:`state_tensors` are CPU copies.
     """
 
     def __init__(self, projections: Mapping[int, torch.Tensor], l2: float) -> None:
@@ -85,8 +88,10 @@ class NullSpace:
         return cls({layer: null_space_projection(m, threshold) for layer, m in moments.items()}, l2)
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> LowRankDelta:
-        delta = solve_projected_update(keys, residuals, self.projections[layer], self.earlier[layer], self.l2)
-        self.pending[layer] = keys.double() @ keys.double().T
+        projection = self.projections[layer]
+        k = keys.to(projection.device, torch.float64)
+        delta = solve_projected_update(k, residuals, projection, self.earlier[layer], self.l2)
+        self.pending[layer] = k @ k.T
         return delta
 
     def commit(self) -> None:
@@ -103,8 +108,11 @@ class NullSpace:
         self.pending = {}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"null_space.{layer}.earlier": m.clone() for layer, m in self.earlier.items()}
+        return {f"null_space.{layer}.earlier": m.to("cpu", copy=True) for layer, m in self.earlier.items()}
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.earlier = {layer: tensors[f"null_space.{layer}.earlier"].double().clone() for layer in self.earlier}
+        self.earlier = {
+            layer: tensors[f"null_space.{layer}.earlier"].to(m.device, torch.float64, copy=True)
+            for layer, m in self.earlier.items()
+        }
         self.pending = {}

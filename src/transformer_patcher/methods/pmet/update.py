@@ -57,13 +57,14 @@ def check_columns(keys: torch.Tensor, residuals: torch.Tensor) -> int:
 def solve_update(
     keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, weight: float
 ) -> LowRankDelta:
-    """``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` as ``(R, Kᵀ (K Kᵀ + λC)⁻¹)``, solved in float64 (a solve, not an inverse)."""
+    """``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` as ``(R, Kᵀ (K Kᵀ + λC)⁻¹)``, solved in float64 (a solve, not an inverse) on the
+    keys' device (``C`` is moved there)."""
     d_in = check_columns(keys, residuals)
     if second_moment.shape != (d_in, d_in):
         raise ValueError(f"the second moment must be {d_in} × {d_in}, got {tuple(second_moment.shape)}")
     if weight <= 0:
         raise ValueError(f"the covariance weight λ must be positive, got {weight}")
     k = keys.double()
-    system = k @ k.T + weight * second_moment.double()  # symmetric positive definite when C is
+    system = k @ k.T + weight * second_moment.to(k.device, torch.float64)  # symmetric positive definite when C is
     down = torch.linalg.solve(system, k).T  # Kᵀ A⁻¹ = (A⁻¹ K)ᵀ since A is symmetric
     return LowRankDelta(residuals.double(), down)
