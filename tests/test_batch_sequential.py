@@ -14,7 +14,7 @@ from transformer_patcher.cli import main
 from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, run_batch_experiment
 from transformer_patcher.experiments.sme.run_state import load_checkpoint
 from transformer_patcher.methods.pmet import PMETEditor
-from workspace import build_workspace
+from workspace import add_counterfact_edits, build_workspace
 
 TINY_PMET = {"layers": [0], "mom2_update_weight": 1, "v_num_grad_steps": 40, "v_lr": 5, "clamp_norm_factor": 4}
 TINY_SUITE = {"generation": 4, "perplexity_tokens": 256, "window": 64}
@@ -24,26 +24,8 @@ DELTA_UP = "transformer.h.0.mlp.c_proj.up"  # the MEMIT delta's factor at the ed
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The CLI workspace plus a CounterFact-format edit file of its zsRE records: each question's last word is its
-    subject (a 2-block GPT-2 must be written where the answer is read) and the previous record's answer its true
-    answer, so probability scores exist too."""
-    ws = build_workspace(tmp_path_factory.mktemp("sequential"))
-    records = json.loads(ws["zsre"].read_text())
-    cases = [
-        {
-            "prompt": r["src"],
-            "subject": r["src"].split()[-1],
-            "target_new": r["answers"][0],
-            "ground_truth": records[i - 1]["answers"][0],
-            "rephrase_prompt": r["rephrase"],
-            "locality_prompt": r["loc"],
-            "locality_ground_truth": r["loc_ans"],
-        }
-        for i, r in enumerate(records)
-    ]
-    ws["counterfact"] = ws["root"] / "counterfact-edits.json"
-    ws["counterfact"].write_text(json.dumps(cases))
-    return ws
+    """The tiny GPT-2 workspace with a CounterFact-format edit file (tests/workspace.py)."""
+    return add_counterfact_edits(build_workspace(tmp_path_factory.mktemp("sequential")))
 
 
 @pytest.fixture(autouse=True)

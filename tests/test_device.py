@@ -16,7 +16,7 @@ from transformer_patcher.core.pretrained import check_device, load_model, resolv
 from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, run_batch_experiment
 from transformer_patcher.experiments.sme.run_state import load_checkpoint
 from transformer_patcher.methods.pmet import NullSpace, PMETEditor
-from workspace import build_workspace
+from workspace import add_counterfact_edits, build_workspace
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -29,25 +29,8 @@ BAD_DEVICES = ["gpu", "CPU", "cuda:", "cuda:x", "cuda:-1", "mps", "", " cpu", "c
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny GPT-2 workspace plus a CounterFact-format file of its zsRE records (the question's last word is the
-    subject, the previous record's answer the true answer)."""
-    ws = build_workspace(tmp_path_factory.mktemp("device"))
-    records = json.loads(ws["zsre"].read_text())
-    cases = [
-        {
-            "prompt": r["src"],
-            "subject": r["src"].split()[-1],
-            "target_new": r["answers"][0],
-            "ground_truth": records[i - 1]["answers"][0],
-            "rephrase_prompt": r["rephrase"],
-            "locality_prompt": r["loc"],
-            "locality_ground_truth": r["loc_ans"],
-        }
-        for i, r in enumerate(records)
-    ]
-    ws["counterfact"] = ws["root"] / "counterfact-edits.json"
-    ws["counterfact"].write_text(json.dumps(cases))
-    return ws
+    """The tiny GPT-2 workspace with a CounterFact-format edit file (tests/workspace.py)."""
+    return add_counterfact_edits(build_workspace(tmp_path_factory.mktemp("device")))
 
 
 @pytest.fixture(autouse=True)

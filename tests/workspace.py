@@ -56,3 +56,25 @@ def build_workspace(root: Path, n_edits: int = 8) -> dict[str, Path]:
     for split in ("valid", "test"):
         (data / "wikitext2" / f"{split}.txt").write_text(random_sentence(generator, 2000))
     return {"root": root, "model": model_dir, "data": data, "zsre": root / "zsre.json"}
+
+
+def add_counterfact_edits(ws: dict[str, Path]) -> dict[str, Path]:
+    """Add ``ws["counterfact"]``: a CounterFact-format edit file of the workspace's zsRE records. Each question's last
+    word is its subject (a 2-block GPT-2 must be written where the answer is read) and the previous record's answer
+    its true answer, so probability scores exist too."""
+    records = json.loads(ws["zsre"].read_text())
+    cases = [
+        {
+            "prompt": r["src"],
+            "subject": r["src"].split()[-1],
+            "target_new": r["answers"][0],
+            "ground_truth": records[i - 1]["answers"][0],
+            "rephrase_prompt": r["rephrase"],
+            "locality_prompt": r["loc"],
+            "locality_ground_truth": r["loc_ans"],
+        }
+        for i, r in enumerate(records)
+    ]
+    ws["counterfact"] = ws["root"] / "counterfact-edits.json"
+    ws["counterfact"].write_text(json.dumps(cases))
+    return ws

@@ -7,7 +7,7 @@ forcing, exact for greedy decoding), and so are the model's own answers that the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from transformer_patcher.core.modes import eval_mode
-from transformer_patcher.core.tasks import input_device
+from transformer_patcher.core.placement import execution_device
 
 
 def greedy_continuations(
@@ -43,7 +43,7 @@ def greedy_continuations(
     results: list[list[int]] = [[] for _ in prompts]
     stops = set(stop_ids)
     starts = range(0, len(order), batch_size)
-    device = input_device(model)
+    device = execution_device(model)
     with eval_mode(model), torch.no_grad():
         for start in tqdm(starts, desc=description, unit="batch", leave=False, disable=not progress):
             chunk = order[start : start + batch_size]
@@ -78,18 +78,6 @@ class ForcedBatch:
     kept: torch.Tensor  # per read: index into ``keep``
     labels: torch.Tensor
     keep: torch.Tensor  # the positions the LM head is asked for, when the model takes ``logits_to_keep``
-
-    def to(self, device: torch.device | str) -> ForcedBatch:
-        """The batch with its inputs and reads on ``device``."""
-        return replace(
-            self,
-            inputs={k: v.to(device) for k, v in self.inputs.items()},
-            rows=self.rows.to(device),
-            cols=self.cols.to(device),
-            kept=self.kept.to(device),
-            labels=self.labels.to(device),
-            keep=self.keep.to(device),
-        )
 
 
 def forced_batch(

@@ -33,7 +33,7 @@ import operator
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer_patcher.core.errors import InvalidExampleError, PromptFormatError
+from transformer_patcher.core.placement import execution_device
 from transformer_patcher.core.prompts import CHAT, Prompter, PromptFormat
 
 
@@ -65,10 +66,16 @@ def position_limit(config: Any) -> int | None:
     return limit
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """The device ``model`` takes its inputs on: its first parameter's (the CPU when it has none on a real device)."""
-    parameter = next(model.parameters(), None)
-    return torch.device("cpu") if parameter is None or parameter.device.type == "meta" else parameter.device
+def on_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor in it on ``device``: a tensor, a dict of values, or a dataclass of them (a copy;
+    anything else unchanged)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{f.name: on_device(getattr(value, f.name), device) for f in fields(value) if f.init})
+    return value
 
 
 @dataclass
@@ -88,19 +95,6 @@ class Batch:
 
     def model_kwargs(self) -> dict[str, Any]:
         return {**self.inputs, **self.extra}
-
-    def to(self, device: torch.device | str) -> Batch:
-        """The batch with its inputs and reads (and any tensor in ``extra``) on ``device``."""
-        move = lambda value: value.to(device) if isinstance(value, torch.Tensor) else value  # noqa: E731
-        return replace(
-            self,
-            inputs={k: v.to(device) for k, v in self.inputs.items()},
-            rows=self.rows.to(device),
-            cols=self.cols.to(device),
-            labels=self.labels.to(device),
-            example=self.example.to(device),
-            extra={k: move(v) for k, v in self.extra.items()},
-        )
 
     def first_reads(self) -> torch.Tensor:
         """A mask over the reads: the first read of each example (where its answer starts)."""
@@ -258,7 +252,7 @@ class Task(ABC):
     def batch_for(self, model: nn.Module, pairs: Sequence[tuple[str, int | str]]) -> Batch:
         """``collate`` on the model's device plus the model-specific forward kwargs of ``prepare``: what a forward pass
         of ``model`` needs."""
-        batch = self.collate(pairs).to(input_device(model))
+        batch = on_device(self.collate(pairs), execution_device(model))
         limit = position_limit(getattr(model, "config", None))
         if limit is not None:
             for name in ("input_ids", "decoder_input_ids"):

@@ -14,7 +14,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from transformer_patcher.tuners.placement import execution_device
+from transformer_patcher.core.placement import execution_device
 
 _META = torch.device("meta")
 

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from transformer_patcher.core.decoding import ForcedBatch, forced_batch
 from transformer_patcher.core.modes import eval_mode
-from transformer_patcher.core.tasks import accepts_argument, input_device
+from transformer_patcher.core.placement import execution_device
+from transformer_patcher.core.tasks import accepts_argument, on_device
 from transformer_patcher.methods.patcher.replay import ForwardReplay, Recording
 
 MAX_LOGIT_ROWS = 2048  # logits kept per batch (rows × vocabulary floats): bounds memory for long windows
@@ -94,12 +95,12 @@ class ForcedReads:
         log_probs = torch.empty(n_reads, dtype=torch.float32)
         position = torch.tensor(self.offsets[:-1])
         use_keep = accepts_argument(model, "logits_to_keep")
-        device = input_device(model)
+        device = execution_device(model)
         with eval_mode(model), torch.no_grad():
             for index, stored in enumerate(
                 tqdm(self._batches, desc=self.description, leave=False, disable=not progress)
             ):
-                batch = stored.to(device)
+                batch = on_device(stored, device)
                 logits = self._forward(model, index, batch, use_keep)
                 picked = logits[batch.rows, batch.kept if use_keep else batch.cols].float()
                 where = _read_slots(batch, position, self.lengths)

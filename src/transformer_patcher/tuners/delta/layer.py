@@ -18,10 +18,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from transformer_patcher.core.errors import InvalidPatchError, UnsupportedArchitectureError
+from transformer_patcher.core.placement import execution_device
 from transformer_patcher.tuners.delta.config import DeltaConfig
 from transformer_patcher.tuners.delta.delta_file import DeltaShapes
 from transformer_patcher.tuners.delta.schema import DELTA_TENSOR_NAMES, SPECS, delta_sizes
-from transformer_patcher.tuners.placement import execution_device
 from transformer_patcher.tuners.tuner_layer import TunerLayer
 
 

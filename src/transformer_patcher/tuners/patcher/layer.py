@@ -28,6 +28,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from transformer_patcher.core.errors import InvalidPatchError, PatchMergeError
+from transformer_patcher.core.placement import execution_device
 from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.keys import preactivation
 from transformer_patcher.tuners.patcher.patch_file import PatchShapes
@@ -40,7 +41,6 @@ from transformer_patcher.tuners.patcher.schema import (
     TRAINABLE,
     patch_sizes,
 )
-from transformer_patcher.tuners.placement import execution_device
 from transformer_patcher.tuners.tensor_schema import ID, ID_DTYPE
 from transformer_patcher.tuners.tuner_layer import TunerLayer
 
