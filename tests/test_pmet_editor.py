@@ -22,6 +22,7 @@ from transformer_patcher.methods.pmet import (
 from transformer_patcher.methods.pmet.algorithm import read_at_subject
 from transformer_patcher.methods.pmet.architecture import block_modules
 from transformer_patcher.methods.pmet.requests import encode
+from transformer_patcher.methods.pmet.targets import Targets
 from transformer_patcher.tuners.delta.model import DeltaModel
 
 HPARAMS = PMETHyperParams(
@@ -158,6 +159,24 @@ def test_residual_tracking_counts_every_layers_write_once(arch: str, tokenizer) 
         wanted = result.targets.values - result.targets.init
         changes[track] = ((moved - wanted).norm(dim=1) / wanted.norm(dim=1)).max()
     assert changes["residual"] < 0.02 < changes["ffn"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_folding_the_attention_delta_writes_the_whole_optimised_change(arch: str, tokenizer) -> None:
+    """``fold_attention`` writes ``δ_attn + δ_mlp`` as the FFN change: tracked on the residual stream, the z layer's
+    block output lands on its pre-edit value plus both deltas (within 2 %, λ → 0), not on ``δ_mlp`` alone."""
+    requests = _requests(6)
+    hparams = HPARAMS.with_options(mom2_update_weight=1e-4, track="residual", fold_attention=True)
+    editor = PMETEditor(_model(arch), tokenizer, hparams, _texts(), progress=False)
+    block = block_modules(editor.model, HPARAMS.layers[-1]).block
+    bare = [encode(tokenizer, r.template, r.subject) for r in requests]
+    before = read_at_subject(editor.model, tokenizer, bare, block, "output")
+    result = editor.edit_batch(requests)
+    moved = read_at_subject(editor.model, tokenizer, bare, block, "output") - before
+    whole, mlp_only = result.targets.change(fold_attention=True), result.targets.change()
+    assert ((moved - whole).norm(dim=1) / whole.norm(dim=1)).max() < 0.02
+    assert ((moved - mlp_only).norm(dim=1) / mlp_only.norm(dim=1)).min() > 0.05  # δ_attn is a real part of it
+    assert torch.equal(result.targets.select([1]).attention, result.targets.attention[1:2])
 
 
 def _target_probabilities(model: torch.nn.Module, tokenizer, requests: list[EditRequest]) -> torch.Tensor:
@@ -297,6 +316,14 @@ def test_hyperparameters_are_validated() -> None:
         HPARAMS.with_options(lambda_=3)
     with pytest.raises(ValueError, match="track"):
         HPARAMS.with_options(track="block")
+    with pytest.raises(ValueError, match="fold_attention"):
+        HPARAMS.with_options(fold_attention=1)
+    with pytest.raises(ValueError, match="no attention delta"):
+        HPARAMS.with_options(variant="memit", fold_attention=True)
+    saved = Targets(torch.ones(2, 3), torch.zeros(2, 3), [1, 1], [0.5, 0.5])  # read back without δ_attn
+    assert torch.equal(saved.change(), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="lack"):
+        saved.change(fold_attention=True)
 
 
 def test_presets_carry_the_published_settings() -> None:

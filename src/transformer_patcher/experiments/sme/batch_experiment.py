@@ -245,12 +245,15 @@ def _original_targets(
     if target_file.is_file():
         saved = load_file(str(target_file))
         meta = json.loads((out / f"targets-{name}.json").read_text())
-        targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"])
+        targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"], saved.get("attention"))
         return targets, meta["seconds_per_request"]
     start = time.perf_counter()
     targets = editor.compute_targets(requests)
     target_seconds = (time.perf_counter() - start) / len(requests)
-    save_safetensors_atomic({"values": targets.values, "init": targets.init}, target_file)
+    tensors = {"values": targets.values, "init": targets.init}
+    if targets.attention is not None:
+        tensors["attention"] = targets.attention
+    save_safetensors_atomic(tensors, target_file)
     meta = {"steps": targets.steps, "probabilities": targets.probabilities, "seconds_per_request": target_seconds}
     write_text_atomic(out / f"targets-{name}.json", json.dumps(meta))
     return targets, target_seconds

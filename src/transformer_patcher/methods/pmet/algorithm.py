@@ -133,12 +133,12 @@ def compute_deltas(
     z_block = block_modules(model, hparams.layers[-1])
     device = next(unwrap(model).parameters()).device
     bare = [encode(tokenizer, request.template, request.subject) for request in requests]
-    wanted = targets.values.to(device).double().T  # d × n
+    change = targets.change(hparams.fold_attention).to(device).double().T  # d × n
+    wanted = targets.init.to(device).double().T + change
     read_module = z_block.block if hparams.variant == "memit" else z_block.ffn_out
     if hparams.variant == "pmet" and hparams.track == "residual":  # the FFN change, carried by the residual stream
         read_module = z_block.block
-        start = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
-        wanted = start + (targets.values - targets.init).to(device).double().T
+        wanted = read_at_subject(model, tokenizer, bare, read_module, "output").double().T + change
     deltas: dict[str, LowRankDelta] = {}
     for position, layer in enumerate(hparams.layers):
         modules = block_modules(model, layer)

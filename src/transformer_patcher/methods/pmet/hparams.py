@@ -41,6 +41,9 @@ class PMETHyperParams:
     # residual stream too, come on top of the target; "residual" compares the z layer's block output with its
     # pre-edit value plus the FFN change δ_mlp, so every layer's write is counted once
     track: str = "ffn"
+    # PMET writes only δ_mlp (the paper); True writes δ_attn + δ_mlp, the whole optimised change, as the FFN change,
+    # since both enter the residual stream at the same token and share the work (docs/pmet.md, "Deviations")
+    fold_attention: bool = False
     # AlphaEdit (methods/pmet/null_space.py): project each update onto the null space of the preserved keys, and
     # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
     null_space: bool = False
@@ -61,8 +64,11 @@ class PMETHyperParams:
         if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
             raise ValueError(f"layers must be strictly increasing, got {layers}")
         object.__setattr__(self, "layers", layers)
-        if not isinstance(self.null_space, bool):
-            raise ValueError(f"null_space must be True or False, got {self.null_space!r}")
+        for name in ("null_space", "fold_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fold_attention and self.variant == "memit":
+            raise ValueError("fold_attention is a PMET option: the MEMIT ablation optimises no attention delta")
         positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor", "null_space_l2")
         positive += ("null_space_threshold",)
         non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge")

@@ -44,23 +44,38 @@ KL_EXIT = 0.01
 @dataclass
 class Targets:
     """Per request (rows): the target ``z`` at the z layer, its pre-edit value, steps taken and final probability,
-    and (PMET) the norm of the optimised ``δ_attn``, the share of the change that is not written."""
+    and (PMET) the optimised ``δ_attn``, the part of the change the paper does not write (``fold_attention`` does)."""
 
     values: torch.Tensor  # (n, d) float32
     init: torch.Tensor  # (n, d)
     steps: list[int]
     probabilities: list[float]
-    attention_norms: list[float] | None = None  # None: the MEMIT ablation, or targets read back from a file
+    attention: torch.Tensor | None = None  # (n, d) δ_attn; None: the MEMIT ablation, or saved without it
+
+    @property
+    def attention_norms(self) -> list[float] | None:
+        return None if self.attention is None else self.attention.norm(dim=1).tolist()
+
+    def change(self, fold_attention: bool = False) -> torch.Tensor:
+        """``z − init`` per row (``δ_mlp``), plus ``δ_attn`` when it is folded into the written target."""
+        change = self.values - self.init
+        if not fold_attention:
+            return change
+        if self.attention is None:
+            raise ValueError(
+                "fold_attention needs the optimised attention deltas, which these targets lack "
+                "(the MEMIT ablation has none; targets saved by an older version were written without them)"
+            )
+        return change + self.attention
 
     def select(self, indices: Sequence[int]) -> Targets:
         index = list(indices)
-        norms = self.attention_norms
         return Targets(
             self.values[index],
             self.init[index],
             [self.steps[i] for i in index],
             [self.probabilities[i] for i in index],
-            None if norms is None else [norms[i] for i in index],
+            None if self.attention is None else self.attention[index],
         )
 
 
@@ -115,7 +130,7 @@ def compute_targets(
         torch.stack([r.init for r in results]),
         [r.steps for r in results],
         [r.probability for r in results],
-        None if hparams.variant == "memit" else [r.attention_norm for r in results],
+        None if hparams.variant == "memit" else torch.stack([r.attention for r in results]),
     )
 
 
@@ -144,7 +159,7 @@ class RequestTarget:
     init: torch.Tensor  # (d,)
     steps: int
     probability: float
-    attention_norm: float  # ‖δ_attn‖ (PMET; 0 for the MEMIT ablation)
+    attention: torch.Tensor  # (d,) δ_attn on the CPU (PMET; zeros for the MEMIT ablation)
 
 
 @dataclass
@@ -545,7 +560,7 @@ def _optimise_chunk(
             *shift.target(written, r),
             steps=state.steps + 1,
             probability=state.probability,
-            attention_norm=float(shift.deltas["attn"][r].detach().norm()) if "attn" in sites else 0.0,
+            attention=shift.deltas["attn"][r].detach().float().cpu() if "attn" in sites else torch.zeros(0),
         )
         for r, state in enumerate(states)
     ]
