@@ -141,6 +141,21 @@ def test_pmet_batch_writes_the_ffn_targets_and_raises_every_target(arch: str, to
     assert sum(_next_token(editor.model, tokenizer, r.text) == r.target for r in requests) >= 3
 
 
+def _block_move(arch: str, tokenizer, requests: list[EditRequest], **options) -> tuple[torch.Tensor, Targets]:
+    """How far one batch edit (λ → 0) moves the z layer's block output at each subject, and the batch's targets."""
+    hparams = HPARAMS.with_options(mom2_update_weight=1e-4, **options)
+    editor = PMETEditor(_model(arch), tokenizer, hparams, _texts(), progress=False)
+    block = block_modules(editor.model, HPARAMS.layers[-1]).block
+    bare = [encode(tokenizer, r.template, r.subject) for r in requests]
+    before = read_at_subject(editor.model, tokenizer, bare, block, "output")
+    result = editor.edit_batch(requests)
+    return read_at_subject(editor.model, tokenizer, bare, block, "output") - before, result.targets
+
+
+def _relative_misses(moved: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    return (moved - wanted).norm(dim=1) / wanted.norm(dim=1)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_residual_tracking_counts_every_layers_write_once(arch: str, tokenizer) -> None:
     """The lower layers' writes reach the residual stream as well as the z layer's FFN input. Tracking the FFN
@@ -149,15 +164,8 @@ def test_residual_tracking_counts_every_layers_write_once(arch: str, tokenizer) 
     requests = _requests(6)
     changes = {}
     for track in ("ffn", "residual"):
-        hparams = HPARAMS.with_options(mom2_update_weight=1e-4, track=track)
-        editor = PMETEditor(_model(arch), tokenizer, hparams, _texts(), progress=False)
-        block = block_modules(editor.model, HPARAMS.layers[-1]).block
-        bare = [encode(tokenizer, r.template, r.subject) for r in requests]
-        before = read_at_subject(editor.model, tokenizer, bare, block, "output")
-        result = editor.edit_batch(requests)
-        moved = read_at_subject(editor.model, tokenizer, bare, block, "output") - before
-        wanted = result.targets.values - result.targets.init
-        changes[track] = ((moved - wanted).norm(dim=1) / wanted.norm(dim=1)).max()
+        moved, targets = _block_move(arch, tokenizer, requests, track=track)
+        changes[track] = _relative_misses(moved, targets.change()).max()
     assert changes["residual"] < 0.02 < changes["ffn"]
 
 
@@ -165,18 +173,10 @@ def test_residual_tracking_counts_every_layers_write_once(arch: str, tokenizer) 
 def test_folding_the_attention_delta_writes_the_whole_optimised_change(arch: str, tokenizer) -> None:
     """``fold_attention`` writes ``δ_attn + δ_mlp`` as the FFN change: tracked on the residual stream, the z layer's
     block output lands on its pre-edit value plus both deltas (within 2 %, λ → 0), not on ``δ_mlp`` alone."""
-    requests = _requests(6)
-    hparams = HPARAMS.with_options(mom2_update_weight=1e-4, track="residual", fold_attention=True)
-    editor = PMETEditor(_model(arch), tokenizer, hparams, _texts(), progress=False)
-    block = block_modules(editor.model, HPARAMS.layers[-1]).block
-    bare = [encode(tokenizer, r.template, r.subject) for r in requests]
-    before = read_at_subject(editor.model, tokenizer, bare, block, "output")
-    result = editor.edit_batch(requests)
-    moved = read_at_subject(editor.model, tokenizer, bare, block, "output") - before
-    whole, mlp_only = result.targets.change(fold_attention=True), result.targets.change()
-    assert ((moved - whole).norm(dim=1) / whole.norm(dim=1)).max() < 0.02
-    assert ((moved - mlp_only).norm(dim=1) / mlp_only.norm(dim=1)).min() > 0.05  # δ_attn is a real part of it
-    assert torch.equal(result.targets.select([1]).attention, result.targets.attention[1:2])
+    moved, targets = _block_move(arch, tokenizer, _requests(6), track="residual", fold_attention=True)
+    assert _relative_misses(moved, targets.change(fold_attention=True)).max() < 0.02
+    assert _relative_misses(moved, targets.change()).min() > 0.05  # δ_attn is a real part of it
+    assert torch.equal(targets.select([1]).attention, targets.attention[1:2])
 
 
 def _target_probabilities(model: torch.nn.Module, tokenizer, requests: list[EditRequest]) -> torch.Tensor:
