@@ -159,7 +159,7 @@ class RequestTarget:
     init: torch.Tensor  # (d,)
     steps: int
     probability: float
-    attention: torch.Tensor  # (d,) δ_attn on the CPU (PMET; zeros for the MEMIT ablation)
+    attention: torch.Tensor  # (d,) δ_attn on the CPU (PMET; empty for the MEMIT ablation)
 
 
 @dataclass
