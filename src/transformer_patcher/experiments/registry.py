@@ -23,6 +23,7 @@ from transformer_patcher.methods.patcher.contexts import TokenContexts
 from transformer_patcher.methods.patcher.memory import build_memory
 from transformer_patcher.methods.patcher.subjects import ContrastPool, SubjectIndex
 from transformer_patcher.methods.patcher.trainer import PatchTrainer
+from transformer_patcher.methods.patcher.views import EditViews
 from transformer_patcher.methods.pmet import PMETEditor, pmet_hparams
 from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.model import get_patcher_model
@@ -137,6 +138,9 @@ def build_trainer(
         contexts = TokenContexts.from_texts(task.tokenizer, texts, per_token=config.token_contexts)
     if config.init == "solve" and config.nearest_contrasts and isinstance(contrasts, ContrastPool):
         subjects = SubjectIndex.from_model(wrapped, task.tokenizer, contrasts.subjects)
+    views = None
+    if task.kind == "causal_lm" and config.init == "solve" and config.key_views and banks["memory"] is not None:
+        views = EditViews.from_model(wrapped, task.tokenizer, config.key_views)
     return PatchTrainer(
         wrapped,
         task,
@@ -146,4 +150,5 @@ def build_trainer(
         contrasts=contrasts,
         contexts=contexts,
         subjects=subjects,
+        views=views,
     )

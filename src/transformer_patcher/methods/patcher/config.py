@@ -38,14 +38,30 @@ MEMORY_LOSS_WEIGHT = {"classification": 5.0, "seq2seq": 10.0, "causal_lm": 10.0}
 
 
 _POSITIVE_INTS = ("repeats", "max_steps", "check_every", "lr_every", "act_top_k", "memory_top_k")
-_NON_NEGATIVE_INTS = ("start_val_step", "early_patience", "lr_patience", "token_contexts", "nearest_contrasts")
+_NON_NEGATIVE_INTS = (
+    "start_val_step",
+    "early_patience",
+    "lr_patience",
+    "token_contexts",
+    "nearest_contrasts",
+    "key_views",
+)
 _POSITIVE_FLOATS = ("lr", "grad_clip", "lr_factor")
 _NON_NEGATIVE_FLOATS = ("weight_decay", "early_threshold", "lr_threshold", "act_loss_weight", "memory_loss_weight")
 _FINITE_FLOATS = ("act_margin", "memory_beta", "memory_gamma")
-_NEW_FLOATS = ("edit_margin", "solve_margin", "key_gap", "whiten_ridge", "answer_gate", "contrast_spread")
+_NEW_FLOATS = (
+    "edit_margin",
+    "solve_margin",
+    "key_gap",
+    "whiten_ridge",
+    "answer_gate",
+    "contrast_spread",
+    "view_scatter",
+)
 INITS = ("paper", "solve")
 STOPS = ("plateau", "constraints")
 MODES = ("default", "faithful", "quick")
+MAX_KEY_VIEWS = 16  # the openings the model writes its prefixes from (methods/patcher/views.py)
 MAX_SEED = 2**32  # the per-edit seed is seed * 1_000_003 + edit_id, which torch.manual_seed must accept
 
 
@@ -103,6 +119,8 @@ class EditConfig:
     contrast_spread: float = 0.5  # init="solve": thresholds sit this many standard deviations above the top contrast
     token_contexts: int = 16  # init="solve", causal LMs: running-text contexts of its token a later patch stays below
     nearest_contrasts: int = 0  # init="solve": of the contrasts, how many ask the subjects nearest the edit's own
+    key_views: int = 16  # init="solve", causal LMs: self-written prefixes the edit is read behind for its key (LDA)
+    view_scatter: float = 1.0  # init="solve": weight of the views' scatter against the memory covariance
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +142,8 @@ class EditConfig:
             )
         for name in _NEW_FLOATS:
             check_number(f"EditConfig.{name}", getattr(self, name), 0.0, strict=name == "whiten_ridge")
+        if self.key_views > MAX_KEY_VIEWS:
+            raise ValueError(f"EditConfig.key_views must be at most {MAX_KEY_VIEWS}, got {self.key_views}")
         if self.answer_gate >= 1:
             raise ValueError(f"EditConfig.answer_gate must be in [0, 1), got {self.answer_gate}")
         for name in ("max_patches", "give_up_after"):

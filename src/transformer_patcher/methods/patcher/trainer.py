@@ -54,6 +54,7 @@ from transformer_patcher.methods.patcher.losses import activation_loss, memory_l
 from transformer_patcher.methods.patcher.memory import MemoryBank, up_to
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.subjects import SubjectIndex
+from transformer_patcher.methods.patcher.views import EditViews
 from transformer_patcher.tuners.patcher.keys import discriminant, init_key, preactivation, separating_scale
 from transformer_patcher.tuners.patcher.layer import PatcherLayer
 
@@ -95,8 +96,10 @@ class PatchTrainer:
         contrasts: Callable[..., Sequence[str]] | None = None,
         contexts: TokenContexts | None = None,
         subjects: SubjectIndex | None = None,
+        views: EditViews | None = None,
     ) -> None:
         self.model = model
+        self.views = views  # mode default, causal LMs: the edit behind other words, which its key is built over
         self.contrasts = contrasts  # mode default: the edit asked of other subjects, which its patch stays below
         self.contexts = contexts  # mode default: running text a later answer token's patch stays below
         self.subjects = subjects  # mode default: which contrast subjects are nearest to an edit's own
@@ -201,7 +204,8 @@ class PatchTrainer:
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
                     contrasts = self._read_contrasts(example, single, reads)
-                    reads, required = self._add_solved_patches(first, single, reads, edit_id, contrasts)
+                    views = self._read_views(example, single)
+                    reads, required = self._add_solved_patches(first, single, reads, edit_id, contrasts, views)
                     success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
                     if reads.numel():
                         success, steps, loss = self._train_to_constraints(single, reads, required)
@@ -248,6 +252,13 @@ class PatchTrainer:
         contexts = iter(at_later)
         return [self._contrast_queries(example) if int(r) == 0 else next(contexts) for r in reads]
 
+    def _read_views(self, example: EditExample, single: Batch) -> torch.Tensor | None:
+        """The edit's views at every read (views, reads, d; NaN where a view reads other tokens) (:mod:`.views`), or
+        None without views."""
+        if self.views is None or not self.config.key_views:
+            return None
+        return self.views.queries(self.model, self.layer, self.task, example, single.labels)
+
     def _contrast_texts(self, example: EditExample) -> list[str]:
         """The edit's question asked of other subjects (``contrasts``; the :attr:`subjects` nearest to its own
         first, ``config.nearest_contrasts`` of them), then the inputs it must keep (``example.keep``)."""
@@ -276,13 +287,16 @@ class PatchTrainer:
         reads: torch.Tensor,
         edit_id: int,
         contrasts: Sequence[torch.Tensor | None] = (),
+        views: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Separating keys and biases, then the values that solve the edit (module docstring, mode default). Returns
         the reads that got a patch (a read whose query the memory cannot be told apart from gets none) and the lead
-        the stopping rule asks of them. ``contrasts``: per read, queries its patch must stay below (n, d) or None."""
+        the stopping rule asks of them. ``contrasts``: per read, queries its patch must stay below (n, d) or None;
+        ``views``: the edit's other readings at every read (views, all reads, d) or None."""
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
-        keys, bias, local = self._separating_keys(queries[reads], target, int(reads[0]) == 0, contrasts)
+        read_views = None if views is None else views[:, reads]
+        keys, bias, local = self._separating_keys(queries[reads], target, int(reads[0]) == 0, contrasts, read_views)
         reads, keys, bias = reads[local], keys[local], bias[local]
         if reads.numel() == 0:
             return reads, self.config.edit_margin
@@ -300,6 +314,7 @@ class PatchTrainer:
         target: float,
         first_read: bool = True,
         contrasts: Sequence[torch.Tensor | None] = (),
+        views: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Keys/biases firing at ``target`` on their query and below the memory margin on every memory row, and
         which queries can have one. A query that some memory rows resemble (score above 0.9 along its discriminant)
@@ -308,19 +323,26 @@ class PatchTrainer:
         (:meth:`_contrast_threshold`): the patch then fires only on inputs closer to the edit than those. The queries
         after the first (all of them when ``first_read`` is False) are later answer tokens, whose context already
         holds the start of the edit's answer: their threshold sits ``answer_gate`` of the way from the top memory
-        or contrast row to the edit."""
+        or contrast row to the edit. ``views`` (views, n, d): each query's other readings, which its key is the
+        two-class LDA over (:func:`discriminant`)."""
         bank = self.memory
         if bank is None or len(bank) < 2:
             keys = torch.stack([init_key(q, target) for q in queries])
             return keys, torch.zeros(len(queries)), torch.ones(len(queries), dtype=torch.bool)
         mean, precision = bank.statistics(self.config.whiten_ridge)
-        directions = torch.stack([discriminant(q, mean, precision) for q in queries])
+        scatter = self.config.view_scatter
+
+        def key_direction(i: int, silent: torch.Tensor | None = None) -> torch.Tensor:
+            readings = None if views is None else views[:, i][~views[:, i].isnan().any(1)]  # NaN: not read there
+            return discriminant(queries[i], mean, precision, silent, readings, scatter)
+
+        directions = torch.stack([key_direction(i) for i in range(len(queries))])
         t_max = bank.max_score(directions) - directions @ mean
         for i in (t_max > _SILENCE_ABOVE).nonzero().flatten().tolist():  # a memory row looks like this query
             rows, scores = bank.top_rows(directions[i], _SILENT_ROWS)
             silent = rows[scores - directions[i] @ mean > _SILENCE_ABOVE / 2]
             try:
-                direction = discriminant(queries[i], mean, precision, silent)
+                direction = key_direction(i, silent)
             except ValueError:  # the query is a combination of those rows
                 continue
             projected = bank.max_score(direction[None])[0] - direction @ mean

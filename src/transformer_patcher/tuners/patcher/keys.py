@@ -33,7 +33,12 @@ def init_key(query: torch.Tensor, preactivation: float = 1.0, silent: torch.Tens
 
 
 def discriminant(
-    query: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, silent: torch.Tensor | None = None
+    query: torch.Tensor,
+    mean: torch.Tensor,
+    precision: torch.Tensor,
+    silent: torch.Tensor | None = None,
+    views: torch.Tensor | None = None,
+    scatter: float = 1.0,
 ) -> torch.Tensor:
     """Fisher's discriminant between one query and a distribution (mean, precision = inverse covariance).
 
@@ -42,9 +47,23 @@ def discriminant(
     ``q/‖q‖²`` scores typical memory rows at 0.8 and the query's rephrase at 0.97); whitening removes it, so memory
     rows score near 0 while rephrases keep most of the query's score. ``silent`` rows (a few memory rows that score
     as high as the query, e.g. the same local context in running text) are projected out: they score exactly 0.
+
+    ``views`` (k, d) are other readings of the same input (behind a prefix, in another prompt format). The key then
+    is two-class LDA, ``w ∝ (Σ + scatter·S_v)⁻¹ (v̄ − μ)`` over the views and the query (mean ``v̄``, scatter
+    ``S_v``): a direction in which the wording around the input moves its query counts against the key, so a
+    rephrase, which moves it the same way, keeps more of the edit's score. Still scaled so the query scores 1.
     """
-    centred = (query.double() - mean.double()).reshape(-1)
-    w = precision.double() @ centred
+    query = query.reshape(-1)
+    centred = query.double() - mean.double()
+    p = precision.double()
+    if views is None or not views.numel():
+        w = p @ centred
+    else:
+        readings = torch.cat([query[None].double(), views.double().reshape(-1, centred.numel())])
+        spread = (readings - readings.mean(0)).T * (scatter / len(readings)) ** 0.5  # (d, k): S_v = U Uᵀ
+        w = p @ (readings.mean(0) - mean.double())
+        pu = p @ spread  # Woodbury: (Σ + U Uᵀ)⁻¹ = P − P U (I + Uᵀ P U)⁻¹ Uᵀ P
+        w = w - pu @ torch.linalg.solve(torch.eye(spread.shape[1], dtype=w.dtype) + spread.T @ pu, spread.T @ w)
     if silent is not None and silent.numel():
         basis, _ = torch.linalg.qr((silent.double().reshape(-1, centred.numel()) - mean.double()).T)
         w = w - basis @ (basis.T @ w)
