@@ -51,7 +51,7 @@ from transformer_patcher.core.tasks import Batch, Task
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
 from transformer_patcher.methods.patcher.losses import activation_loss, memory_loss
-from transformer_patcher.methods.patcher.memory import MemoryBank, up_to
+from transformer_patcher.methods.patcher.memory import MemoryBank, question_formats, up_to
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.subjects import SubjectIndex
 from transformer_patcher.methods.patcher.views import EditViews
@@ -271,14 +271,20 @@ class PatchTrainer:
 
     def _contrast_queries(self, example: EditExample) -> torch.Tensor | None:
         """FFN queries where the edit's contrasts (:meth:`_contrast_texts`) start their answer, shape (n, d); None
-        when there are none."""
+        when there are none. With views the key also reaches the edit in the other prompt formats, so the contrasts
+        are asked in those too."""
         texts = self._contrast_texts(example)
         if not texts:
             return None
-        batch = self.task.batch_for(self.model, [(text, example.target) for text in texts])
-        with torch.no_grad(), self.layer.capture(self.adapter) as record, up_to(self.layer):
-            self.model(**batch.model_kwargs())  # only the FFN query is read: the pass stops at the patched layer
-        return self.task.at_reads(record.query, batch)[batch.first_reads()].float()
+        formats = question_formats(self.task) if self.views is not None and self.config.key_views else []
+        tasks = [self.task] + [self.task.formatted(fmt) for fmt in formats[1:]]
+        rows = []
+        for task in tasks:
+            batch = task.batch_for(self.model, [(text, example.target) for text in texts])
+            with torch.no_grad(), self.layer.capture(self.adapter) as record, up_to(self.layer):
+                self.model(**batch.model_kwargs())  # only the FFN query is read: the pass stops at the patched layer
+            rows.append(task.at_reads(record.query, batch)[batch.first_reads()].float())
+        return torch.cat(rows)
 
     def _add_solved_patches(
         self,
@@ -333,7 +339,9 @@ class PatchTrainer:
         scatter = self.config.view_scatter
 
         def key_direction(i: int, silent: torch.Tensor | None = None) -> torch.Tensor:
-            readings = None if views is None else views[:, i][~views[:, i].isnan().any(1)]  # NaN: not read there
+            if views is None or i or not first_read:  # views key the first answer token only
+                return discriminant(queries[i], mean, precision, silent)
+            readings = views[:, i][~views[:, i].isnan().any(1)]  # NaN: a view that does not read there
             return discriminant(queries[i], mean, precision, silent, readings, scatter)
 
         directions = torch.stack([key_direction(i) for i in range(len(queries))])
