@@ -107,7 +107,9 @@ def test_the_trainer_builds_its_keys_over_the_views() -> None:
     views = EditViews([" ".join(f"w{i + j}" for j in range(4)) for i in range(10, 90, 10)])
     fired = {}
     for name, given in (("views", views), ("point", None)):
-        trainer = PatchTrainer(model, task, EditConfig(contrast_spread=0.0), MemoryBank(rows.clone()), views=given)
+        trainer = PatchTrainer(
+            model, task, EditConfig(contrast_spread=0.0, key_views=16), MemoryBank(rows.clone()), views=given
+        )
         scores = []
         for i, (text, target) in enumerate(random_pairs(16, seed=5, words=EDIT_WORDS, length=4)):
             example = EditExample(text, target)
@@ -139,7 +141,8 @@ def test_with_views_the_contrasts_are_asked_in_every_format_the_key_reaches() ->
     text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4)[0]
     example = EditExample(text, target, keep=("w10 w11 w12", "w20 w21 w22"))  # kept inputs join the contrasts
     plain = PatchTrainer(model, task, EditConfig(), rows)._contrast_queries(example)
-    viewed = PatchTrainer(model, task, EditConfig(), rows, views=EditViews(["w30 w31"]))._contrast_queries(example)
+    views = EditViews(["w30 w31"])
+    viewed = PatchTrainer(model, task, EditConfig(key_views=1), rows, views=views)._contrast_queries(example)
     assert plain is not None and viewed is not None and plain.shape == (2, layer.query_dim)
     assert viewed.shape == (4, layer.query_dim) and torch.equal(viewed[:2], plain)
     chat = task.formatted("chat")
@@ -159,5 +162,4 @@ def test_key_views_are_checked_and_built_for_generators_only() -> None:
     pairs = random_pairs(30, seed=1)
     trainer = build_trainer(model, task, pairs, edit_config=EditConfig(key_views=2), progress=False)
     assert trainer.views is not None and len(trainer.views.prefixes) == 2
-    off = build_trainer(model, task, pairs, edit_config=EditConfig(key_views=0), progress=False)
-    assert off.views is None
+    assert build_trainer(model, task, pairs, progress=False).views is None  # off by default

@@ -119,7 +119,7 @@ class EditConfig:
     contrast_spread: float = 0.5  # init="solve": thresholds sit this many standard deviations above the top contrast
     token_contexts: int = 16  # init="solve", causal LMs: running-text contexts of its token a later patch stays below
     nearest_contrasts: int = 0  # init="solve": of the contrasts, how many ask the subjects nearest the edit's own
-    key_views: int = 16  # init="solve", causal LMs: self-written prefixes the edit is read behind for its key (LDA)
+    key_views: int = 0  # init="solve", causal LMs: self-written prefixes the first answer token's key is read behind
     view_scatter: float = 1.0  # init="solve": weight of the views' scatter against the memory covariance
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
