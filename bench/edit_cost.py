@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-from transformer_patcher.core.pretrained import cache_dir, load_model
+from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
-from transformer_patcher.experiments.registry import build_editor
-from transformer_patcher.experiments.sme.experiment import ExperimentConfig, load_benchmark
+from transformer_patcher.experiments.sme.experiment import ExperimentConfig, config_editor, load_benchmark
 
 # name: (EditConfig overrides, whether the edit's question is asked of other subjects)
 VARIANTS = {"default": ({}, True), "no-token-contexts": ({"token_contexts": 0}, True), "no-contrasts": ({}, False)}
@@ -49,20 +48,8 @@ def main() -> None:
     for name, (overrides, contrasted) in VARIANTS.items():
         model, tokenizer = load_model(config.model, config.model_kind)
         task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
-        trainers[name] = build_editor(
-            "patcher",
-            model,
-            task,
-            benchmark.memory,
-            benchmark.validation,
-            replace(config.edit_config(), **overrides),
-            memory_rows=config.memory_rows,
-            validation_rows=config.validation_rows,
-            cache_dir=cache_dir() / "memory",
-            questions=benchmark.questions,
-            question_rows=config.question_rows,
-            contrasts=benchmark.contrasts() if contrasted else None,
-        )
+        edit_config = replace(config.edit_config(), **overrides)
+        trainers[name] = config_editor(config, benchmark, model, task, edit_config=edit_config, contrasted=contrasted)
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     success = {name: 0 for name in VARIANTS}
     neurons = {name: 0 for name in VARIANTS}

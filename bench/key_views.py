@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-from transformer_patcher.core.pretrained import cache_dir, load_model
+from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
-from transformer_patcher.experiments.registry import build_editor
-from transformer_patcher.experiments.sme.experiment import ExperimentConfig, load_benchmark
+from transformer_patcher.experiments.sme.experiment import ExperimentConfig, config_editor, load_benchmark
 from transformer_patcher.methods.patcher.memory import up_to
 from transformer_patcher.methods.patcher.views import written_prefixes
 from transformer_patcher.tuners.patcher.keys import discriminant
@@ -80,20 +79,7 @@ def main() -> None:
     model, tokenizer = load_model(config.model, config.model_kind)
     task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
     other = task.formatted("chat" if args.format == "raw" else "raw")
-    trainer = build_editor(
-        "patcher",
-        model,
-        task,
-        benchmark.memory,
-        benchmark.validation,
-        config.edit_config(),
-        memory_rows=config.memory_rows,
-        validation_rows=config.validation_rows,
-        cache_dir=cache_dir() / "memory",
-        questions=benchmark.questions,
-        question_rows=config.question_rows,
-        contrasts=benchmark.contrasts(),
-    )
+    trainer = config_editor(config, benchmark, model, task)
     texts = written_prefixes(trainer.model, tokenizer, args.views)
     mean, precision = (t.double() for t in trainer.memory.statistics(trainer.config.whiten_ridge))
     covariance = torch.linalg.inv(precision)

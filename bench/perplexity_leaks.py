@@ -24,6 +24,11 @@ from transformer_patcher.tuners.patcher.model import PatcherModel
 from transformer_patcher.tuners.patcher.patch_set import read_edit_log
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each next token of ``ids`` (1, n) under ``logits`` (n - 1, vocabulary)."""
+    return -torch.log_softmax(logits.float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -52,8 +57,7 @@ def main() -> None:
             with layer.capture() as record:
                 logits = model(input_ids=ids).logits[0, :-1]
         pre = record.frozen_preactivations[0, :-1]  # (positions, patches)
-        nll = lambda lg: -torch.log_softmax(lg.float(), -1).gather(1, ids[0, 1:, None])[:, 0]  # noqa: E731
-        delta = nll(logits) - nll(base_logits)
+        delta = next_token_nll(logits, ids) - next_token_nll(base_logits, ids)
         total += float(delta.sum())
         count += len(delta)
         top, patch = pre.max(dim=1)
@@ -62,7 +66,8 @@ def main() -> None:
             p = int(patch[pos])
             added[p] += float(delta[pos])
             context = tokenizer.decode(window[max(0, pos - 8) : pos + 1])
-            where[p].append(f"{context!r} -> {tokenizer.decode(window[pos + 1 : pos + 2])!r} ({float(delta[pos]):+.2f})")
+            written = tokenizer.decode(window[pos + 1 : pos + 2])
+            where[p].append(f"{context!r} -> {written!r} ({float(delta[pos]):+.2f})")
     ranked = sorted(added, key=lambda p: -added[p])[: args.top]
     rows = []
     for p in ranked:

@@ -164,6 +164,36 @@ def load_benchmark(config: ExperimentConfig) -> Benchmark:
     return benchmark.head(config.max_examples).formatted(config.format())
 
 
+def config_editor(
+    config: ExperimentConfig,
+    benchmark: Benchmark,
+    model: torch.nn.Module,
+    task: Any,
+    progress: bool = True,
+    edit_config: EditConfig | None = None,
+    contrasted: bool = True,
+) -> Editor:
+    """The editor an SME run of ``config`` builds over ``model``: its memory, questions and (unless not
+    ``contrasted``) contrasts from ``benchmark``; ``edit_config`` replaces ``config.edit_config()``."""
+    return build_editor(
+        config.editor,
+        model,
+        task,
+        benchmark.memory,
+        benchmark.validation,
+        edit_config or config.edit_config(),
+        memory_rows=config.memory_rows,
+        validation_rows=config.validation_rows,
+        cache_dir=cache_dir() / "memory",
+        progress=progress,
+        finetune_options=config.finetune_options,
+        pmet_options=config.pmet_options,
+        questions=benchmark.questions,
+        question_rows=config.question_rows,
+        contrasts=benchmark.contrasts() if contrasted else None,
+    )
+
+
 def run_experiment(
     config: ExperimentConfig, out_dir: str | os.PathLike[str], resume: bool = False, progress: bool = True
 ) -> dict[str, Any] | None:
@@ -183,23 +213,7 @@ def _run_experiment(
     benchmark = load_benchmark(config)
     model, tokenizer = load_model(config.model, config.model_kind)
     task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
-    editor = build_editor(
-        config.editor,
-        model,
-        task,
-        benchmark.memory,
-        benchmark.validation,
-        config.edit_config(),
-        memory_rows=config.memory_rows,
-        validation_rows=config.validation_rows,
-        cache_dir=cache_dir() / "memory",
-        progress=progress and state.is_local_main_process,
-        finetune_options=config.finetune_options,
-        pmet_options=config.pmet_options,
-        questions=benchmark.questions,
-        question_rows=config.question_rows,
-        contrasts=benchmark.contrasts(),
-    )
+    editor = config_editor(config, benchmark, model, task, progress and state.is_local_main_process)
     sme = SMEConfig(eval_every=config.eval_every, batch_size=config.batch_size, seed=config.seed, progress=progress)
     suite = _suite(config, benchmark, editor, out, resume, progress and state.is_local_main_process, state)
     runner = SMERunner(editor, benchmark.eval_sets, sme, checkpoint_dir=out / "checkpoints", suite=suite)
