@@ -78,23 +78,18 @@ def answer_queries(model: torch.nn.Module, task: CausalLMTask, text: str, target
     return task.at_reads(record.query, batch)
 
 
-def test_edit_views_read_every_answer_position_behind_each_prefix_and_in_the_other_format() -> None:
+def test_edit_views_read_where_the_answer_starts_behind_each_prefix_and_in_the_other_format() -> None:
     model = get_patcher_model(sharp_gpt2())
     task = CausalLMTask(chat_tokenizer())
     layer = model.base_model.patch_layer()
     text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4, target_length=3)[0]
     prefixes = ["w10 w11 w12", "w20 w21"]
-    labels = task.batch_for(model, [(text, target)]).labels
-    assert len(labels) == 3
-    rows = EditViews(prefixes).queries(model, layer, task, EditExample(text, target), labels)
-    assert rows.shape == (3, 3, layer.query_dim)  # two prefixes, then chat (whose answer also reads its end token)
-    expected = [answer_queries(model, task, f"{p} {text}", target) for p in prefixes]
-    expected.append(answer_queries(model, task.formatted("chat"), text, target)[:3])
+    rows = EditViews(prefixes).queries(model, layer, task, EditExample(text, target))
+    assert rows.shape == (3, layer.query_dim)  # two prefixes, then chat
+    expected = [answer_queries(model, task, f"{p} {text}", target)[0] for p in prefixes]
+    expected.append(answer_queries(model, task.formatted("chat"), text, target)[0])
     assert torch.allclose(rows, torch.stack(expected), atol=1e-5)
-    other = labels.clone()
-    other[1] = (other[1] + 1) % 50  # an answer that parts from the views' at its second token
-    parted = EditViews(prefixes).queries(model, layer, task, EditExample(text, target), other)
-    assert torch.equal(parted[:, 0], rows[:, 0]) and bool(parted[:, 1:].isnan().all())
+    assert EditViews([]).queries(model, layer, task, EditExample(text, target)).shape == (1, layer.query_dim)
 
 
 def test_the_trainer_builds_its_keys_over_the_views() -> None:
@@ -116,7 +111,7 @@ def test_the_trainer_builds_its_keys_over_the_views() -> None:
             batch = task.batch_for(model, [(text, target)])
             with torch.no_grad():
                 wrong = (~task.correct(task.read_logits(model(**batch.model_kwargs()), batch), batch.labels)).nonzero()
-            readings = views.queries(model, layer, task, example, batch.labels)
+            readings = views.queries(model, layer, task, example)
             record = trainer.edit(example, edit_id=i)
             assert record.success and trainer.check(example)[0] and record.neurons == len(wrong)
             keys, bias = layer.committed()["patch_frozen_keys"], layer.committed()["patch_frozen_bias"]
@@ -124,8 +119,7 @@ def test_the_trainer_builds_its_keys_over_the_views() -> None:
                 if read:  # views key the first answer token only
                     continue
                 patch = len(keys) - record.neurons + j
-                at_read = readings[:, read][~readings[:, read].isnan().any(1)]
-                scores.append(at_read @ keys[patch] + bias[patch])
+                scores.append(readings @ keys[patch] + bias[patch])
         fired[name] = torch.cat(scores)
         trainer.reset()
     assert len(fired["views"]) >= 40

@@ -99,7 +99,7 @@ class PatchTrainer:
         views: EditViews | None = None,
     ) -> None:
         self.model = model
-        self.views = views  # mode default, causal LMs: the edit behind other words, which its key is built over
+        self.views = views  # key_views, causal LMs: the edit behind other words, its first answer token's key's LDA
         self.contrasts = contrasts  # mode default: the edit asked of other subjects, which its patch stays below
         self.contexts = contexts  # mode default: running text a later answer token's patch stays below
         self.subjects = subjects  # mode default: which contrast subjects are nearest to an edit's own
@@ -204,7 +204,7 @@ class PatchTrainer:
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
                     contrasts = self._read_contrasts(example, single, reads)
-                    views = self._read_views(example, single)
+                    views = self._read_views(example)
                     reads, required = self._add_solved_patches(first, single, reads, edit_id, contrasts, views)
                     success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
                     if reads.numel():
@@ -252,12 +252,11 @@ class PatchTrainer:
         contexts = iter(at_later)
         return [self._contrast_queries(example) if int(r) == 0 else next(contexts) for r in reads]
 
-    def _read_views(self, example: EditExample, single: Batch) -> torch.Tensor | None:
-        """The edit's views at every read (views, reads, d; NaN where a view reads other tokens) (:mod:`.views`), or
-        None without views."""
+    def _read_views(self, example: EditExample) -> torch.Tensor | None:
+        """The edit's views where its answer starts (views, d) (:mod:`.views`), or None without views."""
         if self.views is None or not self.config.key_views:
             return None
-        return self.views.queries(self.model, self.layer, self.task, example, single.labels)
+        return self.views.queries(self.model, self.layer, self.task, example)
 
     def _contrast_texts(self, example: EditExample) -> list[str]:
         """The edit's question asked of other subjects (``contrasts``; the :attr:`subjects` nearest to its own
@@ -298,11 +297,10 @@ class PatchTrainer:
         """Separating keys and biases, then the values that solve the edit (module docstring, mode default). Returns
         the reads that got a patch (a read whose query the memory cannot be told apart from gets none) and the lead
         the stopping rule asks of them. ``contrasts``: per read, queries its patch must stay below (n, d) or None;
-        ``views``: the edit's other readings at every read (views, all reads, d) or None."""
+        ``views``: the edit's other readings where its answer starts (views, d) or None."""
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
-        read_views = None if views is None else views[:, reads]
-        keys, bias, local = self._separating_keys(queries[reads], target, int(reads[0]) == 0, contrasts, read_views)
+        keys, bias, local = self._separating_keys(queries[reads], target, int(reads[0]) == 0, contrasts, views)
         reads, keys, bias = reads[local], keys[local], bias[local]
         if reads.numel() == 0:
             return reads, self.config.edit_margin
@@ -329,8 +327,8 @@ class PatchTrainer:
         (:meth:`_contrast_threshold`): the patch then fires only on inputs closer to the edit than those. The queries
         after the first (all of them when ``first_read`` is False) are later answer tokens, whose context already
         holds the start of the edit's answer: their threshold sits ``answer_gate`` of the way from the top memory
-        or contrast row to the edit. ``views`` (views, n, d): each query's other readings, which its key is the
-        two-class LDA over (:func:`discriminant`)."""
+        or contrast row to the edit. ``views`` (views, d): the first read's other readings, which its key is the
+        two-class LDA over (:func:`discriminant`); later answer tokens keep the one-query key."""
         bank = self.memory
         if bank is None or len(bank) < 2:
             keys = torch.stack([init_key(q, target) for q in queries])
@@ -339,9 +337,7 @@ class PatchTrainer:
         scatter = self.config.view_scatter
 
         def key_direction(i: int, silent: torch.Tensor | None = None) -> torch.Tensor:
-            if views is None or i or not first_read:  # views key the first answer token only
-                return discriminant(queries[i], mean, precision, silent)
-            readings = views[:, i][~views[:, i].isnan().any(1)]  # NaN: a view that does not read there
+            readings = views if i == 0 and first_read else None  # views key the first answer token only
             return discriminant(queries[i], mean, precision, silent, readings, scatter)
 
         directions = torch.stack([key_direction(i) for i in range(len(queries))])

@@ -5,8 +5,9 @@ it also rewards what is particular to that one wording: on SmolLM2's last FFN a 
 the edit along it on 63 % of 60 dev edits (``bench/key_views.py``). Reading the same edit behind other words (ROME's
 context templates: a few tokens the model writes itself from common openings) and in the other prompt format shows
 which directions the surroundings move, and two-class LDA over those readings (:func:`discriminant`'s ``views``)
-weighs them down. The same 60 edits: rephrases past half-way 37 % → 65 %, held-out neighbours above the threshold
-8.8 % → 5.4 %.
+weighs them down. The same 60 edits: rephrases past half-way 37 % → 63 %, held-out neighbours above the threshold
+8.8 % → 6.3 %. Only the first answer token's key is built this way (``EditConfig.key_views``, off by default: over a
+250-edit stream it cost near-neighbour locality; docs/editing.md, rule 11).
 """
 
 from __future__ import annotations
@@ -66,33 +67,20 @@ class EditViews:
     def from_model(cls, model: nn.Module, tokenizer: Any, count: int) -> EditViews:
         return cls(written_prefixes(model, tokenizer, count))
 
-    def queries(
-        self, model: nn.Module, layer: Any, task: Task, example: EditExample, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """The FFN queries of every view at the edit's answer reads (whose tokens are ``labels``), shape
-        (views, reads, d). The first read is where the answer starts in every view; a later read is NaN in a view
-        whose answer so far is other tokens (the chat format's answer may start without the raw one's space)."""
-        asked = _answer_queries(model, layer, task, [f"{prefix} {example.text}" for prefix in self.prefixes], example)
+    def queries(self, model: nn.Module, layer: Any, task: Task, example: EditExample) -> torch.Tensor:
+        """The FFN queries of every view where the edit's answer starts, shape (views, d): one forward pass per
+        prompt format, stopped at the patched layer."""
+        found = [_answer_starts(model, layer, task, [f"{p} {example.text}" for p in self.prefixes], example)]
         for fmt in question_formats(task)[1:]:
-            asked += _answer_queries(model, layer, task.formatted(fmt), [example.text], example)
-        reads = len(labels)
-        found = torch.full((len(asked), reads, layer.query_dim), float("nan"), device=labels.device)
-        for v, (rows, read_labels) in enumerate(asked):
-            same = int((read_labels[:reads] == labels[: len(read_labels)]).cumprod(0).sum())
-            kept = max(1, min(same, reads))  # the first read always, then as long as the answer is the same
-            found[v, :kept] = rows[:kept].float()
-        return found
+            found.append(_answer_starts(model, layer, task.formatted(fmt), [example.text], example))
+        return torch.cat(found).float()
 
 
-def _answer_queries(
-    model: nn.Module, layer: Any, task: Task, texts: list[str], example: EditExample
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per text, the FFN queries at its answer's reads (the edit's target) and those reads' labels, one forward pass
-    stopped at ``layer``."""
+def _answer_starts(model: nn.Module, layer: Any, task: Task, texts: list[str], example: EditExample) -> torch.Tensor:
+    """The FFN queries where each text's answer (the edit's target) starts, shape (len(texts), d)."""
     if not texts:
-        return []
+        return torch.zeros(0, layer.query_dim)
     batch = task.batch_for(model, [(text, example.target) for text in texts])
     with torch.no_grad(), layer.capture() as record, up_to(layer):
         model(**batch.model_kwargs())
-    rows = task.at_reads(record.query, batch)
-    return [(rows[batch.example == i], batch.labels[batch.example == i]) for i in range(len(texts))]
+    return task.at_reads(record.query, batch)[batch.first_reads()]
