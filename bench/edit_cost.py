@@ -24,7 +24,8 @@ import torch
 
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
-from transformer_patcher.experiments.sme.experiment import ExperimentConfig, config_editor, load_benchmark
+from transformer_patcher.experiments.sme.experiment import config_editor, load_benchmark
+from zsre_stream import DATA_DIR, zsre_stream
 
 # name: (EditConfig overrides, whether the edit's question is asked of other subjects)
 VARIANTS = {"default": ({}, True), "no-token-contexts": ({"token_contexts": 0}, True), "no-contrasts": ({}, False)}
@@ -33,16 +34,10 @@ VARIANTS = {"default": ({}, True), "no-token-contexts": ({"token_contexts": 0}, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=30)
-    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--out", type=Path, default=Path("bench/results/edit_cost.json"))
     args = parser.parse_args()
-    config = ExperimentConfig(
-        model="smollm2-135m",
-        data=str(args.data_dir / "zsre" / "zsre_mend_train-1k.json"),
-        data_kind="zsre",
-        max_examples=args.edits,
-        data_dir=str(args.data_dir),
-    )
+    config = zsre_stream(args.edits, args.data_dir)
     benchmark = load_benchmark(config)
     trainers = {}
     for name, (overrides, contrasted) in VARIANTS.items():

@@ -32,10 +32,11 @@ import torch
 
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
-from transformer_patcher.experiments.sme.experiment import ExperimentConfig, config_editor, load_benchmark
+from transformer_patcher.experiments.sme.experiment import config_editor, load_benchmark
 from transformer_patcher.methods.patcher.memory import up_to
 from transformer_patcher.methods.patcher.views import written_prefixes
 from transformer_patcher.tuners.patcher.keys import discriminant
+from zsre_stream import DATA_DIR, zsre_stream
 
 
 def first_queries(trainer, task, texts: list[str], target: str) -> torch.Tensor:
@@ -64,17 +65,10 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--format", default="raw")
     parser.add_argument("--no-format-view", action="store_true", help="views are the prefixes alone")
-    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--out", type=Path, default=Path("bench/results/key_views.json"))
     args = parser.parse_args()
-    config = ExperimentConfig(
-        model="smollm2-135m",
-        data=str(args.data_dir / "zsre" / "zsre_mend_train-1k.json"),
-        data_kind="zsre",
-        max_examples=args.n,
-        data_dir=str(args.data_dir),
-        prompt_format=args.format,
-    )
+    config = zsre_stream(args.n, args.data_dir, args.format)
     benchmark = load_benchmark(config)
     model, tokenizer = load_model(config.model, config.model_kind)
     task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)

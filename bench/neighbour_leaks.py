@@ -19,26 +19,21 @@ import torch
 
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
-from transformer_patcher.experiments.sme.experiment import ExperimentConfig, load_benchmark
+from transformer_patcher.experiments.sme.experiment import load_benchmark
 from transformer_patcher.methods.patcher.memory import up_to
 from transformer_patcher.tuners.patcher.model import PatcherModel
 from transformer_patcher.tuners.patcher.patch_set import read_edit_log
+from zsre_stream import DATA_DIR, zsre_stream
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patches", type=Path, required=True)
     parser.add_argument("--edits", type=int, default=250)
-    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--show", type=int, default=12)
     args = parser.parse_args()
-    config = ExperimentConfig(
-        model="smollm2-135m",
-        data=str(args.data_dir / "zsre" / "zsre_mend_train-1k.json"),
-        data_kind="zsre",
-        max_examples=args.edits,
-        data_dir=str(args.data_dir),
-    )
+    config = zsre_stream(args.edits, args.data_dir)
     benchmark = load_benchmark(config)
     base, tokenizer = load_model(config.model, config.model_kind)
     model = PatcherModel.from_pretrained(base, args.patches)
