@@ -33,19 +33,15 @@ import torch
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.experiments.sme.experiment import config_editor, load_benchmark
-from transformer_patcher.methods.patcher.memory import up_to
+from transformer_patcher.methods.patcher.memory import answer_start_queries
 from transformer_patcher.methods.patcher.views import written_prefixes
 from transformer_patcher.tuners.patcher.keys import discriminant
 from zsre_stream import DATA_DIR, zsre_stream
 
 
 def first_queries(trainer, task, texts: list[str], target: str) -> torch.Tensor:
-    """FFN queries at the patched layer where each text's answer starts, shape (n, d)."""
-    batch = task.batch_for(trainer.model, [(t, target) for t in texts])
-    layer = trainer.layer
-    with torch.no_grad(), layer.capture(trainer.adapter) as record, up_to(layer):
-        trainer.model(**batch.model_kwargs())
-    return task.at_reads(record.query, batch)[batch.first_reads()].double()
+    """FFN queries at the patched layer where each text's answer starts, shape (n, d), float64."""
+    return answer_start_queries(trainer.model, trainer.layer, task, texts, target, trainer.adapter).double()
 
 
 def centred_score(x: torch.Tensor, mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

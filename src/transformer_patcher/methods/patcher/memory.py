@@ -217,6 +217,19 @@ def up_to(layer: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+def answer_start_queries(
+    model: nn.Module, layer: Any, task: Task, texts: Sequence[str], target: Any, adapter: str | None = None
+) -> torch.Tensor:
+    """The FFN queries of ``layer`` where each text's answer (``target``) starts, shape (len(texts), d): one forward
+    pass, stopped at the layer."""
+    if not texts:
+        return torch.zeros(0, layer.query_dim)
+    batch = task.batch_for(model, [(text, target) for text in texts])
+    with torch.no_grad(), layer.capture(adapter) as record, up_to(layer):
+        model(**batch.model_kwargs())
+    return task.at_reads(record.query, batch)[batch.first_reads()].float()
+
+
 def collect_queries(
     model: nn.Module,
     layer: Any,

@@ -51,7 +51,7 @@ from transformer_patcher.core.tasks import Batch, Task
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
 from transformer_patcher.methods.patcher.losses import activation_loss, memory_loss
-from transformer_patcher.methods.patcher.memory import MemoryBank, question_formats, up_to
+from transformer_patcher.methods.patcher.memory import MemoryBank, answer_start_queries, question_formats
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.subjects import SubjectIndex
 from transformer_patcher.methods.patcher.views import EditViews
@@ -277,13 +277,9 @@ class PatchTrainer:
             return None
         formats = question_formats(self.task) if self.views is not None and self.config.key_views else []
         tasks = [self.task] + [self.task.formatted(fmt) for fmt in formats[1:]]
-        rows = []
-        for task in tasks:
-            batch = task.batch_for(self.model, [(text, example.target) for text in texts])
-            with torch.no_grad(), self.layer.capture(self.adapter) as record, up_to(self.layer):
-                self.model(**batch.model_kwargs())  # only the FFN query is read: the pass stops at the patched layer
-            rows.append(task.at_reads(record.query, batch)[batch.first_reads()].float())
-        return torch.cat(rows)
+        return torch.cat(
+            [answer_start_queries(self.model, self.layer, t, texts, example.target, self.adapter) for t in tasks]
+        )
 
     def _add_solved_patches(
         self,

@@ -20,7 +20,7 @@ from torch import nn
 
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.tasks import Task
-from transformer_patcher.methods.patcher.memory import question_formats, up_to
+from transformer_patcher.methods.patcher.memory import answer_start_queries, question_formats
 
 OPENINGS = ("The", "Therefore", "Because", "I", "You", "In", "A", "It", "When", "She", "We", "This", "After", "He",
             "My", "If")  # fmt: skip
@@ -70,17 +70,9 @@ class EditViews:
     def queries(self, model: nn.Module, layer: Any, task: Task, example: EditExample) -> torch.Tensor:
         """The FFN queries of every view where the edit's answer starts, shape (views, d): one forward pass per
         prompt format, stopped at the patched layer."""
-        found = [_answer_starts(model, layer, task, [f"{p} {example.text}" for p in self.prefixes], example)]
+        found = [
+            answer_start_queries(model, layer, task, [f"{p} {example.text}" for p in self.prefixes], example.target)
+        ]
         for fmt in question_formats(task)[1:]:
-            found.append(_answer_starts(model, layer, task.formatted(fmt), [example.text], example))
-        return torch.cat(found).float()
-
-
-def _answer_starts(model: nn.Module, layer: Any, task: Task, texts: list[str], example: EditExample) -> torch.Tensor:
-    """The FFN queries where each text's answer (the edit's target) starts, shape (len(texts), d)."""
-    if not texts:
-        return torch.zeros(0, layer.query_dim)
-    batch = task.batch_for(model, [(text, example.target) for text in texts])
-    with torch.no_grad(), layer.capture() as record, up_to(layer):
-        model(**batch.model_kwargs())
-    return task.at_reads(record.query, batch)[batch.first_reads()]
+            found.append(answer_start_queries(model, layer, task.formatted(fmt), [example.text], example.target))
+        return torch.cat(found)
