@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -54,17 +55,30 @@ def lda(views: torch.Tensor, contrasts: torch.Tensor, mean, covariance, alpha: f
     return torch.linalg.solve(covariance + alpha * scatter, views.mean(0) - mean)
 
 
+def stream_leaks(gates: list[tuple[torch.Tensor, float]], held: list[torch.Tensor], mean: torch.Tensor) -> dict:
+    """What a stream of all these edits does to the neighbours: the share above some edit's threshold, and past
+    half-way from some edit's threshold to that edit (where a ReLU6 patch passes the whole fix)."""
+    keys = torch.stack([w for w, _ in gates], dim=1)  # d × edits
+    thresholds = torch.tensor([t for _, t in gates], dtype=keys.dtype)
+    scores = (torch.cat(held) - mean) @ keys  # neighbours × edits
+    return {
+        "stream_neighbour_fires": float((scores > thresholds).any(1).float().mean()),
+        "stream_neighbour_full": float((scores > (1 + thresholds) / 2).any(1).float().mean()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--views", type=int, default=16, help="prefixes (the other format is one more view)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--format", default="raw")
+    parser.add_argument("--layer", type=int, default=-1, help="the block whose FFN is patched (-1: the last)")
     parser.add_argument("--no-format-view", action="store_true", help="views are the prefixes alone")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--out", type=Path, default=Path("bench/results/key_views.json"))
     args = parser.parse_args()
-    config = zsre_stream(args.n, args.data_dir, args.format)
+    config = replace(zsre_stream(args.n, args.data_dir, args.format), layer_index=args.layer)
     benchmark = load_benchmark(config)
     model, tokenizer = load_model(config.model, config.model_kind)
     task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
@@ -79,6 +93,8 @@ def main() -> None:
     variants = ["point"] + [f"views a={a:g}" for a in args.alphas] + [f"views+contrasts a={a:g}" for a in args.alphas]
     measures = ("rephrase_fires", "rephrase_full", "neighbour_fires", "contrast_fires")
     tally = {v: {k: [] for k in measures} for v in variants}
+    gates: dict[str, list[tuple[torch.Tensor, float]]] = {v: [] for v in variants}  # per edit: key, threshold
+    held_out: list[torch.Tensor] = []  # per edit: its neighbours' queries
     for example, near in zip(benchmark.examples, neighbours, strict=True):
         target = example.target
         q = first_queries(trainer, task, [example.text], target)[0]
@@ -95,6 +111,7 @@ def main() -> None:
             continue
         contrasts = first_queries(trainer, task, contrast_texts, target)
         held = first_queries(trainer, task, near, target)
+        held_out.append(held)
         for v in variants:
             if v == "point":
                 w = discriminant(q, mean, precision)
@@ -113,11 +130,15 @@ def main() -> None:
             t["rephrase_full"].append(float((r > (1 + threshold) / 2).float().mean()))
             t["neighbour_fires"].append(float((score(held) > threshold).float().mean()))
             t["contrast_fires"].append(float((c > threshold).float().mean()))
+            gates[v].append((w, threshold))
     records = [
-        {"variant": v, "edits": len(t["rephrase_fires"])} | {k: statistics.fmean(x) for k, x in t.items()}
+        {"variant": v, "edits": len(t["rephrase_fires"])}
+        | {k: statistics.fmean(x) for k, x in t.items()}
+        | stream_leaks(gates[v], held_out, mean)
         for v, t in tally.items()
     ]
     command = f"python bench/key_views.py --n {args.n} --views {args.views} --format {args.format}"
+    command += f" --layer {args.layer}" if args.layer != -1 else ""
     command += " --no-format-view" if args.no_format_view else ""
     command += f" --alphas {' '.join(map(str, args.alphas))} --out {args.out}"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from transformer_patcher.core.modes import up_to
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.experiments.sme.experiment import load_benchmark
-from transformer_patcher.methods.patcher.memory import up_to
 from transformer_patcher.tuners.patcher.model import PatcherModel
 from transformer_patcher.tuners.patcher.patch_set import read_edit_log
 from zsre_stream import DATA_DIR, zsre_stream

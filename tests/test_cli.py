@@ -694,3 +694,19 @@ def test_plain_peft_and_transformers_load_a_patch_set_after_a_light_import(works
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sme_run_patches_the_block_layer_names(workspace: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_sme_args(workspace, out, "--layer", "0", "--max-examples", "2")) == 0
+    config = json.loads((out / "patches" / "fold-0" / "adapter_config.json").read_text())
+    assert config["layer_index"] == 0 and ".h.0." in config["target_modules"][0]
+    assert json.loads((out / "results.json").read_text())["config"]["layer_index"] == 0
+
+
+def test_a_layer_the_model_lacks_is_one_clear_line_and_writes_nothing(workspace, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_sme_args(workspace, out, "--layer", "9")) == 2
+    err = capsys.readouterr().err
+    assert "layer_index=9 is out of range" in err and "Traceback" not in err
+    assert not out.exists()

@@ -56,6 +56,9 @@ def setup_sme_run(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--validation-rows", type=positive, default=1_000, help="validation memory rows (stopping rule)")
     run.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
+    run.add_argument(
+        "--layer", type=int, default=-1, help="T-Patcher: the block whose FFN is patched (-1: the last, the paper's)"
+    )
     run.add_argument("--eval-every", type=positive, default=None, help="also evaluate ER/locality every N edits")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--batch-size", type=positive, default=32)
@@ -94,6 +97,7 @@ def sme_run(args: argparse.Namespace) -> int:
         zsre_target=args.zsre_target,
         suite=args.suite,
         suite_options=suite_overrides(args),
+        layer_index=args.layer,
     )
     check_model_and_data(args)
     progress = not args.no_progress

@@ -1,4 +1,5 @@
-"""Switch a model to eval mode for a while and restore every module's own mode afterwards.
+"""Run a model in a mode for a while and restore it afterwards: eval mode, frozen weights, a forward pass that
+stops after one module.
 
 ``model.train(flag)`` sets all submodules at once, so restoring only the top-level flag would turn dropout on in a
 model whose wrapper says "training" but whose modules were in eval mode (a fresh ``PeftModel`` is such a model).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
@@ -34,3 +36,24 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+
+
+class _Captured(Exception):
+    """Raised by :func:`up_to` once the module has run: the rest of the forward pass is not needed."""
+
+
+@contextmanager
+def up_to(layer: nn.Module) -> Iterator[None]:
+    """Run a forward pass only up to ``layer`` (what reading a value there needs): the blocks after it and the LM
+    head, most of the cost for a large vocabulary (Gemma's 262k), are skipped."""
+
+    def stop(*_: Any) -> None:
+        raise _Captured
+
+    handle = layer.register_forward_hook(stop)
+    try:
+        yield
+    except _Captured:
+        pass
+    finally:
+        handle.remove()

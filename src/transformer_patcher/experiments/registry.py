@@ -58,12 +58,15 @@ def build_editor(
     questions: Sequence[str] = (),
     question_rows: int = 0,
     contrasts: Callable[[EditExample], Sequence[str]] | None = None,
+    layer_index: int = -1,
 ) -> Editor:
     """Build editor ``name`` over the base ``model``. ``patcher`` wraps it with the patch adapter (its ``.model`` is
     the wrapped model); the fine-tuning editors edit the base model's weights in place, with ``finetune_options``
     overriding :class:`FineTuneConfig` fields (e.g. a smaller ``kl_batch`` on a CPU); ``pmet``/``memit`` wrap it with
     a weight-delta adapter, their key statistics computed (and cached) from the memory texts, with ``pmet_options``
-    naming a ``preset`` and overriding :class:`~transformer_patcher.methods.pmet.PMETHyperParams` fields."""
+    naming a ``preset`` and overriding :class:`~transformer_patcher.methods.pmet.PMETHyperParams` fields.
+    ``layer_index`` picks the block whose FFN T-Patcher patches (-1: the last, the paper's) when ``patcher_config``
+    is not given."""
     if name not in EDITOR_NAMES:
         raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(EDITOR_NAMES)}")
     if name in MASS_EDITORS:
@@ -75,7 +78,8 @@ def build_editor(
         config = replace(FINE_TUNE_EDITORS[name], **(finetune_options or {}))
         return FineTuneEditor(model, task, config, memory_pairs=memory_pairs)
     activation = (edit_config or EditConfig()).patch_activation_for(task.kind)
-    wrapped = get_patcher_model(model, patcher_config or PatcherConfig(patch_activation=activation))
+    patcher_config = patcher_config or PatcherConfig(patch_activation=activation, layer_index=layer_index)
+    wrapped = get_patcher_model(model, patcher_config)
     return build_trainer(
         wrapped,
         task,

@@ -92,6 +92,7 @@ class ExperimentConfig:
     zsre_target: str = "answers"  # "alt": EasyEdit's zsRE convention
     suite: str = "full"  # the evaluation suite at every evaluation: full, small or none
     suite_options: dict[str, Any] = field(default_factory=dict)  # SuiteConfig overrides (sizes, your own files)
+    layer_index: int = -1  # T-Patcher: the block whose FFN is patched (-1: the last, the paper's)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -117,6 +118,7 @@ class ExperimentConfig:
         for name in ("folds", "memory_rows", "validation_rows", "batch_size"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("question_rows", self.question_rows, minimum=0)
+        check_int("layer_index", self.layer_index)
         for name in ("max_examples", "eval_every"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
@@ -191,6 +193,7 @@ def config_editor(
         questions=benchmark.questions,
         question_rows=config.question_rows,
         contrasts=benchmark.contrasts() if contrasted else None,
+        layer_index=config.layer_index,
     )
 
 

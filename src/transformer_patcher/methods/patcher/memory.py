@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from transformer_patcher.core.atomic import save_safetensors_atomic
 from transformer_patcher.core.decoding import forced_batch, greedy_continuations
 from transformer_patcher.core.errors import AdapterFileError
-from transformer_patcher.core.modes import eval_mode
+from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.core.prompts import CHAT, RAW, PromptFormat
 from transformer_patcher.core.tasks import Batch, Task
 from transformer_patcher.tuners.fingerprint import model_digest
@@ -194,27 +193,6 @@ def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[st
     for text, target in pairs:
         digest.update(f"{text}\x1f{target}\x1e".encode())
     return digest.hexdigest()
-
-
-class _Captured(Exception):
-    """Raised by :func:`up_to` once the patched layer has run: the rest of the forward pass is not needed."""
-
-
-@contextmanager
-def up_to(layer: nn.Module) -> Iterator[None]:
-    """Run a forward pass only up to ``layer`` (what a query capture needs): the blocks after it and the LM head,
-    most of the cost for a large vocabulary (Gemma's 262k), are skipped."""
-
-    def stop(*_: Any) -> None:
-        raise _Captured
-
-    handle = layer.register_forward_hook(stop)
-    try:
-        yield
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
 
 
 def answer_start_queries(

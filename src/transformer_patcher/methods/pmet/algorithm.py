@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transformer_patcher.core.modes import eval_mode
+from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
@@ -63,7 +63,8 @@ def read_at_subject(
                 chunk = encodings[start : start + batch_size]
                 ids, mask = pad_rows([e.ids for e in chunk], pad, device)
                 seen.clear()
-                base.base_model(input_ids=ids, attention_mask=mask)  # no LM head: only a module's value is read
+                with up_to(module):  # only the module's value is read: no later block, no LM head
+                    base.base_model(input_ids=ids, attention_mask=mask)
                 lookups = torch.tensor([e.lookup for e in chunk], device=device)
                 rows.append(seen[0][torch.arange(len(chunk), device=device), lookups].float())
     finally:

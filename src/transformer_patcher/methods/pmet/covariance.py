@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from transformer_patcher.core.atomic import save_safetensors_atomic
 from transformer_patcher.core.errors import AdapterFileError
-from transformer_patcher.core.modes import eval_mode
+from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.core.tasks import position_limit
 from transformer_patcher.tuners.architectures import PatchTarget, hidden_size_of, resolve_patch_target
 from transformer_patcher.tuners.fingerprint import compute_fingerprint
@@ -160,12 +160,14 @@ def collect_second_moments(
     hooked = {layer: modules[t.value_module] for layer, t in targets.items()}
     device = next(model.parameters()).device
     bar = tqdm(total=len(texts), desc="FFN key statistics", unit="text", disable=not progress)
+    deepest = modules[max(targets.values(), key=lambda t: t.layer).value_module]  # nothing after it is needed
     with moments.attached(hooked), eval_mode(model), torch.no_grad(), bar:
         for batch, size in _batches(tokenizer, texts, batch_size, max_length):
             inputs = {name: tensor.to(device) for name, tensor in batch.items()}
             moments.mask = inputs["attention_mask"].reshape(-1).bool()
             moments.tokens += int(moments.mask.sum())
-            model(**inputs)
+            with up_to(deepest):
+                model(**inputs)
             bar.update(size)
     return {layer: moments.moment(layer, target.value_module) for layer, target in targets.items()}
 
