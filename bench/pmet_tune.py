@@ -10,14 +10,17 @@ through temporary forward hooks (the model is never changed), and ROME-style sco
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 from transformer_patcher.core.pretrained import cache_dir, load_model
 from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.benchmarks import wikitext_texts
 from transformer_patcher.data.loaders import find_data_file, load_counterfact
+from transformer_patcher.experiments.sme.batch_experiment import saved_targets
 from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
 from transformer_patcher.methods.pmet import (
     EditRequest,
@@ -45,6 +48,9 @@ def main() -> None:
         help="CounterFact file (a path, or one under the data folder)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--targets", type=Path, default=None, help="folder to keep targets in (reused for the same records and --set)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m", "generation", device=args.device)
@@ -60,9 +66,16 @@ def main() -> None:
     task = CausalLMTask(tokenizer)
     before = score_cases(model, task, cases)
     templates = context_templates(model, tokenizer, hparams.context_template_lengths)
-    began = time.perf_counter()
-    targets = compute_targets(model, tokenizer, requests, hparams, templates, progress=False)
-    target_seconds = (time.perf_counter() - began) / len(requests)
+    compute = partial(compute_targets, model, tokenizer, requests, hparams, templates, progress=False)
+    if args.targets is None:
+        began = time.perf_counter()
+        targets = compute()
+        target_seconds = (time.perf_counter() - began) / len(requests)
+    else:
+        args.targets.mkdir(parents=True, exist_ok=True)
+        setting = hashlib.sha256(json.dumps(hparams.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        name = f"{data.stem}-{args.start}-{args.n}-{setting}"
+        targets, target_seconds = saved_targets(args.targets, name, compute)
     common = {
         "data": data.name,
         "records": [args.start, args.start + args.n],
@@ -80,6 +93,7 @@ def main() -> None:
                 after = score_cases(model, task, cases)
             row = {**common, "lam": lam, "trial": extra, **fact_metrics(after, before)}
             log.write(json.dumps(row) + "\n")
+            log.flush()  # one whole line at a time: other runs may append to the same file
             print(json.dumps({k: v for k, v in row.items() if k != "target_probabilities"}), flush=True)
 
 

@@ -241,21 +241,27 @@ def _original_targets(
     editor: PMETEditor, requests: Sequence[EditRequest], out: Path, name: str
 ) -> tuple[Targets, float]:
     """Every request's targets against the original model, and their seconds per request: computed once, saved."""
-    target_file = out / f"targets-{name}.safetensors"
+    return saved_targets(out, name, lambda: editor.compute_targets(requests))
+
+
+def saved_targets(folder: Path, name: str, compute: Callable[[], Targets]) -> tuple[Targets, float]:
+    """``compute()``'s targets and their seconds per request, read from ``folder/targets-<name>.*`` when saved there
+    before, else computed and saved (the targets do not depend on λ or on how the layer loop writes them)."""
+    target_file = folder / f"targets-{name}.safetensors"
     if target_file.is_file():
         saved = load_file(str(target_file))
-        meta = json.loads((out / f"targets-{name}.json").read_text())
+        meta = json.loads((folder / f"targets-{name}.json").read_text())
         targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"], saved.get("attention"))
         return targets, meta["seconds_per_request"]
     start = time.perf_counter()
-    targets = editor.compute_targets(requests)
-    target_seconds = (time.perf_counter() - start) / len(requests)
+    targets = compute()
+    target_seconds = (time.perf_counter() - start) / len(targets.steps)
     tensors = {"values": targets.values, "init": targets.init}
     if targets.attention is not None:
         tensors["attention"] = targets.attention
     save_safetensors_atomic(tensors, target_file)
     meta = {"steps": targets.steps, "probabilities": targets.probabilities, "seconds_per_request": target_seconds}
-    write_text_atomic(out / f"targets-{name}.json", json.dumps(meta))
+    write_text_atomic(folder / f"targets-{name}.json", json.dumps(meta))
     return targets, target_seconds
 
 
