@@ -25,9 +25,9 @@ from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metri
 from transformer_patcher.methods.pmet import (
     EditRequest,
     PMETHyperParams,
-    compute_deltas,
     compute_targets,
     context_templates,
+    refined_deltas,
     second_moments,
 )
 from transformer_patcher.methods.pmet.algorithm import applied
@@ -88,7 +88,7 @@ def main() -> None:
         log.write(json.dumps({**common, "lam": None, **fact_metrics(before, before)}) + "\n")
         for lam, extra in ((lam, json.loads(t)) for lam in args.lams for t in args.trials):
             trial = hparams.with_options(mom2_update_weight=lam, **extra)
-            deltas = compute_deltas(model, tokenizer, requests, trial, moments, templates, targets)
+            deltas = refined_deltas(model, tokenizer, requests, trial, moments, templates, targets, task)
             with applied(model, deltas):
                 after = score_cases(model, task, cases)
             row = {**common, "lam": lam, "trial": extra, **fact_metrics(after, before)}

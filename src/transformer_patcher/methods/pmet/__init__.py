@@ -5,7 +5,7 @@
 MEMIT-style ablation.
 """
 
-from transformer_patcher.methods.pmet.algorithm import compute_deltas, compute_keys
+from transformer_patcher.methods.pmet.algorithm import compute_deltas, compute_keys, refined_deltas
 from transformer_patcher.methods.pmet.covariance import SecondMoment, collect_second_moments, second_moments
 from transformer_patcher.methods.pmet.editor import BatchResult, PMETEditor
 from transformer_patcher.methods.pmet.hparams import DEFAULT_PRESET, PRESETS, PMETHyperParams, pmet_hparams
@@ -33,6 +33,7 @@ __all__ = [
     "context_templates",
     "null_space_projection",
     "pmet_hparams",
+    "refined_deltas",
     "residual_share",
     "second_moments",
     "solve_projected_update",

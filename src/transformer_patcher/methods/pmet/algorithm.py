@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from transformer_patcher.core.modes import eval_mode, up_to
+from transformer_patcher.core.scoring import score_pairs
+from transformer_patcher.core.tasks import Task
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.null_space import NullSpace
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode
-from transformer_patcher.methods.pmet.targets import Targets, output_hook, pad_rows, rewrite_templates
+from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
 from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
 
 
@@ -153,4 +155,35 @@ def compute_deltas(
         else:
             covariance = moments[layer].regularized(hparams.mom2_ridge)
             deltas[modules.ffn_out] = solve_update(keys, residuals, covariance, hparams.mom2_update_weight)
+    return deltas
+
+
+def refined_deltas(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    hparams: PMETHyperParams,
+    moments: dict[int, SecondMoment],
+    templates: Sequence[Sequence[str]],
+    targets: Targets,
+    task: Task,
+    null_space: NullSpace | None = None,
+) -> dict[str, LowRankDelta]:
+    """:func:`compute_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed.
+
+    The closed-form write lands only part of each target (λ trades the fit against typical keys), so an optimised
+    target that was likely is not always the greedy answer after the write. Each round reads, under the deltas so
+    far, which requests' answers are not the greedy continuation of their own prompt, optimises new targets for
+    those against the edited model, and adds their layer loop's update (the factors are concatenated).
+    """
+    deltas = compute_deltas(model, tokenizer, requests, hparams, moments, templates, targets, null_space)
+    for _ in range(hparams.refine_rounds):
+        with applied(model, deltas):
+            outcomes = score_pairs(model, task, [(r.template.format(r.subject), r.target) for r in requests])
+            missed = [request for request, outcome in zip(requests, outcomes, strict=True) if not outcome.correct]
+            if not missed:
+                break
+            again = compute_targets(model, tokenizer, missed, hparams, templates, progress=False)
+            more = compute_deltas(model, tokenizer, missed, hparams, moments, templates, again)
+        deltas = {name: deltas[name].joined(more[name]) for name in deltas}
     return deltas

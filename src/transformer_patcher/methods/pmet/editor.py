@@ -25,7 +25,7 @@ from transformer_patcher.core.errors import InvalidExampleError, InvalidPatchErr
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import CausalLMTask, Task
-from transformer_patcher.methods.pmet.algorithm import compute_deltas
+from transformer_patcher.methods.pmet.algorithm import refined_deltas
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment, second_moments
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
@@ -127,7 +127,7 @@ class PMETEditor:
         if targets.values.shape[0] != len(requests):
             raise ValueError(f"{targets.values.shape[0]} targets for {len(requests)} requests")
         try:
-            deltas = compute_deltas(
+            deltas = refined_deltas(
                 self.model,
                 self.tokenizer,
                 requests,
@@ -135,6 +135,7 @@ class PMETEditor:
                 self.moments,
                 self.context_templates(),
                 targets,
+                self.task,
                 self.null_space,
             )
             bad = [n for n, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]

@@ -44,6 +44,9 @@ class PMETHyperParams:
     # PMET writes only δ_mlp (the paper); True writes δ_attn + δ_mlp, the whole optimised change, as the FFN change,
     # since both enter the residual stream at the same token and share the work (docs/pmet.md, "Deviations")
     fold_attention: bool = False
+    # Rounds that re-optimise and write again the facts the write missed (not the paper's: methods/pmet/algorithm.py,
+    # refined_deltas); each costs a greedy check of the batch and the missed facts' targets and layer loop
+    refine_rounds: int = 0
     # AlphaEdit (methods/pmet/null_space.py): project each update onto the null space of the preserved keys, and
     # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
     null_space: bool = False
@@ -80,6 +83,9 @@ class PMETHyperParams:
             )
         for name in ("v_num_grad_steps", "mom2_n_texts", "mom2_max_length", "requests_per_step"):
             check_int(name, getattr(self, name), minimum=1)
+        check_int("refine_rounds", self.refine_rounds, minimum=0)
+        if self.refine_rounds and self.null_space:
+            raise ValueError("refine_rounds and null_space do not combine: a round would add the batch's keys twice")
         pairs = self.context_template_lengths
         if not isinstance(pairs, (tuple, list)) or not all(isinstance(pair, (tuple, list)) for pair in pairs):
             raise ValueError(f"context_template_lengths must be (tokens, count) pairs of integers >= 1, got {pairs!r}")

@@ -33,6 +33,10 @@ class LowRankDelta:
     def dense(self) -> torch.Tensor:
         return self.up @ self.down
 
+    def joined(self, other: LowRankDelta) -> LowRankDelta:
+        """``self + other``, as the factors side by side (rank adds up)."""
+        return LowRankDelta(torch.cat([self.up, other.up], dim=1), torch.cat([self.down, other.down], dim=0))
+
 
 def residual_share(position: int, n_layers: int, spread: str = "pmet") -> float:
     """The factor on layer ``position``'s (0-based among ``n_layers`` edited layers) residual."""
