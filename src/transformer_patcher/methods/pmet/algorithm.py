@@ -174,7 +174,8 @@ def refined_deltas(
     The closed-form write lands only part of each target (λ trades the fit against typical keys), so an optimised
     target that was likely is not always the greedy answer after the write. Each round reads, under the deltas so
     far, which requests' answers are not the greedy continuation of their own prompt, optimises new targets for
-    those against the edited model, and adds their layer loop's update (the factors are concatenated).
+    those against the edited model, and adds their layer loop's update (the factors are concatenated). With
+    ``null_space`` every round's update is projected, and its keys join the batch's pending keys.
     """
     deltas = compute_deltas(model, tokenizer, requests, hparams, moments, templates, targets, null_space)
     for _ in range(hparams.refine_rounds):
@@ -184,6 +185,6 @@ def refined_deltas(
             if not missed:
                 break
             again = compute_targets(model, tokenizer, missed, hparams, templates, progress=False)
-            more = compute_deltas(model, tokenizer, missed, hparams, moments, templates, again)
+            more = compute_deltas(model, tokenizer, missed, hparams, moments, templates, again, null_space)
         deltas = {name: deltas[name].joined(more[name]) for name in deltas}
     return deltas

@@ -91,7 +91,8 @@ class NullSpace:
         projection = self.projections[layer]
         k = keys.to(projection.device, torch.float64)
         delta = solve_projected_update(k, residuals, projection, self.earlier[layer], self.l2)
-        self.pending[layer] = k @ k.T
+        moment = k @ k.T  # a refine round (PMETHyperParams.refine_rounds) adds its keys to the batch's
+        self.pending[layer] = self.pending[layer] + moment if layer in self.pending else moment
         return delta
 
     def commit(self) -> None:
