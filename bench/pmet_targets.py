@@ -7,6 +7,9 @@ run it once on another version of the package (``PYTHONPATH=<checkout>/src``) to
 nothing but the time.
 
     python bench/pmet_targets.py --n 8 --out bench/results/pmet_targets.json [--save T.safetensors] [--against T]
+
+``--settings '{"settled_steps": 0}' '{}' --repeats 3`` times option sets against the preset in turn, in one process,
+and reports each one's median and its speed-up over the first.
 """
 
 from __future__ import annotations
@@ -15,15 +18,17 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.data.loaders import find_data_file, load_counterfact
-from transformer_patcher.methods.pmet import EditRequest, compute_targets, context_templates, pmet_hparams
+from transformer_patcher.methods.pmet import EditRequest, Targets, compute_targets, context_templates, pmet_hparams
 
 
 def main() -> None:
@@ -32,37 +37,60 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--variant", choices=("pmet", "memit"), default="pmet")
     parser.add_argument("--requests-per-step", type=int, default=8)
+    parser.add_argument(
+        "--settings", nargs="+", default=["{}"], metavar="JSON", help="PMETHyperParams option sets, timed in turn"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the settings (medians are reported)")
     parser.add_argument("--label", default="", help="what this run measures (kept in the record)")
-    parser.add_argument("--save", type=Path, help="write the targets here (safetensors)")
-    parser.add_argument("--against", type=Path, help="an earlier run's --save file to compare with")
+    parser.add_argument("--save", type=Path, help="write the first setting's targets here (safetensors)")
+    parser.add_argument("--against", type=Path, help="an earlier run's --save file to compare the first setting with")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m", "generation")
-    hparams = pmet_hparams(variant=args.variant, requests_per_step=args.requests_per_step)
+    base = pmet_hparams(variant=args.variant, requests_per_step=args.requests_per_step)
+    settings = [json.loads(text) for text in args.settings]
     rows = load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json")).select(range(900, 900 + args.n))
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
-    start = time.perf_counter()
-    targets = compute_targets(model, tokenizer, requests, hparams, templates, progress=False)
-    seconds = time.perf_counter() - start
-    record = {
+    templates = context_templates(model, tokenizer, base.context_template_lengths)
+    seconds: list[list[float]] = [[] for _ in settings]
+    results: list[Targets] = []
+    for repeat in range(args.repeats):
+        for i, options in enumerate(settings):  # alternating, so drift in the machine's load hits every setting
+            start = time.perf_counter()
+            targets = compute_targets(model, tokenizer, requests, base.with_options(**options), templates, False)
+            seconds[i].append((time.perf_counter() - start) / args.n)
+            if repeat == 0:
+                results.append(targets)
+    medians = [statistics.median(times) for times in seconds]
+    record: dict[str, Any] = {
         "label": args.label,
         "facts": args.n,
         "variant": args.variant,
         "requests_per_step": args.requests_per_step,
-        "seconds_per_fact": seconds / args.n,
-        "steps": targets.steps,
-        "probabilities": targets.probabilities,
+        "repeats": args.repeats,
+        "settings": [
+            {
+                "options": options,
+                "seconds_per_fact": median,
+                "seconds_per_fact_each": times,
+                "speed_up_over_first": medians[0] / median,
+                "mean_steps": statistics.mean(targets.steps),
+                "steps": targets.steps,
+                "probabilities": targets.probabilities,
+            }
+            for options, median, times, targets in zip(settings, medians, seconds, results, strict=True)
+        ],
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": platform.processor() or platform.machine(),
     }
     if args.save:
-        save_file({"values": targets.values, "init": targets.init}, str(args.save))
+        save_file({"values": results[0].values, "init": results[0].init}, str(args.save))
     if args.against:
         earlier = load_file(str(args.against))
         scale = earlier["values"].norm(dim=1)
-        record["largest_relative_difference"] = float(((targets.values - earlier["values"]).norm(dim=1) / scale).max())
+        change = (results[0].values - earlier["values"]).norm(dim=1) / scale
+        record["largest_relative_difference"] = float(change.max())
     runs = json.loads(args.out.read_text()) if args.out.is_file() else []
     args.out.write_text(json.dumps([*runs, record], indent=1))
     print(json.dumps(record))

@@ -88,10 +88,13 @@ def main() -> None:
         log.write(json.dumps({**common, "lam": None, **fact_metrics(before, before)}) + "\n")
         for lam, extra in ((lam, json.loads(t)) for lam in args.lams for t in args.trials):
             trial = hparams.with_options(mom2_update_weight=lam, **extra)
+            start = time.perf_counter()
             deltas = refined_deltas(model, tokenizer, requests, trial, moments, templates, targets, task)
+            write_seconds = time.perf_counter() - start  # the layer loop, and any refine round's targets and loop
             with applied(model, deltas):
                 after = score_cases(model, task, cases)
-            row = {**common, "lam": lam, "trial": extra, **fact_metrics(after, before)}
+            row = {**common, "lam": lam, "trial": extra, "write_s_per_request": write_seconds / len(requests)}
+            row.update(fact_metrics(after, before))
             log.write(json.dumps(row) + "\n")
             log.flush()  # one whole line at a time: other runs may append to the same file
             print(json.dumps({k: v for k, v in row.items() if k != "target_probabilities"}), flush=True)

@@ -322,6 +322,8 @@ def test_hyperparameters_are_validated() -> None:
         HPARAMS.with_options(variant="memit", fold_attention=True)
     with pytest.raises(ValueError, match="refine_rounds must be >= 0"):
         HPARAMS.with_options(refine_rounds=-1)
+    with pytest.raises(ValueError, match="settled_steps must be >= 0"):
+        HPARAMS.with_options(settled_steps=-1)
     saved = Targets(torch.ones(2, 3), torch.zeros(2, 3), [1, 1], [0.5, 0.5])  # read back without δ_attn
     assert torch.equal(saved.change(), torch.ones(2, 3))
     with pytest.raises(ValueError, match="lack"):
@@ -333,12 +335,14 @@ def test_presets_carry_the_published_settings() -> None:
     assert official.layers == easyedit.layers == (3, 4, 5, 6, 7, 8)
     assert (official.mom2_update_weight, easyedit.mom2_update_weight) == (6000.0, 15000.0)
     assert (official.v_lr, official.v_num_grad_steps, official.clamp_norm_factor) == (0.2, 30, 0.75)
+    assert official.settled_steps == easyedit.settled_steps == 0  # the official early exits only
     memit = pmet_hparams(variant="memit")
     assert memit.variant == "memit" and not memit.fold_attention  # the ablation has no attention delta to fold
-    assert pmet_hparams().fold_attention and pmet_hparams().refine_rounds == 1  # the SmolLM2 write (dev-measured)
+    assert pmet_hparams().fold_attention and pmet_hparams().refine_rounds == 2  # the SmolLM2 write (dev-measured)
     paper = pmet_hparams("smollm2-135m-paper")
-    assert (paper.track, paper.fold_attention, paper.refine_rounds) == ("ffn", False, 0)
-    assert paper.with_options(track="residual", fold_attention=True, refine_rounds=1) == pmet_hparams()
+    assert (paper.track, paper.fold_attention, paper.refine_rounds, paper.settled_steps) == ("ffn", False, 0, 0)
+    tuned = paper.with_options(track="residual", fold_attention=True, refine_rounds=2, settled_steps=3)
+    assert tuned == pmet_hparams()
     with pytest.raises(ValueError, match="unknown PMET preset"):
         pmet_hparams("gpt-5")
 

@@ -145,17 +145,35 @@ def test_running_the_packed_suffixes_on_the_prefix_keys_equals_running_whole_pro
 
 
 @pytest.mark.parametrize(
-    ("step", "loss", "kl", "on_target", "done"),
+    ("settled", "step", "loss", "kl", "run", "done"),
     [
-        (0, LOSS_EXIT / 2, 1.0, False, True),  # a small loss
-        (59, 1.0, 1.0, False, True),  # the last step
-        (0, 1.0, KL_EXIT, True, True),  # on target with a small KL
-        (0, 1.0, KL_EXIT, False, False),
-        (0, 1.0, 2 * KL_EXIT, True, False),
+        (0, 0, LOSS_EXIT / 2, 1.0, 0, True),  # a small loss
+        (0, 59, 1.0, 1.0, 0, True),  # the last step
+        (0, 0, 1.0, KL_EXIT, 1, True),  # on target with a small KL
+        (0, 0, 1.0, KL_EXIT, 0, False),
+        (0, 0, 1.0, 2 * KL_EXIT, 1, False),
+        (0, 5, 1.0, 2 * KL_EXIT, 5, False),  # the official exits never count the steps on target
+        (3, 5, 1.0, 2 * KL_EXIT, 2, False),
+        (3, 5, 1.0, 2 * KL_EXIT, 3, True),  # settled: on target three steps in a row
+        (3, 5, 1.0, KL_EXIT, 1, True),  # the official exits still apply
     ],
 )
-def test_early_exits(step: int, loss: float, kl: float, on_target: bool, done: bool) -> None:
-    assert is_done(HPARAMS, step, torch.tensor(loss), torch.tensor(kl), on_target) is done
+def test_early_exits(settled: int, step: int, loss: float, kl: float, run: int, done: bool) -> None:
+    hparams = HPARAMS.with_options(settled_steps=settled)
+    assert is_done(hparams, step, torch.tensor(loss), torch.tensor(kl), run) is done
+
+
+def test_a_settled_exit_stops_a_request_that_stays_on_target(tokenizer) -> None:
+    """On a tiny model the official exits run every request to the last step; with ``settled_steps`` a request
+    stops once its target has been the argmax for that many steps in a row, and its target is still the argmax."""
+    model = _model("gpt2")
+    hparams = HPARAMS.with_options(v_num_grad_steps=40, requests_per_step=4)
+    requests = _requests(4)
+    full = compute_targets(model, tokenizer, requests, hparams, TEMPLATES, False)
+    settled = compute_targets(model, tokenizer, requests, hparams.with_options(settled_steps=2), TEMPLATES, False)
+    assert full.steps == [40] * 4
+    assert all(steps < 40 for steps in settled.steps)
+    assert all(p > 0.5 for p in settled.probabilities)
 
 
 @pytest.mark.parametrize(("arch", "variant"), [("gpt2", "pmet"), ("llama", "memit")])

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from transformer_patcher.core.modes import eval_mode
 from transformer_patcher.core.tasks import Task
@@ -28,11 +29,19 @@ class Outcome:
     predicted_ids: tuple[int, ...] = ()  # the argmax at each read (EasyEdit-style locality compares these)
 
 
-def score_pairs(model: nn.Module, task: Task, pairs: Sequence[tuple[str, Any]], batch_size: int = 32) -> list[Outcome]:
-    """Evaluate ``model`` on every pair without gradients, in eval mode, keeping input order."""
+def score_pairs(
+    model: nn.Module,
+    task: Task,
+    pairs: Sequence[tuple[str, Any]],
+    batch_size: int = 32,
+    progress: str | None = None,
+) -> list[Outcome]:
+    """Evaluate ``model`` on every pair without gradients, in eval mode, keeping input order; ``progress`` names a
+    progress bar (None: no bar)."""
     outcomes: list[Outcome] = []
+    starts = range(0, len(pairs), batch_size)
     with eval_mode(model):
-        for start in range(0, len(pairs), batch_size):
+        for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
             batch = task.batch_for(model, pairs[start : start + batch_size])
             with torch.no_grad():
                 logits = task.read_logits(model(**batch.model_kwargs()), batch)

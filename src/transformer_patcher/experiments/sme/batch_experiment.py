@@ -175,7 +175,7 @@ def _run_batch_experiment(
         model, tokenizer = load_model(config.model, "generation", device=config.device)
         task = CausalLMTask(tokenizer, prompt_format=config.format())
         if before is None:
-            before = score_cases(model, task, cases)
+            before = score_cases(model, task, cases, progress="scoring the unedited model" if progress else None)
             write_text_atomic(out / "before.json", json.dumps([{k: asdict(o) for k, o in c.items()} for c in before]))
         job = _Job(config, editor_name, model, task, cases, out, progress)
         editor, edit = (_mass_editor if editor_name in MASS_EDITORS else _patcher_editor)(job)
@@ -336,7 +336,9 @@ def _run_sizes(
             index = list(batch)
             editor.reset()
             seconds.append(edit(index))
-            after += score_cases(editor.model, task, [cases[i] for i in index])
+            after += score_cases(
+                editor.model, task, [cases[i] for i in index], progress="scoring the batch" if progress else None
+            )
         editor.reset()
         _write_part(out, name, size, after, before, seconds)
 

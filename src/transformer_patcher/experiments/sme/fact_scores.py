@@ -65,12 +65,13 @@ def _pairs(case: FactCase) -> list[tuple[str, str]]:
 
 
 def score_cases(
-    model: nn.Module, task: Task, cases: Sequence[FactCase], batch_size: int = 32
+    model: nn.Module, task: Task, cases: Sequence[FactCase], batch_size: int = 32, progress: str | None = None
 ) -> list[dict[str, Outcome]]:
-    """Outcomes per case: ``edit``, ``paraphrase``, ``neighbourhood`` (+ ``*_true`` / ``neighbourhood_new``)."""
+    """Outcomes per case: ``edit``, ``paraphrase``, ``neighbourhood`` (+ ``*_true`` / ``neighbourhood_new``);
+    ``progress`` names a progress bar."""
     names = ("edit", "paraphrase", "neighbourhood", "edit_true", "paraphrase_true", "neighbourhood_new")
     flat = [pair for case in cases for pair in _pairs(case)]
-    outcomes = score_pairs(model, task, flat, batch_size)
+    outcomes = score_pairs(model, task, flat, batch_size, progress)
     result, position = [], 0
     for case in cases:
         n = len(_pairs(case))

@@ -100,7 +100,8 @@ def _record(job: SequentialJob, size: int, batches: Sequence[range], seconds: fl
     """Scores after the last of ``batches``, over every case edited so far."""
     started = time.perf_counter()
     edited = [i for batch in batches for i in batch]
-    after = score_cases(job.editor.model, job.task, [job.cases[i] for i in edited])
+    label = f"scoring the {len(edited)} facts edited so far" if job.progress else None
+    after = score_cases(job.editor.model, job.task, [job.cases[i] for i in edited], progress=label)
     before = [job.before[i] for i in edited]
     general = flatten(job.suite.evaluate()) if job.suite is not None else {}
     return {

@@ -26,6 +26,9 @@ class PMETHyperParams:
     variant: str = "pmet"
     v_lr: float = 0.5
     v_num_grad_steps: int = 30
+    # 0: the official early exits only; n >= 1: a request also stops once its target has been the greedy answer on
+    # every prompt for n steps in a row (not the paper's; methods/pmet/targets.py, is_done)
+    settled_steps: int = 0
     clamp_norm_factor: float = 0.75
     v_weight_decay: float = 0.5
     kl_factor: float = 1.0
@@ -84,6 +87,7 @@ class PMETHyperParams:
         for name in ("v_num_grad_steps", "mom2_n_texts", "mom2_max_length", "requests_per_step"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("refine_rounds", self.refine_rounds, minimum=0)
+        check_int("settled_steps", self.settled_steps, minimum=0)
         pairs = self.context_template_lengths
         if not isinstance(pairs, (tuple, list)) or not all(isinstance(pair, (tuple, list)) for pair in pairs):
             raise ValueError(f"context_template_lengths must be (tokens, count) pairs of integers >= 1, got {pairs!r}")
@@ -132,15 +136,17 @@ PRESETS: dict[str, PMETHyperParams] = {
         v_lr=2.0, clamp_norm_factor=1.5, mom2_update_weight=2000.0, extra={"source": "bench/pmet_tune.py"}
     ),
     # The same, with the write measured best on 100 counterfact-train facts in one batch (bench/results/
-    # pmet_fold.jsonl): the whole optimised change, counted once on the residual stream, and one refine round.
+    # pmet_fold.jsonl): the whole optimised change, counted once on the residual stream; then the settled exit,
+    # faster targets and a stronger write, with two refine rounds (bench/results/pmet_settled.jsonl).
     "smollm2-135m": PMETHyperParams(
         v_lr=2.0,
         clamp_norm_factor=1.5,
         mom2_update_weight=2000.0,
         track="residual",
         fold_attention=True,
-        refine_rounds=1,
-        extra={"source": "bench/pmet_tune.py, bench/results/pmet_fold.jsonl"},
+        refine_rounds=2,
+        settled_steps=3,
+        extra={"source": "bench/pmet_tune.py, bench/results/pmet_fold.jsonl, bench/results/pmet_settled.jsonl"},
     ),
 }
 DEFAULT_PRESET = "smollm2-135m"
