@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from tiny_models import build
 from tiny_tokenizer import random_sentence, sharp_gpt2, tiny_tokenizer
@@ -91,3 +92,35 @@ def test_few_tokens_warn_and_ridge_regularizes(caplog: pytest.LogCaptureFixture)
         SecondMoment("m", moment.matrix, 1).regularized(-1.0)
     with pytest.raises(ValueError, match="no text"):
         collect_second_moments(model, tokenizer, [], layers=[-1], progress=False)
+
+
+def test_the_cache_key_is_exact_and_the_same_on_any_number_of_threads() -> None:
+    """The key does not move with float rounding: the fingerprint's sketches are dot products whose last bits change
+    with the thread count, and a cache keyed on them was missed by a two-thread run of a one-thread run's model. It
+    does move with one weight of the FFN it reads, and with a whole tensor of an earlier block."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=576,  # SmolLM2-135M's widths: big enough for the sketches' dot products to use every thread
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    )
+    model, texts = LlamaForCausalLM(config), _texts()
+    target = covariance.ffn_target(model, -1)
+    threads = torch.get_num_threads()
+    try:
+        keys = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            keys.append(covariance.stats_key(model, target, texts, 128))
+    finally:
+        torch.set_num_threads(threads)
+    assert keys[0] == keys[1]
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 7] += 1e-3
+        one_weight = covariance.stats_key(model, target, texts, 128)
+        model.model.layers[0].self_attn.q_proj.weight.mul_(1.01)
+        earlier_block = covariance.stats_key(model, target, texts, 128)
+    assert len({keys[0], one_weight, earlier_block}) == 3

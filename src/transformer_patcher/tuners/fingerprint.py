@@ -90,14 +90,18 @@ def _sketch(segments: Sequence[torch.Tensor]) -> list[float]:
     return sketch
 
 
+def _sha256(segments: Sequence[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for segment in segments:
+        digest.update(segment.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def weights_digest(model: nn.Module, module_names: Sequence[str]) -> dict[str, Any]:
     """``weights_sha256`` and ``weights_sketch`` of the named modules' weights, concatenated in the given order."""
     modules = dict(model.named_modules())
     segments = [_weights(_unwrapped(modules[name])) for name in module_names]
-    digest = hashlib.sha256()
-    for segment in segments:
-        digest.update(segment.numpy().tobytes())
-    return {"weights_sha256": digest.hexdigest(), "weights_sketch": _sketch(segments)}
+    return {"weights_sha256": _sha256(segments), "weights_sketch": _sketch(segments)}
 
 
 def _base_parameters(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -116,20 +120,45 @@ def _base_parameters(model: nn.Module) -> Iterator[torch.Tensor]:
                     yield module._parameters[name]
 
 
-def model_digest(model: nn.Module) -> dict[str, Any]:
-    """``model_shapes_sha256`` and ``model_sketch`` of the whole base model (module docstring)."""
+def _sampled(model: nn.Module) -> Iterator[tuple[torch.Size, torch.Tensor | None]]:
+    """Each base parameter's shape and ``MODEL_SAMPLES`` of its values at fixed-seed places (float64; None if empty)."""
     generator = torch.Generator().manual_seed(_SKETCH_SEED)
-    shapes = hashlib.sha256()
-    samples = []
     for parameter in _base_parameters(model):
-        shapes.update(f"{tuple(parameter.shape)};".encode())
+        values = None
         if parameter.numel():
             index = torch.randint(0, parameter.numel(), (MODEL_SAMPLES,), generator=generator)
             values = parameter.detach().reshape(-1)[index.to(parameter.device)].to("cpu", torch.float64)
+        yield parameter.shape, values
+
+
+def model_digest(model: nn.Module) -> dict[str, Any]:
+    """``model_shapes_sha256`` and ``model_sketch`` of the whole base model (module docstring)."""
+    shapes = hashlib.sha256()
+    samples = []
+    for shape, values in _sampled(model):
+        shapes.update(f"{tuple(shape)};".encode())
+        if values is not None:
             rms = values.norm() / math.sqrt(MODEL_SAMPLES)
             samples.append((values / rms if rms > 0 else values).float())
     sketch = _sketch([torch.cat(samples)]) if samples else [0.0] * SKETCH_SIZE
     return {"model_shapes_sha256": shapes.hexdigest(), "model_sketch": sketch}
+
+
+def content_key(model: nn.Module, module_names: Sequence[str] = ()) -> str:
+    """An exact key of the model for caches: the named modules' weights byte for byte, and the shapes and the
+    fixed-seed samples of every base parameter.
+
+    Caches are not keyed on the fingerprint: its sketches are float dot products, whose last bits change with the
+    number of CPU threads, so a cache written by a one-thread run was missed by a two-thread run of the same model.
+    """
+    modules = dict(model.named_modules())
+    digest = hashlib.sha256(model_type_of(model).encode())
+    digest.update(_sha256([_weights(_unwrapped(modules[name])) for name in module_names]).encode())
+    for shape, values in _sampled(model):
+        digest.update(f"{tuple(shape)};".encode())
+        if values is not None:
+            digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def compute_fingerprint(model: nn.Module, target: PatchTarget, query_dim: int, output_dim: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from transformer_patcher.core.errors import AdapterFileError
 from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.core.prompts import CHAT, RAW, PromptFormat
 from transformer_patcher.core.tasks import Batch, Task
-from transformer_patcher.tuners.fingerprint import model_digest
+from transformer_patcher.tuners.fingerprint import content_key
 
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _FILTER_MIN_ROWS = 4096  # below this a plain fp32 pass is as cheap as filtering
@@ -315,7 +315,7 @@ def build_memory(
     asked = [(question, "?") for question in questions] if question_rows else []
     size = max_rows + (question_rows if asked else 0)
     # the rows are read from the attached model: keyed on it, not on the model a loaded patch set records
-    base = {"model": model_digest(model), "key_module": layer.key_module_name}
+    base = {"model": content_key(model), "key_module": layer.key_module_name}
     key = memory_key(base, task, [*pairs, *asked], size)
     path = Path(cache_dir) / f"{tag}-{size}-{key[:16]}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():

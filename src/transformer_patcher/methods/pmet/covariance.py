@@ -13,7 +13,6 @@ updates move it to where they are solved.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -33,8 +32,8 @@ from transformer_patcher.core.atomic import save_safetensors_atomic
 from transformer_patcher.core.errors import AdapterFileError
 from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.core.tasks import position_limit
-from transformer_patcher.tuners.architectures import PatchTarget, hidden_size_of, resolve_patch_target
-from transformer_patcher.tuners.fingerprint import compute_fingerprint
+from transformer_patcher.tuners.architectures import PatchTarget, resolve_patch_target
+from transformer_patcher.tuners.fingerprint import content_key
 
 logger = logging.getLogger(__name__)
 MIN_TOKENS_PER_DIM = 10
@@ -77,10 +76,7 @@ def _max_positions(model: nn.Module) -> int:
 def stats_key(model: nn.Module, target: PatchTarget, texts: Sequence[str], max_length: int) -> str:
     """Content key of one layer's statistics: the layer's fingerprint and the exact token source."""
     max_length = min(max_length, _max_positions(model))  # what collect_second_moments really reads
-    modules = dict(model.named_modules())
-    value = modules[target.value_module]
-    fingerprint = compute_fingerprint(model, target, _key_width(value), hidden_size_of(model) or 0)
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(content_key(model, [target.key_module, target.value_module]).encode())
     digest.update(f"|{target.value_module}|{max_length}|{len(texts)}|".encode())
     for text in texts:
         digest.update(text.encode() + b"\x1e")
