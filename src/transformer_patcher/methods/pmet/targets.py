@@ -467,7 +467,7 @@ def is_done(hparams: PMETHyperParams, step: int, loss: torch.Tensor, kl: torch.T
 
     The official KL exit (0.01 nats on "{subject} is a") is rarely met once the target is reached: on SmolLM2 the
     KL falls slowly while the target stays the argmax, so nearly every request ran all 30 steps, most of them after
-    the target was reached (docs/pmet.md, "Settled exit")."""
+    the target was reached (docs/pmet.md, "Deviations from the paper")."""
     if bool(loss < LOSS_EXIT) or step == hparams.v_num_grad_steps - 1:
         return True
     if hparams.settled_steps and on_target_run >= hparams.settled_steps:
