@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.core.scoring import score_pairs
@@ -128,6 +129,7 @@ def compute_deltas(
     templates: Sequence[Sequence[str]],
     targets: Targets,
     null_space: NullSpace | None = None,
+    progress: bool = False,
 ) -> dict[str, LowRankDelta]:
     """One ``ΔW`` per edited FFN output projection (module name → factors) for this batch of requests.
 
@@ -143,7 +145,8 @@ def compute_deltas(
         read_module = z_block.block
         wanted = read_at_subject(model, tokenizer, bare, read_module, "output").double().T + change
     deltas: dict[str, LowRankDelta] = {}
-    for position, layer in enumerate(hparams.layers):
+    bar = tqdm(hparams.layers, desc=f"PMET layer loop, {len(requests)} facts", unit="layer", disable=not progress)
+    for position, layer in enumerate(bar):
         modules = block_modules(model, layer)
         with applied(model, deltas):
             keys = compute_keys(model, tokenizer, requests, templates, modules.ffn_out)
@@ -168,6 +171,7 @@ def refined_deltas(
     targets: Targets,
     task: Task,
     null_space: NullSpace | None = None,
+    progress: bool = False,
 ) -> dict[str, LowRankDelta]:
     """:func:`compute_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed.
 
@@ -177,14 +181,16 @@ def refined_deltas(
     those against the edited model, and adds their layer loop's update (the factors are concatenated). With
     ``null_space`` every round's update is projected, and its keys join the batch's pending keys.
     """
-    deltas = compute_deltas(model, tokenizer, requests, hparams, moments, templates, targets, null_space)
-    for _ in range(hparams.refine_rounds):
+    deltas = compute_deltas(model, tokenizer, requests, hparams, moments, templates, targets, null_space, progress)
+    for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
-            outcomes = score_pairs(model, task, [(r.template.format(r.subject), r.target) for r in requests])
+            prompts = [(r.template.format(r.subject), r.target) for r in requests]
+            label = f"refine round {round_}: which facts the write missed" if progress else None
+            outcomes = score_pairs(model, task, prompts, progress=label)
             missed = [request for request, outcome in zip(requests, outcomes, strict=True) if not outcome.correct]
             if not missed:
                 break
-            again = compute_targets(model, tokenizer, missed, hparams, templates, progress=False)
-            more = compute_deltas(model, tokenizer, missed, hparams, moments, templates, again, null_space)
+            again = compute_targets(model, tokenizer, missed, hparams, templates, progress=progress)
+            more = compute_deltas(model, tokenizer, missed, hparams, moments, templates, again, null_space, progress)
         deltas = {name: deltas[name].joined(more[name]) for name in deltas}
     return deltas

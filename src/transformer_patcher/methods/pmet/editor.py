@@ -137,6 +137,7 @@ class PMETEditor:
                 targets,
                 self.task,
                 self.null_space,
+                self.progress,
             )
             bad = [n for n, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]
             if bad:
