@@ -2,8 +2,9 @@
 
 A key ``k`` is the input of a layer's FFN output projection (``down_proj``, ``c_proj``, ``fc_out``) at one token.
 ``C_l`` is accumulated in float64 over every non-padding token of some text (WikiText-2 offline), with a progress
-bar, and cached as safetensors keyed by the layer's weight fingerprint and the exact text, so a cache file can never
-be applied to another model, layer or corpus. With too few tokens ``C_l`` is rank-deficient: a warning says so
+bar, and cached as safetensors keyed by the model's exact content (``content_key``: the layer's weights byte for
+byte, samples of every other weight) and the exact text, so a cache file can never be applied to another model,
+layer or corpus. With too few tokens ``C_l`` is rank-deficient: a warning says so
 below 10 × the key width, and :meth:`SecondMoment.regularized` adds a ridge.
 
 The keys are summed on the model's device; ``C_l`` is kept on the CPU, computed or read from the cache alike, and the
