@@ -16,6 +16,7 @@ from transformer_patcher.methods.pmet import (
     EditRequest,
     PMETEditor,
     PMETHyperParams,
+    algorithm,
     collect_second_moments,
     pmet_hparams,
 )
@@ -324,6 +325,8 @@ def test_hyperparameters_are_validated() -> None:
         HPARAMS.with_options(refine_rounds=-1)
     with pytest.raises(ValueError, match="settled_steps must be >= 0"):
         HPARAMS.with_options(settled_steps=-1)
+    with pytest.raises(ValueError, match="refine must be one of"):
+        HPARAMS.with_options(refine="again")
     saved = Targets(torch.ones(2, 3), torch.zeros(2, 3), [1, 1], [0.5, 0.5])  # read back without δ_attn
     assert torch.equal(saved.change(), torch.ones(2, 3))
     with pytest.raises(ValueError, match="lack"):
@@ -378,3 +381,32 @@ def test_refine_rounds_write_the_missed_facts_again(arch: str, tokenizer) -> Non
         rank = editor.model.base_model.delta_rank()
         assert rank >= 6 * len(HPARAMS.layers) and (rank > 6 * len(HPARAMS.layers)) == (rounds > 0 and hits[0] < 6)
     assert hits[0] < 6 and hits[2] == 6, hits
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_rewrite_round_drives_the_first_writes_values_again_without_optimising(
+    arch: str, tokenizer, monkeypatch
+) -> None:
+    """``refine="rewrite"`` writes the missed facts again towards the values the first write aimed at, from where it
+    left them: with λ large enough that the first write falls short (λ = 100 here), three rounds land every missed
+    fact's block output on its pre-edit value plus the whole change (within 1 %), and no target is optimised again."""
+    requests = _requests(6)
+    optimised: list[int] = []
+    original = algorithm.compute_targets
+    monkeypatch.setattr(algorithm, "compute_targets", lambda *a, **k: optimised.append(len(a[2])) or original(*a, **k))
+    misses, hits = {}, {}
+    for rounds in (0, 3):
+        options = dict(track="residual", fold_attention=True, refine_rounds=rounds, refine="rewrite")
+        hparams = HPARAMS.with_options(mom2_update_weight=100.0, **options)
+        editor = PMETEditor(_model(arch), tokenizer, hparams, _texts(), progress=False)
+        block = block_modules(editor.model, HPARAMS.layers[-1]).block
+        bare = [encode(tokenizer, r.template, r.subject) for r in requests]
+        before = read_at_subject(editor.model, tokenizer, bare, block, "output")
+        targets = editor.edit_batch(requests).targets
+        moved = read_at_subject(editor.model, tokenizer, bare, block, "output") - before
+        misses[rounds] = _relative_misses(moved, targets.change(fold_attention=True))
+        hits[rounds] = torch.tensor([_next_token(editor.model, tokenizer, r.text) == r.target for r in requests])
+    missed = ~hits[0]
+    assert missed.any() and (misses[0][missed] > 0.03).all(), misses[0]
+    assert (misses[3][missed] < 0.01).all(), misses[3]
+    assert optimised == [], optimised  # the editor optimises its targets before the write, never inside it

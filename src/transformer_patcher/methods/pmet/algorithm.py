@@ -120,6 +120,25 @@ def applied(model: nn.Module, deltas: dict[str, LowRankDelta]) -> Iterator[None]
             handle.remove()
 
 
+def written_values(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], hparams: PMETHyperParams, targets: Targets
+) -> tuple[str, torch.Tensor]:
+    """What the layer loop reads at the z layer (a module name) and the value it drives there (d × n, float64).
+
+    The target ``z`` at the FFN output (PMET's ``track="ffn"``) or the block output (the MEMIT ablation), or, for
+    PMET's ``track="residual"``, the block output read now plus the optimised change, since the block output is where
+    every layer's write adds up and the change was optimised on the FFN output."""
+    z_block = block_modules(model, hparams.layers[-1])
+    device = next(unwrap(model).parameters()).device
+    change = targets.change(hparams.fold_attention).to(device).double().T  # d × n
+    if hparams.variant == "pmet" and hparams.track == "ffn":
+        return z_block.ffn_out, targets.init.to(device).double().T + change
+    if hparams.variant == "pmet":  # the FFN change, carried by the residual stream: read now, not at optimisation
+        bare = [encode(tokenizer, request.template, request.subject) for request in requests]
+        return z_block.block, read_at_subject(model, tokenizer, bare, z_block.block, "output").double().T + change
+    return z_block.block, targets.init.to(device).double().T + change
+
+
 def compute_deltas(
     model: nn.Module,
     tokenizer: Any,
@@ -130,20 +149,15 @@ def compute_deltas(
     targets: Targets,
     null_space: NullSpace | None = None,
     progress: bool = False,
+    wanted: tuple[str, torch.Tensor] | None = None,
 ) -> dict[str, LowRankDelta]:
     """One ``ΔW`` per edited FFN output projection (module name → factors) for this batch of requests.
 
-    With ``null_space`` each update is AlphaEdit's projected one (it then holds the batch's keys as pending).
+    ``wanted`` is :func:`written_values` (read under the model as it is now when not given). With ``null_space``
+    each update is AlphaEdit's projected one (it then holds the batch's keys as pending).
     """
-    z_block = block_modules(model, hparams.layers[-1])
-    device = next(unwrap(model).parameters()).device
+    read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     bare = [encode(tokenizer, request.template, request.subject) for request in requests]
-    change = targets.change(hparams.fold_attention).to(device).double().T  # d × n
-    wanted = targets.init.to(device).double().T + change
-    read_module = z_block.block if hparams.variant == "memit" else z_block.ffn_out
-    if hparams.variant == "pmet" and hparams.track == "residual":  # the FFN change, carried by the residual stream
-        read_module = z_block.block
-        wanted = read_at_subject(model, tokenizer, bare, read_module, "output").double().T + change
     deltas: dict[str, LowRankDelta] = {}
     bar = tqdm(hparams.layers, desc=f"PMET layer loop, {len(requests)} facts", unit="layer", disable=not progress)
     for position, layer in enumerate(bar):
@@ -152,7 +166,7 @@ def compute_deltas(
             keys = compute_keys(model, tokenizer, requests, templates, modules.ffn_out)
             current = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
         share = residual_share(position, len(hparams.layers), hparams.variant)
-        residuals = (wanted - current) * share
+        residuals = (values - current) * share
         if null_space is not None:
             deltas[modules.ffn_out] = null_space.solve(layer, keys, residuals)
         else:
@@ -177,20 +191,31 @@ def refined_deltas(
 
     The closed-form write lands only part of each target (λ trades the fit against typical keys), so an optimised
     target that was likely is not always the greedy answer after the write. Each round reads, under the deltas so
-    far, which requests' answers are not the greedy continuation of their own prompt, optimises new targets for
-    those against the edited model, and adds their layer loop's update (the factors are concatenated). With
-    ``null_space`` every round's update is projected, and its keys join the batch's pending keys.
+    far, which requests' answers are not the greedy continuation of their own prompt, and adds a layer loop's update
+    for those (the factors are concatenated). ``refine="retarget"`` first optimises new targets for them against the
+    edited model; ``"rewrite"`` drives the values the first write aimed at again, from where that write left them,
+    which costs no optimisation. With ``null_space`` every round's update is projected, and its keys join the
+    batch's pending keys.
     """
-    deltas = compute_deltas(model, tokenizer, requests, hparams, moments, templates, targets, null_space, progress)
+    read_module, values = written_values(model, tokenizer, requests, hparams, targets)
+    deltas = compute_deltas(
+        model, tokenizer, requests, hparams, moments, templates, targets, null_space, progress, (read_module, values)
+    )
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
             prompts = [(r.template.format(r.subject), r.target) for r in requests]
             label = f"refine round {round_}: which facts the write missed" if progress else None
             outcomes = score_pairs(model, task, prompts, progress=label)
-            missed = [request for request, outcome in zip(requests, outcomes, strict=True) if not outcome.correct]
-            if not missed:
+            index = [i for i, outcome in enumerate(outcomes) if not outcome.correct]
+            if not index:
                 break
-            again = compute_targets(model, tokenizer, missed, hparams, templates, progress=progress)
-            more = compute_deltas(model, tokenizer, missed, hparams, moments, templates, again, null_space, progress)
+            missed = [requests[i] for i in index]
+            if hparams.refine == "rewrite":
+                aim, again = (read_module, values[:, index]), targets.select(index)
+            else:
+                aim, again = None, compute_targets(model, tokenizer, missed, hparams, templates, progress=progress)
+            more = compute_deltas(
+                model, tokenizer, missed, hparams, moments, templates, again, null_space, progress, aim
+            )
         deltas = {name: deltas[name].joined(more[name]) for name in deltas}
     return deltas

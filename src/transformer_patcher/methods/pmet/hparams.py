@@ -16,6 +16,7 @@ from transformer_patcher.core.validation import check_int, check_number, check_o
 
 VARIANTS = ("pmet", "memit")
 TRACKS = ("ffn", "residual")
+REFINES = ("retarget", "rewrite")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class PMETHyperParams:
     # Rounds that re-optimise and write again the facts the write missed (not the paper's: methods/pmet/algorithm.py,
     # refined_deltas); each costs a greedy check of the batch and the missed facts' targets and layer loop
     refine_rounds: int = 0
+    # What a refine round writes for a missed fact: "retarget" optimises a new target against the edited model (one
+    # target optimisation per missed fact a round); "rewrite" drives the same target again, from where the write left
+    # it (a layer loop only, no optimisation)
+    refine: str = "retarget"
     # AlphaEdit (methods/pmet/null_space.py): project each update onto the null space of the preserved keys, and
     # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
     null_space: bool = False
@@ -62,6 +67,8 @@ class PMETHyperParams:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.track not in TRACKS:
             raise ValueError(f"track must be one of {TRACKS}, got {self.track!r}")
+        if self.refine not in REFINES:
+            raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (tuple, list)):
             raise ValueError(f"layers must be a non-empty sequence of block indices, got {self.layers!r}")
         layers = tuple(self.layers)
