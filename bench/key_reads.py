@@ -33,18 +33,16 @@ from tqdm.auto import tqdm
 
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.data.loaders import find_data_file
+from transformer_patcher.methods.pmet import EditRequest
 from transformer_patcher.methods.pmet.architecture import block_modules
+from transformer_patcher.methods.pmet.requests import encode
 
 
 def subject_token(tokenizer: Any, text: str, subject: str) -> int | None:
-    """Index of the subject's last token in ``text`` (None when the subject is not in it)."""
-    start = text.find(subject)
-    if start < 0:
+    """Index of the subject's last token in ``text``, where PMET reads it (None when the subject is not in it)."""
+    if subject not in text:
         return None
-    end = start + len(subject)
-    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
-    inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
-    return inside[-1] if inside else None
+    return encode(tokenizer, EditRequest(text, subject, "-").template, subject).lookup
 
 
 def reads(model: Any, tokenizer: Any, text: str, subject: str, layers: list[int]) -> dict[str, torch.Tensor]:
