@@ -7,6 +7,8 @@ Frobenius and spectral norm ratios, and the Frobenius norm of the first and last
 factors are concatenated in the order they were written, so these are the oldest and newest updates).
 
     python bench/pmet_norms.py runs/pmet-seq-b100-ns-false runs/pmet-seq-b100-ns-0.2 --out bench/results/pmet_norms.json
+
+Records of the runs read are replaced in ``--out``, others kept, so the file gathers runs read at different times.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def main() -> None:
                 "command": "python " + shlex.join(sys.argv),
             }
         )
-    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    saved = json.loads(args.out.read_text()) if args.out.exists() else []
+    kept = [r for r in saved if r["run"] not in {run.name for run in args.runs}]
+    args.out.write_text(json.dumps(kept + records, indent=1) + "\n")
     for record in records:
         for row in record["layers"]:
             print(record["run"], record["batch_index"], row)
