@@ -54,7 +54,8 @@ from transformer_patcher.tuners.patcher.patch_set import read_edit_log
 
 class SubjectGate:
     """Hooks that close each patch where its subject has not appeared: a block's output against the subject reads,
-    a running maximum over the positions (padding excluded), carried over one-token steps of a cached decode."""
+    a running maximum over the positions (padding and each text's first token left out), carried over one-token
+    steps of a cached decode. They stay for the life of the model (a bench run)."""
 
     def __init__(self, model: nn.Module, block: nn.Module, layer: PatcherLayer, keys: torch.Tensor) -> None:
         self.keys = normalize(keys.float(), dim=1)  # (patches, d); a zero row is a patch without a subject: open
@@ -65,10 +66,8 @@ class SubjectGate:
         self.carry: torch.Tensor | None = None
         adapter = layer.active_adapters[0]
         self.act = layer._activations[adapter]
-        self.handles = [
-            model.register_forward_pre_hook(self._read_mask, with_kwargs=True),
-            block.register_forward_hook(self._read_block),
-        ]
+        model.register_forward_pre_hook(self._read_mask, with_kwargs=True)
+        block.register_forward_hook(self._read_block)
         layer._activations[adapter] = self._gated
 
     def _read_mask(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
