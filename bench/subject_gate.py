@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn.functional import normalize
 
-from key_reads import subject_token
+from key_reads import reads, subject_token
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import task_for_model
@@ -94,29 +94,19 @@ class SubjectGate:
         return out
 
 
-def subject_reads(model: nn.Module, tokenizer: Any, block: nn.Module, log: list[dict], ids: list[int]) -> torch.Tensor:
-    """Per patch (by its edit id), the block's output at its edit's subject's last token; zero without a subject."""
+def subject_reads(model: nn.Module, tokenizer: Any, block: int, log: list[dict], ids: list[int]) -> torch.Tensor:
+    """Per patch (by its edit id), block ``block``'s output at its edit's subject's last token (``key_reads``); zero
+    without a subject or when that token is the text's first, which names none: the patch stays ungated."""
     by_id = {int(entry["edit_id"]): entry for entry in log}
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(_module: nn.Module, _args: tuple, out: Any) -> None:
-        seen["h"] = out[0] if isinstance(out, tuple) else out
-
-    handle = block.register_forward_hook(keep)
-    reads: dict[int, torch.Tensor] = {}
-    try:
-        for edit_id in sorted(set(ids)):
-            entry = by_id[edit_id]
-            at = subject_token(tokenizer, entry["text"], entry.get("subject") or "") if entry.get("subject") else None
-            if at is None or at == 0:  # no subject, or one read at the first token, which names none: ungated
-                continue
-            with torch.no_grad():
-                model(**tokenizer(entry["text"], return_tensors="pt"))
-            reads[edit_id] = seen["h"][0, at].float()
-    finally:
-        handle.remove()
-    width = next(iter(reads.values())).numel()
-    return torch.stack([reads.get(i, torch.zeros(width)) for i in ids])
+    found: dict[int, torch.Tensor] = {}
+    for edit_id in sorted(set(ids)):
+        text, subject = by_id[edit_id]["text"], by_id[edit_id].get("subject")
+        if subject and subject_token(tokenizer, text, subject) not in (None, 0):
+            found[edit_id] = reads(model, tokenizer, text, subject, [block])[
+                f"residual after block {block}, subject's last token"
+            ]
+    width = next(iter(found.values())).numel()
+    return torch.stack([found.get(i, torch.zeros(width)) for i in ids])
 
 
 def score(model: nn.Module, task: Any, sets: dict[str, list], batch_size: int, base: dict | None) -> dict[str, Any]:
@@ -202,7 +192,7 @@ def main() -> None:
     inner = patched.get_base_model()
     block = inner.get_submodule(block_modules(inner, args.block).block)
     ids = layer.edit_ids().tolist()
-    keys = subject_reads(inner, tokenizer, block, read_edit_log(patches), ids)
+    keys = subject_reads(inner, tokenizer, args.block, read_edit_log(patches), ids)
     gate = SubjectGate(inner, block, layer, keys)
     print(f"{int(gate.ungated.sum())} of {len(ids)} patches ungated (subject missing or read at the first token)")
     columns: dict[str, list[int]] = {}
