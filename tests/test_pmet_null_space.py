@@ -7,7 +7,13 @@ import torch
 
 from test_pmet_editor import HPARAMS, _model, _requests, _texts
 from tiny_tokenizer import tiny_tokenizer
-from transformer_patcher.methods.pmet import NullSpace, PMETEditor, null_space_projection, solve_projected_update
+from transformer_patcher.methods.pmet import (
+    NullSpace,
+    PMETEditor,
+    PMETHyperParams,
+    null_space_projection,
+    solve_projected_update,
+)
 from transformer_patcher.methods.pmet.architecture import block_modules
 from transformer_patcher.methods.pmet.null_space import null_space_basis
 
@@ -92,6 +98,15 @@ def test_pending_keys_count_only_once_committed() -> None:
 def test_bad_inputs_are_refused(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_ridge_with_the_projection_is_refused() -> None:
+    """The projected solve has its own L2 and never reads the covariance the ridge regularises: asking for both
+    would silently run without the ridge."""
+    with pytest.raises(ValueError, match="null_space_l2"):
+        PMETHyperParams(null_space=True, mom2_ridge=1.0)
+    assert PMETHyperParams(null_space=True).mom2_ridge == 0  # the projection alone, and the ridge alone, stay valid
+    assert PMETHyperParams(mom2_ridge=1.0).null_space is False
 
 
 def _preserved_keys(moment: torch.Tensor, threshold: float) -> torch.Tensor:

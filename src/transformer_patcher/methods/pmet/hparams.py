@@ -59,7 +59,7 @@ class PMETHyperParams:
     # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
     null_space: bool = False
     null_space_threshold: float = 1e-2  # the share of the keys' energy (tr E[k kᵀ]) the null space may carry
-    null_space_l2: float = 10.0  # AlphaEdit's L2 weight α
+    null_space_l2: float = 10.0  # AlphaEdit's L2 weight α; its solve uses neither mom2_update_weight nor mom2_ridge
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance notes for presets
 
     def __post_init__(self) -> None:
@@ -90,6 +90,11 @@ class PMETHyperParams:
         if self.null_space_threshold >= 1:
             raise ValueError(
                 f"null_space_threshold is a share of the keys' energy below 1, got {self.null_space_threshold}"
+            )
+        if self.null_space and self.mom2_ridge > 0:
+            raise ValueError(
+                "mom2_ridge regularises the covariance solve, which null_space=True replaces with AlphaEdit's "
+                "projected solve (its L2 weight is null_space_l2); set one or the other"
             )
         for name in ("v_num_grad_steps", "mom2_n_texts", "mom2_max_length", "requests_per_step"):
             check_int(name, getattr(self, name), minimum=1)
