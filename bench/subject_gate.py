@@ -65,7 +65,7 @@ class SubjectGate:
         self.gate: torch.Tensor | None = None
         self.carry: torch.Tensor | None = None
         adapter = layer.active_adapters[0]
-        self.act = layer._activations[adapter]
+        self.act = layer.activation(adapter)
         model.register_forward_pre_hook(self._read_mask, with_kwargs=True)
         block.register_forward_hook(self._read_block)
         layer._activations[adapter] = self._gated
