@@ -5,7 +5,8 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
 - ``zsre-raw`` / ``zsre-chat``: SmolLM2-135M-Instruct, all 1,000 records of ``zsre_mend_train-1k.json`` as one
   stream, asked raw and through the chat template; the small suite every 250 edits;
 - ``counterfact``: SmolLM2, the 1,000 cases of ``counterfact-edit-1k.json`` (efficacy = SR, paraphrase = GR,
-  neighbourhood = the benchmark's locality); the small suite every 250 edits;
+  neighbourhood = the benchmark's locality); the small suite every 250 edits; ``counterfact-gate4``: the same with
+  the subject gate at block 4 (``--set gate_layer=4``);
 - ``gemma-zsre``: Gemma-3-270M (``make gemma``), the first 200 zsRE records, the same defaults;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
@@ -52,12 +53,16 @@ class Case:
     schedule: str = "default"
     eval_every: int = 100
     options: dict[str, Any] = field(default_factory=dict)
+    edit: dict[str, Any] = field(default_factory=dict)  # EditConfig overrides (``sme run --set``)
 
 
 CASES = {
     "zsre-raw": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}),
     "zsre-chat": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}),
     "counterfact": Case("smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}),
+    "counterfact-gate4": Case(
+        "smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}, edit={"gate_layer": 4}
+    ),
     "gemma-zsre": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}),
     "fever": Case("minilm-l6", "fever", options={"suite": "none"}),  # run by examples/fever/run.py (see fever_run)
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
@@ -76,6 +81,7 @@ def config_for(case: Case, data_dir: Path) -> ExperimentConfig:
         eval_every=case.eval_every,
         data_dir=str(data_dir),
         suite=case.options.get("suite", "full"),
+        edit_options=dict(case.edit),
     )
 
 
@@ -91,6 +97,8 @@ def command_for(config: ExperimentConfig, out: Path) -> str:
     if config.prompt_format != "raw":
         args += ["--prompt-format", config.prompt_format]
     args += ["--eval-every", str(config.eval_every), "--suite", config.suite, "--data-dir", str(config.data_dir)]
+    for key, value in config.edit_options.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
     return shlex.join([*args, "--out", str(out)])
 
 

@@ -8,7 +8,8 @@ sink), so a subject read there names none and its patch stays ungated. A rephras
 CounterFact neighbour asks the same relation of another subject (``bench/key_reads.py``: the subject read retrieves
 its own fact among 200 at 0.99, the last FFN's query at 0.19).
 
-This installs the gate on a saved patch set with hooks and scores, for the base model, the patch set and the patch
+This loads a saved patch set twice, as it is and with the package's gate (``PatcherConfig.gate_layer``) and the
+subject reads filled in, and scores, for the base model, the patch set and the patch
 set behind the gate at each threshold (teacher-forced, ``score_pairs``): the edits, their rephrases, every evaluation
 set of the data, and ``--neighbours`` near neighbours per edit (first-token agreement with the base model). It also
 reports how often a text opens its own edit's patches and any patch at all. Dev streams only: zsRE's first 100
@@ -39,59 +40,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.functional import normalize
 
 from key_reads import reads, subject_token
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.experiments.sme.experiment import ExperimentConfig, load_benchmark
-from transformer_patcher.methods.pmet.architecture import block_modules
+from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.layer import PatcherLayer
-from transformer_patcher.tuners.patcher.model import PatcherModel
+from transformer_patcher.tuners.patcher.model import PatcherModel, get_patcher_model
 from transformer_patcher.tuners.patcher.patch_set import read_edit_log
-
-
-class SubjectGate:
-    """Hooks that close each patch where its subject has not appeared: a block's output against the subject reads,
-    a running maximum over the positions (padding and each text's first token left out), carried over one-token
-    steps of a cached decode. They stay for the life of the model (a bench run)."""
-
-    def __init__(self, model: nn.Module, block: nn.Module, layer: PatcherLayer, keys: torch.Tensor) -> None:
-        self.keys = normalize(keys.float(), dim=1)  # (patches, d); a zero row is a patch without a subject: open
-        self.ungated = keys.norm(dim=1) == 0
-        self.threshold = 1.0
-        self.mask: torch.Tensor | None = None
-        self.gate: torch.Tensor | None = None
-        self.carry: torch.Tensor | None = None
-        adapter = layer.active_adapters[0]
-        self.act = layer.activation(adapter)
-        model.register_forward_pre_hook(self._read_mask, with_kwargs=True)
-        block.register_forward_hook(self._read_block)
-        layer._activations[adapter] = self._gated
-
-    def _read_mask(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-        self.mask = kwargs.get("attention_mask")
-
-    def _read_block(self, _module: nn.Module, _args: tuple, output: Any) -> None:
-        hidden = (output[0] if isinstance(output, tuple) else output).float()
-        sims = normalize(hidden, dim=-1) @ self.keys.T  # (batch, positions, patches)
-        mask = self.mask if self.mask is not None else torch.ones(hidden.shape[:2], device=hidden.device)
-        seen = mask.cumsum(1)[:, -hidden.shape[1] :]  # real tokens read so far, this one included
-        # padding, and a text's first token: every text's first token reads alike (the attention sink), so it names
-        # no subject
-        sims = sims.masked_fill((mask[:, -hidden.shape[1] :] == 0)[..., None] | (seen == 1)[..., None], -1.0)
-        running = sims.cummax(dim=1).values
-        if hidden.shape[1] == 1 and self.carry is not None and self.carry.shape[0] == hidden.shape[0]:
-            running = torch.maximum(running, self.carry[:, None])
-        self.carry = running[:, -1]
-        self.gate = ((running >= self.threshold) | self.ungated).float()
-
-    def _gated(self, pre: torch.Tensor) -> torch.Tensor:
-        out = self.act(pre)
-        if self.gate is not None and self.gate.shape == out.shape:
-            out = out * self.gate.to(out.dtype)
-        return out
 
 
 def subject_reads(model: nn.Module, tokenizer: Any, block: int, log: list[dict], ids: list[int]) -> torch.Tensor:
@@ -122,16 +80,15 @@ def score(model: nn.Module, task: Any, sets: dict[str, list], batch_size: int, b
     return row
 
 
-def gate_maxima(model: nn.Module, tokenizer: Any, gate: SubjectGate, texts: list[str]) -> torch.Tensor:
+def gate_maxima(model: nn.Module, tokenizer: Any, layer: PatcherLayer, texts: list[str]) -> torch.Tensor:
     """Per text (read alone, raw), the running maximum cosine with every patch's subject read at its last token:
     shape (texts, patches). A patch is open there when it passes the threshold."""
+    gate, subjects = layer.gate_reads(), layer.patch_frozen_subjects[layer.active_adapters[0]]
     rows = []
     with torch.no_grad():
         for text in texts:
-            gate.carry = None
             model(**tokenizer(text, return_tensors="pt"))
-            rows.append(gate.carry[0].clone())
-    gate.carry = None
+            rows.append(gate.running(subjects, "bench")[0, -1].clone())
     return torch.stack(rows)
 
 
@@ -189,19 +146,27 @@ def main() -> None:
     patched = PatcherModel.from_pretrained(base, patches)
     rows: list[dict[str, Any]] = [{"model": "patched", **score(patched, task, sets, args.batch_size, before)}]
     layer = next(m for m in patched.modules() if isinstance(m, PatcherLayer))
-    inner = patched.get_base_model()
-    block = inner.get_submodule(block_modules(inner, args.block).block)
     ids = layer.edit_ids().tolist()
-    keys = subject_reads(inner, tokenizer, args.block, read_edit_log(patches), ids)
-    gate = SubjectGate(inner, block, layer, keys)
-    print(f"{int(gate.ungated.sum())} of {len(ids)} patches ungated (subject missing or read at the first token)")
+    keys = subject_reads(base, tokenizer, args.block, read_edit_log(patches), ids)
+    saved = patched.peft_config["default"]
+    gated = get_patcher_model(
+        load_model(args.model, "generation")[0],
+        PatcherConfig(
+            patch_activation=saved.patch_activation, target_modules=saved.target_modules, gate_layer=args.block
+        ),
+    ).eval()
+    gated_layer = gated.base_model.patch_layer()
+    gated_layer.restore_committed({**layer.committed(), "patch_frozen_subjects": keys})
+    ungated = int((keys.norm(dim=1) == 0).sum())
+    print(f"{ungated} of {len(ids)} patches ungated (subject missing or read at the first token)")
+    inner = gated.get_base_model()
     columns: dict[str, list[int]] = {}
     for entry in read_edit_log(patches):
         columns[entry["text"]] = [j for j, i in enumerate(ids) if i == entry["edit_id"]]
     examples = [e for e in benchmark.examples if columns.get(e.text)]
     gates: dict[str, Any] = {
         "rephrase": open_rates(
-            gate_maxima(inner, tokenizer, gate, [t for e in examples for t in e.rephrases]),
+            gate_maxima(inner, tokenizer, gated_layer, [t for e in examples for t in e.rephrases]),
             [columns[e.text] for e in examples for _ in e.rephrases],
             args.thresholds,
         )
@@ -211,12 +176,12 @@ def main() -> None:
         if benchmark.locality_is_neighbourhood and name == "locality":
             mine = [columns.get(e.text, []) for e in benchmark.examples]
         keep = [i for i in range(len(pairs)) if mine is None or mine[i]]
-        maxima = gate_maxima(inner, tokenizer, gate, [pairs[i][0] for i in keep])
+        maxima = gate_maxima(inner, tokenizer, gated_layer, [pairs[i][0] for i in keep])
         gates[name] = open_rates(maxima, None if mine is None else [mine[i] for i in keep], args.thresholds)
     print(gates)
     for threshold in args.thresholds:
-        gate.threshold = threshold
-        rows.append({"model": f"gated {threshold}", **score(patched, task, sets, args.batch_size, before)})
+        gated_layer.patch_config["default"].gate_threshold = threshold
+        rows.append({"model": f"gated {threshold}", **score(gated, task, sets, args.batch_size, before)})
     rows = [{"model": "base", **before}, *rows]
     for row in rows:
         row.update(changed(row, before, sets))
@@ -229,7 +194,7 @@ def main() -> None:
         "data": args.data,
         "block": args.block,
         "sizes": {k: len(v) for k, v in sets.items()},
-        "ungated_patches": int(gate.ungated.sum()),
+        "ungated_patches": ungated,
         "patches": len(ids),
         "gates": gates,
         "rows": rows,

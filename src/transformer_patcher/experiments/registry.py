@@ -77,8 +77,7 @@ def build_editor(
     if name in FINE_TUNE_EDITORS:
         config = replace(FINE_TUNE_EDITORS[name], **(finetune_options or {}))
         return FineTuneEditor(model, task, config, memory_pairs=memory_pairs)
-    activation = (edit_config or EditConfig()).patch_activation_for(task.kind)
-    patcher_config = patcher_config or PatcherConfig(patch_activation=activation, layer_index=layer_index)
+    patcher_config = patcher_config or (edit_config or EditConfig()).adapter_config(task.kind, layer_index)
     wrapped = get_patcher_model(model, patcher_config)
     return build_trainer(
         wrapped,

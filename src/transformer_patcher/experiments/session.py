@@ -35,7 +35,6 @@ from transformer_patcher.experiments.registry import build_trainer
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.memory import collect_queries
 from transformer_patcher.methods.patcher.trainer import PatchTrainer
-from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.model import PatcherModel, get_patcher_model
 from transformer_patcher.tuners.patcher.patch_set import edit_log_entry, read_edit_log, save_adapter_folder
 
@@ -126,9 +125,7 @@ class EditSession(Closable):
                 wrapped = PatcherModel.from_pretrained(base, folder)
                 wrapped.peft_config["default"].base_model_name_or_path = portable_name(model)  # the fingerprint held
             else:
-                wrapped = get_patcher_model(
-                    base, PatcherConfig(patch_activation=config.patch_activation_for(task.kind))
-                )
+                wrapped = get_patcher_model(base, config.adapter_config(task.kind))
             choice, memory_pairs, validation_pairs, source = _memory_pairs(memory, kind, data_dir)
             subjects = memory_subjects(data_dir) if memory_pairs and kind == "generation" else []
             trainer = build_trainer(

@@ -64,17 +64,20 @@ def group_tensors(
     check_dims: bool,
     measure: Callable[[str, Mapping[str, torch.Tensor], str], Shapes],
 ) -> tuple[Groups, dict[str, Shapes]]:
-    """Split a checkpoint by module and check each in turn: exactly the ``specs`` tensors, holding the values they
-    declare (and their number of dimensions with ``check_dims``), then ``measure(module, group, source)``. ``kind``
-    names the adapter in errors: its peft type and what it holds ("PATCHER", "patch")."""
+    """Split a checkpoint by module and check each in turn: exactly the ``specs`` tensors (an optional one may be
+    missing), holding the values they declare (and their number of dimensions with ``check_dims``), then
+    ``measure(module, group, source)``. ``kind`` names the adapter in errors: its peft type and what it holds
+    ("PATCHER", "patch")."""
     specs = tuple(specs)
     groups = split_by_module(state_dict, names(specs), source, peft_type=kind[0], noun=kind[1])
     shapes = {}
     for module, group in groups.items():
-        missing = [spec.name for spec in specs if spec.name not in group]
+        missing = [spec.name for spec in specs if spec.name not in group and not spec.optional]
         if missing:
             raise AdapterFileError(f"{source}: module '{module}' lacks tensors {missing}")
         for spec in specs:
+            if spec.name not in group:
+                continue
             problem = tensor_problem(spec, group[spec.name], check_dims)
             if problem:
                 raise module_error(source, module, problem)

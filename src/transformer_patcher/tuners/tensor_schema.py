@@ -28,12 +28,16 @@ PEFT_KEY_PREFIX = "base_model.model."  # how peft names an adapter tensor in its
 @dataclass(frozen=True)
 class TensorSpec:
     """One per-adapter tensor: ``frozen`` ones are never trained; ``kind`` is ``"float"`` (values in the adapter's
-    float dtype, finite) or ``"id"`` (int64 edit ids)."""
+    float dtype, finite) or ``"id"`` (int64 edit ids). ``trained=False`` keeps a float tensor of the in-progress side
+    out of training too (a value fixed when the row is made); an ``optional`` one may be missing from a file written
+    before it existed, and is then zero."""
 
     name: str
     shape: tuple[str, ...]
     frozen: bool
     kind: Literal["float", "id"] = FLOAT
+    trained: bool = True
+    optional: bool = False
 
     def shape_for(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
         """The concrete shape for ``sizes`` (named size → value)."""

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from transformer_patcher.core.validation import check_bool, check_int, check_number
+from transformer_patcher.tuners.patcher.config import PatcherConfig
 
 # Memory-loss margins (beta, gamma) per activation family. GELU and ReLU are the official values. For SiLU (the
 # LLaMA family) beta is where SiLU is as close to zero as GELU is at -3 (|GELU(-3)| = 0.0040 = |SiLU(-7.5)|), so a
@@ -121,6 +122,9 @@ class EditConfig:
     nearest_contrasts: int = 0  # init="solve": of the contrasts, how many ask the subjects nearest the edit's own
     key_views: int = 0  # init="solve", causal LMs: self-written prefixes the first answer token's key is read behind
     view_scatter: float = 1.0  # init="solve": weight of the views' scatter against the memory covariance
+    gate_layer: int | None = None  # causal LMs: a new patch set's subject gate reads this block (None: no gate)
+    gate_threshold: float = 0.8  # the cosine at which a patch's subject gate opens
+    gated_contrasts: bool = True  # init="solve": a gated patch's threshold still rises above other subjects' contrasts
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -149,7 +153,7 @@ class EditConfig:
         for name in ("max_patches", "give_up_after"):
             if getattr(self, name) is not None:
                 check_int(f"EditConfig.{name}", getattr(self, name), minimum=1)
-        for name in ("dropout", "use_validation", "cache", "keep_failed"):
+        for name in ("dropout", "use_validation", "cache", "keep_failed", "gated_contrasts"):
             check_bool(f"EditConfig.{name}", getattr(self, name))
         if self.value_init not in ("normal", "uniform"):
             raise ValueError(f"value_init must be 'normal' or 'uniform', got {self.value_init!r}")
@@ -160,6 +164,11 @@ class EditConfig:
             raise ValueError("init='solve' goes with stop='constraints' and init='paper' with stop='plateau'")
         if self.stop == "constraints" and self.dropout:
             raise ValueError("stop='constraints' reads its check off the training pass, which needs dropout=False")
+        if self.gate_layer is not None:
+            check_int("EditConfig.gate_layer", self.gate_layer)
+        check_number("EditConfig.gate_threshold", self.gate_threshold, 0.0, strict=True)
+        if self.gate_threshold > 1:
+            raise ValueError(f"EditConfig.gate_threshold is a cosine and must be at most 1, got {self.gate_threshold}")
         if self.patch_activation not in (None, FFN_ACTIVATION):
             activation_family(self.patch_activation)  # an activation with known margins, else a clear error
         if not isinstance(self.extra, dict):
@@ -216,6 +225,16 @@ class EditConfig:
         """The activation of a new patch set's neurons for a task kind (an ``ACT2FN`` name; None: the FFN's own)."""
         name = self.patch_activation or PATCH_ACTIVATION[task_kind]
         return None if name == FFN_ACTIVATION else name
+
+    def adapter_config(self, task_kind: str, layer_index: int = -1) -> PatcherConfig:
+        """A new patch set's adapter config for a task kind: its activation, and the subject gate for causal LMs."""
+        gate = self.gate_layer if task_kind == "causal_lm" else None
+        return PatcherConfig(
+            patch_activation=self.patch_activation_for(task_kind),
+            layer_index=layer_index,
+            gate_layer=gate,
+            gate_threshold=self.gate_threshold,
+        )
 
     def memory_weight(self, task_kind: str) -> float:
         return self.memory_loss_weight if self.memory_loss_weight is not None else MEMORY_LOSS_WEIGHT[task_kind]

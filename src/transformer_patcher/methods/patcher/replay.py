@@ -41,6 +41,8 @@ class ForwardReplay:
         key_suffix = "." + layer.key_module_name
         self.key_name = next(name for name in modules if name.endswith(key_suffix) or name == layer.key_module_name)
         self.base_name = f"{self.value_name}.base_layer"
+        gates = ["." + name for name in layer.gates]  # the subject gate reads these blocks' outputs: always kept
+        self.gate_names = {name for name in modules if any(name.endswith(g) or name == g[1:] for g in gates)}
         self._modules = modules
         self._plan: list[str] | None = None
         self._outputs: Recording = {}
@@ -116,7 +118,8 @@ class ForwardReplay:
         """Recorded modules whose outputs a replay of ``forward`` never reads (call right after ``record(forward)``).
 
         Each output is swapped for a NaN placeholder in turn; if the replayed result and the FFN query the patches
-        read stay bit-identical, nothing read it. The union is checked once more as a whole, and an empty set is
+        read stay bit-identical, nothing read it. A subject gate's blocks are always read (with no patch yet, their
+        outputs change nothing that this check can see). The union is checked once more as a whole, and an empty set is
         returned if that check fails.
         """
         if not self._outputs:
@@ -125,7 +128,8 @@ class ForwardReplay:
         expected = self._replay_result(forward, full)
         unread = set()
         for name in full:
-            swapped = None if name == self.base_name else _placeholders(full[name])
+            kept = name == self.base_name or name in self.gate_names
+            swapped = None if kept else _placeholders(full[name])
             if swapped is not None and _same(self._replay_result(forward, {**full, name: swapped}), expected):
                 unread.add(name)
         pruned = {name: _placeholders(out) if name in unread else out for name, out in full.items()}

@@ -48,6 +48,7 @@ from transformer_patcher.core.errors import NonFiniteError
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.modes import eval_mode
 from transformer_patcher.core.tasks import Batch, Task
+from transformer_patcher.data.neighbours import guess_subject
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
 from transformer_patcher.methods.patcher.losses import activation_loss, memory_loss
@@ -55,6 +56,7 @@ from transformer_patcher.methods.patcher.memory import MemoryBank, answer_start_
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.subjects import SubjectIndex
 from transformer_patcher.methods.patcher.views import EditViews
+from transformer_patcher.tuners.patcher.gate import subject_position
 from transformer_patcher.tuners.patcher.keys import discriminant, init_key, preactivation, separating_scale
 from transformer_patcher.tuners.patcher.layer import PatcherLayer
 
@@ -200,17 +202,18 @@ class PatchTrainer:
                 return EditRecord(edit_id, needed=False, success=True, seconds=time.perf_counter() - started)
             reads = wrong[: cfg.max_patches]
             _require_finite(first.query, "the FFN queries at the edit (before any patch was added)")
+            subject = self._subject_read(example, single)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
-                    contrasts = self._read_contrasts(example, single, reads)
+                    contrasts = self._read_contrasts(example, single, reads, gated=subject is not None)
                     views = self._read_views(example)
-                    reads, required = self._add_solved_patches(first, single, reads, edit_id, contrasts, views)
+                    reads, required = self._add_solved_patches(first, single, reads, edit_id, contrasts, views, subject)
                     success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
                     if reads.numel():
                         success, steps, loss = self._train_to_constraints(single, reads, required)
                 else:
-                    self._add_patches(first.query[reads], edit_id)
+                    self._add_patches(first.query[reads], edit_id, subject)
                     success, steps, loss = self._train(single, reads)
             if success or cfg.keep_failed:
                 self.layer.commit(self.adapter)
@@ -233,14 +236,28 @@ class PatchTrainer:
             self.layer.discard(self.adapter)
             raise
 
-    def _add_patches(self, queries: torch.Tensor, edit_id: int) -> None:
+    def _subject_read(self, example: EditExample, single: Batch) -> torch.Tensor | None:
+        """What the subject gate of the edit's patches opens on: the gate block's output, in the pass just run, at the
+        last token of the edit's subject (``example.subject``, else the longest capitalised span of its text) in its
+        prompt as the model reads it. None (ungated) without a gate, or when no subject is found there."""
+        gate = self.layer.gate_reads(self.adapter)
+        subject = example.subject or guess_subject(example.text)
+        if gate is None or gate.reads is None or not subject or "input_ids" not in single.inputs:
+            return None
+        prompt = single.inputs["input_ids"][0, : int(single.cols[0]) + 1].tolist()
+        at = subject_position(self.task.tokenizer, prompt, subject)
+        return None if at is None else gate.reads[0, at]
+
+    def _add_patches(self, queries: torch.Tensor, edit_id: int, subject: torch.Tensor | None = None) -> None:
         keys = torch.stack([init_key(q.float()) for q in queries])
         scale = float(self.layer.patch_config[self.adapter].init_value_scale)
         shape = (len(queries), self.layer.output_dim)
         v_prime = torch.randn(shape) if self.config.value_init == "normal" else torch.rand(shape)
-        self.layer.add_patches(keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter)
+        self.layer.add_patches(keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter, subject)
 
-    def _read_contrasts(self, example: EditExample, single: Batch, reads: torch.Tensor) -> list[torch.Tensor | None]:
+    def _read_contrasts(
+        self, example: EditExample, single: Batch, reads: torch.Tensor, gated: bool = False
+    ) -> list[torch.Tensor | None]:
         """Per read, the queries its patch must stay below (n, d) or None: for the answer's first token the edit's
         contrasts (:meth:`_contrast_queries`), for a later one the running-text ``contexts`` of the token it reads
         at (:mod:`.contexts`)."""
@@ -250,7 +267,7 @@ class PatchTrainer:
             ids = single.inputs["input_ids"][single.rows[later], single.cols[later]].tolist()
             at_later = self.contexts.queries(self.model, self.layer, ids, self.task.pad_id)
         contexts = iter(at_later)
-        return [self._contrast_queries(example) if int(r) == 0 else next(contexts) for r in reads]
+        return [self._contrast_queries(example, gated) if int(r) == 0 else next(contexts) for r in reads]
 
     def _read_views(self, example: EditExample) -> torch.Tensor | None:
         """The edit's views where its answer starts (views, d) (:mod:`.views`), or None without views."""
@@ -258,21 +275,23 @@ class PatchTrainer:
             return None
         return self.views.queries(self.model, self.layer, self.task, example)
 
-    def _contrast_texts(self, example: EditExample) -> list[str]:
+    def _contrast_texts(self, example: EditExample, gated: bool = False) -> list[str]:
         """The edit's question asked of other subjects (``contrasts``; the :attr:`subjects` nearest to its own
-        first, ``config.nearest_contrasts`` of them), then the inputs it must keep (``example.keep``)."""
+        first, ``config.nearest_contrasts`` of them), then the inputs it must keep (``example.keep``). A patch
+        behind a subject gate (``gated``) skips the other subjects unless ``config.gated_contrasts``: the gate
+        keeps them out."""
         texts: list[str] = []
-        if self.contrasts is not None:
+        if self.contrasts is not None and (self.config.gated_contrasts or not gated):
             count = self.config.nearest_contrasts
             near = self.subjects.nearest(example.subject, count) if self.subjects and example.subject else []
             texts = list(self.contrasts(example, near) if near else self.contrasts(example))
         return texts + list(example.keep)
 
-    def _contrast_queries(self, example: EditExample) -> torch.Tensor | None:
+    def _contrast_queries(self, example: EditExample, gated: bool = False) -> torch.Tensor | None:
         """FFN queries where the edit's contrasts (:meth:`_contrast_texts`) start their answer, shape (n, d); None
         when there are none. With views the key also reaches the edit in the other prompt formats, so the contrasts
         are asked in those too."""
-        texts = self._contrast_texts(example)
+        texts = self._contrast_texts(example, gated)
         if not texts:
             return None
         formats = question_formats(self.task) if self.views is not None and self.config.key_views else []
@@ -289,11 +308,13 @@ class PatchTrainer:
         edit_id: int,
         contrasts: Sequence[torch.Tensor | None] = (),
         views: torch.Tensor | None = None,
+        subject: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Separating keys and biases, then the values that solve the edit (module docstring, mode default). Returns
         the reads that got a patch (a read whose query the memory cannot be told apart from gets none) and the lead
         the stopping rule asks of them. ``contrasts``: per read, queries its patch must stay below (n, d) or None;
-        ``views``: the edit's other readings where its answer starts (views, d) or None."""
+        ``views``: the edit's other readings where its answer starts (views, d) or None; ``subject``: the gate's
+        subject read (None: ungated)."""
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
         keys, bias, local = self._separating_keys(queries[reads], target, int(reads[0]) == 0, contrasts, views)
@@ -305,7 +326,7 @@ class PatchTrainer:
         gram = activations.T @ activations
         gram += 1e-4 * gram.diagonal().mean() * torch.eye(len(reads))
         values = torch.linalg.solve(gram, activations.T @ offsets)
-        self.layer.add_patches(keys, bias, values, edit_id, self.adapter)
+        self.layer.add_patches(keys, bias, values, edit_id, self.adapter, subject)
         return reads, required
 
     def _separating_keys(

@@ -71,6 +71,20 @@ class PatcherConfig(AdapterConfig):
         default="float32",
         metadata={"help": "dtype of the patch tensors; fp32 patches on a bf16/fp16 base are fine. None: base dtype."},
     )
+    gate_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decoder-only models: the block whose output opens each patch's subject gate (negative counts "
+            "from the last). A patch with a subject read adds nothing until a position whose output there is "
+            "within gate_threshold (cosine) of it has been read. None: no gate, the paper's patches."
+        },
+    )
+    gate_module: str | None = field(
+        default=None, metadata={"help": "Full name of that block; resolved from gate_layer on injection."}
+    )
+    gate_threshold: float = field(
+        default=0.8, metadata={"help": "The cosine at which a patch's subject gate opens, in (0, 1]."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +114,14 @@ class PatcherConfig(AdapterConfig):
                 f"Unknown patch_activation {self.patch_activation!r}; use a transformers activation name such as "
                 "'gelu', 'relu' or 'silu', or None for the FFN's own activation."
             )
+        gate = self.gate_layer
+        if gate is not None and (not isinstance(gate, int) or isinstance(gate, bool)):
+            raise ValueError(f"gate_layer must be None or an integer, got {gate!r}")
+        if self.gate_module is not None and (not isinstance(self.gate_module, str) or not self.gate_module):
+            raise ValueError(f"gate_module must be None or a module name, got {self.gate_module!r}")
+        threshold = self.gate_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            raise ValueError(f"gate_threshold must be a number in (0, 1], got {threshold!r}")
         if self.patch_dtype is not None and self.patch_dtype not in PATCH_DTYPES:
             raise ValueError(f"patch_dtype must be one of {PATCH_DTYPES} or None, got {self.patch_dtype!r}")
 
@@ -125,6 +147,9 @@ def _schema() -> dict[str, Any]:
             "num_trainable_patches": {"type": "integer", "minimum": 0},
             "init_value_scale": {"type": "number", "exclusiveMinimum": 0},
             "patch_dtype": {"enum": [*PATCH_DTYPES, None]},
+            "gate_layer": {"type": ["integer", "null"]},
+            "gate_module": NULLABLE_STR,
+            "gate_threshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "fingerprint": fingerprint_schema(
                 {"query_dim": {"type": "integer", "minimum": 1}, "output_dim": {"type": "integer", "minimum": 1}}
             ),

@@ -11,7 +11,9 @@ Two kinds of patches live side by side, per adapter:
 - *frozen* (committed): buffers, never trainable, even after device moves (a ``ParameterDict`` would silently make
   them trainable again).
 
-Every neuron carries the id of the edit that created it, so a single fix can be undone with ``remove_edit``.
+Every neuron carries the id of the edit that created it, so a single fix can be undone with ``remove_edit``, and
+the subject read of its gate when the adapter has one (``gate``): ``act(q·k + b)`` then counts only where the gate is
+open.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from transformers.activations import ACT2FN
 from transformer_patcher.core.errors import InvalidPatchError, PatchMergeError
 from transformer_patcher.core.placement import execution_device
 from transformer_patcher.tuners.patcher.config import PatcherConfig
+from transformer_patcher.tuners.patcher.gate import GateReads
 from transformer_patcher.tuners.patcher.keys import preactivation
 from transformer_patcher.tuners.patcher.patch_file import PatchShapes
 from transformer_patcher.tuners.patcher.schema import (
@@ -38,6 +41,7 @@ from transformer_patcher.tuners.patcher.schema import (
     PARAMETERS,
     PATCH_TENSOR_NAMES,
     SPECS,
+    SUBJECTS,
     TRAINABLE,
     patch_sizes,
 )
@@ -58,6 +62,7 @@ class PatchCapture:
     query: torch.Tensor | None = None
     preactivations: torch.Tensor | None = None  # trainable (in-progress) patches, shape (..., n_trainable)
     frozen_preactivations: torch.Tensor | None = None  # committed patches, shape (..., n_frozen)
+    opened: torch.Tensor | None = None  # where the trainable patches' gates are open (..., n_trainable); None: ungated
 
 
 class PatcherLayer(TunerLayer):
@@ -70,7 +75,14 @@ class PatcherLayer(TunerLayer):
     tensor_names = PATCH_TENSOR_NAMES
     repr_prefix = "patcher"
 
-    def __init__(self, base_layer: nn.Module, key_module: nn.Module, adapter_name: str, config: PatcherConfig) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        key_module: nn.Module,
+        adapter_name: str,
+        config: PatcherConfig,
+        gate: GateReads | None = None,
+    ) -> None:
         super().__init__(base_layer, adapter_name)
         self.query_dim = _get_in_out_features(key_module)[0]
         self.output_dim = _get_in_out_features(base_layer)[1]
@@ -85,19 +97,25 @@ class PatcherLayer(TunerLayer):
         self.patch_config: dict[str, PatcherConfig] = {}
         self.key_module_name = config.key_module
         self._activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.gates: dict[str, GateReads] = {}  # by gate block name, shared by the adapters that name it
         self._query: torch.Tensor | None = None
         self._capture: tuple[str, PatchCapture] | None = None
         self._hook = key_module.register_forward_pre_hook(self._store_query, with_kwargs=True)
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, gate)
 
     @property
     def dims(self) -> tuple[int, int]:
         return self.query_dim, self.output_dim
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def update_layer(self, adapter_name: str, config: PatcherConfig) -> None:
+    def update_layer(self, adapter_name: str, config: PatcherConfig, gate: GateReads | None = None) -> None:
         """Create ``adapter_name``'s patch tensors on the FFN's execution device, zero-filled and sized by the
-        config's counts (a fresh config: empty), ready for a loader to fill them."""
+        config's counts (a fresh config: empty), ready for a loader to fill them. ``gate``: the reads of the block
+        ``config.gate_module`` names (required when it names one)."""
+        if config.gate_module is not None and config.gate_module not in self.gates:
+            if gate is None:
+                raise ValueError(f"adapter {adapter_name!r} names gate block {config.gate_module!r}; pass its reads")
+            self.gates[config.gate_module] = gate
         device, dtype = execution_device(self.base_layer), self._patch_dtype(config)
         trainable = config.num_trainable_patches
         for name in self.tensor_names:
@@ -119,6 +137,30 @@ class PatcherLayer(TunerLayer):
     def activation(self, adapter_name: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The patch activation of an adapter."""
         return self._activations[self._resolve_adapter(adapter_name)]
+
+    def gate_reads(self, adapter_name: str | None = None) -> GateReads | None:
+        """The reads an adapter's subject gate opens on (None: it has no gate)."""
+        name = self.patch_config[self._resolve_adapter(adapter_name)].gate_module
+        return None if name is None else self.gates[name]
+
+    def _opened(self, adapter: str, frozen: bool, pre: torch.Tensor) -> torch.Tensor | None:
+        """Where the adapter's frozen or trainable patches are open, shaped like ``pre`` (None: no gate)."""
+        gate = self.gate_reads(adapter)
+        if gate is None:
+            return None
+        opened = gate.opened(
+            getattr(self, SUBJECTS[frozen])[adapter],
+            self.patch_config[adapter].gate_threshold,
+            (
+                adapter,
+                frozen,
+            ),
+        )
+        if opened.numel() != pre.numel():
+            raise RuntimeError(
+                f"the gate read {tuple(opened.shape)} positions where the patches read {tuple(pre.shape)}"
+            )
+        return opened.reshape(pre.shape).to(device=pre.device, dtype=pre.dtype)
 
     def _store_query(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._query = args[0] if args else next(iter(kwargs.values()))
@@ -151,16 +193,25 @@ class PatcherLayer(TunerLayer):
         out = None
         if frozen_keys.shape[0]:
             pre = preactivation(q, frozen_keys, self.patch_frozen_bias[adapter_name])
-            out = act(pre) @ self.patch_frozen_values[adapter_name]
+            out = self._gated(act(pre), adapter_name, True) @ self.patch_frozen_values[adapter_name]
             if capture is not None:
                 capture.frozen_preactivations = pre
         if keys.shape[0]:
             pre = preactivation(q, keys, self.patch_bias[adapter_name])
-            trainable = act(pre) @ (self.patch_values[adapter_name] * self.patch_value_scale[adapter_name])
+            activations = self._gated(act(pre), adapter_name, False, capture)
+            trainable = activations @ (self.patch_values[adapter_name] * self.patch_value_scale[adapter_name])
             out = trainable if out is None else out + trainable
             if capture is not None:
                 capture.preactivations = pre
         return out
+
+    def _gated(
+        self, activations: torch.Tensor, adapter: str, frozen: bool, capture: PatchCapture | None = None
+    ) -> torch.Tensor:
+        opened = self._opened(adapter, frozen, activations)
+        if capture is not None:
+            capture.opened = opened
+        return activations if opened is None else activations * opened
 
     @contextmanager
     def capture(self, adapter_name: str | None = None) -> Iterator[PatchCapture]:
@@ -216,12 +267,14 @@ class PatcherLayer(TunerLayer):
         values: torch.Tensor,
         edit_id: int | Sequence[int],
         adapter_name: str | None = None,
+        subjects: torch.Tensor | None = None,
     ) -> int:
         """Append in-progress patches ``act(q·k + b)·v``; returns how many were added.
 
         ``values`` are the effective values ``v``. They are stored factored as ``v' = v / a`` and ``a`` filled with
-        ``config.init_value_scale``, the official code's parameterisation, so training moves both. Nothing changes if
-        any argument is invalid.
+        ``config.init_value_scale``, the official code's parameterisation, so training moves both. ``subjects``: the
+        gate's subject read, one row for all or one per patch (stored as unit vectors; None or zero: ungated). Nothing
+        changes if any argument is invalid.
         """
         adapter = self._resolve_adapter(adapter_name)
         keys = self._as_rows(keys, self.query_dim, "keys")
@@ -238,6 +291,15 @@ class PatcherLayer(TunerLayer):
             ids = ids.expand(n)
         if ids.numel() != n:
             raise InvalidPatchError(f"edit_id must be one id or one per patch ({n}), got {ids.numel()}")
+        reads = (
+            torch.zeros(n, self.output_dim)
+            if subjects is None
+            else self._as_rows(subjects, self.output_dim, "subjects")
+        )
+        if reads.shape[0] == 1:
+            reads = reads.expand(n, -1)
+        if reads.shape[0] != n:
+            raise InvalidPatchError(f"subjects must be one row or one per patch ({n}), got {reads.shape[0]}")
         scale = float(self.patch_config[adapter].init_value_scale)
         current = self.patch_keys[adapter]
 
@@ -250,6 +312,7 @@ class PatcherLayer(TunerLayer):
         extend("patch_values", values / scale)
         extend("patch_value_scale", torch.full_like(values, scale))
         extend("patch_edit_ids", ids.to(current.device))
+        extend("patch_subjects", torch.nn.functional.normalize(reads.float(), dim=1))
         self._publish_counts(adapter)
         return n
 
@@ -268,6 +331,7 @@ class PatcherLayer(TunerLayer):
                 "patch_frozen_bias": self.patch_bias[adapter],
                 "patch_frozen_values": self.patch_values[adapter] * self.patch_value_scale[adapter],
                 "patch_frozen_edit_ids": self.patch_edit_ids[adapter],
+                "patch_frozen_subjects": self.patch_subjects[adapter],
             }
             for name, new in moved.items():
                 old = getattr(self, name)[adapter]
@@ -306,12 +370,15 @@ class PatcherLayer(TunerLayer):
     def restore_committed(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
         """Replace the committed patches with ``tensors`` (from ``committed()``) and drop in-progress ones.
 
-        Validated before anything changes: the four tensors must be present, finite and agree on the neuron count.
+        Validated before anything changes: the tensors must be present (the subject reads may be missing: a checkpoint
+        from before the gate, ungated), finite and agree on the neuron count.
         """
         adapter = self._resolve_adapter(adapter_name)
-        if set(tensors) != set(FROZEN):
+        required = {name for name in FROZEN if not SPECS[name].optional}
+        if not required <= set(tensors) <= set(FROZEN):
             raise InvalidPatchError(f"expected tensors {sorted(FROZEN)}, got {sorted(tensors)}")
         rows = tensors["patch_frozen_keys"].shape[0]
+        tensors = {name: tensors.get(name, torch.zeros(self._shape(name, rows))) for name in FROZEN}
         for name in FROZEN:
             tensor = tensors[name]
             if tuple(tensor.shape) != self._shape(name, rows):
@@ -350,8 +417,13 @@ class PatcherLayer(TunerLayer):
             raise PatchMergeError(MERGE_IMPOSSIBLE)
         self._hook.remove()
         self._query = None
+        for gate in self.gates.values():
+            gate.remove()
         return self.get_base_layer()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._activations.pop(adapter_name, None)
+        named = {config.gate_module for config in self.patch_config.values()}
+        for name in [name for name in self.gates if name not in named]:
+            self.gates.pop(name).remove()

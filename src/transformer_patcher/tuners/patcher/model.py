@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import _get_in_out_features
 from torch import nn
@@ -14,8 +15,10 @@ from transformer_patcher.tuners.architectures import resolve_patch_target
 from transformer_patcher.tuners.bounds import weight_scale
 from transformer_patcher.tuners.fingerprint import AdapterWording, compute_fingerprint
 from transformer_patcher.tuners.patcher.config import PATCHER, PatcherConfig
+from transformer_patcher.tuners.patcher.gate import GateReads, block_list
 from transformer_patcher.tuners.patcher.layer import MERGE_IMPOSSIBLE, PatcherLayer
 from transformer_patcher.tuners.patcher.patch_file import group_patch_tensors
+from transformer_patcher.tuners.patcher.schema import SPECS, SUBJECTS
 from transformer_patcher.tuners.registration import quiet_peft_wrapping, register_peft_type
 from transformer_patcher.tuners.tensor_schema import PEFT_KEY_PREFIX
 from transformer_patcher.tuners.tuner import Scales, Tuner, wrap_model
@@ -52,17 +55,56 @@ class PatcherModel(Tuner):
             lambda: compute_fingerprint(self.model, target, query_dim, output_dim),
             lambda _: _patch_scales(key, value),
         )
+        gate = self._gate_module(peft_config, target.value_module)
         peft_config.target_modules = [target.value_module]
         peft_config.key_module = target.key_module
         peft_config.patch_activation = target.activation
+        peft_config.gate_module = gate
         return peft_config
+
+    def _gate_module(self, config: PatcherConfig, value_module: str) -> str | None:
+        """The block the subject gate reads (``config.gate_layer`` in the patched FFN's block list); refused on a
+        model that is not a decoder-only LM, and when a saved ``gate_module`` names another block."""
+        if config.gate_layer is None:
+            if config.gate_module is not None:
+                raise ValueError(f"gate_module={config.gate_module!r} is set without gate_layer")
+            return None
+        model_config = getattr(self.model, "config", None)
+        can_generate = getattr(self.model, "can_generate", lambda: False)()
+        if getattr(model_config, "is_encoder_decoder", False) or not can_generate:
+            raise ValueError(
+                "a subject gate (gate_layer) needs a decoder-only language model: it reads the text left to right, "
+                f"and {type(self.model).__name__} is not one. Leave gate_layer=None."
+            )
+        blocks, _ = block_list(self.model, value_module)
+        count = len(self.model.get_submodule(blocks))
+        if not -count <= config.gate_layer < count:
+            raise ValueError(f"gate_layer={config.gate_layer} is out of range: '{blocks}' holds {count} blocks")
+        name = f"{blocks}.{config.gate_layer % count}"
+        if config.gate_module is not None and config.gate_module != name:
+            raise ValueError(
+                f"gate_module={config.gate_module!r} disagrees with gate_layer={config.gate_layer} ('{name}' here)"
+            )
+        return name
 
     @classmethod
     def _declares_weights(cls, config: PatcherConfig) -> bool:
         return config.num_patches > 0
 
     def _new_layer(self, target: nn.Module, adapter_name: str, config: PatcherConfig) -> PatcherLayer:
-        return PatcherLayer(target, self.model.get_submodule(config.key_module), adapter_name, config)
+        key = self.model.get_submodule(config.key_module)
+        return PatcherLayer(target, key, adapter_name, config, self._gate_reads(config))
+
+    def _gate_reads(self, config: PatcherConfig, layer: PatcherLayer | None = None) -> GateReads | None:
+        """Hooks reading ``config``'s gate block (the layer's own when it already has them)."""
+        name = config.gate_module
+        if name is None:
+            return None
+        if layer is not None and name in layer.gates:
+            return layer.gates[name]
+        blocks, _ = block_list(self.model, name)
+        owner = self.model.get_submodule(blocks.rpartition(".")[0]) if "." in blocks else self.model
+        return GateReads(owner, self.model.get_submodule(name))
 
     def _add_to_layer(self, layer: PatcherLayer, adapter_name: str, config: PatcherConfig, module_name: str) -> None:
         if layer.key_module_name != config.key_module:
@@ -70,13 +112,25 @@ class PatcherModel(Tuner):
                 f"'{module_name}' is already patched with queries from '{layer.key_module_name}'; an adapter "
                 f"reading '{config.key_module}' cannot share it."
             )
-        layer.update_layer(adapter_name, config)
+        layer.update_layer(adapter_name, config, self._gate_reads(config, layer))
 
     def _check_merge_allowed(self) -> None:
         raise PatchMergeError(MERGE_IMPOSSIBLE)
 
     # ------------------------------------------------------------------------------------------ state dict
     group_tensors = staticmethod(group_patch_tensors)
+
+    @classmethod
+    def _loadable_state_dict(
+        cls, config: PatcherConfig, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A file from before the subject gate lacks the subject reads: its patches load ungated (zero rows)."""
+        filled = dict(state_dict)
+        for key, tensor in state_dict.items():
+            prefix, _, name = key.rpartition(".")
+            if name in ("patch_frozen_values", "patch_values"):
+                filled.setdefault(f"{prefix}.{SUBJECTS[SPECS[name].frozen]}", torch.zeros_like(tensor))
+        return filled
 
     @classmethod
     def _layer_scales(cls, model: nn.Module, layers: Mapping[str, PatcherLayer]) -> Scales:

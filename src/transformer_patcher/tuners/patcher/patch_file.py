@@ -60,6 +60,8 @@ def _measure_group(module: str, group: Mapping[str, torch.Tensor], source: str) 
     n_frozen, n_trainable = fk.shape[0], tk.shape[0]
     query_dim, output_dim = fk.shape[1], fv.shape[1]
     for spec in PATCH_TENSORS:
+        if spec.name not in group:  # an optional tensor the file predates
+            continue
         expected = spec.shape_for(patch_sizes(n_frozen if spec.frozen else n_trainable, query_dim, output_dim))
         if tuple(group[spec.name].shape) != expected:
             raise module_error(

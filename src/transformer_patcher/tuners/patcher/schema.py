@@ -1,7 +1,9 @@
 """The patch tensors of one adapter on one FFN, declared once.
 
 Committed patches are frozen buffers; in-progress ones are the trainable parameters (values factored ``v' ⊙ a``) plus
-their edit ids. Every patch row carries the id of the edit that created it, in the edit-id tensor of its side.
+their edit ids. Every patch row carries the id of the edit that created it, in the edit-id tensor of its side, and
+the subject read its gate opens on (``tuners.patcher.gate``; a zero row: ungated, which is every row of a file
+written before the gate existed).
 """
 
 from __future__ import annotations
@@ -15,20 +17,25 @@ PATCH_TENSORS = (
     TensorSpec("patch_frozen_bias", (PATCHES,), frozen=True),
     TensorSpec("patch_frozen_values", (PATCHES, D_OUT), frozen=True),
     TensorSpec("patch_frozen_edit_ids", (PATCHES,), frozen=True, kind=ID),
+    TensorSpec("patch_frozen_subjects", (PATCHES, D_OUT), frozen=True, optional=True),
     TensorSpec("patch_keys", (PATCHES, D_IN), frozen=False),
     TensorSpec("patch_bias", (PATCHES,), frozen=False),
     TensorSpec("patch_values", (PATCHES, D_OUT), frozen=False),
     TensorSpec("patch_value_scale", (PATCHES, D_OUT), frozen=False),
     TensorSpec("patch_edit_ids", (PATCHES,), frozen=False, kind=ID),
+    TensorSpec("patch_subjects", (PATCHES, D_OUT), frozen=False, trained=False, optional=True),
 )
 SPECS = {spec.name: spec for spec in PATCH_TENSORS}
 
 PATCH_TENSOR_NAMES = names(PATCH_TENSORS)
 FROZEN = names(spec for spec in PATCH_TENSORS if spec.frozen)
 TRAINABLE = names(spec for spec in PATCH_TENSORS if not spec.frozen)
-PARAMETERS = names(spec for spec in PATCH_TENSORS if not spec.frozen and spec.kind == FLOAT)  # what training moves
+PARAMETERS = names(  # what training moves
+    spec for spec in PATCH_TENSORS if not spec.frozen and spec.kind == FLOAT and spec.trained
+)
 BUFFERS = names(spec for spec in PATCH_TENSORS if spec.name not in PARAMETERS)
 EDIT_IDS = names(spec for spec in PATCH_TENSORS if spec.kind == ID)
+SUBJECTS = {True: "patch_frozen_subjects", False: "patch_subjects"}  # by side: frozen or not
 
 
 def edit_ids_for(name: str) -> str:

@@ -1,0 +1,193 @@
+"""The subject gate (``tuners.patcher.gate``): a patch adds nothing until its edit's subject has been read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny_models import build
+from tiny_tokenizer import EDIT_WORDS, random_pairs, sentence, sharp_gpt2, tiny_tokenizer
+from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model
+from transformer_patcher.core.examples import EditExample
+from transformer_patcher.core.tasks import task_for_model
+from transformer_patcher.methods.patcher import EditConfig, MemoryBank, PatchTrainer, collect_queries
+from transformer_patcher.methods.patcher.replay import ForwardReplay
+from transformer_patcher.tuners.patcher.gate import subject_position
+
+SUBJECT_AT = 3  # the position of the subject in the tiny LLaMA tests' text
+
+
+def gated_llama(threshold: float = 0.999) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny LLaMA with one committed patch gated on block 0's output at ``SUBJECT_AT`` of ``text``, firing at
+    position 6 of it; returns the model, the text's ids and the base logits."""
+    model = get_patcher_model(build("llama").eval(), PatcherConfig(gate_layer=0, gate_threshold=threshold)).eval()
+    layer = model.base_model.patch_layer()
+    ids = torch.arange(10, 18)[None]
+    with torch.no_grad(), layer.capture() as capture:
+        base = model(input_ids=ids).logits
+    query, subject = capture.query[0, 6], layer.gate_reads().reads[0, SUBJECT_AT]
+    layer.add_patches(query / query.norm() ** 2 * 10, torch.zeros(1), torch.randn(1, 32) * 5, 1, subjects=subject)
+    layer.commit()
+    return model, ids, base
+
+
+def changed(model: torch.nn.Module, ids: torch.Tensor, base: torch.Tensor) -> list[bool]:
+    with torch.no_grad():
+        return ((model(input_ids=ids).logits - base).abs().amax(-1) > 0)[0].tolist()
+
+
+def test_a_gated_patch_adds_nothing_before_its_subject_nor_on_other_text() -> None:
+    model, ids, base = gated_llama()
+    assert changed(model, ids, base) == [False] * SUBJECT_AT + [True] * (ids.shape[1] - SUBJECT_AT)
+    other = torch.arange(40, 48)[None]  # the same wording after another "subject" reads at 0.999 nowhere
+    with torch.no_grad(), model.disable_adapter():
+        other_base = model(input_ids=other).logits
+    assert changed(model, other, other_base) == [False] * other.shape[1]
+    layer = model.base_model.patch_layer()
+    layer.patch_frozen_subjects["default"].zero_()  # a patch without a subject read: ungated, fires from the start
+    assert changed(model, other, other_base)[0]
+
+
+def test_the_gate_holds_through_a_cached_decode_and_left_padding() -> None:
+    model, ids, _ = gated_llama(threshold=0.9)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :4], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(4, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)  # the running maximum carried over the steps
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    alone = model.generate(input_ids=ids, **kwargs)[0, ids.shape[1] :]
+    beside = model.generate(
+        input_ids=torch.cat([padded, torch.arange(30, 41)[None]]),
+        **kwargs,
+        attention_mask=torch.cat([mask, torch.ones(1, 11, dtype=torch.long)]),
+    )
+    assert beside[0, padded.shape[1] :].tolist() == alone.tolist()
+
+
+def test_subject_reads_round_trip_and_a_file_without_them_loads_ungated(tmp_path: Path) -> None:
+    model, ids, base = gated_llama()
+    with torch.no_grad():
+        gated = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "gated")
+    loaded = PatcherModel.from_pretrained(build("llama").eval(), tmp_path / "gated").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, gated)
+    # a file written before the gate: no subject tensors, so every patch is ungated
+    weights = load_file(tmp_path / "gated" / "adapter_model.safetensors")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "adapter_config.json").write_text((tmp_path / "gated" / "adapter_config.json").read_text())
+    save_file({k: v for k, v in weights.items() if "subjects" not in k}, old / "adapter_model.safetensors")
+    ungated = PatcherModel.from_pretrained(build("llama").eval(), old).eval()
+    assert not ungated.base_model.patch_layer().patch_frozen_subjects["default"].any()
+    assert changed(ungated, ids, base)[0]  # fires before the subject too
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "match"),
+    [
+        ("bert", PatcherConfig(gate_layer=0), "decoder-only"),
+        ("bart", PatcherConfig(gate_layer=0), "decoder-only"),
+        ("llama", PatcherConfig(gate_layer=2), "out of range"),
+        ("llama", PatcherConfig(gate_layer=0, gate_module="model.layers.1"), "disagrees"),
+        ("llama", PatcherConfig(gate_module="model.layers.1"), "without gate_layer"),
+    ],
+)
+def test_a_gate_the_model_cannot_have_is_refused(name: str, config: PatcherConfig, match: str) -> None:
+    base = build(name)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        get_patcher_model(base, config)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5, True, float("nan")])
+def test_a_gate_threshold_outside_0_1_is_refused(threshold: object) -> None:
+    with pytest.raises(ValueError, match="gate_threshold"):
+        PatcherConfig(gate_layer=0, gate_threshold=threshold)
+    with pytest.raises(ValueError, match="gate_threshold"):
+        EditConfig(gate_threshold=threshold)
+
+
+def test_subject_position_finds_the_last_token_of_the_last_mention() -> None:
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(sentence(10, 11, 12, 11, 13))["input_ids"]  # [BOS] first
+    assert subject_position(tokenizer, ids, "w11") == 4
+    assert subject_position(tokenizer, ids, "w11 w12") == 3
+    assert subject_position(tokenizer, ids, "w99") is None
+
+
+def gated_trainer() -> PatchTrainer:
+    model = get_patcher_model(sharp_gpt2(), EditConfig(gate_layer=0).adapter_config("causal_lm")).eval()
+    task = task_for_model(model, tiny_tokenizer())
+    layer = model.base_model.patch_layer()
+    rows = collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
+    return PatchTrainer(model, task, EditConfig(gate_layer=0), MemoryBank(rows))
+
+
+def test_an_edit_gates_its_patches_on_its_subject_and_leaves_other_subjects_alone() -> None:
+    trainer = gated_trainer()
+    words = list(range(*EDIT_WORDS))
+    text, target = sentence(*words[:4]), sentence(*words[10:12])
+    neighbour = (sentence(words[0], words[20], *words[2:4]), target)  # the same wording about another subject
+    before = trainer.task.read_logits(
+        trainer.model(**trainer.task.batch_for(trainer.model, [neighbour]).model_kwargs()),
+        trainer.task.batch_for(trainer.model, [neighbour]),
+    )
+    record = trainer.edit(EditExample(text, target, subject=f"w{words[1]}"), edit_id=0)
+    assert record.needed and record.success
+    subjects = trainer.layer.patch_frozen_subjects["default"]
+    assert torch.allclose(subjects.norm(dim=1), torch.ones(len(subjects)))  # every patch holds the unit read
+    assert trainer.check(EditExample(text, target))[0]
+    batch = trainer.task.batch_for(trainer.model, [neighbour])
+    with torch.no_grad():
+        after = trainer.task.read_logits(trainer.model(**batch.model_kwargs()), batch)
+    assert torch.equal(after, before)  # closed: not a bit changed
+
+
+def test_an_edit_without_a_subject_in_its_text_is_ungated() -> None:
+    trainer = gated_trainer()
+    words = list(range(*EDIT_WORDS))
+    record = trainer.edit(EditExample(sentence(*words[:4]), sentence(*words[10:12])), edit_id=0)
+    assert record.needed and record.success
+    assert not trainer.layer.patch_frozen_subjects["default"].any()
+
+
+def test_replay_keeps_the_gate_block_although_no_patch_reads_it_yet() -> None:
+    trainer = gated_trainer()
+    batch = trainer.task.batch_for(trainer.model, random_pairs(2, seed=5))
+    replay = ForwardReplay(trainer.model, trainer.layer)
+    replay.record(lambda: trainer.model(**batch.model_kwargs()))
+    unread = replay.find_unread(lambda: trainer.model(**batch.model_kwargs()))
+    assert replay.gate_names and not replay.gate_names & unread
+    assert any(name.endswith("transformer.h.0") for name in replay.gate_names)
+
+
+@pytest.mark.parametrize("gated_contrasts", [True, False])
+def test_a_gated_patch_asks_other_subjects_only_when_told_to(gated_contrasts: bool) -> None:
+    trainer = gated_trainer()
+    trainer.config = EditConfig(gate_layer=0, gated_contrasts=gated_contrasts)
+    asked: list[str] = []
+
+    def contrasts(example: EditExample, nearest: object = ()) -> list[str]:
+        asked.append(example.text)
+        return [sentence(EDIT_WORDS[0] + 50, *range(EDIT_WORDS[0] + 1, EDIT_WORDS[0] + 4))]  # another subject
+
+    trainer.contrasts = contrasts
+    words = list(range(*EDIT_WORDS))
+    subject = f"w{words[1]}"
+    trainer.edit(EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=subject), edit_id=0)
+    assert bool(asked) == gated_contrasts
+    asked.clear()
+    trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:42])), edit_id=1)  # no subject: ungated
+    assert asked  # an ungated patch still rises above other subjects
