@@ -6,7 +6,8 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
   stream, asked raw and through the chat template; the small suite every 250 edits;
 - ``counterfact``: SmolLM2, the 1,000 cases of ``counterfact-edit-1k.json`` (efficacy = SR, paraphrase = GR,
   neighbourhood = the benchmark's locality); the small suite every 250 edits; ``counterfact-gate4``: the same with
-  the subject gate at block 4 (``--set gate_layer=4``);
+  the subject gate at block 4, its patches still above rule 7's contrasts (``--set gate_layer=4 --set
+  gated_contrasts=true``);
 - ``gemma-zsre``: Gemma-3-270M (``make gemma``), the first 200 zsRE records, the same defaults;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
@@ -61,7 +62,11 @@ CASES = {
     "zsre-chat": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}),
     "counterfact": Case("smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}),
     "counterfact-gate4": Case(
-        "smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}, edit={"gate_layer": 4}
+        "smollm2-135m",
+        "counterfact",
+        eval_every=250,
+        options={"suite": "small"},
+        edit={"gate_layer": 4, "gated_contrasts": True},  # run before gated patches dropped the contrasts
     ),
     "gemma-zsre": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}),
     "fever": Case("minilm-l6", "fever", options={"suite": "none"}),  # run by examples/fever/run.py (see fever_run)

@@ -124,7 +124,7 @@ class EditConfig:
     view_scatter: float = 1.0  # init="solve": weight of the views' scatter against the memory covariance
     gate_layer: int | None = None  # causal LMs: a new patch set's subject gate reads this block (None: no gate)
     gate_threshold: float = 0.8  # the cosine at which a patch's subject gate opens
-    gated_contrasts: bool = True  # init="solve": a gated patch's threshold still rises above other subjects' contrasts
+    gated_contrasts: bool = False  # init="solve": a gated patch's threshold also rises above other subjects' contrasts
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
 
