@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from subject_gate import add_run_arguments, run_benchmark
 from transformer_patcher.core.pretrained import load_model
-from transformer_patcher.experiments.sme.experiment import ExperimentConfig, load_benchmark
 from transformer_patcher.tuners.patcher.model import PatcherModel
 from transformer_patcher.tuners.patcher.patch_set import read_edit_log
 
@@ -31,24 +31,11 @@ def quartiles(values: list[float]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="an sme run folder with its patch set")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--data-kind", default=None)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--max-examples", type=int, default=None)
-    parser.add_argument("--model", default="smollm2-135m")
+    add_run_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    patches = next(p.parent for p in sorted(args.run.rglob("adapter_config.json")))
-    config = ExperimentConfig(
-        model=args.model,
-        data=args.data,
-        data_kind=args.data_kind,
-        data_dir=args.data_dir,
-        max_examples=args.max_examples,
-        suite="none",
-    )
-    examples = {e.text: e for e in load_benchmark(config).examples}
+    patches, benchmark = run_benchmark(args)
+    examples = {e.text: e for e in benchmark.examples}
     base, tokenizer = load_model(args.model, "generation")
     model = PatcherModel.from_pretrained(base, patches).eval()
     layer = model.base_model.patch_layer()

@@ -45,6 +45,7 @@ from key_reads import reads, subject_token
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import task_for_model
+from transformer_patcher.data.benchmarks import Benchmark
 from transformer_patcher.experiments.sme.experiment import ExperimentConfig, load_benchmark
 from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.layer import PatcherLayer
@@ -111,20 +112,18 @@ def changed(row: dict[str, Any], base: dict[str, Any], sets: dict[str, list]) ->
     return {"locality.changed": [[text, b, a] for (text, _), a, b in pairs if a != b][:10]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that name a finished sme run and its data (shared with ``rephrase_reach.py``)."""
     parser.add_argument("--run", type=Path, required=True, help="an sme run folder with its patch set")
     parser.add_argument("--data", required=True, help="the run's data file")
     parser.add_argument("--data-kind", default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--max-examples", type=int, default=None, help="as the run was given")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--block", type=int, default=4, help="the block whose output the gate reads")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.8])
-    parser.add_argument("--neighbours", type=int, default=5, help="near neighbours per edit (0: none)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+
+
+def run_benchmark(args: argparse.Namespace) -> tuple[Path, Benchmark]:
+    """The run's patch-set folder and its benchmark, loaded as the run loaded it."""
     patches = next(p.parent for p in sorted(args.run.rglob("adapter_config.json")))
     config = ExperimentConfig(
         model=args.model,
@@ -134,7 +133,19 @@ def main() -> None:
         max_examples=args.max_examples,
         suite="none",
     )
-    benchmark = load_benchmark(config)
+    return patches, load_benchmark(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
+    parser.add_argument("--block", type=int, default=4, help="the block whose output the gate reads")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.8])
+    parser.add_argument("--neighbours", type=int, default=5, help="near neighbours per edit (0: none)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    patches, benchmark = run_benchmark(args)
     sets = {"edit": [(e.text, e.target) for e in benchmark.examples]}
     sets["rephrase"] = [(t, e.target) for e in benchmark.examples for t in e.rephrases]
     sets |= benchmark.eval_sets

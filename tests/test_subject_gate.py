@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import build
 from tiny_tokenizer import EDIT_WORDS, random_pairs, sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher import PatcherConfig, PatcherModel, get_patcher_model
+from transformer_patcher.core.errors import UnsupportedArchitectureError
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.methods.patcher import EditConfig, MemoryBank, PatchTrainer, collect_queries
@@ -106,7 +107,7 @@ def test_subject_reads_round_trip_and_a_file_without_them_loads_ungated(tmp_path
 def test_a_gate_the_model_cannot_have_is_refused(name: str, config: PatcherConfig, match: str) -> None:
     base = build(name)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UnsupportedArchitectureError, match=match):
         get_patcher_model(base, config)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 

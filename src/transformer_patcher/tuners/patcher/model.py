@@ -10,7 +10,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import _get_in_out_features
 from torch import nn
 
-from transformer_patcher.core.errors import PatchMergeError
+from transformer_patcher.core.errors import PatchMergeError, UnsupportedArchitectureError
 from transformer_patcher.tuners.architectures import resolve_patch_target
 from transformer_patcher.tuners.bounds import weight_scale
 from transformer_patcher.tuners.fingerprint import AdapterWording, compute_fingerprint
@@ -63,26 +63,32 @@ class PatcherModel(Tuner):
         return peft_config
 
     def _gate_module(self, config: PatcherConfig, value_module: str) -> str | None:
-        """The block the subject gate reads (``config.gate_layer`` in the patched FFN's block list); refused on a
-        model that is not a decoder-only LM, and when a saved ``gate_module`` names another block."""
+        """The block the subject gate reads (``config.gate_layer`` in the patched FFN's block list); refused
+        (``UnsupportedArchitectureError``) on a model that is not a decoder-only LM, and when a saved ``gate_module``
+        names another block."""
         if config.gate_layer is None:
             if config.gate_module is not None:
-                raise ValueError(f"gate_module={config.gate_module!r} is set without gate_layer")
+                raise UnsupportedArchitectureError(f"gate_module={config.gate_module!r} is set without gate_layer")
             return None
         model_config = getattr(self.model, "config", None)
         can_generate = getattr(self.model, "can_generate", lambda: False)()
         if getattr(model_config, "is_encoder_decoder", False) or not can_generate:
-            raise ValueError(
+            raise UnsupportedArchitectureError(
                 "a subject gate (gate_layer) needs a decoder-only language model: it reads the text left to right, "
                 f"and {type(self.model).__name__} is not one. Leave gate_layer=None."
             )
-        blocks, _ = block_list(self.model, value_module)
+        try:
+            blocks, _ = block_list(self.model, value_module)
+        except ValueError as error:
+            raise UnsupportedArchitectureError(str(error)) from None
         count = len(self.model.get_submodule(blocks))
         if not -count <= config.gate_layer < count:
-            raise ValueError(f"gate_layer={config.gate_layer} is out of range: '{blocks}' holds {count} blocks")
+            raise UnsupportedArchitectureError(
+                f"gate_layer={config.gate_layer} is out of range: '{blocks}' holds {count} blocks"
+            )
         name = f"{blocks}.{config.gate_layer % count}"
         if config.gate_module is not None and config.gate_module != name:
-            raise ValueError(
+            raise UnsupportedArchitectureError(
                 f"gate_module={config.gate_module!r} disagrees with gate_layer={config.gate_layer} ('{name}' here)"
             )
         return name
