@@ -62,7 +62,6 @@ class PatchCapture:
     query: torch.Tensor | None = None
     preactivations: torch.Tensor | None = None  # trainable (in-progress) patches, shape (..., n_trainable)
     frozen_preactivations: torch.Tensor | None = None  # committed patches, shape (..., n_frozen)
-    opened: torch.Tensor | None = None  # where the trainable patches' gates are open (..., n_trainable); None: ungated
 
 
 class PatcherLayer(TunerLayer):
@@ -143,25 +142,6 @@ class PatcherLayer(TunerLayer):
         name = self.patch_config[self._resolve_adapter(adapter_name)].gate_module
         return None if name is None else self.gates[name]
 
-    def _opened(self, adapter: str, frozen: bool, pre: torch.Tensor) -> torch.Tensor | None:
-        """Where the adapter's frozen or trainable patches are open, shaped like ``pre`` (None: no gate)."""
-        gate = self.gate_reads(adapter)
-        if gate is None:
-            return None
-        opened = gate.opened(
-            getattr(self, SUBJECTS[frozen])[adapter],
-            self.patch_config[adapter].gate_threshold,
-            (
-                adapter,
-                frozen,
-            ),
-        )
-        if opened.numel() != pre.numel():
-            raise RuntimeError(
-                f"the gate read {tuple(opened.shape)} positions where the patches read {tuple(pre.shape)}"
-            )
-        return opened.reshape(pre.shape).to(device=pre.device, dtype=pre.dtype)
-
     def _store_query(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._query = args[0] if args else next(iter(kwargs.values()))
 
@@ -198,20 +178,26 @@ class PatcherLayer(TunerLayer):
                 capture.frozen_preactivations = pre
         if keys.shape[0]:
             pre = preactivation(q, keys, self.patch_bias[adapter_name])
-            activations = self._gated(act(pre), adapter_name, False, capture)
+            activations = self._gated(act(pre), adapter_name, False)
             trainable = activations @ (self.patch_values[adapter_name] * self.patch_value_scale[adapter_name])
             out = trainable if out is None else out + trainable
             if capture is not None:
                 capture.preactivations = pre
         return out
 
-    def _gated(
-        self, activations: torch.Tensor, adapter: str, frozen: bool, capture: PatchCapture | None = None
-    ) -> torch.Tensor:
-        opened = self._opened(adapter, frozen, activations)
-        if capture is not None:
-            capture.opened = opened
-        return activations if opened is None else activations * opened
+    def _gated(self, activations: torch.Tensor, adapter: str, frozen: bool) -> torch.Tensor:
+        """``activations`` of the adapter's frozen or trainable patches, zero where their subject gate is closed
+        (unchanged without a gate)."""
+        gate = self.gate_reads(adapter)
+        if gate is None:
+            return activations
+        subjects = getattr(self, SUBJECTS[frozen])[adapter]
+        opened = gate.opened(subjects, self.patch_config[adapter].gate_threshold, key=(adapter, frozen))
+        if opened.numel() != activations.numel():
+            raise RuntimeError(
+                f"the gate read {tuple(opened.shape)} positions where the patches read {tuple(activations.shape)}"
+            )
+        return activations * opened.reshape(activations.shape).to(device=activations.device, dtype=activations.dtype)
 
     @contextmanager
     def capture(self, adapter_name: str | None = None) -> Iterator[PatchCapture]:
