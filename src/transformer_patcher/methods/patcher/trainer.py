@@ -239,14 +239,16 @@ class PatchTrainer:
     def _subject_read(self, example: EditExample, single: Batch) -> torch.Tensor | None:
         """What the subject gate of the edit's patches opens on: the gate block's output, in the pass just run, at the
         last token of the edit's subject (``example.subject``, else the longest capitalised span of its text) in its
-        prompt as the model reads it. None (ungated) without a gate, or when no subject is found there."""
+        prompt as the model reads it. None (ungated) without a gate, when no subject is found there, or when it is the
+        text's first token, which names none."""
         gate = self.layer.gate_reads(self.adapter)
         subject = example.subject or guess_subject(example.text)
         if gate is None or gate.reads is None or not subject or "input_ids" not in single.inputs:
             return None
         prompt = single.inputs["input_ids"][0, : int(single.cols[0]) + 1].tolist()
         at = subject_position(self.task.tokenizer, prompt, subject)
-        return None if at is None else gate.reads[0, at]
+        read = None if at is None else gate.reads[0, at]
+        return read if read is not None and bool(read.any()) else None
 
     def _add_patches(self, queries: torch.Tensor, edit_id: int, subject: torch.Tensor | None = None) -> None:
         keys = torch.stack([init_key(q.float()) for q in queries])
