@@ -1,9 +1,12 @@
-"""How far each edit's first patch reaches its rephrases: its pre-activation there against the edit's, and its gate.
+"""How far each edit's patches reach its rephrases, and why a rephrase still gets a wrong answer.
 
-Reads a saved patch set of an ``sme run`` (nothing is retrained): for every edit, the pre-activation ``q·k + b`` of
-the edit's first patch at the last token of the edit's prompt and of each rephrase, whether the patch fires there
-(> 0: a ReLU-family patch passes nothing below), and, for a gated patch set, the running maximum cosine of the
-subject gate there (open at ``gate_threshold``). Quartiles over all rephrases go to ``--out``.
+Reads a saved patch set of an ``sme run`` (nothing is retrained). For every edit and each of its rephrases, teacher
+forced on the edit's answer: at each answer read, whether the patched model predicts the answer token, the highest
+pre-activation ``q·k + b`` among the edit's patches there (> 0: a ReLU-family patch passes something), and, for a
+gated patch set, the running maximum cosine of the subject gate (open at ``gate_threshold``). Reported: quartiles of
+the edit's first patch at the edit and at the rephrases, how often it fires and its gate is open there, and every
+wrong rephrase sorted by its first wrong read: the first answer token with the gate closed, below the threshold, or
+firing under half the edit's pre-activation (a ReLU6 patch's partial fix) or above it; or a later answer token.
 
     python bench/rephrase_reach.py --run runs/cf-dev-9000-gate4 --data /tmp/w/cf-dev-9000.json \\
         --data-kind counterfact --out bench/results/rephrase_reach.json
@@ -15,18 +18,31 @@ import argparse
 import json
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from subject_gate import add_run_arguments, run_benchmark
 from transformer_patcher.core.pretrained import load_model
+from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.tuners.patcher.model import PatcherModel
 from transformer_patcher.tuners.patcher.patch_set import read_edit_log
 
 
 def quartiles(values: list[float]) -> list[float]:
     return [round(v, 2) for v in torch.tensor(values).quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()]
+
+
+def failure(correct: list[bool], pre: list[float], cosine: float | None, edit_pre: float, threshold: float) -> str:
+    """Why a rephrase's answer is wrong, from its first wrong read (``pre``: the edit's patches there, highest)."""
+    if correct[0]:
+        return "later answer token"
+    if cosine is not None and cosine < threshold:
+        return "first token: gate closed"
+    if pre[0] <= 0:
+        return "first token: below the threshold"
+    return "first token: fires under half the edit" if pre[0] < edit_pre / 2 else "first token: fires, still wrong"
 
 
 def main() -> None:
@@ -39,30 +55,39 @@ def main() -> None:
     base, tokenizer = load_model(args.model, "generation")
     model = PatcherModel.from_pretrained(base, patches).eval()
     layer = model.base_model.patch_layer()
+    task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
     ids, gate = layer.edit_ids().tolist(), layer.gate_reads()
     threshold = layer.patch_config["default"].gate_threshold
+    subjects = layer.patch_frozen_subjects["default"]
 
-    def read(text: str, column: int) -> tuple[float, float | None]:
+    def read(text: str, target: str, columns: list[int]) -> tuple[list[bool], list[float], float, float | None]:
+        """Per answer read: right or not and the edit's highest patch pre-activation; at the first read the edit's
+        first patch's pre-activation and gate."""
+        batch = task.batch_for(model, [(text, target)])
         with torch.no_grad(), layer.capture() as capture:
-            model(**tokenizer(text, return_tensors="pt"))
-        pre = capture.frozen_preactivations[0, -1, column].item()
-        if gate is None:
-            return pre, None
-        subject = layer.patch_frozen_subjects["default"][column : column + 1]
-        return pre, gate.running(subject, "reach")[0, -1, 0].item()
+            output = model(**batch.model_kwargs())
+        correct = task.correct(task.read_logits(output, batch), batch.labels).tolist()
+        pre = task.at_reads(capture.frozen_preactivations, batch)[:, columns]
+        cosine = None
+        if gate is not None:
+            cosine = gate.running(subjects[columns[:1]], "reach")[0, int(batch.cols[0]), 0].item()
+        return correct, pre.amax(1).tolist(), pre[0, 0].item(), cosine
 
-    edits, rephrases, cosines = [], [], []
+    edits, rephrases, cosines, causes = [], [], [], Counter()
     for entry in read_edit_log(patches):
         example = examples.get(entry["text"])
         columns = [j for j, i in enumerate(ids) if i == entry["edit_id"]]
         if example is None or not columns:
             continue
-        edits.append(read(example.text, columns[0])[0])
+        _, edit_pre, first, _ = read(example.text, example.target, columns)
+        edits.append(first)
         for text in example.rephrases:
-            pre, cosine = read(text, columns[0])
-            rephrases.append(pre)
+            correct, pre, first, cosine = read(text, example.target, columns)
+            rephrases.append(first)
             if cosine is not None:
                 cosines.append(cosine)
+            if not all(correct):
+                causes[failure(correct, pre, cosine, edit_pre[0], threshold)] += 1
     result = {
         "run": str(args.run),
         "edits": len(edits),
@@ -71,6 +96,7 @@ def main() -> None:
         "rephrase_preactivation_quartiles": quartiles(rephrases),
         "rephrase_fires": round(sum(p > 0 for p in rephrases) / len(rephrases), 3),
         "rephrase_gate_open": round(sum(c >= threshold for c in cosines) / len(cosines), 3) if cosines else None,
+        "rephrases_wrong": dict(causes.most_common()),
         "command": "python " + shlex.join(sys.argv),
     }
     print(json.dumps(result))

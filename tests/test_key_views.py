@@ -84,12 +84,16 @@ def test_edit_views_read_where_the_answer_starts_behind_each_prefix_and_in_the_o
     layer = model.base_model.patch_layer()
     text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4, target_length=3)[0]
     prefixes = ["w10 w11 w12", "w20 w21"]
-    rows = EditViews(prefixes).queries(model, layer, task, EditExample(text, target))
-    assert rows.shape == (3, layer.query_dim)  # two prefixes, then chat
-    expected = [answer_queries(model, task, f"{p} {text}", target)[0] for p in prefixes]
-    expected.append(answer_queries(model, task.formatted("chat"), text, target)[0])
-    assert torch.allclose(rows, torch.stack(expected), atol=1e-5)
-    assert EditViews([]).queries(model, layer, task, EditExample(text, target)).shape == (1, layer.query_dim)
+    found = EditViews(prefixes).queries(model, layer, task, EditExample(text, target))
+    behind = [answer_queries(model, task, f"{p} {text}", target) for p in prefixes]
+    assert len(found) == len(behind[0]) == 3  # one entry per answer read
+    assert found[0].shape == (3, layer.query_dim)  # the first read: two prefixes, then chat
+    chat = answer_queries(model, task.formatted("chat"), text, target)[0]
+    assert torch.allclose(found[0], torch.stack([b[0] for b in behind] + [chat]), atol=1e-5)
+    for read in (1, 2):  # a later read: behind the prefixes only
+        assert torch.allclose(found[read], torch.stack([b[read] for b in behind]), atol=1e-5)
+    alone = EditViews([]).queries(model, layer, task, EditExample(text, target))
+    assert [v.shape[0] for v in alone] == [1, 0, 0]
 
 
 def test_the_trainer_builds_its_keys_over_the_views() -> None:
@@ -111,7 +115,7 @@ def test_the_trainer_builds_its_keys_over_the_views() -> None:
             batch = task.batch_for(model, [(text, target)])
             with torch.no_grad():
                 wrong = (~task.correct(task.read_logits(model(**batch.model_kwargs()), batch), batch.labels)).nonzero()
-            readings = views.queries(model, layer, task, example)
+            readings = views.queries(model, layer, task, example)[0]
             record = trainer.edit(example, edit_id=i)
             assert record.success and trainer.check(example)[0] and record.neurons == len(wrong)
             keys, bias = layer.committed()["patch_frozen_keys"], layer.committed()["patch_frozen_bias"]
@@ -156,4 +160,5 @@ def test_key_views_are_checked_and_built_for_generators_only() -> None:
     pairs = random_pairs(30, seed=1)
     trainer = build_trainer(model, task, pairs, edit_config=EditConfig(key_views=2), progress=False)
     assert trainer.views is not None and len(trainer.views.prefixes) == 2
-    assert build_trainer(model, task, pairs, progress=False).views is None  # off by default
+    assert len(build_trainer(model, task, pairs, progress=False).views.prefixes) == 16  # on by default
+    assert build_trainer(model, task, pairs, edit_config=EditConfig(key_views=0), progress=False).views is None

@@ -15,7 +15,10 @@ from transformer_patcher.core.errors import UnsupportedArchitectureError
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.methods.patcher import EditConfig, MemoryBank, PatchTrainer, collect_queries
+from transformer_patcher.methods.patcher import trainer as trainer_module
 from transformer_patcher.methods.patcher.replay import ForwardReplay
+from transformer_patcher.methods.patcher.views import EditViews
+from transformer_patcher.tuners.patcher.keys import discriminant
 from transformer_patcher.tuners.patcher.gate import subject_position
 
 SUBJECT_AT = 3  # the position of the subject in the tiny LLaMA tests' text
@@ -102,6 +105,8 @@ def test_subject_reads_round_trip_and_a_file_without_them_loads_ungated(tmp_path
         ("llama", PatcherConfig(gate_layer=2), "out of range"),
         ("llama", PatcherConfig(gate_layer=0, gate_module="model.layers.1"), "disagrees"),
         ("llama", PatcherConfig(gate_module="model.layers.1"), "without gate_layer"),
+        ("bert", PatcherConfig(gate_depth=0.5), "decoder-only"),
+        ("llama", PatcherConfig(gate_layer=0, gate_depth=1.0), "disagrees"),
     ],
 )
 def test_a_gate_the_model_cannot_have_is_refused(name: str, config: PatcherConfig, match: str) -> None:
@@ -118,6 +123,38 @@ def test_a_gate_threshold_outside_0_1_is_refused(threshold: object) -> None:
         PatcherConfig(gate_layer=0, gate_threshold=threshold)
     with pytest.raises(ValueError, match="gate_threshold"):
         EditConfig(gate_threshold=threshold)
+
+
+@pytest.mark.parametrize("depth", [-0.1, 1.5, True, float("nan"), "0.5"])
+def test_a_gate_depth_outside_0_1_is_refused(depth: object) -> None:
+    with pytest.raises(ValueError, match="gate_depth"):
+        PatcherConfig(gate_depth=depth)
+    with pytest.raises(ValueError, match="gate_depth"):
+        EditConfig(gate_depth=depth)
+
+
+@pytest.mark.parametrize(("depth", "block"), [(0.0, 0), (0.4, 0), (0.6, 1), (1.0, 1)])
+def test_gate_depth_picks_the_block_that_far_down_and_the_file_says_which(
+    tmp_path: Path, depth: float, block: int
+) -> None:
+    model = get_patcher_model(build("llama").eval(), PatcherConfig(gate_depth=depth))
+    config = model.peft_config["default"]
+    assert (config.gate_layer, config.gate_module) == (block, f"model.layers.{block}")
+    model.save_pretrained(tmp_path)
+    loaded = PatcherModel.from_pretrained(build("llama").eval(), tmp_path)
+    assert loaded.peft_config["default"].gate_module == f"model.layers.{block}"
+    assert f"model.layers.{block}" in loaded.base_model.patch_layer().gates
+
+
+def test_the_default_gates_causal_lms_only_and_the_faithful_mode_never() -> None:
+    default = EditConfig()
+    assert default.adapter_config("causal_lm").gate_depth == default.gate_depth is not None
+    assert EditConfig(gate_layer=3).adapter_config("causal_lm").gate_depth is None  # the explicit block wins
+    for kind in ("classification", "seq2seq"):
+        config = default.adapter_config(kind)
+        assert config.gate_layer is None and config.gate_depth is None
+    faithful = EditConfig.faithful().adapter_config("causal_lm")
+    assert faithful.gate_layer is None and faithful.gate_depth is None
 
 
 def test_subject_position_finds_the_last_token_of_the_last_mention() -> None:
@@ -192,3 +229,49 @@ def test_a_gated_patch_asks_other_subjects_only_when_told_to(gated_contrasts: bo
     asked.clear()
     trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:42])), edit_id=1)  # no subject: ungated
     assert asked  # an ungated patch still rises above other subjects
+
+
+@pytest.mark.parametrize("gated_contexts", [True, False])
+def test_a_gated_patch_stays_above_running_text_only_when_told_to(gated_contexts: bool) -> None:
+    trainer = gated_trainer()
+    trainer.config = EditConfig(gate_layer=0, gated_contexts=gated_contexts)
+    read: list[list[int]] = []
+
+    class Contexts:  # the running-text contexts a later answer token's patch stays above
+        def queries(self, model: object, layer: object, ids: list[int], pad_id: object) -> list[None]:
+            read.append(ids)
+            return [None] * len(ids)
+
+    trainer.contexts = Contexts()
+    words = list(range(*EDIT_WORDS))
+    record = trainer.edit(EditExample(sentence(*words[:4]), sentence(*words[10:13]), subject=f"w{words[1]}"), 0)
+    assert record.neurons > 1  # later answer tokens were patched
+    assert bool(read) == gated_contexts
+    read.clear()
+    trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:43])), edit_id=1)  # no subject: ungated
+    assert read
+
+
+@pytest.mark.parametrize("gated_views", [True, False])
+def test_a_gated_patch_keys_its_later_answer_tokens_over_the_views_when_told_to(
+    monkeypatch: pytest.MonkeyPatch, gated_views: bool
+) -> None:
+    trainer = gated_trainer()
+    trainer.config = EditConfig(gate_layer=0, gated_views=gated_views)
+    trainer.views = EditViews(["w10 w11 w12", "w20 w21"])
+    viewed: list[bool] = []
+
+    def spy(query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        views = args[3] if len(args) > 3 else kwargs.get("views")
+        viewed.append(isinstance(views, torch.Tensor) and views.numel() > 0)
+        return discriminant(query, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "discriminant", spy)
+    words = list(range(*EDIT_WORDS))
+    text, target = sentence(*words[:4]), sentence(*words[10:13])
+    record = trainer.edit(EditExample(text, target, subject=f"w{words[1]}"), edit_id=0)
+    assert record.success and record.neurons == 3 and trainer.check(EditExample(text, target))[0]
+    assert viewed[:3] == [True, gated_views, gated_views]  # the first answer token is keyed over views always
+    viewed.clear()
+    trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:43])), edit_id=1)  # no subject: ungated
+    assert viewed[:3] == [True, False, False]

@@ -195,17 +195,24 @@ def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[st
     return digest.hexdigest()
 
 
-def answer_start_queries(
+def answer_queries(
     model: nn.Module, layer: Any, task: Task, texts: Sequence[str], target: Any, adapter: str | None = None
 ) -> torch.Tensor:
-    """The FFN queries of ``layer`` where each text's answer (``target``) starts, shape (len(texts), d): one forward
-    pass, stopped at the layer."""
-    if not texts:
-        return torch.zeros(0, layer.query_dim)
+    """The FFN queries of ``layer`` at every read of each text answered with ``target``, shape (len(texts), reads,
+    d): one forward pass, stopped at the layer. The texts share the target, so each has the same reads."""
     batch = task.batch_for(model, [(text, target) for text in texts])
     with torch.no_grad(), layer.capture(adapter) as record, up_to(layer):
         model(**batch.model_kwargs())
-    return task.at_reads(record.query, batch)[batch.first_reads()].float()
+    return task.at_reads(record.query, batch).float().reshape(len(texts), -1, layer.query_dim)
+
+
+def answer_start_queries(
+    model: nn.Module, layer: Any, task: Task, texts: Sequence[str], target: Any, adapter: str | None = None
+) -> torch.Tensor:
+    """The FFN queries of ``layer`` where each text's answer (``target``) starts, shape (len(texts), d)."""
+    if not texts:
+        return torch.zeros(0, layer.query_dim)
+    return answer_queries(model, layer, task, texts, target, adapter)[:, 0]
 
 
 def collect_queries(

@@ -207,7 +207,7 @@ class PatchTrainer:
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
                     contrasts = self._read_contrasts(example, single, reads, gated=subject is not None)
-                    views = self._read_views(example)
+                    views = self._read_views(example, reads, gated=subject is not None)
                     reads, required = self._add_solved_patches(first, single, reads, edit_id, contrasts, views, subject)
                     success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
                     if reads.numel():
@@ -265,17 +265,19 @@ class PatchTrainer:
         at (:mod:`.contexts`)."""
         later = [int(r) for r in reads if int(r) > 0]
         at_later: list[torch.Tensor | None] = [None] * len(later)
-        if later and self.contexts is not None:
+        if later and self.contexts is not None and (self.config.gated_contexts or not gated):
             ids = single.inputs["input_ids"][single.rows[later], single.cols[later]].tolist()
             at_later = self.contexts.queries(self.model, self.layer, ids, self.task.pad_id)
         contexts = iter(at_later)
         return [self._contrast_queries(example, gated) if int(r) == 0 else next(contexts) for r in reads]
 
-    def _read_views(self, example: EditExample) -> torch.Tensor | None:
-        """The edit's views where its answer starts (views, d) (:mod:`.views`), or None without views."""
+    def _read_views(self, example: EditExample, reads: torch.Tensor, gated: bool = False) -> list[torch.Tensor | None]:
+        """Per read, the edit's views there (n, d) (:mod:`.views`) or None: the first answer token's always (with
+        views on); a later one's only behind a subject gate, which keeps its wider key away from running text."""
         if self.views is None or not self.config.key_views:
-            return None
-        return self.views.queries(self.model, self.layer, self.task, example)
+            return [None] * len(reads)
+        found = self.views.queries(self.model, self.layer, self.task, example)
+        return [found[int(r)] if int(r) == 0 or (gated and self.config.gated_views) else None for r in reads]
 
     def _contrast_texts(self, example: EditExample, gated: bool = False) -> list[str]:
         """The edit's question asked of other subjects (``contrasts``; the :attr:`subjects` nearest to its own
@@ -309,13 +311,13 @@ class PatchTrainer:
         reads: torch.Tensor,
         edit_id: int,
         contrasts: Sequence[torch.Tensor | None] = (),
-        views: torch.Tensor | None = None,
+        views: Sequence[torch.Tensor | None] = (),
         subject: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Separating keys and biases, then the values that solve the edit (module docstring, mode default). Returns
         the reads that got a patch (a read whose query the memory cannot be told apart from gets none) and the lead
         the stopping rule asks of them. ``contrasts``: per read, queries its patch must stay below (n, d) or None;
-        ``views``: the edit's other readings where its answer starts (views, d) or None; ``subject``: the gate's
+        ``views``: per read, the edit's other readings there (n, d) or None; ``subject``: the gate's
         subject read (None: ungated)."""
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
@@ -337,7 +339,7 @@ class PatchTrainer:
         target: float,
         first_read: bool = True,
         contrasts: Sequence[torch.Tensor | None] = (),
-        views: torch.Tensor | None = None,
+        views: Sequence[torch.Tensor | None] = (),
     ) -> tuple[torch.Tensor, ...]:
         """Keys/biases firing at ``target`` on their query and below the memory margin on every memory row, and
         which queries can have one. A query that some memory rows resemble (score above 0.9 along its discriminant)
@@ -346,8 +348,8 @@ class PatchTrainer:
         (:meth:`_contrast_threshold`): the patch then fires only on inputs closer to the edit than those. The queries
         after the first (all of them when ``first_read`` is False) are later answer tokens, whose context already
         holds the start of the edit's answer: their threshold sits ``answer_gate`` of the way from the top memory
-        or contrast row to the edit. ``views`` (views, d): the first read's other readings, which its key is the
-        two-class LDA over (:func:`discriminant`); later answer tokens keep the one-query key."""
+        or contrast row to the edit. ``views``: per query, its other readings (n, d) or None, which its key is the
+        two-class LDA over (:func:`discriminant`); a query without keeps the one-query key."""
         bank = self.memory
         if bank is None or len(bank) < 2:
             keys = torch.stack([init_key(q, target) for q in queries])
@@ -356,8 +358,7 @@ class PatchTrainer:
         scatter = self.config.view_scatter
 
         def key_direction(i: int, silent: torch.Tensor | None = None) -> torch.Tensor:
-            readings = views if i == 0 and first_read else None  # views key the first answer token only
-            return discriminant(queries[i], mean, precision, silent, readings, scatter)
+            return discriminant(queries[i], mean, precision, silent, views[i] if views else None, scatter)
 
         directions = torch.stack([key_direction(i) for i in range(len(queries))])
         t_max = bank.max_score(directions) - directions @ mean

@@ -79,6 +79,14 @@ class PatcherConfig(AdapterConfig):
             "within gate_threshold (cosine) of it has been read. None: no gate, the paper's patches."
         },
     )
+    gate_depth: float | None = field(
+        default=None,
+        metadata={
+            "help": "The gate's block as a fraction of the depth, in [0, 1]: block round(gate_depth * (blocks - 1)), "
+            "resolved into gate_layer on injection, so one setting serves models of any depth. None: gate_layer "
+            "alone decides."
+        },
+    )
     gate_module: str | None = field(
         default=None, metadata={"help": "Full name of that block; resolved from gate_layer on injection."}
     )
@@ -117,6 +125,11 @@ class PatcherConfig(AdapterConfig):
         gate = self.gate_layer
         if gate is not None and (not isinstance(gate, int) or isinstance(gate, bool)):
             raise ValueError(f"gate_layer must be None or an integer, got {gate!r}")
+        depth = self.gate_depth
+        if depth is not None and (
+            isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1
+        ):
+            raise ValueError(f"gate_depth must be None or a number in [0, 1], got {depth!r}")
         if self.gate_module is not None and (not isinstance(self.gate_module, str) or not self.gate_module):
             raise ValueError(f"gate_module must be None or a module name, got {self.gate_module!r}")
         threshold = self.gate_threshold
@@ -148,6 +161,7 @@ def _schema() -> dict[str, Any]:
             "init_value_scale": {"type": "number", "exclusiveMinimum": 0},
             "patch_dtype": {"enum": [*PATCH_DTYPES, None]},
             "gate_layer": {"type": ["integer", "null"]},
+            "gate_depth": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
             "gate_module": NULLABLE_STR,
             "gate_threshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "fingerprint": fingerprint_schema(

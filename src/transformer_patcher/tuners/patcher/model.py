@@ -63,10 +63,10 @@ class PatcherModel(Tuner):
         return peft_config
 
     def _gate_module(self, config: PatcherConfig, value_module: str) -> str | None:
-        """The block the subject gate reads (``config.gate_layer`` in the patched FFN's block list); refused
-        (``UnsupportedArchitectureError``) on a model that is not a decoder-only LM, and when a saved ``gate_module``
-        names another block."""
-        if config.gate_layer is None:
+        """The block the subject gate reads: ``config.gate_layer`` (or ``gate_depth`` of the way down) in the patched
+        FFN's block list, written back into ``gate_layer``. Refused (``UnsupportedArchitectureError``) on a model that
+        is not a decoder-only LM, and when ``gate_layer``, ``gate_depth`` and a saved ``gate_module`` disagree."""
+        if config.gate_layer is None and config.gate_depth is None:
             if config.gate_module is not None:
                 raise UnsupportedArchitectureError(f"gate_module={config.gate_module!r} is set without gate_layer")
             return None
@@ -74,23 +74,30 @@ class PatcherModel(Tuner):
         can_generate = getattr(self.model, "can_generate", lambda: False)()
         if getattr(model_config, "is_encoder_decoder", False) or not can_generate:
             raise UnsupportedArchitectureError(
-                "a subject gate (gate_layer) needs a decoder-only language model: it reads the text left to right, "
-                f"and {type(self.model).__name__} is not one. Leave gate_layer=None."
+                "a subject gate (gate_layer, gate_depth) needs a decoder-only language model: it reads the text left "
+                f"to right, and {type(self.model).__name__} is not one. Leave gate_layer and gate_depth None."
             )
         try:
             blocks, _ = block_list(self.model, value_module)
         except ValueError as error:
             raise UnsupportedArchitectureError(str(error)) from None
         count = len(self.model.get_submodule(blocks))
-        if not -count <= config.gate_layer < count:
-            raise UnsupportedArchitectureError(
-                f"gate_layer={config.gate_layer} is out of range: '{blocks}' holds {count} blocks"
-            )
-        name = f"{blocks}.{config.gate_layer % count}"
+        layer = config.gate_layer
+        if layer is not None and not -count <= layer < count:
+            raise UnsupportedArchitectureError(f"gate_layer={layer} is out of range: '{blocks}' holds {count} blocks")
+        if config.gate_depth is not None:
+            at_depth = round(config.gate_depth * (count - 1))
+            if layer is not None and layer % count != at_depth:
+                raise UnsupportedArchitectureError(
+                    f"gate_layer={layer} disagrees with gate_depth={config.gate_depth} (block {at_depth} of {count})"
+                )
+            layer = at_depth
+        name = f"{blocks}.{layer % count}"
         if config.gate_module is not None and config.gate_module != name:
             raise UnsupportedArchitectureError(
-                f"gate_module={config.gate_module!r} disagrees with gate_layer={config.gate_layer} ('{name}' here)"
+                f"gate_module={config.gate_module!r} disagrees with gate_layer={layer} ('{name}' here)"
             )
+        config.gate_layer = layer
         return name
 
     @classmethod
