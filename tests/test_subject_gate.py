@@ -18,8 +18,8 @@ from transformer_patcher.methods.patcher import EditConfig, MemoryBank, PatchTra
 from transformer_patcher.methods.patcher import trainer as trainer_module
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.views import EditViews
-from transformer_patcher.tuners.patcher.keys import discriminant
 from transformer_patcher.tuners.patcher.gate import subject_position
+from transformer_patcher.tuners.patcher.keys import discriminant
 
 SUBJECT_AT = 3  # the position of the subject in the tiny LLaMA tests' text
 

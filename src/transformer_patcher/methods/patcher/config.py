@@ -159,7 +159,15 @@ class EditConfig:
         for name in ("max_patches", "give_up_after"):
             if getattr(self, name) is not None:
                 check_int(f"EditConfig.{name}", getattr(self, name), minimum=1)
-        for name in ("dropout", "use_validation", "cache", "keep_failed", "gated_contrasts", "gated_contexts", "gated_views"):
+        for name in (
+            "dropout",
+            "use_validation",
+            "cache",
+            "keep_failed",
+            "gated_contrasts",
+            "gated_contexts",
+            "gated_views",
+        ):
             check_bool(f"EditConfig.{name}", getattr(self, name))
         if self.value_init not in ("normal", "uniform"):
             raise ValueError(f"value_init must be 'normal' or 'uniform', got {self.value_init!r}")
