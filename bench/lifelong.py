@@ -10,14 +10,12 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
   gated_contrasts=true``);
 - ``zsre-raw-gate4`` / ``zsre-chat-gate4``: ``zsre-raw`` / ``zsre-chat`` with the subject gate at block 4 and 16
   key views (``GATED``), the settings the zsRE dev stream chose;
-- ``gemma-zsre``: Gemma-3-270M (``make gemma``), the first 200 zsRE records, the defaults before the subject gate
-  (``UNGATED``); ``gemma-zsre-gated``: the same with today's defaults (the gate at ``gate_depth`` 0.15: block 3 of 18);
+- ``gemma-zsre``: Gemma-3-270M (``make gemma``), the first 200 zsRE records, the same defaults;
+  ``gemma-zsre-gated``: the same behind the subject gate at ``gate_depth`` 0.15 (block 3 of 18, where SmolLM2's block
+  4 is), otherwise ``GATED``;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
-
-The first rows were run before the subject gate and key views became the defaults; their cases set them back off
-(``UNGATED``), so each record's command reruns what it reports.
 
 The full suite (500 questions per format, 2 neighbours per edit, 50k tokens of perplexity) costs about 5 minutes
 per evaluation at 1,000 edits on one core, so the long streams use the small one (100 questions per format, 1
@@ -52,7 +50,6 @@ SUITE_PARTS = ("unrelated", "neighbours", "generation")
 # The gate at block 4 and 16 key views, as chosen on the zsRE dev stream, run before gated patches' later answer tokens
 # dropped the running-text contexts and took the views (gated_contexts, gated_views).
 GATED = {"gate_layer": 4, "key_views": 16, "gated_contexts": True, "gated_views": False}
-UNGATED = {"gate_depth": None, "key_views": 0}  # the defaults before the subject gate: the runs made then
 
 
 @dataclass(frozen=True)
@@ -68,20 +65,26 @@ class Case:
 
 
 CASES = {
-    "zsre-raw": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit=UNGATED),
-    "zsre-chat": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}, edit=UNGATED),
-    "counterfact": Case("smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}, edit=UNGATED),
+    "zsre-raw": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}),
+    "zsre-chat": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}),
+    "counterfact": Case("smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}),
     "counterfact-gate4": Case(
         "smollm2-135m",
         "counterfact",
         eval_every=250,
         options={"suite": "small"},
-        edit={"gate_layer": 4, "gated_contrasts": True, "key_views": 0},  # run before gated patches dropped them
+        edit={"gate_layer": 4, "gated_contrasts": True, "gated_contexts": True},  # before gated patches dropped them
     ),
     "zsre-raw-gate4": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit=GATED),
     "zsre-chat-gate4": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}, edit=GATED),
-    "gemma-zsre": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}, edit=UNGATED),
-    "gemma-zsre-gated": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}),
+    "gemma-zsre": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}),
+    "gemma-zsre-gated": Case(
+        "gemma3-270m",
+        ZSRE,
+        max_examples=200,
+        options={"suite": "small"},
+        edit={**GATED, "gate_layer": None, "gate_depth": 0.15},
+    ),
     "fever": Case("minilm-l6", "fever", options={"suite": "none"}),  # run by examples/fever/run.py (see fever_run)
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
 }

@@ -16,6 +16,7 @@ from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.methods.patcher import EditConfig, MemoryBank, PatchTrainer, collect_queries
 from transformer_patcher.methods.patcher import trainer as trainer_module
+from transformer_patcher.methods.patcher.config import GATE_DEPTH
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.views import EditViews
 from transformer_patcher.tuners.patcher.gate import subject_position
@@ -146,15 +147,14 @@ def test_gate_depth_picks_the_block_that_far_down_and_the_file_says_which(
     assert f"model.layers.{block}" in loaded.base_model.patch_layer().gates
 
 
-def test_the_default_gates_causal_lms_only_and_the_faithful_mode_never() -> None:
-    default = EditConfig()
-    assert default.adapter_config("causal_lm").gate_depth == default.gate_depth is not None
-    assert EditConfig(gate_layer=3).adapter_config("causal_lm").gate_depth is None  # the explicit block wins
+def test_gate_depth_gates_causal_lms_only_and_is_off_by_default() -> None:
+    assert EditConfig().adapter_config("causal_lm").gate_depth is None
+    gated = EditConfig(gate_depth=GATE_DEPTH)
+    assert gated.adapter_config("causal_lm").gate_depth == GATE_DEPTH
+    assert EditConfig(gate_layer=3, gate_depth=GATE_DEPTH).adapter_config("causal_lm").gate_depth is None  # the block
     for kind in ("classification", "seq2seq"):
-        config = default.adapter_config(kind)
+        config = gated.adapter_config(kind)
         assert config.gate_layer is None and config.gate_depth is None
-    faithful = EditConfig.faithful().adapter_config("causal_lm")
-    assert faithful.gate_layer is None and faithful.gate_depth is None
 
 
 def test_subject_position_finds_the_last_token_of_the_last_mention() -> None:
@@ -257,7 +257,7 @@ def test_a_gated_patch_keys_its_later_answer_tokens_over_the_views_when_told_to(
     monkeypatch: pytest.MonkeyPatch, gated_views: bool
 ) -> None:
     trainer = gated_trainer()
-    trainer.config = EditConfig(gate_layer=0, gated_views=gated_views)
+    trainer.config = EditConfig(gate_layer=0, key_views=2, gated_views=gated_views)
     trainer.views = EditViews(["w10 w11 w12", "w20 w21"])
     viewed: list[bool] = []
 
