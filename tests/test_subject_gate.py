@@ -33,7 +33,7 @@ def gated_llama(threshold: float = 0.999) -> tuple[torch.nn.Module, torch.Tensor
     ids = torch.arange(10, 18)[None]
     with torch.no_grad(), layer.capture() as capture:
         base = model(input_ids=ids).logits
-    query, subject = capture.query[0, 6], layer.gate_reads().reads[0, SUBJECT_AT]
+    query, subject = capture.query[0, 6], layer.gate_reads().reads()[0, SUBJECT_AT]
     layer.add_patches(query / query.norm() ** 2 * 10, torch.zeros(1), torch.randn(1, 32) * 5, 1, subjects=subject)
     layer.commit()
     return model, ids, base

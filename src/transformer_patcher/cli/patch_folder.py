@@ -35,7 +35,7 @@ from transformer_patcher.tuners.patcher.schema import (
     TRAINABLE,
     patch_sizes,
 )
-from transformer_patcher.tuners.tensor_schema import ID_DTYPE, PEFT_KEY_PREFIX, row_bytes
+from transformer_patcher.tuners.tensor_schema import ID_DTYPE, PEFT_KEY_PREFIX, fixed_bytes, row_bytes
 
 CONFIG_NAME = "adapter_config.json"  # peft.utils.CONFIG_NAME
 WEIGHTS_NAME = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME
@@ -53,6 +53,7 @@ MAX_HEADER_BYTES = 64 * 1024 - 8
 MAX_FILE_BYTES = 256 << 20  # a larger weights file is left to the library's reader, which maps it instead
 
 # safetensors dtype → bytes per value; the float ones → the config's patch_dtype name
+REQUIRED = {name for name in PATCH_TENSOR_NAMES if not SPECS[name].optional}  # an optional one a file may predate
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 DTYPE_NAMES = {**FLOAT_DTYPES, "I64": "int64"}
@@ -86,7 +87,7 @@ def _describe(folder: Path) -> dict[str, Any]:
     _check(os.stat(weights).st_size <= min(_size_bound(config), MAX_FILE_BYTES), "larger than read here")
     data = _read(weights)
     counts = _edit_counts(_patch_tensors(data, config))
-    targets = config["target_modules"] if isinstance(config["target_modules"], list) else [config["target_modules"]]
+    targets = _targets(config)
     log = {entry["edit_id"]: entry for entry in read_edit_log(folder)}  # the library's own reader (no torch)
     return {
         "path": str(folder),
@@ -243,7 +244,14 @@ def _size_bound(config: dict[str, Any]) -> int:
     """The largest file whose tensors fit ``config`` exactly (the library's own bound is never smaller)."""
     width = DTYPE_BYTES[_safetensors_dtype(config["patch_dtype"])] if config["patch_dtype"] else 8
     sizes = patch_sizes(1, config["fingerprint"]["query_dim"], config["fingerprint"]["output_dim"])
-    return 8 + MAX_HEADER_BYTES + config["num_patches"] * row_bytes(PATCH_TENSORS, sizes, width)
+    rows = config["num_patches"] * row_bytes(PATCH_TENSORS, sizes, width)
+    return 8 + MAX_HEADER_BYTES + rows + len(_targets(config)) * fixed_bytes(PATCH_TENSORS, sizes, width)
+
+
+def _targets(config: dict[str, Any]) -> list[str]:
+    """The modules a config patches, as a list."""
+    targets = config["target_modules"]
+    return targets if isinstance(targets, list) else [targets]
 
 
 def _safetensors_dtype(dtype: str) -> str:
@@ -302,12 +310,12 @@ def _patch_tensors(data: bytes, config: dict[str, Any]) -> list[bytes]:
         module, _, attr = key[len(PEFT_KEY_PREFIX) :].rpartition(".")
         _check(bool(module) and attr in PATCH_TENSOR_NAMES, "a tensor that is not a patch tensor")
         groups.setdefault(module, {})[attr] = tensor
-    targets = config["target_modules"] if isinstance(config["target_modules"], list) else [config["target_modules"]]
+    targets = _targets(config)
     _check(bool(groups) and set(groups) == set(targets), "tensors for other modules than the config's")
     dims = config["fingerprint"]["query_dim"], config["fingerprint"]["output_dim"]
     total, ids = 0, []
     for group in groups.values():
-        _check(set(group) == set(PATCH_TENSOR_NAMES), "a missing patch tensor")
+        _check(set(group) >= REQUIRED, "a missing patch tensor")
         n_frozen, n_trainable = (_rows(group[names[0]][1]) for names in (FROZEN, TRAINABLE))
         sizes = {True: patch_sizes(n_frozen, *dims), False: patch_sizes(n_trainable, *dims)}
         for name, (dtype, shape, raw) in group.items():

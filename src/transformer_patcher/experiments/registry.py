@@ -20,6 +20,7 @@ from transformer_patcher.core.tasks import Task
 from transformer_patcher.methods.baselines import FineTuneConfig, FineTuneEditor
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
+from transformer_patcher.methods.patcher.gate_frame import frame_prompts, read_gate_frame
 from transformer_patcher.methods.patcher.memory import build_memory
 from transformer_patcher.methods.patcher.subjects import ContrastPool, SubjectIndex
 from transformer_patcher.methods.patcher.trainer import PatchTrainer
@@ -135,6 +136,12 @@ def build_trainer(
             else None
         )
     config = edit_config or EditConfig()
+    gate = layer.gate_reads()
+    if gate is not None and config.gate_frame and layer.gate_frame() is None and not layer.has_gated_patches():
+        texts = [f"{text} {target}" for text, target in memory_pairs]
+        prompts = frame_prompts(task, texts, asked)
+        if prompts:
+            layer.set_gate_frame(read_gate_frame(wrapped, gate, task, prompts, progress=progress))
     contexts = subjects = None
     if task.kind == "causal_lm" and config.init == "solve" and config.token_contexts and memory_pairs:
         texts = [f"{text} {target}" for text, target in memory_pairs]

@@ -43,8 +43,15 @@ class TensorSpec:
         """The concrete shape for ``sizes`` (named size → value)."""
         return tuple(sizes[size] for size in self.shape)
 
+    @property
+    def per_row(self) -> bool:
+        """Whether the tensor grows with the adapter (one row per patch or rank-1 term), not a fixed size."""
+        return any(size in ROW_SIZES for size in self.shape)
+
     def row_width(self, sizes: Mapping[str, int]) -> int:
-        """Values per row: the product of the sizes that do not grow with the adapter."""
+        """Values per row: the product of the sizes that do not grow with the adapter (0 for a fixed tensor)."""
+        if not self.per_row:
+            return 0
         width = 1
         for size in self.shape:
             if size not in ROW_SIZES:
@@ -63,3 +70,15 @@ def row_bytes(specs: Iterable[TensorSpec], sizes: Mapping[str, int], float_bytes
     for spec in specs:
         totals[spec.frozen] += spec.row_width(sizes) * (ID_BYTES if spec.kind == ID else float_bytes)
     return max(totals.values())
+
+
+def fixed_bytes(specs: Iterable[TensorSpec], sizes: Mapping[str, int], float_bytes: int) -> int:
+    """Bytes the adapter's fixed-size tensors (those without a row size) take in a file, whatever its row count."""
+    total = 0
+    for spec in specs:
+        if not spec.per_row:
+            count = 1
+            for size in spec.shape_for(sizes):
+                count *= size
+            total += count * (ID_BYTES if spec.kind == ID else float_bytes)
+    return total

@@ -132,6 +132,7 @@ class EditConfig:
     gated_contrasts: bool = False  # init="solve": a gated patch's threshold also rises above other subjects' contrasts
     gated_contexts: bool = False  # init="solve": a gated patch's later answer tokens also rise above running text
     gated_views: bool = True  # key_views: a gated patch's later answer tokens are keyed over the views too
+    gate_frame: bool = True  # a new gate compares in a frame read from the memory texts (False: plain cosines)
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -168,6 +169,7 @@ class EditConfig:
             "gated_contrasts",
             "gated_contexts",
             "gated_views",
+            "gate_frame",
         ):
             check_bool(f"EditConfig.{name}", getattr(self, name))
         if self.value_init not in ("normal", "uniform"):

@@ -59,6 +59,7 @@ from transformer_patcher.methods.patcher.views import EditViews
 from transformer_patcher.tuners.patcher.gate import subject_position
 from transformer_patcher.tuners.patcher.keys import discriminant, init_key, preactivation, separating_scale
 from transformer_patcher.tuners.patcher.layer import PatcherLayer
+from transformer_patcher.tuners.patcher.schema import GATE_FRAME
 
 _SILENCE_ABOVE = 0.9  # a memory row scoring this close to the query's 1 is projected out of the key ...
 _SILENT_ROWS = 32  # ... with the other top rows scoring above half of it
@@ -180,7 +181,8 @@ class PatchTrainer:
 
     def reset(self) -> None:
         """Remove every patch of the adapter and forget the edits' memory rows."""
-        empty = {name: tensor[:0] for name, tensor in self.layer.committed(self.adapter).items()}
+        kept = self.layer.committed(self.adapter)  # the gate frame stays: it describes the model, not an edit
+        empty = {name: tensor if name == GATE_FRAME else tensor[:0] for name, tensor in kept.items()}
         self.load_state_tensors(empty)
 
     # ---------------------------------------------------------------------------------------------- edit
@@ -243,11 +245,11 @@ class PatchTrainer:
         text's first token, which names none."""
         gate = self.layer.gate_reads(self.adapter)
         subject = example.subject or guess_subject(example.text)
-        if gate is None or gate.reads is None or not subject or "input_ids" not in single.inputs:
+        if gate is None or gate.outputs is None or not subject or "input_ids" not in single.inputs:
             return None
         prompt = single.inputs["input_ids"][0, : int(single.cols[0]) + 1].tolist()
         at = subject_position(self.task.tokenizer, prompt, subject)
-        read = None if at is None else gate.reads[0, at]
+        read = None if at is None else gate.reads(self.layer.gate_frame(self.adapter))[0, at]
         return read if read is not None and bool(read.any()) else None
 
     def _add_patches(self, queries: torch.Tensor, edit_id: int, subject: torch.Tensor | None = None) -> None:

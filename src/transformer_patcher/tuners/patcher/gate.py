@@ -13,6 +13,12 @@ no subject. The running maximum is carried over the one-token steps of a cached 
 text (a forward without cached positions). Beam search reorders its cache but not these maxima: the beams of one
 prompt share the prompt's maxima, and only a subject first named by the beams' own text can open a patch on the
 wrong beam. A zero subject row is a patch without a gate (no subject, or a file written before the gate existed).
+
+The cosine is taken in the gate's *frame*: the block's output minus its mean over ordinary text, each feature divided
+by its spread there (``measure_frame``). A raw residual stream shares a large common direction: on Gemma-3's block 3
+any two positions of unrelated questions read at cosine 0.89-0.97, so a 0.8 gate opened everywhere; in the frame the
+same pairs read at 0.02-0.37, on SmolLM2 too (``bench/gate_frame.py``). A zero frame is the plain cosine (a file
+written before the frame existed).
 """
 
 from __future__ import annotations
@@ -23,17 +29,38 @@ import torch
 from torch import nn
 from torch.nn.functional import normalize
 
+FRAME_FLOOR = 1e-3  # a feature's spread is at least this fraction of the median spread: a constant one adds nothing
+
+
+def measure_frame(outputs: torch.Tensor) -> torch.Tensor:
+    """The gate frame of a block's outputs ``(positions, hidden)`` over ordinary text: rows (mean, 1 / spread)."""
+    if outputs.dim() != 2 or outputs.shape[0] < 2:
+        raise ValueError(f"a gate frame needs the outputs of at least 2 positions, got shape {tuple(outputs.shape)}")
+    outputs = outputs.double()
+    spread = outputs.std(dim=0)
+    spread = spread.clamp(min=FRAME_FLOOR * float(spread.median()) + torch.finfo(torch.float32).tiny)
+    return torch.stack([outputs.mean(dim=0), 1 / spread]).float()
+
+
+def in_frame(outputs: torch.Tensor, frame: torch.Tensor | None) -> torch.Tensor:
+    """``outputs`` (..., hidden) in the gate frame (unchanged for None or a zero frame), as unit vectors."""
+    if frame is not None and bool(frame.any()):
+        frame = frame.to(device=outputs.device, dtype=torch.float32)
+        outputs = (outputs.float() - frame[0]) * frame[1]
+    return normalize(outputs.float(), dim=-1)
+
 
 class GateReads:
-    """Hooks that keep, for each forward pass, the gate block's output per position as unit vectors (zero where left
-    out), and the running maxima carried between the steps of a cached decode.
+    """Hooks that keep, for each forward pass, the gate block's output per position (zero where left out), and the
+    running maxima carried between the steps of a cached decode.
 
     ``owner`` is the module that runs the block list (it receives ``attention_mask`` and ``past_key_values`` as
     keywords, as transformers' causal LMs pass them); ``block`` is the gate block.
     """
 
     def __init__(self, owner: nn.Module, block: nn.Module) -> None:
-        self.reads: torch.Tensor | None = None  # (batch, positions, hidden)
+        self.block = block
+        self.outputs: torch.Tensor | None = None  # (batch, positions, hidden), zero where left out
         self._mask: torch.Tensor | None = None
         self._past = 0
         self._continues = False
@@ -48,14 +75,14 @@ class GateReads:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.reads = None
+        self.outputs = None
 
     def _start(self, _module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cache = kwargs.get("past_key_values")
         self._past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-        self.reads = None  # a block that does not run this pass leaves nothing stale behind
+        self.outputs = None  # a block that does not run this pass leaves nothing stale behind
 
     def _read(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
         hidden = (output[0] if isinstance(output, tuple) else output).detach()
@@ -67,23 +94,31 @@ class GateReads:
         seen = mask.cumsum(1)[:, -length:]  # real tokens read so far, this one included
         keep = (mask[:, -length:] > 0) & (seen > 1)  # padding and each text's first token are left out
         self._continues = mask.shape[1] > length  # cached positions precede these: carry the running maxima on
-        self.reads = normalize(hidden.float(), dim=-1) * keep[..., None]
+        self.outputs = hidden.float() * keep[..., None]
 
-    def opened(self, subjects: torch.Tensor, threshold: float, key: Any) -> torch.Tensor:
-        """Where each patch is open in this pass, shape (batch, positions, patches): its subject's running maximum
-        cosine reaches ``threshold``, or it has no subject (a zero row). ``key`` names the patch set whose maxima
-        carry over to the next step of a cached decode."""
-        return (self.running(subjects, key) >= threshold) | (subjects.detach().norm(dim=1) == 0).to(self.reads.device)
-
-    def running(self, subjects: torch.Tensor, key: Any) -> torch.Tensor:
-        """Per position of this pass and subject row, the highest cosine between a position read so far and the
-        row, shape (batch, positions, patches), carried on from the last pass under ``key`` in a cached decode."""
-        reads = self.reads
-        if reads is None:
+    def reads(self, frame: torch.Tensor | None = None) -> torch.Tensor:
+        """This pass's outputs in ``frame`` as unit vectors (zero where left out), shape (batch, positions, hidden)."""
+        if self.outputs is None:
             raise RuntimeError(
                 "the patch layer has a subject gate but its gate block did not run in this forward pass (or the "
                 "model was called below the module that runs the blocks); call the model itself"
             )
+        return in_frame(self.outputs, frame) * (self.outputs != 0).any(-1, keepdim=True)
+
+    def opened(
+        self, subjects: torch.Tensor, threshold: float, key: Any, frame: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Where each patch is open in this pass, shape (batch, positions, patches): its subject's running maximum
+        cosine in ``frame`` reaches ``threshold``, or it has no subject (a zero row). ``key`` names the patch set
+        whose maxima carry over to the next step of a cached decode."""
+        running = self.running(subjects, key, frame)
+        return (running >= threshold) | (subjects.detach().norm(dim=1) == 0).to(running.device)
+
+    def running(self, subjects: torch.Tensor, key: Any, frame: torch.Tensor | None = None) -> torch.Tensor:
+        """Per position of this pass and subject row (read in ``frame``), the highest cosine between a position read
+        so far and the row, shape (batch, positions, patches), carried on from the last pass under ``key`` in a
+        cached decode."""
+        reads = self.reads(frame)
         if subjects.shape[1] != reads.shape[-1]:
             raise RuntimeError(f"subject reads of width {subjects.shape[1]} meet a gate block of {reads.shape[-1]}")
         rows = normalize(subjects.detach().float().to(reads.device), dim=1)

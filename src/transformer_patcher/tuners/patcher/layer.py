@@ -38,6 +38,7 @@ from transformer_patcher.tuners.patcher.patch_file import PatchShapes
 from transformer_patcher.tuners.patcher.schema import (
     BUFFERS,
     FROZEN,
+    GATE_FRAME,
     PARAMETERS,
     PATCH_TENSOR_NAMES,
     SPECS,
@@ -192,12 +193,38 @@ class PatcherLayer(TunerLayer):
         if gate is None:
             return activations
         subjects = getattr(self, SUBJECTS[frozen])[adapter]
-        opened = gate.opened(subjects, self.patch_config[adapter].gate_threshold, key=(adapter, frozen))
+        threshold = self.patch_config[adapter].gate_threshold
+        opened = gate.opened(subjects, threshold, key=(adapter, frozen), frame=self.gate_frame(adapter))
         if opened.numel() != activations.numel():
             raise RuntimeError(
                 f"the gate read {tuple(opened.shape)} positions where the patches read {tuple(activations.shape)}"
             )
         return activations * opened.reshape(activations.shape).to(device=activations.device, dtype=activations.dtype)
+
+    def gate_frame(self, adapter_name: str | None = None) -> torch.Tensor | None:
+        """The frame an adapter's subject gate compares in (``gate.measure_frame``); None: plain cosines."""
+        frame = self.patch_gate_frame[self._resolve_adapter(adapter_name)]
+        return frame if bool(frame.any()) else None
+
+    def has_gated_patches(self, adapter_name: str | None = None) -> bool:
+        """Whether any patch of the adapter, committed or in progress, holds a subject read."""
+        adapter = self._resolve_adapter(adapter_name)
+        return any(bool(getattr(self, SUBJECTS[side])[adapter].any()) for side in (True, False))
+
+    def set_gate_frame(self, frame: torch.Tensor, adapter_name: str | None = None) -> None:
+        """Give an adapter's subject gate its frame, shape (2, hidden): mean and inverse spread. Refused once a gated
+        patch exists (its subject read was taken in the frame it had) or when the frame is not finite, with an
+        inverse spread that is not positive."""
+        adapter = self._resolve_adapter(adapter_name)
+        frame = self._as_rows(frame, self.output_dim, "the gate frame")
+        if frame.shape[0] != 2 or not bool((frame[1] > 0).all()):
+            raise InvalidPatchError("a gate frame is two rows: the mean, and an inverse spread that is positive")
+        current = self.patch_gate_frame[adapter]
+        if self.has_gated_patches(adapter) and not torch.equal(current, frame.to(current)):
+            raise InvalidPatchError(
+                "this adapter already holds gated patches, whose subject reads were taken in its current gate frame"
+            )
+        self._set(adapter, GATE_FRAME, frame.to(device=current.device, dtype=current.dtype).clone())
 
     @contextmanager
     def capture(self, adapter_name: str | None = None) -> Iterator[PatchCapture]:
@@ -349,29 +376,35 @@ class PatcherLayer(TunerLayer):
         return removed
 
     def committed(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The committed patch tensors of an adapter (name → tensor), e.g. for a resumable run's checkpoint."""
+        """The committed patch tensors of an adapter (name → tensor) and its gate frame, e.g. for a resumable run's
+        checkpoint."""
         adapter = self._resolve_adapter(adapter_name)
-        return {name: getattr(self, name)[adapter].detach().cpu().clone() for name in FROZEN}
+        return {name: getattr(self, name)[adapter].detach().cpu().clone() for name in (*FROZEN, GATE_FRAME)}
 
     def restore_committed(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
-        """Replace the committed patches with ``tensors`` (from ``committed()``) and drop in-progress ones.
+        """Replace the committed patches (and the gate frame, when given) with ``tensors`` (from ``committed()``) and
+        drop in-progress ones.
 
-        Validated before anything changes: the tensors must be present (the subject reads may be missing: a checkpoint
-        from before the gate, ungated), finite and agree on the neuron count.
+        Validated before anything changes: the tensors must be present (the subject reads and the frame may be missing:
+        a checkpoint from before the gate or its frame), finite and agree on the neuron count.
         """
         adapter = self._resolve_adapter(adapter_name)
-        required = {name for name in FROZEN if not SPECS[name].optional}
-        if not required <= set(tensors) <= set(FROZEN):
-            raise InvalidPatchError(f"expected tensors {sorted(FROZEN)}, got {sorted(tensors)}")
+        names = (*FROZEN, GATE_FRAME)
+        required = {name for name in names if not SPECS[name].optional}
+        if not required <= set(tensors) <= set(names):
+            raise InvalidPatchError(f"expected tensors {sorted(names)}, got {sorted(tensors)}")
         rows = tensors["patch_frozen_keys"].shape[0]
-        tensors = {name: tensors.get(name, torch.zeros(self._shape(name, rows))) for name in FROZEN}
-        for name in FROZEN:
+        current = getattr(self, GATE_FRAME)[adapter].detach().cpu()
+        tensors = {name: tensors.get(name, torch.zeros(self._shape(name, rows))) for name in FROZEN} | {
+            GATE_FRAME: tensors.get(GATE_FRAME, current)
+        }
+        for name in names:
             tensor = tensors[name]
             if tuple(tensor.shape) != self._shape(name, rows):
                 raise InvalidPatchError(f"{name} has shape {tuple(tensor.shape)}, expected {self._shape(name, rows)}")
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise InvalidPatchError(f"{name} contains NaN or inf")
-        for name in FROZEN:
+        for name in names:
             old = getattr(self, name)[adapter]
             self._set(adapter, name, tensors[name].to(device=old.device, dtype=old.dtype).clone())
         self.discard(adapter)

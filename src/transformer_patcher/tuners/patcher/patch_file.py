@@ -19,7 +19,7 @@ from transformer_patcher.core.errors import AdapterFileError
 from transformer_patcher.tuners.adapter_file import config_targets, group_tensors, module_error, read_checked_file
 from transformer_patcher.tuners.bounds import MAX_WIDTH, check_declared_size, file_size_limit, largest_row_norm
 from transformer_patcher.tuners.patcher.schema import PATCH_TENSOR_NAMES, PATCH_TENSORS, patch_sizes
-from transformer_patcher.tuners.tensor_schema import row_bytes
+from transformer_patcher.tuners.tensor_schema import fixed_bytes, row_bytes
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,17 @@ def group_patch_tensors(
 
 def _check_patch_file_size(path: str, config: Any) -> None:
     """Bound the file by ``num_patches`` rows of the fingerprint's widths (``MAX_WIDTH`` when it gives none): per
-    patch a row of each patch tensor of its side, floats in ``patch_dtype`` (8 bytes when unset), ids in int64."""
+    patch a row of each patch tensor of its side, floats in ``patch_dtype`` (8 bytes when unset), ids in int64, plus
+    the fixed-size tensors (the gate frame) of each module."""
     fingerprint = config.fingerprint or {}
     query_dim, output_dim = (fingerprint.get(dim) or MAX_WIDTH for dim in ("query_dim", "output_dim"))
     itemsize = getattr(torch, config.patch_dtype).itemsize if config.patch_dtype else 8
-    row = row_bytes(PATCH_TENSORS, patch_sizes(1, query_dim, output_dim), itemsize)
-    limit = file_size_limit(config.num_patches, row, len(PATCH_TENSOR_NAMES) * len(config_targets(config)))
+    sizes = patch_sizes(1, query_dim, output_dim)
+    targets = len(config_targets(config))
+    limit = file_size_limit(
+        config.num_patches, row_bytes(PATCH_TENSORS, sizes, itemsize), len(PATCH_TENSOR_NAMES) * targets
+    )
+    limit += targets * fixed_bytes(PATCH_TENSORS, sizes, itemsize)
     implied = f"num_patches={config.num_patches} of {query_dim}→{output_dim}, patch_dtype={config.patch_dtype}"
     check_declared_size(path, limit, implied)
 

@@ -33,7 +33,7 @@ from transformer_patcher.tuners.edit_log import EDIT_LOG, edit_log_entry, read_e
 from transformer_patcher.tuners.model_card import CARD_NAME, model_card
 from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.patch_file import group_patch_tensors
-from transformer_patcher.tuners.patcher.schema import EDIT_IDS, edit_ids_for
+from transformer_patcher.tuners.patcher.schema import EDIT_IDS, SPECS, edit_ids_for
 
 __all__ = [  # the edit log's names too: callers read and write it through this module
     "EDIT_LOG",
@@ -148,6 +148,9 @@ def _remove_edit(folder: Path, edit_id: int) -> int:
     removed = 0
     for key, tensor in tensors.items():
         module, _, name = key.rpartition(".")
+        if not SPECS[name].per_row:  # the gate frame belongs to no edit
+            kept[key] = tensor
+            continue
         labels = tensors[f"{module}.{edit_ids_for(name)}"]
         keep = labels != edit_id
         kept[key] = tensor[keep]
