@@ -70,7 +70,8 @@ def main() -> None:
         pre = task.at_reads(capture.frozen_preactivations, batch)[:, columns]
         cosine = None
         if gate is not None:
-            cosine = gate.running(subjects[columns[:1]], "reach")[0, int(batch.cols[0]), 0].item()
+            running = gate.running(subjects[columns[:1]], "reach", layer.gate_frame())
+            cosine = running[0, int(batch.cols[0]), 0].item()
         return correct, pre.amax(1).tolist(), pre[0, 0].item(), cosine
 
     edits, rephrases, cosines, causes = [], [], [], Counter()

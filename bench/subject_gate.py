@@ -89,7 +89,7 @@ def gate_maxima(model: nn.Module, tokenizer: Any, layer: PatcherLayer, texts: li
     with torch.no_grad():
         for text in texts:
             model(**tokenizer(text, return_tensors="pt"))
-            rows.append(gate.running(subjects, "bench")[0, -1].clone())
+            rows.append(gate.running(subjects, "bench", layer.gate_frame())[0, -1].clone())
     return torch.stack(rows)
 
 
