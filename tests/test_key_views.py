@@ -160,4 +160,5 @@ def test_key_views_are_checked_and_built_for_generators_only() -> None:
     pairs = random_pairs(30, seed=1)
     trainer = build_trainer(model, task, pairs, edit_config=EditConfig(key_views=2), progress=False)
     assert trainer.views is not None and len(trainer.views.prefixes) == 2
-    assert build_trainer(model, task, pairs, progress=False).views is None  # off by default
+    assert len(build_trainer(model, task, pairs, progress=False).views.prefixes) == 16  # on by default
+    assert build_trainer(model, task, pairs, edit_config=EditConfig(key_views=0), progress=False).views is None

@@ -147,14 +147,18 @@ def test_gate_depth_picks_the_block_that_far_down_and_the_file_says_which(
     assert f"model.layers.{block}" in loaded.base_model.patch_layer().gates
 
 
-def test_gate_depth_gates_causal_lms_only_and_is_off_by_default() -> None:
-    assert EditConfig().adapter_config("causal_lm").gate_depth is None
-    gated = EditConfig(gate_depth=GATE_DEPTH)
-    assert gated.adapter_config("causal_lm").gate_depth == GATE_DEPTH
-    assert EditConfig(gate_layer=3, gate_depth=GATE_DEPTH).adapter_config("causal_lm").gate_depth is None  # the block
+def test_the_default_gates_causal_lms_only_and_the_faithful_mode_never() -> None:
+    default = EditConfig()
+    assert default.adapter_config("causal_lm").gate_depth == default.gate_depth == GATE_DEPTH
+    assert default.gate_frame and default.key_views > 0
+    assert EditConfig(gate_layer=3).adapter_config("causal_lm").gate_depth is None  # the explicit block wins
     for kind in ("classification", "seq2seq"):
-        config = gated.adapter_config(kind)
+        config = default.adapter_config(kind)
         assert config.gate_layer is None and config.gate_depth is None
+    faithful = EditConfig.faithful()
+    assert faithful.key_views == 0
+    assert faithful.adapter_config("causal_lm").gate_layer is None
+    assert faithful.adapter_config("causal_lm").gate_depth is None
 
 
 def test_subject_position_finds_the_last_token_of_the_last_mention() -> None:
@@ -275,3 +279,4 @@ def test_a_gated_patch_keys_its_later_answer_tokens_over_the_views_when_told_to(
     viewed.clear()
     trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:43])), edit_id=1)  # no subject: ungated
     assert viewed[:3] == [True, False, False]
+

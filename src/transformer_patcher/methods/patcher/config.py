@@ -64,7 +64,7 @@ STOPS = ("plateau", "constraints")
 MODES = ("default", "faithful", "quick")
 # Where a causal LM's subject gate reads, as a fraction of the depth: block 4 of SmolLM2's 30 (round(0.15 * 29)), where
 # the zsRE dev stream's GR rose 0.535 -> 0.61 and every locality part reached 0.99-1.00 (docs/editing.md, rule 12).
-# Not the default: at Gemma-3-270M's block 3 unrelated positions read at cosine 0.89-0.97, so the gate opens anywhere.
+# On Gemma-3-270M (block 3 of 18) it holds too, once it compares in its frame (gate_frame; docs/editing.md, rule 12).
 GATE_DEPTH = 0.15
 MAX_KEY_VIEWS = 16  # the openings the model writes its prefixes from (methods/patcher/views.py)
 MAX_SEED = 2**32  # the per-edit seed is seed * 1_000_003 + edit_id, which torch.manual_seed must accept
@@ -124,10 +124,10 @@ class EditConfig:
     contrast_spread: float = 0.5  # init="solve": thresholds sit this many standard deviations above the top contrast
     token_contexts: int = 16  # init="solve", causal LMs: running-text contexts of its token a later patch stays below
     nearest_contrasts: int = 0  # init="solve": of the contrasts, how many ask the subjects nearest the edit's own
-    key_views: int = 0  # init="solve", causal LMs: self-written prefixes the first answer token's key is read behind
+    key_views: int = 16  # init="solve", causal LMs: self-written prefixes the first answer token's key is read behind
     view_scatter: float = 1.0  # init="solve": weight of the views' scatter against the memory covariance
     gate_layer: int | None = None  # causal LMs: a new patch set's subject gate reads this block (None: gate_depth)
-    gate_depth: float | None = None  # ... else the block this far down (both None: no gate; opt-in, GATE_DEPTH)
+    gate_depth: float | None = GATE_DEPTH  # ... else the block this far down (None with gate_layer None: no gate)
     gate_threshold: float = 0.8  # the cosine at which a patch's subject gate opens
     gated_contrasts: bool = False  # init="solve": a gated patch's threshold also rises above other subjects' contrasts
     gated_contexts: bool = False  # init="solve": a gated patch's later answer tokens also rise above running text
@@ -207,6 +207,8 @@ class EditConfig:
             "stop": "plateau",
             "give_up_after": None,
             "patch_activation": FFN_ACTIVATION,
+            "gate_depth": None,
+            "key_views": 0,
         }
         return cls(**{**official, **overrides})
 

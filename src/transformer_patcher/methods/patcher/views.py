@@ -6,8 +6,8 @@ the edit along it on 63 % of 60 dev edits (``bench/key_views.py``). Reading the 
 context templates: a few tokens the model writes itself from common openings) and in the other prompt format shows
 which directions the surroundings move, and two-class LDA over those readings (:func:`discriminant`'s ``views``)
 weighs them down. The same 60 edits: rephrases past half-way 37 % → 63 %, held-out neighbours above the threshold
-8.8 % → 6.3 %. ``EditConfig.key_views`` is off by default: ungated, over a 250-edit stream it cost near-neighbour
-locality; behind the opt-in subject gate it lifted the zsRE dev stream's GR 0.61 -> 0.65 with every locality part at
+8.8 % → 6.3 %. ``EditConfig.key_views`` is 16 by default: ungated, over a 250-edit stream it cost near-neighbour
+locality, but behind the subject gate it lifted the zsRE dev stream's GR 0.61 -> 0.65 with every locality part at
 1.00 (docs/editing.md, rules 11 and 12). Ungated, only the first answer token's key is built this way.
 """
 
