@@ -3,16 +3,19 @@
 Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
 
 - ``zsre-raw`` / ``zsre-chat``: SmolLM2-135M-Instruct, all 1,000 records of ``zsre_mend_train-1k.json`` as one
-  stream, asked raw and through the chat template; the small suite every 250 edits;
+  stream, asked raw and through the chat template; the small suite every 250 edits; ungated, without key views
+  (``UNGATED``: the default they ran with, before the subject gate became it; so are ``counterfact`` and
+  ``gemma-zsre``);
 - ``counterfact``: SmolLM2, the 1,000 cases of ``counterfact-edit-1k.json`` (efficacy = SR, paraphrase = GR,
   neighbourhood = the benchmark's locality); the small suite every 250 edits; ``counterfact-gate4``: the same with
   the subject gate at block 4, its patches still above rule 7's contrasts (``--set gate_layer=4 --set
   gated_contrasts=true``);
 - ``zsre-raw-gate4`` / ``zsre-chat-gate4``: ``zsre-raw`` / ``zsre-chat`` with the subject gate at block 4 and 16
-  key views (``GATED``), the settings the zsRE dev stream chose;
+  key views (``GATED``), the settings the zsRE dev stream chose, comparing plain cosines (``PLAIN_GATE``, before the
+  gate's frame);
 - ``gemma-zsre``: Gemma-3-270M (``make gemma``), the first 200 zsRE records, the same defaults;
   ``gemma-zsre-gated``: the same behind the subject gate at ``gate_depth`` 0.15 (block 3 of 18, where SmolLM2's block
-  4 is), otherwise ``GATED``;
+  4 is) in its frame, otherwise ``GATED``;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
@@ -50,6 +53,9 @@ SUITE_PARTS = ("unrelated", "neighbours", "generation")
 # The gate at block 4 and 16 key views, as chosen on the zsRE dev stream, run before gated patches' later answer tokens
 # dropped the running-text contexts and took the views (gated_contexts, gated_views).
 GATED = {"gate_layer": 4, "key_views": 16, "gated_contexts": True, "gated_views": False}
+# The streams run before the gate became the default: ungated, no key views; and the gated ones before its frame.
+UNGATED = {"gate_depth": None, "key_views": 0}
+PLAIN_GATE = {"gate_frame": False}
 
 
 @dataclass(frozen=True)
@@ -65,19 +71,24 @@ class Case:
 
 
 CASES = {
-    "zsre-raw": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}),
-    "zsre-chat": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}),
-    "counterfact": Case("smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}),
+    "zsre-raw": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit=UNGATED),
+    "zsre-chat": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}, edit=UNGATED),
+    "counterfact": Case("smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}, edit=UNGATED),
     "counterfact-gate4": Case(
         "smollm2-135m",
         "counterfact",
         eval_every=250,
         options={"suite": "small"},
-        edit={"gate_layer": 4, "gated_contrasts": True, "gated_contexts": True},  # before gated patches dropped them
+        # before gated patches dropped the contrasts and contexts, and before the frame
+        edit={"gate_layer": 4, "gated_contrasts": True, "gated_contexts": True, **PLAIN_GATE},
     ),
-    "zsre-raw-gate4": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit=GATED),
-    "zsre-chat-gate4": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}, edit=GATED),
-    "gemma-zsre": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}),
+    "zsre-raw-gate4": Case(
+        "smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit={**GATED, **PLAIN_GATE}
+    ),
+    "zsre-chat-gate4": Case(
+        "smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}, edit={**GATED, **PLAIN_GATE}
+    ),
+    "gemma-zsre": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}, edit=UNGATED),
     "gemma-zsre-gated": Case(
         "gemma3-270m",
         ZSRE,
