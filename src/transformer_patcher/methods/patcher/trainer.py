@@ -59,7 +59,7 @@ from transformer_patcher.methods.patcher.views import EditViews
 from transformer_patcher.tuners.patcher.gate import subject_position
 from transformer_patcher.tuners.patcher.keys import discriminant, init_key, preactivation, separating_scale
 from transformer_patcher.tuners.patcher.layer import PatcherLayer
-from transformer_patcher.tuners.patcher.schema import GATE_FRAME
+from transformer_patcher.tuners.patcher.schema import SPECS
 
 _SILENCE_ABOVE = 0.9  # a memory row scoring this close to the query's 1 is projected out of the key ...
 _SILENT_ROWS = 32  # ... with the other top rows scoring above half of it
@@ -181,8 +181,9 @@ class PatchTrainer:
 
     def reset(self) -> None:
         """Remove every patch of the adapter and forget the edits' memory rows."""
-        kept = self.layer.committed(self.adapter)  # the gate frame stays: it describes the model, not an edit
-        empty = {name: tensor if name == GATE_FRAME else tensor[:0] for name, tensor in kept.items()}
+        # only the per-patch tensors: the gate frame, which describes the model, not an edit, is kept as it is
+        committed = self.layer.committed(self.adapter)
+        empty = {name: tensor[:0] for name, tensor in committed.items() if SPECS[name].per_row}
         self.load_state_tensors(empty)
 
     # ---------------------------------------------------------------------------------------------- edit

@@ -61,6 +61,8 @@ class GateReads:
     def __init__(self, owner: nn.Module, block: nn.Module) -> None:
         self.block = block
         self.outputs: torch.Tensor | None = None  # (batch, positions, hidden), zero where left out
+        self._keep: torch.Tensor | None = None  # (batch, positions, 1): the positions read
+        self._framed: tuple[torch.Tensor | None, torch.Tensor] | None = None  # this pass's reads in the last frame
         self._mask: torch.Tensor | None = None
         self._past = 0
         self._continues = False
@@ -82,7 +84,7 @@ class GateReads:
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cache = kwargs.get("past_key_values")
         self._past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-        self.outputs = None  # a block that does not run this pass leaves nothing stale behind
+        self.outputs = self._framed = None  # a block that does not run this pass leaves nothing stale behind
 
     def _read(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
         hidden = (output[0] if isinstance(output, tuple) else output).detach()
@@ -94,16 +96,21 @@ class GateReads:
         seen = mask.cumsum(1)[:, -length:]  # real tokens read so far, this one included
         keep = (mask[:, -length:] > 0) & (seen > 1)  # padding and each text's first token are left out
         self._continues = mask.shape[1] > length  # cached positions precede these: carry the running maxima on
-        self.outputs = hidden.float() * keep[..., None]
+        self._keep = keep[..., None]
+        self.outputs = hidden.float() * self._keep
+        self._framed = None
 
     def reads(self, frame: torch.Tensor | None = None) -> torch.Tensor:
-        """This pass's outputs in ``frame`` as unit vectors (zero where left out), shape (batch, positions, hidden)."""
-        if self.outputs is None:
+        """This pass's outputs in ``frame`` as unit vectors (zero where left out), shape (batch, positions, hidden);
+        computed once per pass and frame, however many patch sets read them."""
+        if self.outputs is None or self._keep is None:
             raise RuntimeError(
                 "the patch layer has a subject gate but its gate block did not run in this forward pass (or the "
                 "model was called below the module that runs the blocks); call the model itself"
             )
-        return in_frame(self.outputs, frame) * (self.outputs != 0).any(-1, keepdim=True)
+        if self._framed is None or self._framed[0] is not frame:
+            self._framed = (frame, in_frame(self.outputs, frame) * self._keep)
+        return self._framed[1]
 
     def opened(
         self, subjects: torch.Tensor, threshold: float, key: Any, frame: torch.Tensor | None = None
