@@ -16,6 +16,8 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
 - ``gemma-zsre``: Gemma-3-270M (``make gemma``), the first 200 zsRE records, the same defaults;
   ``gemma-zsre-gated``: the same behind the subject gate at ``gate_depth`` 0.15 (block 3 of 18, where SmolLM2's block
   4 is) in its frame, otherwise ``GATED``;
+- ``zsre-raw-default`` / ``zsre-chat-default``: the same 1,000-record streams with today's default for causal LMs
+  (``DEFAULT``: the subject gate at ``gate_depth`` 0.15 in its frame, 16 key views), the small suite every 100 edits;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
@@ -56,6 +58,8 @@ GATED = {"gate_layer": 4, "key_views": 16, "gated_contexts": True, "gated_views"
 # The streams run before the gate became the default: ungated, no key views; and the gated ones before its frame.
 UNGATED = {"gate_depth": None, "key_views": 0}
 PLAIN_GATE = {"gate_frame": False}
+# Today's default for causal LMs, spelled out so the record keeps its meaning if the default moves again.
+DEFAULT = {"gate_depth": 0.15, "key_views": 16, "gate_frame": True}
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ CASES = {
         edit={**GATED, "gate_layer": None, "gate_depth": 0.15},
     ),
     "fever": Case("minilm-l6", "fever", options={"suite": "none"}),  # run by examples/fever/run.py (see fever_run)
+    "zsre-raw-default": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=DEFAULT),
+    "zsre-chat-default": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=DEFAULT),
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
 }
 

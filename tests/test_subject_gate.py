@@ -16,6 +16,7 @@ from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.methods.patcher import EditConfig, MemoryBank, PatchTrainer, collect_queries
 from transformer_patcher.methods.patcher import trainer as trainer_module
+from transformer_patcher.methods.patcher.memory import answer_start_queries
 from transformer_patcher.methods.patcher.config import GATE_DEPTH
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.views import EditViews
@@ -233,6 +234,29 @@ def test_a_gated_patch_asks_other_subjects_only_when_told_to(gated_contrasts: bo
     asked.clear()
     trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:42])), edit_id=1)  # no subject: ungated
     assert asked  # an ungated patch still rises above other subjects
+
+
+def test_only_contrasts_that_open_the_gate_bound_a_gated_patch(monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = gated_trainer()
+    words = list(range(*EDIT_WORDS))
+    other = sentence(words[0], words[20], *words[2:4])  # the edit's wording about another subject: gate closed
+    same = sentence(*words[:2], words[25], words[26])  # its subject asked something else: gate open
+    seen: list[torch.Tensor | None] = []
+    original = trainer._separating_keys
+
+    def spy(queries, target, first_read=True, contrasts=(), views=()):  # type: ignore[no-untyped-def]
+        seen.extend(contrasts)
+        return original(queries, target, first_read, contrasts, views)
+
+    monkeypatch.setattr(trainer, "_separating_keys", spy)
+    example = EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=f"w{words[1]}", keep=(other, same))
+    trainer.edit(example, edit_id=0)
+    expected = answer_start_queries(trainer.model, trainer.layer, trainer.task, [same], example.target)
+    assert seen[0] is not None and torch.equal(seen[0], expected)
+    seen.clear()
+    ungated = EditExample(sentence(*words[30:34]), sentence(*words[40:42]), keep=(other, same))  # no subject
+    trainer.edit(ungated, edit_id=1)
+    assert seen[0] is not None and len(seen[0]) == 2  # an ungated patch stays below both
 
 
 @pytest.mark.parametrize("gated_contexts", [True, False])

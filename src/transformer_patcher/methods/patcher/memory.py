@@ -195,24 +195,45 @@ def memory_key(fingerprint: dict[str, Any], task: Task, pairs: Sequence[tuple[st
     return digest.hexdigest()
 
 
+def _answer_pass(
+    model: nn.Module, layer: Any, task: Task, texts: Sequence[str], target: Any, adapter: str | None
+) -> tuple[Batch, torch.Tensor]:
+    """One forward pass over ``texts`` answered with ``target``, stopped at the layer: the batch and the FFN
+    queries at every read, shape (len(texts), reads, d). The texts share the target, so each has the same reads."""
+    batch = task.batch_for(model, [(text, target) for text in texts])
+    with torch.no_grad(), layer.capture(adapter) as record, up_to(layer):
+        model(**batch.model_kwargs())
+    return batch, task.at_reads(record.query, batch).float().reshape(len(texts), -1, layer.query_dim)
+
+
 def answer_queries(
     model: nn.Module, layer: Any, task: Task, texts: Sequence[str], target: Any, adapter: str | None = None
 ) -> torch.Tensor:
     """The FFN queries of ``layer`` at every read of each text answered with ``target``, shape (len(texts), reads,
-    d): one forward pass, stopped at the layer. The texts share the target, so each has the same reads."""
-    batch = task.batch_for(model, [(text, target) for text in texts])
-    with torch.no_grad(), layer.capture(adapter) as record, up_to(layer):
-        model(**batch.model_kwargs())
-    return task.at_reads(record.query, batch).float().reshape(len(texts), -1, layer.query_dim)
+    d): one forward pass, stopped at the layer."""
+    return _answer_pass(model, layer, task, texts, target, adapter)[1]
 
 
 def answer_start_queries(
-    model: nn.Module, layer: Any, task: Task, texts: Sequence[str], target: Any, adapter: str | None = None
+    model: nn.Module,
+    layer: Any,
+    task: Task,
+    texts: Sequence[str],
+    target: Any,
+    adapter: str | None = None,
+    gated_on: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The FFN queries of ``layer`` where each text's answer (``target``) starts, shape (len(texts), d)."""
+    """The FFN queries of ``layer`` where each text's answer (``target``) starts, shape (n, d). With ``gated_on`` (a
+    patch's subject read) only the texts whose subject gate is open there: a closed gate keeps the patch from a text
+    whatever its key, so those rows need not bound it."""
     if not texts:
         return torch.zeros(0, layer.query_dim)
-    return answer_queries(model, layer, task, texts, target, adapter)[:, 0]
+    batch, queries = _answer_pass(model, layer, task, texts, target, adapter)
+    starts = queries[:, 0]
+    opened = None if gated_on is None else layer.gate_opened(gated_on[None], adapter)
+    if opened is None:
+        return starts
+    return starts[task.at_reads(opened, batch).reshape(len(texts), -1)[:, 0].to(starts.device)]
 
 
 def collect_queries(

@@ -209,7 +209,7 @@ class PatchTrainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
-                    contrasts = self._read_contrasts(example, single, reads, gated=subject is not None)
+                    contrasts = self._read_contrasts(example, single, reads, subject)
                     views = self._read_views(example, reads, gated=subject is not None)
                     reads, required = self._add_solved_patches(first, single, reads, edit_id, contrasts, views, subject)
                     success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
@@ -261,18 +261,18 @@ class PatchTrainer:
         self.layer.add_patches(keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter, subject)
 
     def _read_contrasts(
-        self, example: EditExample, single: Batch, reads: torch.Tensor, gated: bool = False
+        self, example: EditExample, single: Batch, reads: torch.Tensor, subject: torch.Tensor | None = None
     ) -> list[torch.Tensor | None]:
         """Per read, the queries its patch must stay below (n, d) or None: for the answer's first token the edit's
         contrasts (:meth:`_contrast_queries`), for a later one the running-text ``contexts`` of the token it reads
-        at (:mod:`.contexts`)."""
+        at (:mod:`.contexts`). ``subject``: the patches' subject read, when they are gated."""
         later = [int(r) for r in reads if int(r) > 0]
         at_later: list[torch.Tensor | None] = [None] * len(later)
-        if later and self.contexts is not None and (self.config.gated_contexts or not gated):
+        if later and self.contexts is not None and (self.config.gated_contexts or subject is None):
             ids = single.inputs["input_ids"][single.rows[later], single.cols[later]].tolist()
             at_later = self.contexts.queries(self.model, self.layer, ids, self.task.pad_id)
         contexts = iter(at_later)
-        return [self._contrast_queries(example, gated) if int(r) == 0 else next(contexts) for r in reads]
+        return [self._contrast_queries(example, subject) if int(r) == 0 else next(contexts) for r in reads]
 
     def _read_views(self, example: EditExample, reads: torch.Tensor, gated: bool = False) -> list[torch.Tensor | None]:
         """Per read, the edit's views there (n, d) (:mod:`.views`) or None: the first answer token's always (with
@@ -294,18 +294,24 @@ class PatchTrainer:
             texts = list(self.contrasts(example, near) if near else self.contrasts(example))
         return texts + list(example.keep)
 
-    def _contrast_queries(self, example: EditExample, gated: bool = False) -> torch.Tensor | None:
+    def _contrast_queries(self, example: EditExample, subject: torch.Tensor | None = None) -> torch.Tensor | None:
         """FFN queries where the edit's contrasts (:meth:`_contrast_texts`) start their answer, shape (n, d); None
         when there are none. With views the key also reaches the edit in the other prompt formats, so the contrasts
-        are asked in those too."""
-        texts = self._contrast_texts(example, gated)
+        are asked in those too. Behind a subject gate (``subject``, the patches' read) only the contrasts that open
+        it count: the others never meet the patch. A kept telephone question would otherwise hold the printing-press
+        fix's threshold at 0.9 of its views key, sharp enough to miss both of that fix's rephrases."""
+        texts = self._contrast_texts(example, subject is not None)
         if not texts:
             return None
         formats = question_formats(self.task) if self.views is not None and self.config.key_views else []
         tasks = [self.task] + [self.task.formatted(fmt) for fmt in formats[1:]]
-        return torch.cat(
-            [answer_start_queries(self.model, self.layer, t, texts, example.target, self.adapter) for t in tasks]
+        rows = torch.cat(
+            [
+                answer_start_queries(self.model, self.layer, t, texts, example.target, self.adapter, subject)
+                for t in tasks
+            ]
         )
+        return rows if len(rows) else None
 
     def _add_solved_patches(
         self,

@@ -186,6 +186,16 @@ class PatcherLayer(TunerLayer):
                 capture.preactivations = pre
         return out
 
+    def gate_opened(self, subjects: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor | None:
+        """Where the adapter's gate would let patches with these subject reads (n, hidden) through in the pass just
+        run, shape (batch, positions, n); None without a gate. Carries nothing into a cached decode's next step."""
+        adapter = self._resolve_adapter(adapter_name)
+        gate = self.gate_reads(adapter)
+        if gate is None:
+            return None
+        threshold = self.patch_config[adapter].gate_threshold
+        return gate.opened(subjects, threshold, key=(adapter, "probe"), frame=self.gate_frame(adapter))
+
     def _gated(self, activations: torch.Tensor, adapter: str, frozen: bool) -> torch.Tensor:
         """``activations`` of the adapter's frozen or trainable patches, zero where their subject gate is closed
         (unchanged without a gate)."""
