@@ -5,6 +5,8 @@ through temporary forward hooks (the model is never changed), and ROME-style sco
 
     python bench/pmet_tune.py --start 900 --n 16 --set v_lr=2.0 clamp_norm_factor=1.5 --lams 15000 6000 2000 \
         --out bench/results/pmet_tune.jsonl [--trials '{"track": "ffn"}' '{"track": "residual"}']
+
+A trial with ``"null_space": true`` writes through AlphaEdit's projection (a fresh one per trial: no earlier keys).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformer_patcher.experiments.sme.batch_experiment import saved_targets
 from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
 from transformer_patcher.methods.pmet import (
     EditRequest,
+    NullSpace,
     PMETHyperParams,
     compute_targets,
     context_templates,
@@ -89,7 +92,16 @@ def main() -> None:
         for lam, extra in ((lam, json.loads(t)) for lam in args.lams for t in args.trials):
             trial = hparams.with_options(mom2_update_weight=lam, **extra)
             start = time.perf_counter()
-            deltas = refined_deltas(model, tokenizer, requests, trial, moments, templates, targets, task)
+            space = (
+                NullSpace.from_moments(
+                    {layer: moments[layer].matrix for layer in trial.layers},
+                    trial.null_space_threshold,
+                    trial.null_space_l2,
+                )
+                if trial.null_space
+                else None
+            )
+            deltas = refined_deltas(model, tokenizer, requests, trial, moments, templates, targets, task, space)
             write_seconds = time.perf_counter() - start  # the layer loop, and any refine round's targets and loop
             with applied(model, deltas):
                 after = score_cases(model, task, cases)

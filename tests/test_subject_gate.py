@@ -16,8 +16,8 @@ from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.methods.patcher import EditConfig, MemoryBank, PatchTrainer, collect_queries
 from transformer_patcher.methods.patcher import trainer as trainer_module
-from transformer_patcher.methods.patcher.memory import answer_start_queries
 from transformer_patcher.methods.patcher.config import GATE_DEPTH
+from transformer_patcher.methods.patcher.memory import answer_start_queries
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.views import EditViews
 from transformer_patcher.tuners.patcher.gate import subject_position
@@ -303,4 +303,3 @@ def test_a_gated_patch_keys_its_later_answer_tokens_over_the_views_when_told_to(
     viewed.clear()
     trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:43])), edit_id=1)  # no subject: ungated
     assert viewed[:3] == [True, False, False]
-
