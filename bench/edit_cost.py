@@ -1,11 +1,14 @@
 """What the lifelong rules cost per edit: SmolLM2-135M, the lifelong runs' memory, the same zsRE records edited
 from the unedited model under each variant.
 
-Variants (``EditConfig`` overrides of mode ``default``): ``default``; ``no-token-contexts`` (``token_contexts=0``,
-rule 9 off); ``no-contrasts`` (no contrast questions, rule 7 off). The memory is the one ``bench/lifelong.py``'s
+Variants (``EditConfig`` overrides of mode ``default``): ``default`` (the subject gate and 16 key views);
+``views-8`` (``key_views=8``); ``no-views`` (``key_views=0``, the gate alone); ``ungated`` (neither: the default
+before issue 15's gate, with rule 7's contrasts and rule 9's token contexts). Beside the seconds, the quality each
+variant pays for them: the share of edits whose rephrase gets the answer right after the edit (each variant edits
+its own stream). The memory is the one ``bench/lifelong.py``'s
 zsRE runs build (10,000 text rows and 20,000 question rows, read from the user cache when built before). Variants
 take turns edit by edit (ABAB…), each on its own copy of the model, so the machine's noise falls on all alike; each
-record gives the median and mean seconds of a needed edit, with SR and the neurons added.
+record gives the median and mean seconds of a needed edit, with SR, the rephrases right and the neurons added.
 
     python bench/edit_cost.py --edits 30 --out bench/results/edit_cost.json
 """
@@ -22,13 +25,19 @@ from pathlib import Path
 
 import torch
 
+from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.experiments.sme.experiment import config_editor, load_benchmark
 from zsre_stream import DATA_DIR, zsre_stream
 
 # name: (EditConfig overrides, whether the edit's question is asked of other subjects)
-VARIANTS = {"default": ({}, True), "no-token-contexts": ({"token_contexts": 0}, True), "no-contrasts": ({}, False)}
+VARIANTS = {
+    "default": ({}, True),
+    "views-8": ({"key_views": 8}, True),
+    "no-views": ({"key_views": 0}, True),
+    "ungated": ({"gate_depth": None, "key_views": 0}, True),
+}
 
 
 def main() -> None:
@@ -48,6 +57,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     success = {name: 0 for name in VARIANTS}
     neurons = {name: 0 for name in VARIANTS}
+    rephrased = {name: [] for name in VARIANTS}
     for i, example in enumerate(benchmark.examples[: args.edits]):
         for name, trainer in trainers.items():
             started = time.perf_counter()
@@ -56,6 +66,8 @@ def main() -> None:
                 seconds[name].append(time.perf_counter() - started)
             success[name] += record.success
             neurons[name] += record.neurons
+            if record.needed:
+                rephrased[name] += [trainer.check(EditExample(t, example.target))[0] for t in example.rephrases]
     records = [
         {
             "variant": name,
@@ -65,6 +77,7 @@ def main() -> None:
             "median_s": statistics.median(seconds[name]),
             "mean_s": statistics.fmean(seconds[name]),
             "SR": success[name] / args.edits,
+            "rephrases_right": statistics.fmean(rephrased[name]),
             "neurons": neurons[name],
         }
         for name in VARIANTS
