@@ -186,25 +186,25 @@ class PatcherLayer(TunerLayer):
                 capture.preactivations = pre
         return out
 
-    def gate_opened(self, subjects: torch.Tensor, adapter_name: str | None = None) -> torch.Tensor | None:
-        """Where the adapter's gate would let patches with these subject reads (n, hidden) through in the pass just
-        run, shape (batch, positions, n); None without a gate. Carries nothing into a cached decode's next step."""
+    def gate_opened(
+        self, subjects: torch.Tensor, adapter_name: str | None = None, key: Any = "probe"
+    ) -> torch.Tensor | None:
+        """Where the adapter's gate lets patches with these subject reads (n, hidden) through in the pass just run,
+        shape (batch, positions, n); None without a gate. ``key`` names whose running maxima a cached decode carries
+        on (the patch sets' own, or a probe's apart from them)."""
         adapter = self._resolve_adapter(adapter_name)
         gate = self.gate_reads(adapter)
         if gate is None:
             return None
         threshold = self.patch_config[adapter].gate_threshold
-        return gate.opened(subjects, threshold, key=(adapter, "probe"), frame=self.gate_frame(adapter))
+        return gate.opened(subjects, threshold, key=(adapter, key), frame=self.gate_frame(adapter))
 
     def _gated(self, activations: torch.Tensor, adapter: str, frozen: bool) -> torch.Tensor:
         """``activations`` of the adapter's frozen or trainable patches, zero where their subject gate is closed
         (unchanged without a gate)."""
-        gate = self.gate_reads(adapter)
-        if gate is None:
+        opened = self.gate_opened(getattr(self, SUBJECTS[frozen])[adapter], adapter, frozen)
+        if opened is None:
             return activations
-        subjects = getattr(self, SUBJECTS[frozen])[adapter]
-        threshold = self.patch_config[adapter].gate_threshold
-        opened = gate.opened(subjects, threshold, key=(adapter, frozen), frame=self.gate_frame(adapter))
         if opened.numel() != activations.numel():
             raise RuntimeError(
                 f"the gate read {tuple(opened.shape)} positions where the patches read {tuple(activations.shape)}"
