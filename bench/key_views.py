@@ -31,13 +31,10 @@ from pathlib import Path
 
 import torch
 
-from transformer_patcher.core.pretrained import load_model
-from transformer_patcher.core.tasks import task_for_model
-from transformer_patcher.experiments.sme.experiment import config_editor, load_benchmark
 from transformer_patcher.methods.patcher.memory import answer_start_queries
 from transformer_patcher.methods.patcher.views import written_prefixes
 from transformer_patcher.tuners.patcher.keys import discriminant
-from zsre_stream import DATA_DIR, zsre_stream
+from zsre_stream import DATA_DIR, stream_trainer, zsre_stream
 
 
 def first_queries(trainer, task, texts: list[str], target: str) -> torch.Tensor:
@@ -79,12 +76,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/key_views.json"))
     args = parser.parse_args()
     config = replace(zsre_stream(args.n, args.data_dir, args.format), layer_index=args.layer)
-    benchmark = load_benchmark(config)
-    model, tokenizer = load_model(config.model, config.model_kind)
-    task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
+    benchmark, task, trainer = stream_trainer(config)
     other = task.formatted("chat" if args.format == "raw" else "raw")
-    trainer = config_editor(config, benchmark, model, task)
-    texts = written_prefixes(trainer.model, tokenizer, args.views)
+    texts = written_prefixes(trainer.model, task.tokenizer, args.views)
     mean, precision = (t.double() for t in trainer.memory.statistics(trainer.config.whiten_ridge))
     covariance = torch.linalg.inv(precision)
     rows = trainer.memory.rows().double()

@@ -51,7 +51,7 @@ from transformer_patcher.experiments.sme.experiment import SUITE_CURVES, Experim
 
 ZSRE = "zsre/zsre_mend_train-1k.json"
 PLOTS = Path(__file__).resolve().parents[1] / "docs" / "img"
-SUITE_PARTS = ("unrelated", "neighbours", "generation")
+SUITE_PARTS = ("unrelated", "neighbours", "subject", "generation")
 # The gate at block 4 and 16 key views, as chosen on the zsRE dev stream, run before gated patches' later answer tokens
 # dropped the running-text contexts and took the views (gated_contexts, gated_views).
 GATED = {"gate_layer": 4, "key_views": 16, "gated_contexts": True, "gated_views": False}
@@ -195,6 +195,7 @@ def record(name: str, case: Case, results: dict[str, Any], command: str, seconds
         "GR": summary.get("GR"),
         "locality_unrelated": worst("unrelated", "exact"),
         "locality_neighbour": worst("neighbours", "exact"),
+        "locality_subject": worst("subject", "exact"),  # other questions about the edits' subjects (newer runs)
         "free_generation": worst("generation", "token"),
         "perplexity_change": summary.get("perplexity.change"),
         "locality": summary.get("locality"),

@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from transformer_patcher.experiments.sme.experiment import ExperimentConfig
+from transformer_patcher.core.pretrained import load_model
+from transformer_patcher.core.tasks import task_for_model
+from transformer_patcher.data.benchmarks import Benchmark
+from transformer_patcher.experiments.sme.experiment import ExperimentConfig, config_editor, load_benchmark
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -20,3 +24,11 @@ def zsre_stream(edits: int, data_dir: Path = DATA_DIR, prompt_format: str = "raw
         data_dir=str(data_dir),
         prompt_format=prompt_format,
     )
+
+
+def stream_trainer(config: ExperimentConfig) -> tuple[Benchmark, Any, Any]:
+    """The benchmark, task and editor an ``sme run`` of ``config`` builds, on a freshly loaded model."""
+    benchmark = load_benchmark(config)
+    model, tokenizer = load_model(config.model, config.model_kind)
+    task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
+    return benchmark, task, config_editor(config, benchmark, model, task)

@@ -21,6 +21,7 @@ from transformer_patcher.data.questions import (
     contrast_questions,
     memory_subjects,
     question_templates,
+    subject_contrasts,
     template_questions,
 )
 from transformer_patcher.methods.patcher import EditConfig, EditExample, MemoryBank, PatchTrainer
@@ -279,3 +280,13 @@ def test_nearest_contrasts_and_kept_inputs_hold_the_patch_below_them() -> None:
         assert float(first_read_preactivation(trainer, [text], target)[0, 0]) > 0
         fired[kept] = float(first_read_preactivation(trainer, list(keep), target)[0, 0])
     assert fired[()] > 0 > fired[keep]
+
+
+def test_subject_contrasts_ask_the_subject_other_questions_from_the_package_templates() -> None:
+    text = "Who founded Acme Widgets?"
+    asked = subject_contrasts(text, "Acme Widgets", 12)
+    assert len(asked) == len(set(asked)) == 12 and text not in asked
+    assert all("Acme Widgets" in a for a in asked)
+    assert asked == subject_contrasts(text, "Acme Widgets", 12)  # the same draw for the same edit
+    templates = {t.format("Acme Widgets") for t in question_templates()}
+    assert set(subject_contrasts(text, "Acme Widgets", 1000)) == templates - {text}

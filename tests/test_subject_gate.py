@@ -244,9 +244,9 @@ def test_only_contrasts_that_open_the_gate_bound_a_gated_patch(monkeypatch: pyte
     seen: list[torch.Tensor | None] = []
     original = trainer._separating_keys
 
-    def spy(queries, target, first_read=True, contrasts=(), views=()):  # type: ignore[no-untyped-def]
+    def spy(queries, target, first_read=True, contrasts=(), views=(), about=None):  # type: ignore[no-untyped-def]
         seen.extend(contrasts)
-        return original(queries, target, first_read, contrasts, views)
+        return original(queries, target, first_read, contrasts, views, about)
 
     monkeypatch.setattr(trainer, "_separating_keys", spy)
     example = EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=f"w{words[1]}", keep=(other, same))
@@ -303,3 +303,68 @@ def test_a_gated_patch_keys_its_later_answer_tokens_over_the_views_when_told_to(
     viewed.clear()
     trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:43])), edit_id=1)  # no subject: ungated
     assert viewed[:3] == [True, False, False]
+
+
+def about_subject(text: str, subject: str, count: int) -> list[str]:
+    """Other questions about ``subject`` in the tiny vocabulary: its word behind other openings and endings."""
+    words = list(range(*EDIT_WORDS))
+    return [f"w{words[i]} {subject} w{words[i + 1]} w{words[i + 2]}" for i in range(20, 44, 3)][:count]
+
+
+def test_a_subject_key_is_told_from_its_subject_and_bounded_by_it_not_the_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``subject_key``: the gated first answer token's key is built against other questions about the subject and
+    stays silent on them, while the memory rows (other subjects, behind the closed gate) no longer bound it."""
+    trainer = gated_trainer()
+    trainer.config = EditConfig(gate_layer=0, subject_key=8, key_views=0)
+    trainer.asked_about = about_subject
+    used: list[object] = []
+    original = trainer._subject_key
+    monkeypatch.setattr(trainer, "_subject_key", lambda *a: used.append(original(*a)) or used[-1])
+    words = list(range(*EDIT_WORDS))
+    subject = f"w{words[1]}"
+    example = EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=subject)
+    record = trainer.edit(example, edit_id=0)
+    assert record.success and used and used[0] is not None and trainer._local is None
+    bound = used[0][2]
+    asked = about_subject(example.text, subject, 8)
+    assert len(bound) >= 2  # the questions that open the gate (every format the key reaches)
+    layer = trainer.layer
+    k, b = layer.patch_frozen_keys["default"][0], layer.patch_frozen_bias["default"][0]
+    read = layer.patch_frozen_subjects["default"][0]
+    rows = answer_start_queries(trainer.model, layer, trainer.task, asked, example.target, gated_on=read)
+    assert len(rows) >= 2  # these open its gate
+    edit_row = answer_start_queries(trainer.model, layer, trainer.task, [example.text], example.target)
+    assert bool((rows @ k + b <= 0).all())  # silent on the other questions about its subject that open the gate
+    assert float(edit_row[0] @ k + b) > 0  # and fires on the edit
+    assert float(trainer.memory.rows()[: trainer.memory._base].matmul(k).add(b).max()) > 0  # the memory: unbound
+
+
+def test_subject_key_leaves_an_edit_without_a_subject_as_it_was() -> None:
+    words = list(range(*EDIT_WORDS))
+    example = EditExample(sentence(*words[30:34]), sentence(*words[40:42]))  # names no subject: ungated
+    committed = []
+    for on in (False, True):
+        trainer = gated_trainer()
+        trainer.config = EditConfig(gate_layer=0, subject_key=8 * on)
+        trainer.asked_about = about_subject
+        trainer.edit(example, edit_id=0)
+        committed.append(trainer.layer.committed("default"))
+    assert committed[0].keys() == committed[1].keys()
+    assert all(torch.equal(committed[0][n], committed[1][n]) for n in committed[0])
+
+
+def test_the_subjects_of_the_memory_rows_edits_appended_are_checkpointed() -> None:
+    trainer = gated_trainer()
+    words = list(range(*EDIT_WORDS))
+    trainer.edit(EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=f"w{words[1]}"), edit_id=0)
+    state = trainer.state_tensors()
+    named = state["memory.appended_subjects"]
+    assert len(named) == trainer.memory.n_appended > 0 and bool(named.norm(dim=1).gt(0).all())
+    trainer.reset()
+    assert len(trainer._row_subjects) == 0
+    trainer.load_state_tensors(state)
+    assert torch.equal(trainer._row_subjects, named)
+    with pytest.raises(ValueError, match="appended_subjects"):
+        trainer.load_state_tensors(state | {"memory.appended_subjects": named[:-1]})

@@ -13,7 +13,7 @@ from tiny_models import build
 from tiny_tokenizer import EDIT_WORDS, random_pairs, random_sentence, sharp_gpt2, tiny_tokenizer
 from transformer_patcher import PatcherConfig, get_patcher_model
 from transformer_patcher.core.tasks import CausalLMTask
-from transformer_patcher.data.suite_data import SuiteSources
+from transformer_patcher.data.suite_data import SuiteSources, subject_questions
 from transformer_patcher.experiments.evaluation import (
     EvaluationSuite,
     ForcedReads,
@@ -212,6 +212,27 @@ def test_parts_skip_chat_for_a_tokenizer_without_a_template() -> None:
     task = CausalLMTask(tiny_tokenizer())
     names = [p.name for p in locality_parts(task, sources(), SMALL, neighbours(), max_positions=64)]
     assert names == ["unrelated-raw", "neighbours-raw", "generation-raw", "perplexity"]
+
+
+def test_subject_questions_ask_each_edit_s_subject_something_else() -> None:
+    """Edit i takes the held-out templates in turn from i·count; its own text and rephrases are skipped; an edit
+    without a subject gets none."""
+    first, second, none = subject_questions(["Ada", "Bo", None], 2, [set(), {"What country does Bo come from?"}])
+    assert first == ["Which year was Ada born in?", "What country does Ada come from?"]
+    assert second == ["What was the profession of Bo?", "Where did Bo grow up?"]
+    assert none == []
+    skipped = subject_questions(["Bo"], 2, [{"Which year was Bo born in?"}])[0]
+    assert skipped == ["What country does Bo come from?", "What was the profession of Bo?"]
+
+
+def test_subject_parts_are_grouped_by_their_edit() -> None:
+    _, task = patched()
+    about = [["w1 w2 w3", "w2 w3 w1"], [], ["w3 w1 w2"]]
+    config = SuiteConfig(unrelated=2, neighbours=0, subjects=1, generation=0, perplexity_tokens=0)
+    parts = {p.name: p for p in locality_parts(task, sources(), config, max_positions=64, subjects=about)}
+    assert sorted(parts) == ["subject-chat", "subject-raw", "unrelated-chat", "unrelated-raw"]
+    assert parts["subject-raw"].groups == [0, 2]
+    assert parts["subject-raw"].prompts == [task.prompt_tokens("w1 w2 w3"), task.prompt_tokens("w3 w1 w2")]
 
 
 def test_prompts_and_windows_fit_the_model_positions() -> None:

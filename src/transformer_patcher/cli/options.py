@@ -116,6 +116,12 @@ def suite_option(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--neighbours", type=non_negative, default=None, help="near neighbours per edit (default: the suite's)"
     )
+    parser.add_argument(
+        "--subject-questions",
+        type=non_negative,
+        default=None,
+        help="other questions about each edit's subject, per format (default: the suite's)",
+    )
     parser.add_argument("--locality-file", help="your unrelated questions for the suite: {'text': ...} per line")
     parser.add_argument(
         "--neighbour-file", help="your near neighbours for the suite: {'text': edit, 'neighbours': [...]} per line"
@@ -125,7 +131,8 @@ def suite_option(parser: argparse.ArgumentParser, default: str) -> None:
 def suite_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The suite options given on the command line, as ``SuiteConfig`` fields."""
     overrides = {"locality_file": args.locality_file, "neighbour_file": args.neighbour_file}
-    return overrides | ({} if args.neighbours is None else {"neighbours": args.neighbours})
+    counts = {"neighbours": args.neighbours, "subjects": args.subject_questions}
+    return overrides | {name: count for name, count in counts.items() if count is not None}
 
 
 def overrides(items: Sequence[str], config_class: type, exclude: Sequence[str] = ("extra",)) -> dict[str, Any]:

@@ -84,6 +84,14 @@ def contrast_questions(
     return [template.format(other) for other in chosen]
 
 
+def subject_contrasts(text: str, subject: str, count: int, seed: int = 0) -> list[str]:
+    """``count`` of the package's question templates asked of ``subject`` (a seeded draw per text), without ``text``
+    itself: other questions about the subject of an edit, which a patch behind its subject gate must tell the edit
+    from."""
+    asked = [question for question in (t.format(subject) for t in question_templates()) if question != text]
+    return random.Random(f"{seed}|{text}").sample(asked, min(count, len(asked)))
+
+
 @dataclass(frozen=True)
 class Contrasts:
     """An edit's contrasts (:func:`contrast_questions`) over a pool of subjects: what ``PatchTrainer(contrasts=...)``

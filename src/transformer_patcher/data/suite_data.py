@@ -6,7 +6,10 @@ None of it is ever memory or tuning data (the memory is CounterFact-*train* fact
   alternating, so any prefix holds both kinds;
 - free generation: the openings of WikiText-2 *test* sections (read raw) and plain chat questions (read through the
   chat template);
-- perplexity: WikiText-2 *test*.
+- perplexity: WikiText-2 *test*;
+- questions about an edit's own subject that ask something else (:func:`subject_questions`): 20 templates written
+  for the suite (``samples/subject_questions.json``), used nowhere else. A subject gate lets every patch through on
+  text that names its subject, so only these see what a fix does to the rest of what the model knows about it.
 
 With the shared data the full files are read; without it (or with ``embedded=True``) the sample embedded in the
 package is used (``samples/suite_sample.json``; provenance in ``samples/README.md``). The chat questions are always
@@ -16,7 +19,7 @@ the package's own: no dataset here has plain chat requests.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from transformer_patcher.data.benchmarks import interleave, wikitext_text
 from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_questions, load_zsre
 
 SUITE_SAMPLE = Path(__file__).with_name("samples") / "suite_sample.json"
+SUBJECT_QUESTIONS = Path(__file__).with_name("samples") / "subject_questions.json"
 _DETOKENIZE = (
     (" @-@ ", "-"),
     (" @,@ ", ","),
@@ -112,3 +116,19 @@ def suite_sources(
         detokenize_wikitext(test),
         "embedded" if embedded else "shared",
     )
+
+
+def subject_questions(
+    subjects: Sequence[str | None], count: int, exclude: Sequence[Collection[str]] = ()
+) -> list[list[str]]:
+    """Per edit, ``count`` of the suite's subject questions asked of its subject (none without one): edit ``i``
+    takes the templates in turn from ``i·count``, so a stream asks all of them, skipping any text in
+    ``exclude[i]`` (the edit and its rephrases). A template may ask the edit's own relation in other words."""
+    templates = json.loads(SUBJECT_QUESTIONS.read_text(encoding="utf-8"))
+    found = []
+    for index, subject in enumerate(subjects):
+        skip = set(exclude[index]) if index < len(exclude) else set()
+        start = index * count
+        filled = [templates[(start + j) % len(templates)].format(subject) for j in range(len(templates))]
+        found.append([text for text in filled if text not in skip][:count] if subject else [])
+    return found

@@ -6,6 +6,9 @@ The locality suite (:func:`locality_parts`), each part reported on its own:
   raw and through the chat template, each answered greedily (``answer_tokens`` at most);
 - ``neighbours-raw`` / ``neighbours-chat``: the edits' near neighbours (same question, another subject), counted
   once their edit is made;
+- ``subject-raw`` / ``subject-chat``: other questions about each edit's own subject (held-out templates,
+  :func:`~transformer_patcher.data.suite_data.subject_questions`), counted once their edit is made: what a subject
+  gate lets through;
 - ``generation-raw`` / ``generation-chat``: free generation, ``generation_tokens`` greedy tokens after WikiText-2
   test openings (raw) and after plain chat questions (chat);
 - ``perplexity``: WikiText-2 test perplexity over ``perplexity_tokens`` tokens in windows of ``window``.
@@ -26,7 +29,8 @@ from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.core.validation import check_int
 from transformer_patcher.data.benchmarks import Benchmark
 from transformer_patcher.data.loaders import load_neighbours
-from transformer_patcher.data.suite_data import SuiteSources, suite_sources
+from transformer_patcher.data.neighbours import guess_subject
+from transformer_patcher.data.suite_data import SuiteSources, subject_questions, suite_sources
 from transformer_patcher.experiments.evaluation.suite import LABELS, PERPLEXITY, REFERENCE, Part
 
 FORMATS = (RAW, CHAT)
@@ -39,6 +43,7 @@ class SuiteConfig:
 
     unrelated: int = 500  # unrelated questions per prompt format
     neighbours: int = 2  # near neighbours per edit, per prompt format
+    subjects: int = 2  # other questions about each edit's subject, per prompt format
     generation: int = 100  # free-generation prompts: half WikiText-2 openings (raw), half chat questions
     generation_tokens: int = 32
     answer_tokens: int = 16  # greedy tokens of a question's answer
@@ -74,7 +79,7 @@ class SuiteConfig:
 
 PRESETS = {
     "full": SuiteConfig(),
-    "small": SuiteConfig(unrelated=100, neighbours=1, generation=32, perplexity_tokens=8192),
+    "small": SuiteConfig(unrelated=100, neighbours=1, subjects=1, generation=32, perplexity_tokens=8192),
 }
 
 
@@ -89,9 +94,11 @@ def locality_parts(
     config: SuiteConfig,
     neighbours: Sequence[Sequence[str]] = (),
     max_positions: int | None = None,
+    subjects: Sequence[Sequence[str]] = (),
 ) -> list[Part]:
-    """Parts a–d of the locality suite; ``neighbours[i]`` are the near neighbours of edit ``i`` (group ``i``).
-    ``max_positions`` (the model's position limit, when it has one) caps prompt + answer and perplexity windows."""
+    """Parts a–d of the locality suite; ``neighbours[i]`` are the near neighbours of edit ``i`` and ``subjects[i]``
+    other questions about its subject (group ``i``). ``max_positions`` (the model's position limit, when it has one)
+    caps prompt + answer and perplexity windows."""
     formats = available_formats(task, config.formats)
     parts = []
     for fmt in formats:
@@ -99,11 +106,15 @@ def locality_parts(
         questions = sources.unrelated[: config.unrelated]
         if questions:
             parts.append(_questions(f"unrelated-{fmt}", formatted, questions, config.answer_tokens, max_positions))
-        rows = [(group, text) for group, texts in enumerate(neighbours) for text in texts[: config.neighbours]]
-        if rows:
-            texts = [t for _, t in rows]
-            part = _questions(f"neighbours-{fmt}", formatted, texts, config.answer_tokens, max_positions)
-            parts.append(replace(part, groups=[g for g, _ in rows]))
+        for name, per_edit, count in (
+            ("neighbours", neighbours, config.neighbours),
+            ("subject", subjects, config.subjects),
+        ):
+            rows = [(group, text) for group, texts in enumerate(per_edit) for text in texts[:count]]
+            if rows:
+                texts = [t for _, t in rows]
+                part = _questions(f"{name}-{fmt}", formatted, texts, config.answer_tokens, max_positions)
+                parts.append(replace(part, groups=[g for g, _ in rows]))
     chat = CHAT in formats
     n_chat = min(config.generation // 2, len(sources.chat_questions)) if chat else 0
     for fmt, texts in ((RAW, sources.openings[: config.generation - n_chat]), (CHAT, sources.chat_questions[:n_chat])):
@@ -178,8 +189,13 @@ def benchmark_parts(
         neighbours = neighbours_from_file(config.neighbour_file, stream)
     else:
         neighbours = benchmark.neighbours(config.neighbours)
-    parts = locality_parts(task, sources, config, neighbours, max_positions)
     examples = benchmark.examples
+    subjects = subject_questions(
+        [e.subject or guess_subject(e.text) for e in examples],
+        config.subjects,
+        [{e.text, *e.rephrases} for e in examples],
+    )
+    parts = locality_parts(task, sources, config, neighbours, max_positions, subjects)
     if examples and all(isinstance(e.target, str) for e in examples):
         rewrite = [(task, e.text, str(e.target)) for e in examples]
         parts.append(label_part("easyedit-rewrite", rewrite, groups=range(len(examples)), end_token=False))

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 SCHEDULES = ("default", "faithful", "quick", "official")  # official: faithful's earlier name
 SUITE_REFERENCE = "suite-reference.safetensors"
 SUITE_CURVES = tuple(
-    f"{part}-{fmt}.exact" for part in ("unrelated", "neighbours", "generation") for fmt in ("raw", "chat")
+    f"{part}-{fmt}.exact" for part in ("unrelated", "neighbours", "subject", "generation") for fmt in ("raw", "chat")
 )
 ADAPTER_EDITORS = ("patcher", *MASS_EDITORS)  # editors whose edits are a saved adapter (patches or weight deltas)
 

@@ -20,7 +20,7 @@ from transformer_patcher.core.prompts import PromptFormat
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import CausalLMTask, position_limit, task_for_model
 from transformer_patcher.data.neighbours import guess_subject, neighbours_of
-from transformer_patcher.data.suite_data import suite_sources
+from transformer_patcher.data.suite_data import subject_questions, suite_sources
 from transformer_patcher.experiments.evaluation import (
     EvaluationSuite,
     SuiteConfig,
@@ -86,6 +86,7 @@ def evaluate_patch_set(
         parts.append(label_part("rephrases", rephrased))
     notes: list[str] = []
     neighbours: list[list[str]] = []
+    about: list[list[str]] = []
     if suite is not None:
         texts = [entry["text"] for entry in log]
         if suite.neighbour_file is not None:
@@ -98,8 +99,10 @@ def evaluate_patch_set(
                 neighbours.append(neighbours_of(entry["text"], subject, suite.neighbours))
             if unnamed:
                 notes.append(f"{unnamed} fix(es) name no subject and none could be guessed: they have no neighbours")
+        named = [entry.get("subject") or guess_subject(entry["text"]) for entry in log]
+        about = subject_questions(named, suite.subjects, [{e["text"], *e.get("rephrases", [])} for e in log])
         sources = suite_sources(data_dir, exclude=texts, questions_file=suite.locality_file)
-        parts += locality_parts(task, sources, suite, neighbours, position_limit(patched.config))
+        parts += locality_parts(task, sources, suite, neighbours, position_limit(patched.config), about)
         notes.append(f"unrelated questions and perplexity text: {sources.origin} data")
     layer = patched.base_model.patch_layer()
     batch_size = suite.batch_size if suite is not None else 32
@@ -114,19 +117,23 @@ def evaluate_patch_set(
         | {"base": b, "patched": a, "fixed": f}
         for e, t, b, a, f in zip(log, tasks, before, after, fixed, strict=True)
     ]
-    leaks = _leaks(patched, scored, neighbours, suite.neighbours if suite is not None else 0, task)
+    asked = {} if suite is None else {"neighbours": (neighbours, suite.neighbours), "subject": (about, suite.subjects)}
+    leaks = _leaks(patched, scored, asked, task)
     return PatchSetReport(scored.reference_scores(), patched_scores, edits, notes, leaks)
 
 
 def _leaks(
-    model: Any, suite: EvaluationSuite, neighbours: list[list[str]], count: int, task: CausalLMTask
+    model: Any, suite: EvaluationSuite, asked: dict[str, tuple[list[list[str]], int]], task: CausalLMTask
 ) -> list[dict[str, Any]]:
-    """The near neighbours whose greedy answer the patches changed: the question, the answer before and after."""
-    questions = [text for texts in neighbours for text in texts[:count]]  # the rows of each neighbours part
+    """The near neighbours and subject questions whose greedy answer the patches changed: the question, the answer
+    before and after. ``asked``: per part kind, the questions per edit and how many of each the parts ask."""
     leaks = []
     for part in suite.parts:
-        if not part.name.startswith("neighbours-"):
+        kind = part.name.rsplit("-", 1)[0]
+        if kind not in asked:
             continue
+        per_edit, count = asked[kind]
+        questions = [text for texts in per_edit for text in texts[:count]]  # the rows of each such part
         rows = [row for row, agreement in enumerate(suite.row_agreement(part.name)) if agreement < 1.0]
         if not rows:
             continue

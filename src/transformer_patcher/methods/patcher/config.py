@@ -46,6 +46,7 @@ _NON_NEGATIVE_INTS = (
     "token_contexts",
     "nearest_contrasts",
     "key_views",
+    "subject_key",
 )
 _POSITIVE_FLOATS = ("lr", "grad_clip", "lr_factor")
 _NON_NEGATIVE_FLOATS = ("weight_decay", "early_threshold", "lr_threshold", "act_loss_weight", "memory_loss_weight")
@@ -133,6 +134,8 @@ class EditConfig:
     gated_contexts: bool = False  # init="solve": a gated patch's later answer tokens also rise above running text
     gated_views: bool = True  # key_views: a gated patch's later answer tokens are keyed over the views too
     gate_frame: bool = True  # a new gate compares in a frame read from the memory texts (False: plain cosines)
+    subject_key: int = 0  # init="solve": a gated first answer token's key tells the edit from this many other
+    # questions about its subject, which set its threshold; the memory (other subjects, kept out by the gate) does not
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict)
 

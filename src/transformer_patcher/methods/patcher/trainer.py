@@ -49,6 +49,7 @@ from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.modes import eval_mode
 from transformer_patcher.core.tasks import Batch, Task
 from transformer_patcher.data.neighbours import guess_subject
+from transformer_patcher.data.questions import subject_contrasts
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
 from transformer_patcher.methods.patcher.losses import activation_loss, memory_loss
@@ -64,6 +65,7 @@ from transformer_patcher.tuners.patcher.schema import SPECS
 _SILENCE_ABOVE = 0.9  # a memory row scoring this close to the query's 1 is projected out of the key ...
 _SILENT_ROWS = 32  # ... with the other top rows scoring above half of it
 _SOLVE_ROUNDS = 10  # Gauss-Newton rounds of the value solve at most; most edits need 2-4
+_CLOSED = -1e4  # the pre-activation a memory row is given for a patch it cannot reach (exp() of it is 0)
 
 
 @dataclass
@@ -100,8 +102,10 @@ class PatchTrainer:
         contexts: TokenContexts | None = None,
         subjects: SubjectIndex | None = None,
         views: EditViews | None = None,
+        asked_about: Callable[[str, str, int], Sequence[str]] = subject_contrasts,
     ) -> None:
         self.model = model
+        self.asked_about = asked_about  # subject_key: (edit text, subject, count) -> other questions about it
         self.views = views  # key_views, causal LMs: the edit behind other words, its first answer token's key's LDA
         self.contrasts = contrasts  # mode default: the edit asked of other subjects, which its patch stays below
         self.contexts = contexts  # mode default: running text a later answer token's patch stays below
@@ -130,6 +134,8 @@ class PatchTrainer:
         self.act_margin = self.config.activation_margin(activation)
         self.memory_weight = self.config.memory_weight(task.kind)
         self._replay = ForwardReplay(model, self.layer) if self.config.cache else None
+        self._row_subjects = torch.zeros(0, self.layer.output_dim)  # per appended memory row, its edit's subject read
+        self._local: tuple[torch.Tensor, torch.Tensor] | None = None  # subject_key: (patches, the rows bounding them)
 
     # ------------------------------------------------------------------------------------------ forwards
     def _forward(self, batch: Batch, replay: bool = False, record: bool = False) -> _Forward:
@@ -169,6 +175,8 @@ class PatchTrainer:
         for prefix, bank in (("memory", self.memory), ("val_memory", self.val_memory)):
             if bank is not None:
                 state[f"{prefix}.appended"] = bank.appended()
+        if self.memory is not None:
+            state["memory.appended_subjects"] = self._row_subjects
         return state
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -178,6 +186,12 @@ class PatchTrainer:
                 bank.truncate_appended()
                 if f"{prefix}.appended" in tensors:
                     bank.append(tensors[f"{prefix}.appended"])
+        rows = self.memory.n_appended if self.memory is not None else 0
+        # a checkpoint from before subject_key: every edit's rows count as naming any subject (they bound every key)
+        subjects = tensors.get("memory.appended_subjects", torch.zeros(rows, self.layer.output_dim))
+        if subjects.shape != (rows, self.layer.output_dim):
+            raise ValueError(f"memory.appended_subjects has shape {tuple(subjects.shape)}, expected {rows} rows")
+        self._row_subjects = subjects.float()
 
     def reset(self) -> None:
         """Remove every patch of the adapter and forget the edits' memory rows."""
@@ -211,7 +225,10 @@ class PatchTrainer:
                 if cfg.init == "solve":
                     contrasts = self._read_contrasts(example, single, reads, subject)
                     views = self._read_views(example, reads, gated=subject is not None)
-                    reads, required = self._add_solved_patches(first, single, reads, edit_id, contrasts, views, subject)
+                    about = self._subject_rows(example, subject) if cfg.subject_key and int(reads[0]) == 0 else None
+                    reads, required = self._add_solved_patches(
+                        first, single, reads, edit_id, contrasts, views, subject, about
+                    )
                     success, steps, loss = (False, 0, None)  # no read can be patched locally: hopeless
                     if reads.numel():
                         success, steps, loss = self._train_to_constraints(single, reads, required)
@@ -225,6 +242,9 @@ class PatchTrainer:
             for bank in (self.memory, self.val_memory):
                 if bank is not None:
                     bank.append(first.query)
+            if self.memory is not None:
+                named = torch.zeros(len(first.query), self.layer.output_dim) if subject is None else subject.float()
+                self._row_subjects = torch.cat([self._row_subjects, named.expand(len(first.query), -1).cpu()])
             return EditRecord(
                 edit_id,
                 needed=True,
@@ -238,6 +258,8 @@ class PatchTrainer:
         except BaseException:
             self.layer.discard(self.adapter)
             raise
+        finally:
+            self._local = None
 
     def _subject_read(self, example: EditExample, single: Batch) -> torch.Tensor | None:
         """What the subject gate of the edit's patches opens on: the gate block's output, in the pass just run, at the
@@ -300,18 +322,40 @@ class PatchTrainer:
         are asked in those too. Behind a subject gate (``subject``, the patches' read) only the contrasts that open
         it count: the others never meet the patch. A kept telephone question would otherwise hold the printing-press
         fix's threshold at 0.9 of its views key, sharp enough to miss both of that fix's rephrases."""
-        texts = self._contrast_texts(example, subject is not None)
+        rows = self._answer_starts(self._contrast_texts(example, subject is not None), example.target, subject)
+        return rows if len(rows) else None
+
+    def _answer_starts(self, texts: Sequence[str], target: Any, subject: torch.Tensor | None) -> torch.Tensor:
+        """FFN queries where ``texts`` start their answer, (n, d), in every format the first answer token's key
+        reaches (the task's, and with views the others); behind a gate (``subject``) only the texts that open it."""
         if not texts:
-            return None
+            return torch.zeros(0, self.layer.query_dim)
         formats = question_formats(self.task) if self.views is not None and self.config.key_views else []
         tasks = [self.task] + [self.task.formatted(fmt) for fmt in formats[1:]]
-        rows = torch.cat(
-            [
-                answer_start_queries(self.model, self.layer, t, texts, example.target, self.adapter, subject)
-                for t in tasks
-            ]
+        return torch.cat(
+            [answer_start_queries(self.model, self.layer, t, texts, target, self.adapter, subject) for t in tasks]
         )
-        return rows if len(rows) else None
+
+    def _subject_rows(
+        self, example: EditExample, subject: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``subject_key``: what a gated first answer token's key is told apart from, and what bounds it: (that many
+        other questions about the edit's subject, from the package's templates, where their answer starts and the gate
+        opens; the earlier edits' memory rows whose subject opens it, or whose subject is not known). None ungated
+        or when the edit names no subject. Memory rows about other subjects never meet the patch: its gate is shut."""
+        name = example.subject or guess_subject(example.text)
+        if subject is None or not name:
+            return None
+        asked = list(self.asked_about(example.text, name, self.config.subject_key))
+        others = self._answer_starts(asked, example.target, subject)
+        earlier = torch.zeros(0, self.layer.query_dim)
+        if self.memory is not None and self.memory.n_appended:
+            named = self._row_subjects
+            norms = named.norm(dim=1)
+            cosine = named @ subject.float().cpu() / (norms * subject.float().norm()).clamp_min(1e-12)
+            opens = (norms == 0) | (cosine >= self.layer.patch_config[self.adapter].gate_threshold)
+            earlier = self.memory.appended()[opens]
+        return others, earlier
 
     def _add_solved_patches(
         self,
@@ -322,18 +366,23 @@ class PatchTrainer:
         contrasts: Sequence[torch.Tensor | None] = (),
         views: Sequence[torch.Tensor | None] = (),
         subject: torch.Tensor | None = None,
+        about: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Separating keys and biases, then the values that solve the edit (module docstring, mode default). Returns
         the reads that got a patch (a read whose query the memory cannot be told apart from gets none) and the lead
         the stopping rule asks of them. ``contrasts``: per read, queries its patch must stay below (n, d) or None;
         ``views``: per read, the edit's other readings there (n, d) or None; ``subject``: the gate's
-        subject read (None: ungated)."""
+        subject read (None: ungated); ``about``: the first read's :meth:`_subject_rows` (``subject_key``)."""
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
-        keys, bias, local = self._separating_keys(queries[reads], target, int(reads[0]) == 0, contrasts, views)
+        keys, bias, local, bound = self._separating_keys(
+            queries[reads], target, int(reads[0]) == 0, contrasts, views, about
+        )
         reads, keys, bias = reads[local], keys[local], bias[local]
         if reads.numel() == 0:
             return reads, self.config.edit_margin
+        if bound is not None and bool(local[0]):  # the first read's patch: the memory loss reads its own rows
+            self._local = (torch.arange(len(reads)) == 0, bound)
         activations = self.layer.activation(self.adapter)(preactivation(queries, keys, bias))  # (n_reads, n_patches)
         offsets, required = self._target_offsets(single, reads, queries.norm(dim=1))
         gram = activations.T @ activations
@@ -349,7 +398,8 @@ class PatchTrainer:
         first_read: bool = True,
         contrasts: Sequence[torch.Tensor | None] = (),
         views: Sequence[torch.Tensor | None] = (),
-    ) -> tuple[torch.Tensor, ...]:
+        about: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys/biases firing at ``target`` on their query and below the memory margin on every memory row, and
         which queries can have one. A query that some memory rows resemble (score above 0.9 along its discriminant)
         gets a key orthogonal to them; one that memory rows still outscore by more than the sharpest key allows
@@ -358,11 +408,13 @@ class PatchTrainer:
         after the first (all of them when ``first_read`` is False) are later answer tokens, whose context already
         holds the start of the edit's answer: their threshold sits ``answer_gate`` of the way from the top memory
         or contrast row to the edit. ``views``: per query, its other readings (n, d) or None, which its key is the
-        two-class LDA over (:func:`discriminant`); a query without keeps the one-query key."""
+        two-class LDA over (:func:`discriminant`); a query without keeps the one-query key. ``about``: the first
+        read's :meth:`_subject_rows`, which then key and bound it (:meth:`_subject_key`). Also returns the rows that
+        bound that patch in place of the memory, or None."""
         bank = self.memory
         if bank is None or len(bank) < 2:
             keys = torch.stack([init_key(q, target) for q in queries])
-            return keys, torch.zeros(len(queries)), torch.ones(len(queries), dtype=torch.bool)
+            return keys, torch.zeros(len(queries)), torch.ones(len(queries), dtype=torch.bool), None
         mean, precision = bank.statistics(self.config.whiten_ridge)
         scatter = self.config.view_scatter
 
@@ -384,6 +436,12 @@ class PatchTrainer:
         for i, rows in enumerate(contrasts):
             if rows is not None:
                 t_max[i] = max(float(t_max[i]), self._contrast_threshold(rows @ directions[i] - directions[i] @ mean))
+        bound = None
+        if about is not None and first_read:
+            kept = contrasts[0] if contrasts and contrasts[0] is not None else torch.zeros(0, len(mean))
+            found = self._subject_key(queries[0], directions[0], views[0] if views else None, about, kept)
+            if found is not None:
+                directions[0], t_max[0], bound = found
         ceiling = min(self.beta, target - self.gamma)
         gate = self.config.answer_gate
         later = max(1.0, target * gate / (1 - gate) + ceiling)  # the slack that puts pre-activation 0 there
@@ -395,7 +453,44 @@ class PatchTrainer:
         scales = torch.tensor([1.0 if s is None else s for s in found])
         keys = scales[:, None] * directions
         local = torch.tensor([s is not None for s in found])
-        return keys, target - scales * (1.0 + directions @ mean), local
+        return keys, target - scales * (1.0 + directions @ mean), local, bound
+
+    def _subject_key(
+        self,
+        query: torch.Tensor,
+        direction: torch.Tensor,
+        views: torch.Tensor | None,
+        about: tuple[torch.Tensor, torch.Tensor],
+        kept: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``subject_key``: behind its gate a first answer token's patch only meets text that names its subject, so
+        its key tells the edit (and its views) from other questions about that subject (``about[0]``), the LDA of
+        :func:`discriminant` with them as the other class, instead of from the memory. Those scoring 0.9 of the edit
+        along the views key (``direction``) likely ask the same thing and are left out. The threshold sits
+        ``contrast_spread`` deviations over them, and over the earlier edits' rows that open the gate (``about[1]``)
+        and the kept prompts (``kept``), which are projected out where they score 0.9 of the edit. Returns the
+        direction, its threshold and the rows that bound it; None (the views key stays) with fewer than two such
+        questions or when one of them scores 0.9 of the edit along the new key as well."""
+        mean, precision = self.memory.statistics(self.config.whiten_ridge)
+        others, earlier = about
+        others = others[(others - mean) @ direction < _SILENCE_ABOVE]
+        if len(others) < 2:
+            return None
+        rows = torch.cat([earlier, kept])
+        scatter = self.config.view_scatter
+        key = discriminant(query, mean, precision, None, views, scatter, contrasts=others)
+        silent = rows[(rows - mean) @ key > _SILENCE_ABOVE]
+        if len(silent):
+            try:
+                key = discriminant(query, mean, precision, silent, views, scatter, contrasts=others)
+            except ValueError:  # the edit is a combination of those rows: no key tells them apart
+                return None
+        threshold = self._contrast_threshold((others - mean) @ key)
+        if threshold == -math.inf:  # one of them scores like the edit along this key too: keep the views key
+            return None
+        if len(rows):
+            threshold = max(threshold, float(((rows - mean) @ key).max()))
+        return key, torch.tensor(threshold), torch.cat([others, rows])
 
     def _contrast_threshold(self, scores: torch.Tensor) -> float:
         """Where a patch's threshold goes over contrast ``scores`` (the edit at 1): ``contrast_spread`` standard
@@ -486,6 +581,10 @@ class PatchTrainer:
         index = bank.candidates(keys, bias, self.config.memory_top_k)
         rows = bank.rows(index).to(device=keys.device, dtype=keys.dtype)
         a_mem = preactivation(rows, keys, bias)
+        if self._local is not None:  # subject_key: its patch meets its own rows instead of the memory
+            patches, bound = self._local
+            a_own = preactivation(bound.to(device=keys.device, dtype=keys.dtype), keys, bias)
+            a_mem = torch.cat([a_mem.masked_fill(patches, _CLOSED), a_own.masked_fill(~patches, _CLOSED)])
         return memory_loss(a_mem, a_e, self.config.memory_top_k, self.gamma, self.beta), a_mem.detach().amax(0)
 
     def _loss_terms(

@@ -39,6 +39,7 @@ def discriminant(
     silent: torch.Tensor | None = None,
     views: torch.Tensor | None = None,
     scatter: float = 1.0,
+    contrasts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fisher's discriminant between one query and a distribution (mean, precision = inverse covariance).
 
@@ -52,16 +53,22 @@ def discriminant(
     is two-class LDA, ``w ∝ (Σ + scatter·S_v)⁻¹ (v̄ − μ)`` over the views and the query (mean ``v̄``, scatter
     ``S_v``): a direction in which the wording around the input moves its query counts against the key, so a
     rephrase, which moves it the same way, keeps more of the edit's score. Still scaled so the query scores 1.
+
+    ``contrasts`` (m, d) replace the distribution as the other class: ``w ∝ (Σ + scatter·(S_v + S_c))⁻¹ (v̄ − c̄)``,
+    the direction that tells the edit from those inputs, with Σ still weighing down what varies across everything.
     """
     query = query.reshape(-1)
     centred = query.double() - mean.double()
     p = precision.double()
-    if views is None or not views.numel():
+    others = None if contrasts is None or not contrasts.numel() else contrasts.double().reshape(-1, centred.numel())
+    if (views is None or not views.numel()) and others is None:
         w = p @ centred
     else:
-        readings = torch.cat([query[None].double(), views.double().reshape(-1, centred.numel())])
-        spread = (readings - readings.mean(0)).T * (scatter / len(readings)) ** 0.5  # (d, k): S_v = U Uᵀ
-        w = p @ (readings.mean(0) - mean.double())
+        readings = torch.cat([query[None].double(), *([] if views is None else [views.double().reshape(-1, len(p))])])
+        classes = [readings] if others is None else [readings, others]
+        # (d, k): the classes' scatter S = U Uᵀ
+        spread = torch.cat([(x - x.mean(0)).T * (scatter / len(x)) ** 0.5 for x in classes], dim=1)
+        w = p @ (readings.mean(0) - (mean.double() if others is None else others.mean(0)))
         pu = p @ spread  # Woodbury: (Σ + U Uᵀ)⁻¹ = P − P U (I + Uᵀ P U)⁻¹ Uᵀ P
         w = w - pu @ torch.linalg.solve(torch.eye(spread.shape[1], dtype=w.dtype) + spread.T @ pu, spread.T @ w)
     if silent is not None and silent.numel():

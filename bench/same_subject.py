@@ -1,0 +1,98 @@
+"""Behind the subject gate, what bounds a key: the memory's top row, or other questions about the same subject?
+
+A gated patch can only fire where its subject has been read, so of everything the memory holds, only text that names
+the subject ever meets it. Yet its threshold sits over the memory's highest row, almost all of which is about other
+subjects. This study reads, on the unedited model for the first ``--n`` records of the issue-15 dev stream (zsRE
+records 0-99), along the first answer token's key as the trainer builds it (views, gate, frame: today's default):
+
+- ``memory``: the memory's highest score (today's threshold for a gated patch, which skips other-subject contrasts);
+- ``rephrase``: the edit's rephrases (what GR counts);
+- ``subject``: the package's 60 question templates asked of the edit's own subject (what a trainer could put the
+  threshold over: text that opens the gate and is not the edit);
+- ``probe``: the suite's 20 held-out subject questions (``data/samples/subject_questions.json``) asked of the edit's
+  subject (what a user who asks something else about the subject sees). A probe may ask the edit's own relation in
+  other words.
+
+Two keys: ``views`` (today's: LDA between the edit's views and the memory) and ``relation`` (LDA between the views and
+the ``subject`` rows that score under 0.9 along ``views``, over the memory's covariance plus both scatters): behind
+the gate a key need only tell this subject's relations apart.
+
+Scores are ``t = w·(x − μ)``: the edit 1, the memory mean 0. A ReLU6 patch fires above its threshold and passes the
+whole fix past half-way from the threshold to the edit. Each row also says whether the text opens the edit's gate.
+
+    python bench/same_subject.py --n 60 --out bench/results/same_subject.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from transformer_patcher.data.neighbours import guess_subject
+from transformer_patcher.data.questions import question_templates
+from transformer_patcher.data.suite_data import SUBJECT_QUESTIONS
+from transformer_patcher.methods.patcher.memory import answer_start_queries
+from transformer_patcher.tuners.patcher.keys import discriminant
+from zsre_stream import DATA_DIR, stream_trainer, zsre_stream
+
+PROBES = tuple(json.loads(SUBJECT_QUESTIONS.read_text(encoding="utf-8")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=60)
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/same_subject.json"))
+    args = parser.parse_args()
+    config = zsre_stream(args.n, args.data_dir)
+    benchmark, task, trainer = stream_trainer(config)
+    bank, cfg = trainer.memory, trainer.config
+    mean, precision = (t.double() for t in bank.statistics(cfg.whiten_ridge))
+    templates = question_templates()
+    model, layer, adapter = trainer.model, trainer.layer, trainer.adapter
+    records = []
+    for index, example in enumerate(benchmark.examples):
+        single = trainer._batch(example)
+        with torch.no_grad():
+            first = trainer._forward(single, record=True)
+        subject = trainer._subject_read(example, single)
+        name = example.subject or guess_subject(example.text)
+        if subject is None or not name:
+            continue
+        q = first.query[0].double()
+        views = trainer.views.queries(model, layer, task, example)[0].double()
+        parts = {
+            "rephrase": list(example.rephrases),
+            "subject": [t.format(name) for t in templates],
+            "probe": [t.format(name) for t in PROBES],
+        }
+        rows = {
+            k: answer_start_queries(model, layer, task, v, example.target, adapter).double() for k, v in parts.items()
+        }
+        opened = {
+            k: len(answer_start_queries(model, layer, task, v, example.target, adapter, gated_on=subject))
+            for k, v in parts.items()
+        }
+        keys = {"views": discriminant(q, mean, precision, None, views, cfg.view_scatter).double()}
+        along = (rows["subject"] - mean) @ (keys["views"] / (keys["views"] @ (q - mean)))
+        unlike = rows["subject"][along < 0.9]  # a contrast as high as the edit likely asks the same thing
+        keys["relation"] = discriminant(q, mean, precision, None, views, cfg.view_scatter, contrasts=unlike).double()
+        record = {"index": index, "text": example.text, "subject": name, "open": opened, "keys": {}}
+        for key_name, w in keys.items():
+            w = w / (w @ (q - mean))  # the edit scores 1, the memory mean 0
+            record["keys"][key_name] = {
+                "memory": float(bank.max_score(w[None].float())[0] - w @ mean),
+                "subject_used": len(unlike),
+            } | {part: ((x - mean) @ w).tolist() for part, x in rows.items()}
+        records.append(record)
+        print(index, {k: round(v["memory"], 2) for k, v in record["keys"].items()}, flush=True)
+    command = f"python bench/same_subject.py --n {args.n} --out {args.out}"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": command, "probes": PROBES, "records": records}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
