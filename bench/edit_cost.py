@@ -15,13 +15,11 @@ record gives the median and mean seconds of a needed edit, with SR, the rephrase
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -29,7 +27,7 @@ from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.experiments.sme.experiment import config_editor, load_benchmark
-from zsre_stream import DATA_DIR, zsre_stream
+from zsre_stream import stream_arguments, zsre_stream
 
 # name: (EditConfig overrides, whether the edit's question is asked of other subjects)
 VARIANTS = {
@@ -41,11 +39,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--edits", type=int, default=30)
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/edit_cost.json"))
-    args = parser.parse_args()
+    args = stream_arguments(__doc__, "edits", 30, "bench/results/edit_cost.json").parse_args()
     config = zsre_stream(args.edits, args.data_dir)
     benchmark = load_benchmark(config)
     trainers = {}

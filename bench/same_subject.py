@@ -25,9 +25,7 @@ whole fix past half-way from the threshold to the edit. Each row also says wheth
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -36,17 +34,13 @@ from transformer_patcher.data.questions import question_templates
 from transformer_patcher.data.suite_data import SUBJECT_QUESTIONS
 from transformer_patcher.methods.patcher.memory import answer_start_queries
 from transformer_patcher.tuners.patcher.keys import discriminant
-from zsre_stream import DATA_DIR, stream_trainer, zsre_stream
+from zsre_stream import stream_arguments, stream_trainer, zsre_stream
 
 PROBES = tuple(json.loads(SUBJECT_QUESTIONS.read_text(encoding="utf-8")))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=60)
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/same_subject.json"))
-    args = parser.parse_args()
+    args = stream_arguments(__doc__, "n", 60, "bench/results/same_subject.json").parse_args()
     config = zsre_stream(args.n, args.data_dir)
     benchmark, task, trainer = stream_trainer(config)
     bank, cfg = trainer.memory, trainer.config

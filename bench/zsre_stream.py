@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +33,12 @@ def stream_trainer(config: ExperimentConfig) -> tuple[Benchmark, Any, Any]:
     model, tokenizer = load_model(config.model, config.model_kind)
     task = task_for_model(model, tokenizer, prompt_format=benchmark.prompt_format)
     return benchmark, task, config_editor(config, benchmark, model, task)
+
+
+def stream_arguments(doc: str, count: str, default: int, out: str) -> argparse.ArgumentParser:
+    """A bench script's parser over the stream: ``--COUNT`` records, ``--data-dir``, ``--out`` (default ``out``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(f"--{count}", type=int, default=default)
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
