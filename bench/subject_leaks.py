@@ -1,0 +1,55 @@
+"""How many of the suite's subject questions a saved patch set changes, and in how many the edit's answer appears.
+
+Reads an ``sme run``'s patch set (nothing is retrained). Each fix in its edit log is asked ``--per-edit`` of the
+suite's subject questions (``data.suite_data.subject_questions``, as the suite picks them), raw, answered greedily
+(16 tokens) with the patches off and on. A changed answer that contains the first 12 characters of the edit's own
+answer is the fix written into another question about its subject.
+
+    python bench/subject_leaks.py --patches runs/dev-subject/patches/fold-0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from transformer_patcher.core.decoding import greedy_continuations
+from transformer_patcher.core.pretrained import load_model
+from transformer_patcher.core.tasks import task_for_model
+from transformer_patcher.data.neighbours import guess_subject
+from transformer_patcher.data.suite_data import subject_questions
+from transformer_patcher.tuners.patcher.model import PatcherModel
+from transformer_patcher.tuners.patcher.patch_set import read_edit_log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patches", required=True)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--per-edit", type=int, default=1)
+    args = parser.parse_args()
+    log = read_edit_log(args.patches)
+    base, tokenizer = load_model(args.model, "generation")
+    model = PatcherModel.from_pretrained(base, args.patches).eval()
+    task = task_for_model(model, tokenizer)
+    named = [e.get("subject") or guess_subject(e["text"]) for e in log]
+    asked = subject_questions(named, args.per_edit, [{e["text"], *e.get("rephrases", [])} for e in log])
+    rows = [(str(e["target"]), q) for e, qs in zip(log, asked, strict=True) for q in qs]
+    prompts = [task.prompt_tokens(q) for _, q in rows]
+    stop, pad = task.prompter.stop_ids, task.pad_id
+    with model.disable_adapter():
+        before = greedy_continuations(model, prompts, stop, 16, pad)
+    after = greedy_continuations(model, prompts, stop, 16, pad)
+    changed = [
+        (t, q, task.decode(b), task.decode(a)) for (t, q), b, a in zip(rows, before, after, strict=True) if a != b
+    ]
+    written = [c for c in changed if c[0].lower()[:12] in c[3].lower()]
+    print(
+        json.dumps(
+            {"patches": args.patches, "questions": len(rows), "changed": len(changed), "answer_written": len(written)}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
