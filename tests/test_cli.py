@@ -146,9 +146,11 @@ def test_sme_run_with_pmet_saves_a_weight_delta(workspace: dict[str, Path], tmp_
     assert results["summary"]["SR"] >= 0.5  # a 2-block random GPT-2 is a hard case for a closed-form write
     delta = out / "patches" / "fold-0"
     config = json.loads((delta / "adapter_config.json").read_text())
-    assert config["peft_type"] == "DELTA" and config["method"] == "memit" and config["rank"] == len(needed)
+    assert config["peft_type"] == "DELTA" and config["method"] == "memit"
+    # one rank-1 write per needed edit, plus one per refine round that wrote a missed fact again (2 rounds at most)
+    assert len(needed) <= config["rank"] <= 3 * len(needed)
     info = json.loads(_run_json(["info", str(delta), "--json"], capsys))
-    assert info["rank"] == len(needed) and [e["edit_id"] for e in info["edits"]] == [r["edit_id"] for r in needed]
+    assert info["rank"] == config["rank"] and [e["edit_id"] for e in info["edits"]] == [r["edit_id"] for r in needed]
     assert main(["undo", str(delta), str(needed[0]["edit_id"])]) == 2
     assert "weight delta" in capsys.readouterr().err
 

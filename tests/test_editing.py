@@ -283,12 +283,13 @@ def _faithful_run(name: str) -> tuple[list[list], dict[str, float]]:
 def test_faithful_mode_gives_the_results_recorded_before_the_default_mode(name: str) -> None:
     """EditConfig.faithful() (and quick) is the earlier algorithm: same steps, outcomes, losses and patches.
 
-    Steps, outcomes and patch counts are exact. The losses and weight sums of ``quick_dropout`` are compared to 0.5 %
-    and 2 %: over its 140–220 steps with dropout, the rounding of another CPU's kernels (an AMD EPYC host against the
-    one they were recorded on) moved the losses by 0.1 % and the signed sums of keys and values by 1.5 %."""
+    Steps, outcomes and patch counts are exact. The losses and weight sums of the long runs (``quick_dropout``: 140–220
+    steps with dropout; ``official``: 250–350 steps) are compared to 0.5 % and 2 %: the rounding of another CPU's
+    kernels (an AVX-512 AMD EPYC host against the one they were recorded on) moved the losses by up to 0.1 % and the
+    signed sums of keys and values by up to 1.5 % (``official``: 0.3 %)."""
     records, sums = _faithful_run(name)
     expected_records, expected_sums = FAITHFUL_RECORDED[name]
-    drifts = name == "quick_dropout"
+    drifts = name in ("quick_dropout", "official")
     assert [r[:4] for r in records] == [r[:4] for r in expected_records]
     assert [r[4] for r in records] == pytest.approx([r[4] for r in expected_records], rel=5e-3 if drifts else 1e-4)
     assert sums == pytest.approx(expected_sums, abs=2e-3, rel=2e-2 if drifts else 1e-4)

@@ -376,9 +376,10 @@ def test_refine_rounds_write_the_missed_facts_again(arch: str, tokenizer) -> Non
     for rounds in (0, 2):
         hparams = HPARAMS.with_options(mom2_update_weight=1e-4, refine_rounds=rounds)
         editor = PMETEditor(_model(arch), tokenizer, hparams, _texts(), progress=False)
-        editor.edit_batch(requests)
+        added = editor.edit_batch(requests).rank_added
         hits[rounds] = sum(_next_token(editor.model, tokenizer, r.text) == r.target for r in requests)
         rank = editor.model.base_model.delta_rank()
+        assert rank == added * len(HPARAMS.layers)
         assert rank >= 6 * len(HPARAMS.layers) and (rank > 6 * len(HPARAMS.layers)) == (rounds > 0 and hits[0] < 6)
     assert hits[0] < 6 and hits[2] == 6, hits
 

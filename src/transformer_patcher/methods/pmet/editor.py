@@ -40,7 +40,8 @@ from transformer_patcher.tuners.delta.model import get_delta_model
 
 @dataclass
 class BatchResult:
-    """What one batch edit did: its requests' targets (steps, probabilities) and the rank it added per layer."""
+    """What one batch edit did: its requests' targets (steps, probabilities) and the rank it added per layer (one
+    per request, plus one per fact a refine round wrote again)."""
 
     requests: int
     seconds: float
@@ -156,7 +157,8 @@ class PMETEditor:
             raise
         if self.null_space is not None:
             self.null_space.commit()
-        return BatchResult(len(requests), time.perf_counter() - start, targets, len(requests))
+        rank = max(delta.rank for delta in deltas.values())
+        return BatchResult(len(requests), time.perf_counter() - start, targets, rank)
 
     def _truncate(self, ranks: dict[str, int]) -> None:
         for name, layer in self.delta_layers().items():
