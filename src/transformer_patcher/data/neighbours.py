@@ -44,6 +44,11 @@ def question_template(text: str, subject: str) -> str | None:
     return escape(before) + SLOT + escape(after)
 
 
+def subject_of(text: str, given: str | None = None) -> str | None:
+    """The subject an edit names: ``given`` when it has one, else :func:`guess_subject`'s guess from ``text``."""
+    return given or guess_subject(text)
+
+
 def guess_subject(text: str) -> str | None:
     """The longest run of capitalised words (joined by "of", "de", "van"...), the last one on a tie; a leading
     question word and a trailing possessive are left out. None when the text has no capitalised word."""

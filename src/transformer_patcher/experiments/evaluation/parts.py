@@ -29,7 +29,7 @@ from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.core.validation import check_int
 from transformer_patcher.data.benchmarks import Benchmark
 from transformer_patcher.data.loaders import load_neighbours
-from transformer_patcher.data.neighbours import guess_subject
+from transformer_patcher.data.neighbours import subject_of
 from transformer_patcher.data.suite_data import SuiteSources, subject_questions, suite_sources
 from transformer_patcher.experiments.evaluation.suite import LABELS, PERPLEXITY, REFERENCE, Part
 
@@ -191,7 +191,7 @@ def benchmark_parts(
         neighbours = benchmark.neighbours(config.neighbours)
     examples = benchmark.examples
     subjects = subject_questions(
-        [e.subject or guess_subject(e.text) for e in examples],
+        [subject_of(e.text, e.subject) for e in examples],
         config.subjects,
         [{e.text, *e.rephrases} for e in examples],
     )

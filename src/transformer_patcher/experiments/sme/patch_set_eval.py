@@ -19,7 +19,7 @@ from transformer_patcher.core.pretrained import load_model, model_kind
 from transformer_patcher.core.prompts import PromptFormat
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import CausalLMTask, position_limit, task_for_model
-from transformer_patcher.data.neighbours import guess_subject, neighbours_of
+from transformer_patcher.data.neighbours import neighbours_of, subject_of
 from transformer_patcher.data.suite_data import subject_questions, suite_sources
 from transformer_patcher.experiments.evaluation import (
     EvaluationSuite,
@@ -89,17 +89,14 @@ def evaluate_patch_set(
     about: list[list[str]] = []
     if suite is not None:
         texts = [entry["text"] for entry in log]
+        named = [subject_of(entry["text"], entry.get("subject")) for entry in log]
         if suite.neighbour_file is not None:
             neighbours = neighbours_from_file(suite.neighbour_file, texts)
         else:
-            neighbours, unnamed = [], 0
-            for entry in log:
-                subject = entry.get("subject") or guess_subject(entry["text"])
-                unnamed += subject is None
-                neighbours.append(neighbours_of(entry["text"], subject, suite.neighbours))
-            if unnamed:
+            neighbours = [neighbours_of(t, s, suite.neighbours) for t, s in zip(texts, named, strict=True)]
+            if None in named:
+                unnamed = named.count(None)
                 notes.append(f"{unnamed} fix(es) name no subject and none could be guessed: they have no neighbours")
-        named = [entry.get("subject") or guess_subject(entry["text"]) for entry in log]
         about = subject_questions(named, suite.subjects, [{e["text"], *e.get("rephrases", [])} for e in log])
         sources = suite_sources(data_dir, exclude=texts, questions_file=suite.locality_file)
         parts += locality_parts(task, sources, suite, neighbours, position_limit(patched.config), about)

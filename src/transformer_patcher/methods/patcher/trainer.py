@@ -48,7 +48,7 @@ from transformer_patcher.core.errors import NonFiniteError
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.modes import eval_mode
 from transformer_patcher.core.tasks import Batch, Task
-from transformer_patcher.data.neighbours import guess_subject
+from transformer_patcher.data.neighbours import subject_of
 from transformer_patcher.data.questions import subject_contrasts
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
@@ -267,7 +267,7 @@ class PatchTrainer:
         prompt as the model reads it. None (ungated) without a gate, when no subject is found there, or when it is the
         text's first token, which names none."""
         gate = self.layer.gate_reads(self.adapter)
-        subject = example.subject or guess_subject(example.text)
+        subject = subject_of(example.text, example.subject)
         if gate is None or gate.outputs is None or not subject or "input_ids" not in single.inputs:
             return None
         prompt = single.inputs["input_ids"][0, : int(single.cols[0]) + 1].tolist()
@@ -343,7 +343,7 @@ class PatchTrainer:
         other questions about the edit's subject, from the package's templates, where their answer starts and the gate
         opens; the earlier edits' memory rows whose subject opens it, or whose subject is not known). None ungated
         or when the edit names no subject. Memory rows about other subjects never meet the patch: its gate is shut."""
-        name = example.subject or guess_subject(example.text)
+        name = subject_of(example.text, example.subject)
         if subject is None or not name:
             return None
         asked = list(self.asked_about(example.text, name, self.config.subject_key))
