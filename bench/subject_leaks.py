@@ -2,8 +2,10 @@
 
 Reads an ``sme run``'s patch set (nothing is retrained). Each fix in its edit log is asked ``--per-edit`` of the
 suite's subject questions (``data.suite_data.subject_questions``, as the suite picks them), raw, answered greedily
-(16 tokens) with the patches off and on. A changed answer that contains the first 12 characters of the edit's own
-answer is the fix written into another question about its subject.
+(16 tokens) with the patches off and on, raw or chat (``--prompt-format``). A changed answer that contains the first
+12 characters of the edit's own answer is the fix written into another question about its subject. ``first_token``
+counts the changed answers that differ from their first token on (the first answer token's patch fired), the rest
+changed at a later token (a later answer token's patch fired, on the model's own answer).
 
     python bench/subject_leaks.py --patches runs/dev-subject/patches/fold-0
 """
@@ -27,11 +29,12 @@ def main() -> None:
     parser.add_argument("--patches", required=True)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--per-edit", type=int, default=1)
+    parser.add_argument("--prompt-format", choices=("raw", "chat"), default="raw")
     args = parser.parse_args()
     log = read_edit_log(args.patches)
     base, tokenizer = load_model(args.model, "generation")
     model = PatcherModel.from_pretrained(base, args.patches).eval()
-    task = task_for_model(model, tokenizer)
+    task = task_for_model(model, tokenizer).formatted(args.prompt_format)
     named = [e.get("subject") or guess_subject(e["text"]) for e in log]
     asked = subject_questions(named, args.per_edit, [{e["text"], *e.get("rephrases", [])} for e in log])
     rows = [(str(e["target"]), q) for e, qs in zip(log, asked, strict=True) for q in qs]
@@ -44,11 +47,9 @@ def main() -> None:
         (t, q, task.decode(b), task.decode(a)) for (t, q), b, a in zip(rows, before, after, strict=True) if a != b
     ]
     written = [c for c in changed if c[0].lower()[:12] in c[3].lower()]
-    print(
-        json.dumps(
-            {"patches": args.patches, "questions": len(rows), "changed": len(changed), "answer_written": len(written)}
-        )
-    )
+    first = sum(b[:1] != a[:1] for b, a in zip(before, after, strict=True))
+    summary = {"patches": args.patches, "format": args.prompt_format, "questions": len(rows), "changed": len(changed)}
+    print(json.dumps(summary | {"answer_written": len(written), "first_token": first}))
 
 
 if __name__ == "__main__":
