@@ -84,6 +84,23 @@ def test_pending_keys_count_only_once_committed() -> None:
     torch.testing.assert_close(space.earlier[3], keys @ keys.T)
 
 
+def test_a_refine_round_is_weighed_against_its_own_batch_keys() -> None:
+    """A second solve before commit (a refine round) counts the keys the batch's first solve wrote, as committed
+    batches' keys are counted: it equals the solve with those keys as earlier ones, and disturbs them less."""
+    preserved, first, residuals = _subspace_problem(n=4)
+    _, again, residuals_2 = _subspace_problem(n=4, seed=1)
+    moment = preserved @ preserved.T / preserved.shape[1]
+    space = NullSpace.from_moments({0: moment}, threshold=1e-2, l2=0.1)
+    space.solve(0, first, residuals)
+    refined = space.solve(0, again, residuals_2).dense()
+    expected = solve_projected_update(again, residuals_2, space.projections[0], first @ first.T, 0.1).dense()
+    torch.testing.assert_close(refined, expected)
+    blind = NullSpace.from_moments({0: moment}, 1e-2, 0.1).solve(0, again, residuals_2).dense()
+    assert (refined @ first).norm() < 0.5 * (blind @ first).norm()
+    space.commit()
+    torch.testing.assert_close(space.earlier[0], first @ first.T + again @ again.T)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -194,8 +194,8 @@ def refined_deltas(
     far, which requests' answers are not the greedy continuation of their own prompt, and adds a layer loop's update
     for those (the factors are concatenated). ``refine="retarget"`` first optimises new targets for them against the
     edited model; ``"rewrite"`` drives the values the first write aimed at again, from where that write left them,
-    which costs no optimisation. With ``null_space`` every round's update is projected, and its keys join the
-    batch's pending keys.
+    which costs no optimisation. With ``null_space`` every round's update is projected and weighed against the keys
+    written before it (earlier batches' and this batch's), and its keys join the batch's pending keys.
     """
     read_module, values = written_values(model, tokenizer, requests, hparams, targets)
     deltas = compute_deltas(
