@@ -23,7 +23,7 @@ import torch
 from transformer_patcher.core.decoding import greedy_continuations
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
-from transformer_patcher.data.neighbours import guess_subject
+from transformer_patcher.data.neighbours import subject_of
 from transformer_patcher.data.suite_data import subject_questions
 from transformer_patcher.tuners.patcher.layer import PatcherLayer
 from transformer_patcher.tuners.patcher.model import PatcherModel
@@ -41,7 +41,7 @@ def main() -> None:
     base, tokenizer = load_model(args.model, "generation")
     model = PatcherModel.from_pretrained(base, args.patches).eval()
     task = task_for_model(model, tokenizer).formatted(args.prompt_format)
-    named = [e.get("subject") or guess_subject(e["text"]) for e in log]
+    named = [subject_of(e["text"], e.get("subject")) for e in log]
     asked = subject_questions(named, args.per_edit, [{e["text"], *e.get("rephrases", [])} for e in log])
     rows = [(str(e["target"]), q) for e, qs in zip(log, asked, strict=True) for q in qs]
     owners = [int(e["edit_id"]) for e, qs in zip(log, asked, strict=True) for _ in qs]
