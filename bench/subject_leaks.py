@@ -7,7 +7,8 @@ suite's subject questions (``data.suite_data.subject_questions``, as the suite p
 counts the changed answers that differ from their first token on. For each changed answer the patch that adds the
 most (activation times value norm) where the answer first differs is named: ``leading`` counts whether it is the
 first patch of its edit (the first answer token's, when that token was wrong, as on nearly every zsRE edit of
-SmolLM2) or a later one, and whether it belongs to the question's own edit.
+SmolLM2) or a later one, and whether it belongs to the question's own edit; ``median_first_difference`` is the
+answer token at which changed answers first differ (0: the first).
 
     python bench/subject_leaks.py --patches runs/dev-subject/patches/fold-0
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 
 import torch
 
@@ -56,14 +58,16 @@ def main() -> None:
     written = [c for c in changed if c[0].lower()[:12] in c[3].lower()]
     first = sum(b[:1] != a[:1] for b, a in zip(before, after, strict=True))
     layer = next(m for m in model.modules() if isinstance(m, PatcherLayer))
-    leading = collections.Counter()
+    leading, where = collections.Counter(), []
     for owner, prompt, b, a in zip(owners, prompts, before, after, strict=True):
         if a != b:
             at = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
             edit, rank = leading_patch(model, layer, [*prompt, *b[:at]])
             leading[f"{'first' if rank == 0 else 'later'} patch, {'own' if edit == owner else 'other'} edit"] += 1
+            where.append(at)
     summary = {"patches": args.patches, "format": args.prompt_format, "questions": len(rows), "changed": len(changed)}
-    print(json.dumps(summary | {"answer_written": len(written), "first_token": first, "leading": dict(leading)}))
+    found = {"answer_written": len(written), "first_token": first, "leading": dict(leading)}
+    print(json.dumps(summary | found | {"median_first_difference": statistics.median(where) if where else None}))
 
 
 def leading_patch(model: PatcherModel, layer: PatcherLayer, tokens: list[int]) -> tuple[int, int]:
