@@ -94,10 +94,11 @@ class NullSpace:
         +66 % instead of +17 %: docs/results.md, Issue 18, eighth round)."""
         projection = self.projections[layer]
         k = keys.to(projection.device, torch.float64)
-        written = self.earlier[layer] + self.pending[layer] if layer in self.pending else self.earlier[layer]
+        pending = self.pending.get(layer)
+        written = self.earlier[layer] if pending is None else self.earlier[layer] + pending
         delta = solve_projected_update(k, residuals, projection, written, self.l2)
         moment = k @ k.T  # a refine round (PMETHyperParams.refine_rounds) adds its keys to the batch's
-        self.pending[layer] = self.pending[layer] + moment if layer in self.pending else moment
+        self.pending[layer] = moment if pending is None else pending + moment
         return delta
 
     def commit(self) -> None:
