@@ -215,3 +215,22 @@ def test_the_statistics_hooks_come_off_when_a_forward_fails(tokenizer) -> None:
     assert {name: len(m._forward_pre_hooks) for name, m in model.named_modules()} == {
         name: count - (name == "transformer") for name, count in hooks_before.items()
     }
+
+
+def test_a_target_margin_settles_further_past_the_argmax(tokenizer) -> None:
+    """With ``target_margin`` a request is on target only once its answer leads every other token by that many nats:
+    it settles later, with a more likely target, than at the plain argmax."""
+    model = _model("gpt2")
+    hparams = HPARAMS.with_options(v_num_grad_steps=60, requests_per_step=4, settled_steps=2)
+    requests = _requests(4)
+    argmax = compute_targets(model, tokenizer, requests, hparams, TEMPLATES, False)
+    margin = compute_targets(model, tokenizer, requests, hparams.with_options(target_margin=6.0), TEMPLATES, False)
+    assert all(steps < 60 for steps in argmax.steps)  # the tiny model's targets pass the argmax within a few steps
+    assert all(m > a for m, a in zip(margin.steps, argmax.steps, strict=True))
+    assert all(m >= a for m, a in zip(margin.probabilities, argmax.probabilities, strict=True))
+    assert min(margin.probabilities) > min(argmax.probabilities)
+
+
+def test_a_negative_target_margin_is_refused() -> None:
+    with pytest.raises(ValueError, match="target_margin"):
+        HPARAMS.with_options(target_margin=-1.0)

@@ -438,11 +438,18 @@ def forward_reads(base: nn.Module, batch: PromptBatch, reads: StepReads, prefix:
     )
 
 
-def answer_scores(batch: PromptBatch, reads: StepReads, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per batch row its answer's mean NLL per token, and per request how many answer tokens are not the argmax."""
+def answer_scores(
+    batch: PromptBatch, reads: StepReads, log_probs: torch.Tensor, margin: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch row its answer's mean NLL per token, and per request how many answer tokens do not lead every other
+    token by at least ``margin`` nats (0: are not the argmax)."""
     answer = log_probs[: len(reads.t_row)]
     target_lp = answer.gather(1, reads.t_label[:, None]).squeeze(1)
-    wrong = (answer.argmax(-1) != reads.t_label).float()
+    if margin > 0:
+        others = answer.detach().scatter(1, reads.t_label[:, None], float("-inf")).max(-1).values
+        wrong = (target_lp.detach() - others < margin).float()
+    else:
+        wrong = (answer.argmax(-1) != reads.t_label).float()
     device = batch.input_ids.device
     row_nll = torch.zeros(batch.n_rows, device=device).index_add(0, reads.t_row, -target_lp) / batch.answer_length
     wrong_count = torch.zeros(batch.n_requests, device=device).index_add(0, batch.owners[reads.t_row], wrong)
@@ -486,7 +493,7 @@ def step_losses(
     step: int,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """The losses of the active requests that go on, and those that are done; updates each request's state."""
-    row_nll, wrong_count = answer_scores(batch, reads, log_probs)
+    row_nll, wrong_count = answer_scores(batch, reads, log_probs, hparams.target_margin)
     losses: list[torch.Tensor] = []
     finished: list[int] = []
     for a, r in enumerate(active):
@@ -495,7 +502,7 @@ def step_losses(
         loss, kl = request_loss(hparams, state, nll_each, log_probs[len(reads.t_row) + a], shift.decay(r))
         state.probability = float(torch.exp(-nll_each.detach()).mean())
         state.steps = step
-        on_target = bool(wrong_count[r] == 0)  # the target is already the argmax everywhere
+        on_target = bool(wrong_count[r] == 0)  # the target already leads by the margin everywhere
         state.on_target_run = state.on_target_run + 1 if on_target else 0
         state.nll_factor = 0.1 * hparams.nll_loss_factor if on_target else hparams.nll_loss_factor
         if is_done(hparams, step, loss, kl, state.on_target_run):
