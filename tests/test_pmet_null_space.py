@@ -157,7 +157,7 @@ def test_an_editor_batch_leaves_preserved_keys_unchanged_on_a_tiny_llama(variant
         after = module(keys).detach()
         assert (after - output).norm() <= 1e-5 * output.norm()
         assert module.delta_down["default"].norm() > 0
-    assert all(editor.null_space.earlier[layer].abs().max() > 0 for layer in hparams.layers)
+    assert all(editor.written.earlier[layer].abs().max() > 0 for layer in hparams.layers)
 
 
 def test_without_the_projection_the_same_keys_move() -> None:

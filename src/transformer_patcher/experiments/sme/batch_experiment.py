@@ -266,12 +266,13 @@ def saved_targets(folder: Path, name: str, compute: Callable[[], Targets]) -> tu
 
 
 def _null_space_setting(config: BatchExperimentConfig, name: str) -> dict[str, Any]:
-    """AlphaEdit's projection as each sequential record states it (None: T-Patcher, which has no such option)."""
+    """AlphaEdit's projection (or, without it, whether the solve keeps earlier batches' keys) as each sequential record
+    states it (None: T-Patcher, which has no such option)."""
     if name not in MASS_EDITORS:
         return {"null_space": None}
     hparams = pmet_hparams(variant=name, **config.pmet_options)
     if not hparams.null_space:
-        return {"null_space": False}
+        return {"null_space": False, "keep_written": hparams.keep_written}
     return {
         "null_space": True,
         "null_space_threshold": hparams.null_space_threshold,

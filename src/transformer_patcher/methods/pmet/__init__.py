@@ -14,11 +14,13 @@ from transformer_patcher.methods.pmet.requests import EditRequest
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets
 from transformer_patcher.methods.pmet.templates import context_templates
 from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
+from transformer_patcher.methods.pmet.written_keys import CovarianceSolve, WrittenKeys
 
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
     "BatchResult",
+    "CovarianceSolve",
     "EditRequest",
     "LowRankDelta",
     "NullSpace",
@@ -26,6 +28,7 @@ __all__ = [
     "PMETHyperParams",
     "SecondMoment",
     "Targets",
+    "WrittenKeys",
     "collect_second_moments",
     "compute_deltas",
     "compute_keys",

@@ -30,10 +30,10 @@ from transformer_patcher.core.tasks import Task
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
-from transformer_patcher.methods.pmet.null_space import NullSpace
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
 from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
+from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
 
 def read_at_subject(
@@ -147,14 +147,15 @@ def compute_deltas(
     moments: dict[int, SecondMoment],
     templates: Sequence[Sequence[str]],
     targets: Targets,
-    null_space: NullSpace | None = None,
+    written: WrittenKeys | None = None,
     progress: bool = False,
     wanted: tuple[str, torch.Tensor] | None = None,
 ) -> dict[str, LowRankDelta]:
     """One ``ΔW`` per edited FFN output projection (module name → factors) for this batch of requests.
 
-    ``wanted`` is :func:`written_values` (read under the model as it is now when not given). With ``null_space``
-    each update is AlphaEdit's projected one (it then holds the batch's keys as pending).
+    ``wanted`` is :func:`written_values` (read under the model as it is now when not given). With ``written``
+    each update is its solve, which counts the keys earlier batches wrote (AlphaEdit's projected solve, or the
+    paper's with those keys) and then holds the batch's keys as pending.
     """
     read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     bare = [encode(tokenizer, request.template, request.subject) for request in requests]
@@ -167,8 +168,8 @@ def compute_deltas(
             current = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
         share = residual_share(position, len(hparams.layers), hparams.variant)
         residuals = (values - current) * share
-        if null_space is not None:
-            deltas[modules.ffn_out] = null_space.solve(layer, keys, residuals)
+        if written is not None:
+            deltas[modules.ffn_out] = written.solve(layer, keys, residuals)
         else:
             covariance = moments[layer].regularized(hparams.mom2_ridge)
             deltas[modules.ffn_out] = solve_update(keys, residuals, covariance, hparams.mom2_update_weight)
@@ -184,7 +185,7 @@ def refined_deltas(
     templates: Sequence[Sequence[str]],
     targets: Targets,
     task: Task,
-    null_space: NullSpace | None = None,
+    written: WrittenKeys | None = None,
     progress: bool = False,
 ) -> dict[str, LowRankDelta]:
     """:func:`compute_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed.
@@ -194,12 +195,12 @@ def refined_deltas(
     far, which requests' answers are not the greedy continuation of their own prompt, and adds a layer loop's update
     for those (the factors are concatenated). ``refine="retarget"`` first optimises new targets for them against the
     edited model; ``"rewrite"`` drives the values the first write aimed at again, from where that write left them,
-    which costs no optimisation. With ``null_space`` every round's update is projected and weighed against the keys
-    written before it (earlier batches' and this batch's), and its keys join the batch's pending keys.
+    which costs no optimisation. With ``written`` every round's update is weighed against the keys written before it
+    (earlier batches' and this batch's), and its keys join the batch's pending keys.
     """
     read_module, values = written_values(model, tokenizer, requests, hparams, targets)
     deltas = compute_deltas(
-        model, tokenizer, requests, hparams, moments, templates, targets, null_space, progress, (read_module, values)
+        model, tokenizer, requests, hparams, moments, templates, targets, written, progress, (read_module, values)
     )
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
@@ -214,8 +215,6 @@ def refined_deltas(
                 aim, again = (read_module, values[:, index]), targets.select(index)
             else:
                 aim, again = None, compute_targets(model, tokenizer, missed, hparams, templates, progress=progress)
-            more = compute_deltas(
-                model, tokenizer, missed, hparams, moments, templates, again, null_space, progress, aim
-            )
+            more = compute_deltas(model, tokenizer, missed, hparams, moments, templates, again, written, progress, aim)
         deltas = {name: deltas[name].joined(more[name]) for name in deltas}
     return deltas

@@ -33,6 +33,7 @@ from transformer_patcher.methods.pmet.null_space import NullSpace
 from transformer_patcher.methods.pmet.requests import EditRequest
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets
 from transformer_patcher.methods.pmet.templates import context_templates
+from transformer_patcher.methods.pmet.written_keys import CovarianceSolve, WrittenKeys
 from transformer_patcher.tuners.delta.config import DeltaConfig
 from transformer_patcher.tuners.delta.layer import DeltaLayer
 from transformer_patcher.tuners.delta.model import get_delta_model
@@ -94,16 +95,20 @@ class PMETEditor:
             config = DeltaConfig(target_modules=[b.ffn_out for b in self.blocks], method=hparams.variant)
             self.model = get_delta_model(model, config, adapter_name=adapter_name)
         self.templates = [list(group) for group in templates] if templates is not None else None
-        device = next(base.parameters()).device  # the projections live where the updates are solved
-        self.null_space = (
-            NullSpace.from_moments(
+        device = next(base.parameters()).device  # the solves run where the model is
+        # what the layer loop's solve counts besides the batch: the keys earlier batches wrote (None: the paper's)
+        self.written: WrittenKeys | None = None
+        if hparams.null_space:
+            self.written = NullSpace.from_moments(
                 {layer: moments[layer].matrix.to(device) for layer in hparams.layers},
                 hparams.null_space_threshold,
                 hparams.null_space_l2,
             )
-            if hparams.null_space
-            else None
-        )
+        elif hparams.keep_written:
+            self.written = CovarianceSolve(
+                {layer: moments[layer].regularized(hparams.mom2_ridge).to(device) for layer in hparams.layers},
+                hparams.mom2_update_weight,
+            )
 
     # ------------------------------------------------------------------------------------------- batches
     def context_templates(self) -> list[list[str]]:
@@ -137,7 +142,7 @@ class PMETEditor:
                 self.context_templates(),
                 targets,
                 self.task,
-                self.null_space,
+                self.written,
                 self.progress,
             )
             bad = [n for n, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]
@@ -152,11 +157,11 @@ class PMETEditor:
                 self._truncate(ranks)  # no copy on the normal path: only a failed append is rolled back
                 raise
         except BaseException:
-            if self.null_space is not None:
-                self.null_space.discard()
+            if self.written is not None:
+                self.written.discard()
             raise
-        if self.null_space is not None:
-            self.null_space.commit()
+        if self.written is not None:
+            self.written.commit()
         rank = max(delta.rank for delta in deltas.values())
         return BatchResult(len(requests), time.perf_counter() - start, targets, rank)
 
@@ -203,19 +208,19 @@ class PMETEditor:
         for name, layer in self.delta_layers().items():
             tensors[f"{name}.up"] = layer.delta_up[self.adapter_name].detach().cpu().clone()
             tensors[f"{name}.down"] = layer.delta_down[self.adapter_name].detach().cpu().clone()
-        if self.null_space is not None:
-            tensors.update(self.null_space.state_tensors())
+        if self.written is not None:
+            tensors.update(self.written.state_tensors())
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.reset()
         for name, layer in self.delta_layers().items():
             layer.add_delta(self.adapter_name, tensors[f"{name}.up"], tensors[f"{name}.down"])
-        if self.null_space is not None:
-            self.null_space.load_state_tensors(tensors)
+        if self.written is not None:
+            self.written.load_state_tensors(tensors)
 
     def reset(self) -> None:
         for layer in self.delta_layers().values():
             layer.clear_delta(self.adapter_name)
-        if self.null_space is not None:
-            self.null_space.reset()
+        if self.written is not None:
+            self.written.reset()

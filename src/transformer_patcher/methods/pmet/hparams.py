@@ -65,6 +65,10 @@ class PMETHyperParams:
     null_space: bool = False
     null_space_threshold: float = 1e-2  # the share of the keys' energy (tr E[k kᵀ]) the null space may carry
     null_space_l2: float = 10.0  # AlphaEdit's L2 weight α; its solve uses neither mom2_update_weight nor mom2_ridge
+    # The paper's solve counts, like AlphaEdit's, the keys earlier batches (and refine rounds) wrote:
+    # ΔW = R Kᵀ (K Kᵀ + Kₚ Kₚᵀ + λC)⁻¹, so a later batch keeps their outputs (methods/pmet/written_keys.py). Not the
+    # paper's; null_space=True always counts them
+    keep_written: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance notes for presets
 
     def __post_init__(self) -> None:
@@ -82,7 +86,7 @@ class PMETHyperParams:
         if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
             raise ValueError(f"layers must be strictly increasing, got {layers}")
         object.__setattr__(self, "layers", layers)
-        for name in ("null_space", "fold_attention"):
+        for name in ("null_space", "fold_attention", "keep_written"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.fold_attention and self.variant == "memit":

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from transformer_patcher.methods.pmet.update import LowRankDelta, check_columns
+from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
 
 def null_space_basis(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -68,58 +69,26 @@ def solve_projected_update(
     return LowRankDelta(residuals.double(), down)
 
 
-class NullSpace:
-    """The projections of the edited layers and the keys every committed batch wrote there (``Kₚ Kₚᵀ``).
+class NullSpace(WrittenKeys):
+    """The projections of the edited layers; the keys every batch wrote there are counted as in :class:`WrittenKeys`.
 
-    :meth:`solve` computes a layer's update and holds its keys as pending; :meth:`commit` adds them to the earlier
-    keys once the batch is in the model, :meth:`discard` drops them when it is not: a failed batch leaves no trace.
     Everything stays on the projections' device; :meth:`state_tensors` are CPU copies.
     """
 
+    state_prefix = "null_space"
+
     def __init__(self, projections: Mapping[int, torch.Tensor], l2: float) -> None:
+        first = next(iter(projections.values()))
+        super().__init__({layer: p.shape[0] for layer, p in projections.items()}, first.device)
         self.projections = {layer: p.double() for layer, p in projections.items()}
         self.l2 = l2
-        self.earlier = {layer: torch.zeros_like(p) for layer, p in self.projections.items()}
-        self.pending: dict[int, torch.Tensor] = {}
 
     @classmethod
     def from_moments(cls, moments: Mapping[int, torch.Tensor], threshold: float, l2: float) -> NullSpace:
         """One projection per layer from that layer's key second moment."""
         return cls({layer: null_space_projection(m, threshold) for layer, m in moments.items()}, l2)
 
-    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> LowRankDelta:
-        """A layer's update for ``keys``, weighed against every key already written there: the committed batches'
-        and this batch's pending ones. A refine round thus keeps the facts its batch's first write landed (without
-        them, two rewrite rounds over a second dev batch of 100 left batch 1 at 0.48 instead of 0.60, perplexity
-        +66 % instead of +17 %: docs/results.md, Issue 18, eighth round)."""
-        projection = self.projections[layer]
-        k = keys.to(projection.device, torch.float64)
-        pending = self.pending.get(layer)
-        written = self.earlier[layer] if pending is None else self.earlier[layer] + pending
-        delta = solve_projected_update(k, residuals, projection, written, self.l2)
-        moment = k @ k.T  # a refine round (PMETHyperParams.refine_rounds) adds its keys to the batch's
-        self.pending[layer] = moment if pending is None else pending + moment
-        return delta
-
-    def commit(self) -> None:
-        for layer, moment in self.pending.items():
-            self.earlier[layer] = self.earlier[layer] + moment
-        self.pending = {}
-
-    def discard(self) -> None:
-        self.pending = {}
-
-    def reset(self) -> None:
-        """Forget every batch (the projections stay: they depend on the base model only)."""
-        self.earlier = {layer: torch.zeros_like(m) for layer, m in self.earlier.items()}
-        self.pending = {}
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"null_space.{layer}.earlier": m.to("cpu", copy=True) for layer, m in self.earlier.items()}
-
-    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.earlier = {
-            layer: tensors[f"null_space.{layer}.earlier"].to(m.device, torch.float64, copy=True)
-            for layer, m in self.earlier.items()
-        }
-        self.pending = {}
+    def solve_with(
+        self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, written: torch.Tensor
+    ) -> LowRankDelta:
+        return solve_projected_update(keys, residuals, self.projections[layer], written, self.l2)

@@ -59,16 +59,24 @@ def check_columns(keys: torch.Tensor, residuals: torch.Tensor) -> int:
 
 
 def solve_update(
-    keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, weight: float
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    second_moment: torch.Tensor,
+    weight: float,
+    written: torch.Tensor | None = None,
 ) -> LowRankDelta:
     """``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` as ``(R, Kᵀ (K Kᵀ + λC)⁻¹)``, solved in float64 (a solve, not an inverse) on the
-    keys' device (``C`` is moved there)."""
+    keys' device (``C`` is moved there). With ``written = Kₚ Kₚᵀ`` (keys earlier batches wrote) the system is
+    ``K Kᵀ + Kₚ Kₚᵀ + λC``: the update also keeps those keys' outputs, as AlphaEdit's solve does."""
     d_in = check_columns(keys, residuals)
-    if second_moment.shape != (d_in, d_in):
-        raise ValueError(f"the second moment must be {d_in} × {d_in}, got {tuple(second_moment.shape)}")
+    for name, matrix in (("second moment", second_moment), ("written keys' moment", written)):
+        if matrix is not None and matrix.shape != (d_in, d_in):
+            raise ValueError(f"the {name} must be {d_in} × {d_in}, got {tuple(matrix.shape)}")
     if weight <= 0:
         raise ValueError(f"the covariance weight λ must be positive, got {weight}")
     k = keys.double()
     system = k @ k.T + weight * second_moment.to(k.device, torch.float64)  # symmetric positive definite when C is
+    if written is not None:
+        system = system + written.to(k.device, torch.float64)
     down = torch.linalg.solve(system, k).T  # Kᵀ A⁻¹ = (A⁻¹ K)ᵀ since A is symmetric
     return LowRankDelta(residuals.double(), down)
