@@ -40,7 +40,7 @@ def projected_shares(editor: PMETEditor, requests: list[EditRequest]) -> tuple[t
     for block, layer in zip(editor.blocks, editor.hparams.layers, strict=True):
         keys = compute_keys(editor.model, editor.tokenizer, requests, editor.context_templates(), block.ffn_out)
         keys = keys.double()
-        projected = editor.null_space.projections[layer].to(keys.device) @ keys
+        projected = editor.written.projections[layer].to(keys.device) @ keys
         shares.append(projected.pow(2).sum(0) / keys.pow(2).sum(0))
         units.append(projected / projected.norm(dim=0, keepdim=True))
     return torch.stack(shares), torch.stack(units)

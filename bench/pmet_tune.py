@@ -26,7 +26,6 @@ from transformer_patcher.experiments.sme.batch_experiment import saved_targets
 from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
 from transformer_patcher.methods.pmet import (
     EditRequest,
-    NullSpace,
     PMETHyperParams,
     compute_targets,
     context_templates,
@@ -34,6 +33,7 @@ from transformer_patcher.methods.pmet import (
     second_moments,
 )
 from transformer_patcher.methods.pmet.algorithm import applied
+from transformer_patcher.methods.pmet.editor import written_solve
 
 
 def main() -> None:
@@ -92,15 +92,7 @@ def main() -> None:
         for lam, extra in ((lam, json.loads(t)) for lam in args.lams for t in args.trials):
             trial = hparams.with_options(mom2_update_weight=lam, **extra)
             start = time.perf_counter()
-            space = (
-                NullSpace.from_moments(
-                    {layer: moments[layer].matrix for layer in trial.layers},
-                    trial.null_space_threshold,
-                    trial.null_space_l2,
-                )
-                if trial.null_space
-                else None
-            )
+            space = written_solve(trial, moments, next(model.parameters()).device)
             deltas = refined_deltas(model, tokenizer, requests, trial, moments, templates, targets, task, space)
             write_seconds = time.perf_counter() - start  # the layer loop, and any refine round's targets and loop
             with applied(model, deltas):

@@ -39,6 +39,25 @@ from transformer_patcher.tuners.delta.layer import DeltaLayer
 from transformer_patcher.tuners.delta.model import get_delta_model
 
 
+def written_solve(
+    hparams: PMETHyperParams, moments: dict[int, SecondMoment], device: torch.device | str
+) -> WrittenKeys | None:
+    """The solve that counts the keys earlier batches wrote, on ``device``: AlphaEdit's projected one
+    (``null_space``), the paper's with those keys (``keep_written``), or None (the paper's)."""
+    if hparams.null_space:
+        return NullSpace.from_moments(
+            {layer: moments[layer].matrix.to(device) for layer in hparams.layers},
+            hparams.null_space_threshold,
+            hparams.null_space_l2,
+        )
+    if hparams.keep_written:
+        return CovarianceSolve(
+            {layer: moments[layer].regularized(hparams.mom2_ridge).to(device) for layer in hparams.layers},
+            hparams.mom2_update_weight,
+        )
+    return None
+
+
 @dataclass
 class BatchResult:
     """What one batch edit did: its requests' targets (steps, probabilities) and the rank it added per layer (one
@@ -96,19 +115,7 @@ class PMETEditor:
             self.model = get_delta_model(model, config, adapter_name=adapter_name)
         self.templates = [list(group) for group in templates] if templates is not None else None
         device = next(base.parameters()).device  # the solves run where the model is
-        # what the layer loop's solve counts besides the batch: the keys earlier batches wrote (None: the paper's)
-        self.written: WrittenKeys | None = None
-        if hparams.null_space:
-            self.written = NullSpace.from_moments(
-                {layer: moments[layer].matrix.to(device) for layer in hparams.layers},
-                hparams.null_space_threshold,
-                hparams.null_space_l2,
-            )
-        elif hparams.keep_written:
-            self.written = CovarianceSolve(
-                {layer: moments[layer].regularized(hparams.mom2_ridge).to(device) for layer in hparams.layers},
-                hparams.mom2_update_weight,
-            )
+        self.written = written_solve(hparams, moments, device)
 
     # ------------------------------------------------------------------------------------------- batches
     def context_templates(self) -> list[list[str]]:
