@@ -63,7 +63,8 @@ class PMETHyperParams:
     # AlphaEdit (methods/pmet/null_space.py): project each update onto the null space of the preserved keys, and
     # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
     null_space: bool = False
-    null_space_threshold: float = 1e-2  # the share of the keys' energy (tr E[k kᵀ]) the null space may carry
+    # the share of the keys' energy (tr E[k kᵀ]) the null space may carry; 0.01 wrote almost nothing (docs/pmet.md)
+    null_space_threshold: float = 0.2
     null_space_l2: float = 10.0  # AlphaEdit's L2 weight α; its solve uses neither mom2_update_weight nor mom2_ridge
     # The paper's solve counts, like AlphaEdit's, the keys earlier batches (and refine rounds) wrote:
     # ΔW = R Kᵀ (K Kᵀ + Kₚ Kₚᵀ + λC)⁻¹, so a later batch keeps their outputs (methods/pmet/written_keys.py). Not the
