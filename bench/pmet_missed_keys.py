@@ -29,8 +29,7 @@ from safetensors.torch import load_file
 from transformer_patcher.core.pretrained import cache_dir, load_model
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import task_for_model
-from transformer_patcher.data.benchmarks import wikitext_texts
-from transformer_patcher.experiments.sme.batch_experiment import STATS_TEXTS, BatchExperimentConfig, load_cases
+from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, load_cases, stats_texts
 from transformer_patcher.methods.pmet import EditRequest, PMETEditor, compute_keys, pmet_hparams
 
 
@@ -56,12 +55,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, nargs="+", required=True, help="after batch 1, 2, … in order")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    saved = json.loads((args.run / "config.json").read_text())
-    config = BatchExperimentConfig(
-        model=saved["model"], data=saved["data"], data_kind=saved.get("data_kind"), data_dir=saved.get("data_dir"),
-        cases=saved["cases"], batch_sizes=tuple(saved["batch_sizes"]), editors=("pmet",),
-        pmet_options=saved["pmet_options"], mode="sequential",
-    )  # fmt: skip
+    config = BatchExperimentConfig.from_folder(args.run)
     if not config.pmet_options.get("null_space"):
         raise SystemExit(f"{args.run} ran without the null-space projection: nothing to read")
     size = config.batch_sizes[0]
@@ -70,7 +64,7 @@ def main() -> None:
     model, tokenizer = load_model(config.model, "generation")
     task = task_for_model(model, tokenizer, prompt_format="raw")
     hparams = pmet_hparams(variant="pmet", **config.pmet_options)
-    texts = wikitext_texts("valid", config.data_dir)[:STATS_TEXTS]  # as the run read them: its cached statistics
+    texts = stats_texts(config)  # as the run read them: its cached statistics
     editor = PMETEditor(model, tokenizer, hparams, texts, task=task, cache_dir=cache_dir() / "pmet", progress=False)
     requests = [EditRequest(c.prompt, c.subject, c.target) for c in cases]
     shares, units = projected_shares(editor, requests)

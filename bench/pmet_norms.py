@@ -22,13 +22,13 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from transformer_patcher.core.pretrained import cache_dir, load_model
-from transformer_patcher.data.benchmarks import wikitext_texts
-from transformer_patcher.experiments.sme.batch_experiment import STATS_TEXTS
+from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, stats_texts
 from transformer_patcher.methods.pmet import pmet_hparams, second_moments
 
 
@@ -70,6 +70,16 @@ def layer_index(module: str) -> int:
     return int(module.split(".layers.")[1].split(".")[0])
 
 
+def run_moments(model: torch.nn.Module, tokenizer: Any, config: BatchExperimentConfig) -> dict[int, torch.Tensor]:
+    """``C = E[k kᵀ]`` per edited layer, as the run's editor read it (from the PMET statistics cache)."""
+    hparams = pmet_hparams(**config.pmet_options)
+    texts = stats_texts(config)[: hparams.mom2_n_texts]
+    stats = second_moments(
+        model, tokenizer, texts, hparams.layers, cache_dir=cache_dir() / "pmet", max_length=hparams.mom2_max_length
+    )
+    return {layer: moment.matrix for layer, moment in stats.items()}
+
+
 def checkpoint_files(run: Path, history: Path | None) -> dict[tuple[str, int], Path]:
     """``(editor stem, batch index) → tensors`` of a run: its latest checkpoint, and the earlier ones copied to
     ``history`` as ``{run}-{file}`` while it ran (the run keeps only its latest)."""
@@ -94,17 +104,15 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=100, help="columns counted as the oldest / newest update")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--history", type=Path, help="a folder of earlier checkpoints copied as {run}-{file}")
-    parser.add_argument("--data-dir", default="../shared/data", help="where WikiText-2 is, for the key statistics")
     args = parser.parse_args()
-    model, tokenizer = load_model("smollm2-135m", "generation")
-    hparams = pmet_hparams()
-    texts = wikitext_texts("valid", args.data_dir)[:STATS_TEXTS][: hparams.mom2_n_texts]
-    stats = second_moments(
-        model, tokenizer, texts, hparams.layers, cache_dir=cache_dir() / "pmet", max_length=hparams.mom2_max_length
-    )
-    moments = {layer: moment.matrix for layer, moment in stats.items()}
+    configs = {run: BatchExperimentConfig.from_folder(run) for run in args.runs}
+    models = {config.model for config in configs.values()}
+    if len(models) != 1:
+        raise SystemExit(f"the runs edited different models ({sorted(models)}): read them one model at a time")
+    model, tokenizer = load_model(models.pop(), "generation")
     records = []
-    for run in args.runs:
+    for run, config in configs.items():
+        moments = run_moments(model, tokenizer, config)
         for (stem, index), tensors in sorted(checkpoint_files(run, args.history).items()):
             part = json.loads((run / "parts" / f"{stem}-seq{index}.json").read_text())
             records.append(

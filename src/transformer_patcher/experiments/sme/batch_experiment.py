@@ -121,6 +121,11 @@ class BatchExperimentConfig:
 
         pmet_hparams(**self.pmet_options)  # and bad PMET options
 
+    @classmethod
+    def from_folder(cls, folder: Path) -> BatchExperimentConfig:
+        """The settings a run folder was written with (its ``config.json``; the run-only fields at their defaults)."""
+        return cls(**{**ADDED_SETTINGS, **json.loads((folder / "config.json").read_text())})
+
     @property
     def kind(self) -> str:
         return self.data if self.data in BENCHMARKS else str(self.data_kind)
@@ -211,13 +216,19 @@ class _Job:
     progress: bool
 
 
+def stats_texts(config: BatchExperimentConfig) -> list[str]:
+    """The texts the mass editors' key statistics are read from (and cached under): WikiText-2 validation passages,
+    or the benchmark's memory text where WikiText-2 is not installed."""
+    try:
+        return wikitext_texts("valid", config.data_dir)[:STATS_TEXTS]
+    except FileNotFoundError:
+        return [f"{a} {b}" for a, b in BENCHMARKS[config.kind](None, config.data_dir).memory]
+
+
 def _mass_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
     config, name = job.config, job.name
     hparams = pmet_hparams(variant=name, **config.pmet_options)
-    try:
-        texts = wikitext_texts("valid", config.data_dir)[:STATS_TEXTS]
-    except FileNotFoundError:
-        texts = [f"{a} {b}" for a, b in BENCHMARKS[config.kind](None, config.data_dir).memory]
+    texts = stats_texts(config)
     tokenizer = job.task.tokenizer
     stats = cache_dir() / "pmet"
     editor = PMETEditor(job.model, tokenizer, hparams, texts, task=job.task, cache_dir=stats, progress=job.progress)
