@@ -1,4 +1,4 @@
-"""How the SmolLM2 PMET preset was chosen: edit a batch of CounterFact records (900+, never reported) at several λ.
+"""How the SmolLM2 PMET preset was chosen: edit a batch of CounterFact or zsRE records (never reported) at several λ.
 
 Targets are computed once for the batch (they do not depend on λ); each λ then gets its own layer loop, applied
 through temporary forward hooks (the model is never changed), and ROME-style scores before and after.
@@ -7,6 +7,7 @@ through temporary forward hooks (the model is never changed), and ROME-style sco
         --out bench/results/pmet_tune.jsonl [--trials '{"track": "ffn"}' '{"track": "residual"}']
 
 A trial with ``"null_space": true`` writes through AlphaEdit's projection (a fresh one per trial: no earlier keys).
+``--data-kind zsre`` reads a zsRE file instead (its answers are the targets, as in ``batch run``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from transformer_patcher.core.pretrained import cache_dir, load_model
 from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.benchmarks import wikitext_texts
-from transformer_patcher.data.loaders import find_data_file, load_counterfact
+from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_zsre
 from transformer_patcher.experiments.sme.batch_experiment import saved_targets
 from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
 from transformer_patcher.methods.pmet import (
@@ -48,8 +49,9 @@ def main() -> None:
     parser.add_argument(
         "--data",
         default="counterfact/counterfact-edit-1k.json",
-        help="CounterFact file (a path, or one under the data folder)",
+        help="CounterFact or zsRE file (a path, or one under the data folder)",
     )
+    parser.add_argument("--data-kind", choices=("counterfact", "zsre"), default="counterfact")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--targets", type=Path, default=None, help="folder to keep targets in (reused for the same records and --set)"
@@ -62,7 +64,7 @@ def main() -> None:
     texts = wikitext_texts("valid")[: hparams.mom2_n_texts]
     moments = second_moments(model, tokenizer, texts, hparams.layers, cache_dir=cache_dir() / "pmet", progress=False)
     data = Path(args.data) if Path(args.data).is_file() else find_data_file(args.data)
-    rows = list(load_counterfact(data))
+    rows = list(load_zsre(data) if args.data_kind == "zsre" else load_counterfact(data))
     rows = rows[args.start : args.start + args.n]
     cases = [FactCase.from_row(r) for r in rows]
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]

@@ -51,12 +51,42 @@ def test_metrics_count_probability_wins_and_unchanged_neighbours() -> None:
         "efficacy_acc": 0.5,
         "paraphrase_acc": 0.5,
         "neighborhood_acc": 0.5,
+        "efficacy_token_acc": 0.5,  # one-token answers: the token share is the whole-answer accuracy
+        "paraphrase_token_acc": 0.5,
         "efficacy_score": 0.5,
         "paraphrase_score": 0.5,
         "neighborhood_score": 0.5,
     }
     without_truth = [{k: v for k, v in case.items() if k in ("edit", "paraphrase", "neighbourhood")} for case in after]
-    assert set(fact_metrics(without_truth, before)) == {"efficacy_acc", "paraphrase_acc", "neighborhood_acc"}
+    assert set(fact_metrics(without_truth, before)) == {
+        "efficacy_acc",
+        "paraphrase_acc",
+        "neighborhood_acc",
+        "efficacy_token_acc",
+        "paraphrase_token_acc",
+    }
+
+
+def _answer(correct_tokens: int, total_tokens: int, ids: tuple[int, ...] = ()) -> Outcome:
+    return Outcome(correct_tokens == total_tokens, "", "ref", correct_tokens, total_tokens, 0.0, ids)
+
+
+def test_token_accuracies_credit_part_of_a_multi_token_answer_per_case() -> None:
+    """zsRE-style answers: whole-answer accuracy fails a case on one wrong token, the token accuracies count the share
+    of right (target) or unchanged (neighbour) tokens per case, then average the cases (as ROME and EasyEdit do)."""
+    before = [
+        {"edit": _answer(0, 4), "paraphrase": _answer(0, 4), "neighbourhood": _answer(1, 2, (7, 8))},
+        {"edit": _answer(0, 1), "paraphrase": _answer(0, 1), "neighbourhood": _answer(0, 4, (1, 2, 3, 4))},
+    ]
+    after = [
+        {"edit": _answer(3, 4), "paraphrase": _answer(1, 4), "neighbourhood": _answer(1, 2, (7, 8))},
+        {"edit": _answer(1, 1), "paraphrase": _answer(0, 1), "neighbourhood": _answer(0, 4, (1, 2, 9, 9))},
+    ]
+    metrics = fact_metrics(after, before)
+    assert metrics["efficacy_acc"] == 0.5 and metrics["efficacy_token_acc"] == pytest.approx((3 / 4 + 1) / 2)
+    assert metrics["paraphrase_acc"] == 0.0 and metrics["paraphrase_token_acc"] == pytest.approx(1 / 8)
+    assert metrics["neighborhood_acc"] == 1.0  # both predictions are "" here: the strings cannot tell
+    assert metrics["neighborhood_token_acc"] == pytest.approx((1 + 2 / 4) / 2)
 
 
 def test_score_cases_reads_mean_token_log_probabilities() -> None:

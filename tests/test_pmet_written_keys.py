@@ -43,6 +43,20 @@ def test_a_later_batch_moves_earlier_keys_less_when_they_are_counted() -> None:
     torch.testing.assert_close(kept, expected.dense() @ first)
 
 
+def test_two_batches_with_written_keys_are_the_one_batch_solve_over_both() -> None:
+    """Recursive least squares: with the second batch's residuals read from the model the first left (``V₂ − D₁K₂``),
+    ``D₁ + ΔW₂`` is the paper's solve over both batches at once, so the sum of the updates is what λC penalises,
+    not each update alone; a penalty on the accumulated update adds nothing to ``keep_written``."""
+    first, first_values = _batch(4, 0)
+    second, second_values = _batch(5, 1)
+    solve = CovarianceSolve({0: _covariance()}, 5.0)
+    d1 = solve.solve(0, first, first_values).dense()
+    solve.commit()
+    d2 = solve.solve(0, second, second_values - d1 @ second).dense()
+    both = solve_update(torch.cat([first, second], 1), torch.cat([first_values, second_values], 1), _covariance(), 5.0)
+    torch.testing.assert_close(d1 + d2, both.dense())
+
+
 def test_pending_keys_are_dropped_on_discard_and_survive_a_save() -> None:
     keys, residuals = _batch(3, 0)
     solve = CovarianceSolve({2: _covariance()}, 5.0)

@@ -9,8 +9,8 @@ from typing import Any
 
 METRIC_COLUMNS = ("SR", "GR", "ER", "TrainR", "TestR", "locality", "locality_acc")
 EXTRA_COLUMNS = ("edits", "folds", "seconds_per_edit")
-# Batch (mass) editing: ROME-style probability scores, then accuracies (sme.fact_scores), then sequential batches'
-# general ability (free generation unchanged, token share; relative perplexity change).
+# Batch (mass) editing: ROME-style probability scores, then accuracies, whole-answer and per token (sme.fact_scores),
+# then sequential batches' general ability (free generation unchanged, token share; relative perplexity change).
 FACT_COLUMNS = (
     "efficacy_score",
     "paraphrase_score",
@@ -18,6 +18,9 @@ FACT_COLUMNS = (
     "efficacy_acc",
     "paraphrase_acc",
     "neighborhood_acc",
+    "efficacy_token_acc",
+    "paraphrase_token_acc",
+    "neighborhood_token_acc",
     "generation-raw.token",
     "generation-chat.token",
     "perplexity.change",

@@ -159,7 +159,8 @@ PRESETS: dict[str, PMETHyperParams] = {
     ),
     # The same, with the write measured best on 100 counterfact-train facts in one batch (bench/results/
     # pmet_fold.jsonl): the whole optimised change, counted once on the residual stream; then the settled exit,
-    # faster targets and a stronger write, with two refine rounds (bench/results/pmet_settled.jsonl).
+    # faster targets and a stronger write, with two refine rounds (bench/results/pmet_settled.jsonl); targets that
+    # lead by 2 nats, so a partial write still leaves them greedy (bench/results/pmet_margin.jsonl).
     "smollm2-135m": PMETHyperParams(
         v_lr=2.0,
         clamp_norm_factor=1.5,
@@ -168,7 +169,11 @@ PRESETS: dict[str, PMETHyperParams] = {
         fold_attention=True,
         refine_rounds=2,
         settled_steps=3,
-        extra={"source": "bench/pmet_tune.py, bench/results/pmet_fold.jsonl, bench/results/pmet_settled.jsonl"},
+        target_margin=2.0,
+        extra={
+            "source": "bench/pmet_tune.py, bench/results/pmet_fold.jsonl, bench/results/pmet_settled.jsonl, "
+            "bench/results/pmet_margin.jsonl"
+        },
     ),
 }
 DEFAULT_PRESET = "smollm2-135m"
