@@ -344,7 +344,10 @@ def test_presets_carry_the_published_settings() -> None:
     assert pmet_hparams().fold_attention and pmet_hparams().refine_rounds == 2  # the SmolLM2 write (dev-measured)
     paper = pmet_hparams("smollm2-135m-paper")
     assert (paper.track, paper.fold_attention, paper.refine_rounds, paper.settled_steps) == ("ffn", False, 0, 0)
-    tuned = paper.with_options(track="residual", fold_attention=True, refine_rounds=2, settled_steps=3)
+    assert official.target_margin == paper.target_margin == 0.0  # the paper's "on target" is the argmax
+    tuned = paper.with_options(
+        track="residual", fold_attention=True, refine_rounds=2, settled_steps=3, target_margin=2.0
+    )
     assert tuned == pmet_hparams()
     with pytest.raises(ValueError, match="unknown PMET preset"):
         pmet_hparams("gpt-5")
