@@ -98,14 +98,10 @@ def fact_metrics(after: Sequence[dict[str, Outcome]], before: Sequence[dict[str,
         "efficacy_token_acc": fmean(c["edit"].correct_tokens / c["edit"].total_tokens for c in after),
         "paraphrase_token_acc": fmean(c["paraphrase"].correct_tokens / c["paraphrase"].total_tokens for c in after),
     }
-    if all(
-        c["neighbourhood"].predicted_ids for c in (*after, *before)
-    ):  # runs scored before the ids were kept lack them
-        metrics["neighborhood_token_acc"] = fmean(
-            row_agreement(
-                [a["neighbourhood"].predicted_ids for a in after], [b["neighbourhood"].predicted_ids for b in before]
-            )
-        )
+    ids_after = [c["neighbourhood"].predicted_ids for c in after]
+    ids_before = [c["neighbourhood"].predicted_ids for c in before]
+    if all(ids_after) and all(ids_before):  # outcomes saved before the argmax ids were kept lack them
+        metrics["neighborhood_token_acc"] = fmean(row_agreement(ids_after, ids_before))
     if all("edit_true" in c for c in after):
         metrics |= {
             "efficacy_score": fmean(c["edit"].log_prob > c["edit_true"].log_prob for c in after),
