@@ -346,7 +346,7 @@ def test_presets_carry_the_published_settings() -> None:
     assert (paper.track, paper.fold_attention, paper.refine_rounds, paper.settled_steps) == ("ffn", False, 0, 0)
     assert official.target_margin == paper.target_margin == 0.0  # the paper's "on target" is the argmax
     tuned = paper.with_options(
-        track="residual", fold_attention=True, refine_rounds=2, settled_steps=3, target_margin=2.0
+        track="residual", fold_attention=True, refine_rounds=2, settled_steps=3, target_margin=2.0, v_num_grad_steps=60
     )
     assert tuned == pmet_hparams()
     with pytest.raises(ValueError, match="unknown PMET preset"):

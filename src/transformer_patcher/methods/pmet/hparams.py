@@ -160,9 +160,11 @@ PRESETS: dict[str, PMETHyperParams] = {
     # The same, with the write measured best on 100 counterfact-train facts in one batch (bench/results/
     # pmet_fold.jsonl): the whole optimised change, counted once on the residual stream; then the settled exit,
     # faster targets and a stronger write, with two refine rounds (bench/results/pmet_settled.jsonl); targets that
-    # lead by 2 nats, so a partial write still leaves them greedy (bench/results/pmet_margin.jsonl).
+    # lead by 2 nats, so a partial write still leaves them greedy (bench/results/pmet_margin.jsonl); up to 60 steps,
+    # which zsRE's multi-token answers need and the settled exit leaves unused on most facts (pmet_zsre_dev.jsonl).
     "smollm2-135m": PMETHyperParams(
         v_lr=2.0,
+        v_num_grad_steps=60,
         clamp_norm_factor=1.5,
         mom2_update_weight=2000.0,
         track="residual",
@@ -172,7 +174,7 @@ PRESETS: dict[str, PMETHyperParams] = {
         target_margin=2.0,
         extra={
             "source": "bench/pmet_tune.py, bench/results/pmet_fold.jsonl, bench/results/pmet_settled.jsonl, "
-            "bench/results/pmet_margin.jsonl"
+            "bench/results/pmet_margin.jsonl, bench/results/pmet_zsre_dev.jsonl"
         },
     ),
 }
