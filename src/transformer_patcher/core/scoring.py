@@ -28,6 +28,11 @@ class Outcome:
     log_prob: float = 0.0  # mean log-probability of the target's tokens (the label's, for classification)
     predicted_ids: tuple[int, ...] = ()  # the argmax at each read (EasyEdit-style locality compares these)
 
+    @property
+    def token_acc(self) -> float:
+        """The share of the target's tokens that are the argmax given their prefix (0 for an empty target)."""
+        return self.correct_tokens / self.total_tokens if self.total_tokens else 0.0
+
 
 def score_pairs(
     model: nn.Module,

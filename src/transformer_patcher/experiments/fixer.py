@@ -260,9 +260,9 @@ class Patcher(Closable):
         """One side of an EasyEdit case and its locality predictions; with the pre side's predictions as
         ``reference``, locality is the share of them unchanged."""
         target = rewrite["target_new"]
-        metrics: dict[str, Any] = {"rewrite_acc": [_token_acc(self._score([rewrite["prompt"]], target)[0])]}
+        metrics: dict[str, Any] = {"rewrite_acc": [self._score([rewrite["prompt"]], target)[0].token_acc]}
         if rewrite["rephrase_prompt"] is not None:
-            metrics["rephrase_acc"] = [_token_acc(self._score([rewrite["rephrase_prompt"]], target)[0])]
+            metrics["rephrase_acc"] = [self._score([rewrite["rephrase_prompt"]], target)[0].token_acc]
         predicted = {
             name: self._score([part["prompt"]], part["ground_truth"])[0].predicted_ids
             for name, part in rewrite["locality"].items()
@@ -311,10 +311,6 @@ def _seq2seq_answers(model: Any, task: Task, prompts: Sequence[str], max_new_tok
     with eval_mode(model), torch.no_grad():  # dropout off, as for the causal LMs' greedy_continuations
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     return task.tokenizer.batch_decode(output, skip_special_tokens=True)
-
-
-def _token_acc(outcome: Outcome) -> float:
-    return outcome.correct_tokens / outcome.total_tokens if outcome.total_tokens else 0.0
 
 
 def _agreement(before: tuple[int, ...], after: tuple[int, ...]) -> float:

@@ -95,8 +95,8 @@ def fact_metrics(after: Sequence[dict[str, Outcome]], before: Sequence[dict[str,
         ),
     }
     metrics |= {
-        "efficacy_token_acc": fmean(c["edit"].correct_tokens / c["edit"].total_tokens for c in after),
-        "paraphrase_token_acc": fmean(c["paraphrase"].correct_tokens / c["paraphrase"].total_tokens for c in after),
+        "efficacy_token_acc": fmean(c["edit"].token_acc for c in after),
+        "paraphrase_token_acc": fmean(c["paraphrase"].token_acc for c in after),
     }
     ids_after = [c["neighbourhood"].predicted_ids for c in after]
     ids_before = [c["neighbourhood"].predicted_ids for c in before]
