@@ -18,6 +18,7 @@ from transformer_patcher.methods.pmet import (
     PMETHyperParams,
     algorithm,
     collect_second_moments,
+    context_templates,
     pmet_hparams,
 )
 from transformer_patcher.methods.pmet.algorithm import read_at_subject
@@ -180,6 +181,42 @@ def test_folding_the_attention_delta_writes_the_whole_optimised_change(arch: str
     assert torch.equal(targets.select([1]).attention, targets.attention[1:2])
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_write_scale_aims_the_layer_loop_past_the_optimised_change(arch: str, tokenizer) -> None:
+    """``write_scale=s`` drives the z layer's block output to its pre-edit value plus ``s`` times the optimised change
+    (within 2 %, λ → 0): the target is aimed past, not re-optimised."""
+    moved, targets = _block_move(arch, tokenizer, _requests(6), track="residual", write_scale=1.5)
+    assert _relative_misses(moved, 1.5 * targets.change()).max() < 0.02
+    assert _relative_misses(moved, targets.change()).min() > 0.4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_spread_sets_each_layers_share_of_the_residual(arch: str, tokenizer) -> None:
+    """``spread`` chooses the share of the residual each edited layer writes, apart from the variant: over two layers
+    the first takes ``1/sqrt 2`` of it (PMET) or ``1/2`` (MEMIT), read before any write, and with λ → 0 both land the
+    z layer's block output on the whole change (within 2 %)."""
+    model = _model(arch)
+    requests = _requests(6)
+    hparams = HPARAMS.with_options(mom2_update_weight=1e-4, track="residual")
+    moments = collect_second_moments(model, tokenizer, _texts(), HPARAMS.layers, progress=False)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    targets = algorithm.compute_targets(model, tokenizer, requests, hparams, templates)
+    block = block_modules(model, HPARAMS.layers[-1])
+    bare = [encode(tokenizer, r.template, r.subject) for r in requests]
+    before = read_at_subject(model, tokenizer, bare, block.block, "output")
+    first = {}
+    for spread in ("pmet", "memit"):
+        trial = hparams.with_options(spread=spread)
+        assert trial.spread_rule == spread and trial.variant == "pmet"
+        deltas = algorithm.compute_deltas(model, tokenizer, requests, trial, moments, templates, targets)
+        first[spread] = deltas[block_modules(model, HPARAMS.layers[0]).ffn_out].up
+        with algorithm.applied(model, deltas):
+            moved = read_at_subject(model, tokenizer, bare, block.block, "output") - before
+        assert _relative_misses(moved, targets.change()).max() < 0.02, spread
+    torch.testing.assert_close(first["pmet"], first["memit"] * 2**0.5)
+    assert HPARAMS.spread_rule == "pmet" and HPARAMS.with_options(variant="memit").spread_rule == "memit"
+
+
 def _target_probabilities(model: torch.nn.Module, tokenizer, requests: list[EditRequest]) -> torch.Tensor:
     probabilities = _logits(model, tokenizer, [r.text for r in requests]).softmax(-1)
     ids = [tokenizer.convert_tokens_to_ids(r.target) for r in requests]
@@ -325,6 +362,10 @@ def test_hyperparameters_are_validated() -> None:
         HPARAMS.with_options(refine_rounds=-1)
     with pytest.raises(ValueError, match="settled_steps must be >= 0"):
         HPARAMS.with_options(settled_steps=-1)
+    with pytest.raises(ValueError, match="write_scale"):
+        HPARAMS.with_options(write_scale=0.0)
+    with pytest.raises(ValueError, match="spread must be one of"):
+        HPARAMS.with_options(spread="rome")
     with pytest.raises(ValueError, match="refine must be one of"):
         HPARAMS.with_options(refine="again")
     saved = Targets(torch.ones(2, 3), torch.zeros(2, 3), [1, 1], [0.5, 0.5])  # read back without δ_attn
@@ -346,9 +387,16 @@ def test_presets_carry_the_published_settings() -> None:
     assert (paper.track, paper.fold_attention, paper.refine_rounds, paper.settled_steps) == ("ffn", False, 0, 0)
     assert official.target_margin == paper.target_margin == 0.0  # the paper's "on target" is the argmax
     tuned = paper.with_options(
-        track="residual", fold_attention=True, refine_rounds=2, settled_steps=3, target_margin=2.0, v_num_grad_steps=60
+        track="residual",
+        fold_attention=True,
+        refine_rounds=2,
+        settled_steps=3,
+        target_margin=2.0,
+        v_num_grad_steps=60,
+        spread="memit",
     )
     assert tuned == pmet_hparams()
+    assert paper.spread_rule == "pmet" and pmet_hparams(variant="memit").spread_rule == "memit"
     with pytest.raises(ValueError, match="unknown PMET preset"):
         pmet_hparams("gpt-5")
 

@@ -6,7 +6,8 @@ For edited layer ``l_i`` (i = 0 … L−1, shallow to deep), with the updates of
   of each group and then over groups (``compute_ks``);
 - current values: the z layer's FFN output (PMET) or block output (MEMIT ablation) at the subject's last token of the
   bare prompt, under the partially edited model;
-- residuals ``R = (z − current) · share(i)`` with ``share = 1/sqrt(L − i)`` (PMET) or ``1/(L − i)`` (MEMIT);
+- residuals ``R = (z − current) · share(i)`` with ``share = 1/sqrt(L − i)`` (PMET) or ``1/(L − i)`` (MEMIT; either
+  variant may take the other's with ``hparams.spread``);
 - ``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` (:func:`solve_update`), kept as low-rank factors.
 
 Earlier updates act through temporary forward hooks, so the model is the same object, unchanged, when this returns
@@ -127,10 +128,11 @@ def written_values(
 
     The target ``z`` at the FFN output (PMET's ``track="ffn"``) or the block output (the MEMIT ablation), or, for
     PMET's ``track="residual"``, the block output read now plus the optimised change, since the block output is where
-    every layer's write adds up and the change was optimised on the FFN output."""
+    every layer's write adds up and the change was optimised on the FFN output. The change is scaled by
+    ``hparams.write_scale``."""
     z_block = block_modules(model, hparams.layers[-1])
     device = next(unwrap(model).parameters()).device
-    change = targets.change(hparams.fold_attention).to(device).double().T  # d × n
+    change = targets.change(hparams.fold_attention).to(device).double().T * hparams.write_scale  # d × n
     if hparams.variant == "pmet" and hparams.track == "ffn":
         return z_block.ffn_out, targets.init.to(device).double().T + change
     if hparams.variant == "pmet":  # the FFN change, carried by the residual stream: read now, not at optimisation
@@ -166,7 +168,7 @@ def compute_deltas(
         with applied(model, deltas):
             keys = compute_keys(model, tokenizer, requests, templates, modules.ffn_out)
             current = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
-        share = residual_share(position, len(hparams.layers), hparams.variant)
+        share = residual_share(position, len(hparams.layers), hparams.spread_rule)
         residuals = (values - current) * share
         if written is not None:
             deltas[modules.ffn_out] = written.solve(layer, keys, residuals)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from transformer_patcher.core.validation import check_int, check_number, check_options
+from transformer_patcher.methods.pmet.update import SPREADS
 
 VARIANTS = ("pmet", "memit")
 TRACKS = ("ffn", "residual")
@@ -70,6 +71,13 @@ class PMETHyperParams:
     # ΔW = R Kᵀ (K Kᵀ + Kₚ Kₚᵀ + λC)⁻¹, so a later batch keeps their outputs (methods/pmet/written_keys.py). Not the
     # paper's; null_space=True always counts them
     keep_written: bool = False
+    # How the layer loop spreads the residual over the edited layers: "pmet" (1/sqrt(L − i)) or "memit" (1/(L − i));
+    # None follows the variant (methods/pmet/update.py, residual_share)
+    spread: str | None = None
+    # The layer loop drives the optimised change times this (1: the paper's). The closed-form write lands only part of
+    # each change, at its own keys, so aiming past the target lands more of it (docs/results.md, Issue 18, thirteenth
+    # round). Not the paper's
+    write_scale: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance notes for presets
 
     def __post_init__(self) -> None:
@@ -77,6 +85,8 @@ class PMETHyperParams:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.track not in TRACKS:
             raise ValueError(f"track must be one of {TRACKS}, got {self.track!r}")
+        if self.spread is not None and self.spread not in SPREADS:
+            raise ValueError(f"spread must be one of {SPREADS} or None (the variant's own), got {self.spread!r}")
         if self.refine not in REFINES:
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (tuple, list)):
@@ -92,7 +102,14 @@ class PMETHyperParams:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.fold_attention and self.variant == "memit":
             raise ValueError("fold_attention is a PMET option: the MEMIT ablation optimises no attention delta")
-        positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor", "null_space_l2")
+        positive = (
+            "v_lr",
+            "clamp_norm_factor",
+            "mom2_update_weight",
+            "nll_loss_factor",
+            "null_space_l2",
+            "write_scale",
+        )
         positive += ("null_space_threshold",)
         non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge", "target_margin")
         for name in positive + non_negative:
@@ -122,6 +139,11 @@ class PMETHyperParams:
         object.__setattr__(self, "context_template_lengths", lengths)
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {self.extra!r}")
+
+    @property
+    def spread_rule(self) -> str:
+        """The residual spread the layer loop uses: ``spread``, or the variant's own."""
+        return self.spread or self.variant
 
     def with_options(self, **options: Any) -> PMETHyperParams:
         """A copy with ``options`` replaced; unknown names are an error naming the valid ones."""
@@ -161,7 +183,8 @@ PRESETS: dict[str, PMETHyperParams] = {
     # pmet_fold.jsonl): the whole optimised change, counted once on the residual stream; then the settled exit,
     # faster targets and a stronger write, with two refine rounds (bench/results/pmet_settled.jsonl); targets that
     # lead by 2 nats, so a partial write still leaves them greedy (bench/results/pmet_margin.jsonl); up to 60 steps,
-    # which zsRE's multi-token answers need and the settled exit leaves unused on most facts (pmet_zsre_dev.jsonl).
+    # which zsRE's multi-token answers need and the settled exit leaves unused on most facts (pmet_zsre_dev.jsonl);
+    # MEMIT's residual spread, which lands more of zsRE with a cleaner neighbourhood (pmet_spread.jsonl).
     "smollm2-135m": PMETHyperParams(
         v_lr=2.0,
         v_num_grad_steps=60,
@@ -172,9 +195,10 @@ PRESETS: dict[str, PMETHyperParams] = {
         refine_rounds=2,
         settled_steps=3,
         target_margin=2.0,
+        spread="memit",
         extra={
             "source": "bench/pmet_tune.py, bench/results/pmet_fold.jsonl, bench/results/pmet_settled.jsonl, "
-            "bench/results/pmet_margin.jsonl, bench/results/pmet_zsre_dev.jsonl"
+            "bench/results/pmet_margin.jsonl, bench/results/pmet_zsre_dev.jsonl, bench/results/pmet_spread.jsonl"
         },
     ),
 }
