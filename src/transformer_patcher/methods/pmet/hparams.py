@@ -102,15 +102,8 @@ class PMETHyperParams:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.fold_attention and self.variant == "memit":
             raise ValueError("fold_attention is a PMET option: the MEMIT ablation optimises no attention delta")
-        positive = (
-            "v_lr",
-            "clamp_norm_factor",
-            "mom2_update_weight",
-            "nll_loss_factor",
-            "null_space_l2",
-            "write_scale",
-        )
-        positive += ("null_space_threshold",)
+        positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor", "null_space_l2")
+        positive += ("null_space_threshold", "write_scale")
         non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge", "target_margin")
         for name in positive + non_negative:
             check_number(name, getattr(self, name), 0.0, strict=name in positive)
