@@ -6,6 +6,10 @@ through temporary forward hooks (the model is never changed), and ROME-style sco
     python bench/pmet_tune.py --start 900 --n 16 --set v_lr=2.0 clamp_norm_factor=1.5 --lams 15000 6000 2000 \
         --out bench/results/pmet_tune.jsonl [--trials '{"track": "ffn"}' '{"track": "residual"}']
 
+Each row also says how much of each fact's optimised change the write delivers where the layer loop reads it (the z
+layer), as a share of that change (``landed``: median and 10th percentile; 1.0 is the whole change, before
+``write_scale``), and how the facts the write missed compare there.
+
 A trial with ``"null_space": true`` writes through AlphaEdit's projection (a fresh one per trial: no earlier keys).
 ``--data-kind zsre`` reads a zsRE file instead (its answers are the targets, as in ``batch run``).
 """
@@ -15,9 +19,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from transformer_patcher.core.pretrained import cache_dir, load_model
 from transformer_patcher.core.tasks import CausalLMTask
@@ -28,13 +34,48 @@ from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metri
 from transformer_patcher.methods.pmet import (
     EditRequest,
     PMETHyperParams,
+    Targets,
     compute_targets,
     context_templates,
     refined_deltas,
     second_moments,
 )
-from transformer_patcher.methods.pmet.algorithm import applied
+from transformer_patcher.methods.pmet.algorithm import applied, read_at_subject, written_values
 from transformer_patcher.methods.pmet.editor import written_solve
+from transformer_patcher.methods.pmet.requests import encode
+from transformer_patcher.methods.pmet.update import LowRankDelta
+
+
+def landed_shares(
+    model: Any,
+    tokenizer: Any,
+    requests: list[EditRequest],
+    hparams: PMETHyperParams,
+    targets: Targets,
+    deltas: dict[str, LowRankDelta],
+) -> list[float]:
+    """Per fact, the share of its optimised change at the z layer that ``deltas`` add there: the projection of what
+    the write moves onto the change, over the change's squared length (``write_scale`` left out)."""
+    module, values = written_values(model, tokenizer, requests, hparams.with_options(write_scale=1.0), targets)
+    bare = [encode(tokenizer, request.template, request.subject) for request in requests]
+    before = read_at_subject(model, tokenizer, bare, module, "output").double().T
+    with applied(model, deltas):
+        after = read_at_subject(model, tokenizer, bare, module, "output").double().T
+    change = values - before
+    return (((after - before) * change).sum(0) / (change * change).sum(0)).tolist()
+
+
+def share_summary(shares: list[float], missed: list[bool]) -> dict[str, float | None]:
+    """Median and 10th percentile of the landed shares, and the median over the facts the write missed and landed."""
+    deciles = statistics.quantiles(shares, n=10) if len(shares) > 1 else shares * 9
+    hit = [s for s, m in zip(shares, missed, strict=True) if not m]
+    miss = [s for s, m in zip(shares, missed, strict=True) if m]
+    return {
+        "landed_median": statistics.median(shares),
+        "landed_p10": deciles[0],
+        "landed_median_hit": statistics.median(hit) if hit else None,
+        "landed_median_missed": statistics.median(miss) if miss else None,
+    }
 
 
 def main() -> None:
@@ -101,6 +142,8 @@ def main() -> None:
                 after = score_cases(model, task, cases)
             row = {**common, "lam": lam, "trial": extra, "write_s_per_request": write_seconds / len(requests)}
             row.update(fact_metrics(after, before))
+            shares = landed_shares(model, tokenizer, requests, trial, targets, deltas)
+            row.update(share_summary(shares, [not case["edit"].correct for case in after]))
             log.write(json.dumps(row) + "\n")
             log.flush()  # one whole line at a time: other runs may append to the same file
             print(json.dumps({k: v for k, v in row.items() if k != "target_probabilities"}), flush=True)
