@@ -53,7 +53,7 @@ class EditRequest:
         """The prompt with its first subject mention as ``{}``."""
         if "{}" in self.prompt:
             return self.prompt
-        return _escape_braces(self.prompt).replace(_escape_braces(self.subject), "{}", 1)
+        return escape_braces(self.prompt).replace(escape_braces(self.subject), "{}", 1)
 
     @property
     def text(self) -> str:
@@ -114,6 +114,6 @@ def encode(tokenizer: Any, template: str, subject: str, answer: Sequence[int] = 
     return Encoded(ids, lookup, positions, answer)
 
 
-def _escape_braces(text: str) -> str:
+def escape_braces(text: str) -> str:
     """``text`` as a literal inside a ``str.format`` template."""
     return text.replace("{", "{{").replace("}", "}}")

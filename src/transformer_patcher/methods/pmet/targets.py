@@ -20,7 +20,7 @@ long, and padding them to the longest would more than double the work.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -107,6 +107,17 @@ def output_hook(add: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., An
         return add(output)
 
     return hook
+
+
+@contextmanager
+def output_hooks(base: nn.Module, adds: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """While inside, each named module's (first) output is replaced by its ``add(output)`` (:func:`output_hook`)."""
+    handles = [base.get_submodule(name).register_forward_hook(output_hook(add)) for name, add in adds.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def compute_targets(
@@ -276,18 +287,9 @@ class SubjectShift:
         shift = torch.stack([self.deltas[site][batch.owner[row]] for row in self.rows]).to(output.dtype)
         return output.index_put(self.where, shift, accumulate=True)
 
-    @contextmanager
-    def attached(self, base: nn.Module, modules: dict[str, str]) -> Iterator[None]:
+    def attached(self, base: nn.Module, modules: dict[str, str]) -> AbstractContextManager[None]:
         """Hook :meth:`add` onto each site's module (``modules``: site → module name) while inside."""
-        handles = [
-            base.get_submodule(name).register_forward_hook(output_hook(partial(self.add, site)))
-            for site, name in modules.items()
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return output_hooks(base, {name: partial(self.add, site) for site, name in modules.items()})
 
     def initial(self, site: str, r: int) -> torch.Tensor:
         value = self.init[site][r]
