@@ -13,11 +13,12 @@ rephrase and of other questions about the subject (the suite's templates), throu
   the change leaves as it was (the suite's ``subject-raw`` part, asked of this subject);
 - ``found``: rephrases that name the subject verbatim (the others are scored without the change).
 
-    python bench/subject_delta.py --data counterfact/counterfact-train.json --start 0 --n 300 \
+    python bench/subject_delta.py --data counterfact/counterfact-train.json --start 0 --n 100 \
         --targets /tmp/w/cf-dev-targets --set v_lr=2.0 clamp_norm_factor=1.5 settled_steps=3 target_margin=2.0 \
-        v_num_grad_steps=60 --out bench/results/subject_delta.json
+        v_num_grad_steps=60 --scales 1.0 1.5 2.0 3.0 --out bench/results/subject_delta-counterfact.json
 
-Targets are read from (or written to) ``--targets`` as ``bench/pmet_tune.py`` keeps them.
+(zsRE: ``--data zsre/zsre_mend_train-1k.json --data-kind zsre --n 40``; ``--site optimised`` adds each delta where
+the optimisation added it.) Targets are read from (or written to) ``--targets`` as ``bench/pmet_tune.py`` keeps them.
 """
 
 from __future__ import annotations
