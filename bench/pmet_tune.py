@@ -21,6 +21,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,15 @@ from transformer_patcher.methods.pmet.algorithm import applied, read_at_subject,
 from transformer_patcher.methods.pmet.editor import written_solve
 from transformer_patcher.methods.pmet.requests import encode
 from transformer_patcher.methods.pmet.update import LowRankDelta
+
+
+def kept_targets(
+    folder: Path, data: Path, start: int, n: int, hparams: PMETHyperParams, compute: Callable[[], Targets]
+) -> tuple[Targets, float]:
+    """``saved_targets`` under a name for these records and these target settings, so other runs reuse them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    setting = hashlib.sha256(json.dumps(hparams.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return saved_targets(folder, f"{data.stem}-{start}-{n}-{setting}", compute)
 
 
 def landed_shares(
@@ -118,10 +128,7 @@ def main() -> None:
         targets = compute()
         target_seconds = (time.perf_counter() - began) / len(requests)
     else:
-        args.targets.mkdir(parents=True, exist_ok=True)
-        setting = hashlib.sha256(json.dumps(hparams.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-        name = f"{data.stem}-{args.start}-{args.n}-{setting}"
-        targets, target_seconds = saved_targets(args.targets, name, compute)
+        targets, target_seconds = kept_targets(args.targets, data, args.start, args.n, hparams, compute)
     common = {
         "data": data.name,
         "records": [args.start, args.start + args.n],

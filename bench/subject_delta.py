@@ -24,7 +24,6 @@ the optimisation added it.) Targets are read from (or written to) ``--targets`` 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,13 +34,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from pmet_tune import kept_targets
 from transformer_patcher.core.decoding import greedy_continuations
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_zsre
 from transformer_patcher.data.suite_data import subject_questions
-from transformer_patcher.experiments.sme.batch_experiment import saved_targets
 from transformer_patcher.methods.pmet import EditRequest, PMETHyperParams, compute_targets, context_templates
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.requests import encode, escape_braces
@@ -97,11 +96,12 @@ def main() -> None:
     ]
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
     templates = context_templates(model, tokenizer, hparams.context_template_lengths)
-    setting = hashlib.sha256(json.dumps(hparams.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    args.targets.mkdir(parents=True, exist_ok=True)
-    targets, _ = saved_targets(
+    targets, _ = kept_targets(
         args.targets,
-        f"{data.stem}-{args.start}-{args.n}-{setting}",
+        data,
+        args.start,
+        args.n,
+        hparams,
         partial(compute_targets, model, tokenizer, requests, hparams, templates, progress=True),
     )
     z_block = block_modules(model, hparams.layers[-1])
