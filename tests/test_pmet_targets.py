@@ -1,5 +1,5 @@
-"""PMET target optimisation in parts: the prompt batch, the delta hooks, the early exits, and batching that changes
-nothing (each request leaves the batch at its own exit)."""
+"""PMET target optimisation in parts: the prompt batch, the delta hooks, the early exits, passing the lower blocks
+by, and batching that changes nothing (each request leaves the batch at its own exit)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from test_pmet_editor import HPARAMS, _model, _requests
+from tiny_models import build
 from tiny_tokenizer import EDIT_WORDS, sentence, tiny_tokenizer
 from transformer_patcher.methods.pmet import EditRequest, compute_targets, covariance
-from transformer_patcher.methods.pmet.architecture import unwrap
+from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
+from transformer_patcher.methods.pmet.lower_blocks import LowerBlocks
 from transformer_patcher.methods.pmet.requests import target_ids
 from transformer_patcher.methods.pmet.targets import (
     KL_EXIT,
@@ -142,6 +144,46 @@ def test_running_the_packed_suffixes_on_the_prefix_keys_equals_running_whole_pro
             position = len(prefix) + (reads.t_pos[read] if row_reads is reads.t_row else 0)
             whole.append(torch.log_softmax(base.get_output_embeddings()(hidden[0, position]).float(), -1))
     torch.testing.assert_close(split, torch.stack(whole), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text", "gpt_neox"])
+def test_a_step_that_passes_the_lower_blocks_by_reads_what_running_them_reads(arch: str, tokenizer) -> None:
+    """After the first forward the blocks below the deltas' layer are not run (none of their modules is called):
+    block ``layer`` gets their recorded output, and the step reads what running every block reads, also once a
+    request has left the packed sequence. Outside, every block runs again."""
+    base = unwrap(build(arch))
+    batch = build_batch(tokenizer, _mid_subject_requests(), TEMPLATES, torch.device("cpu"))
+    hparams = HPARAMS.with_options(layers=(1,))
+    sites = delta_sites(base, hparams)
+    shift = SubjectShift(batch, list(sites), base.config.hidden_size, torch.device("cpu"))
+    with torch.no_grad():
+        for delta in shift.parameters():
+            delta.copy_(torch.randn(delta.shape, generator=torch.Generator().manual_seed(3)))
+    keys = prefix_keys(base, batch)
+    lower = LowerBlocks(base, 1)
+    below = base.get_submodule(block_modules(base, 0).ffn_out)
+    calls: list[int] = []
+    below.register_forward_hook(lambda *_: calls.append(1))
+
+    def read(active: list[int]) -> torch.Tensor:
+        reads = step_reads(batch, active)
+        shift.rows, shift.where = reads.rows, reads.writes
+        lower.token_row = reads.token_row
+        with torch.no_grad(), shift.attached(base, sites):
+            return forward_reads(base, batch, reads, keys)
+
+    plain = {tuple(active): read(active) for active in ([0, 1, 2], [0, 2])}
+    with lower.attached():
+        first = read([0, 1, 2])  # every block runs; block 1's input is recorded
+        calls.clear()
+        again, after_exit = read([0, 1, 2]), read([0, 2])
+    assert not calls
+    torch.testing.assert_close(first, plain[0, 1, 2], rtol=0, atol=0)
+    torch.testing.assert_close(again, plain[0, 1, 2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after_exit, plain[0, 2], rtol=1e-4, atol=1e-5)
+    assert "forward" not in base.get_submodule(block_modules(base, 0).block).__dict__
+    read([0])
+    assert calls
 
 
 @pytest.mark.parametrize(

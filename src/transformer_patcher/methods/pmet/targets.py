@@ -14,7 +14,8 @@ Only the tokens from the subject's last token on are run at each step. The delta
 causal, so every earlier token's keys and values, at every layer, are the same at every step: they are computed once
 per chunk (:func:`prefix_keys`) and each step attends to them. The steps' tokens are packed into one sequence with a
 block mask (each token sees its own prompt only) rather than padded rows: the parts after the subject are 1–8 tokens
-long, and padding them to the longest would more than double the work.
+long, and padding them to the longest would more than double the work. The blocks below the deltas' layer give
+the same output on those tokens at every step too, so only the first step runs them (:class:`LowerBlocks`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from transformers import DynamicCache
 from transformer_patcher.core.modes import eval_mode, frozen
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
+from transformer_patcher.methods.pmet.lower_blocks import LowerBlocks
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, target_ids
 
 KL_TEMPLATE = "{} is a"
@@ -520,6 +522,7 @@ def backward_step(
     batch: PromptBatch,
     prefix: PrefixKeys,
     shift: SubjectShift,
+    lower: LowerBlocks,
     states: list[RequestState],
     active: Sequence[int],
     step: int,
@@ -528,6 +531,7 @@ def backward_step(
     returns the requests that are done."""
     reads = step_reads(batch, active)
     shift.rows, shift.where = reads.rows, reads.writes
+    lower.token_row = reads.token_row
     with torch.enable_grad():
         log_probs = forward_reads(base, batch, reads, prefix)
         losses, finished = step_losses(hparams, batch, reads, log_probs, shift, states, active, step)
@@ -561,10 +565,11 @@ def _optimise_chunk(
     optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
     active = list(range(len(requests)))
     prefix = prefix_keys(base, batch)
-    with shift.attached(base, sites):
+    lower = LowerBlocks(base, hparams.layers[-1])
+    with shift.attached(base, sites), lower.attached():
         for step in range(hparams.v_num_grad_steps):
             optimizer.zero_grad(set_to_none=True)
-            for r in backward_step(base, hparams, batch, prefix, shift, states, active, step):
+            for r in backward_step(base, hparams, batch, prefix, shift, lower, states, active, step):
                 active.remove(r)
                 shift.drop_gradients(r)
             if not active:
