@@ -29,6 +29,7 @@ def records(folder: Path) -> list[dict[str, Any]]:
             "model": config["model"],
             "data": config["data"],
             "mode": row.get("mode", "independent"),
+            **({"sequential_targets": config["sequential_targets"]} if "sequential_targets" in config else {}),
             "pmet_options": config["pmet_options"],
             **{k: v for k, v in row.items() if k != "mode"},
             "command": results["command"],

@@ -1,6 +1,7 @@
 """PMET target vectors alone: seconds per fact on SmolLM2-135M, and what they reach.
 
-Optimises the targets of ``--n`` CounterFact facts (records 900+, away from the reported cases) in one
+Optimises the targets of ``--n`` CounterFact facts (records 900+, away from the reported cases; ``--data-kind zsre``
+reads zsRE records 900+ of ``zsre_mend_train-1k.json`` instead, issue 18's dev part) in one
 ``compute_targets`` call with the ``smollm2-135m`` preset, and records seconds per fact, the steps and the final mean
 probability of each target. ``--against FILE`` compares the targets with an earlier run's (``--save`` writes them):
 run it once on another version of the package (``PYTHONPATH=<checkout>/src``) to see that a speed-up changed
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from transformer_patcher.core.pretrained import load_model
-from transformer_patcher.data.loaders import find_data_file, load_counterfact
+from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_zsre
 from transformer_patcher.methods.pmet import EditRequest, Targets, compute_targets, context_templates, pmet_hparams
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--data-kind", choices=("counterfact", "zsre"), default="counterfact")
     parser.add_argument("--variant", choices=("pmet", "memit"), default="pmet")
     parser.add_argument("--requests-per-step", type=int, default=8)
     parser.add_argument(
@@ -49,7 +51,11 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m", "generation")
     base = pmet_hparams(variant=args.variant, requests_per_step=args.requests_per_step)
     settings = [json.loads(text) for text in args.settings]
-    rows = load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json")).select(range(900, 900 + args.n))
+    if args.data_kind == "zsre":
+        records = load_zsre(find_data_file("zsre/zsre_mend_train-1k.json"))
+    else:
+        records = load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json"))
+    rows = records.select(range(900, 900 + args.n))
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
     templates = context_templates(model, tokenizer, base.context_template_lengths)
     seconds: list[list[float]] = [[] for _ in settings]
@@ -65,6 +71,7 @@ def main() -> None:
     record: dict[str, Any] = {
         "label": args.label,
         "facts": args.n,
+        "data_kind": args.data_kind,
         "variant": args.variant,
         "requests_per_step": args.requests_per_step,
         "repeats": args.repeats,

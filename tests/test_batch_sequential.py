@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from transformer_patcher.cli import main
 from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, run_batch_experiment
@@ -31,6 +33,20 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSFORMER_PATCHER_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def given_targets(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor | None]:
+    """The target values each ``edit_batch`` call is given (None: it optimises its own), in call order."""
+    given: list[torch.Tensor | None] = []
+    original = PMETEditor.edit_batch
+
+    def edit_batch(editor: PMETEditor, requests, targets=None):
+        given.append(None if targets is None else targets.values)
+        return original(editor, requests, targets)
+
+    monkeypatch.setattr(PMETEditor, "edit_batch", edit_batch)
+    return given
 
 
 def _config(ws: dict[str, Path], editor: str = "memit", **overrides: Any) -> BatchExperimentConfig:
@@ -57,6 +73,14 @@ class Killed(Exception):
 
 def _records(out: Path, editor: str = "memit") -> list[dict[str, Any]]:
     return [json.loads((out / "parts" / f"{editor}-b2-seq{k}.json").read_text()) for k in (1, 2, 3)]
+
+
+def _with_targets_of(run: Path, out: Path) -> Path:
+    """A new run folder holding ``run``'s saved targets, as a user copies them."""
+    out.mkdir()
+    for name in ("targets-memit.safetensors", "targets-memit.json"):
+        shutil.copy(run / name, out / name)
+    return out
 
 
 def _without_timings(record: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +162,41 @@ def test_an_interrupted_sequential_run_resumes_after_its_last_batch(workspace, t
     assert resumed.keys() == expected.keys() and "null_space.0.earlier" in resumed
     for key, tensor in expected.items():
         torch.testing.assert_close(resumed[key], tensor)
+
+
+def test_the_first_batch_reuses_targets_an_independent_run_saved_for_these_cases(
+    workspace, tmp_path, given_targets
+) -> None:
+    """Batch 1 finds the model unedited, so the original targets are its own; later batches optimise theirs."""
+    independent = tmp_path / "independent"
+    run_batch_experiment(_config(workspace, mode="independent", suite="none"), independent, progress=False)
+    saved = load_file(str(independent / "targets-memit.safetensors"))
+    given = given_targets
+    given.clear()  # the independent run's own calls
+    out = _with_targets_of(independent, tmp_path / "run")
+    run_batch_experiment(_config(workspace, suite="none"), out, progress=False)
+    assert len(given) == 3 and given[1] is None and given[2] is None
+    torch.testing.assert_close(given[0], saved["values"][:2])
+    seconds = json.loads((out / "targets-memit.json").read_text())["seconds_per_request"]
+    assert _records(out)[0]["seconds"] >= 2 * seconds  # the saved targets' time is counted
+    # targets saved for another number of cases are not these cases': batch 1 optimises its own
+    given.clear()
+    again = _with_targets_of(independent, tmp_path / "again")
+    run_batch_experiment(_config(workspace, suite="none", cases=4), again, progress=False)
+    assert given == [None, None]
+
+
+def test_original_targets_are_optimised_once_and_written_by_every_batch(workspace, tmp_path, given_targets) -> None:
+    given = given_targets
+    out = tmp_path / "run"
+    run_batch_experiment(_config(workspace, suite="none", sequential_targets="original"), out, progress=False)
+    saved = load_file(str(out / "targets-memit.safetensors"))["values"]
+    assert len(given) == 3
+    for k, values in enumerate(given):
+        torch.testing.assert_close(values, saved[2 * k : 2 * k + 2])
+    assert json.loads((out / "config.json").read_text())["sequential_targets"] == "original"
+    with pytest.raises(ValueError, match="sequential_targets"):
+        _config(workspace, sequential_targets="stale")
 
 
 def test_a_folder_written_before_modes_existed_still_resumes(workspace, tmp_path: Path) -> None:

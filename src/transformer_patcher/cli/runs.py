@@ -27,6 +27,7 @@ from transformer_patcher.experiments.evaluation import SuiteConfig
 from transformer_patcher.experiments.registry import EDITOR_NAMES
 from transformer_patcher.experiments.sme.batch_experiment import (
     MODES,
+    SEQUENTIAL_TARGETS,
     SUITE_OPTIONS,
     BatchExperimentConfig,
     run_batch_experiment,
@@ -143,6 +144,13 @@ def setup_batch_run(mass: argparse.ArgumentParser) -> None:
         "efficacy, the neighbourhood and general ability (add --pmet-set null_space=true for AlphaEdit's projection)",
     )
     mass.add_argument(
+        "--sequential-targets",
+        choices=SEQUENTIAL_TARGETS,
+        default="current",
+        help="sequential mode's PMET/MEMIT targets: current (optimised on the model each batch finds, the default) or "
+        "original (optimised once on the unedited model, saved and reused by every batch)",
+    )
+    mass.add_argument(
         "--suite",
         choices=("full", "small", "none"),
         default="small",
@@ -184,6 +192,7 @@ def batch_run(args: argparse.Namespace) -> int:
         mode=args.mode,
         suite=args.suite,
         suite_options=overrides(args.suite_set, SuiteConfig),
+        sequential_targets=args.sequential_targets,
         device=args.device,
     )
     check_model_and_data(args)

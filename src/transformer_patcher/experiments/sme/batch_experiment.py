@@ -60,12 +60,19 @@ from transformer_patcher.methods.pmet import EditRequest, PMETEditor, Targets, p
 BATCH_EDITORS = ("pmet", "memit", "patcher")
 STATS_TEXTS = 2000
 MODES = ("independent", "sequential")
+# Where a sequential run's mass-editor targets come from: each batch's model as it finds it, or the original model.
+SEQUENTIAL_TARGETS = ("current", "original")
 # The suite's sizes a batch run may set: only free generation and perplexity are asked (general ability), as the
 # fact scores already measure the edits' neighbourhood.
 SUITE_OPTIONS = ("generation", "generation_tokens", "perplexity_tokens", "window", "formats", "batch_size")
 SUITE_REFERENCE = "suite-reference.safetensors"
 # Settings added after run folders were written: a folder without them ran with these values, and still resumes.
-ADDED_SETTINGS: dict[str, Any] = {"mode": "independent", "suite": "small", "suite_options": {}}
+ADDED_SETTINGS: dict[str, Any] = {
+    "mode": "independent",
+    "suite": "small",
+    "suite_options": {},
+    "sequential_targets": "current",
+}
 # Fields that say how a run is carried out, not what it computes: left out of the saved settings, so a run folder
 # resumes whatever their values (a run started on the CPU may continue on a GPU).
 RUN_ONLY = ("device",)
@@ -92,6 +99,8 @@ class BatchExperimentConfig:
     mode: str = "independent"  # "sequential": batches one after another into the same model (sequential_batches)
     suite: str = "small"  # sequential mode's general ability after each batch: full, small or none
     suite_options: dict[str, Any] = field(default_factory=dict)  # SuiteConfig sizes (SUITE_OPTIONS)
+    # "original": every sequential batch writes targets optimised on the unedited model (one cache for all batches)
+    sequential_targets: str = "current"
     device: str = "auto"  # where the model runs: auto (CUDA when available), cpu, cuda or cuda:N (RUN_ONLY)
 
     def __post_init__(self) -> None:
@@ -100,6 +109,8 @@ class BatchExperimentConfig:
         check_device(self.device)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.sequential_targets not in SEQUENTIAL_TARGETS:
+            raise ValueError(f"sequential_targets must be one of {SEQUENTIAL_TARGETS}, got {self.sequential_targets!r}")
         check_options("suite", self.suite_options, SUITE_OPTIONS)
         self.suite_config()  # bad sizes fail before anything loads
         if self.kind not in ("counterfact", "zsre"):
@@ -233,10 +244,16 @@ def _mass_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
     stats = cache_dir() / "pmet"
     editor = PMETEditor(job.model, tokenizer, hparams, texts, task=job.task, cache_dir=stats, progress=job.progress)
     requests = [EditRequest(c.prompt, c.subject, c.target) for c in job.cases]
-    if config.mode == "sequential":  # targets against the model as each batch finds it, earlier batches included
+    if config.mode == "sequential" and config.sequential_targets == "current":  # on the model each batch finds
+        # The first batch finds the model unedited, so targets saved by an independent run of these cases are its own.
+        saved = read_saved_targets(job.out, name, len(requests))
 
         def edit_current(index: list[int]) -> float:
-            return editor.edit_batch([requests[i] for i in index]).seconds
+            if saved is None or index[0] != 0:
+                return editor.edit_batch([requests[i] for i in index]).seconds
+            targets, target_seconds = saved
+            result = editor.edit_batch([requests[i] for i in index], targets=targets.select(index))
+            return result.seconds + target_seconds * len(index)
 
         return editor, edit_current
     targets, target_seconds = _original_targets(editor, requests, job.out, name)
@@ -255,22 +272,33 @@ def _original_targets(
     return saved_targets(out, name, lambda: editor.compute_targets(requests))
 
 
+def read_saved_targets(folder: Path, name: str, requests: int | None = None) -> tuple[Targets, float] | None:
+    """``folder/targets-<name>.*`` (targets and seconds per request), or None when not saved there or, given
+    ``requests``, saved for another number of requests."""
+    target_file = folder / f"targets-{name}.safetensors"
+    if not target_file.is_file():
+        return None
+    saved = load_file(str(target_file))
+    meta = json.loads((folder / f"targets-{name}.json").read_text())
+    if requests is not None and len(meta["steps"]) != requests:
+        return None
+    targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"], saved.get("attention"))
+    return targets, meta["seconds_per_request"]
+
+
 def saved_targets(folder: Path, name: str, compute: Callable[[], Targets]) -> tuple[Targets, float]:
     """``compute()``'s targets and their seconds per request, read from ``folder/targets-<name>.*`` when saved there
     before, else computed and saved (the targets do not depend on λ or on how the layer loop writes them)."""
-    target_file = folder / f"targets-{name}.safetensors"
-    if target_file.is_file():
-        saved = load_file(str(target_file))
-        meta = json.loads((folder / f"targets-{name}.json").read_text())
-        targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"], saved.get("attention"))
-        return targets, meta["seconds_per_request"]
+    saved = read_saved_targets(folder, name)
+    if saved is not None:
+        return saved
     start = time.perf_counter()
     targets = compute()
     target_seconds = (time.perf_counter() - start) / len(targets.steps)
     tensors = {"values": targets.values, "init": targets.init}
     if targets.attention is not None:
         tensors["attention"] = targets.attention
-    save_safetensors_atomic(tensors, target_file)
+    save_safetensors_atomic(tensors, folder / f"targets-{name}.safetensors")
     meta = {"steps": targets.steps, "probabilities": targets.probabilities, "seconds_per_request": target_seconds}
     write_text_atomic(folder / f"targets-{name}.json", json.dumps(meta))
     return targets, target_seconds

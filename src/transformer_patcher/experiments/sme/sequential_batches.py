@@ -7,10 +7,10 @@ meant to prevent). After batch ``k`` the model is scored on every case edited so
 its own (so batch 1's decay reads across the records), and general ability from the evaluation suite's free
 generation and WikiText-2 perplexity against the unedited model.
 
-Targets are computed per batch against the model as it is then (the original-model target cache of independent
-batches does not apply). After each batch the editor's state (the DELTA factors and the null space's earlier keys,
-or T-Patcher's patches) is checkpointed with the batch's record (``checkpoints/<editor>-b<size>``), so an
-interrupted run reloads it and continues with the next batch.
+Targets are computed per batch against the model as it is then; only batch 1, which finds the model unedited, may
+take the original-model targets an independent run saved (``batch_experiment``). After each batch the editor's state
+(the DELTA factors and the null space's earlier keys, or T-Patcher's patches) is checkpointed with the batch's record
+(``checkpoints/<editor>-b<size>``), so an interrupted run reloads it and continues with the next batch.
 """
 
 from __future__ import annotations
