@@ -1,0 +1,113 @@
+"""How far the first sequential batch's keys move under the later batches, and what the later updates do there.
+
+With the written keys counted (``keep_written``), each later batch's solve keeps its update silent at the keys the
+earlier facts had when they were written (``Kₚ Kₚᵀ``). If the later batches' writes in the layers below move those
+facts' keys, the later updates act where the solve never looked. This reads a ``batch run --mode sequential``
+folder's last checkpoint and, for batch 1's facts (cases ``0 … size − 1``), at each edited layer:
+
+- the keys as batch 1 wrote them (the layer loop's keys, with batch 1's own update applied, its first ``size``
+  factor columns: one per fact without refine rounds) and as the edited model now reads them;
+- ``drift``: ``‖k_now − k_written‖ / ‖k_written‖`` per fact;
+- the later batches' update ``ΔW_later`` (every other column) at both: ``‖ΔW_later k‖ / ‖ΔW_1 k_written‖``, what
+  the later writes add to batch 1's facts' outputs, as a share of what batch 1 wrote for them.
+
+    python bench/pmet_key_drift.py runs/pmet-seq-b100-kw-ws15-orig --out bench/results/pmet_key_drift.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from transformer_patcher.core.pretrained import load_model
+from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, load_cases
+from transformer_patcher.experiments.sme.run_state import load_checkpoint
+from transformer_patcher.methods.pmet import EditRequest, context_templates, pmet_hparams
+from transformer_patcher.methods.pmet.algorithm import compute_keys
+
+
+@contextmanager
+def added(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The model with ``deltas`` (module name → ΔW, out × in) added to those modules' weights while inside."""
+    saved = {name: model.get_submodule(name).weight.data.clone() for name in deltas}
+    try:
+        for name, delta in deltas.items():
+            model.get_submodule(name).weight.data += delta.to(saved[name].dtype)
+        yield
+    finally:
+        for name, weight in saved.items():
+            model.get_submodule(name).weight.data = weight
+
+
+def quantiles(values: torch.Tensor) -> dict[str, float]:
+    ordered = sorted(values.tolist())
+    return {"median": round(statistics.median(ordered), 4), "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a sequential batch-run folder")
+    parser.add_argument("--editor", default="pmet")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    config = BatchExperimentConfig.from_folder(args.run)
+    size = config.batch_sizes[0]
+    hparams = pmet_hparams(variant=args.editor, **config.pmet_options)
+    if hparams.refine_rounds:
+        raise SystemExit("batch 1's columns are one per fact only without refine rounds (refine_rounds=0)")
+    checkpoint = load_checkpoint(args.run / "checkpoints", f"{args.editor}-b{size}")
+    if checkpoint is None:
+        raise SystemExit(f"no checkpoint of {args.editor}-b{size} in {args.run}")
+    tensors, state = checkpoint
+    model, tokenizer = load_model(config.model, "generation")
+    torch.manual_seed(0)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    requests = [EditRequest(c.prompt, c.subject, c.target) for c in load_cases(config)[:size]]
+    first, later = {}, {}
+    for up_name in (name for name in tensors if name.endswith(".up")):
+        module = up_name.removesuffix(".up")
+        up, down = tensors[up_name].double(), tensors[f"{module}.down"].double()
+        first[module] = up[:, :size] @ down[:size]
+        later[module] = up[:, size:] @ down[size:]
+    total = {m: first[m] + later[m] for m in first}
+    rows = []
+    for module in sorted(first, key=lambda m: int(m.split(".layers.")[1].split(".")[0])):
+        with torch.no_grad():
+            with added(model, first):
+                written = compute_keys(model, tokenizer, requests, templates, module).double()
+            with added(model, total):
+                now = compute_keys(model, tokenizer, requests, templates, module).double()
+        own = (first[module] @ written).norm(dim=0)
+        rows.append(
+            {
+                "module": module,
+                "drift": quantiles((now - written).norm(dim=0) / written.norm(dim=0)),
+                "later_at_written_keys": quantiles((later[module] @ written).norm(dim=0) / own),
+                "later_at_current_keys": quantiles((later[module] @ now).norm(dim=0) / own),
+            }
+        )
+        print(json.dumps(rows[-1]))
+    record = {
+        "run": args.run.name,
+        "editor": args.editor,
+        "batch_size": size,
+        "batches_written": state["position"],
+        "facts": f"batch 1 (cases 0-{size - 1})",
+        "layers": rows,
+        "command": "python " + shlex.join(sys.argv),
+    }
+    saved = json.loads(args.out.read_text()) if args.out.exists() else []
+    kept = [r for r in saved if r["run"] != args.run.name]
+    args.out.write_text(json.dumps([*kept, record], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
