@@ -21,30 +21,17 @@ import json
 import shlex
 import statistics
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from pmet_norms import layer_index
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, load_cases
 from transformer_patcher.experiments.sme.run_state import load_checkpoint
 from transformer_patcher.methods.pmet import EditRequest, context_templates, pmet_hparams
-from transformer_patcher.methods.pmet.algorithm import compute_keys
-
-
-@contextmanager
-def added(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
-    """The model with ``deltas`` (module name → ΔW, out × in) added to those modules' weights while inside."""
-    saved = {name: model.get_submodule(name).weight.data.clone() for name in deltas}
-    try:
-        for name, delta in deltas.items():
-            model.get_submodule(name).weight.data += delta.to(saved[name].dtype)
-        yield
-    finally:
-        for name, weight in saved.items():
-            model.get_submodule(name).weight.data = weight
+from transformer_patcher.methods.pmet.algorithm import applied, compute_keys
+from transformer_patcher.methods.pmet.update import LowRankDelta
 
 
 def quantiles(values: torch.Tensor) -> dict[str, float]:
@@ -71,27 +58,27 @@ def main() -> None:
     torch.manual_seed(0)
     templates = context_templates(model, tokenizer, hparams.context_template_lengths)
     requests = [EditRequest(c.prompt, c.subject, c.target) for c in load_cases(config)[:size]]
-    first, later = {}, {}
-    for up_name in (name for name in tensors if name.endswith(".up")):
-        module = up_name.removesuffix(".up")
-        up, down = tensors[up_name].double(), tensors[f"{module}.down"].double()
-        first[module] = up[:, :size] @ down[:size]
-        later[module] = up[:, size:] @ down[size:]
-    total = {m: first[m] + later[m] for m in first}
+    total = {
+        name.removesuffix(".up"): LowRankDelta(tensors[name].double(), tensors[f"{name[:-3]}.down"].double())
+        for name in tensors
+        if name.endswith(".up")
+    }
+    first = {m: LowRankDelta(d.up[:, :size], d.down[:size]) for m, d in total.items()}
     rows = []
-    for module in sorted(first, key=lambda m: int(m.split(".layers.")[1].split(".")[0])):
+    for module in sorted(total, key=layer_index):
         with torch.no_grad():
-            with added(model, first):
+            with applied(model, first):
                 written = compute_keys(model, tokenizer, requests, templates, module).double()
-            with added(model, total):
+            with applied(model, total):
                 now = compute_keys(model, tokenizer, requests, templates, module).double()
-        own = (first[module] @ written).norm(dim=0)
+        later = LowRankDelta(total[module].up[:, size:], total[module].down[size:]).dense()
+        own = (first[module].dense() @ written).norm(dim=0)
         rows.append(
             {
                 "module": module,
                 "drift": quantiles((now - written).norm(dim=0) / written.norm(dim=0)),
-                "later_at_written_keys": quantiles((later[module] @ written).norm(dim=0) / own),
-                "later_at_current_keys": quantiles((later[module] @ now).norm(dim=0) / own),
+                "later_at_written_keys": quantiles((later @ written).norm(dim=0) / own),
+                "later_at_current_keys": quantiles((later @ now).norm(dim=0) / own),
             }
         )
         print(json.dumps(rows[-1]))

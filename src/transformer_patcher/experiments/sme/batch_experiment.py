@@ -246,19 +246,14 @@ def _mass_editor(job: _Job) -> tuple[Editor, Callable[[list[int]], float]]:
     requests = [EditRequest(c.prompt, c.subject, c.target) for c in job.cases]
     if config.mode == "sequential" and config.sequential_targets == "current":  # on the model each batch finds
         # The first batch finds the model unedited, so targets saved by an independent run of these cases are its own.
-        saved = read_saved_targets(job.out, name, len(requests))
-
-        def edit_current(index: list[int]) -> float:
-            if saved is None or index[0] != 0:
-                return editor.edit_batch([requests[i] for i in index]).seconds
-            targets, target_seconds = saved
-            result = editor.edit_batch([requests[i] for i in index], targets=targets.select(index))
-            return result.seconds + target_seconds * len(index)
-
-        return editor, edit_current
-    targets, target_seconds = _original_targets(editor, requests, job.out, name)
+        saved, first_only = read_saved_targets(job.out, name, len(requests)), True
+    else:
+        saved, first_only = _original_targets(editor, requests, job.out, name), False
 
     def edit(index: list[int]) -> float:
+        if saved is None or (first_only and index[0] != 0):
+            return editor.edit_batch([requests[i] for i in index]).seconds
+        targets, target_seconds = saved
         result = editor.edit_batch([requests[i] for i in index], targets=targets.select(index))
         return result.seconds + target_seconds * len(index)
 
