@@ -197,6 +197,8 @@ def test_original_targets_are_optimised_once_and_written_by_every_batch(workspac
     assert json.loads((out / "config.json").read_text())["sequential_targets"] == "original"
     with pytest.raises(ValueError, match="sequential_targets"):
         _config(workspace, sequential_targets="stale")
+    with pytest.raises(ValueError, match="mode 'sequential' only"):
+        _config(workspace, mode="independent", sequential_targets="original")
 
 
 def test_a_folder_written_before_modes_existed_still_resumes(workspace, tmp_path: Path) -> None:

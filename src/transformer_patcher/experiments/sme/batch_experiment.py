@@ -111,6 +111,11 @@ class BatchExperimentConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.sequential_targets not in SEQUENTIAL_TARGETS:
             raise ValueError(f"sequential_targets must be one of {SEQUENTIAL_TARGETS}, got {self.sequential_targets!r}")
+        if self.sequential_targets != "current" and self.mode != "sequential":
+            raise ValueError(
+                "sequential_targets applies to mode 'sequential' only (independent batches always "
+                "write targets optimised on the unedited model)"
+            )
         check_options("suite", self.suite_options, SUITE_OPTIONS)
         self.suite_config()  # bad sizes fail before anything loads
         if self.kind not in ("counterfact", "zsre"):
