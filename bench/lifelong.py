@@ -18,6 +18,8 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
   4 is) in its frame, otherwise ``GATED``;
 - ``zsre-raw-default`` / ``zsre-chat-default``: the same 1,000-record streams with today's default for causal LMs
   (``DEFAULT``: the subject gate at ``gate_depth`` 0.15 in its frame, 16 key views), the small suite every 100 edits;
+- ``zsre-raw-weak`` / ``zsre-chat-weak``: the first 400 raw / 200 chat records of those streams with rules 14-15
+  (``weak_lead`` 2, ``gated_answer_gate`` 0), the default since, beside the two curves above;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
@@ -60,6 +62,8 @@ UNGATED = {"gate_depth": None, "key_views": 0}
 PLAIN_GATE = {"gate_frame": False}
 # Today's default for causal LMs, spelled out so the record keeps its meaning if the default moves again.
 DEFAULT = {"gate_depth": 0.15, "key_views": 16, "gate_frame": True}
+# ... and rules 14-15 (weak reads get patches; a gated later answer token fires from its threshold), the default since
+WEAK = {**DEFAULT, "weak_lead": 2.0, "gated_answer_gate": 0.0}
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,9 @@ CASES = {
     "fever": Case("minilm-l6", "fever", options={"suite": "none"}),  # run by examples/fever/run.py (see fever_run)
     "zsre-raw-default": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=DEFAULT),
     "zsre-chat-default": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=DEFAULT),
+    # the first records of the same streams with rules 14-15, beside the curves of the two cases above
+    "zsre-raw-weak": Case("smollm2-135m", ZSRE, max_examples=400, options={"suite": "small"}, edit=WEAK),
+    "zsre-chat-weak": Case("smollm2-135m", ZSRE, "chat", max_examples=200, options={"suite": "small"}, edit=WEAK),
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
 }
 

@@ -6,7 +6,8 @@ pre-activation ``q·k + b`` among the edit's patches there (> 0: a ReLU-family p
 gated patch set, the running maximum cosine of the subject gate (open at ``gate_threshold``). Reported: quartiles of
 the edit's first patch at the edit and at the rephrases, how often it fires and its gate is open there, and every
 wrong rephrase sorted by its first wrong read: the first answer token with the gate closed, below the threshold, or
-firing under half the edit's pre-activation (a ReLU6 patch's partial fix) or above it; or a later answer token.
+firing under half the edit's pre-activation (a ReLU6 patch's partial fix) or above it; or a later answer token, sorted
+the same way by the patches whose own read it is (where they fire highest on the edit), or having none.
 
     python bench/rephrase_reach.py --run runs/cf-dev-9000-gate4 --data /tmp/w/cf-dev-9000.json \\
         --data-kind counterfact --out bench/results/rephrase_reach.json
@@ -34,15 +35,27 @@ def quartiles(values: list[float]) -> list[float]:
     return [round(v, 2) for v in torch.tensor(values).quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()]
 
 
-def failure(correct: list[bool], pre: list[float], cosine: float | None, edit_pre: float, threshold: float) -> str:
-    """Why a rephrase's answer is wrong, from its first wrong read (``pre``: the edit's patches there, highest)."""
-    if correct[0]:
-        return "later answer token"
+def failure(
+    correct: list[bool], pre: torch.Tensor, cosine: float | None, edit_pre: torch.Tensor, threshold: float
+) -> str:
+    """Why a rephrase's answer is wrong, from its first wrong read. ``pre`` and ``edit_pre`` are the edit's patches'
+    pre-activations at each answer read (reads × patches) of the rephrase and of the edit; a patch's own read is where
+    it fires highest on the edit."""
+    wrong = correct.index(False)
+    if wrong > 0:
+        own = [j for j in range(edit_pre.shape[1]) if int(edit_pre[:, j].argmax()) == wrong]
+        if not own:
+            return "later answer token: no patch of its own"
+        reach, full = max(pre[wrong, j].item() for j in own), max(edit_pre[wrong, j].item() for j in own)
+        if reach <= 0:
+            return "later answer token: below the threshold"
+        return "later answer token: fires under half" if reach < full / 2 else "later answer token: fires, still wrong"
     if cosine is not None and cosine < threshold:
         return "first token: gate closed"
-    if pre[0] <= 0:
+    if pre[0].max() <= 0:
         return "first token: below the threshold"
-    return "first token: fires under half the edit" if pre[0] < edit_pre / 2 else "first token: fires, still wrong"
+    under = pre[0].max() < edit_pre[0].max() / 2
+    return "first token: fires under half the edit" if under else "first token: fires, still wrong"
 
 
 def main() -> None:
@@ -60,9 +73,9 @@ def main() -> None:
     threshold = layer.patch_config["default"].gate_threshold
     subjects = layer.patch_frozen_subjects["default"]
 
-    def read(text: str, target: str, columns: list[int]) -> tuple[list[bool], list[float], float, float | None]:
-        """Per answer read: right or not and the edit's highest patch pre-activation; at the first read the edit's
-        first patch's pre-activation and gate."""
+    def read(text: str, target: str, columns: list[int]) -> tuple[list[bool], torch.Tensor, float, float | None]:
+        """Per answer read: right or not and the edit's patches' pre-activations (reads × patches); at the first read
+        the edit's first patch's pre-activation and gate."""
         batch = task.batch_for(model, [(text, target)])
         with torch.no_grad(), layer.capture() as capture:
             output = model(**batch.model_kwargs())
@@ -72,7 +85,7 @@ def main() -> None:
         if gate is not None:
             running = gate.running(subjects[columns[:1]], "reach", layer.gate_frame())
             cosine = running[0, int(batch.cols[0]), 0].item()
-        return correct, pre.amax(1).tolist(), pre[0, 0].item(), cosine
+        return correct, pre, pre[0, 0].item(), cosine
 
     edits, rephrases, cosines, causes = [], [], [], Counter()
     for entry in read_edit_log(patches):
@@ -88,7 +101,7 @@ def main() -> None:
             if cosine is not None:
                 cosines.append(cosine)
             if not all(correct):
-                causes[failure(correct, pre, cosine, edit_pre[0], threshold)] += 1
+                causes[failure(correct, pre, cosine, edit_pre, threshold)] += 1
     result = {
         "run": str(args.run),
         "edits": len(edits),

@@ -190,6 +190,47 @@ def test_later_answer_tokens_are_gated_harder_than_the_first() -> None:
         EditConfig(answer_gate=1.0)
 
 
+def test_weak_lead_also_patches_the_reads_the_edit_gets_right_by_a_hair() -> None:
+    """`weak_lead`: an answer read the model already gets right, but by less than that logit lead, gets a patch too
+    (a rephrase flips such a read), solved to lead like the wrong ones; `max_patches` keeps room for the wrong reads
+    first. Without it only the wrong reads are patched."""
+    model = get_patcher_model(sharp_gpt2(), PatcherConfig(patch_activation="relu6"))
+    task = CausalLMTask(chat_tokenizer())
+    layer = model.base_model.patch_layer()
+    rows = collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
+
+    def logits(example: EditExample) -> torch.Tensor:
+        batch = task.batch_for(model, [(example.text, example.target)])
+        with torch.no_grad():
+            return task.read_logits(model(**batch.model_kwargs()), batch)
+
+    def margins(example: EditExample) -> torch.Tensor:
+        batch = task.batch_for(model, [(example.text, example.target)])
+        return task.margins(logits(example), batch.labels)
+
+    text, first = random_pairs(1, seed=3, words=EDIT_WORDS, length=4)[0][0], "w100 w101"
+    second = int(logits(EditExample(text, first))[1].argmax())  # the word the model itself says after w100
+    example = EditExample(text, f"w100 w{second}")
+    before = margins(example)
+    assert before[0] <= 0 < before[1]  # the first read wrong, the second right
+    wrong, right = int((before <= 0).sum()), (before > 0).nonzero().flatten()
+    for config, patched in (
+        (EditConfig(), wrong),
+        (EditConfig(weak_lead=float(before.max()) + 1), len(before)),
+        (EditConfig(weak_lead=float(before.max()) + 1, max_patches=wrong), wrong),
+    ):
+        trainer = PatchTrainer(model, task, config, MemoryBank(rows))
+        record = trainer.edit(example, edit_id=0)
+        assert record.success and record.mistakes == wrong and record.neurons == patched
+        after = margins(example)
+        assert (after > 0).all()
+        if patched == len(before):  # the right reads got patches solved to lead further than they did
+            assert (after[right] > before[right] + 1).all()
+        trainer.reset()
+    with pytest.raises(ValueError, match="weak_lead"):
+        EditConfig(weak_lead=-1.0)
+
+
 def test_token_contexts_are_windows_ending_at_the_token_spread_over_its_occurrences() -> None:
     contexts = TokenContexts([[5, 6, 7, 6], [6, 8, 9, 6, 10], [7]], per_token=2, window=3)
     assert contexts.occurrences(6) == 3  # a sequence's first token has no context and is not an occurrence

@@ -173,9 +173,12 @@ def test_subject_position_finds_the_last_token_of_the_last_mention() -> None:
 def gated_trainer() -> PatchTrainer:
     model = get_patcher_model(sharp_gpt2(), EditConfig(gate_layer=0).adapter_config("causal_lm")).eval()
     task = task_for_model(model, tiny_tokenizer())
-    layer = model.base_model.patch_layer()
-    rows = collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
-    return PatchTrainer(model, task, EditConfig(gate_layer=0), MemoryBank(rows))
+    return PatchTrainer(model, task, EditConfig(gate_layer=0), MemoryBank(memory_rows(model)))
+
+
+def memory_rows(model: torch.nn.Module) -> torch.Tensor:
+    task, layer = task_for_model(model, tiny_tokenizer()), model.base_model.patch_layer()
+    return collect_queries(model, layer, task, random_pairs(40, seed=1), 10_000, progress=False)
 
 
 def test_an_edit_gates_its_patches_on_its_subject_and_leaves_other_subjects_alone() -> None:
@@ -244,9 +247,9 @@ def test_only_contrasts_that_open_the_gate_bound_a_gated_patch(monkeypatch: pyte
     seen: list[torch.Tensor | None] = []
     original = trainer._separating_keys
 
-    def spy(queries, target, first_read=True, contrasts=(), views=(), about=None):  # type: ignore[no-untyped-def]
+    def spy(queries, target, first_read=True, contrasts=(), views=(), about=None, gated=False):  # type: ignore[no-untyped-def]
         seen.extend(contrasts)
-        return original(queries, target, first_read, contrasts, views, about)
+        return original(queries, target, first_read, contrasts, views, about, gated)
 
     monkeypatch.setattr(trainer, "_separating_keys", spy)
     example = EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=f"w{words[1]}", keep=(other, same))
@@ -278,6 +281,32 @@ def test_a_gated_patch_stays_above_running_text_only_when_told_to(gated_contexts
     read.clear()
     trainer.edit(EditExample(sentence(*words[30:34]), sentence(*words[40:43])), edit_id=1)  # no subject: ungated
     assert read
+
+
+@pytest.mark.parametrize("gated_answer_gate", [0.0, 0.5])
+def test_a_gated_patch_fires_its_later_answer_tokens_from_gated_answer_gate(gated_answer_gate: float) -> None:
+    """Behind its gate a later answer token's threshold sits `gated_answer_gate` of the way from the top memory row
+    to the edit (0: 1 above that row, as the first token's; 0.5: slack 12 for the edit's 12); an ungated patch keeps
+    `answer_gate` (0.5)."""
+    trainer = gated_trainer()
+    trainer.config = EditConfig(gate_layer=0, gated_answer_gate=gated_answer_gate, weak_lead=0)
+    rows = memory_rows(trainer.model)
+    words = list(range(*EDIT_WORDS))
+    tops = []
+    for start, subject in ((0, f"w{words[1]}"), (30, None)):
+        text, target = sentence(*words[start : start + 4]), sentence(*words[start + 10 : start + 12])
+        example = EditExample(text, target, subject=subject)
+        record = trainer.edit(example, edit_id=start)
+        assert record.success and record.neurons == 2 and record.steps == 0  # the solved keys, untrained
+        keys, bias = trainer.layer.committed()["patch_frozen_keys"], trainer.layer.committed()["patch_frozen_bias"]
+        tops.append((rows @ keys[-2:].T + bias[-2:]).max(0).values.tolist())
+    gated, ungated = tops
+    subjects = trainer.layer.committed()["patch_frozen_subjects"]
+    assert bool(subjects[:2].any()) and not bool(subjects[2:].any())  # the first edit gated, the second not
+    assert gated == pytest.approx([-1.0, -1.0 if gated_answer_gate == 0 else -12.0], abs=0.1)
+    assert ungated == pytest.approx([-1.0, -12.0], abs=0.1)
+    with pytest.raises(ValueError, match="gated_answer_gate"):
+        EditConfig(gated_answer_gate=1.0)
 
 
 @pytest.mark.parametrize("gated_views", [True, False])

@@ -59,6 +59,8 @@ _NEW_FLOATS = (
     "answer_gate",
     "contrast_spread",
     "view_scatter",
+    "weak_lead",
+    "gated_answer_gate",
 )
 INITS = ("paper", "solve")
 STOPS = ("plateau", "constraints")
@@ -121,6 +123,7 @@ class EditConfig:
     whiten_ridge: float = 0.1  # init="solve": ridge of the memory covariance the key whitens with
     give_up_after: int | None = 25  # give a hopeless edit up after this many steps without a 1 % better loss
     patch_activation: str | None = None  # a new patch set's neurons: None by task kind, "ffn" the FFN's own (paper)
+    weak_lead: float = 2.0  # init="solve": a read the edit gets right by less than this logit lead gets a patch too
     answer_gate: float = 0.5  # init="solve": a patch on a later answer token fires only this far from memory to edit
     contrast_spread: float = 0.5  # init="solve": thresholds sit this many standard deviations above the top contrast
     token_contexts: int = 16  # init="solve", causal LMs: running-text contexts of its token a later patch stays below
@@ -132,6 +135,7 @@ class EditConfig:
     gate_threshold: float = 0.8  # the cosine at which a patch's subject gate opens
     gated_contrasts: bool = False  # init="solve": a gated patch's threshold also rises above other subjects' contrasts
     gated_contexts: bool = False  # init="solve": a gated patch's later answer tokens also rise above running text
+    gated_answer_gate: float = 0.0  # init="solve": answer_gate for a gated patch's later answer tokens
     gated_views: bool = True  # key_views: a gated patch's later answer tokens are keyed over the views too
     gate_frame: bool = True  # a new gate compares in a frame read from the memory texts (False: plain cosines)
     subject_key: int = 0  # init="solve": a gated first answer token's key tells the edit from this many other
@@ -159,8 +163,9 @@ class EditConfig:
             check_number(f"EditConfig.{name}", getattr(self, name), 0.0, strict=name == "whiten_ridge")
         if self.key_views > MAX_KEY_VIEWS:
             raise ValueError(f"EditConfig.key_views must be at most {MAX_KEY_VIEWS}, got {self.key_views}")
-        if self.answer_gate >= 1:
-            raise ValueError(f"EditConfig.answer_gate must be in [0, 1), got {self.answer_gate}")
+        for name in ("answer_gate", "gated_answer_gate"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"EditConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("max_patches", "give_up_after"):
             if getattr(self, name) is not None:
                 check_int(f"EditConfig.{name}", getattr(self, name), minimum=1)

@@ -217,7 +217,7 @@ class PatchTrainer:
             wrong = (~self.task.correct(first.logits, single.labels)).nonzero().squeeze(1)
             if wrong.numel() == 0:
                 return EditRecord(edit_id, needed=False, success=True, seconds=time.perf_counter() - started)
-            reads = wrong[: cfg.max_patches]
+            reads = self._patched_reads(first.logits, single.labels, wrong)
             _require_finite(first.query, "the FFN queries at the edit (before any patch was added)")
             subject = self._subject_read(example, single)
             with torch.random.fork_rng(devices=[]):
@@ -260,6 +260,19 @@ class PatchTrainer:
             raise
         finally:
             self._local = None
+
+    def _patched_reads(self, logits: torch.Tensor, labels: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+        """The reads that get a patch, in order: the wrong ones (at most ``max_patches``) and, with ``weak_lead``
+        (init="solve"), the right ones whose logit lead is under it, while ``max_patches`` leaves room. A later answer
+        token the edit gets right by a hair gets none otherwise, and a rephrase flips it: on the zsRE dev stream 7 of
+        30 wrong rephrases failed at such a read, six with a lead of 0.0-0.8 on the edit (docs/editing.md, rule 14)."""
+        cap = self.config.max_patches
+        reads = wrong[:cap]
+        if self.config.init != "solve" or self.config.weak_lead <= 0:
+            return reads
+        margins = self.task.margins(logits, labels)
+        weak = ((margins > 0) & (margins < self.config.weak_lead)).nonzero().squeeze(1)
+        return torch.cat([reads, weak if cap is None else weak[: cap - len(reads)]]).sort().values
 
     def _subject_read(self, example: EditExample, single: Batch) -> torch.Tensor | None:
         """What the subject gate of the edit's patches opens on: the gate block's output, in the pass just run, at the
@@ -376,7 +389,7 @@ class PatchTrainer:
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
         keys, bias, local, bound = self._separating_keys(
-            queries[reads], target, int(reads[0]) == 0, contrasts, views, about
+            queries[reads], target, int(reads[0]) == 0, contrasts, views, about, gated=subject is not None
         )
         reads, keys, bias = reads[local], keys[local], bias[local]
         if reads.numel() == 0:
@@ -399,6 +412,7 @@ class PatchTrainer:
         contrasts: Sequence[torch.Tensor | None] = (),
         views: Sequence[torch.Tensor | None] = (),
         about: tuple[torch.Tensor, torch.Tensor] | None = None,
+        gated: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys/biases firing at ``target`` on their query and below the memory margin on every memory row, and
         which queries can have one. A query that some memory rows resemble (score above 0.9 along its discriminant)
@@ -406,11 +420,11 @@ class PatchTrainer:
         gets none (:func:`separating_scale`). Each query's threshold also rises above its ``contrasts`` rows (n, d)
         (:meth:`_contrast_threshold`): the patch then fires only on inputs closer to the edit than those. The queries
         after the first (all of them when ``first_read`` is False) are later answer tokens, whose context already
-        holds the start of the edit's answer: their threshold sits ``answer_gate`` of the way from the top memory
-        or contrast row to the edit. ``views``: per query, its other readings (n, d) or None, which its key is the
-        two-class LDA over (:func:`discriminant`); a query without keeps the one-query key. ``about``: the first
-        read's :meth:`_subject_rows`, which then key and bound it (:meth:`_subject_key`). Also returns the rows that
-        bound that patch in place of the memory, or None."""
+        holds the start of the edit's answer: their threshold sits ``answer_gate`` (``gated_answer_gate`` behind a
+        subject gate, ``gated``) of the way from the top memory or contrast row to the edit. ``views``: per query,
+        its other readings (n, d) or None, which its key is the two-class LDA over (:func:`discriminant`); a query
+        without keeps the one-query key. ``about``: the first read's :meth:`_subject_rows`, which then key and bound
+        it (:meth:`_subject_key`). Also returns the rows that bound that patch in place of the memory, or None."""
         bank = self.memory
         if bank is None or len(bank) < 2:
             keys = torch.stack([init_key(q, target) for q in queries])
@@ -443,7 +457,7 @@ class PatchTrainer:
             if found is not None:
                 directions[0], t_max[0], bound = found
         ceiling = min(self.beta, target - self.gamma)
-        gate = self.config.answer_gate
+        gate = self.config.gated_answer_gate if gated else self.config.answer_gate
         later = max(1.0, target * gate / (1 - gate) + ceiling)  # the slack that puts pre-activation 0 there
         found = [
             (separating_scale(float(t), target, ceiling, later) if i or not first_read else None)
