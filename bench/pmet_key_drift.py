@@ -22,6 +22,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,30 +40,61 @@ def quantiles(values: torch.Tensor) -> dict[str, float]:
     return {"median": round(statistics.median(ordered), 4), "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 4)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a sequential batch-run folder")
+def run_parser(doc: str, needs: str) -> argparse.ArgumentParser:
+    """The arguments of a script that reads a sequential batch-run folder (``needs``: what its run must have been)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help=f"a sequential batch-run folder {needs}")
     parser.add_argument("--editor", default="pmet")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    config = BatchExperimentConfig.from_folder(args.run)
-    size = config.batch_sizes[0]
-    hparams = pmet_hparams(variant=args.editor, **config.pmet_options)
-    if hparams.refine_rounds:
-        raise SystemExit("batch 1's columns are one per fact only without refine rounds (refine_rounds=0)")
-    checkpoint = load_checkpoint(args.run / "checkpoints", f"{args.editor}-b{size}")
+    return parser
+
+
+def last_checkpoint(run: Path, editor: str) -> tuple[BatchExperimentConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """The run's configuration and the tensors and state of its last checkpoint."""
+    config = BatchExperimentConfig.from_folder(run)
+    checkpoint = load_checkpoint(run / "checkpoints", f"{editor}-b{config.batch_sizes[0]}")
     if checkpoint is None:
-        raise SystemExit(f"no checkpoint of {args.editor}-b{size} in {args.run}")
-    tensors, state = checkpoint
-    model, tokenizer = load_model(config.model, "generation")
-    torch.manual_seed(0)
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
-    requests = [EditRequest(c.prompt, c.subject, c.target) for c in load_cases(config)[:size]]
-    total = {
+        raise SystemExit(f"no checkpoint of {editor}-b{config.batch_sizes[0]} in {run}")
+    return config, *checkpoint
+
+
+def checkpoint_deltas(tensors: dict[str, torch.Tensor]) -> dict[str, LowRankDelta]:
+    """Every edited module's whole update in a checkpoint (module name → float64 factors)."""
+    return {
         name.removesuffix(".up"): LowRankDelta(tensors[name].double(), tensors[f"{name[:-3]}.down"].double())
         for name in tensors
         if name.endswith(".up")
     }
+
+
+def keep_record(args: argparse.Namespace, size: int, state: dict[str, Any], **fields: Any) -> None:
+    """Add the run's record (``fields`` and the command) to the JSON list in ``args.out``, replacing an earlier one
+    of the same run."""
+    record = {
+        "run": args.run.name,
+        "editor": args.editor,
+        "batch_size": size,
+        "batches_written": state["position"],
+        **fields,
+        "command": "python " + shlex.join(sys.argv),
+    }
+    saved = json.loads(args.out.read_text()) if args.out.exists() else []
+    kept = [r for r in saved if r["run"] != record["run"]]
+    args.out.write_text(json.dumps([*kept, record], indent=1) + "\n")
+
+
+def main() -> None:
+    args = run_parser(__doc__, "written without refine rounds").parse_args()
+    config, tensors, state = last_checkpoint(args.run, args.editor)
+    size = config.batch_sizes[0]
+    hparams = pmet_hparams(variant=args.editor, **config.pmet_options)
+    if hparams.refine_rounds:
+        raise SystemExit("batch 1's columns are one per fact only without refine rounds (refine_rounds=0)")
+    model, tokenizer = load_model(config.model, "generation")
+    torch.manual_seed(0)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    requests = [EditRequest(c.prompt, c.subject, c.target) for c in load_cases(config)[:size]]
+    total = checkpoint_deltas(tensors)
     first = {m: LowRankDelta(d.up[:, :size], d.down[:size]) for m, d in total.items()}
     rows = []
     for module in sorted(total, key=layer_index):
@@ -82,18 +114,7 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]))
-    record = {
-        "run": args.run.name,
-        "editor": args.editor,
-        "batch_size": size,
-        "batches_written": state["position"],
-        "facts": f"batch 1 (cases 0-{size - 1})",
-        "layers": rows,
-        "command": "python " + shlex.join(sys.argv),
-    }
-    saved = json.loads(args.out.read_text()) if args.out.exists() else []
-    kept = [r for r in saved if r["run"] != args.run.name]
-    args.out.write_text(json.dumps([*kept, record], indent=1) + "\n")
+    keep_record(args, size, state, facts=f"batch 1 (cases 0-{size - 1})", layers=rows)
 
 
 if __name__ == "__main__":

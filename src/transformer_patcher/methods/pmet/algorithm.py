@@ -34,6 +34,7 @@ from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
 from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
+from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
 
@@ -130,15 +131,25 @@ def written_values(
     PMET's ``track="residual"``, the block output read now plus the optimised change, since the block output is where
     every layer's write adds up and the change was optimised on the FFN output. The change is scaled by
     ``hparams.write_scale``."""
-    z_block = block_modules(model, hparams.layers[-1])
     device = next(unwrap(model).parameters()).device
     change = targets.change(hparams.fold_attention).to(device).double().T * hparams.write_scale  # d × n
-    if hparams.variant == "pmet" and hparams.track == "ffn":
-        return z_block.ffn_out, targets.init.to(device).double().T + change
-    if hparams.variant == "pmet":  # the FFN change, carried by the residual stream: read now, not at optimisation
-        bare = [encode(tokenizer, request.template, request.subject) for request in requests]
-        return z_block.block, read_at_subject(model, tokenizer, bare, z_block.block, "output").double().T + change
-    return z_block.block, targets.init.to(device).double().T + change
+    read_module = z_read_module(model, hparams)
+    if hparams.variant == "pmet" and hparams.track == "residual":  # the FFN change, carried by the residual stream
+        return read_module, read_z(model, tokenizer, requests, read_module) + change  # read now, not at optimisation
+    return read_module, targets.init.to(device).double().T + change
+
+
+def z_read_module(model: nn.Module, hparams: PMETHyperParams) -> str:
+    """Where the layer loop reads what a fact's write achieved: the z layer's FFN output (PMET's ``track="ffn"``)
+    or its block output."""
+    z_block = block_modules(model, hparams.layers[-1])
+    return z_block.ffn_out if hparams.variant == "pmet" and hparams.track == "ffn" else z_block.block
+
+
+def read_z(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], read_module: str) -> torch.Tensor:
+    """``read_module``'s output at each request's subject (its last token, the bare prompt): d × n, float64."""
+    bare = [encode(tokenizer, request.template, request.subject) for request in requests]
+    return read_at_subject(model, tokenizer, bare, read_module, "output").double().T
 
 
 def compute_deltas(
@@ -160,14 +171,13 @@ def compute_deltas(
     paper's with those keys) and then holds the batch's keys as pending.
     """
     read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
-    bare = [encode(tokenizer, request.template, request.subject) for request in requests]
     deltas: dict[str, LowRankDelta] = {}
     bar = tqdm(hparams.layers, desc=f"PMET layer loop, {len(requests)} facts", unit="layer", disable=not progress)
     for position, layer in enumerate(bar):
         modules = block_modules(model, layer)
         with applied(model, deltas):
             keys = compute_keys(model, tokenizer, requests, templates, modules.ffn_out)
-            current = read_at_subject(model, tokenizer, bare, read_module, "output").double().T
+            current = read_z(model, tokenizer, requests, read_module)
         share = residual_share(position, len(hparams.layers), hparams.spread_rule)
         residuals = (values - current) * share
         if written is not None:
@@ -189,6 +199,7 @@ def refined_deltas(
     task: Task,
     written: WrittenKeys | None = None,
     progress: bool = False,
+    replay: WrittenFacts | None = None,
 ) -> dict[str, LowRankDelta]:
     """:func:`compute_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed.
 
@@ -198,11 +209,14 @@ def refined_deltas(
     for those (the factors are concatenated). ``refine="retarget"`` first optimises new targets for them against the
     edited model; ``"rewrite"`` drives the values the first write aimed at again, from where that write left them,
     which costs no optimisation. With ``written`` every round's update is weighed against the keys written before it
-    (earlier batches' and this batch's), and its keys join the batch's pending keys.
+    (earlier batches' and this batch's), and its keys join the batch's pending keys. With ``replay`` the first layer
+    loop also drives every fact earlier batches wrote to the value it was written for, its key and where it stands
+    read now.
     """
     read_module, values = written_values(model, tokenizer, requests, hparams, targets)
+    everything, aims = (requests, values) if replay is None else replay.joined(requests, values)
     deltas = compute_deltas(
-        model, tokenizer, requests, hparams, moments, templates, targets, written, progress, (read_module, values)
+        model, tokenizer, everything, hparams, moments, templates, targets, written, progress, (read_module, aims)
     )
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):

@@ -25,7 +25,7 @@ from transformer_patcher.core.errors import InvalidExampleError, InvalidPatchErr
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import CausalLMTask, Task
-from transformer_patcher.methods.pmet.algorithm import refined_deltas
+from transformer_patcher.methods.pmet.algorithm import read_z, refined_deltas, z_read_module
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment, second_moments
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
@@ -33,6 +33,7 @@ from transformer_patcher.methods.pmet.null_space import NullSpace
 from transformer_patcher.methods.pmet.requests import EditRequest
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets
 from transformer_patcher.methods.pmet.templates import context_templates
+from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import CovarianceSolve, WrittenKeys
 from transformer_patcher.tuners.delta.config import DeltaConfig
 from transformer_patcher.tuners.delta.layer import DeltaLayer
@@ -116,6 +117,7 @@ class PMETEditor:
         self.templates = [list(group) for group in templates] if templates is not None else None
         device = next(base.parameters()).device  # the solves run where the model is
         self.written = written_solve(hparams, moments, device)
+        self.replay = WrittenFacts() if hparams.replay_written else None
 
     # ------------------------------------------------------------------------------------------- batches
     def context_templates(self) -> list[list[str]]:
@@ -151,6 +153,7 @@ class PMETEditor:
                 self.task,
                 self.written,
                 self.progress,
+                self.replay,
             )
             bad = [n for n, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]
             if bad:
@@ -160,15 +163,18 @@ class PMETEditor:
             try:
                 for name, delta in deltas.items():
                     layers[name].add_delta(self.adapter_name, delta.up, delta.down)
+                if self.replay is not None:  # where the batch's facts stand once written: later batches keep them there
+                    written = read_z(self.model, self.tokenizer, requests, z_read_module(self.model, self.hparams))
+                    self.replay.hold(requests, written)
             except BaseException:
-                self._truncate(ranks)  # no copy on the normal path: only a failed append is rolled back
+                self._truncate(ranks)  # no copy on the normal path: only a failed append (or read) is rolled back
                 raise
         except BaseException:
-            if self.written is not None:
-                self.written.discard()
+            for bookkeeping in self._bookkeeping():
+                bookkeeping.discard()
             raise
-        if self.written is not None:
-            self.written.commit()
+        for bookkeeping in self._bookkeeping():
+            bookkeeping.commit()
         rank = max(delta.rank for delta in deltas.values())
         return BatchResult(len(requests), time.perf_counter() - start, targets, rank)
 
@@ -215,19 +221,23 @@ class PMETEditor:
         for name, layer in self.delta_layers().items():
             tensors[f"{name}.up"] = layer.delta_up[self.adapter_name].detach().cpu().clone()
             tensors[f"{name}.down"] = layer.delta_down[self.adapter_name].detach().cpu().clone()
-        if self.written is not None:
-            tensors.update(self.written.state_tensors())
+        for bookkeeping in self._bookkeeping():
+            tensors.update(bookkeeping.state_tensors())
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.reset()
         for name, layer in self.delta_layers().items():
             layer.add_delta(self.adapter_name, tensors[f"{name}.up"], tensors[f"{name}.down"])
-        if self.written is not None:
-            self.written.load_state_tensors(tensors)
+        for bookkeeping in self._bookkeeping():
+            bookkeeping.load_state_tensors(tensors)
 
     def reset(self) -> None:
         for layer in self.delta_layers().values():
             layer.clear_delta(self.adapter_name)
-        if self.written is not None:
-            self.written.reset()
+        for bookkeeping in self._bookkeeping():
+            bookkeeping.reset()
+
+    def _bookkeeping(self) -> list[WrittenKeys | WrittenFacts]:
+        """What the solves keep of earlier batches (the written keys, the written facts), where the settings ask."""
+        return [b for b in (self.written, self.replay) if b is not None]

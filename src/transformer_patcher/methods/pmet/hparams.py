@@ -71,6 +71,11 @@ class PMETHyperParams:
     # ΔW = R Kᵀ (K Kᵀ + Kₚ Kₚᵀ + λC)⁻¹, so a later batch keeps their outputs (methods/pmet/written_keys.py). Not the
     # paper's; null_space=True always counts them
     keep_written: bool = False
+    # Every later batch's layer loop also drives the facts earlier batches wrote to the values they were written for,
+    # their keys and where they stand read from the model as it is now (methods/pmet/written_facts.py): the lower
+    # layers' writes move the keys the written-key count protects. Not the paper's; it counts those facts as the
+    # batch's own keys, so it takes neither keep_written nor null_space
+    replay_written: bool = False
     # How the layer loop spreads the residual over the edited layers: "pmet" (1/sqrt(L − i)) or "memit" (1/(L − i));
     # None follows the variant (methods/pmet/update.py, residual_share)
     spread: str | None = None
@@ -97,9 +102,14 @@ class PMETHyperParams:
         if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
             raise ValueError(f"layers must be strictly increasing, got {layers}")
         object.__setattr__(self, "layers", layers)
-        for name in ("null_space", "fold_attention", "keep_written"):
+        for name in ("null_space", "fold_attention", "keep_written", "replay_written"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.replay_written and (self.keep_written or self.null_space):
+            raise ValueError(
+                "replay_written counts the written facts as keys of each batch's own solve; with keep_written or "
+                "null_space their written keys would be counted a second time: set one of them"
+            )
         if self.fold_attention and self.variant == "memit":
             raise ValueError("fold_attention is a PMET option: the MEMIT ablation optimises no attention delta")
         positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor", "null_space_l2")
