@@ -210,8 +210,8 @@ def refined_deltas(
     edited model; ``"rewrite"`` drives the values the first write aimed at again, from where that write left them,
     which costs no optimisation. With ``written`` every round's update is weighed against the keys written before it
     (earlier batches' and this batch's), and its keys join the batch's pending keys. With ``replay`` the first layer
-    loop also drives every fact earlier batches wrote to the value it was written for, its key and where it stands
-    read now.
+    loop also drives every fact earlier batches wrote back to where its batch's write left it, its key and where it
+    stands read now.
     """
     read_module, values = written_values(model, tokenizer, requests, hparams, targets)
     everything, aims = (requests, values) if replay is None else replay.joined(requests, values)

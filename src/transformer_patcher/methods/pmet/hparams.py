@@ -71,8 +71,8 @@ class PMETHyperParams:
     # ΔW = R Kᵀ (K Kᵀ + Kₚ Kₚᵀ + λC)⁻¹, so a later batch keeps their outputs (methods/pmet/written_keys.py). Not the
     # paper's; null_space=True always counts them
     keep_written: bool = False
-    # Every later batch's layer loop also drives the facts earlier batches wrote to the values they were written for,
-    # their keys and where they stand read from the model as it is now (methods/pmet/written_facts.py): the lower
+    # Every later batch's layer loop also drives the facts earlier batches wrote back to where their batch's write left
+    # them, their keys and where they stand read from the model as it is now (methods/pmet/written_facts.py): the lower
     # layers' writes move the keys the written-key count protects. Not the paper's; it counts those facts as the
     # batch's own keys, so it takes neither keep_written nor null_space
     replay_written: bool = False
