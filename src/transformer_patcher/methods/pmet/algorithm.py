@@ -163,16 +163,19 @@ def compute_deltas(
     written: WrittenKeys | None = None,
     progress: bool = False,
     wanted: tuple[str, torch.Tensor] | None = None,
+    shown: str | None = None,
 ) -> dict[str, LowRankDelta]:
     """One ``ΔW`` per edited FFN output projection (module name → factors) for this batch of requests.
 
     ``wanted`` is :func:`written_values` (read under the model as it is now when not given). With ``written``
     each update is its solve, which counts the keys earlier batches wrote (AlphaEdit's projected solve, or the
-    paper's with those keys) and then holds the batch's keys as pending.
+    paper's with those keys) and then holds the batch's keys as pending. ``shown``: how the progress bar counts the
+    facts (by default their number).
     """
     read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     deltas: dict[str, LowRankDelta] = {}
-    bar = tqdm(hparams.layers, desc=f"PMET layer loop, {len(requests)} facts", unit="layer", disable=not progress)
+    desc = f"PMET layer loop, {shown or len(requests)} facts"
+    bar = tqdm(hparams.layers, desc=desc, unit="layer", disable=not progress)
     for position, layer in enumerate(bar):
         modules = block_modules(model, layer)
         with applied(model, deltas):
@@ -215,8 +218,10 @@ def refined_deltas(
     """
     read_module, values = written_values(model, tokenizer, requests, hparams, targets)
     everything, aims = (requests, values) if replay is None else replay.joined(requests, values)
+    shown = f"{len(everything)} ({len(everything) - len(requests)} replayed)" if replay else None  # empty: none
+    wanted = (read_module, aims)
     deltas = compute_deltas(
-        model, tokenizer, everything, hparams, moments, templates, targets, written, progress, (read_module, aims)
+        model, tokenizer, everything, hparams, moments, templates, targets, written, progress, wanted, shown
     )
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
