@@ -31,6 +31,7 @@ def records(folder: Path) -> list[dict[str, Any]]:
             "mode": row.get("mode", "independent"),
             **({"sequential_targets": config["sequential_targets"]} if "sequential_targets" in config else {}),
             "pmet_options": config["pmet_options"],
+            "device": config.get("device", "cpu"),
             **{k: v for k, v in row.items() if k != "mode"},
             "command": results["command"],
         }

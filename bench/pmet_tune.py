@@ -21,8 +21,7 @@ import hashlib
 import json
 import statistics
 import time
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ from transformer_patcher.core.pretrained import cache_dir, load_model
 from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.benchmarks import wikitext_texts
 from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_zsre
-from transformer_patcher.experiments.sme.batch_experiment import saved_targets
 from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
+from transformer_patcher.experiments.sme.saved_targets import saved_targets
 from transformer_patcher.methods.pmet import (
     EditRequest,
     PMETHyperParams,
@@ -48,12 +47,17 @@ from transformer_patcher.methods.pmet.update import LowRankDelta
 
 
 def kept_targets(
-    folder: Path, data: Path, start: int, n: int, hparams: PMETHyperParams, compute: Callable[[], Targets]
+    folder: Path,
+    data: Path,
+    start: int,
+    n: int,
+    hparams: PMETHyperParams,
+    compute: Callable[[Sequence[int]], Targets],
 ) -> tuple[Targets, float]:
     """``saved_targets`` under a name for these records and these target settings, so other runs reuse them."""
     folder.mkdir(parents=True, exist_ok=True)
     setting = hashlib.sha256(json.dumps(hparams.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    return saved_targets(folder, f"{data.stem}-{start}-{n}-{setting}", compute)
+    return saved_targets(folder, f"{data.stem}-{start}-{n}-{setting}", n, compute)
 
 
 def landed_shares(
@@ -122,10 +126,13 @@ def main() -> None:
     task = CausalLMTask(tokenizer)
     before = score_cases(model, task, cases)
     templates = context_templates(model, tokenizer, hparams.context_template_lengths)
-    compute = partial(compute_targets, model, tokenizer, requests, hparams, templates, progress=False)
+
+    def compute(index: Sequence[int]) -> Targets:
+        return compute_targets(model, tokenizer, [requests[i] for i in index], hparams, templates, progress=False)
+
     if args.targets is None:
         began = time.perf_counter()
-        targets = compute()
+        targets = compute(range(len(requests)))
         target_seconds = (time.perf_counter() - began) / len(requests)
     else:
         targets, target_seconds = kept_targets(args.targets, data, args.start, args.n, hparams, compute)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from transformer_patcher.cli import main
-from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, run_batch_experiment
+from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, load_cases, run_batch_experiment
 from transformer_patcher.experiments.sme.run_state import load_checkpoint
 from transformer_patcher.methods.pmet import PMETEditor
 from workspace import add_counterfact_edits, build_workspace
@@ -240,3 +240,19 @@ def test_cli_sequential_mode_end_to_end(workspace: dict[str, Path], tmp_path: Pa
     assert "| sequential | 2 | 2 | 4 |" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["mode"] == "sequential" and [r.get("edited") for r in results["rows"]] == [None, 2, 4]
+
+
+def test_a_data_file_needs_its_kind_and_a_short_benchmark_names_the_full_one(workspace, tmp_path: Path) -> None:
+    config = _config(workspace)
+    with pytest.raises(ValueError, match="is a file: say what it holds with --data-kind"):
+        replace(config, data_kind=None)
+    named = tmp_path / "data" / "counterfact"
+    named.mkdir(parents=True)
+    shutil.copy(workspace["counterfact"], named / "counterfact-edit-1k.json")
+    records = len(json.loads(Path(workspace["counterfact"]).read_text()))
+    short = replace(config, data="counterfact", data_kind=None, data_dir=str(tmp_path / "data"), cases=records)
+    assert len(load_cases(short)) == records
+    with pytest.raises(ValueError, match=f"has {records} records.*counterfact-edit.json holds 10,000"):
+        load_cases(replace(short, cases=records + 1))
+    with pytest.raises(ValueError, match=rf"has {records} records, fewer than cases={records + 1}$"):
+        load_cases(replace(config, cases=records + 1))

@@ -24,6 +24,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 TINY_PMET = {"layers": [0], "mom2_update_weight": 1, "v_num_grad_steps": 40, "v_lr": 5, "clamp_norm_factor": 4}
 TINY_SUITE = {"generation": 4, "perplexity_tokens": 256, "window": 64}
 TIMINGS = ("seconds", "seconds_per_fact", "evaluation_seconds", "seconds_per_batch", "seconds_per_edit")
+CUDA_ROUNDING = {"rtol": 1e-3, "atol": 1e-3}  # CUDA's kernels do not repeat a run bit for bit (atomic adds)
 BAD_DEVICES = ["gpu", "CPU", "cuda:", "cuda:x", "cuda:-1", "mps", "", " cpu", "cuda:0:1"]
 
 
@@ -64,6 +65,25 @@ def _without_timings(record: dict[str, Any]) -> dict[str, Any]:
 
 def _parts(out: Path) -> dict[str, dict[str, Any]]:
     return {p.name: _without_timings(json.loads(p.read_text())) for p in sorted((out / "parts").iterdir())}
+
+
+def _assert_same_records(got: Any, expected: Any, device: str) -> None:
+    """Equal on the CPU; on CUDA, whose kernels (atomic adds in backward passes) do not repeat a run bit for bit,
+    equal up to float rounding (1e-3) with the same structure, strings and counts."""
+    if device == "cpu":
+        assert got == expected
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys()
+        for key in expected:
+            _assert_same_records(got[key], expected[key], device)
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            _assert_same_records(a, b, device)
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=CUDA_ROUNDING["rtol"], abs=CUDA_ROUNDING["atol"])
+    else:
+        assert got == expected
 
 
 # ------------------------------------------------------------------------------------------ the option
@@ -188,13 +208,13 @@ def test_sequential_null_space_run_resumes_on_the_device(
     crash_at.clear()
     run_batch_experiment(config, out, progress=False)
     assert calls == [2, 2, 2]  # PMET's batch 2 (batch 1 came from its checkpoint), then MEMIT's two
-    assert _parts(out) == records
+    _assert_same_records(_parts(out), records, device)
     for editor in ("pmet", "memit"):
         resumed, _ = load_checkpoint(out / "checkpoints", f"{editor}-b2")
         expected, _ = load_checkpoint(straight / "checkpoints", f"{editor}-b2")
         assert resumed.keys() == expected.keys() and "null_space.0.earlier" in resumed
         for key, tensor in expected.items():
-            torch.testing.assert_close(resumed[key], tensor)
+            torch.testing.assert_close(resumed[key], tensor, **({} if device == "cpu" else CUDA_ROUNDING))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -210,4 +230,4 @@ def test_independent_run_on_the_device(workspace: dict[str, Path], tmp_path: Pat
     first = _parts(out)
     (out / "parts" / "pmet-b2.json").unlink()
     run_batch_experiment(config, out, progress=False)
-    assert _parts(out) == first
+    _assert_same_records(_parts(out), first, device)

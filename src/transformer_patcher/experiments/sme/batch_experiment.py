@@ -47,6 +47,7 @@ from transformer_patcher.experiments.evaluation import EvaluationSuite, SuiteCon
 from transformer_patcher.experiments.registry import DISPLAY_NAMES, MASS_EDITORS, build_editor
 from transformer_patcher.experiments.sme.fact_scores import FactCase, fact_metrics, score_cases
 from transformer_patcher.experiments.sme.report import FACT_COLUMNS, FACT_EXTRAS, markdown_table
+from transformer_patcher.experiments.sme.saved_targets import read_saved_targets, saved_targets
 from transformer_patcher.experiments.sme.sequential_batches import (
     SequentialJob,
     batch_slices,
@@ -118,6 +119,8 @@ class BatchExperimentConfig:
             )
         check_options("suite", self.suite_options, SUITE_OPTIONS)
         self.suite_config()  # bad sizes fail before anything loads
+        if self.data not in BENCHMARKS and self.data_kind is None:
+            raise ValueError(f"data {self.data!r} is a file: say what it holds with --data-kind counterfact or zsre")
         if self.kind not in ("counterfact", "zsre"):
             raise ValueError(f"batch experiments use counterfact or zsre data, got {self.data!r}")
         if self.zsre_target not in ZSRE_TARGETS:
@@ -155,15 +158,18 @@ class BatchExperimentConfig:
 
 
 def load_cases(config: BatchExperimentConfig) -> list[FactCase]:
+    named = config.data in BENCHMARKS
     if config.kind == "counterfact":
-        named = config.data in BENCHMARKS
         rows = load_counterfact(
             find_data_file("counterfact/counterfact-edit-1k.json", config.data_dir) if named else config.data
         )
     else:
         rows = load_zsre(ZSRE_SAMPLE if config.data == "zsre" else config.data, target=config.zsre_target)
     if len(rows) < config.cases:
-        raise ValueError(f"{config.data} has {len(rows)} records, fewer than cases={config.cases}")
+        more = ""
+        if named and config.kind == "counterfact":
+            more = " (counterfact/counterfact-edit.json holds 10,000: pass its path as --data, --data-kind counterfact)"
+        raise ValueError(f"{config.data} has {len(rows)} records, fewer than cases={config.cases}{more}")
     return [FactCase.from_row(rows[i]) for i in range(config.cases)]
 
 
@@ -269,39 +275,7 @@ def _original_targets(
     editor: PMETEditor, requests: Sequence[EditRequest], out: Path, name: str
 ) -> tuple[Targets, float]:
     """Every request's targets against the original model, and their seconds per request: computed once, saved."""
-    return saved_targets(out, name, lambda: editor.compute_targets(requests))
-
-
-def read_saved_targets(folder: Path, name: str, requests: int | None = None) -> tuple[Targets, float] | None:
-    """``folder/targets-<name>.*`` (targets and seconds per request), or None when not saved there or, given
-    ``requests``, saved for another number of requests."""
-    target_file = folder / f"targets-{name}.safetensors"
-    if not target_file.is_file():
-        return None
-    saved = load_file(str(target_file))
-    meta = json.loads((folder / f"targets-{name}.json").read_text())
-    if requests is not None and len(meta["steps"]) != requests:
-        return None
-    targets = Targets(saved["values"], saved["init"], meta["steps"], meta["probabilities"], saved.get("attention"))
-    return targets, meta["seconds_per_request"]
-
-
-def saved_targets(folder: Path, name: str, compute: Callable[[], Targets]) -> tuple[Targets, float]:
-    """``compute()``'s targets and their seconds per request, read from ``folder/targets-<name>.*`` when saved there
-    before, else computed and saved (the targets do not depend on λ or on how the layer loop writes them)."""
-    saved = read_saved_targets(folder, name)
-    if saved is not None:
-        return saved
-    start = time.perf_counter()
-    targets = compute()
-    target_seconds = (time.perf_counter() - start) / len(targets.steps)
-    tensors = {"values": targets.values, "init": targets.init}
-    if targets.attention is not None:
-        tensors["attention"] = targets.attention
-    save_safetensors_atomic(tensors, folder / f"targets-{name}.safetensors")
-    meta = {"steps": targets.steps, "probabilities": targets.probabilities, "seconds_per_request": target_seconds}
-    write_text_atomic(folder / f"targets-{name}.json", json.dumps(meta))
-    return targets, target_seconds
+    return saved_targets(out, name, len(requests), lambda index: editor.compute_targets([requests[i] for i in index]))
 
 
 def _null_space_setting(config: BatchExperimentConfig, name: str) -> dict[str, Any]:

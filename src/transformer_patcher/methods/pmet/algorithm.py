@@ -38,16 +38,18 @@ from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
 
-def read_at_subject(
+def read_module_values(
     model: nn.Module,
     tokenizer: Any,
     encodings: Sequence[Encoded],
     module_name: str,
     side: str,
+    at_subject: bool = True,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """The input (``side="input"``) or output of ``module_name`` at each encoding's lookup token, as float32 rows on
-    the model's device."""
+    """The input (``side="input"``) or output of ``module_name`` as float32 rows on the model's device: at each
+    encoding's lookup token (``at_subject``), or at every other token of each encoding (rows in order, encoding by
+    encoding)."""
     base = unwrap(model)
     device = next(base.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -71,10 +73,28 @@ def read_at_subject(
                 with up_to(module):  # only the module's value is read: no later block, no LM head
                     base.base_model(input_ids=ids, attention_mask=mask)
                 lookups = torch.tensor([e.lookup for e in chunk], device=device)
-                rows.append(seen[0][torch.arange(len(chunk), device=device), lookups].float())
+                at_lookup = torch.arange(mask.shape[1], device=device) == lookups[:, None]
+                chosen = at_lookup if at_subject else mask.bool() & ~at_lookup
+                rows.append(seen[0][chosen].float())
     finally:
         handle.remove()
     return torch.cat(rows)
+
+
+def read_at_subject(
+    model: nn.Module, tokenizer: Any, encodings: Sequence[Encoded], module_name: str, side: str
+) -> torch.Tensor:
+    """The input or output of ``module_name`` at each encoding's lookup token (:func:`read_module_values`)."""
+    return read_module_values(model, tokenizer, encodings, module_name, side)
+
+
+def prompt_moment(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], module_name: str) -> torch.Tensor:
+    """``Kₒ Kₒᵀ`` (d_in × d_in, float64): the keys of ``module_name`` at every token but the subject's last of each
+    request's bare prompt. Counted in a solve with no residual, it keeps what the write would otherwise change at the
+    prompt's other tokens (the relation's words), which the fact's answer is read through."""
+    bare = [encode(tokenizer, request.template, request.subject) for request in requests]
+    keys = read_module_values(model, tokenizer, bare, module_name, "input", at_subject=False).double()
+    return keys.T @ keys
 
 
 def compute_keys(
@@ -164,13 +184,16 @@ def compute_deltas(
     progress: bool = False,
     wanted: tuple[str, torch.Tensor] | None = None,
     shown: str | None = None,
+    kept_prompts: Sequence[EditRequest] | None = None,
 ) -> dict[str, LowRankDelta]:
     """One ``ΔW`` per edited FFN output projection (module name → factors) for this batch of requests.
 
     ``wanted`` is :func:`written_values` (read under the model as it is now when not given). With ``written``
     each update is its solve, which counts the keys earlier batches wrote (AlphaEdit's projected solve, or the
-    paper's with those keys) and then holds the batch's keys as pending. ``shown``: how the progress bar counts the
-    facts (by default their number).
+    paper's with those keys) and then holds the batch's keys as pending. With ``hparams.keep_prompts`` each solve
+    also keeps the keys at the other tokens of the ``kept_prompts`` requests' prompts (by default every driven
+    fact's; :func:`prompt_moment`, read under the updates so far). ``shown``: how the progress bar counts the facts (by
+    default their number).
     """
     read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     deltas: dict[str, LowRankDelta] = {}
@@ -181,13 +204,17 @@ def compute_deltas(
         with applied(model, deltas):
             keys = compute_keys(model, tokenizer, requests, templates, modules.ffn_out)
             current = read_z(model, tokenizer, requests, read_module)
+            kept = None
+            held = requests if kept_prompts is None else kept_prompts
+            if hparams.keep_prompts and held:
+                kept = hparams.keep_prompts * prompt_moment(model, tokenizer, held, modules.ffn_out)
         share = residual_share(position, len(hparams.layers), hparams.spread_rule)
         residuals = (values - current) * share
         if written is not None:
-            deltas[modules.ffn_out] = written.solve(layer, keys, residuals)
+            deltas[modules.ffn_out] = written.solve(layer, keys, residuals, kept)
         else:
             covariance = moments[layer].regularized(hparams.mom2_ridge)
-            deltas[modules.ffn_out] = solve_update(keys, residuals, covariance, hparams.mom2_update_weight)
+            deltas[modules.ffn_out] = solve_update(keys, residuals, covariance, hparams.mom2_update_weight, kept)
     return deltas
 
 
@@ -220,8 +247,9 @@ def refined_deltas(
     everything, aims = (requests, values) if replay is None else replay.joined(requests, values)
     shown = f"{len(everything)} ({len(everything) - len(requests)} replayed)" if replay else None  # empty: none
     wanted = (read_module, aims)
+    kept = list(replay.requests) if replay is not None and hparams.keep_prompts_of == "written" else None
     deltas = compute_deltas(
-        model, tokenizer, everything, hparams, moments, templates, targets, written, progress, wanted, shown
+        model, tokenizer, everything, hparams, moments, templates, targets, written, progress, wanted, shown, kept
     )
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
@@ -236,6 +264,8 @@ def refined_deltas(
                 aim, again = (read_module, values[:, index]), targets.select(index)
             else:
                 aim, again = None, compute_targets(model, tokenizer, missed, hparams, templates, progress=progress)
-            more = compute_deltas(model, tokenizer, missed, hparams, moments, templates, again, written, progress, aim)
+            more = compute_deltas(
+                model, tokenizer, missed, hparams, moments, templates, again, written, progress, aim, None, kept
+            )
         deltas = {name: deltas[name].joined(more[name]) for name in deltas}
     return deltas

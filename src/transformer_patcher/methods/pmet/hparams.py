@@ -18,6 +18,7 @@ from transformer_patcher.methods.pmet.update import SPREADS
 VARIANTS = ("pmet", "memit")
 TRACKS = ("ffn", "residual")
 REFINES = ("retarget", "rewrite")
+KEPT_PROMPTS = ("all", "written")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,14 @@ class PMETHyperParams:
     # layers' writes move the keys the written-key count protects. Not the paper's; it counts those facts as the
     # batch's own keys, so it takes neither keep_written nor null_space
     replay_written: bool = False
+    # Each edited layer's solve also keeps, with this weight (0: off, the paper's), the keys at every token but the
+    # subject's last of every fact the layer loop drives (this batch's, and the replayed ones'): ΔW = R Kᵀ (K Kᵀ +
+    # w Kₒ Kₒᵀ + λC)⁻¹. A write moves the relation's words of the facts' own prompts, which their answers are read
+    # through (docs/results.md, Issue 18, seventeenth and eighteenth rounds). Not the paper's
+    keep_prompts: float = 0.0
+    # Whose prompts keep_prompts keeps: "all" the facts the layer loop drives, or only the "written" ones earlier
+    # batches wrote (replay_written), so the batch's own write is not held at its own prompts
+    keep_prompts_of: str = "all"
     # How the layer loop spreads the residual over the edited layers: "pmet" (1/sqrt(L − i)) or "memit" (1/(L − i));
     # None follows the variant (methods/pmet/update.py, residual_share)
     spread: str | None = None
@@ -92,6 +101,10 @@ class PMETHyperParams:
             raise ValueError(f"track must be one of {TRACKS}, got {self.track!r}")
         if self.spread is not None and self.spread not in SPREADS:
             raise ValueError(f"spread must be one of {SPREADS} or None (the variant's own), got {self.spread!r}")
+        if self.keep_prompts_of not in KEPT_PROMPTS:
+            raise ValueError(f"keep_prompts_of must be one of {KEPT_PROMPTS}, got {self.keep_prompts_of!r}")
+        if self.keep_prompts_of == "written" and not self.replay_written:
+            raise ValueError("keep_prompts_of='written' keeps the replayed facts' prompts: it needs replay_written")
         if self.refine not in REFINES:
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (tuple, list)):
@@ -114,7 +127,7 @@ class PMETHyperParams:
             raise ValueError("fold_attention is a PMET option: the MEMIT ablation optimises no attention delta")
         positive = ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nll_loss_factor", "null_space_l2")
         positive += ("null_space_threshold", "write_scale")
-        non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge", "target_margin")
+        non_negative = ("v_weight_decay", "kl_factor", "mom2_ridge", "target_margin", "keep_prompts")
         for name in positive + non_negative:
             check_number(name, getattr(self, name), 0.0, strict=name in positive)
         if self.null_space_threshold >= 1:

@@ -70,6 +70,22 @@ class Targets:
             )
         return change + self.attention
 
+    @staticmethod
+    def concatenated(parts: Sequence[Targets]) -> Targets:
+        """The rows of ``parts``, in order; all of them carry attention deltas or none does."""
+        if not parts:
+            raise ValueError("no targets to concatenate")
+        attention = [p.attention for p in parts]
+        if any(a is None for a in attention) and any(a is not None for a in attention):
+            raise ValueError("targets with and without attention deltas cannot be concatenated")
+        return Targets(
+            torch.cat([p.values for p in parts]),
+            torch.cat([p.init for p in parts]),
+            [s for p in parts for s in p.steps],
+            [q for p in parts for q in p.probabilities],
+            None if attention[0] is None else torch.cat(attention),
+        )
+
     def select(self, indices: Sequence[int]) -> Targets:
         index = list(indices)
         return Targets(

@@ -66,8 +66,9 @@ def solve_update(
     written: torch.Tensor | None = None,
 ) -> LowRankDelta:
     """``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` as ``(R, Kᵀ (K Kᵀ + λC)⁻¹)``, solved in float64 (a solve, not an inverse) on the
-    keys' device (``C`` is moved there). With ``written = Kₚ Kₚᵀ`` (keys earlier batches wrote) the system is
-    ``K Kᵀ + Kₚ Kₚᵀ + λC``: the update also keeps those keys' outputs, as AlphaEdit's solve does."""
+    keys' device (``C`` is moved there). With ``written = Kₚ Kₚᵀ`` (keys to keep: those earlier batches wrote, or
+    the facts' prompts' other tokens) the system is ``K Kᵀ + Kₚ Kₚᵀ + λC``: the update also keeps those keys'
+    outputs, as AlphaEdit's solve does."""
     d_in = check_columns(keys, residuals)
     for name, matrix in (("second moment", second_moment), ("written keys' moment", written)):
         if matrix is not None and matrix.shape != (d_in, d_in):

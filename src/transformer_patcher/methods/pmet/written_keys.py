@@ -36,15 +36,19 @@ class WrittenKeys:
         """A layer's update for ``keys`` (float64, on the layer's device) that keeps the ``written`` keys' outputs."""
         raise NotImplementedError
 
-    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> LowRankDelta:
+    def solve(
+        self, layer: int, keys: torch.Tensor, residuals: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> LowRankDelta:
         """A layer's update for ``keys``, weighed against every key already written there: the committed batches'
-        and this batch's pending ones. Without the pending ones, two rewrite rounds over a second dev batch of 100
-        left batch 1 at 0.48 instead of 0.60, perplexity +66 % instead of +17 % (docs/results.md, Issue 18, eighth
-        round)."""
+        and this batch's pending ones (and ``kept``, a moment of further keys to keep for this solve only). Without
+        the pending ones, two rewrite rounds over a second dev batch of 100 left batch 1 at 0.48 instead of 0.60,
+        perplexity +66 % instead of +17 % (docs/results.md, Issue 18, eighth round)."""
         earlier = self.earlier[layer]
         k = keys.to(earlier.device, torch.float64)
         pending = self.pending.get(layer)
         written = earlier if pending is None else earlier + pending
+        if kept is not None:
+            written = written + kept.to(earlier.device, torch.float64)
         delta = self.solve_with(layer, k, residuals, written)
         moment = k @ k.T  # a refine round (PMETHyperParams.refine_rounds) adds its keys to the batch's
         self.pending[layer] = moment if pending is None else pending + moment

@@ -1,0 +1,105 @@
+"""Each solve keeps the keys at the other tokens of the facts' own prompts (``keep_prompts``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_pmet_editor import HPARAMS, _model, _requests, _texts
+from tiny_tokenizer import tiny_tokenizer
+from transformer_patcher.methods.pmet import EditRequest, PMETEditor, PMETHyperParams
+from transformer_patcher.methods.pmet.algorithm import prompt_moment, read_module_values
+from transformer_patcher.methods.pmet.architecture import block_modules
+from transformer_patcher.methods.pmet.requests import encode
+
+
+def test_the_other_tokens_are_every_real_token_but_the_subjects_last_whatever_the_batching() -> None:
+    model, tokenizer = _model("llama"), tiny_tokenizer()
+    requests = _requests(3)
+    prefix = requests[1].template.split("{}")[0]
+    requests[1] = EditRequest(prefix * 2 + "{}", requests[1].subject, requests[1].target)  # a longer prompt
+    bare = [encode(tokenizer, r.template, r.subject) for r in requests]
+    assert len({len(e.ids) for e in bare}) > 1  # padding is in play
+    module = block_modules(model, 1).ffn_out
+    together = read_module_values(model, tokenizer, bare, module, "input", at_subject=False)
+    alone = torch.cat(
+        [read_module_values(model, tokenizer, [e], module, "input", at_subject=False, batch_size=1) for e in bare]
+    )
+    assert together.shape[0] == sum(len(e.ids) - 1 for e in bare)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    subject = read_module_values(model, tokenizer, bare, module, "input")
+    assert subject.shape[0] == len(bare)
+    moment = prompt_moment(model, tokenizer, requests, module)
+    torch.testing.assert_close(moment, together.double().T @ together.double())
+
+
+def _ffn_outputs(editor: PMETEditor, requests, at_subject: bool) -> torch.Tensor:
+    bare = [encode(editor.tokenizer, r.template, r.subject) for r in requests]
+    return torch.cat(
+        [
+            read_module_values(
+                editor.model,
+                editor.tokenizer,
+                bare,
+                block_modules(editor.model, layer).ffn_out,
+                "output",
+                at_subject=at_subject,
+            )
+            for layer in HPARAMS.layers
+        ]
+    )
+
+
+def _moved(keep: float, **options: object) -> tuple[float, float]:
+    """How far one batch's write moves the edited FFNs' outputs at its prompts' other tokens, and at the subject."""
+    hparams = HPARAMS.with_options(keep_prompts=keep, **options)
+    editor = PMETEditor(_model("llama"), tiny_tokenizer(), hparams, _texts())
+    requests = _requests(3)
+    others, subjects = _ffn_outputs(editor, requests, False), _ffn_outputs(editor, requests, True)
+    editor.edit_batch(requests)
+    return (
+        float((_ffn_outputs(editor, requests, False) - others).norm()),
+        float((_ffn_outputs(editor, requests, True) - subjects).norm()),
+    )
+
+
+def test_keeping_the_prompts_holds_their_other_tokens_and_still_writes_at_the_subject() -> None:
+    free_others, free_subject = _moved(0.0)
+    kept_others, kept_subject = _moved(100.0)
+    assert free_others > 0.05 * free_subject  # without it, the write moves the other tokens too
+    assert kept_others < 0.1 * free_others
+    assert kept_subject > 0.5 * free_subject
+
+
+def test_keeping_only_the_written_prompts_leaves_a_first_batch_free() -> None:
+    """With ``keep_prompts_of="written"`` only the replayed facts' prompts are kept: a first batch has none, so its
+    write moves its own prompts' other tokens as freely as without the option."""
+    free = _moved(0.0, replay_written=True)
+    written_only = _moved(100.0, replay_written=True, keep_prompts_of="written")
+    assert written_only == pytest.approx(free, rel=1e-6)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="keep_prompts"):
+        PMETHyperParams(keep_prompts=-1.0)
+    with pytest.raises(ValueError, match="keep_prompts_of must be one of"):
+        PMETHyperParams(keep_prompts_of="mine")
+    with pytest.raises(ValueError, match="needs replay_written"):
+        PMETHyperParams(keep_prompts=1.0, keep_prompts_of="written")
+
+
+def _second_batch_moves_the_first(**options: object) -> float:
+    editor = PMETEditor(
+        _model("llama"), tiny_tokenizer(), HPARAMS.with_options(replay_written=True, **options), _texts()
+    )
+    first = _requests(2)
+    editor.edit_batch(first)
+    before = _ffn_outputs(editor, first, False)
+    editor.edit_batch(_requests(2, offset=20))
+    return float((_ffn_outputs(editor, first, False) - before).norm())
+
+
+def test_a_later_batch_keeps_the_written_prompts() -> None:
+    free = _second_batch_moves_the_first()
+    kept = _second_batch_moves_the_first(keep_prompts=100.0, keep_prompts_of="written")
+    assert free > 0.01 and kept < 0.1 * free
