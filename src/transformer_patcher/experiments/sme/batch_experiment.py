@@ -275,7 +275,11 @@ def _original_targets(
     editor: PMETEditor, requests: Sequence[EditRequest], out: Path, name: str
 ) -> tuple[Targets, float]:
     """Every request's targets against the original model, and their seconds per request: computed once, saved."""
-    return saved_targets(out, name, len(requests), lambda index: editor.compute_targets([requests[i] for i in index]))
+
+    def compute(index: Sequence[int]) -> Targets:
+        return editor.compute_targets([requests[i] for i in index])
+
+    return saved_targets(out, name, len(requests), compute, progress=editor.progress)
 
 
 def _null_space_setting(config: BatchExperimentConfig, name: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ batch size, later run and tuning script reuses them: ``targets-<name>.safetensor
 PMET's attention deltas) beside ``targets-<name>.json`` (steps, probabilities, seconds per request).
 
 They are the slow part of a big batch (2–3 s a fact on 2 CPU cores, 1,000 facts ≈ 45 min; 10,000 on an H200 ≈
-17 min), so they are computed :data:`TARGET_PIECE` requests at a time and each finished piece is saved under
+19 min), so they are computed :data:`TARGET_PIECE` requests at a time and each finished piece is saved under
 ``targets-<name>.partial.*``: a killed run, or one cut off by a time limit, starts again at the first piece not saved.
 The finished file replaces the partial one.
 """
@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from transformer_patcher.core.atomic import save_safetensors_atomic, write_text_atomic
 from transformer_patcher.methods.pmet import Targets
@@ -65,10 +66,12 @@ def saved_targets(
     requests: int,
     compute: Callable[[Sequence[int]], Targets],
     piece: int = TARGET_PIECE,
+    progress: bool = False,
 ) -> tuple[Targets, float]:
     """The targets of requests ``0 … requests − 1`` and their seconds per request: read from
     ``folder/targets-<name>.*`` when saved there, else computed (``compute(indices)``) a piece at a time, each piece
-    saved as it finishes, and resumed from the pieces an earlier, interrupted call saved."""
+    saved as it finishes, and resumed from the pieces an earlier, interrupted call saved. ``progress``: a bar over
+    the saved requests (a resumed call starts it where the saved pieces end)."""
     if requests < 1 or piece < 1:
         raise ValueError(f"need requests >= 1 and piece >= 1, got {requests} and {piece}")
     saved = read_saved_targets(folder, name, requests)
@@ -82,13 +85,16 @@ def saved_targets(
         raise ValueError(f"{folder}/targets-{name}.partial.* was saved for {saved_for} requests, not {requests}")
     pieces, seconds = ([], 0.0) if partial is None else ([partial[0]], partial[1]["seconds"])
     done = sum(len(p.steps) for p in pieces)
-    for start in range(done, requests, piece):
-        began = time.perf_counter()
-        pieces.append(compute(range(start, min(start + piece, requests))))
-        seconds += time.perf_counter() - began
-        if start + piece < requests:
-            pieces = [Targets.concatenated(pieces)]
-            _write(folder, f"targets-{name}.partial", pieces[0], {"requests": requests, "seconds": seconds})
+    bar = tqdm(total=requests, initial=done, desc=f"{name} targets saved", unit="req", disable=not progress)
+    with bar:
+        for start in range(done, requests, piece):
+            began = time.perf_counter()
+            pieces.append(compute(range(start, min(start + piece, requests))))
+            seconds += time.perf_counter() - began
+            if start + piece < requests:
+                pieces = [Targets.concatenated(pieces)]
+                _write(folder, f"targets-{name}.partial", pieces[0], {"requests": requests, "seconds": seconds})
+            bar.update(min(piece, requests - start))
     targets = Targets.concatenated(pieces)
     _write(folder, f"targets-{name}", targets, {"seconds_per_request": seconds / requests})
     for path in _paths(folder, f"targets-{name}.partial"):
