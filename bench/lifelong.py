@@ -20,6 +20,7 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
   (``DEFAULT``: the subject gate at ``gate_depth`` 0.15 in its frame, 16 key views), the small suite every 100 edits;
 - ``zsre-raw-weak`` / ``zsre-chat-weak``: the first 400 raw / 200 chat records of those streams with rules 14-15
   (``weak_lead`` 2, ``gated_answer_gate`` 0), the default since, beside the two curves above;
+  ``zsre-raw-weak-1k`` / ``zsre-chat-weak-1k``: the whole 1,000-record streams with those rules;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
@@ -110,6 +111,8 @@ CASES = {
     # the first records of the same streams with rules 14-15, beside the curves of the two cases above
     "zsre-raw-weak": Case("smollm2-135m", ZSRE, max_examples=400, options={"suite": "small"}, edit=WEAK),
     "zsre-chat-weak": Case("smollm2-135m", ZSRE, "chat", max_examples=200, options={"suite": "small"}, edit=WEAK),
+    "zsre-raw-weak-1k": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=WEAK),
+    "zsre-chat-weak-1k": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=WEAK),
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
 }
 

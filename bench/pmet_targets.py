@@ -57,13 +57,15 @@ def main() -> None:
         records = load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json"))
     rows = records.select(range(900, 900 + args.n))
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
-    templates = context_templates(model, tokenizer, base.context_template_lengths)
+    hparams = [base.with_options(**options) for options in settings]
+    # each setting's own context templates (a setting may change how many there are)
+    templates = [context_templates(model, tokenizer, h.context_template_lengths) for h in hparams]
     seconds: list[list[float]] = [[] for _ in settings]
     results: list[Targets] = []
     for repeat in range(args.repeats):
-        for i, options in enumerate(settings):  # alternating, so drift in the machine's load hits every setting
+        for i in range(len(settings)):  # alternating, so drift in the machine's load hits every setting
             start = time.perf_counter()
-            targets = compute_targets(model, tokenizer, requests, base.with_options(**options), templates, False)
+            targets = compute_targets(model, tokenizer, requests, hparams[i], templates[i], False)
             seconds[i].append((time.perf_counter() - start) / args.n)
             if repeat == 0:
                 results.append(targets)

@@ -401,6 +401,28 @@ def test_presets_carry_the_published_settings() -> None:
         pmet_hparams("gpt-5")
 
 
+def test_the_fast_preset_runs_fewer_prompts_and_leaves_at_the_first_settled_step(tokenizer) -> None:
+    """``smollm2-135m-fast`` is the default preset with two context templates and the first settled step: each
+    request's targets run on the bare prompt and two generated contexts (not five), and a request whose target leads
+    by the margin once leaves at once."""
+    fast, default = pmet_hparams("smollm2-135m-fast"), pmet_hparams()
+    changed = {k for k, v in fast.to_dict().items() if default.to_dict()[k] != v}
+    assert changed == {"context_template_lengths", "settled_steps"}
+    assert (fast.context_template_lengths, fast.settled_steps) == (((10, 2),), 1)
+    model = _model("gpt2")
+    templates = context_templates(model, tokenizer, fast.context_template_lengths)
+    assert [len(group) for group in templates] == [1, 2]
+    assert [len(group) for group in context_templates(model, tokenizer, default.context_template_lengths)] == [1, 5]
+    hparams = HPARAMS.with_options(v_num_grad_steps=40, requests_per_step=4, target_margin=0.0)
+    requests = _requests(4)
+    once, thrice = (
+        algorithm.compute_targets(model, tokenizer, requests, hparams.with_options(settled_steps=n), templates, False)
+        for n in (1, 3)
+    )
+    assert all(a + 2 <= b for a, b in zip(once.steps, thrice.steps, strict=True))  # two steps on target fewer
+    assert all(p > 0.5 for p in once.probabilities)
+
+
 def test_a_failed_append_rolls_back_every_layer(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     editor = _editor("gpt2", tokenizer, "memit")
     editor.edit_batch(_requests(2))
