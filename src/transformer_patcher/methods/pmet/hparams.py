@@ -220,7 +220,7 @@ PRESETS: dict[str, PMETHyperParams] = {
 }
 # The same write with cheaper targets: two context templates instead of five and the first settled step instead of the
 # third. On the dev batches (bench/pmet_tune.py; zsRE 940-999, CounterFact-train 0-99) it lands as many facts for
-# 2.2 times less target time on zsRE (docs/performance.md, "What sets zsRE's steps").
+# 2.2-2.7 times less target time on zsRE (docs/performance.md, "Fewer prompts").
 PRESETS["smollm2-135m-fast"] = replace(
     PRESETS["smollm2-135m"],
     context_template_lengths=((10, 2),),
