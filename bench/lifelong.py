@@ -20,7 +20,8 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
   (``DEFAULT``: the subject gate at ``gate_depth`` 0.15 in its frame, 16 key views), the small suite every 100 edits;
 - ``zsre-raw-weak`` / ``zsre-chat-weak``: the first 400 raw / 200 chat records of those streams with rules 14-15
   (``weak_lead`` 2, ``gated_answer_gate`` 0), the default since, beside the two curves above;
-  ``zsre-raw-weak-1k`` / ``zsre-chat-weak-1k``: the whole 1,000-record streams with those rules;
+  ``zsre-raw-weak-1k`` / ``zsre-chat-weak-1k``: the whole 1,000-record streams with those rules; ``zsre-raw-rows-1k`` /
+  ``zsre-chat-rows-1k``: the same with rule 16 (``gated_edit_rows``);
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
@@ -65,6 +66,8 @@ PLAIN_GATE = {"gate_frame": False}
 DEFAULT = {"gate_depth": 0.15, "key_views": 16, "gate_frame": True}
 # ... and rules 14-15 (weak reads get patches; a gated later answer token fires from its threshold), the default since
 WEAK = {**DEFAULT, "weak_lead": 2.0, "gated_answer_gate": 0.0}
+# ... and rule 16 (a gated patch stays below only the earlier edits' rows its gate opens on)
+ROWS = {**WEAK, "gated_edit_rows": True}
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ CASES = {
     "zsre-chat-weak": Case("smollm2-135m", ZSRE, "chat", max_examples=200, options={"suite": "small"}, edit=WEAK),
     "zsre-raw-weak-1k": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=WEAK),
     "zsre-chat-weak-1k": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=WEAK),
+    "zsre-raw-rows-1k": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=ROWS),
+    "zsre-chat-rows-1k": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=ROWS),
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
 }
 

@@ -7,7 +7,8 @@ gated patch set, the running maximum cosine of the subject gate (open at ``gate_
 the edit's first patch at the edit and at the rephrases, how often it fires and its gate is open there, and every
 wrong rephrase sorted by its first wrong read: the first answer token with the gate closed, below the threshold, or
 firing under half the edit's pre-activation (a ReLU6 patch's partial fix) or above it; or a later answer token, sorted
-the same way by the patches whose own read it is (where they fire highest on the edit), or having none.
+the same way by the patches whose own read it is (where they fire highest on the edit), or having none. ``--block N``
+also counts them per block of N edits in stream order (does a long stream's GR fall by where its failures come from?).
 
     python bench/rephrase_reach.py --run runs/cf-dev-9000-gate4 --data /tmp/w/cf-dev-9000.json \\
         --data-kind counterfact --out bench/results/rephrase_reach.json
@@ -16,15 +17,12 @@ the same way by the patches whose own read it is (where they fire highest on the
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from subject_gate import add_run_arguments, run_benchmark
+from subject_gate import add_run_arguments, record_result, run_benchmark
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.tuners.patcher.model import PatcherModel
@@ -62,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--block", type=int, default=0, help="also count the causes per block of N edits (0: no)")
     args = parser.parse_args()
     patches, benchmark = run_benchmark(args)
     examples = {e.text: e for e in benchmark.examples}
@@ -87,8 +86,8 @@ def main() -> None:
             cosine = running[0, int(batch.cols[0]), 0].item()
         return correct, pre, pre[0, 0].item(), cosine
 
-    edits, rephrases, cosines, causes = [], [], [], Counter()
-    for entry in read_edit_log(patches):
+    edits, rephrases, cosines, causes, blocks = [], [], [], Counter(), {}
+    for position, entry in enumerate(read_edit_log(patches)):
         example = examples.get(entry["text"])
         columns = [j for j, i in enumerate(ids) if i == entry["edit_id"]]
         if example is None or not columns:
@@ -100,8 +99,12 @@ def main() -> None:
             rephrases.append(first)
             if cosine is not None:
                 cosines.append(cosine)
+            block = blocks.setdefault(position // args.block * args.block, Counter()) if args.block else Counter()
+            block["rephrases"] += 1
             if not all(correct):
-                causes[failure(correct, pre, cosine, edit_pre, threshold)] += 1
+                cause = failure(correct, pre, cosine, edit_pre, threshold)
+                causes[cause] += 1
+                block[cause] += 1
     result = {
         "run": str(args.run),
         "edits": len(edits),
@@ -111,11 +114,9 @@ def main() -> None:
         "rephrase_fires": round(sum(p > 0 for p in rephrases) / len(rephrases), 3),
         "rephrase_gate_open": round(sum(c >= threshold for c in cosines) / len(cosines), 3) if cosines else None,
         "rephrases_wrong": dict(causes.most_common()),
-        "command": "python " + shlex.join(sys.argv),
+        **({"per_block": {str(start): dict(block.most_common()) for start, block in blocks.items()}} if blocks else {}),
     }
-    print(json.dumps(result))
-    saved = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text(json.dumps([*saved, result], indent=1) + "\n")
+    record_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m")
 
 
+def record_result(result: dict[str, Any], out: Path) -> None:
+    """Print ``result`` with the command that produced it and append it to the JSON list in ``out``."""
+    result["command"] = "python " + shlex.join(sys.argv)
+    print(json.dumps(result))
+    saved = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps([*saved, result], indent=1) + "\n")
+
+
 def run_benchmark(args: argparse.Namespace) -> tuple[Path, Benchmark]:
     """The run's patch-set folder and its benchmark, loaded as the run loaded it."""
     patches = next(p.parent for p in sorted(args.run.rglob("adapter_config.json")))

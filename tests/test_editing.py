@@ -718,6 +718,32 @@ def test_memory_statistics_and_max_score() -> None:
     assert torch.allclose(top @ directions[0], scores, atol=1e-5)
 
 
+def test_a_bank_skipping_edit_rows_scores_as_if_they_were_not_there() -> None:
+    """``skipping``: the flagged edits' rows drop out of max_score, top_rows and the exact top-k candidates, for as
+    long as the block lasts; the built rows and the statistics are untouched."""
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(6000, 8, generator=generator)
+    bank = MemoryBank(rows)
+    loud = torch.full((3, 8), 50.0)
+    bank.append(loud)
+    keys, bias = torch.randn(2, 8, generator=generator).abs(), torch.zeros(2)
+    skip = torch.tensor([True, False, True])
+    before = bank.statistics(0.1)[0].clone()
+    with bank.skipping(skip):
+        kept = torch.cat([rows, loud[1:2]])
+        assert torch.allclose(bank.max_score(keys), (kept @ keys.T).amax(0), rtol=2e-2)
+        _, scores = bank.top_rows(keys[0], 2)
+        assert torch.equal(scores, torch.topk(kept @ keys[0], 2).values)
+        index = bank.candidates(keys, bias, top_k=1000)
+        assert index is not None and 6001 in index.tolist() and not {6000, 6002} & set(index.tolist())
+        exact = torch.topk(kept @ keys.T, 1000, dim=0).indices.reshape(-1)
+        assert set(torch.where(exact == 6000, 6001, exact).tolist()) <= set(index.tolist())  # the kept loud row
+        assert torch.equal(bank.statistics(0.1)[0], before)
+    assert float(bank.max_score(keys[:1])[0]) > 300  # the block is over: every row is back
+    with pytest.raises(ValueError, match="a flag per appended row"), bank.skipping(torch.tensor([True])):
+        pass
+
+
 def test_preactivation_is_the_layer_and_memory_formula() -> None:
     query, keys, bias = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
     assert torch.allclose(preactivation(query, keys, bias), query @ keys.T + bias, atol=1e-6)

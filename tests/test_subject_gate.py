@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -384,16 +385,104 @@ def test_subject_key_leaves_an_edit_without_a_subject_as_it_was() -> None:
     assert all(torch.equal(committed[0][n], committed[1][n]) for n in committed[0])
 
 
-def test_the_subjects_of_the_memory_rows_edits_appended_are_checkpointed() -> None:
+def edits_naming_another_subject() -> list[EditExample]:
+    """Two edits whose texts both name w1: the first as a bystander (its subject is w22), the second as its subject;
+    then one about neither."""
+    words = list(range(*EDIT_WORDS))
+    bystander = sentence(words[20], words[1], words[22], words[23])
+    return [
+        EditExample(bystander, sentence(*words[24:26]), subject=f"w{words[22]}"),
+        EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=f"w{words[1]}"),
+        EditExample(sentence(*words[30:34]), sentence(*words[40:42]), subject=f"w{words[31]}"),
+    ]
+
+
+def test_gate_traces_say_where_each_patch_opens_on_the_edits_rows_as_the_adapter_does() -> None:
+    """The traces answer, for every appended row and every gated patch, what the adapter's gate does at that row's
+    read, including a later patch opening on an earlier text at a position other than that text's subject. With key
+    views and kept prompts the trainer runs the gate block on other texts before the edit's rows are appended: the
+    traces must not take those."""
+    trainer = gated_trainer()
+    trainer.config = EditConfig(gate_layer=0, key_views=2)
+    trainer.views = EditViews(["w10 w11 w12", "w20 w21"])
+    words = list(range(*EDIT_WORDS))
+    kept = (sentence(words[1], *words[50:56]),)  # a longer text that opens the second edit's gate
+    examples = [replace(e, keep=kept) for e in edits_naming_another_subject()]
+    for i, example in enumerate(examples):
+        assert trainer.edit(example, edit_id=i).success
+    layer = trainer.layer
+    threshold = layer.patch_config["default"].gate_threshold
+    subjects = layer.patch_frozen_subjects["default"]
+    expected = []
+    for example in examples:
+        batch = trainer.task.batch_for(trainer.model, [(example.text, example.target)])
+        with torch.no_grad(), layer.capture():
+            trainer.model(**batch.model_kwargs())
+        gate = layer.gate_reads()
+        expected.append(gate.opened(subjects, threshold, "test", layer.gate_frame())[0, batch.cols])
+    expected = torch.cat(expected)  # (rows, patches)
+    assert len(expected) == trainer.memory.n_appended == len(trainer._traces)
+    got = torch.stack([trainer._traces.opening(s, threshold) for s in subjects], dim=1)
+    assert torch.equal(got, expected)
+    ids = layer.edit_ids()
+    first_rows = len(trainer.task.batch_for(trainer.model, [(examples[0].text, examples[0].target)]).cols)
+    later = ids == 1
+    assert bool(got[:first_rows, later].any())  # the second edit's patches open on the first's text (it names w1)
+    assert float(subjects[ids == 0][0] @ subjects[later][0]) < threshold  # though their subject reads differ
+    assert not bool(got.all())  # and shut somewhere
+
+
+def test_the_gate_traces_of_the_memory_rows_edits_appended_are_checkpointed() -> None:
     trainer = gated_trainer()
     words = list(range(*EDIT_WORDS))
     trainer.edit(EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=f"w{words[1]}"), edit_id=0)
     state = trainer.state_tensors()
-    named = state["memory.appended_subjects"]
-    assert len(named) == trainer.memory.n_appended > 0 and bool(named.norm(dim=1).gt(0).all())
+    spans = state["memory.appended.gate_spans"]
+    assert len(spans) == trainer.memory.n_appended > 0 and bool((spans[:, 1] > spans[:, 0]).all())
     trainer.reset()
-    assert len(trainer._row_subjects) == 0
+    assert len(trainer._traces) == 0
     trainer.load_state_tensors(state)
-    assert torch.equal(trainer._row_subjects, named)
-    with pytest.raises(ValueError, match="appended_subjects"):
-        trainer.load_state_tensors(state | {"memory.appended_subjects": named[:-1]})
+    assert torch.equal(trainer._traces.spans, spans)
+    assert torch.equal(trainer._traces.reads, state["memory.appended.gate_reads"])
+    with pytest.raises(ValueError, match="gate_spans"):
+        trainer.load_state_tensors(state | {"memory.appended.gate_spans": spans[:-1]})
+    with pytest.raises(ValueError, match="within"):
+        trainer.load_state_tensors(state | {"memory.appended.gate_spans": spans + 100})
+    older = {k: v for k, v in state.items() if ".gate_" not in k}  # a checkpoint from before the traces
+    trainer.load_state_tensors(older)
+    assert bool(trainer._traces.opening(torch.randn(trainer.layer.output_dim), 0.8).all())  # its rows open every gate
+
+
+@pytest.mark.parametrize("gated_edit_rows", [True, False])
+def test_a_gated_patch_stays_below_only_the_earlier_rows_its_gate_opens_on(
+    monkeypatch: pytest.MonkeyPatch, gated_edit_rows: bool
+) -> None:
+    """``gated_edit_rows``: while a gated edit is trained, the memory leaves out the earlier edits' rows its gate is
+    shut on (and only those); the new patches still stay below every row they can meet."""
+    trainer = gated_trainer()
+    trainer.config = EditConfig(gate_layer=0, gated_edit_rows=gated_edit_rows)
+    words = list(range(*EDIT_WORDS))
+    first = EditExample(sentence(*words[30:34]), sentence(*words[40:42]), subject=f"w{words[31]}")
+    assert trainer.edit(first, edit_id=0).success
+    skipped: list[torch.Tensor | None] = []
+    original = MemoryBank.skipping
+
+    def spy(bank: MemoryBank, appended: torch.Tensor | None) -> object:
+        skipped.append(appended)
+        return original(bank, appended)
+
+    monkeypatch.setattr(MemoryBank, "skipping", spy)
+    second = EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=f"w{words[1]}")
+    rows = trainer.memory.appended()
+    assert trainer.edit(second, edit_id=1).success
+    layer = trainer.layer
+    subject = layer.patch_frozen_subjects["default"][layer.edit_ids() == 1][0]
+    if not gated_edit_rows:
+        assert skipped == []
+        return
+    shut = ~trainer._traces.opening(subject, layer.patch_config["default"].gate_threshold)[: len(rows)]
+    assert len(skipped) == 1 and torch.equal(skipped[0], shut) and bool(shut.any())
+    keys, bias = layer.committed()["patch_frozen_keys"], layer.committed()["patch_frozen_bias"]
+    new = layer.edit_ids() == 1
+    met = torch.cat([trainer.memory.rows()[: trainer.memory._base], rows[~shut]])
+    assert float((met @ keys[new].T + bias[new]).max()) <= 0  # silent (ReLU6) on every row it can meet

@@ -138,6 +138,8 @@ class EditConfig:
     gated_answer_gate: float = 0.0  # init="solve": answer_gate for a gated patch's later answer tokens
     gated_views: bool = True  # key_views: a gated patch's later answer tokens are keyed over the views too
     gate_frame: bool = True  # a new gate compares in a frame read from the memory texts (False: plain cosines)
+    gated_edit_rows: bool = True  # a gated patch stays below only the earlier edits' memory rows its gate opens on
+    # (False: below every earlier edit's rows, as below the rest of the memory)
     subject_key: int = 0  # init="solve": a gated first answer token's key tells the edit from this many other
     # questions about its subject, which set its threshold; the memory (other subjects, kept out by the gate) does not
     seed: int = 42
@@ -178,6 +180,7 @@ class EditConfig:
             "gated_contexts",
             "gated_views",
             "gate_frame",
+            "gated_edit_rows",
         ):
             check_bool(f"EditConfig.{name}", getattr(self, name))
         if self.value_init not in ("normal", "uniform"):

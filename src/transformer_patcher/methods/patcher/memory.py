@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ class MemoryBank:
         self._filter: tuple[torch.Tensor, torch.Tensor] | None = None
         self._statistics: tuple[tuple[float, int], torch.Tensor, torch.Tensor] | None = None
         self._sums: tuple[torch.Tensor, torch.Tensor, int] | None = None  # Σx, Σxxᵀ, n (float64)
+        self._skip: torch.Tensor | None = None  # rows the scoring methods leave out (see ``skipping``)
 
     def __len__(self) -> int:
         return self._rows.shape[0]
@@ -82,6 +85,26 @@ class MemoryBank:
         self._filter = None
         self._sums = None
 
+    @contextmanager
+    def skipping(self, appended: torch.Tensor | None) -> Iterator[None]:
+        """Within the block ``candidates``, ``max_score`` and ``top_rows`` leave out the edits' rows where
+        ``appended`` (a bool per appended row) is True: rows a patch cannot meet (its gate is shut on them). None
+        leaves every row in. ``statistics`` still counts every row (it whitens, it does not bound)."""
+        if appended is not None and appended.shape != (self.n_appended,):
+            raise ValueError(f"skipping needs a flag per appended row ({self.n_appended}), got {tuple(appended.shape)}")
+        if appended is None or not bool(appended.any()):
+            yield
+            return
+        self._skip = torch.cat([torch.zeros(self._base, dtype=torch.bool), appended.bool().cpu()])
+        try:
+            yield
+        finally:
+            self._skip = None
+
+    def _left_out(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` (…, n rows) with the skipped rows at -inf."""
+        return scores if self._skip is None else scores.masked_fill(self._skip, -math.inf)
+
     def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         return (self._rows if index is None else torch.index_select(self._rows, 0, index)).float()
 
@@ -93,21 +116,25 @@ class MemoryBank:
         """
         n = len(self)
         if n <= max(_FILTER_MIN_ROWS, 2 * top_k):
-            return None
+            return None if self._skip is None else (~self._skip).nonzero().squeeze(1)
         transposed, norms = self._filter_tensors()
         keys = keys.detach().float()
         with torch.no_grad():
             approx = (keys.to(torch.bfloat16) @ transposed).float() + bias.detach().float()[:, None]  # (n_patches, n)
             error = norms[None, :] * keys.norm(dim=1, keepdim=True) * self._relative_error()
             error = error + (approx.abs() + bias.detach().float().abs()[:, None]) * 2.0**-23  # the fp32 bias add
+            approx = self._left_out(approx)
             # k rows have exact value >= approx - error >= lower, so a row whose upper bound is below it is out.
             lower = torch.topk(approx - error, top_k, dim=1).values[:, -1:]
             keep = (approx + error >= lower).any(dim=0)
+            if self._skip is not None:  # with fewer than top_k rows left, lower is -inf
+                keep &= ~self._skip
             if int(keep.sum()) <= n // _EXACT_FALLBACK:
                 return keep.nonzero().squeeze(1)
             # The bound is too loose (many rows tie near the threshold): rank exactly in fp32 instead.
-            exact = keys @ self._rows.float().T + bias.detach().float()[:, None]
-            return torch.topk(exact, top_k, dim=1).indices.unique()
+            exact = self._left_out(keys @ self._rows.float().T + bias.detach().float()[:, None])
+            found = torch.topk(exact, top_k, dim=1).indices.unique()
+            return found if self._skip is None else found[~self._skip[found]]
 
     def statistics(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and precision (inverse of the covariance plus ``ridge`` × its mean variance) of every row, edits'
@@ -130,13 +157,13 @@ class MemoryBank:
         """Approximate ``max_x d·x`` over every row, for each direction (n, d): the bfloat16 pass of the filter."""
         transposed, _ = self._filter_tensors()
         with torch.no_grad():
-            return (directions.detach().float().to(torch.bfloat16) @ transposed).float().amax(dim=1)
+            return self._left_out((directions.detach().float().to(torch.bfloat16) @ transposed).float()).amax(dim=1)
 
     def top_rows(self, direction: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` rows with the highest exact ``direction·x`` and those scores (fp32, one pass over the bank)."""
         with torch.no_grad():
-            scores = self._rows.float() @ direction.detach().float()
-            top = torch.topk(scores, min(k, len(scores)))
+            scores = self._left_out(self._rows.float() @ direction.detach().float())
+            top = torch.topk(scores, min(k, len(scores) if self._skip is None else int((~self._skip).sum())))
         return self.rows(top.indices), top.values
 
     def _relative_error(self) -> float:

@@ -37,6 +37,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ from transformer_patcher.data.neighbours import subject_of
 from transformer_patcher.data.questions import subject_contrasts
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
+from transformer_patcher.methods.patcher.gate_traces import GateTraces
 from transformer_patcher.methods.patcher.losses import activation_loss, memory_loss
 from transformer_patcher.methods.patcher.memory import MemoryBank, answer_start_queries, question_formats
 from transformer_patcher.methods.patcher.replay import ForwardReplay
@@ -134,7 +136,7 @@ class PatchTrainer:
         self.act_margin = self.config.activation_margin(activation)
         self.memory_weight = self.config.memory_weight(task.kind)
         self._replay = ForwardReplay(model, self.layer) if self.config.cache else None
-        self._row_subjects = torch.zeros(0, self.layer.output_dim)  # per appended memory row, its edit's subject read
+        self._traces = GateTraces(self.layer.output_dim)  # per appended memory row, the gate reads of its edit's text
         self._local: tuple[torch.Tensor, torch.Tensor] | None = None  # subject_key: (patches, the rows bounding them)
 
     # ------------------------------------------------------------------------------------------ forwards
@@ -176,7 +178,7 @@ class PatchTrainer:
             if bank is not None:
                 state[f"{prefix}.appended"] = bank.appended()
         if self.memory is not None:
-            state["memory.appended_subjects"] = self._row_subjects
+            state.update(self._traces.state("memory.appended"))
         return state
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -187,11 +189,8 @@ class PatchTrainer:
                 if f"{prefix}.appended" in tensors:
                     bank.append(tensors[f"{prefix}.appended"])
         rows = self.memory.n_appended if self.memory is not None else 0
-        # a checkpoint from before subject_key: every edit's rows count as naming any subject (they bound every key)
-        subjects = tensors.get("memory.appended_subjects", torch.zeros(rows, self.layer.output_dim))
-        if subjects.shape != (rows, self.layer.output_dim):
-            raise ValueError(f"memory.appended_subjects has shape {tuple(subjects.shape)}, expected {rows} rows")
-        self._row_subjects = subjects.float()
+        # a checkpoint from before the traces: its edits' rows open every gate (they bound every key)
+        self._traces = GateTraces.from_state(tensors, "memory.appended", rows, self.layer.output_dim)
 
     def reset(self) -> None:
         """Remove every patch of the adapter and forget the edits' memory rows."""
@@ -220,7 +219,11 @@ class PatchTrainer:
             reads = self._patched_reads(first.logits, single.labels, wrong)
             _require_finite(first.query, "the FFN queries at the edit (before any patch was added)")
             subject = self._subject_read(example, single)
-            with torch.random.fork_rng(devices=[]):
+            trace = self._gate_reads()  # taken now: the contrasts and views below run the gate block on other texts
+            with ExitStack() as stack, torch.random.fork_rng(devices=[]):
+                for bank in (self.memory, self.val_memory):
+                    if bank is not None and subject is not None and cfg.gated_edit_rows:
+                        stack.enter_context(bank.skipping(self._rows_shut(bank, subject)))
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
                     contrasts = self._read_contrasts(example, single, reads, subject)
@@ -243,8 +246,7 @@ class PatchTrainer:
                 if bank is not None:
                     bank.append(first.query)
             if self.memory is not None:
-                named = torch.zeros(len(first.query), self.layer.output_dim) if subject is None else subject.float()
-                self._row_subjects = torch.cat([self._row_subjects, named.expand(len(first.query), -1).cpu()])
+                self._traces.append(trace, single.cols)
             return EditRecord(
                 edit_id,
                 needed=True,
@@ -361,14 +363,23 @@ class PatchTrainer:
             return None
         asked = list(self.asked_about(example.text, name, self.config.subject_key))
         others = self._answer_starts(asked, example.target, subject)
-        earlier = torch.zeros(0, self.layer.query_dim)
-        if self.memory is not None and self.memory.n_appended:
-            named = self._row_subjects
-            norms = named.norm(dim=1)
-            cosine = named @ subject.float().cpu() / (norms * subject.float().norm()).clamp_min(1e-12)
-            opens = (norms == 0) | (cosine >= self.layer.patch_config[self.adapter].gate_threshold)
-            earlier = self.memory.appended()[opens]
-        return others, earlier
+        if self.memory is None:
+            return others, torch.zeros(0, self.layer.query_dim)
+        return others, self.memory.appended()[~self._rows_shut(self.memory, subject)]
+
+    def _rows_shut(self, bank: MemoryBank, subject: torch.Tensor) -> torch.Tensor:
+        """Per edit's row in ``bank``, whether a patch gated on ``subject`` (a subject read) is shut at that row's
+        read, as the adapter's gate will be (:class:`GateTraces`). Rows appended without a trace (a session's earlier
+        edits, an older checkpoint's) count as open."""
+        opens = self._traces.opening(subject, self.layer.patch_config[self.adapter].gate_threshold)
+        return torch.cat([torch.zeros(bank.n_appended - len(opens), dtype=torch.bool), ~opens])
+
+    def _gate_reads(self) -> torch.Tensor | None:
+        """The gate reads (positions, dim) of the first text of the pass just run, or None without a gate."""
+        gate = self.layer.gate_reads(self.adapter)
+        if gate is None or gate.outputs is None:
+            return None
+        return gate.reads(self.layer.gate_frame(self.adapter))[0].clone()
 
     def _add_solved_patches(
         self,
