@@ -52,7 +52,7 @@ def main() -> None:
         single = trainer._batch(example)
         with torch.no_grad():
             first = trainer._forward(single, record=True)
-        subject = trainer._subject_read(example, single)
+        subject = trainer._subject_read(example, single, trainer._gate_reads())
         name = example.subject or guess_subject(example.text)
         if subject is None or not name:
             continue

@@ -218,12 +218,13 @@ class PatchTrainer:
                 return EditRecord(edit_id, needed=False, success=True, seconds=time.perf_counter() - started)
             reads = self._patched_reads(first.logits, single.labels, wrong)
             _require_finite(first.query, "the FFN queries at the edit (before any patch was added)")
-            subject = self._subject_read(example, single)
             trace = self._gate_reads()  # taken now: the contrasts and views below run the gate block on other texts
+            subject = self._subject_read(example, single, trace)
+            opens = self._rows_opening(subject) if subject is not None and cfg.gated_edit_rows else None
             with ExitStack() as stack, torch.random.fork_rng(devices=[]):
                 for bank in (self.memory, self.val_memory):
-                    if bank is not None and subject is not None and cfg.gated_edit_rows:
-                        stack.enter_context(bank.skipping(self._rows_shut(bank, subject)))
+                    if bank is not None and opens is not None:
+                        stack.enter_context(bank.skipping(_shut(bank, opens)))
                 torch.manual_seed(cfg.seed * 1_000_003 + edit_id)
                 if cfg.init == "solve":
                     contrasts = self._read_contrasts(example, single, reads, subject)
@@ -276,18 +277,17 @@ class PatchTrainer:
         weak = ((margins > 0) & (margins < self.config.weak_lead)).nonzero().squeeze(1)
         return torch.cat([reads, weak if cap is None else weak[: cap - len(reads)]]).sort().values
 
-    def _subject_read(self, example: EditExample, single: Batch) -> torch.Tensor | None:
-        """What the subject gate of the edit's patches opens on: the gate block's output, in the pass just run, at the
-        last token of the edit's subject (``example.subject``, else the longest capitalised span of its text) in its
-        prompt as the model reads it. None (ungated) without a gate, when no subject is found there, or when it is the
-        text's first token, which names none."""
-        gate = self.layer.gate_reads(self.adapter)
+    def _subject_read(self, example: EditExample, single: Batch, reads: torch.Tensor | None) -> torch.Tensor | None:
+        """What the subject gate of the edit's patches opens on: of ``reads`` (:meth:`_gate_reads` of the edit's
+        pass), the one at the last token of the edit's subject (``example.subject``, else the longest capitalised span
+        of its text) in its prompt as the model reads it. None (ungated) without a gate, when no subject is found
+        there, or when it is the text's first token, which names none."""
         subject = subject_of(example.text, example.subject)
-        if gate is None or gate.outputs is None or not subject or "input_ids" not in single.inputs:
+        if reads is None or not subject or "input_ids" not in single.inputs:
             return None
         prompt = single.inputs["input_ids"][0, : int(single.cols[0]) + 1].tolist()
         at = subject_position(self.task.tokenizer, prompt, subject)
-        read = None if at is None else gate.reads(self.layer.gate_frame(self.adapter))[0, at]
+        read = None if at is None else reads[at]
         return read if read is not None and bool(read.any()) else None
 
     def _add_patches(self, queries: torch.Tensor, edit_id: int, subject: torch.Tensor | None = None) -> None:
@@ -365,14 +365,12 @@ class PatchTrainer:
         others = self._answer_starts(asked, example.target, subject)
         if self.memory is None:
             return others, torch.zeros(0, self.layer.query_dim)
-        return others, self.memory.appended()[~self._rows_shut(self.memory, subject)]
+        return others, self.memory.appended()[~_shut(self.memory, self._rows_opening(subject))]
 
-    def _rows_shut(self, bank: MemoryBank, subject: torch.Tensor) -> torch.Tensor:
-        """Per edit's row in ``bank``, whether a patch gated on ``subject`` (a subject read) is shut at that row's
-        read, as the adapter's gate will be (:class:`GateTraces`). Rows appended without a trace (a session's earlier
-        edits, an older checkpoint's) count as open."""
-        opens = self._traces.opening(subject, self.layer.patch_config[self.adapter].gate_threshold)
-        return torch.cat([torch.zeros(bank.n_appended - len(opens), dtype=torch.bool), ~opens])
+    def _rows_opening(self, subject: torch.Tensor) -> torch.Tensor:
+        """Per traced edit's row, whether a patch gated on ``subject`` (a subject read) is open at that row's read, as
+        the adapter's gate will be (:class:`GateTraces`)."""
+        return self._traces.opening(subject, self.layer.patch_config[self.adapter].gate_threshold)
 
     def _gate_reads(self) -> torch.Tensor | None:
         """The gate reads (positions, dim) of the first text of the pass just run, or None without a gate."""
@@ -753,6 +751,12 @@ class PatchTrainer:
         if not math.isfinite(edit_value):
             raise NonFiniteError(f"the edit's validation loss became {edit_value}; the edit was rolled back")
         return fixed, edit_value, a_e
+
+
+def _shut(bank: MemoryBank, opens: torch.Tensor) -> torch.Tensor:
+    """Per edit's row in ``bank``, whether the gate is shut there, from ``opens`` (its last rows, the traced ones):
+    rows appended without a trace (a session's earlier edits, an older checkpoint's) count as open."""
+    return torch.cat([torch.zeros(bank.n_appended - len(opens), dtype=torch.bool), ~opens])
 
 
 def _require_finite(tensor: torch.Tensor | None, what: str) -> None:
