@@ -79,7 +79,8 @@ def main() -> None:
     benchmark, task, trainer = stream_trainer(config)
     other = task.formatted("chat" if args.format == "raw" else "raw")
     texts = written_prefixes(trainer.model, task.tokenizer, args.views)
-    mean, precision = (t.double() for t in trainer.memory.statistics(trainer.config.whiten_ridge))
+    cfg = trainer.config
+    mean, precision = (t.double() for t in trainer.memory.statistics(cfg.whiten_ridge, cfg.whiten_edit_rows))
     covariance = torch.linalg.inv(precision)
     rows = trainer.memory.rows().double()
     neighbours = benchmark.neighbours(4)

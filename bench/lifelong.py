@@ -21,7 +21,8 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
 - ``zsre-raw-weak`` / ``zsre-chat-weak``: the first 400 raw / 200 chat records of those streams with rules 14-15
   (``weak_lead`` 2, ``gated_answer_gate`` 0), the default since, beside the two curves above;
   ``zsre-raw-weak-1k`` / ``zsre-chat-weak-1k``: the whole 1,000-record streams with those rules; ``zsre-raw-rows-1k`` /
-  ``zsre-chat-rows-1k``: the same with rule 16 (``gated_edit_rows``);
+  ``zsre-chat-rows-1k``: the same with rule 16 (``gated_edit_rows``); ``zsre-raw-whiten-1k``: the raw one with rule 17
+  (``whiten_edit_rows`` False), the small suite every 250 edits;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
@@ -68,6 +69,8 @@ DEFAULT = {"gate_depth": 0.15, "key_views": 16, "gate_frame": True}
 WEAK = {**DEFAULT, "weak_lead": 2.0, "gated_answer_gate": 0.0}
 # ... and rule 16 (a gated patch stays below only the earlier edits' rows its gate opens on)
 ROWS = {**WEAK, "gated_edit_rows": True}
+# ... and rule 17 (keys whitened by the built memory's statistics, not the edits' rows too)
+WHITEN = {**ROWS, "whiten_edit_rows": False}
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ CASES = {
     "zsre-chat-weak-1k": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=WEAK),
     "zsre-raw-rows-1k": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=ROWS),
     "zsre-chat-rows-1k": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=ROWS),
+    "zsre-raw-whiten-1k": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit=WHITEN),
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
 }
 

@@ -44,7 +44,7 @@ def main() -> None:
     config = zsre_stream(args.n, args.data_dir)
     benchmark, task, trainer = stream_trainer(config)
     bank, cfg = trainer.memory, trainer.config
-    mean, precision = (t.double() for t in bank.statistics(cfg.whiten_ridge))
+    mean, precision = (t.double() for t in bank.statistics(cfg.whiten_ridge, cfg.whiten_edit_rows))
     templates = question_templates()
     model, layer, adapter = trainer.model, trainer.layer, trainer.adapter
     records = []

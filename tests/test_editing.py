@@ -709,6 +709,8 @@ def test_memory_statistics_and_max_score() -> None:
     bank.append(torch.full((1, 6), 100.0))  # edits' rows join the statistics as they arrive
     grown = torch.cat([rows, torch.full((1, 6), 100.0)])
     assert torch.allclose(bank.statistics(0.1)[0], grown.mean(0), atol=1e-4)
+    built_mean, built_precision = bank.statistics(0.1, edit_rows=False)  # whiten_edit_rows=False: the built rows only
+    assert torch.equal(built_mean, mean) and torch.equal(built_precision, precision)
     bank.truncate_appended()
     assert torch.allclose(bank.statistics(0.1)[0], mean, atol=1e-5)
     directions = torch.randn(2, 6, generator=generator)

@@ -291,12 +291,12 @@ def test_a_gated_patch_fires_its_later_answer_tokens_from_gated_answer_gate(gate
     `answer_gate` (0.5)."""
     trainer = gated_trainer()
     trainer.config = EditConfig(gate_layer=0, gated_answer_gate=gated_answer_gate, weak_lead=0)
-    rows = memory_rows(trainer.model)
     words = list(range(*EDIT_WORDS))
     tops = []
     for start, subject in ((0, f"w{words[1]}"), (30, None)):
         text, target = sentence(*words[start : start + 4]), sentence(*words[start + 10 : start + 12])
         example = EditExample(text, target, subject=subject)
+        rows = trainer.memory.rows()  # what the patch stays below: the built memory and the earlier edit's rows
         record = trainer.edit(example, edit_id=start)
         assert record.success and record.neurons == 2 and record.steps == 0  # the solved keys, untrained
         keys, bias = trainer.layer.committed()["patch_frozen_keys"], trainer.layer.committed()["patch_frozen_bias"]
@@ -486,3 +486,32 @@ def test_a_gated_patch_stays_below_only_the_earlier_rows_its_gate_opens_on(
     new = layer.edit_ids() == 1
     met = torch.cat([trainer.memory.rows()[: trainer.memory._base], rows[~shut]])
     assert float((met @ keys[new].T + bias[new]).max()) <= 0  # silent (ReLU6) on every row it can meet
+
+
+@pytest.mark.parametrize("whiten_edit_rows", [True, False])
+def test_a_key_is_whitened_by_the_built_memory_unless_told_to_count_the_edits(
+    monkeypatch: pytest.MonkeyPatch, whiten_edit_rows: bool
+) -> None:
+    """``whiten_edit_rows`` (rule 17): the mean and precision a later edit's keys are solved with are those of the
+    rows the memory was built with, or with the earlier edits' rows counted too."""
+    trainer = gated_trainer()
+    trainer.config = EditConfig(gate_layer=0, whiten_edit_rows=whiten_edit_rows)
+    words = list(range(*EDIT_WORDS))
+    first = EditExample(sentence(*words[30:34]), sentence(*words[40:42]), subject=f"w{words[31]}")
+    assert trainer.edit(first, edit_id=0).success and trainer.memory.n_appended > 0
+    counted = len(trainer.memory) if whiten_edit_rows else len(trainer.memory) - trainer.memory.n_appended
+    used: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = MemoryBank.statistics
+
+    def spy(bank: MemoryBank, ridge: float, edit_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        found = original(bank, ridge, edit_rows)
+        if bank is trainer.memory:
+            used.append(found)
+        return found
+
+    monkeypatch.setattr(MemoryBank, "statistics", spy)
+    second = EditExample(sentence(*words[:4]), sentence(*words[10:12]), subject=f"w{words[1]}")
+    assert trainer.edit(second, edit_id=1).success
+    expected = MemoryBank(trainer.memory.rows()[:counted]).statistics(trainer.config.whiten_ridge)
+    assert used and all(torch.allclose(m, expected[0], atol=1e-5) for m, _ in used)
+    assert all(torch.allclose(p, expected[1], rtol=1e-3, atol=1e-3) for _, p in used)

@@ -121,6 +121,8 @@ class EditConfig:
     solve_margin: float = 14.0  # init="solve": the values give every patched read this logit lead
     key_gap: float = 12.0  # init="solve": the edit's pre-activation starts this far above the activation margin
     whiten_ridge: float = 0.1  # init="solve": ridge of the memory covariance the key whitens with
+    whiten_edit_rows: bool = False  # init="solve": the edits' memory rows count in that covariance too (False: only
+    # the built memory's rows, which stand for what the deployed model reads; the edits' question reads do not)
     give_up_after: int | None = 25  # give a hopeless edit up after this many steps without a 1 % better loss
     patch_activation: str | None = None  # a new patch set's neurons: None by task kind, "ffn" the FFN's own (paper)
     weak_lead: float = 2.0  # init="solve": a read the edit gets right by less than this logit lead gets a patch too
@@ -181,6 +183,7 @@ class EditConfig:
             "gated_views",
             "gate_frame",
             "gated_edit_rows",
+            "whiten_edit_rows",
         ):
             check_bool(f"EditConfig.{name}", getattr(self, name))
         if self.value_init not in ("normal", "uniform"):

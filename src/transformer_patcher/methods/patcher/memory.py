@@ -36,6 +36,17 @@ _FILTER_MIN_ROWS = 4096  # below this a plain fp32 pass is as cheap as filtering
 _EXACT_FALLBACK = 4  # more candidates than 1/4 of the bank: gathering them costs more than an exact fp32 ranking
 
 
+def _whitening(total: torch.Tensor, outer: torch.Tensor, n: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and precision (float32) of ``n`` rows from their float64 sums ``Σx`` and ``Σxxᵀ``, the covariance
+    ridged by ``ridge`` × its mean variance."""
+    if n < 2:
+        raise ValueError("a separating key needs a memory of at least 2 rows")
+    mean = total / n
+    covariance = outer / n - torch.outer(mean, mean)
+    covariance += ridge * covariance.diagonal().mean() * torch.eye(len(mean), dtype=torch.float64)
+    return mean.float(), torch.linalg.inv(covariance).float()
+
+
 class MemoryBank:
     """Rows of FFN queries, appended to as edits are made; ``candidates`` finds the rows a loss top-k can use."""
 
@@ -54,6 +65,7 @@ class MemoryBank:
         self._filter: tuple[torch.Tensor, torch.Tensor] | None = None
         self._statistics: tuple[tuple[float, int], torch.Tensor, torch.Tensor] | None = None
         self._sums: tuple[torch.Tensor, torch.Tensor, int] | None = None  # Σx, Σxxᵀ, n (float64)
+        self._base_statistics: tuple[float, torch.Tensor, torch.Tensor] | None = None
         self._skip: torch.Tensor | None = None  # rows the scoring methods leave out (see ``skipping``)
 
     def __len__(self) -> int:
@@ -136,21 +148,21 @@ class MemoryBank:
             found = torch.topk(exact, top_k, dim=1).indices.unique()
             return found if self._skip is None else found[~self._skip[found]]
 
-    def statistics(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and precision (inverse of the covariance plus ``ridge`` × its mean variance) of every row, edits'
-        rows included: what a separating key whitens with. Sums are kept as rows arrive, so an edit pays one
-        d×d inversion, not a pass over the bank."""
+    def statistics(self, ridge: float, edit_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and precision (inverse of the covariance plus ``ridge`` × its mean variance): what a separating key
+        whitens with. ``edit_rows``: of every row, the edits' included (their sums are kept as rows arrive, so an
+        edit pays one d×d inversion, not a pass over the bank); else of the rows the bank was built with, computed
+        once (``EditConfig.whiten_edit_rows``)."""
+        if not edit_rows:
+            if self._base_statistics is None or self._base_statistics[0] != ridge:
+                rows = self._rows[: self._base].double()
+                self._base_statistics = (ridge, *_whitening(rows.sum(0), rows.T @ rows, len(rows), ridge))
+            return self._base_statistics[1], self._base_statistics[2]
         if self._sums is None:
             rows = self._rows.double()
             self._sums = (rows.sum(0), rows.T @ rows, len(rows))
         if self._statistics is None or self._statistics[0] != (ridge, self._sums[2]):
-            total, outer, n = self._sums
-            if n < 2:
-                raise ValueError("a separating key needs a memory of at least 2 rows")
-            mean = total / n
-            covariance = outer / n - torch.outer(mean, mean)
-            covariance += ridge * covariance.diagonal().mean() * torch.eye(self.dim, dtype=torch.float64)
-            self._statistics = ((ridge, n), mean.float(), torch.linalg.inv(covariance).float())
+            self._statistics = ((ridge, self._sums[2]), *_whitening(*self._sums, ridge))
         return self._statistics[1], self._statistics[2]
 
     def max_score(self, directions: torch.Tensor) -> torch.Tensor:

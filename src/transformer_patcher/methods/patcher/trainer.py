@@ -438,7 +438,7 @@ class PatchTrainer:
         if bank is None or len(bank) < 2:
             keys = torch.stack([init_key(q, target) for q in queries])
             return keys, torch.zeros(len(queries)), torch.ones(len(queries), dtype=torch.bool), None
-        mean, precision = bank.statistics(self.config.whiten_ridge)
+        mean, precision = bank.statistics(self.config.whiten_ridge, self.config.whiten_edit_rows)
         scatter = self.config.view_scatter
 
         def key_direction(i: int, silent: torch.Tensor | None = None) -> torch.Tensor:
@@ -494,7 +494,7 @@ class PatchTrainer:
         and the kept prompts (``kept``), which are projected out where they score 0.9 of the edit. Returns the
         direction, its threshold and the rows that bound it; None (the views key stays) with fewer than two such
         questions or when one of them scores 0.9 of the edit along the new key as well."""
-        mean, precision = self.memory.statistics(self.config.whiten_ridge)
+        mean, precision = self.memory.statistics(self.config.whiten_ridge, self.config.whiten_edit_rows)
         others, earlier = about
         others = others[(others - mean) @ direction < _SILENCE_ABOVE]
         if len(others) < 2:
