@@ -69,7 +69,9 @@ DEFAULT = {"gate_depth": 0.15, "key_views": 16, "gate_frame": True}
 WEAK = {**DEFAULT, "weak_lead": 2.0, "gated_answer_gate": 0.0}
 # ... and rule 16 (a gated patch stays below only the earlier edits' rows its gate opens on)
 ROWS = {**WEAK, "gated_edit_rows": True}
-# ... and rule 17 (keys whitened by the built memory's statistics, not the edits' rows too)
+# Every case ran before rule 17, with the edits' rows counted in the keys' statistics, but the one that says otherwise
+COUNTED = {"whiten_edit_rows": True}
+# ... rule 17 (keys whitened by the built memory's statistics, not the edits' rows too), the default since
 WHITEN = {**ROWS, "whiten_edit_rows": False}
 
 
@@ -138,7 +140,7 @@ def config_for(case: Case, data_dir: Path) -> ExperimentConfig:
         eval_every=case.eval_every,
         data_dir=str(data_dir),
         suite=case.options.get("suite", "full"),
-        edit_options=dict(case.edit),
+        edit_options={**COUNTED, **case.edit},
     )
 
 
