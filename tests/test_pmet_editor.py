@@ -395,17 +395,18 @@ def test_presets_carry_the_published_settings() -> None:
         v_num_grad_steps=60,
         spread="memit",
     )
-    assert tuned == pmet_hparams()
+    assert tuned == pmet_hparams("smollm2-135m")
+    assert pmet_hparams() == pmet_hparams("smollm2-135m-fast")  # the default: the same write, cheaper targets
     assert paper.spread_rule == "pmet" and pmet_hparams(variant="memit").spread_rule == "memit"
     with pytest.raises(ValueError, match="unknown PMET preset"):
         pmet_hparams("gpt-5")
 
 
 def test_the_fast_preset_runs_fewer_prompts_and_leaves_at_the_first_settled_step(tokenizer) -> None:
-    """``smollm2-135m-fast`` is the default preset with two context templates and the first settled step: each
+    """``smollm2-135m-fast`` is ``smollm2-135m`` with two context templates and the first settled step: each
     request's targets run on the bare prompt and two generated contexts (not five), and a request whose target leads
     by the margin once leaves at once."""
-    fast, default = pmet_hparams("smollm2-135m-fast"), pmet_hparams()
+    fast, default = pmet_hparams("smollm2-135m-fast"), pmet_hparams("smollm2-135m")
     changed = {k for k, v in fast.to_dict().items() if default.to_dict()[k] != v}
     assert changed == {"context_template_lengths", "settled_steps"}
     assert (fast.context_template_lengths, fast.settled_steps) == (((10, 2),), 1)

@@ -221,7 +221,7 @@ def pmet_options(parser: argparse.ArgumentParser) -> None:
 
 def pmet_overrides(args: argparse.Namespace) -> dict[str, Any]:
     options = overrides(args.pmet_set, PMETHyperParams, exclude=("extra", "variant"))
-    return options if args.pmet_preset == DEFAULT_PRESET else {"preset": args.pmet_preset, **options}
+    return {"preset": args.pmet_preset, **options}  # named even when the default, which has moved before
 
 
 def check_model_and_data(args: argparse.Namespace) -> None:
