@@ -101,7 +101,7 @@ class MemoryBank:
     def skipping(self, appended: torch.Tensor | None) -> Iterator[None]:
         """Within the block ``candidates``, ``max_score`` and ``top_rows`` leave out the edits' rows where
         ``appended`` (a bool per appended row) is True: rows a patch cannot meet (its gate is shut on them). None
-        leaves every row in. ``statistics`` still counts every row (it whitens, it does not bound)."""
+        leaves every row in. ``statistics`` ignores the skip (it whitens, it does not bound)."""
         if appended is not None and appended.shape != (self.n_appended,):
             raise ValueError(f"skipping needs a flag per appended row ({self.n_appended}), got {tuple(appended.shape)}")
         if appended is None or not bool(appended.any()):
