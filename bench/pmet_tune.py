@@ -11,6 +11,8 @@ layer), as a share of that change (``landed``: median and 10th percentile; 1.0 i
 ``write_scale``), and how the facts the write missed compare there.
 
 A trial with ``"null_space": true`` writes through AlphaEdit's projection (a fresh one per trial: no earlier keys).
+A trial's ``"layers"`` may add or drop edited blocks below the z layer (the targets are the z layer's, so they are
+shared); its last block must be the z layer of ``--set``.
 ``--data-kind zsre`` reads a zsRE file instead (its answers are the targets, as in ``batch run``).
 """
 
@@ -116,8 +118,13 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m", "generation", device=args.device)
     options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     hparams = PMETHyperParams(**options)
+    trials = [json.loads(t) for t in args.trials]
     texts = wikitext_texts("valid")[: hparams.mom2_n_texts]
-    moments = second_moments(model, tokenizer, texts, hparams.layers, cache_dir=cache_dir() / "pmet", progress=False)
+    for trial in trials:
+        if trial.get("layers", hparams.layers)[-1] != hparams.layers[-1]:
+            parser.error(f"trial {trial} ends at another z layer than --set's {hparams.layers}: its targets differ")
+    layers = sorted({*hparams.layers, *(layer for t in trials for layer in t.get("layers", ()))})
+    moments = second_moments(model, tokenizer, texts, layers, cache_dir=cache_dir() / "pmet", progress=False)
     data = Path(args.data) if Path(args.data).is_file() else find_data_file(args.data)
     rows = list(load_zsre(data) if args.data_kind == "zsre" else load_counterfact(data))
     rows = rows[args.start : args.start + args.n]
@@ -146,7 +153,7 @@ def main() -> None:
     common["target_probabilities"] = [round(p, 3) for p in targets.probabilities]
     with args.out.open("a") as log:
         log.write(json.dumps({**common, "lam": None, **fact_metrics(before, before)}) + "\n")
-        for lam, extra in ((lam, json.loads(t)) for lam in args.lams for t in args.trials):
+        for lam, extra in ((lam, t) for lam in args.lams for t in trials):
             trial = hparams.with_options(mom2_update_weight=lam, **extra)
             start = time.perf_counter()
             space = written_solve(trial, moments, next(model.parameters()).device)

@@ -402,6 +402,16 @@ def test_presets_carry_the_published_settings() -> None:
         pmet_hparams("gpt-5")
 
 
+def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> None:
+    """``smollm2-135m-wide`` changes only the edited blocks, and keeps the top one: its targets (optimised at the z
+    layer) are the fast preset's, so a batch's saved targets serve both writes."""
+    wide, fast = pmet_hparams("smollm2-135m-wide"), pmet_hparams("smollm2-135m-fast")
+    changed = {k for k, v in wide.to_dict().items() if fast.to_dict()[k] != v}
+    assert changed == {"layers"}
+    assert wide.layers == tuple(range(9)) and wide.layers[-1] == fast.layers[-1]
+    assert set(fast.layers) < set(wide.layers)
+
+
 def test_the_fast_preset_runs_fewer_prompts_and_leaves_at_the_first_settled_step(tokenizer) -> None:
     """``smollm2-135m-fast`` is ``smollm2-135m`` with two context templates and the first settled step: each
     request's targets run on the bare prompt and two generated contexts (not five), and a request whose target leads
