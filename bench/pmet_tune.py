@@ -14,6 +14,11 @@ A trial with ``"null_space": true`` writes through AlphaEdit's projection (a fre
 A trial's ``"layers"`` may add or drop edited blocks below the z layer (the targets are the z layer's, so they are
 shared); its last block must be the z layer of ``--set``.
 ``--data-kind zsre`` reads a zsRE file instead (its answers are the targets, as in ``batch run``).
+``--misses`` writes, per trial, every fact the write missed: what the model answers instead, and whether that answer
+is another fact's target in the batch (one with the same prompt template, i.e. the same relation, or any), and how
+many of the missed facts the write lands when it acts only at some of their tokens (``landed_where``: the subject's
+last token or all its tokens, with or without the prompt's and the answer's other tokens; ``everywhere`` is the write
+itself).
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from transformer_patcher.core.pretrained import cache_dir, load_model
 from transformer_patcher.core.tasks import CausalLMTask
@@ -44,7 +52,7 @@ from transformer_patcher.methods.pmet import (
 )
 from transformer_patcher.methods.pmet.algorithm import applied, read_at_subject, written_values
 from transformer_patcher.methods.pmet.editor import written_solve
-from transformer_patcher.methods.pmet.requests import encode
+from transformer_patcher.methods.pmet.requests import encode, target_ids
 from transformer_patcher.methods.pmet.update import LowRankDelta
 
 
@@ -94,6 +102,69 @@ def share_summary(shares: list[float], missed: list[bool]) -> dict[str, float | 
     }
 
 
+def missed_facts(
+    requests: list[EditRequest], after: list[dict[str, Any]], before: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The facts whose target is not the greedy answer after the write, and what they answer instead."""
+    holders: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        holders.setdefault(request.target.strip(), []).append(i)
+    rows = []
+    for i, (request, outcome) in enumerate(zip(requests, after, strict=True)):
+        if outcome["edit"].correct:
+            continue
+        answer = outcome["edit"].prediction.strip()
+        others = [j for j in holders.get(answer, []) if j != i]
+        rows.append(
+            {
+                "fact": i,
+                "prompt": request.template.format(request.subject),
+                "target": request.target,
+                "answer": outcome["edit"].prediction,
+                "answer_before": before[i]["edit"].prediction,
+                "answer_is_another_target": bool(others),
+                "answer_is_same_relation_target": any(requests[j].template == request.template for j in others),
+            }
+        )
+    return rows
+
+
+def landed_where(
+    model: Any, tokenizer: Any, requests: list[EditRequest], missed: list[int], deltas: dict[str, LowRankDelta]
+) -> dict[str, int]:
+    """Of the ``missed`` facts, how many have every target token greedy (teacher forcing) when the write acts only at
+    some of their tokens: the subject's (or its last), the subject's and the prompt's before it, after it, or its last
+    token, the whole prompt, the subject's and the answer's, or every token (the miss itself)."""
+    names = ("subject", "subject_last", "before_subject", "after_subject", "prompt_end", "prompt", "subject_and_answer")
+    counts = dict.fromkeys((*names, "everywhere"), 0)
+    for i in missed:
+        request = requests[i]
+        answer = target_ids(tokenizer, request.target)
+        encoded = encode(tokenizer, request.template, request.subject, answer)
+        prefix = request.template.partition("{}")[0]
+        first = len(tokenizer(prefix)["input_ids"]) if prefix else 0
+        position = torch.arange(len(encoded.ids))
+        subject = (position >= min(first, encoded.lookup)) & (position <= encoded.lookup)
+        in_answer = position > encoded.target_positions[0]
+        in_prompt = ~in_answer
+        masks = {  # the subject's tokens, plus (or only) ...
+            "subject": subject,
+            "subject_last": position == encoded.lookup,  # only the subject's last token, where the write is aimed
+            "before_subject": subject | (in_prompt & (position < first)),
+            "after_subject": subject | (in_prompt & (position > encoded.lookup)),
+            "prompt_end": subject | (position == encoded.target_positions[0]),  # the token the answer is read at
+            "prompt": in_prompt,
+            "subject_and_answer": subject | in_answer,
+            "everywhere": torch.ones_like(subject),
+        }
+        ids = torch.tensor([encoded.ids], device=next(model.parameters()).device)
+        for name, mask in masks.items():
+            with applied(model, deltas, mask.float()), torch.no_grad():
+                logits = model(input_ids=ids).logits[0]
+            counts[name] += logits[encoded.target_positions].argmax(-1).tolist() == encoded.target_ids
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--start", type=int, default=900)
@@ -114,7 +185,9 @@ def main() -> None:
         "--targets", type=Path, default=None, help="folder to keep targets in (reused for the same records and --set)"
     )
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
+    parser.add_argument("--misses", type=Path, default=None, help="JSON lines of the missed facts, one per trial")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # refine rounds say how many facts they missed
     model, tokenizer = load_model("smollm2-135m", "generation", device=args.device)
     options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     hparams = PMETHyperParams(**options)
@@ -167,6 +240,13 @@ def main() -> None:
             row.update(share_summary(shares, [not case["edit"].correct for case in after]))
             log.write(json.dumps(row) + "\n")
             log.flush()  # one whole line at a time: other runs may append to the same file
+            if args.misses is not None:
+                with args.misses.open("a") as misses:
+                    entry = {"records": common["records"], "lam": lam, "trial": extra}
+                    index = [i for i, case in enumerate(after) if not case["edit"].correct]
+                    entry["landed_where"] = landed_where(model, tokenizer, requests, index, deltas)
+                    print(json.dumps(entry), flush=True)
+                    misses.write(json.dumps({**entry, "missed": missed_facts(requests, after, before)}) + "\n")
             print(json.dumps({k: v for k, v in row.items() if k != "target_probabilities"}), flush=True)
 
 

@@ -217,6 +217,36 @@ def test_the_spread_sets_each_layers_share_of_the_residual(arch: str, tokenizer)
     assert HPARAMS.spread_rule == "pmet" and HPARAMS.with_options(variant="memit").spread_rule == "memit"
 
 
+def test_an_update_applied_at_some_tokens_moves_only_those_and_what_follows(tokenizer) -> None:
+    """``applied(..., at=mask)`` adds the update only where the mask is 1: all zeros is the unedited model, all ones
+    the update itself, and a mask that opens at token t leaves the logits before t as they were (causal)."""
+    model = _model("llama")
+    requests = _requests(2)
+    hparams = HPARAMS.with_options(mom2_update_weight=1e-4)
+    moments = collect_second_moments(model, tokenizer, _texts(), HPARAMS.layers, progress=False)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    targets = algorithm.compute_targets(model, tokenizer, requests, hparams, templates)
+    deltas = algorithm.compute_deltas(model, tokenizer, requests, hparams, moments, templates, targets)
+    ids = tokenizer(requests[0].text, return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+
+    def logits(at: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            if at is None:
+                return model(input_ids=ids).logits[0]
+            with algorithm.applied(model, deltas, at):
+                return model(input_ids=ids).logits[0]
+
+    plain = logits()
+    with torch.no_grad(), algorithm.applied(model, deltas):
+        edited = model(input_ids=ids).logits[0]
+    torch.testing.assert_close(logits(torch.zeros(n)), plain)
+    torch.testing.assert_close(logits(torch.ones(n)), edited)
+    late = logits((torch.arange(n) >= n - 1).float())
+    torch.testing.assert_close(late[:-1], plain[:-1])
+    assert (late[-1] - plain[-1]).abs().max() > 1e-3 and (edited[-1] - plain[-1]).abs().max() > 1e-3
+
+
 def _target_probabilities(model: torch.nn.Module, tokenizer, requests: list[EditRequest]) -> torch.Tensor:
     probabilities = _logits(model, tokenizer, [r.text for r in requests]).softmax(-1)
     ids = [tokenizer.convert_tokens_to_ids(r.target) for r in requests]
@@ -403,11 +433,13 @@ def test_presets_carry_the_published_settings() -> None:
 
 
 def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> None:
-    """``smollm2-135m-wide`` changes only the edited blocks, and keeps the top one: its targets (optimised at the z
-    layer) are the fast preset's, so a batch's saved targets serve both writes."""
+    """``smollm2-135m-wide`` changes only the write (the edited blocks, the write's scale, no refine round, the
+    prompts kept a little) and keeps the top block: its targets (optimised at the z layer) are the fast preset's, so a
+    batch's saved targets serve both writes."""
     wide, fast = pmet_hparams("smollm2-135m-wide"), pmet_hparams("smollm2-135m-fast")
     changed = {k for k, v in wide.to_dict().items() if fast.to_dict()[k] != v}
-    assert changed == {"layers"}
+    assert changed == {"layers", "write_scale", "refine_rounds", "keep_prompts"}
+    assert (wide.write_scale, wide.refine_rounds, wide.keep_prompts) == (1.5, 0, 0.1)
     assert wide.layers == tuple(range(9)) and wide.layers[-1] == fast.layers[-1]
     assert set(fast.layers) < set(wide.layers)
 

@@ -17,6 +17,7 @@ Earlier updates act through temporary forward hooks, so the model is the same ob
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +37,8 @@ from transformer_patcher.methods.pmet.targets import Targets, compute_targets, o
 from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
+
+logger = logging.getLogger(__name__)
 
 
 def read_module_values(
@@ -118,8 +121,11 @@ def compute_keys(
 
 
 @contextmanager
-def applied(model: nn.Module, deltas: dict[str, LowRankDelta]) -> Iterator[None]:
-    """Add ``x @ ΔWᵀ`` to each named module's output while inside (forward hooks; the weights are never touched)."""
+def applied(model: nn.Module, deltas: dict[str, LowRankDelta], at: torch.Tensor | None = None) -> Iterator[None]:
+    """Add ``x @ ΔWᵀ`` to each named module's output while inside (forward hooks; the weights are never touched).
+
+    ``at``: a 0/1 mask over the token positions (broadcast over the batch) where the update acts; every token when
+    not given (a weight edit acts everywhere; the mask is for studying where it matters)."""
     base = unwrap(model)
     handles = []
 
@@ -129,6 +135,8 @@ def applied(model: nn.Module, deltas: dict[str, LowRankDelta]) -> Iterator[None]
         def add(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             x = args[0]
             shift = (x.float() @ down.T.to(x.device)) @ up.T.to(x.device)
+            if at is not None:
+                shift = shift * at.to(shift)[..., None]
             return output_hook(lambda out: out + shift.to(out.dtype))(_module, args, output)
 
         return add
@@ -257,6 +265,7 @@ def refined_deltas(
             label = f"refine round {round_}: which facts the write missed" if progress else None
             outcomes = score_pairs(model, task, prompts, progress=label)
             index = [i for i, outcome in enumerate(outcomes) if not outcome.correct]
+            logger.info("refine round %d: the write missed %d of %d facts", round_, len(index), len(requests))
             if not index:
                 break
             missed = [requests[i] for i in index]
