@@ -103,16 +103,15 @@ def share_summary(shares: list[float], missed: list[bool]) -> dict[str, float | 
 
 
 def missed_facts(
-    requests: list[EditRequest], after: list[dict[str, Any]], before: list[dict[str, Any]]
+    requests: list[EditRequest], missed: list[int], after: list[dict[str, Any]], before: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """The facts whose target is not the greedy answer after the write, and what they answer instead."""
+    """The ``missed`` facts (their target is not the greedy answer after the write), and what they answer instead."""
     holders: dict[str, list[int]] = {}
     for i, request in enumerate(requests):
         holders.setdefault(request.target.strip(), []).append(i)
     rows = []
-    for i, (request, outcome) in enumerate(zip(requests, after, strict=True)):
-        if outcome["edit"].correct:
-            continue
+    for i in missed:
+        request, outcome = requests[i], after[i]
         answer = outcome["edit"].prediction.strip()
         others = [j for j in holders.get(answer, []) if j != i]
         rows.append(
@@ -237,16 +236,17 @@ def main() -> None:
             row = {**common, "lam": lam, "trial": extra, "write_s_per_request": write_seconds / len(requests)}
             row.update(fact_metrics(after, before))
             shares = landed_shares(model, tokenizer, requests, trial, targets, deltas)
-            row.update(share_summary(shares, [not case["edit"].correct for case in after]))
+            flags = [not case["edit"].correct for case in after]
+            missed = [i for i, flag in enumerate(flags) if flag]
+            row.update(share_summary(shares, flags))
             log.write(json.dumps(row) + "\n")
             log.flush()  # one whole line at a time: other runs may append to the same file
             if args.misses is not None:
                 with args.misses.open("a") as misses:
                     entry = {"records": common["records"], "lam": lam, "trial": extra}
-                    index = [i for i, case in enumerate(after) if not case["edit"].correct]
-                    entry["landed_where"] = landed_where(model, tokenizer, requests, index, deltas)
+                    entry["landed_where"] = landed_where(model, tokenizer, requests, missed, deltas)
                     print(json.dumps(entry), flush=True)
-                    misses.write(json.dumps({**entry, "missed": missed_facts(requests, after, before)}) + "\n")
+                    misses.write(json.dumps({**entry, "missed": missed_facts(requests, missed, after, before)}) + "\n")
             print(json.dumps({k: v for k, v in row.items() if k != "target_probabilities"}), flush=True)
 
 

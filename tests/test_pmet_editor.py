@@ -230,19 +230,16 @@ def test_an_update_applied_at_some_tokens_moves_only_those_and_what_follows(toke
     ids = tokenizer(requests[0].text, return_tensors="pt")["input_ids"]
     n = ids.shape[1]
 
-    def logits(at: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.no_grad():
-            if at is None:
-                return model(input_ids=ids).logits[0]
-            with algorithm.applied(model, deltas, at):
-                return model(input_ids=ids).logits[0]
+    def logits(**at: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), algorithm.applied(model, deltas, **at):
+            return model(input_ids=ids).logits[0]
 
-    plain = logits()
-    with torch.no_grad(), algorithm.applied(model, deltas):
-        edited = model(input_ids=ids).logits[0]
-    torch.testing.assert_close(logits(torch.zeros(n)), plain)
-    torch.testing.assert_close(logits(torch.ones(n)), edited)
-    late = logits((torch.arange(n) >= n - 1).float())
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits[0]
+    edited = logits()
+    torch.testing.assert_close(logits(at=torch.zeros(n)), plain)
+    torch.testing.assert_close(logits(at=torch.ones(n)), edited)
+    late = logits(at=(torch.arange(n) >= n - 1).float())
     torch.testing.assert_close(late[:-1], plain[:-1])
     assert (late[-1] - plain[-1]).abs().max() > 1e-3 and (edited[-1] - plain[-1]).abs().max() > 1e-3
 
