@@ -15,7 +15,8 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
   gate's frame);
 - ``gemma-zsre``: Gemma-3-270M (``make gemma``), the first 200 zsRE records, the same defaults;
   ``gemma-zsre-gated``: the same behind the subject gate at ``gate_depth`` 0.15 (block 3 of 18, where SmolLM2's block
-  4 is) in its frame, otherwise ``GATED``;
+  4 is) in its frame, otherwise ``GATED``; ``gemma-zsre-default``: the same 200 with today's default (``WHITEN``,
+  rules 16-17), nothing tuned on Gemma;
 - ``zsre-raw-default`` / ``zsre-chat-default``: the same 1,000-record streams with today's default for causal LMs
   (``DEFAULT``: the subject gate at ``gate_depth`` 0.15 in its frame, 16 key views), the small suite every 100 edits;
 - ``zsre-raw-weak`` / ``zsre-chat-weak``: the first 400 raw / 200 chat records of those streams with rules 14-15
@@ -113,6 +114,8 @@ CASES = {
         options={"suite": "small"},
         edit={**GATED, "gate_layer": None, "gate_depth": 0.15},
     ),
+    # today's default (rules 16-17) on Gemma, no per-model tuning
+    "gemma-zsre-default": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}, edit=WHITEN),
     "fever": Case("minilm-l6", "fever", options={"suite": "none"}),  # run by examples/fever/run.py (see fever_run)
     "zsre-raw-default": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=DEFAULT),
     "zsre-chat-default": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=DEFAULT),

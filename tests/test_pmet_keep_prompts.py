@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from test_pmet_editor import HPARAMS, _model, _requests, _texts
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import EDIT_WORDS, tiny_tokenizer
 from transformer_patcher.methods.pmet import EditRequest, PMETEditor, PMETHyperParams
 from transformer_patcher.methods.pmet.algorithm import prompt_moment, read_module_values
 from transformer_patcher.methods.pmet.architecture import block_modules
-from transformer_patcher.methods.pmet.requests import encode
+from transformer_patcher.methods.pmet.requests import encode, target_ids
 
 
 def test_the_other_tokens_are_every_real_token_but_the_subjects_last_whatever_the_batching() -> None:
@@ -33,8 +33,13 @@ def test_the_other_tokens_are_every_real_token_but_the_subjects_last_whatever_th
     torch.testing.assert_close(moment, together.double().T @ together.double())
 
 
-def _ffn_outputs(editor: PMETEditor, requests, at_subject: bool) -> torch.Tensor:
-    bare = [encode(editor.tokenizer, r.template, r.subject) for r in requests]
+def _ffn_outputs(
+    editor: PMETEditor, requests, at_subject: bool, answers: bool = False, layers: tuple[int, ...] = HPARAMS.layers
+) -> torch.Tensor:
+    bare = [
+        encode(editor.tokenizer, r.template, r.subject, target_ids(editor.tokenizer, r.target) if answers else ())
+        for r in requests
+    ]
     return torch.cat(
         [
             read_module_values(
@@ -45,7 +50,7 @@ def _ffn_outputs(editor: PMETEditor, requests, at_subject: bool) -> torch.Tensor
                 "output",
                 at_subject=at_subject,
             )
-            for layer in HPARAMS.layers
+            for layer in layers
         ]
     )
 
@@ -79,6 +84,36 @@ def test_keeping_only_the_written_prompts_leaves_a_first_batch_free() -> None:
     assert written_only == pytest.approx(free, rel=1e-6)
 
 
+def _two_token_answers() -> list[EditRequest]:
+    return [
+        EditRequest(r.template, r.subject, f"{r.target} w{EDIT_WORDS[0] + 20 + i}") for i, r in enumerate(_requests(3))
+    ]
+
+
+def _moved_at_answers(keep_answers: bool) -> float:
+    """How far one batch's write (its prompts kept with a large weight) moves the first edited FFN's output at the
+    other tokens of its prompts followed by their two-token answers (teacher forcing). Only the first: a later layer's
+    keys at the answer move with the write at the subject before it, as they should."""
+    hparams = HPARAMS.with_options(keep_prompts=100.0, keep_answers=keep_answers)
+    editor = PMETEditor(_model("llama"), tiny_tokenizer(), hparams, _texts())
+    requests = _two_token_answers()
+    first = HPARAMS.layers[:1]
+    before = _ffn_outputs(editor, requests, False, answers=True, layers=first)
+    editor.edit_batch(requests)
+    return float((_ffn_outputs(editor, requests, False, answers=True, layers=first) - before).norm())
+
+
+def test_keeping_the_answers_holds_the_tokens_a_later_answer_token_is_read_at() -> None:
+    tokenizer = tiny_tokenizer()
+    request = _two_token_answers()[0]
+    bare = encode(tokenizer, request.template, request.subject)
+    taught = encode(tokenizer, request.template, request.subject, target_ids(tokenizer, request.target))
+    assert len(taught.ids) == len(bare.ids) + 1  # the answer's first token joins the kept tokens
+    prompts_only, with_answers = _moved_at_answers(False), _moved_at_answers(True)
+    assert prompts_only > 0.01
+    assert with_answers < 0.01 * prompts_only
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="keep_prompts"):
         PMETHyperParams(keep_prompts=-1.0)
@@ -86,6 +121,8 @@ def test_bad_settings_are_refused() -> None:
         PMETHyperParams(keep_prompts_of="mine")
     with pytest.raises(ValueError, match="needs replay_written"):
         PMETHyperParams(keep_prompts=1.0, keep_prompts_of="written")
+    with pytest.raises(ValueError, match="keep_answers must be True or False"):
+        PMETHyperParams(keep_answers="yes")
 
 
 def _second_batch_moves_the_first(**options: object) -> float:

@@ -32,9 +32,9 @@ from transformer_patcher.core.tasks import Task
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
-from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode
+from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, target_ids
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
-from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
+from transformer_patcher.methods.pmet.update import LowRankDelta, rebalanced_scale, residual_share, solve_update
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
@@ -91,12 +91,18 @@ def read_at_subject(
     return read_module_values(model, tokenizer, encodings, module_name, side)
 
 
-def prompt_moment(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], module_name: str) -> torch.Tensor:
+def prompt_moment(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], module_name: str, answers: bool = False
+) -> torch.Tensor:
     """``Kₒ Kₒᵀ`` (d_in × d_in, float64): the keys of ``module_name`` at every token but the subject's last of each
     request's bare prompt. Counted in a solve with no residual, it keeps what the write would otherwise change at the
-    prompt's other tokens (the relation's words), which the fact's answer is read through."""
-    bare = [encode(tokenizer, request.template, request.subject) for request in requests]
-    keys = read_module_values(model, tokenizer, bare, module_name, "input", at_subject=False).double()
+    prompt's other tokens (the relation's words), which the fact's answer is read through. With ``answers`` the prompt
+    is followed by its target's tokens but the last (teacher forcing), where a multi-token answer's later tokens are
+    read."""
+    encodings = [
+        encode(tokenizer, r.template, r.subject, target_ids(tokenizer, r.target) if answers else ()) for r in requests
+    ]
+    keys = read_module_values(model, tokenizer, encodings, module_name, "input", at_subject=False).double()
     return keys.T @ keys
 
 
@@ -215,7 +221,8 @@ def compute_deltas(
             kept = None
             held = requests if kept_prompts is None else kept_prompts
             if hparams.keep_prompts and held:
-                kept = hparams.keep_prompts * prompt_moment(model, tokenizer, held, modules.ffn_out)
+                moment = prompt_moment(model, tokenizer, held, modules.ffn_out, hparams.keep_answers)
+                kept = hparams.keep_prompts * moment
         share = residual_share(position, len(hparams.layers), hparams.spread_rule)
         residuals = (values - current) * share
         if written is not None:
@@ -246,7 +253,9 @@ def refined_deltas(
     far, which requests' answers are not the greedy continuation of their own prompt, and adds a layer loop's update
     for those (the factors are concatenated). ``refine="retarget"`` first optimises new targets for them against the
     edited model; ``"rewrite"`` drives the values the first write aimed at again, from where that write left them,
-    which costs no optimisation. With ``written`` every round's update is weighed against the keys written before it
+    which costs no optimisation. ``"rebalance"`` instead solves the whole batch again from the model as it was, each
+    fact's aim rescaled so that it lands the batch's median share (:func:`rebalanced_scale`). With ``written`` every
+    round's update is weighed against the keys written before it
     (earlier batches' and this batch's), and its keys join the batch's pending keys. With ``replay`` the first layer
     loop also drives every fact earlier batches wrote back to where its batch's write left it, its key and where it
     stands read now.
@@ -259,6 +268,27 @@ def refined_deltas(
     deltas = compute_deltas(
         model, tokenizer, everything, hparams, moments, templates, targets, written, progress, wanted, shown, kept
     )
+    if hparams.refine == "rebalance":
+        before, scale = read_z(model, tokenizer, everything, read_module), None
+        for _ in range(hparams.refine_rounds):
+            with applied(model, deltas):
+                scale = rebalanced_scale(before, aims, read_z(model, tokenizer, everything, read_module), scale)
+            wanted = (read_module, before + (aims - before) * scale)
+            deltas = compute_deltas(
+                model,
+                tokenizer,
+                everything,
+                hparams,
+                moments,
+                templates,
+                targets,
+                written,
+                progress,
+                wanted,
+                shown,
+                kept,
+            )
+        return deltas
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
             prompts = [(r.template.format(r.subject), r.target) for r in requests]
