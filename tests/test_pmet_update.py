@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from transformer_patcher.methods.pmet.update import rebalanced_scale, residual_share, solve_update
+from transformer_patcher.methods.pmet.update import residual_share, solve_update
 
 
 def _problem(d_in: int = 12, d_out: int = 7, n: int = 3, seed: int = 0):
@@ -68,18 +68,3 @@ def test_residual_spread_pmet_and_memit() -> None:
         residual_share(0, 4, "rome")
     with pytest.raises(ValueError, match="position"):
         residual_share(4, 4)
-
-
-def test_rebalanced_scale_asks_more_of_the_facts_that_landed_short_and_less_of_the_rest() -> None:
-    before = torch.zeros(3, 5, dtype=torch.float64)
-    aims = torch.eye(3, 5, dtype=torch.float64) * 2.0 + torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
-    landed = torch.tensor([0.5, 1.0, 1.5, 0.1, -0.3], dtype=torch.float64)  # the median is 0.5
-    after = before + (aims - before) * landed
-    first = rebalanced_scale(before, aims, after)
-    torch.testing.assert_close(first, torch.tensor([1.0, 0.5, 0.5, 2.0, 2.0], dtype=torch.float64))
-    unclipped = rebalanced_scale(before, aims, after, low=0.0, high=10.0)
-    torch.testing.assert_close(unclipped[:3], 0.5 / landed[:3])
-    # a later round measures against the same change and compounds: once every fact lands the same share, the scales
-    # stay as they are
-    again = rebalanced_scale(before, aims, before + (aims - before) * torch.full((5,), 0.5), first, high=10.0)
-    torch.testing.assert_close(again, first)

@@ -34,7 +34,7 @@ from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, target_ids
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
-from transformer_patcher.methods.pmet.update import LowRankDelta, rebalanced_scale, residual_share, solve_update
+from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
@@ -253,9 +253,7 @@ def refined_deltas(
     far, which requests' answers are not the greedy continuation of their own prompt, and adds a layer loop's update
     for those (the factors are concatenated). ``refine="retarget"`` first optimises new targets for them against the
     edited model; ``"rewrite"`` drives the values the first write aimed at again, from where that write left them,
-    which costs no optimisation. ``"rebalance"`` instead solves the whole batch again from the model as it was, each
-    fact's aim rescaled so that it lands the batch's median share (:func:`rebalanced_scale`). With ``written`` every
-    round's update is weighed against the keys written before it
+    which costs no optimisation. With ``written`` every round's update is weighed against the keys written before it
     (earlier batches' and this batch's), and its keys join the batch's pending keys. With ``replay`` the first layer
     loop also drives every fact earlier batches wrote back to where its batch's write left it, its key and where it
     stands read now.
@@ -268,27 +266,6 @@ def refined_deltas(
     deltas = compute_deltas(
         model, tokenizer, everything, hparams, moments, templates, targets, written, progress, wanted, shown, kept
     )
-    if hparams.refine == "rebalance":
-        before, scale = read_z(model, tokenizer, everything, read_module), None
-        for _ in range(hparams.refine_rounds):
-            with applied(model, deltas):
-                scale = rebalanced_scale(before, aims, read_z(model, tokenizer, everything, read_module), scale)
-            wanted = (read_module, before + (aims - before) * scale)
-            deltas = compute_deltas(
-                model,
-                tokenizer,
-                everything,
-                hparams,
-                moments,
-                templates,
-                targets,
-                written,
-                progress,
-                wanted,
-                shown,
-                kept,
-            )
-        return deltas
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
             prompts = [(r.template.format(r.subject), r.target) for r in requests]

@@ -17,7 +17,7 @@ from transformer_patcher.methods.pmet.update import SPREADS
 
 VARIANTS = ("pmet", "memit")
 TRACKS = ("ffn", "residual")
-REFINES = ("retarget", "rewrite", "rebalance")
+REFINES = ("retarget", "rewrite")
 KEPT_PROMPTS = ("all", "written")
 
 
@@ -60,8 +60,7 @@ class PMETHyperParams:
     refine_rounds: int = 0
     # What a refine round writes for a missed fact: "retarget" optimises a new target against the edited model (one
     # target optimisation per missed fact a round); "rewrite" drives the same target again, from where the write left
-    # it (a layer loop only, no optimisation); "rebalance" solves the whole batch again, each fact's aim rescaled so
-    # that it lands the batch's median share (update.rebalanced_scale; a layer loop a round, no optimisation)
+    # it (a layer loop only, no optimisation)
     refine: str = "retarget"
     # AlphaEdit (methods/pmet/null_space.py): project each update onto the null space of the preserved keys, and
     # solve it for the keys of earlier batches too; off by default (the paper's PMET has no projection)
@@ -112,11 +111,6 @@ class PMETHyperParams:
             raise ValueError("keep_prompts_of='written' keeps the replayed facts' prompts: it needs replay_written")
         if self.refine not in REFINES:
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
-        if self.refine == "rebalance" and (self.keep_written or self.null_space):
-            raise ValueError(
-                "refine='rebalance' solves the batch again in place of its first write; keep_written and null_space "
-                "hold each write's keys as pending, so they take the stacking rounds ('retarget' or 'rewrite')"
-            )
         if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (tuple, list)):
             raise ValueError(f"layers must be a non-empty sequence of block indices, got {self.layers!r}")
         layers = tuple(self.layers)

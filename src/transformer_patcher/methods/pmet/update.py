@@ -81,24 +81,3 @@ def solve_update(
         system = system + written.to(k.device, torch.float64)
     down = torch.linalg.solve(system, k).T  # Kᵀ A⁻¹ = (A⁻¹ K)ᵀ since A is symmetric
     return LowRankDelta(residuals.double(), down)
-
-
-def rebalanced_scale(
-    before: torch.Tensor,
-    aims: torch.Tensor,
-    after: torch.Tensor,
-    scale: torch.Tensor | None = None,
-    low: float = 0.5,
-    high: float = 2.0,
-) -> torch.Tensor:
-    """Per fact (n), how much of its change ``aims − before`` (d × n) the next solve should aim for so that every
-    fact lands the batch's median share: ``sᵢ' = clip(sᵢ·m / ℓᵢ, low, high)``, where ``ℓᵢ`` is the share of its change
-    the last write, aimed at ``sᵢ`` times it (1 when ``scale`` is not given), moved it along (``after``), and ``m``
-    their median. One solve lands some facts short and carries others past their aim; asking more of the first and
-    less of the second keeps about the same total. A fact the write moved backwards gets ``high``."""
-    change = aims - before
-    squared = (change * change).sum(0)
-    landed = ((after - before) * change).sum(0) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
-    goal = float(landed.median())
-    scale = torch.ones_like(landed) if scale is None else scale
-    return (scale * goal / landed.clamp_min(goal / high)).clamp(low, high)
