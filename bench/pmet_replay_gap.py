@@ -27,7 +27,7 @@ from pmet_key_drift import checkpoint_deltas, keep_record, last_checkpoint, quan
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.methods.pmet import EditRequest, pmet_hparams
 from transformer_patcher.methods.pmet.algorithm import applied, read_z, z_read_module
-from transformer_patcher.methods.pmet.requests import encode, target_ids
+from transformer_patcher.methods.pmet.requests import encode_request
 from transformer_patcher.methods.pmet.targets import output_hook
 from transformer_patcher.methods.pmet.update import LowRankDelta
 
@@ -37,7 +37,7 @@ def greedy_correct(model: torch.nn.Module, tokenizer, requests, z: torch.Tensor 
     ``module``'s output at the subject's last token is replaced by the request's column."""
     correct = []
     for index, request in enumerate(requests):
-        encoded = encode(tokenizer, request.template, request.subject, target_ids(tokenizer, request.target))
+        encoded = encode_request(tokenizer, request, answer=True)
         handle = None
         if z is not None:
             row = z[:, index].float()

@@ -10,7 +10,7 @@ from tiny_tokenizer import EDIT_WORDS, tiny_tokenizer
 from transformer_patcher.methods.pmet import EditRequest, PMETEditor, PMETHyperParams
 from transformer_patcher.methods.pmet.algorithm import prompt_moment, read_module_values
 from transformer_patcher.methods.pmet.architecture import block_modules
-from transformer_patcher.methods.pmet.requests import encode, target_ids
+from transformer_patcher.methods.pmet.requests import encode, encode_request
 
 
 def test_the_other_tokens_are_every_real_token_but_the_subjects_last_whatever_the_batching() -> None:
@@ -36,10 +36,7 @@ def test_the_other_tokens_are_every_real_token_but_the_subjects_last_whatever_th
 def _ffn_outputs(
     editor: PMETEditor, requests, at_subject: bool, answers: bool = False, layers: tuple[int, ...] = HPARAMS.layers
 ) -> torch.Tensor:
-    bare = [
-        encode(editor.tokenizer, r.template, r.subject, target_ids(editor.tokenizer, r.target) if answers else ())
-        for r in requests
-    ]
+    bare = [encode_request(editor.tokenizer, r, answers) for r in requests]
     return torch.cat(
         [
             read_module_values(
@@ -106,8 +103,7 @@ def _moved_at_answers(keep_answers: bool) -> float:
 def test_keeping_the_answers_holds_the_tokens_a_later_answer_token_is_read_at() -> None:
     tokenizer = tiny_tokenizer()
     request = _two_token_answers()[0]
-    bare = encode(tokenizer, request.template, request.subject)
-    taught = encode(tokenizer, request.template, request.subject, target_ids(tokenizer, request.target))
+    bare, taught = encode_request(tokenizer, request), encode_request(tokenizer, request, answer=True)
     assert len(taught.ids) == len(bare.ids) + 1  # the answer's first token joins the kept tokens
     prompts_only, with_answers = _moved_at_answers(False), _moved_at_answers(True)
     assert prompts_only > 0.01

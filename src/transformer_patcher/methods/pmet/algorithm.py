@@ -32,7 +32,7 @@ from transformer_patcher.core.tasks import Task
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
-from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, target_ids
+from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, encode_request
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
 from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
@@ -99,9 +99,7 @@ def prompt_moment(
     prompt's other tokens (the relation's words), which the fact's answer is read through. With ``answers`` the prompt
     is followed by its target's tokens but the last (teacher forcing), where a multi-token answer's later tokens are
     read."""
-    encodings = [
-        encode(tokenizer, r.template, r.subject, target_ids(tokenizer, r.target) if answers else ()) for r in requests
-    ]
+    encodings = [encode_request(tokenizer, request, answers) for request in requests]
     keys = read_module_values(model, tokenizer, encodings, module_name, "input", at_subject=False).double()
     return keys.T @ keys
 

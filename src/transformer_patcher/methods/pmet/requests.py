@@ -114,6 +114,13 @@ def encode(tokenizer: Any, template: str, subject: str, answer: Sequence[int] = 
     return Encoded(ids, lookup, positions, answer)
 
 
+def encode_request(tokenizer: Any, request: EditRequest, answer: bool = False) -> Encoded:
+    """:func:`encode` of ``request``'s prompt, followed with ``answer`` by its target's tokens but the last (teacher
+    forcing)."""
+    answer_ids = target_ids(tokenizer, request.target) if answer else ()
+    return encode(tokenizer, request.template, request.subject, answer_ids)
+
+
 def escape_braces(text: str) -> str:
     """``text`` as a literal inside a ``str.format`` template."""
     return text.replace("{", "{{").replace("}", "}}")
