@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +69,20 @@ def kept_targets(
     folder.mkdir(parents=True, exist_ok=True)
     setting = hashlib.sha256(json.dumps(hparams.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     return saved_targets(folder, f"{data.stem}-{start}-{n}-{setting}", n, compute)
+
+
+def mean_nll(model: Any, tokenizer: Any, texts: Sequence[str]) -> float:
+    """The mean next-token NLL over ``texts`` (each up to 128 tokens), one text a forward pass; 0 for none."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=128)["input_ids"].to(device)
+            if ids.shape[1] < 2:
+                continue
+            loss = model(input_ids=ids, labels=ids).loss
+            total, count = total + float(loss) * (ids.shape[1] - 1), count + ids.shape[1] - 1
+    return total / count if count else 0.0
 
 
 def landed_shares(
@@ -185,13 +200,23 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     parser.add_argument("--misses", type=Path, default=None, help="JSON lines of the missed facts, one per trial")
+    parser.add_argument(
+        "--perplexity-texts",
+        type=int,
+        default=0,
+        help="also the perplexity change on this many WikiText-2 valid passages after the statistics' (not scored)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # refine rounds say how many facts they missed
     model, tokenizer = load_model("smollm2-135m", "generation", device=args.device)
     options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     hparams = PMETHyperParams(**options)
     trials = [json.loads(t) for t in args.trials]
-    texts = wikitext_texts("valid")[: hparams.mom2_n_texts]
+    passages = wikitext_texts("valid")
+    texts = passages[: hparams.mom2_n_texts]
+    held_out = passages[hparams.mom2_n_texts : hparams.mom2_n_texts + args.perplexity_texts]
+    if len(held_out) < args.perplexity_texts:
+        parser.error(f"only {len(held_out)} WikiText-2 valid passages follow the statistics' {hparams.mom2_n_texts}")
     for trial in trials:
         if trial.get("layers", hparams.layers)[-1] != hparams.layers[-1]:
             parser.error(f"trial {trial} ends at another z layer than --set's {hparams.layers}: its targets differ")
@@ -204,6 +229,7 @@ def main() -> None:
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
     task = CausalLMTask(tokenizer)
     before = score_cases(model, task, cases)
+    nll_before = mean_nll(model, tokenizer, held_out)
     templates = context_templates(model, tokenizer, hparams.context_template_lengths)
 
     def compute(index: Sequence[int]) -> Targets:
@@ -233,7 +259,10 @@ def main() -> None:
             write_seconds = time.perf_counter() - start  # the layer loop, and any refine round's targets and loop
             with applied(model, deltas):
                 after = score_cases(model, task, cases)
+                nll_after = mean_nll(model, tokenizer, held_out)
             row = {**common, "lam": lam, "trial": extra, "write_s_per_request": write_seconds / len(requests)}
+            if held_out:
+                row["perplexity_change"] = math.exp(nll_after - nll_before) - 1
             row.update(fact_metrics(after, before))
             shares = landed_shares(model, tokenizer, requests, trial, targets, deltas)
             flags = [not case["edit"].correct for case in after]

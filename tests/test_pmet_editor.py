@@ -193,8 +193,8 @@ def test_the_write_scale_aims_the_layer_loop_past_the_optimised_change(arch: str
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_the_spread_sets_each_layers_share_of_the_residual(arch: str, tokenizer) -> None:
     """``spread`` chooses the share of the residual each edited layer writes, apart from the variant: over two layers
-    the first takes ``1/sqrt 2`` of it (PMET) or ``1/2`` (MEMIT), read before any write, and with λ → 0 both land the
-    z layer's block output on the whole change (within 2 %)."""
+    the first takes ``1/sqrt 2`` of it (PMET) or ``1/2`` (MEMIT), read before any write, and with λ → 0 these and the
+    joint solve (its own split) land the z layer's block output on the whole change (within 2 %)."""
     model = _model(arch)
     requests = _requests(6)
     hparams = HPARAMS.with_options(mom2_update_weight=1e-4, track="residual")
@@ -205,7 +205,7 @@ def test_the_spread_sets_each_layers_share_of_the_residual(arch: str, tokenizer)
     bare = [encode(tokenizer, r.template, r.subject) for r in requests]
     before = read_at_subject(model, tokenizer, bare, block.block, "output")
     first = {}
-    for spread in ("pmet", "memit"):
+    for spread in ("pmet", "memit", "joint"):
         trial = hparams.with_options(spread=spread)
         assert trial.spread_rule == spread and trial.variant == "pmet"
         deltas = algorithm.compute_deltas(model, tokenizer, requests, trial, moments, templates, targets)
@@ -393,6 +393,9 @@ def test_hyperparameters_are_validated() -> None:
         HPARAMS.with_options(write_scale=0.0)
     with pytest.raises(ValueError, match="spread must be one of"):
         HPARAMS.with_options(spread="rome")
+    for solve in ("null_space", "keep_written"):
+        with pytest.raises(ValueError, match="joint"):
+            HPARAMS.with_options(spread="joint", **{solve: True})
     with pytest.raises(ValueError, match="refine must be one of"):
         HPARAMS.with_options(refine="again")
     saved = Targets(torch.ones(2, 3), torch.zeros(2, 3), [1, 1], [0.5, 0.5])  # read back without δ_attn

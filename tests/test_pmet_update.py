@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from transformer_patcher.methods.pmet.update import residual_share, solve_update
+from transformer_patcher.methods.pmet.update import residual_share, solve_joint, solve_update
 
 
 def _problem(d_in: int = 12, d_out: int = 7, n: int = 3, seed: int = 0):
@@ -64,7 +64,52 @@ def test_residual_spread_pmet_and_memit() -> None:
     """PMET divides layer i's share by sqrt(L − i), MEMIT by (L − i); the last layer takes the rest in both."""
     assert [residual_share(i, 4) for i in range(4)] == [1 / 2, 1 / math.sqrt(3), 1 / math.sqrt(2), 1.0]
     assert [residual_share(i, 4, "memit") for i in range(4)] == [1 / 4, 1 / 3, 1 / 2, 1.0]
-    with pytest.raises(ValueError, match="spread"):
-        residual_share(0, 4, "rome")
+    for spread in ("rome", "joint"):  # the joint spread has no fixed share
+        with pytest.raises(ValueError, match="spread"):
+            residual_share(0, 4, spread)
     with pytest.raises(ValueError, match="position"):
         residual_share(4, 4)
+
+
+def test_joint_solve_of_one_layer_is_the_update() -> None:
+    """With one layer the joint solve is ``R Kᵀ (K Kᵀ + S)⁻¹`` (the push-through identity), S = λC plus kept keys."""
+    keys, residuals, moment = _problem()
+    kept = _problem(seed=3)[2]
+    delta = solve_joint([keys], residuals, [2.0 * moment + 0.1 * kept])
+    expected = solve_update(keys, residuals, moment, weight=2.0, written=0.1 * kept)
+    torch.testing.assert_close(delta.dense(), expected.dense(), rtol=1e-9, atol=1e-12)
+
+
+def test_joint_solve_is_the_stacked_solve_and_favours_the_layer_where_a_key_stands_out() -> None:
+    """Over two layers the first layer's part equals that block of the solve over the stacked keys with the
+    block-diagonal penalty; and a fact whose key at the second layer lies where typical keys are rare is written
+    mostly there."""
+    keys_a, residuals, moment_a = _problem(d_in=12, n=3, seed=0)
+    keys_b, _, moment_b = _problem(d_in=9, n=3, seed=1)
+    penalty_a, penalty_b = 2.0 * moment_a, 0.5 * moment_b
+    first = solve_joint([keys_a, keys_b], residuals, [penalty_a, penalty_b]).dense()
+    stacked = torch.cat([keys_a, keys_b])
+    block = torch.block_diag(penalty_a, penalty_b)
+    whole = residuals @ stacked.T @ torch.linalg.inv(stacked @ stacked.T + block)
+    torch.testing.assert_close(first, whole[:, :12], rtol=1e-9, atol=1e-12)
+    second = solve_joint([keys_b], residuals - first @ keys_a, [penalty_b]).dense()
+    torch.testing.assert_close(second, whole[:, 12:], rtol=1e-8, atol=1e-10)  # solving again writes the rest
+
+    # one fact with a unit key, along C's top direction at layer a and its weakest at layer b: each layer's planned
+    # part is R (1 + G)⁻¹ G_m with G_m = 1 / (C_m's eigenvalue there), so layer b takes their ratio more
+    residual = torch.ones(7, 1, dtype=torch.float64)
+    values_a, vectors_a = torch.linalg.eigh(moment_a)
+    values_b, vectors_b = torch.linalg.eigh(moment_b)
+    top_a, low_b = vectors_a[:, -1:], vectors_b[:, :1]
+    part_a = solve_joint([top_a, low_b], residual, [moment_a, moment_b]).dense() @ top_a
+    part_b = solve_joint([low_b, top_a], residual, [moment_b, moment_a]).dense() @ low_b
+    torch.testing.assert_close(part_b / part_a, (values_a[-1] / values_b[0]).expand(7, 1), rtol=1e-9, atol=0)
+    assert values_a[-1] / values_b[0] > 1.5
+
+
+def test_joint_solve_refuses_mismatched_layers() -> None:
+    keys, residuals, moment = _problem()
+    with pytest.raises(ValueError, match="one penalty per layer"):
+        solve_joint([keys, keys], residuals, [moment])
+    with pytest.raises(ValueError, match="must be 12 × 12"):
+        solve_joint([keys], residuals, [torch.eye(11, dtype=torch.float64)])

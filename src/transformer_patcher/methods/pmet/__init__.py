@@ -13,7 +13,7 @@ from transformer_patcher.methods.pmet.null_space import NullSpace, null_space_pr
 from transformer_patcher.methods.pmet.requests import EditRequest
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets
 from transformer_patcher.methods.pmet.templates import context_templates
-from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
+from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_joint, solve_update
 from transformer_patcher.methods.pmet.written_keys import CovarianceSolve, WrittenKeys
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "refined_deltas",
     "residual_share",
     "second_moments",
+    "solve_joint",
     "solve_projected_update",
     "solve_update",
 ]

@@ -34,11 +34,60 @@ from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, encode_request
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
-from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_update
+from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_joint, solve_update
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
 logger = logging.getLogger(__name__)
+
+
+def read_modules_values(
+    model: nn.Module,
+    tokenizer: Any,
+    encodings: Sequence[Encoded],
+    module_names: Sequence[str],
+    side: str,
+    at_subject: bool = True,
+    batch_size: int = 32,
+) -> list[torch.Tensor]:
+    """The input (``side="input"``) or output of each of ``module_names`` (shallow to deep: the forward pass stops at
+    the last) as float32 rows on the model's device, one tensor per module, all read in the same forward passes: at
+    each encoding's lookup token (``at_subject``), or at every other token of each encoding (rows in order, encoding
+    by encoding)."""
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seen: list[list[torch.Tensor]] = [[] for _ in module_names]
+
+    def keep(into: list[torch.Tensor], value: Any) -> None:
+        into.append((value[0] if isinstance(value, tuple) else value).detach())
+
+    modules = [base.get_submodule(name) for name in module_names]
+    handles = []
+    for module, into in zip(modules, seen, strict=True):
+        if side == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, into=into: keep(into, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, output, into=into: keep(into, output)))
+    rows: list[list[torch.Tensor]] = [[] for _ in module_names]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, len(encodings), batch_size):
+                chunk = encodings[start : start + batch_size]
+                ids, mask = pad_rows([e.ids for e in chunk], pad, device)
+                for into in seen:
+                    into.clear()
+                with up_to(modules[-1]):  # only the modules' values are read: no later block, no LM head
+                    base.base_model(input_ids=ids, attention_mask=mask)
+                lookups = torch.tensor([e.lookup for e in chunk], device=device)
+                at_lookup = torch.arange(mask.shape[1], device=device) == lookups[:, None]
+                chosen = at_lookup if at_subject else mask.bool() & ~at_lookup
+                for into, out in zip(seen, rows, strict=True):
+                    out.append(into[0][chosen].float())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(out) for out in rows]
 
 
 def read_module_values(
@@ -50,38 +99,8 @@ def read_module_values(
     at_subject: bool = True,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """The input (``side="input"``) or output of ``module_name`` as float32 rows on the model's device: at each
-    encoding's lookup token (``at_subject``), or at every other token of each encoding (rows in order, encoding by
-    encoding)."""
-    base = unwrap(model)
-    device = next(base.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seen: list[torch.Tensor] = []
-
-    def keep(value: Any) -> None:
-        seen.append((value[0] if isinstance(value, tuple) else value).detach())
-
-    module = base.get_submodule(module_name)
-    if side == "input":
-        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
-    else:
-        handle = module.register_forward_hook(lambda _m, _a, output: keep(output))
-    rows = []
-    try:
-        with eval_mode(model), torch.no_grad():
-            for start in range(0, len(encodings), batch_size):
-                chunk = encodings[start : start + batch_size]
-                ids, mask = pad_rows([e.ids for e in chunk], pad, device)
-                seen.clear()
-                with up_to(module):  # only the module's value is read: no later block, no LM head
-                    base.base_model(input_ids=ids, attention_mask=mask)
-                lookups = torch.tensor([e.lookup for e in chunk], device=device)
-                at_lookup = torch.arange(mask.shape[1], device=device) == lookups[:, None]
-                chosen = at_lookup if at_subject else mask.bool() & ~at_lookup
-                rows.append(seen[0][chosen].float())
-    finally:
-        handle.remove()
-    return torch.cat(rows)
+    """:func:`read_modules_values` for one module."""
+    return read_modules_values(model, tokenizer, encodings, [module_name], side, at_subject, batch_size)[0]
 
 
 def read_at_subject(
@@ -91,17 +110,51 @@ def read_at_subject(
     return read_module_values(model, tokenizer, encodings, module_name, side)
 
 
+def prompt_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    module_names: Sequence[str],
+    answers: bool = False,
+) -> list[torch.Tensor]:
+    """``Kₒ Kₒᵀ`` (d_in × d_in, float64) for each of ``module_names`` (shallow to deep): the keys at every token but
+    the subject's last of each request's bare prompt. Counted in a solve with no residual, it keeps what the write
+    would otherwise change at the prompt's other tokens (the relation's words), which the fact's answer is read
+    through. With ``answers`` the prompt is followed by its target's tokens but the last (teacher forcing), where a
+    multi-token answer's later tokens are read."""
+    encodings = [encode_request(tokenizer, request, answers) for request in requests]
+    read = read_modules_values(model, tokenizer, encodings, module_names, "input", at_subject=False)
+    return [keys.double().T @ keys.double() for keys in read]
+
+
 def prompt_moment(
     model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], module_name: str, answers: bool = False
 ) -> torch.Tensor:
-    """``Kₒ Kₒᵀ`` (d_in × d_in, float64): the keys of ``module_name`` at every token but the subject's last of each
-    request's bare prompt. Counted in a solve with no residual, it keeps what the write would otherwise change at the
-    prompt's other tokens (the relation's words), which the fact's answer is read through. With ``answers`` the prompt
-    is followed by its target's tokens but the last (teacher forcing), where a multi-token answer's later tokens are
-    read."""
-    encodings = [encode_request(tokenizer, request, answers) for request in requests]
-    keys = read_module_values(model, tokenizer, encodings, module_name, "input", at_subject=False).double()
-    return keys.T @ keys
+    """:func:`prompt_moments` for one module."""
+    return prompt_moments(model, tokenizer, requests, [module_name], answers)[0]
+
+
+def compute_layer_keys(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    templates: Sequence[Sequence[str]],
+    module_names: Sequence[str],
+) -> list[torch.Tensor]:
+    """``K`` (d_in × n) for each of ``module_names`` (shallow to deep), read in the same forward passes: FFN keys at
+    the subject's last token, mean within each template group, then across groups."""
+    encodings = [
+        encode(tokenizer, template, request.subject)
+        for request in requests
+        for template in rewrite_templates(templates, request)
+    ]
+    sizes = [len(group) for group in templates]
+    out = []
+    for keys in read_modules_values(model, tokenizer, encodings, module_names, "input"):
+        per_request = keys.reshape(len(requests), sum(sizes), -1)
+        groups = torch.split(per_request, sizes, dim=1)
+        out.append(torch.stack([group.mean(1) for group in groups]).mean(0).T)
+    return out
 
 
 def compute_keys(
@@ -111,17 +164,8 @@ def compute_keys(
     templates: Sequence[Sequence[str]],
     module_name: str,
 ) -> torch.Tensor:
-    """``K`` (d_in × n): FFN keys at the subject's last token, mean within each template group, then across groups."""
-    encodings = [
-        encode(tokenizer, template, request.subject)
-        for request in requests
-        for template in rewrite_templates(templates, request)
-    ]
-    keys = read_at_subject(model, tokenizer, encodings, module_name, "input")
-    sizes = [len(group) for group in templates]
-    per_request = keys.reshape(len(requests), sum(sizes), -1)
-    groups = torch.split(per_request, sizes, dim=1)
-    return torch.stack([group.mean(1) for group in groups]).mean(0).T
+    """:func:`compute_layer_keys` for one module."""
+    return compute_layer_keys(model, tokenizer, requests, templates, [module_name])[0]
 
 
 @contextmanager
@@ -209,26 +253,44 @@ def compute_deltas(
     """
     read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     deltas: dict[str, LowRankDelta] = {}
+    joint = hparams.spread_rule == "joint"
     desc = f"PMET layer loop, {shown or len(requests)} facts"
     bar = tqdm(hparams.layers, desc=desc, unit="layer", disable=not progress)
     for position, layer in enumerate(bar):
-        modules = block_modules(model, layer)
+        solved = hparams.layers[position:] if joint else (layer,)  # the layers this solve writes (only the first now)
+        names = [block_modules(model, index).ffn_out for index in solved]
         with applied(model, deltas):
-            keys = compute_keys(model, tokenizer, requests, templates, modules.ffn_out)
+            keys = compute_layer_keys(model, tokenizer, requests, templates, names)
             current = read_z(model, tokenizer, requests, read_module)
-            kept = None
+            kept: list[torch.Tensor | None] = [None] * len(names)
             held = requests if kept_prompts is None else kept_prompts
             if hparams.keep_prompts and held:
-                moment = prompt_moment(model, tokenizer, held, modules.ffn_out, hparams.keep_answers)
-                kept = hparams.keep_prompts * moment
-        share = residual_share(position, len(hparams.layers), hparams.spread_rule)
-        residuals = (values - current) * share
+                moments_kept = prompt_moments(model, tokenizer, held, names, hparams.keep_answers)
+                kept = [hparams.keep_prompts * moment for moment in moments_kept]
+        if joint:
+            device = keys[0].device
+            systems = [
+                penalty(moments[index], hparams.penalty_weight(index), hparams.mom2_ridge, moment, device)
+                for index, moment in zip(solved, kept, strict=True)
+            ]
+            deltas[names[0]] = solve_joint(keys, values - current, systems)
+            continue
+        residuals = (values - current) * residual_share(position, len(hparams.layers), hparams.spread_rule)
         if written is not None:
-            deltas[modules.ffn_out] = written.solve(layer, keys, residuals, kept)
+            deltas[names[0]] = written.solve(layer, keys[0], residuals, kept[0])
         else:
             covariance = moments[layer].regularized(hparams.mom2_ridge)
-            deltas[modules.ffn_out] = solve_update(keys, residuals, covariance, hparams.mom2_update_weight, kept)
+            deltas[names[0]] = solve_update(keys[0], residuals, covariance, hparams.penalty_weight(layer), kept[0])
     return deltas
+
+
+def penalty(
+    moment: SecondMoment, weight: float, ridge: float, kept: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """A layer's ``S = λC (+ w Kₒ Kₒᵀ)`` in :func:`solve_joint`, float64 on ``device``: what :func:`solve_update`
+    adds to ``K Kᵀ``."""
+    system = weight * moment.regularized(ridge).to(device, torch.float64)
+    return system if kept is None else system + kept.to(device, torch.float64)
 
 
 def refined_deltas(

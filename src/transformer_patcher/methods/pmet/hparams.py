@@ -90,12 +90,17 @@ class PMETHyperParams:
     # change acting at the subject only. Not the paper's
     keep_answers: bool = False
     # How the layer loop spreads the residual over the edited layers: "pmet" (1/sqrt(L − i)) or "memit" (1/(L − i));
+    # "joint" (not the papers') solves the remaining layers' writes together and writes the first (update.solve_joint);
     # None follows the variant (methods/pmet/update.py, residual_share)
     spread: str | None = None
     # The layer loop drives the optimised change times this (1: the paper's). The closed-form write lands only part of
     # each change, at its own keys, so aiming past the target lands more of it (docs/results.md, Issue 18, thirteenth
     # round). Not the paper's
     write_scale: float = 1.0
+    # λ's multiplier at each edited layer (empty: 1 everywhere). For spread="joint": how far a change at that layer's
+    # FFN output carries to the logits on ordinary text, relative to the z layer (bench/pmet_layer_gains.py measures
+    # it), so the solve does not count a change low in the model as cheap as one at the z layer. Not the paper's
+    layer_weights: tuple[float, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance notes for presets
 
     def __post_init__(self) -> None:
@@ -122,6 +127,11 @@ class PMETHyperParams:
         for name in ("null_space", "fold_attention", "keep_written", "replay_written", "keep_answers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.spread == "joint" and (self.keep_written or self.null_space):
+            raise ValueError(
+                "spread='joint' solves the remaining layers together with λC alone; keep_written and null_space "
+                "solve one layer at a time: use replay_written to keep earlier batches' facts"
+            )
         if self.replay_written and (self.keep_written or self.null_space):
             raise ValueError(
                 "replay_written counts the written facts as keys of each batch's own solve; with keep_written or "
@@ -157,8 +167,23 @@ class PMETHyperParams:
         ):
             raise ValueError(f"context_template_lengths must be (tokens, count) pairs of integers >= 1, got {pairs!r}")
         object.__setattr__(self, "context_template_lengths", lengths)
+        weights = self.layer_weights
+        if not isinstance(weights, (tuple, list)) or (weights and len(weights) != len(layers)):
+            raise ValueError(f"layer_weights must be empty or one per edited layer ({len(layers)}), got {weights!r}")
+        for weight in weights:
+            check_number("layer_weights", weight, 0.0, strict=True)
+        if weights and (self.keep_written or self.null_space):
+            raise ValueError(
+                "layer_weights weigh λ in the layer loop's own solve; keep_written and null_space use their own"
+            )
+        object.__setattr__(self, "layer_weights", tuple(float(weight) for weight in weights))
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {self.extra!r}")
+
+    def penalty_weight(self, layer: int) -> float:
+        """λ at edited block ``layer``: ``mom2_update_weight`` times its ``layer_weights`` entry."""
+        weight = self.layer_weights[self.layers.index(layer)] if self.layer_weights else 1.0
+        return self.mom2_update_weight * weight
 
     @property
     def spread_rule(self) -> str:

@@ -7,16 +7,21 @@ product of ``A = R`` (d_out × n) and ``B = Kᵀ (K Kᵀ + λC)⁻¹`` (n × d_i
 requests; the adapter stores ``A`` and ``B`` as they come out of the formula — nothing is fitted afterwards.
 
 Across the edited layers the residual is spread: PMET divides layer i's share by ``sqrt(L − i)``, MEMIT by ``L − i``.
+The ``"joint"`` spread (not the papers') fixes no share: :func:`solve_joint` fits the residual with every remaining
+layer's write at once, each weighed by its own ``λC``, so a fact is written most where its key stands out from typical
+text.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-SPREADS = ("pmet", "memit")
+FIXED_SPREADS = ("pmet", "memit")  # a fixed share of the residual per layer (residual_share)
+SPREADS = (*FIXED_SPREADS, "joint")  # "joint": solve_joint splits it
 
 
 @dataclass
@@ -40,8 +45,8 @@ class LowRankDelta:
 
 def residual_share(position: int, n_layers: int, spread: str = "pmet") -> float:
     """The factor on layer ``position``'s (0-based among ``n_layers`` edited layers) residual."""
-    if spread not in SPREADS:
-        raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
+    if spread not in FIXED_SPREADS:
+        raise ValueError(f"a fixed residual share needs a spread of {FIXED_SPREADS}, got {spread!r}")
     if not 0 <= position < n_layers:
         raise ValueError(f"position must lie in [0, {n_layers}), got {position}")
     remaining = n_layers - position
@@ -81,3 +86,27 @@ def solve_update(
         system = system + written.to(k.device, torch.float64)
     down = torch.linalg.solve(system, k).T  # Kᵀ A⁻¹ = (A⁻¹ K)ᵀ since A is symmetric
     return LowRankDelta(residuals.double(), down)
+
+
+def solve_joint(keys: Sequence[torch.Tensor], residuals: torch.Tensor, systems: Sequence[torch.Tensor]) -> LowRankDelta:
+    """The first layer's part of the writes over layers ``m = 0 … M−1`` that fit ``R`` together.
+
+    With keys ``K_m`` (d_m × n) and penalties ``S_m`` (d_m × d_m: ``λC_m``, plus the moment of keys to keep), the
+    ``ΔW_m`` that minimise ``‖Σ_m ΔW_m K_m − R‖² + Σ_m tr(ΔW_m S_m ΔW_mᵀ)`` are ``ΔW_m = R (I + G)⁻¹ K_mᵀ S_m⁻¹``
+    with ``G = Σ_m K_mᵀ S_m⁻¹ K_m`` (n × n): setting each gradient to zero gives ``ΔW_m = E K_mᵀ S_m⁻¹`` for the
+    misfit ``E = R − Σ_m ΔW_m K_m``, so ``E = R − E G``. A fact's column of ``G`` is large at a layer where its key
+    is unlike typical keys, and that layer takes more of it. With one layer this is :func:`solve_update` (the
+    push-through identity). The layer loop writes only the first part and solves again at the next layer, from the
+    keys and residuals the write left."""
+    if not keys or len(keys) != len(systems):
+        raise ValueError(f"need one penalty per layer's keys, got {len(keys)} keys and {len(systems)} penalties")
+    for k, system in zip(keys, systems, strict=True):
+        d_in = check_columns(k, residuals)
+        if system.shape != (d_in, d_in):
+            raise ValueError(f"a penalty must be {d_in} × {d_in} like its keys, got {tuple(system.shape)}")
+    pairs = zip(keys, systems, strict=True)
+    solved = [torch.linalg.solve(s.to(k.device, torch.float64), k.double()) for k, s in pairs]  # S_m⁻¹ K_m
+    gram = sum(k.double().T @ x for k, x in zip(keys, solved, strict=True))
+    lifted = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)  # I + G, symmetric
+    up = torch.linalg.solve(lifted, residuals.double().T).T  # R (I + G)⁻¹
+    return LowRankDelta(up, solved[0].T)
