@@ -14,6 +14,8 @@ A trial with ``"null_space": true`` writes through AlphaEdit's projection (a fre
 A trial's ``"layers"`` may add or drop edited blocks below the z layer (the targets are the z layer's, so they are
 shared); its last block must be the z layer of ``--set``.
 ``--data-kind zsre`` reads a zsRE file instead (its answers are the targets, as in ``batch run``).
+``--perplexity-texts N`` also reads each trial's perplexity change on N WikiText-2 valid passages that follow the key
+statistics' (``perplexity_change``): general ability on dev, on text no result reports.
 ``--misses`` writes, per trial, every fact the write missed: what the model answers instead, and whether that answer
 is another fact's target in the batch (one with the same prompt template, i.e. the same relation, or any), and how
 many of the missed facts the write lands when it acts only at some of their tokens (``landed_where``: the subject's
