@@ -34,7 +34,7 @@ from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, encode_request
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
-from transformer_patcher.methods.pmet.update import LowRankDelta, residual_share, solve_joint, solve_update
+from transformer_patcher.methods.pmet.update import LowRankDelta, penalty, residual_share, solve_joint, solve_update
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
@@ -270,7 +270,7 @@ def compute_deltas(
         if joint:
             device = keys[0].device
             systems = [
-                penalty(moments[index], hparams.penalty_weight(index), hparams.mom2_ridge, moment, device)
+                penalty(moments[index].regularized(hparams.mom2_ridge), hparams.penalty_weight(index), moment, device)
                 for index, moment in zip(solved, kept, strict=True)
             ]
             deltas[names[0]] = solve_joint(keys, values - current, systems)
@@ -282,15 +282,6 @@ def compute_deltas(
             covariance = moments[layer].regularized(hparams.mom2_ridge)
             deltas[names[0]] = solve_update(keys[0], residuals, covariance, hparams.penalty_weight(layer), kept[0])
     return deltas
-
-
-def penalty(
-    moment: SecondMoment, weight: float, ridge: float, kept: torch.Tensor | None, device: torch.device
-) -> torch.Tensor:
-    """A layer's ``S = λC (+ w Kₒ Kₒᵀ)`` in :func:`solve_joint`, float64 on ``device``: what :func:`solve_update`
-    adds to ``K Kᵀ``."""
-    system = weight * moment.regularized(ridge).to(device, torch.float64)
-    return system if kept is None else system + kept.to(device, torch.float64)
 
 
 def refined_deltas(

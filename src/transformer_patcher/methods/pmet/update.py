@@ -63,6 +63,15 @@ def check_columns(keys: torch.Tensor, residuals: torch.Tensor) -> int:
     return keys.shape[0]
 
 
+def penalty(
+    second_moment: torch.Tensor, weight: float, kept: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """``S = λC (+ Kₚ Kₚᵀ)``, float64 on ``device``: what a solve adds to ``K Kᵀ`` to keep typical keys' outputs (and
+    the kept keys')."""
+    system = weight * second_moment.to(device, torch.float64)
+    return system if kept is None else system + kept.to(device, torch.float64)
+
+
 def solve_update(
     keys: torch.Tensor,
     residuals: torch.Tensor,
@@ -81,9 +90,7 @@ def solve_update(
     if weight <= 0:
         raise ValueError(f"the covariance weight λ must be positive, got {weight}")
     k = keys.double()
-    system = k @ k.T + weight * second_moment.to(k.device, torch.float64)  # symmetric positive definite when C is
-    if written is not None:
-        system = system + written.to(k.device, torch.float64)
+    system = k @ k.T + penalty(second_moment, weight, written, k.device)  # symmetric positive definite when C is
     down = torch.linalg.solve(system, k).T  # Kᵀ A⁻¹ = (A⁻¹ K)ᵀ since A is symmetric
     return LowRankDelta(residuals.double(), down)
 
