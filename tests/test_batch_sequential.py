@@ -164,6 +164,38 @@ def test_an_interrupted_sequential_run_resumes_after_its_last_batch(workspace, t
         torch.testing.assert_close(resumed[key], tensor)
 
 
+def test_a_rewritten_run_holds_one_write_of_every_fact_and_resumes_it(workspace, tmp_path, monkeypatch) -> None:
+    """With ``rewrite_written`` each batch replaces the adapter's factors by one write of every fact so far, and an
+    interrupted run resumes with the written facts from its checkpoint, as a straight run."""
+    config = _config(workspace, pmet_options={**TINY_PMET, "rewrite_written": True}, suite="none")
+    straight = tmp_path / "straight"
+    run_batch_experiment(config, straight, progress=False)
+    records = _records(straight)
+    assert all(r["rewrite_written"] is True for r in records)
+    assert [b["efficacy_acc"] for b in records[2]["earlier_batches"]] == [1.0, 1.0, 1.0]
+    calls: list[int] = []
+    original = PMETEditor.edit_batch
+
+    def edit_batch(editor: PMETEditor, requests, targets=None):
+        calls.append(len(requests))
+        if len(calls) == 3:
+            raise Killed  # in the middle of batch 3
+        return original(editor, requests, targets)
+
+    monkeypatch.setattr(PMETEditor, "edit_batch", edit_batch)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        run_batch_experiment(config, out, progress=False)
+    monkeypatch.setattr(PMETEditor, "edit_batch", original)
+    run_batch_experiment(config, out, progress=False)
+    assert [_without_timings(r) for r in _records(out)] == [_without_timings(r) for r in records]
+    resumed, _ = load_checkpoint(out / "checkpoints", "memit-b2")
+    expected, _ = load_checkpoint(straight / "checkpoints", "memit-b2")
+    assert resumed[DELTA_UP].shape[1] == 6 and resumed["rewritten_facts.values"].shape[1] == 6
+    for key, tensor in expected.items():
+        torch.testing.assert_close(resumed[key], tensor)
+
+
 def test_the_first_batch_reuses_targets_an_independent_run_saved_for_these_cases(
     workspace, tmp_path, given_targets
 ) -> None:

@@ -155,6 +155,23 @@ def test_clear_delta_returns_the_layer_to_rank_zero() -> None:
     assert torch.equal(logits(model, batch), logits(build("llama"), batch))
 
 
+def test_replace_delta_sets_the_factors_in_one_step_and_refuses_bad_ones_unchanged() -> None:
+    model = edited(ranks=(2, 3))
+    batch = inputs_for(model)
+    second = list(model.base_model.delta_layers().values())[1]
+    up, down = factors(second, 4, seed=5)
+    assert second.replace_delta("default", up, down) == 4
+    assert second.rank() == 4 and model.peft_config["default"].rank == 6
+    assert torch.allclose(second.get_delta_weight("default"), up @ down, atol=1e-6)
+    before = logits(model, batch)
+    with pytest.raises(InvalidPatchError, match="must share the rank"):
+        second.replace_delta("default", up, down[:3])
+    with pytest.raises(InvalidPatchError, match="NaN or inf"):
+        second.replace_delta("default", up * float("nan"), down)
+    assert second.rank() == 4 and model.peft_config["default"].rank == 6
+    assert torch.equal(logits(model, batch), before)
+
+
 def test_factors_are_never_trainable() -> None:
     model = edited()
     model.set_adapter("default")

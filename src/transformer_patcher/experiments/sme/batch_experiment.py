@@ -289,7 +289,8 @@ def _null_space_setting(config: BatchExperimentConfig, name: str) -> dict[str, A
         return {"null_space": None}
     hparams = pmet_hparams(variant=name, **config.pmet_options)
     if not hparams.null_space:
-        return {"null_space": False, "keep_written": hparams.keep_written, "replay_written": hparams.replay_written}
+        kept = ("keep_written", "replay_written", "rewrite_written")
+        return {"null_space": False, **{name: getattr(hparams, name) for name in kept}}
     return {
         "null_space": True,
         "null_space_threshold": hparams.null_space_threshold,

@@ -296,6 +296,7 @@ def refined_deltas(
     written: WrittenKeys | None = None,
     progress: bool = False,
     replay: WrittenFacts | None = None,
+    wanted: tuple[str, torch.Tensor] | None = None,
 ) -> dict[str, LowRankDelta]:
     """:func:`compute_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed.
 
@@ -307,11 +308,12 @@ def refined_deltas(
     which costs no optimisation. With ``written`` every round's update is weighed against the keys written before it
     (earlier batches' and this batch's), and its keys join the batch's pending keys. With ``replay`` the first layer
     loop also drives every fact earlier batches wrote back to where its batch's write left it, its key and where it
-    stands read now.
+    stands read now (or, for ``rewrite_written``, to the value it was aimed at). ``wanted`` is :func:`written_values`
+    (read under the model as it is now when not given).
     """
-    read_module, values = written_values(model, tokenizer, requests, hparams, targets)
+    read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     everything, aims = (requests, values) if replay is None else replay.joined(requests, values)
-    shown = f"{len(everything)} ({len(everything) - len(requests)} replayed)" if replay else None  # empty: none
+    shown = f"{len(everything)} ({len(everything) - len(requests)} written before)" if replay else None  # empty: none
     wanted = (read_module, aims)
     kept = list(replay.requests) if replay is not None and hparams.keep_prompts_of == "written" else None
     deltas = compute_deltas(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from transformer_patcher.core.errors import InvalidExampleError, InvalidPatchErr
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import CausalLMTask, Task
-from transformer_patcher.methods.pmet.algorithm import read_z, refined_deltas, z_read_module
+from transformer_patcher.methods.pmet.algorithm import read_z, refined_deltas, written_values, z_read_module
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.covariance import SecondMoment, second_moments
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
@@ -118,6 +119,8 @@ class PMETEditor:
         device = next(base.parameters()).device  # the solves run where the model is
         self.written = written_solve(hparams, moments, device)
         self.replay = WrittenFacts() if hparams.replay_written else None
+        if hparams.rewrite_written:
+            self.replay = WrittenFacts("rewritten_facts")
 
     # ------------------------------------------------------------------------------------------- batches
     def context_templates(self) -> list[list[str]]:
@@ -128,46 +131,66 @@ class PMETEditor:
         return self.templates
 
     def compute_targets(self, requests: Sequence[EditRequest]) -> Targets:
-        """Target vectors of ``requests`` against the model as it is now (reusable while the model is unchanged)."""
-        return compute_targets(
-            self.model, self.tokenizer, requests, self.hparams, self.context_templates(), progress=self.progress
-        )
+        """Target vectors of ``requests`` against the model as it is now (reusable while the model is unchanged), or
+        against the unedited model with ``rewrite_written``, whose writes start from it."""
+        with self.written_from():
+            return compute_targets(
+                self.model, self.tokenizer, requests, self.hparams, self.context_templates(), progress=self.progress
+            )
+
+    def written_from(self) -> AbstractContextManager[Any]:
+        """Where a batch's write starts: the model as it is (the edits switched off with ``rewrite_written``)."""
+        return self.model.disable_adapter() if self.hparams.rewrite_written else nullcontext()
 
     def edit_batch(self, requests: Sequence[EditRequest], targets: Targets | None = None) -> BatchResult:
-        """Write every request into the model at once; on any error the adapter is left as it was."""
+        """Write every request into the model at once; on any error the adapter is left as it was.
+
+        With ``rewrite_written`` the write covers every fact written so far too, from the unedited weights, and
+        replaces the adapter's factors."""
         if not requests:
             raise InvalidExampleError("no requests to edit")
         start = time.perf_counter()
         targets = targets if targets is not None else self.compute_targets(requests)
         if targets.values.shape[0] != len(requests):
             raise ValueError(f"{targets.values.shape[0]} targets for {len(requests)} requests")
+        rewrite = self.hparams.rewrite_written
         try:
-            deltas = refined_deltas(
-                self.model,
-                self.tokenizer,
-                requests,
-                self.hparams,
-                self.moments,
-                self.context_templates(),
-                targets,
-                self.task,
-                self.written,
-                self.progress,
-                self.replay,
-            )
+            with self.written_from():
+                wanted = written_values(self.model, self.tokenizer, requests, self.hparams, targets)
+                deltas = refined_deltas(
+                    self.model,
+                    self.tokenizer,
+                    requests,
+                    self.hparams,
+                    self.moments,
+                    self.context_templates(),
+                    targets,
+                    self.task,
+                    self.written,
+                    self.progress,
+                    self.replay,
+                    wanted,
+                )
             bad = [n for n, d in deltas.items() if not (torch.isfinite(d.up).all() and torch.isfinite(d.down).all())]
             if bad:
                 raise InvalidPatchError(f"the PMET update for {bad} is not finite; nothing was changed")
             layers = self.delta_layers()
             ranks = {name: layer.rank(self.adapter_name) for name, layer in layers.items()}
+            previous = self._factors() if rewrite else None  # a rewrite replaces the factors: keep them to roll back
             try:
                 for name, delta in deltas.items():
-                    layers[name].add_delta(self.adapter_name, delta.up, delta.down)
-                if self.replay is not None:  # where the batch's facts stand once written: later batches keep them there
+                    write = layers[name].replace_delta if rewrite else layers[name].add_delta
+                    write(self.adapter_name, delta.up, delta.down)
+                if rewrite:  # what the batch's facts were aimed at: every later batch aims them there again
+                    self.replay.hold(requests, wanted[1])
+                elif self.replay is not None:  # where the batch's facts stand once written: later batches keep them
                     written = read_z(self.model, self.tokenizer, requests, z_read_module(self.model, self.hparams))
                     self.replay.hold(requests, written)
             except BaseException:
-                self._truncate(ranks)  # no copy on the normal path: only a failed append (or read) is rolled back
+                if previous is not None:
+                    self._set_factors(previous)
+                else:
+                    self._truncate(ranks)  # no copy on the normal path: only a failed append (or read) is rolled back
                 raise
         except BaseException:
             for bookkeeping in self._bookkeeping():
@@ -179,13 +202,27 @@ class PMETEditor:
         return BatchResult(len(requests), time.perf_counter() - start, targets, rank)
 
     def _truncate(self, ranks: dict[str, int]) -> None:
-        for name, layer in self.delta_layers().items():
-            if layer.rank(self.adapter_name) != ranks[name]:
-                keep = ranks[name]
-                up = layer.delta_up[self.adapter_name][:, :keep].detach().clone()
-                down = layer.delta_down[self.adapter_name][:keep].detach().clone()
-                layer.clear_delta(self.adapter_name)
-                layer.add_delta(self.adapter_name, up, down)
+        factors = self._factors()
+        changed = {name for name, layer in self.delta_layers().items() if layer.rank(self.adapter_name) != ranks[name]}
+        self._set_factors(
+            {name: (factors[name][0][:, : ranks[name]], factors[name][1][: ranks[name]]) for name in changed}
+        )
+
+    def _factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each edited layer's factors (up, down), copied."""
+        return {
+            name: (
+                layer.delta_up[self.adapter_name].detach().clone(),
+                layer.delta_down[self.adapter_name].detach().clone(),
+            )
+            for name, layer in self.delta_layers().items()
+        }
+
+    def _set_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Make the named layers' factors exactly ``factors``."""
+        layers = self.delta_layers()
+        for name, (up, down) in factors.items():
+            layers[name].replace_delta(self.adapter_name, up, down)
 
     def delta_layers(self) -> dict[str, DeltaLayer]:
         base = unwrap(self.model)

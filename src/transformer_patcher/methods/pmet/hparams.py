@@ -77,6 +77,11 @@ class PMETHyperParams:
     # layers' writes move the keys the written-key count protects. Not the paper's; it counts those facts as the
     # batch's own keys, so it takes neither keep_written nor null_space
     replay_written: bool = False
+    # Every batch writes again, from the unedited weights, every fact written so far with the new ones, each driven to
+    # the value its own batch aimed at (methods/pmet/written_facts.py), and the adapter's factors are replaced by that
+    # one write: a stream of batches ends where one batch of all its facts would, at the cost per batch of a write of
+    # every fact so far (as replay_written). Targets are optimised against the unedited model. Not the paper's
+    rewrite_written: bool = False
     # Each edited layer's solve also keeps, with this weight (0: off, the paper's), the keys at every token but the
     # subject's last of every fact the layer loop drives (this batch's, and the replayed ones'): ΔW = R Kᵀ (K Kᵀ +
     # w Kₒ Kₒᵀ + λC)⁻¹. A write moves the relation's words of the facts' own prompts, which their answers are read
@@ -112,8 +117,10 @@ class PMETHyperParams:
             raise ValueError(f"spread must be one of {SPREADS} or None (the variant's own), got {self.spread!r}")
         if self.keep_prompts_of not in KEPT_PROMPTS:
             raise ValueError(f"keep_prompts_of must be one of {KEPT_PROMPTS}, got {self.keep_prompts_of!r}")
-        if self.keep_prompts_of == "written" and not self.replay_written:
-            raise ValueError("keep_prompts_of='written' keeps the replayed facts' prompts: it needs replay_written")
+        if self.keep_prompts_of == "written" and not (self.replay_written or self.rewrite_written):
+            raise ValueError(
+                "keep_prompts_of='written' keeps the written facts' prompts: it needs replay_written or rewrite_written"
+            )
         if self.refine not in REFINES:
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (tuple, list)):
@@ -124,7 +131,14 @@ class PMETHyperParams:
         if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
             raise ValueError(f"layers must be strictly increasing, got {layers}")
         object.__setattr__(self, "layers", layers)
-        for name in ("null_space", "fold_attention", "keep_written", "replay_written", "keep_answers"):
+        for name in (
+            "null_space",
+            "fold_attention",
+            "keep_written",
+            "replay_written",
+            "rewrite_written",
+            "keep_answers",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.spread == "joint" and (self.keep_written or self.null_space):
@@ -136,6 +150,11 @@ class PMETHyperParams:
             raise ValueError(
                 "replay_written counts the written facts as keys of each batch's own solve; with keep_written or "
                 "null_space their written keys would be counted a second time: set one of them"
+            )
+        if self.rewrite_written and (self.replay_written or self.keep_written or self.null_space):
+            raise ValueError(
+                "rewrite_written writes every fact again from the unedited weights: there are no earlier writes for "
+                "replay_written, keep_written or null_space to keep; set one of them"
             )
         if self.fold_attention and self.variant == "memit":
             raise ValueError("fold_attention is a PMET option: the MEMIT ablation optimises no attention delta")

@@ -10,6 +10,10 @@ requests of its own, reading their keys and where they stand from the model as i
 their value (residual ≈ 0 where they hold) and pulls back those that drifted. A one-batch write of every fact so far
 is the same solve over the same keys, read once; this reads them after every batch.
 
+With ``PMETHyperParams.rewrite_written`` the same record holds, for each fact, the value its batch's write *aimed*
+at (read on the unedited model, plus the scaled optimised change), and every batch writes all of them again from the
+unedited weights: the record is then a batch of everything so far, which the adapter's factors are replaced by.
+
 The same bookkeeping as the written keys: :meth:`~WrittenFacts.hold` keeps a batch's facts pending,
 :meth:`~WrittenFacts.commit` adds them once the batch is in the model and :meth:`~WrittenFacts.discard` drops them.
 """
@@ -25,11 +29,12 @@ from transformer_patcher.methods.pmet.requests import EditRequest
 
 
 class WrittenFacts:
-    """The requests written so far and their z reads once written (d × n, float64, on the CPU), in writing order."""
+    """The requests written so far and their z values (d × n, float64, on the CPU: where their write left them, or
+    where it aimed them), in writing order. ``state_prefix`` names the record in a checkpoint, so a replayed record
+    and a rewritten one are never read as each other."""
 
-    state_prefix = "written_facts"
-
-    def __init__(self) -> None:
+    def __init__(self, state_prefix: str = "written_facts") -> None:
+        self.state_prefix = state_prefix
         self.requests: list[EditRequest] = []
         self.values: torch.Tensor | None = None
         self.pending: tuple[list[EditRequest], torch.Tensor] | None = None

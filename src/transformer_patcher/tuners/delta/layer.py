@@ -113,9 +113,25 @@ class DeltaLayer(TunerLayer):
         Factors are cast to the config's ``delta_dtype`` and kept on the layer's device. Returns the rank added.
         Nothing changes if an argument is invalid (``InvalidPatchError``).
         """
+        adapter, up, down = self._factors(adapter_name, up, down, "adding")
+        old_up, old_down = self.delta_up[adapter], self.delta_down[adapter]
+        self._set_factors(adapter, torch.cat([old_up.detach(), up], dim=1), torch.cat([old_down.detach(), down], dim=0))
+        return int(up.shape[1])
+
+    def replace_delta(self, adapter_name: str | None, up: torch.Tensor, down: torch.Tensor) -> int:
+        """Make the delta exactly ``up @ down`` (checked and cast as in :meth:`add_delta`), in one step; returns the
+        new rank. Nothing changes if an argument is invalid (``InvalidPatchError``)."""
+        adapter, up, down = self._factors(adapter_name, up, down, "replacing")
+        self._set_factors(adapter, up, down)
+        return int(up.shape[1])
+
+    def _factors(
+        self, adapter_name: str | None, up: torch.Tensor, down: torch.Tensor, doing: str
+    ) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """The adapter's name and ``up``, ``down`` checked and cast to its factors' dtype and device."""
         adapter = self._resolve_adapter(adapter_name)
         if adapter in self.merged_adapters:
-            raise InvalidPatchError(f"adapter {adapter!r} is merged into the base weight; unmerge it before adding")
+            raise InvalidPatchError(f"adapter {adapter!r} is merged into the base weight; unmerge it before {doing}")
         old_up, old_down = self.delta_up[adapter], self.delta_down[adapter]
         up = self._factor(up, "up", (self.out_features, None), old_up.dtype)
         down = self._factor(down, "down", (None, self.in_features), old_down.dtype)
@@ -123,10 +139,7 @@ class DeltaLayer(TunerLayer):
             raise InvalidPatchError(
                 f"up {tuple(up.shape)} and down {tuple(down.shape)} must share the rank r (up's columns, down's rows)"
             )
-        new_up = torch.cat([old_up.detach(), up.to(old_up.device)], dim=1)
-        new_down = torch.cat([old_down.detach(), down.to(old_down.device)], dim=0)
-        self._set_factors(adapter, new_up, new_down)
-        return int(up.shape[1])
+        return adapter, up.to(old_up.device), down.to(old_down.device)
 
     def clear_delta(self, adapter_name: str | None = None) -> int:
         """Drop the adapter's delta on this layer (back to rank 0); returns the rank removed."""
