@@ -71,6 +71,23 @@ class Killed(Exception):
     """The run stopped from outside."""
 
 
+def _crash_at(monkeypatch: pytest.MonkeyPatch, call: int) -> tuple[list[int], list[int]]:
+    """Make ``PMETEditor.edit_batch`` raise :class:`Killed` at its ``call``-th call; returns the batch sizes it was
+    called with and the calls it crashes at (clear it to let a resumed run through)."""
+    calls: list[int] = []
+    crash_at = [call]
+    original = PMETEditor.edit_batch
+
+    def edit_batch(editor: PMETEditor, requests, targets=None):
+        calls.append(len(requests))
+        if len(calls) in crash_at:
+            raise Killed
+        return original(editor, requests, targets)
+
+    monkeypatch.setattr(PMETEditor, "edit_batch", edit_batch)
+    return calls, crash_at
+
+
 def _records(out: Path, editor: str = "memit") -> list[dict[str, Any]]:
     return [json.loads((out / "parts" / f"{editor}-b2-seq{k}.json").read_text()) for k in (1, 2, 3)]
 
@@ -133,17 +150,7 @@ def test_an_interrupted_sequential_run_resumes_after_its_last_batch(workspace, t
     config = _config(workspace, pmet_options={**TINY_PMET, "null_space": True, "null_space_threshold": 0.5})
     straight = tmp_path / "straight"
     run_batch_experiment(config, straight, progress=False)
-    calls: list[int] = []
-    crash_at = [2]
-    original = PMETEditor.edit_batch
-
-    def edit_batch(editor: PMETEditor, requests, targets=None):
-        calls.append(len(requests))
-        if len(calls) in crash_at:
-            raise Killed  # in the middle of batch 2
-        return original(editor, requests, targets)
-
-    monkeypatch.setattr(PMETEditor, "edit_batch", edit_batch)
+    calls, crash_at = _crash_at(monkeypatch, 2)  # in the middle of batch 2
     out = tmp_path / "run"
     with pytest.raises(Killed):
         run_batch_experiment(config, out, progress=False)
@@ -173,20 +180,11 @@ def test_a_rewritten_run_holds_one_write_of_every_fact_and_resumes_it(workspace,
     records = _records(straight)
     assert all(r["rewrite_written"] is True for r in records)
     assert [b["efficacy_acc"] for b in records[2]["earlier_batches"]] == [1.0, 1.0, 1.0]
-    calls: list[int] = []
-    original = PMETEditor.edit_batch
-
-    def edit_batch(editor: PMETEditor, requests, targets=None):
-        calls.append(len(requests))
-        if len(calls) == 3:
-            raise Killed  # in the middle of batch 3
-        return original(editor, requests, targets)
-
-    monkeypatch.setattr(PMETEditor, "edit_batch", edit_batch)
+    _, crash_at = _crash_at(monkeypatch, 3)  # in the middle of batch 3
     out = tmp_path / "run"
     with pytest.raises(Killed):
         run_batch_experiment(config, out, progress=False)
-    monkeypatch.setattr(PMETEditor, "edit_batch", original)
+    crash_at.clear()
     run_batch_experiment(config, out, progress=False)
     assert [_without_timings(r) for r in _records(out)] == [_without_timings(r) for r in records]
     resumed, _ = load_checkpoint(out / "checkpoints", "memit-b2")
