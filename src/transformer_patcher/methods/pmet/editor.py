@@ -118,9 +118,8 @@ class PMETEditor:
         self.templates = [list(group) for group in templates] if templates is not None else None
         device = next(base.parameters()).device  # the solves run where the model is
         self.written = written_solve(hparams, moments, device)
-        self.replay = WrittenFacts() if hparams.replay_written else None
-        if hparams.rewrite_written:
-            self.replay = WrittenFacts("rewritten_facts")
+        prefix = "rewritten_facts" if hparams.rewrite_written else "written_facts"  # what the record holds differs
+        self.replay = WrittenFacts(prefix) if hparams.replay_written or hparams.rewrite_written else None
 
     # ------------------------------------------------------------------------------------------- batches
     def context_templates(self) -> list[list[str]]:

@@ -113,7 +113,7 @@ class DeltaLayer(TunerLayer):
         Factors are cast to the config's ``delta_dtype`` and kept on the layer's device. Returns the rank added.
         Nothing changes if an argument is invalid (``InvalidPatchError``).
         """
-        adapter, up, down = self._factors(adapter_name, up, down, "adding")
+        adapter, up, down = self._checked_factors(adapter_name, up, down, "adding")
         old_up, old_down = self.delta_up[adapter], self.delta_down[adapter]
         self._set_factors(adapter, torch.cat([old_up.detach(), up], dim=1), torch.cat([old_down.detach(), down], dim=0))
         return int(up.shape[1])
@@ -121,11 +121,11 @@ class DeltaLayer(TunerLayer):
     def replace_delta(self, adapter_name: str | None, up: torch.Tensor, down: torch.Tensor) -> int:
         """Make the delta exactly ``up @ down`` (checked and cast as in :meth:`add_delta`), in one step; returns the
         new rank. Nothing changes if an argument is invalid (``InvalidPatchError``)."""
-        adapter, up, down = self._factors(adapter_name, up, down, "replacing")
+        adapter, up, down = self._checked_factors(adapter_name, up, down, "replacing")
         self._set_factors(adapter, up, down)
         return int(up.shape[1])
 
-    def _factors(
+    def _checked_factors(
         self, adapter_name: str | None, up: torch.Tensor, down: torch.Tensor, doing: str
     ) -> tuple[str, torch.Tensor, torch.Tensor]:
         """The adapter's name and ``up``, ``down`` checked and cast to its factors' dtype and device."""
