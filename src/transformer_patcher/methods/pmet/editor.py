@@ -201,10 +201,17 @@ class PMETEditor:
         return BatchResult(len(requests), time.perf_counter() - start, targets, rank)
 
     def _truncate(self, ranks: dict[str, int]) -> None:
-        factors = self._factors()
-        changed = {name for name, layer in self.delta_layers().items() if layer.rank(self.adapter_name) != ranks[name]}
+        """Cut each layer whose rank grew back to ``ranks`` (copies of the kept columns only)."""
+        a = self.adapter_name
         self._set_factors(
-            {name: (factors[name][0][:, : ranks[name]], factors[name][1][: ranks[name]]) for name in changed}
+            {
+                name: (
+                    layer.delta_up[a][:, : ranks[name]].detach().clone(),
+                    layer.delta_down[a][: ranks[name]].detach().clone(),
+                )
+                for name, layer in self.delta_layers().items()
+                if layer.rank(a) != ranks[name]
+            }
         )
 
     def _factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
