@@ -434,13 +434,15 @@ def test_presets_carry_the_published_settings() -> None:
 
 def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> None:
     """``smollm2-135m-wide`` changes only the write (the edited blocks, the joint solve weighed by the blocks' logit
-    gains, the write's scale, no refine round, the prompts and their answers kept a little) and keeps the top block:
+    gains, the write's scale, no refine round, the prompts and their answers kept a little, keys read in the bare
+    prompt) and keeps the top block:
     its targets (optimised at the z layer) are the fast preset's, so a batch's saved targets serve both writes."""
     wide, fast = pmet_hparams("smollm2-135m-wide"), pmet_hparams("smollm2-135m-fast")
     changed = {k for k, v in wide.to_dict().items() if fast.to_dict()[k] != v}
-    write = {"write_scale", "refine_rounds", "keep_prompts", "keep_answers", "spread", "layer_weights"}
+    write = {"write_scale", "refine_rounds", "keep_prompts", "keep_answers", "spread", "layer_weights", "key_reads"}
     assert changed == {"layers"} | write
-    assert (wide.write_scale, wide.refine_rounds, wide.keep_prompts, wide.keep_answers) == (1.25, 0, 0.1, True)
+    assert (wide.write_scale, wide.refine_rounds, wide.keep_prompts, wide.keep_answers) == (1.25, 0, 0.25, True)
+    assert wide.key_reads == "prompt" and fast.key_reads == "templates"
     assert wide.spread_rule == "joint" and len(wide.layer_weights) == len(wide.layers) and wide.layer_weights[-1] == 1
     assert wide.layers == tuple(range(9)) and wide.layers[-1] == fast.layers[-1]
     assert set(fast.layers) < set(wide.layers)

@@ -34,6 +34,7 @@ from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, encode_request
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
+from transformer_patcher.methods.pmet.templates import BARE_PROMPT
 from transformer_patcher.methods.pmet.update import LowRankDelta, penalty, residual_share, solve_joint, solve_update
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
@@ -254,13 +255,14 @@ def compute_deltas(
     read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     deltas: dict[str, LowRankDelta] = {}
     joint = hparams.spread_rule == "joint"
+    key_templates = BARE_PROMPT if hparams.key_reads == "prompt" else templates
     desc = f"PMET layer loop, {shown or len(requests)} facts"
     bar = tqdm(hparams.layers, desc=desc, unit="layer", disable=not progress)
     for position, layer in enumerate(bar):
         solved = hparams.layers[position:] if joint else (layer,)  # the layers this solve writes (only the first now)
         names = [block_modules(model, index).ffn_out for index in solved]
         with applied(model, deltas):
-            keys = compute_layer_keys(model, tokenizer, requests, templates, names)
+            keys = compute_layer_keys(model, tokenizer, requests, key_templates, names)
             current = read_z(model, tokenizer, requests, read_module)
             kept: list[torch.Tensor | None] = [None] * len(names)
             held = requests if kept_prompts is None else kept_prompts

@@ -16,13 +16,14 @@ from torch import nn
 from transformer_patcher.core.modes import eval_mode
 
 STARTS = ("The", "Therefore", "Because", "I", "You")
+BARE_PROMPT: tuple[tuple[str, ...], ...] = (("{}",),)  # the first template group: the prompt alone
 
 
 def context_templates(
     model: nn.Module, tokenizer: Any, lengths: Sequence[tuple[int, int]] = ((10, 5),), seed: int = 0
 ) -> list[list[str]]:
     """Template groups: ``[["{}"], [generated prefix + ". {}", ...], ...]`` (keys average within, then across)."""
-    groups = [["{}"]]
+    groups = [list(group) for group in BARE_PROMPT]
     device = next(model.parameters()).device
     for length, count in lengths:
         starts = [STARTS[i % len(STARTS)] for i in range(count)]
