@@ -3,7 +3,7 @@
 For edited layer ``l_i`` (i = 0 … L−1, shallow to deep), with the updates of earlier layers already in effect:
 
 - keys ``K``: the input of the FFN output projection at the subject's last token, averaged over the context templates
-  of each group and then over groups (``compute_ks``);
+  of each group and then over groups (``compute_ks``), or read in the bare prompt alone (``key_reads="prompt"``);
 - current values: the z layer's FFN output (PMET) or block output (MEMIT ablation) at the subject's last token of the
   bare prompt, under the partially edited model;
 - residuals ``R = (z − current) · share(i)`` with ``share = 1/sqrt(L − i)`` (PMET) or ``1/(L − i)`` (MEMIT; either
