@@ -11,21 +11,22 @@ from transformer_patcher.methods.pmet import PMETHyperParams
 from transformer_patcher.methods.pmet.algorithm import compute_deltas, compute_layer_keys, read_z
 from transformer_patcher.methods.pmet.architecture import block_modules
 from transformer_patcher.methods.pmet.covariance import SecondMoment
+from transformer_patcher.methods.pmet.templates import BARE_PROMPT
 
 
-def _context(tokenizer) -> str:
-    """A prefix of the tiny vocabulary's words, so the template group reads the subject after other text."""
-    return tokenizer.decode([12, 13, 14, 15])
+def _templates(tokenizer) -> list[list[str]]:
+    """The bare prompt, and a group that reads the subject after a prefix of the tiny vocabulary's words."""
+    return [*map(list, BARE_PROMPT), [tokenizer.decode([12, 13, 14, 15]) + ". {}"]]
 
 
 def _landed(key_reads: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's write with a vanishing λ: what it adds at the bare prompt's subject, and what it was asked to."""
     model, tokenizer = _model("llama"), tiny_tokenizer()
     requests = _requests(3)
-    templates = [["{}"], [_context(tokenizer) + ". {}"]]
+    templates = _templates(tokenizer)
     hparams = HPARAMS.with_options(layers=(1,), mom2_update_weight=1e-6, key_reads=key_reads, spread="memit")
     name = block_modules(model, 1).ffn_out
-    keys = compute_layer_keys(model, tokenizer, requests, templates[:1], [name])[0].double()
+    keys = compute_layer_keys(model, tokenizer, requests, BARE_PROMPT, [name])[0].double()
     moments = {1: SecondMoment(name, torch.eye(keys.shape[0], dtype=torch.float64), 1)}
     read = block_modules(model, 1).block
     current = read_z(model, tokenizer, requests, read)
@@ -40,8 +41,8 @@ def test_the_bare_prompt_keys_write_the_whole_change_where_the_fact_is_asked() -
     model, tokenizer = _model("llama"), tiny_tokenizer()
     requests = _requests(3)
     name = block_modules(model, 1).ffn_out
-    bare = compute_layer_keys(model, tokenizer, requests, [["{}"]], [name])[0]
-    mixed = compute_layer_keys(model, tokenizer, requests, [["{}"], [_context(tokenizer) + ". {}"]], [name])[0]
+    bare = compute_layer_keys(model, tokenizer, requests, BARE_PROMPT, [name])[0]
+    mixed = compute_layer_keys(model, tokenizer, requests, _templates(tokenizer), [name])[0]
     assert (bare - mixed).norm() > 0.1 * bare.norm()  # the context moves the key the papers average in
     on_prompt, asked = _landed("prompt")
     torch.testing.assert_close(on_prompt, asked, atol=1e-4, rtol=1e-4)
