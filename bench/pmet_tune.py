@@ -157,10 +157,9 @@ def landed_where(
         request = requests[i]
         answer = target_ids(tokenizer, request.target)
         encoded = encode(tokenizer, request.template, request.subject, answer)
-        prefix = request.template.partition("{}")[0]
-        first = len(tokenizer(prefix)["input_ids"]) if prefix else 0
+        first = encoded.subject_start
         position = torch.arange(len(encoded.ids))
-        subject = (position >= min(first, encoded.lookup)) & (position <= encoded.lookup)
+        subject = (position >= first) & (position <= encoded.lookup)
         in_answer = position > encoded.target_positions[0]
         in_prompt = ~in_answer
         masks = {  # the subject's tokens, plus (or only) ...

@@ -434,14 +434,15 @@ def test_presets_carry_the_published_settings() -> None:
 
 def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> None:
     """``smollm2-135m-wide`` changes only the write (the edited blocks, the joint solve weighed by the blocks' logit
-    gains, the write's scale, no refine round, the prompts and their answers kept a little, keys read in the bare
+    gains, the write's scale, one resolve round, the prompts and their answers kept a little, keys read in the bare
     prompt) and keeps the top block:
     its targets (optimised at the z layer) are the fast preset's, so a batch's saved targets serve both writes."""
     wide, fast = pmet_hparams("smollm2-135m-wide"), pmet_hparams("smollm2-135m-fast")
     changed = {k for k, v in wide.to_dict().items() if fast.to_dict()[k] != v}
     write = {"write_scale", "refine_rounds", "keep_prompts", "keep_answers", "spread", "layer_weights", "key_reads"}
-    assert changed == {"layers"} | write
-    assert (wide.write_scale, wide.refine_rounds, wide.keep_prompts, wide.keep_answers) == (1.25, 0, 0.25, True)
+    assert changed == {"layers", "refine"} | write
+    assert (wide.write_scale, wide.refine_rounds, wide.refine) == (1.25, 1, "resolve")
+    assert (wide.keep_prompts, wide.keep_answers) == (0.25, True)
     assert wide.key_reads == "prompt" and fast.key_reads == "templates"
     assert wide.spread_rule == "joint" and len(wide.layer_weights) == len(wide.layers) and wide.layer_weights[-1] == 1
     assert wide.layers == tuple(range(9)) and wide.layers[-1] == fast.layers[-1]
@@ -531,3 +532,20 @@ def test_a_rewrite_round_drives_the_first_writes_values_again_without_optimising
     assert missed.any() and (misses[0][missed] > 0.03).all(), misses[0]
     assert (misses[3][missed] < 0.01).all(), misses[3]
     assert optimised == [], optimised  # the editor optimises its targets before the write, never inside it
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_resolve_round_writes_the_whole_batch_again_with_the_missed_facts_aimed_further(arch: str, tokenizer) -> None:
+    """``refine="resolve"`` re-optimises the missed facts against the edited model like a retarget round, then solves
+    the whole batch again from the same weights, so the update's rank stays the batch's and more facts land."""
+    requests = _requests(6)
+    hits = {}
+    for rounds in (0, 2):
+        hparams = HPARAMS.with_options(mom2_update_weight=1e-4, refine_rounds=rounds, refine="resolve")
+        editor = PMETEditor(_model(arch), tokenizer, hparams, _texts(), progress=False)
+        editor.edit_batch(requests)
+        hits[rounds] = sum(_next_token(editor.model, tokenizer, r.text) == r.target for r in requests)
+        assert editor.model.base_model.delta_rank() == 6 * len(HPARAMS.layers)
+    assert hits[0] < 6 and hits[2] > hits[0], hits
+    with pytest.raises(ValueError, match="refine='resolve' solves the write again"):
+        HPARAMS.with_options(refine_rounds=1, refine="resolve", keep_written=True)

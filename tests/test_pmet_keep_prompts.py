@@ -136,3 +136,52 @@ def test_a_later_batch_keeps_the_written_prompts() -> None:
     free = _second_batch_moves_the_first()
     kept = _second_batch_moves_the_first(keep_prompts=100.0, keep_prompts_of="written")
     assert free > 0.01 and kept < 0.1 * free
+
+
+def _two_word_subjects() -> list[EditRequest]:
+    """Prompts whose subject is two words, the first of which the write would otherwise move too."""
+    low = EDIT_WORDS[0]
+    return [
+        EditRequest(f"w{low + i} {{}} w{low + 10 + i}", f"w{20 + i} w{30 + i}", f"w{low + 40 + i}") for i in range(3)
+    ]
+
+
+def test_the_subject_starts_at_its_first_word() -> None:
+    tokenizer = tiny_tokenizer()
+    request = _two_word_subjects()[0]
+    encoded = encode_request(tokenizer, request)
+    assert (encoded.subject_start, encoded.lookup) == (2, 3)  # after the BOS and the first word
+    assert encode(tokenizer, "{} w12", "w20 w30").subject_start == 1
+
+
+def test_keep_subjects_weighs_the_subjects_other_tokens() -> None:
+    model, tokenizer = _model("llama"), tiny_tokenizer()
+    requests = _two_word_subjects()
+    module = block_modules(model, 1).ffn_out
+    encodings = [encode_request(tokenizer, r) for r in requests]
+    rows = read_module_values(model, tokenizer, encodings, module, "input", at_subject=False).double()
+    first_words = rows[2::4]  # each prompt's rows: the BOS, its first word, its subject's first word, its last word
+    plain = prompt_moment(model, tokenizer, requests, module)
+    weighed = prompt_moment(model, tokenizer, requests, module, subject_weight=4.0)
+    torch.testing.assert_close(weighed - plain, 3.0 * first_words.T @ first_words)
+
+
+def _moved_at_subject_starts(keep_subjects: float | None) -> float:
+    """How far one batch's write moves the first edited FFN's output at its subjects' first words."""
+    hparams = HPARAMS.with_options(keep_prompts=0.01, keep_subjects=keep_subjects)
+    editor = PMETEditor(_model("llama"), tiny_tokenizer(), hparams, _texts())
+    requests = _two_word_subjects()
+    first = HPARAMS.layers[:1]
+    before = _ffn_outputs(editor, requests, False, layers=first)[2::4]
+    editor.edit_batch(requests)
+    return float((_ffn_outputs(editor, requests, False, layers=first)[2::4] - before).norm())
+
+
+def test_keeping_the_subjects_holds_their_first_words() -> None:
+    free, kept = _moved_at_subject_starts(None), _moved_at_subject_starts(100.0)
+    assert free > 0.01
+    assert kept < 0.1 * free
+    with pytest.raises(ValueError, match="keep_subjects must be >= 0"):
+        PMETHyperParams(keep_prompts=1.0, keep_subjects=-1.0)
+    with pytest.raises(ValueError, match="set keep_prompts"):
+        PMETHyperParams(keep_subjects=1.0)

@@ -117,22 +117,36 @@ def prompt_moments(
     requests: Sequence[EditRequest],
     module_names: Sequence[str],
     answers: bool = False,
+    subject_weight: float = 1.0,
 ) -> list[torch.Tensor]:
-    """``Kₒ Kₒᵀ`` (d_in × d_in, float64) for each of ``module_names`` (shallow to deep): the keys at every token but
-    the subject's last of each request's bare prompt. Counted in a solve with no residual, it keeps what the write
-    would otherwise change at the prompt's other tokens (the relation's words), which the fact's answer is read
-    through. With ``answers`` the prompt is followed by its target's tokens but the last (teacher forcing), where a
-    multi-token answer's later tokens are read."""
+    """``Kₒ W Kₒᵀ`` (d_in × d_in, float64) for each of ``module_names`` (shallow to deep): the keys at every token but
+    the subject's last of each request's bare prompt, weighed 1, or ``subject_weight`` at the subject's other tokens.
+    Counted in a solve with no residual, it keeps what the write would otherwise change at the prompt's other tokens
+    (the relation's words, the subject's first words), which the fact's answer is read through. With ``answers`` the
+    prompt is followed by its target's tokens but the last (teacher forcing), where a multi-token answer's later
+    tokens are read."""
     encodings = [encode_request(tokenizer, request, answers) for request in requests]
     read = read_modules_values(model, tokenizer, encodings, module_names, "input", at_subject=False)
-    return [keys.double().T @ keys.double() for keys in read]
+    in_subject = [  # the rows' order: each encoding's tokens but its lookup, encoding by encoding
+        encoding.subject_start <= position < encoding.lookup
+        for encoding in encodings
+        for position in range(len(encoding.ids))
+        if position != encoding.lookup
+    ]
+    weights = torch.tensor([subject_weight if inside else 1.0 for inside in in_subject], dtype=torch.float64)
+    return [(keys.double() * weights.to(keys.device)[:, None]).T @ keys.double() for keys in read]
 
 
 def prompt_moment(
-    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], module_name: str, answers: bool = False
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    module_name: str,
+    answers: bool = False,
+    subject_weight: float = 1.0,
 ) -> torch.Tensor:
     """:func:`prompt_moments` for one module."""
-    return prompt_moments(model, tokenizer, requests, [module_name], answers)[0]
+    return prompt_moments(model, tokenizer, requests, [module_name], answers, subject_weight)[0]
 
 
 def compute_layer_keys(
@@ -267,7 +281,9 @@ def compute_deltas(
             kept: list[torch.Tensor | None] = [None] * len(names)
             held = requests if kept_prompts is None else kept_prompts
             if hparams.keep_prompts and held:
-                moments_kept = prompt_moments(model, tokenizer, held, names, hparams.keep_answers)
+                subjects = hparams.keep_prompts if hparams.keep_subjects is None else hparams.keep_subjects
+                subject_weight = subjects / hparams.keep_prompts
+                moments_kept = prompt_moments(model, tokenizer, held, names, hparams.keep_answers, subject_weight)
                 kept = [hparams.keep_prompts * moment for moment in moments_kept]
         if joint:
             device = keys[0].device
@@ -286,6 +302,56 @@ def compute_deltas(
     return deltas
 
 
+# A re-aimed fact's aim is at most this many times the asked one, so a fact the solve barely moves (or moves away)
+# is not driven without bound; each round divides by at least this share of the aim
+MAX_AIM = 3.0
+MIN_LANDED = 0.25
+
+
+def aimed_deltas(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    hparams: PMETHyperParams,
+    moments: dict[int, SecondMoment],
+    templates: Sequence[Sequence[str]],
+    targets: Targets,
+    wanted: tuple[str, torch.Tensor],
+    written: WrittenKeys | None = None,
+    progress: bool = False,
+    shown: str | None = None,
+    kept_prompts: Sequence[EditRequest] | None = None,
+) -> dict[str, LowRankDelta]:
+    """:func:`compute_deltas`, solved ``hparams.aim_rounds`` more times from the same weights, each fact's aim scaled
+    by the inverse of the share of it the previous solve landed.
+
+    The aim of fact i is ``a_i = wanted_i − z_i`` (``z_i`` read at its key now); a solve lands ``l_i = ⟨Δz_i, a_i⟩ /
+    ‖a_i‖²`` of it, and the next solve aims at ``z_i + s_i a_i`` with ``s_i ← s_i / max(l_i, MIN_LANDED)``, capped at
+    ``MAX_AIM``: a fact the ridge solve lands short of its aim is aimed further, one it overshoots less far. Only the
+    last solve is returned."""
+    read_module, values = wanted
+    solve = (model, tokenizer, requests, hparams, moments, templates, targets, written, progress)
+    deltas = compute_deltas(*solve, wanted, shown, kept_prompts)
+    if not hparams.aim_rounds:
+        return deltas
+    now = read_z(model, tokenizer, requests, read_module)
+    aim = values - now
+    scale = torch.ones(aim.shape[1], dtype=aim.dtype, device=aim.device)
+    for round_ in range(1, hparams.aim_rounds + 1):
+        with applied(model, deltas):
+            moved = read_z(model, tokenizer, requests, read_module) - now
+        landed = (moved * aim).sum(0) / (aim * aim).sum(0).clamp_min(torch.finfo(aim.dtype).tiny)
+        scale = (scale / landed.clamp_min(MIN_LANDED)).clamp_max(MAX_AIM)
+        logger.info(
+            "aim round %d: landed share median %.3f (10th percentile %.3f)",
+            round_,
+            landed.median().item(),
+            landed.quantile(0.1).item(),
+        )
+        deltas = compute_deltas(*solve, (read_module, now + aim * scale), shown, kept_prompts)
+    return deltas
+
+
 def refined_deltas(
     model: nn.Module,
     tokenizer: Any,
@@ -300,7 +366,7 @@ def refined_deltas(
     replay: WrittenFacts | None = None,
     wanted: tuple[str, torch.Tensor] | None = None,
 ) -> dict[str, LowRankDelta]:
-    """:func:`compute_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed.
+    """:func:`aimed_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed.
 
     The closed-form write lands only part of each target (λ trades the fit against typical keys), so an optimised
     target that was likely is not always the greedy answer after the write. Each round reads, under the deltas so
@@ -318,8 +384,8 @@ def refined_deltas(
     shown = f"{len(everything)} ({len(everything) - len(requests)} written before)" if replay else None  # empty: none
     wanted = (read_module, aims)
     kept = list(replay.requests) if replay is not None and hparams.keep_prompts_of == "written" else None
-    deltas = compute_deltas(
-        model, tokenizer, everything, hparams, moments, templates, targets, written, progress, wanted, shown, kept
+    deltas = aimed_deltas(
+        model, tokenizer, everything, hparams, moments, templates, targets, wanted, written, progress, shown, kept
     )
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
@@ -335,8 +401,28 @@ def refined_deltas(
                 aim, again = (read_module, values[:, index]), targets.select(index)
             else:
                 aim, again = None, compute_targets(model, tokenizer, missed, hparams, templates, progress=progress)
-            more = compute_deltas(
-                model, tokenizer, missed, hparams, moments, templates, again, written, progress, aim, None, kept
+            if hparams.refine != "resolve":
+                more = compute_deltas(
+                    model, tokenizer, missed, hparams, moments, templates, again, written, progress, aim, None, kept
+                )
+        if hparams.refine == "resolve":  # the missed facts aim further by their new change; all solved again
+            columns = [len(everything) - len(requests) + i for i in index]
+            aims = aims.clone()
+            aims[:, columns] += again.change(hparams.fold_attention).to(aims).T * hparams.write_scale
+            deltas = aimed_deltas(
+                model,
+                tokenizer,
+                everything,
+                hparams,
+                moments,
+                templates,
+                targets,
+                (read_module, aims),
+                written,
+                progress,
+                shown,
+                kept,
             )
+            continue
         deltas = {name: deltas[name].joined(more[name]) for name in deltas}
     return deltas

@@ -83,6 +83,7 @@ class Encoded:
     lookup: int  # the subject's last token
     target_positions: list[int]  # positions whose next-token logits should give the target
     target_ids: list[int]
+    subject_start: int = 0  # the subject's first token (the text before it, less a trailing space, tokenised alone)
 
 
 def target_ids(tokenizer: Any, target: str) -> list[int]:
@@ -108,10 +109,12 @@ def encode(tokenizer: Any, template: str, subject: str, answer: Sequence[int] = 
     if not prompt_ids or not upto:
         raise InvalidExampleError(f"the prompt {text!r} encodes to no tokens")
     lookup = min(len(upto), len(prompt_ids)) - 1
+    head = prefix.rstrip()  # a prefix's trailing space is the subject's first token's (and "" may encode to a BOS)
+    start = min(len(tokenizer(head)["input_ids"]), lookup)
     answer = list(answer)
     ids = prompt_ids + answer[:-1]
     positions = list(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer)))
-    return Encoded(ids, lookup, positions, answer)
+    return Encoded(ids, lookup, positions, answer, start)
 
 
 def encode_request(tokenizer: Any, request: EditRequest, answer: bool = False) -> Encoded:
