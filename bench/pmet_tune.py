@@ -53,7 +53,7 @@ from transformer_patcher.methods.pmet import (
     refined_deltas,
     second_moments,
 )
-from transformer_patcher.methods.pmet.algorithm import applied, read_at_subject, written_values
+from transformer_patcher.methods.pmet.algorithm import applied, landed_share, read_at_subject, written_values
 from transformer_patcher.methods.pmet.editor import written_solve
 from transformer_patcher.methods.pmet.requests import encode, target_ids
 from transformer_patcher.methods.pmet.update import LowRankDelta
@@ -102,8 +102,7 @@ def landed_shares(
     before = read_at_subject(model, tokenizer, bare, module, "output").double().T
     with applied(model, deltas):
         after = read_at_subject(model, tokenizer, bare, module, "output").double().T
-    change = values - before
-    return (((after - before) * change).sum(0) / (change * change).sum(0)).tolist()
+    return landed_share(after - before, values - before).tolist()
 
 
 def share_summary(shares: list[float], missed: list[bool]) -> dict[str, float | None]:

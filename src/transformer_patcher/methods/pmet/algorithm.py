@@ -302,6 +302,11 @@ def compute_deltas(
     return deltas
 
 
+def landed_share(moved: torch.Tensor, aim: torch.Tensor) -> torch.Tensor:
+    """Per column (fact), the share of ``aim`` that ``moved`` carries: ``⟨moved, aim⟩ / ‖aim‖²`` (1: all of it)."""
+    return (moved * aim).sum(0) / (aim * aim).sum(0).clamp_min(torch.finfo(aim.dtype).tiny)
+
+
 # A re-aimed fact's aim is at most this many times the asked one, so a fact the solve barely moves (or moves away)
 # is not driven without bound; each round divides by at least this share of the aim
 MAX_AIM = 3.0
@@ -340,7 +345,7 @@ def aimed_deltas(
     for round_ in range(1, hparams.aim_rounds + 1):
         with applied(model, deltas):
             moved = read_z(model, tokenizer, requests, read_module) - now
-        landed = (moved * aim).sum(0) / (aim * aim).sum(0).clamp_min(torch.finfo(aim.dtype).tiny)
+        landed = landed_share(moved, aim)
         scale = (scale / landed.clamp_min(MIN_LANDED)).clamp_max(MAX_AIM)
         logger.info(
             "aim round %d: landed share median %.3f (10th percentile %.3f)",
