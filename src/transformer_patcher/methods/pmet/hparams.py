@@ -90,8 +90,9 @@ class PMETHyperParams:
     # through (docs/results.md, Issue 18, seventeenth and eighteenth rounds). Not the paper's
     keep_prompts: float = 0.0
     # The weight keep_prompts gives the subject's tokens but its last (None: keep_prompts's own). The write acting
-    # there, not at the subject's last token, is what a large batch's landed misses lose (docs/results.md, Issue 18,
-    # twenty-seventh round). Not the paper's
+    # there undoes a few of a large batch's facts, but holding them harder holds the subject's last token too: 1.0
+    # landed fewer facts at 1,000 (docs/results.md, Issue 18, twenty-seventh round), so no preset sets it. Not the
+    # paper's
     keep_subjects: float | None = None
     # Whose prompts keep_prompts keeps: "all" the facts the layer loop drives, or only the "written" ones earlier
     # batches wrote (replay_written), so the batch's own write is not held at its own prompts
@@ -119,7 +120,8 @@ class PMETHyperParams:
     # Rounds that solve the first write again from the same weights with each fact's aim divided by the share of it
     # the previous solve landed at its key (0: one solve, the papers'). The solve trades each fact's fit against λC and
     # the other facts, so facts land from under 0.9 to over 1.3 of one global aim; re-aimed, each lands about its
-    # own aim (docs/results.md, Issue 18, twenty-seventh round). Not the paper's; each round costs one layer loop
+    # own aim, but at 1,000 that lands fewer facts for more perplexity than a larger write_scale (docs/results.md,
+    # Issue 18, twenty-seventh round), so no preset sets it. Not the paper's; each round costs one layer loop
     aim_rounds: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance notes for presets
 
@@ -197,16 +199,11 @@ class PMETHyperParams:
             check_int(name, getattr(self, name), minimum=1)
         check_int("refine_rounds", self.refine_rounds, minimum=0)
         check_int("aim_rounds", self.aim_rounds, minimum=0)
-        again = (
-            "aim_rounds"
-            if self.aim_rounds
-            else "refine='resolve'"
-            if self.refine_rounds and self.refine == "resolve"
-            else None
-        )
-        if again and (self.keep_written or self.null_space):
+        solves_again = self.aim_rounds or (self.refine_rounds and self.refine == "resolve")
+        if solves_again and (self.keep_written or self.null_space):
+            option = "aim_rounds" if self.aim_rounds else "refine='resolve'"
             raise ValueError(
-                f"{again} solves the write again; keep_written and null_space hold each solve's keys as pending "
+                f"{option} solves the write again; keep_written and null_space hold each solve's keys as pending "
                 "(use replay_written or rewrite_written to keep earlier batches' facts)"
             )
         check_int("settled_steps", self.settled_steps, minimum=0)
