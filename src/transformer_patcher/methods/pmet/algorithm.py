@@ -389,9 +389,13 @@ def refined_deltas(
     shown = f"{len(everything)} ({len(everything) - len(requests)} written before)" if replay else None  # empty: none
     wanted = (read_module, aims)
     kept = list(replay.requests) if replay is not None and hparams.keep_prompts_of == "written" else None
-    deltas = aimed_deltas(
-        model, tokenizer, everything, hparams, moments, templates, targets, wanted, written, progress, shown, kept
-    )
+
+    def write_all(aimed: tuple[str, torch.Tensor]) -> dict[str, LowRankDelta]:
+        """The whole write (every driven fact) from the weights as they are, each fact aimed at its column."""
+        everyone = (model, tokenizer, everything, hparams, moments, templates, targets)
+        return aimed_deltas(*everyone, aimed, written, progress, shown, kept)
+
+    deltas = write_all(wanted)
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
             prompts = [(r.template.format(r.subject), r.target) for r in requests]
@@ -406,28 +410,17 @@ def refined_deltas(
                 aim, again = (read_module, values[:, index]), targets.select(index)
             else:
                 aim, again = None, compute_targets(model, tokenizer, missed, hparams, templates, progress=progress)
+            more = None
             if hparams.refine != "resolve":
                 more = compute_deltas(
                     model, tokenizer, missed, hparams, moments, templates, again, written, progress, aim, None, kept
                 )
-        if hparams.refine == "resolve":  # the missed facts aim further by their new change; all solved again
-            columns = [len(everything) - len(requests) + i for i in index]
-            aims = aims.clone()
-            aims[:, columns] += again.change(hparams.fold_attention).to(aims).T * hparams.write_scale
-            deltas = aimed_deltas(
-                model,
-                tokenizer,
-                everything,
-                hparams,
-                moments,
-                templates,
-                targets,
-                (read_module, aims),
-                written,
-                progress,
-                shown,
-                kept,
-            )
+        if more is not None:
+            deltas = {name: deltas[name].joined(more[name]) for name in deltas}
             continue
-        deltas = {name: deltas[name].joined(more[name]) for name in deltas}
+        # resolve: the missed facts aim further by their new change, and the whole write is solved again
+        columns = [len(everything) - len(requests) + i for i in index]
+        aims = aims.clone()
+        aims[:, columns] += again.change(hparams.fold_attention).to(aims).T * hparams.write_scale
+        deltas = write_all((read_module, aims))
     return deltas
