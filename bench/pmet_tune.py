@@ -255,7 +255,7 @@ def main() -> None:
             trial = hparams.with_options(mom2_update_weight=lam, **extra)
             start = time.perf_counter()
             space = written_solve(trial, moments, next(model.parameters()).device)
-            deltas = refined_deltas(model, tokenizer, requests, trial, moments, templates, targets, task, space)
+            deltas, _ = refined_deltas(model, tokenizer, requests, trial, moments, templates, targets, task, space)
             write_seconds = time.perf_counter() - start  # the layer loop, and any refine round's targets and loop
             with applied(model, deltas):
                 after = score_cases(model, task, cases)

@@ -118,6 +118,35 @@ def test_delta_output_equals_the_dense_update(arch: str, name: str) -> None:
     assert torch.allclose(edited_logits, logits(dense_copy(arch, model), batch), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("arch", "name"), LAYERS)
+def test_a_high_rank_delta_acts_through_its_dense_weight_and_follows_every_change(arch: str, name: str) -> None:
+    model = get_delta_model(build(arch), DeltaConfig(target_modules=[name]))
+    layer = model.base_model.delta_layers()[name]
+    base = layer.get_base_layer()
+    rank = layer.in_features + layer.out_features  # above d_in·d_out / (d_in + d_out): dense is cheaper per token
+    x = torch.randn(2, 5, layer.in_features)
+
+    def check(up: torch.Tensor, down: torch.Tensor) -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x) - base(x), x @ (up @ down).T, atol=1e-4, rtol=1e-4)
+
+    up, down = factors(layer, rank, seed=1, scale=0.05)
+    layer.add_delta("default", up, down)
+    check(up, down)
+    assert layer._dense("default", layer.delta_up["default"], layer.delta_down["default"]) is not None
+    up2, down2 = factors(layer, rank, seed=2, scale=0.05)
+    layer.replace_delta("default", up2, down2)  # new factors
+    check(up2, down2)
+    with torch.no_grad():
+        layer.delta_up["default"].mul_(-1.0)  # changed in place, as a state-dict load does
+    check(-up2, down2)
+    layer.add_delta("default", *factors(layer, 1, seed=3, scale=0.0))  # one more (zero) fact
+    check(-up2, down2)
+    small = get_delta_model(build(arch), DeltaConfig(target_modules=[name])).base_model.delta_layers()[name]
+    small.add_delta("default", *factors(small, 2))
+    assert small._dense("default", small.delta_up["default"], small.delta_down["default"]) is None  # two factors
+
+
 def test_appending_twice_equals_one_delta_with_concatenated_factors() -> None:
     name = "model.layers.1.mlp.down_proj"
     twice = get_delta_model(build("llama"), DeltaConfig(target_modules=[name]))

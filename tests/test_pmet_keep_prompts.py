@@ -8,9 +8,17 @@ import torch
 from test_pmet_editor import HPARAMS, _model, _requests, _texts
 from tiny_tokenizer import EDIT_WORDS, tiny_tokenizer
 from transformer_patcher.methods.pmet import EditRequest, PMETEditor, PMETHyperParams
-from transformer_patcher.methods.pmet.algorithm import prompt_moment, read_module_values
+from transformer_patcher.methods.pmet.algorithm import (
+    compute_layer_keys,
+    layer_reads,
+    prompt_moment,
+    read_module_values,
+    read_with_moments,
+    read_z,
+)
 from transformer_patcher.methods.pmet.architecture import block_modules
 from transformer_patcher.methods.pmet.requests import encode, encode_request
+from transformer_patcher.methods.pmet.templates import BARE_PROMPT
 
 
 def test_the_other_tokens_are_every_real_token_but_the_subjects_last_whatever_the_batching() -> None:
@@ -30,7 +38,7 @@ def test_the_other_tokens_are_every_real_token_but_the_subjects_last_whatever_th
     subject = read_module_values(model, tokenizer, bare, module, "input")
     assert subject.shape[0] == len(bare)
     moment = prompt_moment(model, tokenizer, requests, module)
-    torch.testing.assert_close(moment, together.double().T @ together.double())
+    torch.testing.assert_close(moment, together.double().T @ together.double(), rtol=1e-5, atol=1e-5)  # float32 chunks
 
 
 def _ffn_outputs(
@@ -163,7 +171,7 @@ def test_keep_subjects_weighs_the_subjects_other_tokens() -> None:
     first_words = rows[2::4]  # each prompt's rows: the BOS, its first word, its subject's first word, its last word
     plain = prompt_moment(model, tokenizer, requests, module)
     weighed = prompt_moment(model, tokenizer, requests, module, subject_weight=4.0)
-    torch.testing.assert_close(weighed - plain, 3.0 * first_words.T @ first_words)
+    torch.testing.assert_close(weighed - plain, 3.0 * first_words.T @ first_words, rtol=1e-4, atol=1e-4)
 
 
 def _moved_at_subject_starts(keep_subjects: float | None) -> float:
@@ -185,3 +193,44 @@ def test_keeping_the_subjects_holds_their_first_words() -> None:
         PMETHyperParams(keep_prompts=1.0, keep_subjects=-1.0)
     with pytest.raises(ValueError, match="set keep_prompts"):
         PMETHyperParams(keep_subjects=1.0)
+
+
+def _forward_count(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+    model.get_input_embeddings().register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("answers", [False, True])
+def test_one_layer_step_reads_keys_values_and_kept_moments_in_one_forward_pass(answers: bool) -> None:
+    model, tokenizer = _model("llama"), tiny_tokenizer()
+    requests = _requests(3)
+    hparams = HPARAMS.with_options(keep_prompts=0.5, keep_subjects=2.0, keep_answers=answers, key_reads="prompt")
+    names = [block_modules(model, layer).ffn_out for layer in (0, 1)]
+    read = block_modules(model, 1).block
+    calls = _forward_count(model)
+    keys, current, kept = layer_reads(model, tokenizer, requests, hparams, BARE_PROMPT, names, read, requests)
+    assert calls[0] == 1  # one chunk of three prompts: one pass, not one per read
+    for key, name in zip(keys, names, strict=True):
+        torch.testing.assert_close(key, compute_layer_keys(model, tokenizer, requests, BARE_PROMPT, [name])[0])
+    torch.testing.assert_close(current, read_z(model, tokenizer, requests, read))
+    for moment, name in zip(kept, names, strict=True):
+        alone = prompt_moment(model, tokenizer, requests, name, answers, subject_weight=4.0)
+        torch.testing.assert_close(moment, 0.5 * alone)
+    others = _requests(2, offset=5)  # the kept prompts are not the driven facts': a pass of their own
+    calls[0] = 0
+    _, _, kept_others = layer_reads(model, tokenizer, requests, hparams, BARE_PROMPT, names, read, others)
+    assert calls[0] == 2
+    torch.testing.assert_close(kept_others[0], 0.5 * prompt_moment(model, tokenizer, others, names[0], answers, 4.0))
+
+
+def test_prompt_moments_summed_chunk_by_chunk_match_the_rows_read_together() -> None:
+    model, tokenizer = _model("llama"), tiny_tokenizer()
+    requests = _requests(5)
+    encodings = [encode_request(tokenizer, r, True) for r in requests]
+    module = block_modules(model, 1).ffn_out
+    rows = read_module_values(model, tokenizer, encodings, module, "input", False, batch_size=2).double()
+    at_subject = read_module_values(model, tokenizer, encodings, module, "input", batch_size=2)
+    read, moments = read_with_moments(model, tokenizer, encodings, [(module, "input")], 1, batch_size=2)
+    torch.testing.assert_close(moments[0], rows.T @ rows, rtol=1e-5, atol=1e-5)  # each chunk's in float32
+    torch.testing.assert_close(read[0], at_subject)

@@ -10,6 +10,9 @@ For edited layer ``l_i`` (i = 0 … L−1, shallow to deep), with the updates of
   variant may take the other's with ``hparams.spread``);
 - ``ΔW = R Kᵀ (K Kᵀ + λC)⁻¹`` (:func:`solve_update`), kept as low-rank factors.
 
+Each step reads its keys, current values and kept prompts in one forward pass where they share their prompts
+(:func:`layer_reads`), starting at the block written last (:mod:`.block_inputs`).
+
 Earlier updates act through temporary forward hooks, so the model is the same object, unchanged, when this returns
 (or raises): applying the deltas is the caller's decision. Keys, values and the solve stay on the model's device
 (targets and key statistics, kept on the CPU, are moved there).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -30,16 +33,64 @@ from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import Task
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
+from transformer_patcher.methods.pmet.block_inputs import BlockInputs
 from transformer_patcher.methods.pmet.covariance import SecondMoment
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, encode, encode_request
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets, output_hook, pad_rows, rewrite_templates
-from transformer_patcher.methods.pmet.templates import BARE_PROMPT
 from transformer_patcher.methods.pmet.update import LowRankDelta, penalty, residual_share, solve_joint, solve_update
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import WrittenKeys
 
 logger = logging.getLogger(__name__)
+
+
+def _captured(
+    model: nn.Module,
+    tokenizer: Any,
+    encodings: Sequence[Encoded],
+    reads: Sequence[tuple[str, str]],
+    batch_size: int,
+    record: BlockInputs | None = None,
+    replay: BlockInputs | None = None,
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """Per chunk of ``batch_size`` encodings: the value of each ``(module, side)`` read (its input or output; shallow
+    to deep: the forward pass stops at the last module), the chunk's lookup-token mask and its other-token mask.
+    ``record`` keeps a block's input chunk by chunk; ``replay`` starts every chunk's pass at a block with the input
+    an earlier pass over the same chunks recorded (:mod:`.block_inputs`)."""
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seen: list[list[torch.Tensor]] = [[] for _ in reads]
+
+    def keep(into: list[torch.Tensor], value: Any) -> None:
+        into.append((value[0] if isinstance(value, tuple) else value).detach())
+
+    modules = [base.get_submodule(name) for name, _ in reads]
+    handles = []
+    for module, (_, side), into in zip(modules, reads, seen, strict=True):
+        if side == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, into=into: keep(into, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, output, into=into: keep(into, output)))
+    try:
+        with ExitStack() as stack, eval_mode(model), torch.no_grad():
+            for blocks, how in ((record, BlockInputs.recorded), (replay, BlockInputs.replayed)):
+                if blocks is not None:
+                    stack.enter_context(how(blocks))
+            for start in range(0, len(encodings), batch_size):
+                chunk = encodings[start : start + batch_size]
+                ids, mask = pad_rows([e.ids for e in chunk], pad, device)
+                for into in seen:
+                    into.clear()
+                with up_to(modules[-1]):  # only the modules' values are read: no later block, no LM head
+                    base.base_model(input_ids=ids, attention_mask=mask)
+                lookups = torch.tensor([e.lookup for e in chunk], device=device)
+                at_lookup = torch.arange(mask.shape[1], device=device) == lookups[:, None]
+                yield [into[0] for into in seen], at_lookup, mask.bool() & ~at_lookup
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def read_modules_values(
@@ -55,40 +106,51 @@ def read_modules_values(
     the last) as float32 rows on the model's device, one tensor per module, all read in the same forward passes: at
     each encoding's lookup token (``at_subject``), or at every other token of each encoding (rows in order, encoding
     by encoding)."""
-    base = unwrap(model)
-    device = next(base.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seen: list[list[torch.Tensor]] = [[] for _ in module_names]
-
-    def keep(into: list[torch.Tensor], value: Any) -> None:
-        into.append((value[0] if isinstance(value, tuple) else value).detach())
-
-    modules = [base.get_submodule(name) for name in module_names]
-    handles = []
-    for module, into in zip(modules, seen, strict=True):
-        if side == "input":
-            handles.append(module.register_forward_pre_hook(lambda _m, args, into=into: keep(into, args[0])))
-        else:
-            handles.append(module.register_forward_hook(lambda _m, _a, output, into=into: keep(into, output)))
     rows: list[list[torch.Tensor]] = [[] for _ in module_names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            for start in range(0, len(encodings), batch_size):
-                chunk = encodings[start : start + batch_size]
-                ids, mask = pad_rows([e.ids for e in chunk], pad, device)
-                for into in seen:
-                    into.clear()
-                with up_to(modules[-1]):  # only the modules' values are read: no later block, no LM head
-                    base.base_model(input_ids=ids, attention_mask=mask)
-                lookups = torch.tensor([e.lookup for e in chunk], device=device)
-                at_lookup = torch.arange(mask.shape[1], device=device) == lookups[:, None]
-                chosen = at_lookup if at_subject else mask.bool() & ~at_lookup
-                for into, out in zip(seen, rows, strict=True):
-                    out.append(into[0][chosen].float())
-    finally:
-        for handle in handles:
-            handle.remove()
+    reads = [(name, side) for name in module_names]
+    for values, at_lookup, others in _captured(model, tokenizer, encodings, reads, batch_size):
+        chosen = at_lookup if at_subject else others
+        for value, out in zip(values, rows, strict=True):
+            out.append(value[chosen].float())
     return [torch.cat(out) for out in rows]
+
+
+def read_with_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    encodings: Sequence[Encoded],
+    reads: Sequence[tuple[str, str]],
+    moment_reads: int,
+    subject_weight: float = 1.0,
+    batch_size: int = 32,
+    record: BlockInputs | None = None,
+    replay: BlockInputs | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """In the same forward passes: each ``(module, side)`` read at every encoding's lookup token (n × d, float32),
+    and, for the first ``moment_reads`` reads, ``Kₒ W Kₒᵀ`` (d × d, float64) over every other token, weighed 1 or
+    ``subject_weight`` at the subject's other tokens. The moments are summed chunk by chunk (each chunk's in
+    float32, at half float64's cost on a CPU), so the other tokens' rows (a prompt's dozen or more per fact, at
+    every edited layer) are never held together. ``record`` and ``replay``: as in :func:`_captured`."""
+    rows: list[list[torch.Tensor]] = [[] for _ in reads]
+    moments: list[torch.Tensor] = []
+    done = 0
+    for values, at_lookup, others in _captured(model, tokenizer, encodings, reads, batch_size, record, replay):
+        chunk = encodings[done : done + at_lookup.shape[0]]
+        done += len(chunk)
+        for value, out in zip(values, rows, strict=True):
+            out.append(value[at_lookup].float())
+        if len(moments) < moment_reads:  # the first chunk: a zero d × d per moment
+            moments = [value.new_zeros(value.shape[-1], value.shape[-1], dtype=torch.float64) for value in values]
+            moments = moments[:moment_reads]
+        device = at_lookup.device
+        positions = torch.arange(at_lookup.shape[1], device=device)
+        starts = torch.tensor([e.subject_start for e in chunk], device=device)[:, None]
+        inside = (positions >= starts) & (positions < torch.tensor([e.lookup for e in chunk], device=device)[:, None])
+        weights = torch.where(inside, subject_weight, 1.0)[others].float()[:, None]
+        for moment, value in zip(moments, values, strict=False):
+            keys = value[others].float()
+            moment += ((keys * weights).T @ keys).double()  # a chunk's few hundred rows in float32, summed in float64
+    return [torch.cat(out) for out in rows], moments
 
 
 def read_module_values(
@@ -126,15 +188,8 @@ def prompt_moments(
     prompt is followed by its target's tokens but the last (teacher forcing), where a multi-token answer's later
     tokens are read."""
     encodings = [encode_request(tokenizer, request, answers) for request in requests]
-    read = read_modules_values(model, tokenizer, encodings, module_names, "input", at_subject=False)
-    in_subject = [  # the rows' order: each encoding's tokens but its lookup, encoding by encoding
-        encoding.subject_start <= position < encoding.lookup
-        for encoding in encodings
-        for position in range(len(encoding.ids))
-        if position != encoding.lookup
-    ]
-    weights = torch.tensor([subject_weight if inside else 1.0 for inside in in_subject], dtype=torch.float64)
-    return [(keys.double() * weights.to(keys.device)[:, None]).T @ keys.double() for keys in read]
+    reads = [(name, "input") for name in module_names]
+    return read_with_moments(model, tokenizer, encodings, reads, len(reads), subject_weight)[1]
 
 
 def prompt_moment(
@@ -186,6 +241,8 @@ def compute_keys(
 @contextmanager
 def applied(model: nn.Module, deltas: dict[str, LowRankDelta], at: torch.Tensor | None = None) -> Iterator[None]:
     """Add ``x @ ΔWᵀ`` to each named module's output while inside (forward hooks; the weights are never touched).
+    A delta of higher rank than ``d_in·d_out / (d_in + d_out)`` (a batch of more facts than that) acts as its dense
+    ``ΔW``, which costs fewer multiplications than its two factors.
 
     ``at``: a 0/1 mask over the token positions (broadcast over the batch) where the update acts; every token when
     not given (a weight edit acts everywhere; the mask is for studying where it matters)."""
@@ -194,10 +251,15 @@ def applied(model: nn.Module, deltas: dict[str, LowRankDelta], at: torch.Tensor 
 
     def hook_for(delta: LowRankDelta):
         up, down = delta.up.float(), delta.down.float()
+        (d_out, rank), d_in = up.shape, down.shape[1]
+        dense = delta.dense().float() if rank * (d_in + d_out) > d_in * d_out else None  # fewer multiplications
 
         def add(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             x = args[0]
-            shift = (x.float() @ down.T.to(x.device)) @ up.T.to(x.device)
+            if dense is None:
+                shift = (x.float() @ down.T.to(x.device)) @ up.T.to(x.device)
+            else:
+                shift = x.float() @ dense.T.to(x.device)
             if at is not None:
                 shift = shift * at.to(shift)[..., None]
             return output_hook(lambda out: out + shift.to(out.dtype))(_module, args, output)
@@ -243,6 +305,53 @@ def read_z(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], re
     return read_at_subject(model, tokenizer, bare, read_module, "output").double().T
 
 
+def layer_reads(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    hparams: PMETHyperParams,
+    templates: Sequence[Sequence[str]],
+    names: Sequence[str],
+    read_module: str,
+    held: Sequence[EditRequest],
+    record: BlockInputs | None = None,
+    replay: BlockInputs | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
+    """What one step of the layer loop reads under the updates so far: the keys of ``names`` (d_in × n each; in
+    the bare prompt for ``key_reads="prompt"``, else averaged over ``templates``), the z
+    layer's value now (:func:`read_z`) and, with ``hparams.keep_prompts``, the kept prompts' moments scaled by it
+    (:func:`prompt_moments`; None per name without).
+
+    The bare prompt is a prefix of the prompt followed by its answer and attention is causal, so when the keys are
+    read in the bare prompt and the kept prompts are the driven facts' own, the three come from one forward pass over
+    the prompts (with their answers for ``keep_answers``) instead of three. ``record`` and ``replay`` act on that
+    pass (:func:`_captured`)."""
+    subject_weight = 1.0
+    if hparams.keep_prompts:
+        subjects = hparams.keep_prompts if hparams.keep_subjects is None else hparams.keep_subjects
+        subject_weight = subjects / hparams.keep_prompts
+    keep = bool(hparams.keep_prompts and held)
+    shared_moments = keep and held is requests
+    shared_keys = hparams.key_reads == "prompt"
+    encodings = [encode_request(tokenizer, request, shared_moments and hparams.keep_answers) for request in requests]
+    reads = [(name, "input") for name in names] if shared_keys or shared_moments else []
+    moment_reads = len(reads) if shared_moments else 0
+    rows, moments = read_with_moments(
+        model, tokenizer, encodings, [*reads, (read_module, "output")], moment_reads, subject_weight, 32, record, replay
+    )
+    current = rows[-1].double().T
+    if shared_keys:
+        keys = [row.T for row in rows[:-1]]
+    else:
+        keys = compute_layer_keys(model, tokenizer, requests, templates, names)
+    if keep and not shared_moments:
+        moments = prompt_moments(model, tokenizer, held, names, hparams.keep_answers, subject_weight)
+    kept: list[torch.Tensor | None] = [None] * len(names)
+    if keep:
+        kept = [hparams.keep_prompts * moment for moment in moments]
+    return keys, current, kept
+
+
 def compute_deltas(
     model: nn.Module,
     tokenizer: Any,
@@ -269,22 +378,19 @@ def compute_deltas(
     read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     deltas: dict[str, LowRankDelta] = {}
     joint = hparams.spread_rule == "joint"
-    key_templates = BARE_PROMPT if hparams.key_reads == "prompt" else templates
+    held = requests if kept_prompts is None else kept_prompts
     desc = f"PMET layer loop, {shown or len(requests)} facts"
     bar = tqdm(hparams.layers, desc=desc, unit="layer", disable=not progress)
+    below: BlockInputs | None = None  # what entered the block written last (the next read starts there)
     for position, layer in enumerate(bar):
         solved = hparams.layers[position:] if joint else (layer,)  # the layers this solve writes (only the first now)
         names = [block_modules(model, index).ffn_out for index in solved]
+        record = BlockInputs(unwrap(model), layer)
         with applied(model, deltas):
-            keys = compute_layer_keys(model, tokenizer, requests, key_templates, names)
-            current = read_z(model, tokenizer, requests, read_module)
-            kept: list[torch.Tensor | None] = [None] * len(names)
-            held = requests if kept_prompts is None else kept_prompts
-            if hparams.keep_prompts and held:
-                subjects = hparams.keep_prompts if hparams.keep_subjects is None else hparams.keep_subjects
-                subject_weight = subjects / hparams.keep_prompts
-                moments_kept = prompt_moments(model, tokenizer, held, names, hparams.keep_answers, subject_weight)
-                kept = [hparams.keep_prompts * moment for moment in moments_kept]
+            keys, current, kept = layer_reads(
+                model, tokenizer, requests, hparams, templates, names, read_module, held, record, below
+            )
+        below = record if record.replayable else None
         if joint:
             device = keys[0].device
             systems = [
@@ -370,8 +476,10 @@ def refined_deltas(
     progress: bool = False,
     replay: WrittenFacts | None = None,
     wanted: tuple[str, torch.Tensor] | None = None,
-) -> dict[str, LowRankDelta]:
-    """:func:`aimed_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed.
+) -> tuple[dict[str, LowRankDelta], torch.Tensor]:
+    """:func:`aimed_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed; returns the
+    deltas and the values the batch's facts were last aimed at (d × n: ``wanted``'s, or further for the facts a resolve
+    round aimed further, which a rewritten stream aims them at again in every later batch).
 
     The closed-form write lands only part of each target (λ trades the fit against typical keys), so an optimised
     target that was likely is not always the greedy answer after the write. Each round reads, under the deltas so
@@ -423,4 +531,4 @@ def refined_deltas(
         aims = aims.clone()
         aims[:, columns] += again.change(hparams.fold_attention).to(aims).T * hparams.write_scale
         deltas = write_all((read_module, aims))
-    return deltas
+    return deltas, aims[:, aims.shape[1] - len(requests) :]

@@ -156,7 +156,7 @@ class PMETEditor:
         try:
             with self.written_from():
                 wanted = written_values(self.model, self.tokenizer, requests, self.hparams, targets)
-                deltas = refined_deltas(
+                deltas, aimed = refined_deltas(
                     self.model,
                     self.tokenizer,
                     requests,
@@ -181,7 +181,7 @@ class PMETEditor:
                     write = layers[name].replace_delta if rewrite else layers[name].add_delta
                     write(self.adapter_name, delta.up, delta.down)
                 if rewrite:  # what the batch's facts were aimed at: every later batch aims them there again
-                    self.replay.hold(requests, wanted[1])
+                    self.replay.hold(requests, aimed)
                 elif self.replay is not None:  # where the batch's facts stand once written: later batches keep them
                     written = read_z(self.model, self.tokenizer, requests, z_read_module(self.model, self.hparams))
                     self.replay.hold(requests, written)

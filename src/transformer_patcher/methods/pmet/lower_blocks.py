@@ -65,13 +65,18 @@ class LowerBlocks:
             if self.passable:
                 self.recorded, self.recorded_row = hidden.detach(), self.token_row
                 for block in self.lower:
-                    block.forward = _pass_by  # an instance attribute: nn.Module.__call__ runs it instead
+                    block.forward = pass_by  # an instance attribute: nn.Module.__call__ runs it instead
             return None
-        hidden = self.recorded[:, torch.isin(self.recorded_row, self.token_row)]
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        return with_hidden(args, kwargs, self.recorded[:, torch.isin(self.recorded_row, self.token_row)])
 
 
-def _pass_by(hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+def pass_by(hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+    """A block's forward that leaves the hidden states as they come (set as an instance's ``forward``)."""
     return hidden_states
+
+
+def with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    """A block's forward arguments with ``hidden`` as its hidden states (a forward pre-hook's return)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}

@@ -47,6 +47,7 @@ class DeltaLayer(TunerLayer):
         self.delta_up = nn.ParameterDict()
         self.delta_down = nn.ParameterDict()
         self.delta_config: dict[str, DeltaConfig] = {}
+        self._dense_kept: dict[str, tuple] = {}  # adapter → (up, down, their versions and storage, up @ down)
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.update_layer(adapter_name, config)
 
@@ -74,6 +75,7 @@ class DeltaLayer(TunerLayer):
     def _set_factors(self, adapter_name: str, up: torch.Tensor, down: torch.Tensor) -> None:
         """Store new factors (never trained) and publish the change of rank."""
         before = self.delta_up[adapter_name].shape[1] if adapter_name in self.delta_up else 0
+        self._dense_kept.pop(adapter_name, None)
         self.delta_up[adapter_name] = nn.Parameter(up, requires_grad=False)
         self.delta_down[adapter_name] = nn.Parameter(down, requires_grad=False)
         self._publish_rank(adapter_name, before)
@@ -122,7 +124,7 @@ class DeltaLayer(TunerLayer):
         """Make the delta exactly ``up @ down`` (checked and cast as in :meth:`add_delta`), in one step; returns the
         new rank. Nothing changes if an argument is invalid (``InvalidPatchError``)."""
         adapter, up, down = self._checked_factors(adapter_name, up, down, "replacing")
-        self._set_factors(adapter, up, down)
+        self._set_factors(adapter, up.clone(), down.clone())  # the caller's tensors stay theirs
         return int(up.shape[1])
 
     def _checked_factors(
@@ -176,9 +178,25 @@ class DeltaLayer(TunerLayer):
             if adapter not in self.delta_up or self.delta_up[adapter].shape[1] == 0:
                 continue
             up, down = self.delta_up[adapter], self.delta_down[adapter]
-            delta = F.linear(F.linear(x.to(device=down.device, dtype=down.dtype), down), up)
+            x_in = x.to(device=down.device, dtype=down.dtype)
+            dense = self._dense(adapter, up, down)
+            delta = F.linear(F.linear(x_in, down), up) if dense is None else F.linear(x_in, dense)
             result = result + delta.to(device=result.device, dtype=result.dtype)
         return result
+
+    def _dense(self, adapter: str, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
+        """``up @ down`` (d_out × d_in) when a token costs fewer multiplications through it than through the two
+        factors (rank above ``d_in·d_out / (d_in + d_out)``: a write of more facts than that, about 400 on SmolLM2's
+        FFN), else None. Formed once and kept until the factors change (new factors, an in-place load, a move)."""
+        rank = up.shape[1]
+        if rank * (self.in_features + self.out_features) <= self.in_features * self.out_features:
+            return None
+        stamp = (up._version, down._version, up.data_ptr(), down.data_ptr())
+        kept = self._dense_kept.get(adapter)
+        if kept is None or kept[0] is not up or kept[1] is not down or kept[2] != stamp:
+            kept = (up, down, stamp, (up @ down).detach())
+            self._dense_kept[adapter] = kept
+        return kept[3]
 
     # ------------------------------------------------------------------------------------ peft lifecycle
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
