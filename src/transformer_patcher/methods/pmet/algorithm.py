@@ -318,9 +318,9 @@ def layer_reads(
     replay: BlockInputs | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
     """What one step of the layer loop reads under the updates so far: the keys of ``names`` (d_in × n each; in
-    the bare prompt for ``key_reads="prompt"``, else averaged over ``templates``), the z
-    layer's value now (:func:`read_z`) and, with ``hparams.keep_prompts``, the kept prompts' moments scaled by it
-    (:func:`prompt_moments`; None per name without).
+    the bare prompt for ``key_reads="prompt"``, else averaged over ``templates``), the z layer's value now
+    (:func:`read_z`) and, with ``hparams.keep_prompts``, the kept prompts' moments scaled by it (:func:`prompt_moments`;
+    None per name without).
 
     The bare prompt is a prefix of the prompt followed by its answer and attention is causal, so when the keys are
     read in the bare prompt and the kept prompts are the driven facts' own, the three come from one forward pass over
@@ -336,8 +336,9 @@ def layer_reads(
     encodings = [encode_request(tokenizer, request, shared_moments and hparams.keep_answers) for request in requests]
     reads = [(name, "input") for name in names] if shared_keys or shared_moments else []
     moment_reads = len(reads) if shared_moments else 0
+    everything = [*reads, (read_module, "output")]
     rows, moments = read_with_moments(
-        model, tokenizer, encodings, [*reads, (read_module, "output")], moment_reads, subject_weight, 32, record, replay
+        model, tokenizer, encodings, everything, moment_reads, subject_weight, record=record, replay=replay
     )
     current = rows[-1].double().T
     if shared_keys:
