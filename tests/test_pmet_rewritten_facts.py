@@ -8,8 +8,8 @@ import torch
 from test_pmet_editor import HPARAMS, _model, _requests, _texts
 from tiny_tokenizer import tiny_tokenizer
 from transformer_patcher.core.errors import InvalidPatchError
-from transformer_patcher.methods.pmet import PMETEditor, PMETHyperParams
-from transformer_patcher.methods.pmet.algorithm import written_values
+from transformer_patcher.methods.pmet import PMETEditor, PMETHyperParams, algorithm
+from transformer_patcher.methods.pmet.algorithm import read_z, written_values, z_read_module
 
 REWRITE = HPARAMS.with_options(rewrite_written=True, keep_prompts=0.1)
 
@@ -101,3 +101,42 @@ def test_a_rewritten_stream_keeps_aiming_a_resolved_fact_where_its_resolve_round
     editor.edit_batch(requests, targets)
     moved = (editor.replay.values - first).norm(dim=0) > 1e-6 * first.norm(dim=0)
     assert 0 < int(moved.sum()) < len(requests)  # the missed facts only (the resolve test: some miss on this model)
+
+
+def test_a_resolve_round_of_a_rewritten_stream_checks_and_aims_again_every_fact_so_far(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``refine_written`` the second batch's resolve round checks the first batch's facts too, and aims further
+    exactly the earlier facts its write missed; the record keeps the others' aims. Two earlier facts are aimed back
+    where the unedited model has them, so the rewrite misses them."""
+    hparams = REWRITE.with_options(refine_rounds=1, refine="resolve", refine_written=True)
+    editor = _editor(hparams)
+    first = _requests(6)
+    editor.edit_batch(first)
+    with editor.model.disable_adapter():
+        unedited = read_z(editor.model, editor.tokenizer, first[:2], z_read_module(editor.model, hparams))
+    editor.replay.values[:, :2] = unedited.to(editor.replay.values)
+    earlier = editor.replay.values.clone()
+    checked: list[list[bool]] = []
+    score = algorithm.score_pairs
+
+    def spy(*args: object, **kwargs: object) -> list:
+        outcomes = score(*args, **kwargs)
+        checked.append([not outcome.correct for outcome in outcomes])
+        return outcomes
+
+    monkeypatch.setattr(algorithm, "score_pairs", spy)
+    editor.edit_batch(_requests(6, offset=6))
+    (missed,) = checked
+    assert len(missed) == 12 and len(editor.replay) == 12
+    assert missed[:2] == [True, True]
+    moved = (editor.replay.values[:, :6] - earlier).norm(dim=0) > 1e-6 * earlier.norm(dim=0)
+    assert moved.tolist() == missed[:6]
+
+
+def test_checking_every_written_fact_needs_a_rewritten_resolve() -> None:
+    resolve = {"refine_rounds": 1, "refine": "resolve"}
+    for options in ({"rewrite_written": True}, {**resolve}, {"rewrite_written": True, "refine_rounds": 1}):
+        with pytest.raises(ValueError, match="refine_written checks every fact written so far"):
+            PMETHyperParams(refine_written=True, **options)
+    PMETHyperParams(refine_written=True, rewrite_written=True, **resolve)

@@ -39,6 +39,18 @@ def test_pending_facts_join_only_once_committed_and_survive_a_save() -> None:
     torch.testing.assert_close(facts.values, joined[:, :3])
 
 
+def test_a_replacing_hold_becomes_the_whole_record_once_committed() -> None:
+    facts = WrittenFacts()
+    facts.hold(_facts(2), torch.zeros(3, 2))
+    facts.commit()
+    facts.hold(_facts(3), torch.ones(3, 3), replacing=True)
+    facts.discard()
+    assert len(facts) == 2 and torch.equal(facts.values, torch.zeros(3, 2, dtype=torch.float64))
+    facts.hold(_facts(3), torch.ones(3, 3), replacing=True)
+    facts.commit()
+    assert facts.requests == _facts(3) and torch.equal(facts.values, torch.ones(3, 3, dtype=torch.float64))
+
+
 def test_a_checkpoint_whose_values_do_not_match_its_facts_is_refused() -> None:
     facts = WrittenFacts()
     facts.hold(_facts(2), torch.zeros(3, 2))

@@ -479,8 +479,9 @@ def refined_deltas(
     wanted: tuple[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, LowRankDelta], torch.Tensor]:
     """:func:`aimed_deltas`, then ``hparams.refine_rounds`` more rounds for the facts the write missed; returns the
-    deltas and the values the batch's facts were last aimed at (d × n: ``wanted``'s, or further for the facts a resolve
-    round aimed further, which a rewritten stream aims them at again in every later batch).
+    deltas and the values every fact the write drove was last aimed at (d × n, the replayed facts first: ``wanted``'s,
+    or further for the facts a resolve round aimed further, which a rewritten stream aims them at again in every later
+    batch).
 
     The closed-form write lands only part of each target (λ trades the fit against typical keys), so an optimised
     target that was likely is not always the greedy answer after the write. Each round reads, under the deltas so
@@ -490,14 +491,17 @@ def refined_deltas(
     which costs no optimisation. With ``written`` every round's update is weighed against the keys written before it
     (earlier batches' and this batch's), and its keys join the batch's pending keys. With ``replay`` the first layer
     loop also drives every fact earlier batches wrote back to where its batch's write left it, its key and where it
-    stands read now (or, for ``rewrite_written``, to the value it was aimed at). ``wanted`` is :func:`written_values`
-    (read under the model as it is now when not given).
+    stands read now (or, for ``rewrite_written``, to the value it was aimed at); with ``refine_written`` a resolve
+    round checks those facts too. ``wanted`` is :func:`written_values` (read under the model as it is now when not
+    given).
     """
     read_module, values = wanted if wanted is not None else written_values(model, tokenizer, requests, hparams, targets)
     everything, aims = (requests, values) if replay is None else replay.joined(requests, values)
     shown = f"{len(everything)} ({len(everything) - len(requests)} written before)" if replay else None  # empty: none
     wanted = (read_module, aims)
     kept = list(replay.requests) if replay is not None and hparams.keep_prompts_of == "written" else None
+    checked = everything if hparams.refine_written else requests  # the facts a round checks: the last of everything
+    first = len(everything) - len(checked)
 
     def write_all(aimed: tuple[str, torch.Tensor]) -> dict[str, LowRankDelta]:
         """The whole write (every driven fact) from the weights as they are, each fact aimed at its column."""
@@ -507,14 +511,14 @@ def refined_deltas(
     deltas = write_all(wanted)
     for round_ in range(1, hparams.refine_rounds + 1):
         with applied(model, deltas):
-            prompts = [(r.template.format(r.subject), r.target) for r in requests]
+            prompts = [(r.template.format(r.subject), r.target) for r in checked]
             label = f"refine round {round_}: which facts the write missed" if progress else None
             outcomes = score_pairs(model, task, prompts, progress=label)
             index = [i for i, outcome in enumerate(outcomes) if not outcome.correct]
-            logger.info("refine round %d: the write missed %d of %d facts", round_, len(index), len(requests))
+            logger.info("refine round %d: the write missed %d of %d facts", round_, len(index), len(checked))
             if not index:
                 break
-            missed = [requests[i] for i in index]
+            missed = [checked[i] for i in index]
             if hparams.refine == "rewrite":
                 aim, again = (read_module, values[:, index]), targets.select(index)
             else:
@@ -528,8 +532,8 @@ def refined_deltas(
             deltas = {name: deltas[name].joined(more[name]) for name in deltas}
             continue
         # resolve: the missed facts aim further by their new change, and the whole write is solved again
-        columns = [len(everything) - len(requests) + i for i in index]
+        columns = [first + i for i in index]
         aims = aims.clone()
         aims[:, columns] += again.change(hparams.fold_attention).to(aims).T * hparams.write_scale
         deltas = write_all((read_module, aims))
-    return deltas, aims[:, aims.shape[1] - len(requests) :]
+    return deltas, aims

@@ -180,8 +180,8 @@ class PMETEditor:
                 for name, delta in deltas.items():
                     write = layers[name].replace_delta if rewrite else layers[name].add_delta
                     write(self.adapter_name, delta.up, delta.down)
-                if rewrite:  # what the batch's facts were aimed at: every later batch aims them there again
-                    self.replay.hold(requests, aimed)
+                if rewrite:  # what every fact so far was aimed at: every later batch aims them there again
+                    self.replay.hold([*self.replay.requests, *requests], aimed, replacing=True)
                 elif self.replay is not None:  # where the batch's facts stand once written: later batches keep them
                     written = read_z(self.model, self.tokenizer, requests, z_read_module(self.model, self.hparams))
                     self.replay.hold(requests, written)

@@ -84,6 +84,11 @@ class PMETHyperParams:
     # one write: a stream of batches ends where one batch of all its facts would, at the cost per batch of a write of
     # every fact so far (as replay_written). Targets are optimised against the unedited model. Not the paper's
     rewrite_written: bool = False
+    # With rewrite_written and refine="resolve", each resolve round checks every fact the write drives (all written so
+    # far, not only the batch's) and aims the missed ones further, so an earlier fact that a later write moved off its
+    # answer is aimed further again, as it would be in one batch of every fact (methods/pmet/algorithm.py,
+    # refined_deltas). Not the paper's; it costs a greedy check of every fact so far and the missed ones' targets
+    refine_written: bool = False
     # Each edited layer's solve also keeps, with this weight (0: off, the paper's), the keys at every token but the
     # subject's last of every fact the layer loop drives (this batch's, and the replayed ones'): ΔW = R Kᵀ (K Kᵀ +
     # w Kₒ Kₒᵀ + λC)⁻¹. A write moves the relation's words of the facts' own prompts, which their answers are read
@@ -156,6 +161,7 @@ class PMETHyperParams:
             "keep_written",
             "replay_written",
             "rewrite_written",
+            "refine_written",
             "keep_answers",
         ):
             if not isinstance(getattr(self, name), bool):
@@ -174,6 +180,11 @@ class PMETHyperParams:
             raise ValueError(
                 "rewrite_written writes every fact again from the unedited weights: there are no earlier writes for "
                 "replay_written, keep_written or null_space to keep; set one of them"
+            )
+        if self.refine_written and not (self.rewrite_written and self.refine == "resolve" and self.refine_rounds):
+            raise ValueError(
+                "refine_written checks every fact written so far in a resolve round of a rewritten write: it needs "
+                "rewrite_written, refine='resolve' and refine_rounds >= 1"
             )
         if self.fold_attention and self.variant == "memit":
             raise ValueError("fold_attention is a PMET option: the MEMIT ablation optimises no attention delta")

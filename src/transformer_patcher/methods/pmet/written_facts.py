@@ -37,7 +37,7 @@ class WrittenFacts:
         self.state_prefix = state_prefix
         self.requests: list[EditRequest] = []
         self.values: torch.Tensor | None = None
-        self.pending: tuple[list[EditRequest], torch.Tensor] | None = None
+        self.pending: tuple[list[EditRequest], torch.Tensor, bool] | None = None  # a batch's facts; replaces all?
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -48,15 +48,17 @@ class WrittenFacts:
             return list(requests), values
         return [*self.requests, *requests], torch.cat([self.values.to(values.device, values.dtype), values], dim=1)
 
-    def hold(self, requests: Sequence[EditRequest], values: torch.Tensor) -> None:
-        """Keep a batch's facts until :meth:`commit` (its update is in the model) or :meth:`discard`."""
+    def hold(self, requests: Sequence[EditRequest], values: torch.Tensor, replacing: bool = False) -> None:
+        """Keep a batch's facts until :meth:`commit` (its update is in the model) or :meth:`discard`; ``replacing``:
+        they are the whole record to be (a rewrite's every fact, aimed anew), not facts to add to it."""
         if values.shape[1] != len(requests):
             raise ValueError(f"{values.shape[1]} values for {len(requests)} requests")
-        self.pending = (list(requests), values.detach().to("cpu", torch.float64, copy=True))
+        self.pending = (list(requests), values.detach().to("cpu", torch.float64, copy=True), replacing)
 
     def commit(self) -> None:
         if self.pending is not None:
-            self.requests, self.values = self.joined(*self.pending)
+            requests, values, replacing = self.pending
+            self.requests, self.values = (requests, values) if replacing else self.joined(requests, values)
         self.pending = None
 
     def discard(self) -> None:
