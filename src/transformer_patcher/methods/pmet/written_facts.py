@@ -10,9 +10,11 @@ requests of its own, reading their keys and where they stand from the model as i
 their value (residual ≈ 0 where they hold) and pulls back those that drifted. A one-batch write of every fact so far
 is the same solve over the same keys, read once; this reads them after every batch.
 
-With ``PMETHyperParams.rewrite_written`` the same record holds, for each fact, the value its batch's write *aimed*
-at (read on the unedited model, plus the scaled optimised change), and every batch writes all of them again from the
-unedited weights: the record is then a batch of everything so far, which the adapter's factors are replaced by.
+With ``PMETHyperParams.rewrite_written`` the same record holds, for each fact, the value the last write *aimed* it
+at (read on the unedited model, plus the scaled optimised change, and further where a resolve round aimed it further),
+and every batch writes all of them again from the unedited weights: the record is then a batch of everything so far,
+which the adapter's factors are replaced by, and each batch's record replaces the one before (``hold(...,
+replacing=True)``).
 
 The same bookkeeping as the written keys: :meth:`~WrittenFacts.hold` keeps a batch's facts pending,
 :meth:`~WrittenFacts.commit` adds them once the batch is in the model and :meth:`~WrittenFacts.discard` drops them.
