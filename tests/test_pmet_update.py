@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from transformer_patcher.methods.pmet.update import residual_share, solve_joint, solve_update
+from transformer_patcher.methods.pmet.update import joint_gram, residual_share, solve_joint, solve_update
 
 
 def _problem(d_in: int = 12, d_out: int = 7, n: int = 3, seed: int = 0):
@@ -105,6 +105,25 @@ def test_joint_solve_is_the_stacked_solve_and_favours_the_layer_where_a_key_stan
     part_b = solve_joint([low_b, top_a], residual, [moment_b, moment_a]).dense() @ low_b
     torch.testing.assert_close(part_b / part_a, (values_a[-1] / values_b[0]).expand(7, 1), rtol=1e-9, atol=0)
     assert values_a[-1] / values_b[0] > 1.5
+
+
+def test_joint_gram_gives_the_misfit_of_the_whole_joint_write() -> None:
+    """The stacked write over two layers leaves ``R (I + G)⁻¹`` unfitted, and a residual along an eigenvector of ``G``
+    with eigenvalue ``g`` keeps ``1 / (1 + g)`` of itself: the spectrum bench/pmet_capacity.py reads."""
+    keys_a, residuals, moment_a = _problem(d_in=12, n=5, seed=0)
+    keys_b, _, moment_b = _problem(d_in=9, n=5, seed=1)
+    systems = [2.0 * moment_a, 0.5 * moment_b]
+    solved, gram = joint_gram([keys_a, keys_b], systems)
+    torch.testing.assert_close(solved[1], torch.linalg.solve(systems[1], keys_b), rtol=1e-10, atol=1e-12)
+    stacked = torch.cat([keys_a, keys_b])
+    whole = residuals @ stacked.T @ torch.linalg.inv(stacked @ stacked.T + torch.block_diag(*systems))
+    misfit = residuals - whole @ stacked
+    torch.testing.assert_close(misfit, residuals @ torch.linalg.inv(torch.eye(5, dtype=gram.dtype) + gram))
+    values, vectors = torch.linalg.eigh(gram)
+    direction = torch.ones(7, 1, dtype=torch.float64) @ vectors[:, :1].T  # every row along G's weakest eigenvector
+    write = direction @ stacked.T @ torch.linalg.inv(stacked @ stacked.T + torch.block_diag(*systems))
+    torch.testing.assert_close(direction - write @ stacked, direction / (1 + values[0]), rtol=1e-8, atol=1e-12)
+    assert 0 < values[0] < values[-1]
 
 
 def test_joint_solve_refuses_mismatched_layers() -> None:

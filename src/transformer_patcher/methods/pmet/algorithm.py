@@ -353,6 +353,21 @@ def layer_reads(
     return keys, current, kept
 
 
+def joint_penalties(
+    hparams: PMETHyperParams,
+    moments: dict[int, SecondMoment],
+    layers: Sequence[int],
+    kept: Sequence[torch.Tensor | None],
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """The joint solve's penalty per block of ``layers``: λ times its ``layer_weights`` entry times its key statistics,
+    plus the kept prompts' moment read at it (:func:`layer_reads`)."""
+    return [
+        penalty(moments[index].regularized(hparams.mom2_ridge), hparams.penalty_weight(index), moment, device)
+        for index, moment in zip(layers, kept, strict=True)
+    ]
+
+
 def compute_deltas(
     model: nn.Module,
     tokenizer: Any,
@@ -393,11 +408,7 @@ def compute_deltas(
             )
         below = record if record.replayable else None
         if joint:
-            device = keys[0].device
-            systems = [
-                penalty(moments[index].regularized(hparams.mom2_ridge), hparams.penalty_weight(index), moment, device)
-                for index, moment in zip(solved, kept, strict=True)
-            ]
+            systems = joint_penalties(hparams, moments, solved, kept, keys[0].device)
             deltas[names[0]] = solve_joint(keys, values - current, systems)
             continue
         residuals = (values - current) * residual_share(position, len(hparams.layers), hparams.spread_rule)

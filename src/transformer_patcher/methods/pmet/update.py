@@ -95,6 +95,17 @@ def solve_update(
     return LowRankDelta(residuals.double(), down)
 
 
+def joint_gram(
+    keys: Sequence[torch.Tensor], systems: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``S_m⁻¹ K_m`` per layer and ``G = Σ_m K_mᵀ S_m⁻¹ K_m`` (n × n, float64) of :func:`solve_joint`. A direction
+    of the residuals along an eigenvector of ``G`` with eigenvalue ``g`` keeps ``1 / (1 + g)`` of itself in the
+    misfit, so ``G``'s spectrum says how many facts the layers' key spaces hold against the penalties."""
+    pairs = zip(keys, systems, strict=True)
+    solved = [torch.linalg.solve(s.to(k.device, torch.float64), k.double()) for k, s in pairs]
+    return solved, sum(k.double().T @ x for k, x in zip(keys, solved, strict=True))
+
+
 def solve_joint(keys: Sequence[torch.Tensor], residuals: torch.Tensor, systems: Sequence[torch.Tensor]) -> LowRankDelta:
     """The first layer's part of the writes over layers ``m = 0 … M−1`` that fit ``R`` together.
 
@@ -111,9 +122,7 @@ def solve_joint(keys: Sequence[torch.Tensor], residuals: torch.Tensor, systems: 
         d_in = check_columns(k, residuals)
         if system.shape != (d_in, d_in):
             raise ValueError(f"a penalty must be {d_in} × {d_in} like its keys, got {tuple(system.shape)}")
-    pairs = zip(keys, systems, strict=True)
-    solved = [torch.linalg.solve(s.to(k.device, torch.float64), k.double()) for k, s in pairs]  # S_m⁻¹ K_m
-    gram = sum(k.double().T @ x for k, x in zip(keys, solved, strict=True))
+    solved, gram = joint_gram(keys, systems)
     lifted = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)  # I + G, symmetric
     up = torch.linalg.solve(lifted, residuals.double().T).T  # R (I + G)⁻¹
     return LowRankDelta(up, solved[0].T)
