@@ -36,7 +36,7 @@ from transformer_patcher.core.pretrained import cache_dir, load_model
 from transformer_patcher.data.benchmarks import wikitext_texts
 from transformer_patcher.data.loaders import find_data_file, load_counterfact
 from transformer_patcher.methods.pmet import EditRequest, PMETHyperParams, pmet_hparams, second_moments
-from transformer_patcher.methods.pmet.algorithm import joint_penalties, layer_reads, written_values
+from transformer_patcher.methods.pmet.algorithm import joint_penalties, layer_reads, written_values, z_read_module
 from transformer_patcher.methods.pmet.architecture import block_modules
 from transformer_patcher.methods.pmet.layer_gains import logit_gains
 from transformer_patcher.methods.pmet.update import joint_gram
@@ -51,7 +51,7 @@ def block_range(text: str) -> tuple[int, ...]:
 def gram(model, tokenizer, requests: list[EditRequest], hparams: PMETHyperParams, moments) -> tuple:
     """``G`` (n × n, float64) of the first joint solve over ``hparams.layers``, and the z layer's value now."""
     names = [block_modules(model, layer).ffn_out for layer in hparams.layers]
-    read_module = block_modules(model, hparams.layers[-1]).block
+    read_module = z_read_module(model, hparams)
     keys, current, kept = layer_reads(model, tokenizer, requests, hparams, [], names, read_module, requests)
     _, g = joint_gram(keys, joint_penalties(hparams, moments, hparams.layers, kept, keys[0].device))
     return g, current
