@@ -116,13 +116,15 @@ def test_joint_gram_gives_the_misfit_of_the_whole_joint_write() -> None:
     solved, gram = joint_gram([keys_a, keys_b], systems)
     torch.testing.assert_close(solved[1], torch.linalg.solve(systems[1], keys_b), rtol=1e-10, atol=1e-12)
     stacked = torch.cat([keys_a, keys_b])
-    whole = residuals @ stacked.T @ torch.linalg.inv(stacked @ stacked.T + torch.block_diag(*systems))
-    misfit = residuals - whole @ stacked
-    torch.testing.assert_close(misfit, residuals @ torch.linalg.inv(torch.eye(5, dtype=gram.dtype) + gram))
+    fitted = stacked.T @ torch.linalg.inv(stacked @ stacked.T + torch.block_diag(*systems)) @ stacked  # R ↦ ΔW K
+
+    def misfit(r: torch.Tensor) -> torch.Tensor:
+        return r - r @ fitted
+
+    torch.testing.assert_close(misfit(residuals), residuals @ torch.linalg.inv(torch.eye(5, dtype=gram.dtype) + gram))
     values, vectors = torch.linalg.eigh(gram)
     direction = torch.ones(7, 1, dtype=torch.float64) @ vectors[:, :1].T  # every row along G's weakest eigenvector
-    write = direction @ stacked.T @ torch.linalg.inv(stacked @ stacked.T + torch.block_diag(*systems))
-    torch.testing.assert_close(direction - write @ stacked, direction / (1 + values[0]), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(misfit(direction), direction / (1 + values[0]), rtol=1e-8, atol=1e-12)
     assert 0 < values[0] < values[-1]
 
 
