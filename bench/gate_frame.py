@@ -6,7 +6,9 @@ subjects (``Contrasts``: it should not) and 400 memory questions the frame never
 Each is the gate's own measure, the running maximum over a text's positions (its first token left out), compared
 plain, centred (the frame's mean subtracted) and in the frame (mean subtracted, each feature divided by its spread),
 the frame read as ``build_trainer`` reads it (``methods.patcher.gate_frame``: memory running text and memory questions
-in every format). Raw prompts; nothing is edited.
+in every format). Raw prompts; nothing is edited. ``--subject-views T ...`` also scores, in the frame, a gate that
+holds more reads of the subject than the edit's: the subject read in each template ``T`` (``{}`` is the subject;
+``"{}"`` alone reads it at the text's start), the gate open where any of a patch's reads is met.
 
     python bench/gate_frame.py --model smollm2-135m --out bench/results/gate_frame.json
     python bench/gate_frame.py --model gemma3-270m --out bench/results/gate_frame.json
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/zsre/zsre_mend_train-1k.json")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--max-examples", type=int, default=100)
+    parser.add_argument("--subject-views", nargs="*", default=[], help="templates of more subject reads per patch")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     base, tokenizer = load_model(args.model, "generation")
@@ -73,6 +76,9 @@ def main() -> None:
     texts = [f"{text} {target}" for text, target in benchmark.memory]
     frame = read_gate_frame(model, gate, task, frame_prompts(task, texts, benchmark.questions), progress=False)
     frames = {"plain": None, "centred": torch.stack([frame[0], torch.ones_like(frame[1])]), "frame": frame}
+    if args.subject_views:
+        frames["frame+views"] = frame
+    views = len(args.subject_views) + 1
     contrasts = Contrasts(tuple(benchmark.memory_subjects))
     others = [task.prompt_tokens(q) for q in benchmark.questions[OTHER_QUESTIONS]]
     result: dict[str, Any] = {"model": args.model, "block": layer.patch_config["default"].gate_layer}
@@ -85,19 +91,24 @@ def main() -> None:
             if at in (None, 0):
                 continue
             gate_pass(model, gate, ids)
-            read = gate.reads(f)[0, at : at + 1]
-            subjects.append(read[0])
+            read = [gate.reads(f)[0, at]]
+            for template in args.subject_views if name == "frame+views" else []:
+                view = task.prompt_tokens(template.format(example.subject))
+                gate_pass(model, gate, view)
+                read.append(gate.reads(f)[0, subject_position(tokenizer, view, example.subject)])
+            read = torch.stack(read + read[:1] * (views - len(read)))  # every subject holds ``views`` rows
+            subjects.append(read)
             for rephrase in example.rephrases:
                 gate_pass(model, gate, task.prompt_tokens(rephrase))
-                own.append(gate.running(read, "bench", f)[0, -1, 0])
+                own.append(gate.running(read, "bench", f)[0, -1].max())
             for question in contrasts(example):
                 gate_pass(model, gate, task.prompt_tokens(question))
-                contrast.append(gate.running(read, "bench", f)[0, -1, 0])
-        rows = torch.stack(subjects)
+                contrast.append(gate.running(read, "bench", f)[0, -1].max())
+        rows = torch.cat(subjects)
         other = []
         for ids in others:
             gate_pass(model, gate, ids)
-            other.append(gate.running(rows, "bench", f)[0, -1])  # (subjects,)
+            other.append(gate.running(rows, "bench", f)[0, -1].view(-1, views).max(1).values)  # (subjects,)
         other_t = torch.stack(other)
         own_t, contrast_t, any_t = torch.stack(own), torch.stack(contrast), other_t.max(1).values
         result[name] = {
@@ -107,7 +118,8 @@ def main() -> None:
             "other_question_per_patch": {"open": rates(other_t.flatten())},
         }
         print(name, json.dumps(result[name]))
-    result |= {"subjects": len(subjects), "command": "python " + shlex.join(sys.argv)}
+    result |= {"subjects": len(subjects), "subject_views": args.subject_views}
+    result["command"] = "python " + shlex.join(sys.argv)
     saved = json.loads(args.out.read_text()) if args.out.exists() else []
     args.out.write_text(json.dumps([*[r for r in saved if r["model"] != args.model], result], indent=1) + "\n")
 

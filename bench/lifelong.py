@@ -23,7 +23,8 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
   (``weak_lead`` 2, ``gated_answer_gate`` 0), the default since, beside the two curves above;
   ``zsre-raw-weak-1k`` / ``zsre-chat-weak-1k``: the whole 1,000-record streams with those rules; ``zsre-raw-rows-1k`` /
   ``zsre-chat-rows-1k``: the same with rule 16 (``gated_edit_rows``); ``zsre-raw-whiten-1k``: the raw one with rule 17
-  (``whiten_edit_rows`` False), the small suite every 250 edits;
+  (``whiten_edit_rows`` False), the small suite every 250 edits; ``counterfact-default``: the CounterFact stream
+  with that default (``WHITEN``), the small suite every 100 edits;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
@@ -127,6 +128,8 @@ CASES = {
     "zsre-raw-rows-1k": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=ROWS),
     "zsre-chat-rows-1k": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=ROWS),
     "zsre-raw-whiten-1k": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit=WHITEN),
+    # today's default (rules 16-17) on the CounterFact stream, the small suite every 100 edits
+    "counterfact-default": Case("smollm2-135m", "counterfact", options={"suite": "small"}, edit=WHITEN),
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
 }
 
