@@ -81,7 +81,12 @@ def summary(records: list[dict], key: str) -> dict[str, float]:
 def main() -> None:
     parser = stream_arguments(__doc__, "n", 60, "bench/results/same_subject.json")
     parser.add_argument("--paraphrase-scatter", type=float, nargs="*", default=[], help="weights α of S_p (keys)")
-    parser.add_argument("--paraphrase-templates", type=Path, help="JSON list of groups of templates, one question")
+    parser.add_argument(
+        "--paraphrase-templates",
+        type=Path,
+        default=Path(__file__).with_name("question_paraphrases.json"),
+        help="JSON list of groups of templates, each group one question in other words",
+    )
     parser.add_argument("--paraphrase-subjects", type=int, default=40)
     args = parser.parse_args()
     config = zsre_stream(args.n, args.data_dir)
@@ -126,8 +131,8 @@ def main() -> None:
         along = (rows["subject"] - mean) @ (keys["views"] / (keys["views"] @ (q - mean)))
         unlike = rows["subject"][along < 0.9]  # a contrast as high as the edit likely asks the same thing
         keys["relation"] = discriminant(q, mean, precision, None, views, cfg.view_scatter, contrasts=unlike).double()
-        for name_, tilde in precisions.items():
-            keys[name_] = discriminant(q.double(), mean, tilde, None, views, cfg.view_scatter).double()
+        for label, tilde in precisions.items():
+            keys[label] = discriminant(q.double(), mean, tilde, None, views, cfg.view_scatter).double()
         record = {"index": index, "text": example.text, "subject": name, "open": opened, "keys": {}}
         for key_name, w in keys.items():
             w = w / (w @ (q - mean))  # the edit scores 1, the memory mean 0
