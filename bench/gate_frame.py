@@ -94,8 +94,10 @@ def main() -> None:
             read = [gate.reads(f)[0, at]]
             for template in args.subject_views if name == "frame+views" else []:
                 view = task.prompt_tokens(template.format(example.subject))
-                gate_pass(model, gate, view)
-                read.append(gate.reads(f)[0, subject_position(tokenizer, view, example.subject)])
+                where = subject_position(tokenizer, view, example.subject)
+                if where is not None:  # the tokens decode to another spelling: no read from this template
+                    gate_pass(model, gate, view)
+                    read.append(gate.reads(f)[0, where])
             read = torch.stack(read + read[:1] * (views - len(read)))  # every subject holds ``views`` rows
             subjects.append(read)
             for rephrase in example.rephrases:
