@@ -55,7 +55,8 @@ def paraphrase_scatter(
     model: Any, layer: Any, task: Any, adapter: Any, groups: list[list[str]], subjects: list[str]
 ) -> torch.Tensor:
     """``S_p = DᵀD / n`` over the differences ``D`` of the answer-start queries of every two wordings of one question
-    (a group of templates) asked of the same subject: the directions in which rewording a question moves its query."""
+    (a group of templates) asked of the same subject: the directions in which rewording a question moves its query.
+    The answer ("it") is a placeholder: the query where the answer starts reads only the question before it."""
     differences = []
     for subject in subjects:
         for group in groups:
