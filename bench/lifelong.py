@@ -128,6 +128,7 @@ CASES = {
     "zsre-raw-rows-1k": Case("smollm2-135m", ZSRE, options={"suite": "small"}, edit=ROWS),
     "zsre-chat-rows-1k": Case("smollm2-135m", ZSRE, "chat", options={"suite": "small"}, edit=ROWS),
     "zsre-raw-whiten-1k": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit=WHITEN),
+    "zsre-chat-whiten-1k": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}, edit=WHITEN),
     # today's default (rules 16-17) on the CounterFact stream, the small suite every 100 edits
     "counterfact-default": Case("smollm2-135m", "counterfact", options={"suite": "small"}, edit=WHITEN),
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),

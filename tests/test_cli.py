@@ -13,6 +13,7 @@ import pytest
 
 from transformer_patcher.cli import main
 from transformer_patcher.data.neighbours import neighbours_of
+from transformer_patcher.tuners.edit_log import read_edit_log
 from workspace import build_workspace
 
 HEAVY = ("torch", "transformers", "peft", "datasets", "evaluate")  # what --help, --version and info never import
@@ -202,6 +203,8 @@ def test_plot_regenerates_from_results(workspace, tmp_path: Path, capsys) -> Non
         (["eval", "--model", "m"], "--patches DIR"),
         (["eval", "--model", "m", "--patches", "p", "--prompt-format", "chat"], "apply with --data"),
         (["edit", "--model", "m", "--patches", "p", "--file", __file__, "--subject", "x"], "not both"),
+        (["edit", "--model", "m", "--patches", "p", "--text", "a", "--target", "b", "--set", "nope=1"], "KEY=VALUE"),
+        (["edit", "--model", "m", "--patches", "p", "--text", "a", "--target", "b", "--set", "key_gap=-1"], "key_gap"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
@@ -429,6 +432,23 @@ def test_an_edit_the_model_already_answers_adds_and_saves_nothing(workspace, tmp
     assert _run_json(["undo", str(patches), "1"], capsys) == (
         f"removed edit 1 ({_plural(n, 'neuron', 'neurons')}) from {patches}/\n"
     )
+
+
+def test_edit_settings_shape_a_new_patch_set_and_are_refused_on_one_made_without(workspace, tmp_path, capsys) -> None:
+    patches = tmp_path / "patches"
+    first, second = (record["src"] for record in json.loads(workspace["zsre"].read_text())[:2])
+    edit = ["edit", "--model", str(workspace["model"]), "--patches", str(patches), "--memory", "none", "--no-progress"]
+    assert main([*edit, "--text", first, "--target", "w100", "--set", "gate_threshold=0.9"]) == 0
+    assert json.loads((patches / "adapter_config.json").read_text())["gate_threshold"] == 0.9
+    written = {path.name: path.stat().st_mtime_ns for path in patches.iterdir()}
+    capsys.readouterr()
+
+    assert main([*edit, "--text", second, "--target", "w101", "--set", "gate_threshold=0.8"]) == 2
+    assert "made with gate_threshold=0.9; these settings shape a new patch set only" in capsys.readouterr().err
+    assert {path.name: path.stat().st_mtime_ns for path in patches.iterdir()} == written  # nothing changed
+
+    assert main([*edit, "--text", second, "--target", "w101", "--set", "gate_threshold=0.9"]) == 0  # what it holds
+    assert [entry["target"] for entry in read_edit_log(patches)] == ["w100", "w101"]
 
 
 def test_info_keeps_each_edit_on_one_table_row(workspace, tmp_path: Path, capsys) -> None:

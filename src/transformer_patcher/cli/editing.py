@@ -18,6 +18,7 @@ from transformer_patcher.cli.options import (
     input_file,
     model_and_data,
     non_negative,
+    overrides,
     positive,
     suite_option,
     suite_overrides,
@@ -30,6 +31,7 @@ from transformer_patcher.core.wording import count
 from transformer_patcher.experiments.evaluation import SuiteConfig
 from transformer_patcher.experiments.session import EditSession
 from transformer_patcher.experiments.sme import accuracy, patch_set_eval
+from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.tuners.edit_log import read_edit_log
 
 
@@ -57,6 +59,13 @@ def setup_edit(edit: argparse.ArgumentParser) -> None:
         help="generators: memory rows over the model's own answers",
     )
     edit.add_argument("--schedule", choices=SCHEDULES, default="default", help=SCHEDULE_HELP)
+    edit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="EditConfig field override for these edits, e.g. subject_key=60 (docs/editing.md)",
+    )
     edit.add_argument("--data-dir", type=data_folder, default=None)
     edit.add_argument("--no-progress", action="store_true")
     edit.set_defaults(handler=edit_patches)
@@ -64,6 +73,8 @@ def setup_edit(edit: argparse.ArgumentParser) -> None:
 
 def edit_patches(args: argparse.Namespace) -> int:
     requests = _edit_requests(args)
+    options = overrides(args.set, EditConfig)
+    EditConfig.mode(args.schedule, **options)  # a bad value is refused before anything is loaded or written
     check_edit_log(args.patches)
     with EditSession.open(
         args.model,
@@ -75,6 +86,7 @@ def edit_patches(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=not args.no_progress,
         prompt_format=PromptFormat(args.prompt_format, args.append_eos),
+        edit_options=options,
     ) as session:
         before = session.num_patches
         print(one_line(session.memory.describe()) + "\n")

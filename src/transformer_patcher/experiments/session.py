@@ -35,10 +35,13 @@ from transformer_patcher.experiments.registry import build_trainer
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.memory import collect_queries
 from transformer_patcher.methods.patcher.trainer import PatchTrainer
+from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.model import PatcherModel, get_patcher_model
 from transformer_patcher.tuners.patcher.patch_set import edit_log_entry, read_edit_log, save_adapter_folder
 
 AUTO = "auto"  # prompt format: chat for a decoder whose tokenizer has a chat template, raw otherwise
+# EditConfig fields that shape a new patch set's adapter (EditConfig.adapter_config), fixed once the set exists
+ADAPTER_OPTIONS = ("patch_activation", "gate_layer", "gate_depth", "gate_threshold")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,21 @@ class MemoryInfo:
         earlier = f" (with {count(self.earlier_edits, 'earlier edit')})" if self.earlier_edits else ""
         rows = count(self.rows, "query row")
         return f"memory: {self.name} from {self.source}, {self.prompt_format} format, {rows}{earlier}"
+
+
+def check_adapter_options(
+    options: Mapping[str, Any], config: EditConfig, task_kind: str, loaded: PatcherConfig, folder: Path
+) -> None:
+    """Refuse an override of the adapter's own settings that the patch set in ``folder`` was made without: its
+    neurons share one activation and one gate, so the override could not apply and would be silently dropped."""
+    wanted = config.adapter_config(task_kind)
+    clash = [name for name in ADAPTER_OPTIONS if name in options and getattr(wanted, name) != getattr(loaded, name)]
+    if clash:
+        held = ", ".join(f"{name}={getattr(loaded, name)!r}" for name in clash)
+        raise ValueError(
+            f"{folder} holds a patch set made with {held}; these settings shape a new patch set only "
+            "(edit into a new folder to change them)"
+        )
 
 
 class EditSession(Closable):
@@ -123,6 +141,7 @@ class EditSession(Closable):
                 task = task.formatted("chat")  # how a deployed chat model is asked
             if folder is not None and (folder / CONFIG_NAME).is_file():
                 wrapped = PatcherModel.from_pretrained(base, folder)
+                check_adapter_options(edit_options or {}, config, task.kind, wrapped.peft_config["default"], folder)
                 wrapped.peft_config["default"].base_model_name_or_path = portable_name(model)  # the fingerprint held
             else:
                 wrapped = get_patcher_model(base, config.adapter_config(task.kind))
