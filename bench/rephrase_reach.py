@@ -2,13 +2,14 @@
 
 Reads a saved patch set of an ``sme run`` (nothing is retrained). For every edit and each of its rephrases, teacher
 forced on the edit's answer: at each answer read, whether the patched model predicts the answer token, the highest
-pre-activation ``q·k + b`` among the edit's patches there (> 0: a ReLU-family patch passes something), and, for a
-gated patch set, the running maximum cosine of the subject gate (open at ``gate_threshold``). Reported: quartiles of
-the edit's first patch at the edit and at the rephrases, how often it fires and its gate is open there, and every
-wrong rephrase sorted by its first wrong read: the first answer token with the gate closed, below the threshold, or
-firing under half the edit's pre-activation (a ReLU6 patch's partial fix) or above it; or a later answer token, sorted
-the same way by the patches whose own read it is (where they fire highest on the edit), or having none. ``--block N``
-also counts them per block of N edits in stream order (does a long stream's GR fall by where its failures come from?).
+pre-activation ``q·k + b`` among the edit's patches there (> 0: a ReLU-family patch passes something), and, for a gated
+patch set, the running maximum cosine of the subject gate, the higher of its subject and bare reads' (open at
+``gate_threshold``). Reported: quartiles of the edit's first patch at the edit and at the rephrases, how often it fires
+and its gate is open there, and every wrong rephrase sorted by its first wrong read: the first answer token with the
+gate closed, below the threshold, or firing under half the edit's pre-activation (a ReLU6 patch's partial fix) or above
+it; or a later answer token, sorted the same way by the patches whose own read it is (where they fire highest on the
+edit), or having none. ``--block N`` also counts them per block of N edits in stream order (does a long stream's GR fall
+by where its failures come from?).
 
     python bench/rephrase_reach.py --run runs/cf-dev-9000-gate4 --data /tmp/w/cf-dev-9000.json \\
         --data-kind counterfact --out bench/results/rephrase_reach.json
@@ -71,6 +72,7 @@ def main() -> None:
     ids, gate = layer.edit_ids().tolist(), layer.gate_reads()
     threshold = layer.patch_config["default"].gate_threshold
     subjects = layer.patch_frozen_subjects["default"]
+    bare = layer.patch_frozen_bare_subjects["default"]
 
     def read(text: str, target: str, columns: list[int]) -> tuple[list[bool], torch.Tensor, float, float | None]:
         """Per answer read: right or not and the edit's patches' pre-activations (reads × patches); at the first read
@@ -82,8 +84,9 @@ def main() -> None:
         pre = task.at_reads(capture.frozen_preactivations, batch)[:, columns]
         cosine = None
         if gate is not None:
-            running = gate.running(subjects[columns[:1]], "reach", layer.gate_frame())
-            cosine = running[0, int(batch.cols[0]), 0].item()
+            reads = torch.cat([subjects[columns[:1]], bare[columns[:1]]])  # a zero bare read: none (cosine 0)
+            running = gate.running(reads, "reach", layer.gate_frame())
+            cosine = running[0, int(batch.cols[0])].max().item()
         return correct, pre, pre[0, 0].item(), cosine
 
     edits, rephrases, cosines, causes, blocks = [], [], [], Counter(), {}

@@ -274,6 +274,7 @@ def _faithful_run(name: str) -> tuple[list[list], dict[str, float]]:
         records.append([r.steps, r.success, r.neurons, r.mistakes, r.loss])
     committed = trainer.layer.committed()
     assert not committed.pop("patch_frozen_subjects").any()  # no gate: the subject reads, newer than the record, are 0
+    assert not committed.pop("patch_frozen_bare_subjects").any()  # nor bare subject reads
     assert not committed.pop("patch_gate_frame").any()  # nor a gate frame
     sums = {k: float(v.double().sum()) for k, v in committed.items() if v.is_floating_point()}
     return records, sums

@@ -142,6 +142,7 @@ class EditConfig:
     gate_frame: bool = True  # a new gate compares in a frame read from the memory texts (False: plain cosines)
     gated_edit_rows: bool = True  # a gated patch stays below only the earlier edits' memory rows its gate opens on
     # (False: below every earlier edit's rows, as below the rest of the memory)
+    bare_subject: bool = True  # a gated patch's gate also opens on its subject named alone at a text's start
     subject_key: int = 0  # init="solve": a gated first answer token's key tells the edit from this many other
     # questions about its subject, which set its threshold; the memory (other subjects, kept out by the gate) does not
     seed: int = 42
@@ -183,6 +184,7 @@ class EditConfig:
             "gated_views",
             "gate_frame",
             "gated_edit_rows",
+            "bare_subject",
             "whiten_edit_rows",
         ):
             check_bool(f"EditConfig.{name}", getattr(self, name))

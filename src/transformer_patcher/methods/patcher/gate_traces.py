@@ -50,16 +50,17 @@ class GateTraces:
         self.spans = torch.cat([self.spans, torch.stack([torch.full_like(ends, start), ends], dim=1)])
 
     def opening(self, subject: torch.Tensor, threshold: float) -> torch.Tensor:
-        """Per row, whether a patch gated on ``subject`` (a subject read) is open at that row's read."""
+        """Per row, whether a patch gated on ``subject`` is open at that row's read: a subject read (hidden,), or
+        reads (k, hidden) any of which opens it (the edit's and its bare read)."""
         starts, ends = self.spans[:, 0], self.spans[:, 1]
         traced = ends > starts
         if not bool(traced.any()):
             return torch.ones(len(self), dtype=torch.bool)
-        cosine = (self.reads @ normalize(subject.detach().float().cpu(), dim=0)).double()
+        rows = normalize(subject.detach().float().cpu().reshape(-1, self.reads.shape[1]), dim=1)
         edits = torch.unique(starts[traced])
-        block = (torch.searchsorted(edits, torch.arange(len(self.reads)), right=True) - 1).double()
-        running = torch.cummax(cosine + _BLOCK_GAP * block, dim=0).values - _BLOCK_GAP * block
-        return ~traced | (running[(ends - 1).clamp_min(0)] >= threshold)
+        block = (torch.searchsorted(edits, torch.arange(len(self.reads)), right=True) - 1).double()[:, None]
+        running = torch.cummax((self.reads @ rows.T).double() + _BLOCK_GAP * block, dim=0).values - _BLOCK_GAP * block
+        return ~traced | (running[(ends - 1).clamp_min(0)] >= threshold).any(dim=1)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.gate_reads": self.reads, f"{prefix}.gate_spans": self.spans}

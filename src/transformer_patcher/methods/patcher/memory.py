@@ -263,13 +263,16 @@ def answer_start_queries(
     gated_on: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The FFN queries of ``layer`` where each text's answer (``target``) starts, shape (n, d). With ``gated_on`` (a
-    patch's subject read) only the texts whose subject gate is open there: a closed gate keeps the patch from a text
-    whatever its key, so those rows need not bound it."""
+    patch's subject read, or its reads (k, hidden): the edit's, then its bare one) only the texts whose subject gate is
+    open there: a closed gate keeps the patch from a text whatever its key, so those rows need not bound it."""
     if not texts:
         return torch.zeros(0, layer.query_dim)
     batch, queries = _answer_pass(model, layer, task, texts, target, adapter)
     starts = queries[:, 0]
-    opened = None if gated_on is None else layer.gate_opened(gated_on[None], adapter)
+    opened = None
+    if gated_on is not None:
+        rows = gated_on.reshape(-1, gated_on.shape[-1])
+        opened = layer.gate_opened(rows[:1], adapter, bare=rows[1:2] if len(rows) > 1 else None)
     if opened is None:
         return starts
     return starts[task.at_reads(opened, batch).reshape(len(texts), -1)[:, 0].to(starts.device)]

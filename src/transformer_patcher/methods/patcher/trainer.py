@@ -47,7 +47,7 @@ from torch import nn
 from transformer_patcher.core.editor import EditRecord
 from transformer_patcher.core.errors import NonFiniteError
 from transformer_patcher.core.examples import EditExample
-from transformer_patcher.core.modes import eval_mode
+from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.core.tasks import Batch, Task
 from transformer_patcher.data.neighbours import subject_of
 from transformer_patcher.data.questions import subject_contrasts
@@ -278,31 +278,57 @@ class PatchTrainer:
         return torch.cat([reads, weak if cap is None else weak[: cap - len(reads)]]).sort().values
 
     def _subject_read(self, example: EditExample, single: Batch, reads: torch.Tensor | None) -> torch.Tensor | None:
-        """What the subject gate of the edit's patches opens on: of ``reads`` (:meth:`_gate_reads` of the edit's
-        pass), the one at the last token of the edit's subject (``example.subject``, else the longest capitalised span
-        of its text) in its prompt as the model reads it. None (ungated) without a gate, when no subject is found
-        there, or when it is the text's first token, which names none."""
+        """What the subject gate of the edit's patches opens on, shape (k, hidden): of ``reads`` (:meth:`_gate_reads`
+        of the edit's pass), the one at the last token of the edit's subject (``example.subject``, else the longest
+        capitalised span of its text) in its prompt as the model reads it; then, with ``bare_subject``, the subject's
+        read when a text opens with it (:meth:`_bare_read`) where there is one. None (ungated) without a gate, when no
+        subject is found there, or when it is the text's first token, which names none."""
         subject = subject_of(example.text, example.subject)
-        if reads is None or not subject or "input_ids" not in single.inputs:
+        if reads is None or not subject:
             return None
-        prompt = single.inputs["input_ids"][0, : int(single.cols[0]) + 1].tolist()
+        read = self._read_at_subject(single, reads, subject)
+        if read is None:
+            return None
+        bare = self._bare_read(subject, example.target) if self.config.bare_subject else None
+        return read[None] if bare is None else torch.stack([read, bare])
+
+    def _read_at_subject(self, batch: Batch, reads: torch.Tensor, subject: str) -> torch.Tensor | None:
+        """Of a one-text ``batch``'s gate ``reads``, the one at the last token of ``subject`` in its prompt; None when
+        the prompt does not name it or its read is left out (the text's first token)."""
+        if "input_ids" not in batch.inputs:
+            return None
+        prompt = batch.inputs["input_ids"][0, : int(batch.cols[0]) + 1].tolist()
         at = subject_position(self.task.tokenizer, prompt, subject)
         read = None if at is None else reads[at]
         return read if read is not None and bool(read.any()) else None
+
+    def _bare_read(self, subject: str, target: Any) -> torch.Tensor | None:
+        """The gate read of ``subject`` named alone in the task's prompt format (raw: at the text's start, with nothing
+        before it): a rephrase that opens with its subject reads it so, unlike the edit, whose subject has words before
+        it. None when the subject is the text's first token (left out: the attention sink)."""
+        gate = self.layer.gate_reads(self.adapter)
+        if gate is None:
+            return None
+        batch = self.task.batch_for(self.model, [(subject, target)])
+        with torch.no_grad(), up_to(gate.block):
+            self.model(**batch.model_kwargs())
+        return self._read_at_subject(batch, gate.reads(self.layer.gate_frame(self.adapter))[0].clone(), subject)
 
     def _add_patches(self, queries: torch.Tensor, edit_id: int, subject: torch.Tensor | None = None) -> None:
         keys = torch.stack([init_key(q.float()) for q in queries])
         scale = float(self.layer.patch_config[self.adapter].init_value_scale)
         shape = (len(queries), self.layer.output_dim)
         v_prime = torch.randn(shape) if self.config.value_init == "normal" else torch.rand(shape)
-        self.layer.add_patches(keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter, subject)
+        self.layer.add_patches(
+            keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter, *_gate_rows(subject)
+        )
 
     def _read_contrasts(
         self, example: EditExample, single: Batch, reads: torch.Tensor, subject: torch.Tensor | None = None
     ) -> list[torch.Tensor | None]:
         """Per read, the queries its patch must stay below (n, d) or None: for the answer's first token the edit's
         contrasts (:meth:`_contrast_queries`), for a later one the running-text ``contexts`` of the token it reads
-        at (:mod:`.contexts`). ``subject``: the patches' subject read, when they are gated."""
+        at (:mod:`.contexts`). ``subject``: the patches' subject reads, when they are gated."""
         later = [int(r) for r in reads if int(r) > 0]
         at_later: list[torch.Tensor | None] = [None] * len(later)
         if later and self.contexts is not None and (self.config.gated_contexts or subject is None):
@@ -368,8 +394,8 @@ class PatchTrainer:
         return others, self.memory.appended()[~_shut(self.memory, self._rows_opening(subject))]
 
     def _rows_opening(self, subject: torch.Tensor) -> torch.Tensor:
-        """Per traced edit's row, whether a patch gated on ``subject`` (a subject read) is open at that row's read, as
-        the adapter's gate will be (:class:`GateTraces`)."""
+        """Per traced edit's row, whether a patch gated on ``subject`` (its subject reads) is open at that row's read,
+        as the adapter's gate will be (:class:`GateTraces`)."""
         return self._traces.opening(subject, self.layer.patch_config[self.adapter].gate_threshold)
 
     def _gate_reads(self) -> torch.Tensor | None:
@@ -394,7 +420,7 @@ class PatchTrainer:
         the reads that got a patch (a read whose query the memory cannot be told apart from gets none) and the lead
         the stopping rule asks of them. ``contrasts``: per read, queries its patch must stay below (n, d) or None;
         ``views``: per read, the edit's other readings there (n, d) or None; ``subject``: the gate's
-        subject read (None: ungated); ``about``: the first read's :meth:`_subject_rows` (``subject_key``)."""
+        subject reads (None: ungated); ``about``: the first read's :meth:`_subject_rows` (``subject_key``)."""
         queries = first.query.float()
         target = self.act_margin + self.config.key_gap
         keys, bias, local, bound = self._separating_keys(
@@ -410,7 +436,7 @@ class PatchTrainer:
         gram = activations.T @ activations
         gram += 1e-4 * gram.diagonal().mean() * torch.eye(len(reads))
         values = torch.linalg.solve(gram, activations.T @ offsets)
-        self.layer.add_patches(keys, bias, values, edit_id, self.adapter, subject)
+        self.layer.add_patches(keys, bias, values, edit_id, self.adapter, *_gate_rows(subject))
         return reads, required
 
     def _separating_keys(
@@ -771,3 +797,10 @@ def _plateaued(losses: list[float], threshold: float, patience: int) -> bool:
         if value < losses[best] - threshold:
             best = i
     return best < len(losses) - patience
+
+
+def _gate_rows(subject: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A patch's subject reads (k, hidden) as the layer holds them: (the edit's read, the bare read or None)."""
+    if subject is None:
+        return None, None
+    return subject[:1], subject[1:2] if len(subject) > 1 else None

@@ -8,6 +8,11 @@ vector, and is open at a position once the running maximum, over the positions r
 block's output and the read reaches the threshold. On a 198-edit CounterFact dev stream a gate at block 4 and 0.8 kept
 rephrases open 96.5 % of the time and neighbours 0 % (``bench/subject_gate.py``, docs/results.md).
 
+A subject that opens a text is read with little before it: on 60 hand-written zsRE records whose rephrases mostly
+open with their subject ("Bratislava lies on which river?"), 13 of 35 wrong rephrases had the gate shut. So a patch
+may hold a second, *bare* subject read, the subject named alone at a text's start, and is open where either read is
+met (``bench/gate_frame.py --subject-views '{}'``: on the zsRE dev part it opens no more patches on other questions).
+
 A text's first token and padding are left out: every text's first token reads alike (the attention sink), so it names
 no subject. The running maximum is carried over the one-token steps of a cached decode and starts again with each new
 text (a forward without cached positions). Beam search reorders its cache but not these maxima: the beams of one
@@ -113,13 +118,23 @@ class GateReads:
         return self._framed[1]
 
     def opened(
-        self, subjects: torch.Tensor, threshold: float, key: Any, frame: torch.Tensor | None = None
+        self,
+        subjects: torch.Tensor,
+        threshold: float,
+        key: Any,
+        frame: torch.Tensor | None = None,
+        bare: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Where each patch is open in this pass, shape (batch, positions, patches): its subject's running maximum
-        cosine in ``frame`` reaches ``threshold``, or it has no subject (a zero row). ``key`` names the patch set
-        whose maxima carry over to the next step of a cached decode."""
+        cosine in ``frame`` reaches ``threshold``, or its bare subject read's does (``bare``, one row per patch, a
+        zero row: none), or it has no subject (a zero row). ``key`` names the patch set whose maxima carry over to
+        the next step of a cached decode."""
         running = self.running(subjects, key, frame)
-        return (running >= threshold) | (subjects.detach().norm(dim=1) == 0).to(running.device)
+        opened = (running >= threshold) | (subjects.detach().norm(dim=1) == 0).to(running.device)
+        if bare is not None and bool(bare.any()):
+            held = (bare.detach().norm(dim=1) > 0).to(running.device)
+            opened |= (self.running(bare, (key, "bare"), frame) >= threshold) & held
+        return opened
 
     def running(self, subjects: torch.Tensor, key: Any, frame: torch.Tensor | None = None) -> torch.Tensor:
         """Per position of this pass and subject row (read in ``frame``), the highest cosine between a position read

@@ -36,6 +36,7 @@ from transformer_patcher.tuners.patcher.gate import GateReads
 from transformer_patcher.tuners.patcher.keys import preactivation
 from transformer_patcher.tuners.patcher.patch_file import PatchShapes
 from transformer_patcher.tuners.patcher.schema import (
+    BARE_SUBJECTS,
     BUFFERS,
     FROZEN,
     GATE_FRAME,
@@ -187,22 +188,28 @@ class PatcherLayer(TunerLayer):
         return out
 
     def gate_opened(
-        self, subjects: torch.Tensor, adapter_name: str | None = None, key: Any = "probe"
+        self,
+        subjects: torch.Tensor,
+        adapter_name: str | None = None,
+        key: Any = "probe",
+        bare: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Where the adapter's gate lets patches with these subject reads (n, hidden) through in the pass just run,
-        shape (batch, positions, n); None without a gate. ``key`` names whose running maxima a cached decode carries
-        on (the patch sets' own, or a probe's apart from them)."""
+        """Where the adapter's gate lets patches with these subject reads (n, hidden), and bare subject reads
+        (``bare``, n rows, zero: none), through in the pass just run, shape (batch, positions, n); None without a
+        gate. ``key`` names whose running maxima a cached decode carries on (the patch sets' own, or a probe's apart
+        from them)."""
         adapter = self._resolve_adapter(adapter_name)
         gate = self.gate_reads(adapter)
         if gate is None:
             return None
         threshold = self.patch_config[adapter].gate_threshold
-        return gate.opened(subjects, threshold, key=(adapter, key), frame=self.gate_frame(adapter))
+        return gate.opened(subjects, threshold, key=(adapter, key), frame=self.gate_frame(adapter), bare=bare)
 
     def _gated(self, activations: torch.Tensor, adapter: str, frozen: bool) -> torch.Tensor:
         """``activations`` of the adapter's frozen or trainable patches, zero where their subject gate is closed
         (unchanged without a gate)."""
-        opened = self.gate_opened(getattr(self, SUBJECTS[frozen])[adapter], adapter, frozen)
+        subjects, bare = (getattr(self, names[frozen])[adapter] for names in (SUBJECTS, BARE_SUBJECTS))
+        opened = self.gate_opened(subjects, adapter, frozen, bare)
         if opened is None:
             return activations
         if opened.numel() != activations.numel():
@@ -291,13 +298,15 @@ class PatcherLayer(TunerLayer):
         edit_id: int | Sequence[int],
         adapter_name: str | None = None,
         subjects: torch.Tensor | None = None,
+        bare: torch.Tensor | None = None,
     ) -> int:
         """Append in-progress patches ``act(q·k + b)·v``; returns how many were added.
 
         ``values`` are the effective values ``v``. They are stored factored as ``v' = v / a`` and ``a`` filled with
         ``config.init_value_scale``, the official code's parameterisation, so training moves both. ``subjects``: the
-        gate's subject read, one row for all or one per patch (stored as unit vectors; None or zero: ungated). Nothing
-        changes if any argument is invalid.
+        gate's subject read, one row for all or one per patch (stored as unit vectors; None or zero: ungated);
+        ``bare``: the bare subject read that opens the gate too, shaped alike (None or zero: none). Nothing changes
+        if any argument is invalid.
         """
         adapter = self._resolve_adapter(adapter_name)
         keys = self._as_rows(keys, self.query_dim, "keys")
@@ -314,15 +323,9 @@ class PatcherLayer(TunerLayer):
             ids = ids.expand(n)
         if ids.numel() != n:
             raise InvalidPatchError(f"edit_id must be one id or one per patch ({n}), got {ids.numel()}")
-        reads = (
-            torch.zeros(n, self.output_dim)
-            if subjects is None
-            else self._as_rows(subjects, self.output_dim, "subjects")
+        reads, bare_reads = (
+            self._subject_rows(rows, n, name) for rows, name in ((subjects, "subjects"), (bare, "bare"))
         )
-        if reads.shape[0] == 1:
-            reads = reads.expand(n, -1)
-        if reads.shape[0] != n:
-            raise InvalidPatchError(f"subjects must be one row or one per patch ({n}), got {reads.shape[0]}")
         scale = float(self.patch_config[adapter].init_value_scale)
         current = self.patch_keys[adapter]
 
@@ -336,8 +339,18 @@ class PatcherLayer(TunerLayer):
         extend("patch_value_scale", torch.full_like(values, scale))
         extend("patch_edit_ids", ids.to(current.device))
         extend("patch_subjects", torch.nn.functional.normalize(reads.float(), dim=1))
+        extend("patch_bare_subjects", torch.nn.functional.normalize(bare_reads.float(), dim=1))
         self._publish_counts(adapter)
         return n
+
+    def _subject_rows(self, rows: torch.Tensor | None, n: int, name: str) -> torch.Tensor:
+        """``n`` patches' subject reads from ``rows``: None (zero rows), one row for all, or one per patch."""
+        reads = torch.zeros(n, self.output_dim) if rows is None else self._as_rows(rows, self.output_dim, name)
+        if reads.shape[0] == 1:
+            reads = reads.expand(n, -1)
+        if reads.shape[0] != n:
+            raise InvalidPatchError(f"{name} must be one row or one per patch ({n}), got {reads.shape[0]}")
+        return reads
 
     def _take(self, adapter: str, names: Sequence[str], keep: torch.Tensor | None) -> None:
         for name in names:
@@ -355,6 +368,7 @@ class PatcherLayer(TunerLayer):
                 "patch_frozen_values": self.patch_values[adapter] * self.patch_value_scale[adapter],
                 "patch_frozen_edit_ids": self.patch_edit_ids[adapter],
                 "patch_frozen_subjects": self.patch_subjects[adapter],
+                "patch_frozen_bare_subjects": self.patch_bare_subjects[adapter],
             }
             for name, new in moved.items():
                 old = getattr(self, name)[adapter]

@@ -18,7 +18,7 @@ from transformer_patcher.tuners.patcher.config import PATCHER, PatcherConfig
 from transformer_patcher.tuners.patcher.gate import GateReads, block_list
 from transformer_patcher.tuners.patcher.layer import MERGE_IMPOSSIBLE, PatcherLayer
 from transformer_patcher.tuners.patcher.patch_file import group_patch_tensors
-from transformer_patcher.tuners.patcher.schema import SPECS, SUBJECTS
+from transformer_patcher.tuners.patcher.schema import BARE_SUBJECTS, SPECS, SUBJECTS
 from transformer_patcher.tuners.registration import quiet_peft_wrapping, register_peft_type
 from transformer_patcher.tuners.tensor_schema import PEFT_KEY_PREFIX
 from transformer_patcher.tuners.tuner import Scales, Tuner, wrap_model
@@ -137,12 +137,14 @@ class PatcherModel(Tuner):
     def _loadable_state_dict(
         cls, config: PatcherConfig, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """A file from before the subject gate lacks the subject reads: its patches load ungated (zero rows)."""
+        """A file from before the subject gate lacks the subject reads: its patches load ungated (zero rows); one from
+        before the bare subject reads loads without them (zero rows)."""
         filled = dict(state_dict)
         for key, tensor in state_dict.items():
             prefix, _, name = key.rpartition(".")
             if name in ("patch_frozen_values", "patch_values"):
-                filled.setdefault(f"{prefix}.{SUBJECTS[SPECS[name].frozen]}", torch.zeros_like(tensor))
+                for read in (SUBJECTS, BARE_SUBJECTS):
+                    filled.setdefault(f"{prefix}.{read[SPECS[name].frozen]}", torch.zeros_like(tensor))
         return filled
 
     @classmethod

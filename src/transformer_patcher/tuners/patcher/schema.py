@@ -1,10 +1,12 @@
 """The patch tensors of one adapter on one FFN, declared once.
 
 Committed patches are frozen buffers; in-progress ones are the trainable parameters (values factored ``v' ⊙ a``) plus
-their edit ids. Every patch row carries the id of the edit that created it, in the edit-id tensor of its side, and
-the subject read its gate opens on (``tuners.patcher.gate``; a zero row: ungated, which is every row of a file
-written before the gate existed). One fixed-size tensor per adapter, the gate frame (``tuners.patcher.gate``: the
-gate block's mean output and inverse spread), says how the subject reads are compared; zero: plain cosines.
+their edit ids. Every patch row carries the id of the edit that created it, in the edit-id tensor of its side, the
+subject read its gate opens on (``tuners.patcher.gate``; a zero row: ungated, which is every row of a file written
+before the gate existed) and its *bare* subject read, the subject named alone at a text's start, which opens the gate
+too (a zero row: none, which is every row of a file written before it existed). One fixed-size tensor per adapter, the
+gate frame (``tuners.patcher.gate``: the gate block's mean output and inverse spread), says how the subject reads are
+compared; zero: plain cosines.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ PATCH_TENSORS = (
     TensorSpec("patch_frozen_values", (PATCHES, D_OUT), frozen=True),
     TensorSpec("patch_frozen_edit_ids", (PATCHES,), frozen=True, kind=ID),
     TensorSpec("patch_frozen_subjects", (PATCHES, D_OUT), frozen=True, optional=True),
+    TensorSpec("patch_frozen_bare_subjects", (PATCHES, D_OUT), frozen=True, optional=True),
     TensorSpec("patch_keys", (PATCHES, D_IN), frozen=False),
     TensorSpec("patch_bias", (PATCHES,), frozen=False),
     TensorSpec("patch_values", (PATCHES, D_OUT), frozen=False),
     TensorSpec("patch_value_scale", (PATCHES, D_OUT), frozen=False),
     TensorSpec("patch_edit_ids", (PATCHES,), frozen=False, kind=ID),
     TensorSpec("patch_subjects", (PATCHES, D_OUT), frozen=False, trained=False, optional=True),
+    TensorSpec("patch_bare_subjects", (PATCHES, D_OUT), frozen=False, trained=False, optional=True),
     TensorSpec("patch_gate_frame", (FRAME, D_OUT), frozen=True, optional=True),
 )
 SPECS = {spec.name: spec for spec in PATCH_TENSORS}
@@ -40,6 +44,7 @@ PARAMETERS = names(  # what training moves
 BUFFERS = names(spec for spec in PATCH_TENSORS if spec.name not in PARAMETERS)
 EDIT_IDS = names(spec for spec in PATCH_TENSORS if spec.kind == ID)
 SUBJECTS = {True: "patch_frozen_subjects", False: "patch_subjects"}  # by side: frozen or not
+BARE_SUBJECTS = {True: "patch_frozen_bare_subjects", False: "patch_bare_subjects"}
 
 
 def edit_ids_for(name: str) -> str:
