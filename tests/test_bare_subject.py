@@ -6,12 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from test_subject_gate import changed, gated_llama, gated_trainer
-from tiny_models import build
+from test_subject_gate import changed, gated_llama, gated_trainer, reloaded_without
 from tiny_tokenizer import EDIT_WORDS, sentence
-from transformer_patcher import PatcherModel
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.methods.patcher import EditConfig
 from transformer_patcher.methods.patcher.gate_traces import GateTraces
@@ -52,18 +49,7 @@ def test_bare_reads_round_trip_and_a_file_without_them_loads_with_the_subject_re
     model, _, _ = bare_gated_llama()
     other = other_text()
     other_base = unpatched(model, other)
-    with torch.no_grad():
-        patched = model(input_ids=other).logits
-    model.save_pretrained(tmp_path / "bare")
-    loaded = PatcherModel.from_pretrained(build("llama").eval(), tmp_path / "bare").eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=other).logits, patched)
-    weights = load_file(tmp_path / "bare" / "adapter_model.safetensors")
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "adapter_config.json").write_text((tmp_path / "bare" / "adapter_config.json").read_text())
-    save_file({k: v for k, v in weights.items() if "bare_subjects" not in k}, old / "adapter_model.safetensors")
-    older = PatcherModel.from_pretrained(build("llama").eval(), old).eval()
+    older = reloaded_without(model, other, tmp_path, "bare_subjects")
     assert older.base_model.patch_layer().patch_frozen_subjects["default"].any()  # still gated on the subject read
     assert changed(older, other, other_base) == [False] * 8
 

@@ -81,21 +81,27 @@ def test_the_gate_holds_through_a_cached_decode_and_left_padding() -> None:
     assert beside[0, padded.shape[1] :].tolist() == alone.tolist()
 
 
+def reloaded_without(model: torch.nn.Module, ids: torch.Tensor, folder: Path, part: str) -> PatcherModel:
+    """``model`` saved under ``folder``, checked to load back bit-identical on ``ids``, then loaded from a copy of its
+    file without the tensors whose names hold ``part`` (a file written before they existed)."""
+    with torch.no_grad():
+        patched = model(input_ids=ids).logits
+    model.save_pretrained(folder / "saved")
+    loaded = PatcherModel.from_pretrained(build("llama").eval(), folder / "saved").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, patched)
+    weights = load_file(folder / "saved" / "adapter_model.safetensors")
+    old = folder / "old"
+    old.mkdir()
+    (old / "adapter_config.json").write_text((folder / "saved" / "adapter_config.json").read_text())
+    save_file({k: v for k, v in weights.items() if part not in k}, old / "adapter_model.safetensors")
+    return PatcherModel.from_pretrained(build("llama").eval(), old).eval()
+
+
 def test_subject_reads_round_trip_and_a_file_without_them_loads_ungated(tmp_path: Path) -> None:
     model, ids, base = gated_llama()
-    with torch.no_grad():
-        gated = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "gated")
-    loaded = PatcherModel.from_pretrained(build("llama").eval(), tmp_path / "gated").eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, gated)
     # a file written before the gate: no subject tensors, so every patch is ungated
-    weights = load_file(tmp_path / "gated" / "adapter_model.safetensors")
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "adapter_config.json").write_text((tmp_path / "gated" / "adapter_config.json").read_text())
-    save_file({k: v for k, v in weights.items() if "subjects" not in k}, old / "adapter_model.safetensors")
-    ungated = PatcherModel.from_pretrained(build("llama").eval(), old).eval()
+    ungated = reloaded_without(model, ids, tmp_path, "subjects")
     assert not ungated.base_model.patch_layer().patch_frozen_subjects["default"].any()
     assert changed(ungated, ids, base)[0]  # fires before the subject too
 
