@@ -30,6 +30,7 @@ from transformer_patcher.core.modes import eval_mode, up_to
 from transformer_patcher.core.prompts import CHAT, RAW, PromptFormat
 from transformer_patcher.core.tasks import Batch, Task
 from transformer_patcher.tuners.fingerprint import content_key
+from transformer_patcher.tuners.patcher.gate import split_reads
 
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _FILTER_MIN_ROWS = 4096  # below this a plain fp32 pass is as cheap as filtering
@@ -269,10 +270,8 @@ def answer_start_queries(
         return torch.zeros(0, layer.query_dim)
     batch, queries = _answer_pass(model, layer, task, texts, target, adapter)
     starts = queries[:, 0]
-    opened = None
-    if gated_on is not None:
-        rows = gated_on.reshape(-1, gated_on.shape[-1])
-        opened = layer.gate_opened(rows[:1], adapter, bare=rows[1:2] if len(rows) > 1 else None)
+    subject, bare = split_reads(gated_on)
+    opened = None if subject is None else layer.gate_opened(subject, adapter, bare=bare)
     if opened is None:
         return starts
     return starts[task.at_reads(opened, batch).reshape(len(texts), -1)[:, 0].to(starts.device)]

@@ -59,7 +59,7 @@ from transformer_patcher.methods.patcher.memory import MemoryBank, answer_start_
 from transformer_patcher.methods.patcher.replay import ForwardReplay
 from transformer_patcher.methods.patcher.subjects import SubjectIndex
 from transformer_patcher.methods.patcher.views import EditViews
-from transformer_patcher.tuners.patcher.gate import subject_position
+from transformer_patcher.tuners.patcher.gate import split_reads, subject_position
 from transformer_patcher.tuners.patcher.keys import discriminant, init_key, preactivation, separating_scale
 from transformer_patcher.tuners.patcher.layer import PatcherLayer
 from transformer_patcher.tuners.patcher.schema import SPECS
@@ -320,7 +320,7 @@ class PatchTrainer:
         shape = (len(queries), self.layer.output_dim)
         v_prime = torch.randn(shape) if self.config.value_init == "normal" else torch.rand(shape)
         self.layer.add_patches(
-            keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter, *_gate_rows(subject)
+            keys, torch.zeros(len(queries)), v_prime * scale, edit_id, self.adapter, *split_reads(subject)
         )
 
     def _read_contrasts(
@@ -436,7 +436,7 @@ class PatchTrainer:
         gram = activations.T @ activations
         gram += 1e-4 * gram.diagonal().mean() * torch.eye(len(reads))
         values = torch.linalg.solve(gram, activations.T @ offsets)
-        self.layer.add_patches(keys, bias, values, edit_id, self.adapter, *_gate_rows(subject))
+        self.layer.add_patches(keys, bias, values, edit_id, self.adapter, *split_reads(subject))
         return reads, required
 
     def _separating_keys(
@@ -797,10 +797,3 @@ def _plateaued(losses: list[float], threshold: float, patience: int) -> bool:
         if value < losses[best] - threshold:
             best = i
     return best < len(losses) - patience
-
-
-def _gate_rows(subject: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """A patch's subject reads (k, hidden) as the layer holds them: (the edit's read, the bare read or None)."""
-    if subject is None:
-        return None, None
-    return subject[:1], subject[1:2] if len(subject) > 1 else None

@@ -152,6 +152,15 @@ class GateReads:
         return running
 
 
+def split_reads(reads: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A patch's subject reads, (hidden,) or (k, hidden) with the edit's first and then its bare one, as the layer takes
+    them: (the edit's read as one row, the bare read as one row or None); (None, None) for None."""
+    if reads is None:
+        return None, None
+    rows = reads.reshape(-1, reads.shape[-1])
+    return rows[:1], rows[1:2] if len(rows) > 1 else None
+
+
 def subject_position(tokenizer: Any, token_ids: list[int], subject: str) -> int | None:
     """Index of the last token of ``subject``'s last mention in ``token_ids`` (decoded as they are, template and all),
     or None when the text does not mention it."""

@@ -324,7 +324,7 @@ class PatcherLayer(TunerLayer):
         if ids.numel() != n:
             raise InvalidPatchError(f"edit_id must be one id or one per patch ({n}), got {ids.numel()}")
         reads, bare_reads = (
-            self._subject_rows(rows, n, name) for rows, name in ((subjects, "subjects"), (bare, "bare"))
+            self._per_patch_reads(rows, n, name) for rows, name in ((subjects, "subjects"), (bare, "bare"))
         )
         scale = float(self.patch_config[adapter].init_value_scale)
         current = self.patch_keys[adapter]
@@ -343,7 +343,7 @@ class PatcherLayer(TunerLayer):
         self._publish_counts(adapter)
         return n
 
-    def _subject_rows(self, rows: torch.Tensor | None, n: int, name: str) -> torch.Tensor:
+    def _per_patch_reads(self, rows: torch.Tensor | None, n: int, name: str) -> torch.Tensor:
         """``n`` patches' subject reads from ``rows``: None (zero rows), one row for all, or one per patch."""
         reads = torch.zeros(n, self.output_dim) if rows is None else self._as_rows(rows, self.output_dim, name)
         if reads.shape[0] == 1:
