@@ -72,6 +72,7 @@ class GateReads:
         self._past = 0
         self._continues = False
         self._carry: dict[Any, torch.Tensor] = {}
+        self._shared: dict[Any, SharedReads] = {}  # per patch set: its reads folded, while they are unchanged
         self._handles = [
             owner.register_forward_pre_hook(self._start, with_kwargs=True),
             block.register_forward_hook(self._read),
@@ -128,28 +129,76 @@ class GateReads:
         """Where each patch is open in this pass, shape (batch, positions, patches): its subject's running maximum
         cosine in ``frame`` reaches ``threshold``, or its bare subject read's does (``bare``, one row per patch, a
         zero row: none), or it has no subject (a zero row). ``key`` names the patch set whose maxima carry over to
-        the next step of a cached decode."""
-        running = self.running(subjects, key, frame)
-        opened = (running >= threshold) | (subjects.detach().norm(dim=1) == 0).to(running.device)
-        if bare is not None and bool(bare.any()):
-            held = (bare.detach().norm(dim=1) > 0).to(running.device)
-            opened |= (self.running(bare, (key, "bare"), frame) >= threshold) & held
-        return opened
+        the next step of a cached decode.
+
+        The neurons of one edit are added side by side and share its reads, so each run of neighbouring patches with
+        the same reads is compared once (``SharedReads``, kept while the rows are unchanged) and its answer is
+        handed to every neuron of the run: a 1,000-edit stream's 2,895 neurons hold 991 distinct reads."""
+        shared = self._shared.get(key)
+        if shared is None or not shared.matches(subjects, bare):
+            shared = self._shared[key] = SharedReads(subjects, bare)
+        running = self._running(shared.subjects, key, frame)
+        opened = (running >= threshold) | shared.ungated.to(running.device)
+        if shared.bare is not None:
+            opened |= (self._running(shared.bare, (key, "bare"), frame) >= threshold) & shared.held.to(running.device)
+        return opened if shared.inverse is None else opened[..., shared.inverse.to(running.device)]
 
     def running(self, subjects: torch.Tensor, key: Any, frame: torch.Tensor | None = None) -> torch.Tensor:
         """Per position of this pass and subject row (read in ``frame``), the highest cosine between a position read
         so far and the row, shape (batch, positions, patches), carried on from the last pass under ``key`` in a
         cached decode."""
+        return self._running(normalize(subjects.detach().float(), dim=1), key, frame)
+
+    def _running(self, rows: torch.Tensor, key: Any, frame: torch.Tensor | None) -> torch.Tensor:
+        """``running`` for unit subject rows."""
         reads = self.reads(frame)
-        if subjects.shape[1] != reads.shape[-1]:
-            raise RuntimeError(f"subject reads of width {subjects.shape[1]} meet a gate block of {reads.shape[-1]}")
-        rows = normalize(subjects.detach().float().to(reads.device), dim=1)
-        running = (reads @ rows.T).cummax(dim=1).values
+        if rows.shape[1] != reads.shape[-1]:
+            raise RuntimeError(f"subject reads of width {rows.shape[1]} meet a gate block of {reads.shape[-1]}")
+        running = (reads @ rows.to(reads.device).T).cummax(dim=1).values
         carried = self._carry.get(key)
         if self._continues and carried is not None and carried.shape == running[:, 0].shape:
             running = torch.maximum(running, carried[:, None])
         self._carry[key] = running[:, -1]
         return running
+
+
+class SharedReads:
+    """A patch set's subject reads (and bare reads) with each run of neighbouring patches that hold the same ones
+    folded into one row, as unit vectors; ``inverse`` maps each patch to its run's row (None: no two fold).
+
+    ``matches`` tells whether the patch set's rows are still the ones folded: the same tensor objects (held here, so
+    their memory is not handed to another), at the same place and unchanged since (their version counters; a tensor
+    made in inference mode keeps none, and is folded again each time)."""
+
+    def __init__(self, subjects: torch.Tensor, bare: torch.Tensor | None) -> None:
+        self._sources = (subjects, bare)
+        self._stamp = _stamp(subjects, bare)
+        subjects = subjects.detach()
+        bare = bare.detach() if bare is not None and bool(bare.any()) else None
+        both = subjects if bare is None else torch.cat([subjects, bare.to(subjects.device)], dim=1)
+        starts = torch.ones(len(both), dtype=torch.bool, device=both.device)
+        if len(both) > 1:
+            starts[1:] = (both[1:] != both[:-1]).any(dim=1)
+        first = starts.nonzero().squeeze(1)
+        self.inverse = None if len(first) == len(both) else starts.cumsum(0) - 1
+        self.subjects = normalize(subjects[first].float(), dim=1)
+        self.ungated = subjects[first].norm(dim=1) == 0
+        self.bare = None if bare is None else normalize(bare[first].float(), dim=1)
+        self.held = None if bare is None else bare[first].norm(dim=1) > 0
+
+    def matches(self, subjects: torch.Tensor, bare: torch.Tensor | None) -> bool:
+        """Whether these are the rows folded, unchanged."""
+        stamp = _stamp(subjects, bare)
+        same = subjects is self._sources[0] and bare is self._sources[1]
+        return same and stamp is not None and stamp == self._stamp
+
+
+def _stamp(*tensors: torch.Tensor | None) -> tuple[Any, ...] | None:
+    """Where tensors' contents are and how often they were changed in place, without reading them; None when one was
+    made in inference mode and keeps no version counter."""
+    if any(tensor is not None and tensor.is_inference() for tensor in tensors):
+        return None
+    return tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.device, t._version) for t in tensors)
 
 
 def split_reads(reads: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

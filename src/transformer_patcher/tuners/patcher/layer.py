@@ -165,7 +165,11 @@ class PatcherLayer(TunerLayer):
         return result
 
     def patch_output(self, query: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        """``act(q·K + b)·V`` summed over the adapter's frozen and trainable patches (None when it has none)."""
+        """``act(q·K + b)·V`` summed over the adapter's frozen and trainable patches (None when it has none).
+
+        Behind a subject gate, a frozen patch whose gate is shut at every position of the batch adds exactly 0, so
+        only the neurons open somewhere are computed (all of them while a capture asks for every pre-activation):
+        on ordinary text that is few of a long stream's neurons, or none."""
         frozen_keys, keys = self.patch_frozen_keys[adapter_name], self.patch_keys[adapter_name]
         capture = self._capture[1] if self._capture and self._capture[0] == adapter_name else None
         if frozen_keys.shape[0] == 0 and keys.shape[0] == 0 and capture is None:
@@ -174,13 +178,19 @@ class PatcherLayer(TunerLayer):
         q = query.to(device=keys.device, dtype=keys.dtype)
         out = None
         if frozen_keys.shape[0]:
-            pre = preactivation(q, frozen_keys, self.patch_frozen_bias[adapter_name])
-            out = self._gated(act(pre), adapter_name, True) @ self.patch_frozen_values[adapter_name]
-            if capture is not None:
-                capture.frozen_preactivations = pre
+            bias, values = self.patch_frozen_bias[adapter_name], self.patch_frozen_values[adapter_name]
+            opened = self._opened(adapter_name, True)
+            if opened is not None and capture is None:
+                cols = opened.reshape(-1, opened.shape[-1]).any(dim=0).nonzero().squeeze(1).to(frozen_keys.device)
+                frozen_keys, bias, values, opened = frozen_keys[cols], bias[cols], values[cols], opened[..., cols]
+            if frozen_keys.shape[0]:
+                pre = preactivation(q, frozen_keys, bias)
+                out = self._gated(act(pre), opened) @ values
+                if capture is not None:
+                    capture.frozen_preactivations = pre
         if keys.shape[0]:
             pre = preactivation(q, keys, self.patch_bias[adapter_name])
-            activations = self._gated(act(pre), adapter_name, False)
+            activations = self._gated(act(pre), self._opened(adapter_name, False))
             trainable = activations @ (self.patch_values[adapter_name] * self.patch_value_scale[adapter_name])
             out = trainable if out is None else out + trainable
             if capture is not None:
@@ -205,11 +215,14 @@ class PatcherLayer(TunerLayer):
         threshold = self.patch_config[adapter].gate_threshold
         return gate.opened(subjects, threshold, key=(adapter, key), frame=self.gate_frame(adapter), bare=bare)
 
-    def _gated(self, activations: torch.Tensor, adapter: str, frozen: bool) -> torch.Tensor:
-        """``activations`` of the adapter's frozen or trainable patches, zero where their subject gate is closed
-        (unchanged without a gate)."""
+    def _opened(self, adapter: str, frozen: bool) -> torch.Tensor | None:
+        """Where the adapter's frozen or trainable patches are open in this pass (None: no gate)."""
         subjects, bare = (getattr(self, names[frozen])[adapter] for names in (SUBJECTS, BARE_SUBJECTS))
-        opened = self.gate_opened(subjects, adapter, frozen, bare)
+        return self.gate_opened(subjects, adapter, frozen, bare)
+
+    @staticmethod
+    def _gated(activations: torch.Tensor, opened: torch.Tensor | None) -> torch.Tensor:
+        """``activations``, zero where the subject gate is closed (unchanged without a gate)."""
         if opened is None:
             return activations
         if opened.numel() != activations.numel():
