@@ -12,7 +12,7 @@ from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.experiments.registry import build_trainer
 from transformer_patcher.methods.patcher import EditConfig, EditExample, MemoryBank, PatchTrainer
 from transformer_patcher.methods.patcher.memory import collect_queries
-from transformer_patcher.methods.patcher.views import OPENINGS, EditViews, written_prefixes
+from transformer_patcher.methods.patcher.views import OPENINGS, EditViews, subject_first_texts, written_prefixes
 from transformer_patcher.tuners.patcher.keys import discriminant
 
 
@@ -162,3 +162,37 @@ def test_key_views_are_checked_and_built_for_generators_only() -> None:
     assert trainer.views is not None and len(trainer.views.prefixes) == 2
     assert len(build_trainer(model, task, pairs, progress=False).views.prefixes) == 16  # on by default
     assert build_trainer(model, task, pairs, edit_config=EditConfig(key_views=0), progress=False).views is None
+
+
+def test_subject_first_texts_open_with_the_subject_and_need_it_named() -> None:
+    texts = subject_first_texts("What is the product made by UniFirst?", "UniFirst")
+    assert texts == [
+        "UniFirst: What is the product made by UniFirst?",
+        "UniFirst. What is the product made by UniFirst?",
+        "About UniFirst, what is the product made by UniFirst?",
+        "UniFirst - What is the product made by it?",
+    ]
+    assert subject_first_texts("Who wrote it?", "UniFirst") == []
+    assert subject_first_texts("Who wrote it?", None) == []
+
+
+def test_subject_first_views_join_the_first_answer_tokens_views_unless_turned_off() -> None:
+    model = get_patcher_model(sharp_gpt2())
+    task = CausalLMTask(chat_tokenizer())
+    layer = model.base_model.patch_layer()
+    text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4, target_length=3)[0]
+    subject = text.split()[1]
+    example = EditExample(text, target, subject=subject)
+    plain = EditViews(["w10 w11"], subject_first=False).queries(model, layer, task, example)
+    found = EditViews(["w10 w11"]).queries(model, layer, task, example)
+    assert found[0].shape == (2 + 4, layer.query_dim)  # the prefix, chat, then the four rewordings
+    assert torch.equal(found[0][:2], plain[0])
+    reworded = [answer_queries(model, task, t, target)[0] for t in subject_first_texts(text, subject)]
+    assert torch.allclose(found[0][2:], torch.stack(reworded), atol=1e-5)
+    assert [v.shape[0] for v in found[1:]] == [v.shape[0] for v in plain[1:]]  # later reads: behind the prefixes
+    unnamed = EditViews(["w10 w11"]).queries(model, layer, task, EditExample(text, target))
+    assert unnamed[0].shape[0] == 2
+    pairs = random_pairs(30, seed=1)
+    assert build_trainer(model, task, pairs, progress=False).views.subject_first  # on by default
+    off = EditConfig(subject_first_views=False)
+    assert not build_trainer(model, task, pairs, edit_config=off, progress=False).views.subject_first

@@ -150,7 +150,7 @@ def build_trainer(
         subjects = SubjectIndex.from_model(wrapped, task.tokenizer, contrasts.subjects)
     views = None
     if task.kind == "causal_lm" and config.init == "solve" and config.key_views and banks["memory"] is not None:
-        views = EditViews.from_model(wrapped, task.tokenizer, config.key_views)
+        views = EditViews.from_model(wrapped, task.tokenizer, config.key_views, config.subject_first_views)
     return PatchTrainer(
         wrapped,
         task,

@@ -1,4 +1,5 @@
-"""Views of an edit: its input behind short prefixes the model wrote itself, and asked in the other prompt formats.
+"""Views of an edit: its input behind short prefixes the model wrote itself, asked in the other prompt formats, and
+(``subject_first``) reworded to open with its subject.
 
 A patch's key is a direction along which its edit scores high and the memory low. Built from the edit's one query,
 it also rewards what is particular to that one wording: on SmolLM2's last FFN a zsRE rephrase scored below half of
@@ -9,6 +10,12 @@ weighs them down. The same 60 edits: rephrases past half-way 37 % → 63 %, held
 8.8 % → 6.3 %. ``EditConfig.key_views`` is 16 by default: ungated, over a 250-edit stream it cost near-neighbour
 locality, but behind the subject gate it lifted the zsRE dev stream's GR 0.61 -> 0.65 with every locality part at
 1.00 (docs/editing.md, rules 11 and 12). Ungated, only the first answer token's key is built this way.
+
+A rephrase that opens with its subject ("UniFirst makes what product?") moves the query in a direction no prefix
+does: behind the bare subject read (rule 18) the gate opened on every such dev rephrase, yet the key missed 36 of 60.
+The edit's question behind its subject (``subject_first_texts``) shows that direction too: on the subject-first dev
+rephrases of the first 60 zsRE records, the share scoring past the threshold along the views key rose 0.58 -> 0.78
+and past half-way 0.12 -> 0.40, with no contrast above it (docs/results.md).
 """
 
 from __future__ import annotations
@@ -26,6 +33,22 @@ from transformer_patcher.methods.patcher.memory import answer_queries, answer_st
 OPENINGS = ("The", "Therefore", "Because", "I", "You", "In", "A", "It", "When", "She", "We", "This", "After", "He",
             "My", "If")  # fmt: skip
 PREFIX_TOKENS = 10
+
+
+def subject_first_texts(text: str, subject: str | None) -> list[str]:
+    """``text`` (a question) reworded to open with ``subject``: after it and a colon or a full stop, behind "About
+    subject,", and after it and a dash with the subject's mention turned to "it". None when the text does not name
+    the subject."""
+    text = text.strip()
+    if not subject or not text or subject not in text:
+        return []
+    lowered = text[0].lower() + text[1:] if not text.startswith(subject) else text
+    return [
+        f"{subject}: {text}",
+        f"{subject}. {text}",
+        f"About {subject}, {lowered}",
+        f"{subject} - {text.replace(subject, 'it')}",
+    ]
 
 
 def written_prefixes(model: nn.Module, tokenizer: Any, count: int, seed: int = 0) -> list[str]:
@@ -61,20 +84,24 @@ def written_prefixes(model: nn.Module, tokenizer: Any, count: int, seed: int = 0
 class EditViews:
     """Reads an edit's views at the patched layer: the task's format behind each prefix, then the other formats."""
 
-    def __init__(self, prefixes: Sequence[str]) -> None:
+    def __init__(self, prefixes: Sequence[str], subject_first: bool = True) -> None:
         self.prefixes = list(prefixes)
+        self.subject_first = subject_first
 
     @classmethod
-    def from_model(cls, model: nn.Module, tokenizer: Any, count: int) -> EditViews:
-        return cls(written_prefixes(model, tokenizer, count))
+    def from_model(cls, model: nn.Module, tokenizer: Any, count: int, subject_first: bool = True) -> EditViews:
+        return cls(written_prefixes(model, tokenizer, count), subject_first)
 
     def queries(self, model: nn.Module, layer: Any, task: Task, example: EditExample) -> list[torch.Tensor]:
         """The FFN queries of the views at each of the edit's answer reads: for the first, every view (views, d);
         for a later one, the views behind a prefix (prefixes, d), whose answer reads are the edit's own. One forward
-        pass per prompt format, stopped at the patched layer."""
+        pass per prompt format (and one for the subject-first rewordings), stopped at the patched layer."""
         texts = [example.text] + [f"{p} {example.text}" for p in self.prefixes]  # the edit's own row sizes the reads
         behind = answer_queries(model, layer, task, texts, example.target)[1:]
         first = [behind[:, 0]]
         for fmt in question_formats(task)[1:]:
             first.append(answer_start_queries(model, layer, task.formatted(fmt), [example.text], example.target))
+        reworded = subject_first_texts(example.text, example.subject) if self.subject_first else []
+        if reworded:
+            first.append(answer_start_queries(model, layer, task, reworded, example.target))
         return [torch.cat(first), *behind[:, 1:].unbind(1)]
