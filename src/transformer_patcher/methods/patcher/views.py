@@ -37,8 +37,8 @@ PREFIX_TOKENS = 10
 
 def subject_first_texts(text: str, subject: str | None) -> list[str]:
     """``text`` (a question) reworded to open with ``subject``: after it and a colon or a full stop, behind "About
-    subject,", and after it and a dash with the subject's mention turned to "it". None when the text does not name
-    the subject."""
+    subject,", and after it and a dash with the subject's mention turned to "it". An empty list when the text does not
+    name the subject."""
     text = text.strip()
     if not subject or not text or subject not in text:
         return []
