@@ -188,9 +188,10 @@ class SharedReads:
 
     def matches(self, subjects: torch.Tensor, bare: torch.Tensor | None) -> bool:
         """Whether these are the rows folded, unchanged."""
+        if subjects is not self._sources[0] or bare is not self._sources[1]:
+            return False
         stamp = _stamp(subjects, bare)
-        same = subjects is self._sources[0] and bare is self._sources[1]
-        return same and stamp is not None and stamp == self._stamp
+        return stamp is not None and stamp == self._stamp
 
 
 def _stamp(*tensors: torch.Tensor | None) -> tuple[Any, ...] | None:
