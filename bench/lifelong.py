@@ -25,6 +25,11 @@ Cases (``--cases``; each is one ``sme run``, its folder under ``--runs``):
   ``zsre-chat-rows-1k``: the same with rule 16 (``gated_edit_rows``); ``zsre-raw-whiten-1k``: the raw one with rule 17
   (``whiten_edit_rows`` False), the small suite every 250 edits; ``counterfact-default``: the CounterFact stream
   with that default (``WHITEN``), the small suite every 100 edits;
+- ``zsre-raw-subject-1k`` / ``zsre-chat-subject-1k``: the two 1,000-record zsRE streams with rules 18-19 (``SUBJECT``:
+  the gate also reads the subject named alone, and the first answer token's views include subject-first rewordings),
+  the small suite every 250 edits; ``gemma-zsre-subject``: the first 200 on Gemma-3-270M with the same, nothing tuned on
+  Gemma; ``counterfact-relation``: the CounterFact stream with rule 20 too (``RELATION``: the views word the edit's
+  relation as CounterFact-train does), the small suite every 250 edits;
 - ``fever``: MiniLM-L6 fine-tuned on ``paper_dev`` by ``examples/fever/run.py``, one stream over FEVER's whole edit
   half (ER, TrainR, TestR);
 - ``zsre-raw-faithful``: the faithful mode (the paper's algorithm) on the first 100 records of ``zsre-raw``'s stream.
@@ -75,6 +80,12 @@ ROWS = {**WEAK, "gated_edit_rows": True}
 COUNTED = {"whiten_edit_rows": True}
 # ... rule 17 (keys whitened by the built memory's statistics, not the edits' rows too), the default since
 WHITEN = {**ROWS, "whiten_edit_rows": False}
+# ... rules 18-19 (the gate also reads the subject named alone; subject-first views of the first answer token)
+SUBJECT = {**WHITEN, "bare_subject": True, "subject_first_views": True}
+# ... and rule 20 (the views also word the edit's relation as CounterFact-train does)
+RELATION = {**SUBJECT, "relation_views": True}
+# Every case ran without the rules that came after it: before rules 18-19, and before rule 20
+BEFORE_SUBJECT = {"bare_subject": False, "subject_first_views": False, "relation_views": False}
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,16 @@ CASES = {
     "zsre-chat-whiten-1k": Case("smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}, edit=WHITEN),
     # today's default (rules 16-17) on the CounterFact stream, the small suite every 100 edits
     "counterfact-default": Case("smollm2-135m", "counterfact", options={"suite": "small"}, edit=WHITEN),
+    # today's default (rules 18-19) on the two zsRE streams and on Gemma, the small suite every 250 / 100 edits
+    "zsre-raw-subject-1k": Case("smollm2-135m", ZSRE, eval_every=250, options={"suite": "small"}, edit=SUBJECT),
+    "zsre-chat-subject-1k": Case(
+        "smollm2-135m", ZSRE, "chat", eval_every=250, options={"suite": "small"}, edit=SUBJECT
+    ),
+    "gemma-zsre-subject": Case("gemma3-270m", ZSRE, max_examples=200, options={"suite": "small"}, edit=SUBJECT),
+    # rule 20 on the CounterFact stream, the small suite every 250 edits
+    "counterfact-relation": Case(
+        "smollm2-135m", "counterfact", eval_every=250, options={"suite": "small"}, edit=RELATION
+    ),
     "zsre-raw-faithful": Case("smollm2-135m", ZSRE, max_examples=100, schedule="faithful", options={"suite": "small"}),
 }
 
@@ -147,7 +168,7 @@ def config_for(case: Case, data_dir: Path) -> ExperimentConfig:
         eval_every=case.eval_every,
         data_dir=str(data_dir),
         suite=case.options.get("suite", "full"),
-        edit_options={**COUNTED, **case.edit},
+        edit_options={**COUNTED, **BEFORE_SUBJECT, **case.edit},
     )
 
 

@@ -27,6 +27,7 @@ from transformer_patcher.data.loaders import (
 )
 from transformer_patcher.data.neighbours import neighbours_of, question_template, same_template_records
 from transformer_patcher.data.questions import Contrasts, contrasts_over, memory_questions, memory_subjects
+from transformer_patcher.data.rewordings import RelationRewordings, relation_rewordings
 
 Pair = tuple[str, Any]
 MEMORY_SAMPLE = Path(__file__).with_name("samples") / "memory_sample.json"  # factual prompts; provenance in samples/
@@ -49,6 +50,7 @@ class Benchmark:
     locality_is_neighbourhood: bool = False  # CounterFact: an example's locality prompt is about another subject
     embedded: bool = False  # built from the package's embedded sample, not the shared data
     memory_subjects: list[str] = field(default_factory=list)  # subjects no evaluation asks about (.questions)
+    rewordings: RelationRewordings = field(default_factory=RelationRewordings)  # relation wordings (rule 20)
 
     def head(self, n: int | None) -> Benchmark:
         """The same benchmark with only the first ``n`` edit examples (``None``: all)."""
@@ -213,6 +215,7 @@ def _generation_benchmark(
         locality_is_neighbourhood=name == "counterfact",
         embedded=embedded,
         memory_subjects=memory_subjects(data_dir, [r["subject"] for r in rows], embedded),
+        rewordings=RelationRewordings() if embedded else relation_rewordings(data_dir, [r["subject"] for r in rows]),
     )
 
 

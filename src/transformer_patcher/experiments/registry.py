@@ -24,7 +24,7 @@ from transformer_patcher.methods.patcher.gate_frame import frame_prompts, read_g
 from transformer_patcher.methods.patcher.memory import build_memory
 from transformer_patcher.methods.patcher.subjects import ContrastPool, SubjectIndex
 from transformer_patcher.methods.patcher.trainer import PatchTrainer
-from transformer_patcher.methods.patcher.views import EditViews
+from transformer_patcher.methods.patcher.views import EditViews, Rewordings
 from transformer_patcher.methods.pmet import PMETEditor, pmet_hparams
 from transformer_patcher.tuners.patcher.config import PatcherConfig
 from transformer_patcher.tuners.patcher.model import get_patcher_model
@@ -60,6 +60,7 @@ def build_editor(
     question_rows: int = 0,
     contrasts: Callable[[EditExample], Sequence[str]] | None = None,
     layer_index: int = -1,
+    rewordings: Rewordings | None = None,
 ) -> Editor:
     """Build editor ``name`` over the base ``model``. ``patcher`` wraps it with the patch adapter (its ``.model`` is
     the wrapped model); the fine-tuning editors edit the base model's weights in place, with ``finetune_options``
@@ -67,7 +68,7 @@ def build_editor(
     a weight-delta adapter, their key statistics computed (and cached) from the memory texts, with ``pmet_options``
     naming a ``preset`` and overriding :class:`~transformer_patcher.methods.pmet.PMETHyperParams` fields.
     ``layer_index`` picks the block whose FFN T-Patcher patches (-1: the last, the paper's) when ``patcher_config``
-    is not given."""
+    is not given; ``rewordings`` words an edit's relation as a training set does (``EditConfig.relation_views``)."""
     if name not in EDITOR_NAMES:
         raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(EDITOR_NAMES)}")
     if name in MASS_EDITORS:
@@ -93,6 +94,7 @@ def build_editor(
         questions,
         question_rows,
         contrasts,
+        rewordings,
     )
 
 
@@ -109,9 +111,11 @@ def build_trainer(
     questions: Sequence[str] = (),
     question_rows: int = 0,
     contrasts: Callable[[EditExample], Sequence[str]] | None = None,
+    rewordings: Rewordings | None = None,
 ) -> PatchTrainer:
     """A :class:`PatchTrainer` over an already patch-wrapped model, its memory banks built (and cached) from pairs;
-    a generator's memory also reads its own answers to ``questions`` (at most ``question_rows`` rows)."""
+    a generator's memory also reads its own answers to ``questions`` (at most ``question_rows`` rows), and with
+    ``EditConfig.relation_views`` an edit's views include its relation worded by ``rewordings``."""
     layer = wrapped.base_model.patch_layer()
     asked = questions if task.kind == "causal_lm" else ()
     banks = {}
@@ -150,7 +154,8 @@ def build_trainer(
         subjects = SubjectIndex.from_model(wrapped, task.tokenizer, contrasts.subjects)
     views = None
     if task.kind == "causal_lm" and config.init == "solve" and config.key_views and banks["memory"] is not None:
-        views = EditViews.from_model(wrapped, task.tokenizer, config.key_views, config.subject_first_views)
+        related = rewordings if config.relation_views else None
+        views = EditViews.from_model(wrapped, task.tokenizer, config.key_views, config.subject_first_views, related)
     return PatchTrainer(
         wrapped,
         task,

@@ -31,6 +31,7 @@ from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.core.wording import count
 from transformer_patcher.data.benchmarks import embedded_memory, fever_benchmark, generation_memory
 from transformer_patcher.data.questions import contrasts_over, memory_questions, memory_subjects
+from transformer_patcher.data.rewordings import relation_rewordings
 from transformer_patcher.experiments.registry import build_trainer
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.memory import collect_queries
@@ -159,6 +160,7 @@ class EditSession(Closable):
                 questions=memory_questions(subjects),
                 question_rows=question_rows,
                 contrasts=contrasts_over(subjects),
+                rewordings=relation_rewordings(data_dir) if subjects else None,
             )
             log = read_edit_log(folder) if folder is not None else []
             if trainer.memory is not None:  # earlier edits must stay untouched by new patches, in their own format

@@ -194,6 +194,7 @@ def config_editor(
         question_rows=config.question_rows,
         contrasts=benchmark.contrasts() if contrasted else None,
         layer_index=config.layer_index,
+        rewordings=benchmark.rewordings,
     )
 
 

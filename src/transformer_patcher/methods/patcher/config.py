@@ -144,6 +144,7 @@ class EditConfig:
     # (False: below every earlier edit's rows, as below the rest of the memory)
     bare_subject: bool = True  # a gated patch's gate also opens on its subject named alone at a text's start
     subject_first_views: bool = True  # key_views: the first answer token's views also reword the edit subject first
+    relation_views: bool = True  # key_views: the views also word the edit's relation as a training set does (rule 20)
     subject_key: int = 0  # init="solve": a gated first answer token's key tells the edit from this many other
     # questions about its subject, which set its threshold; the memory (other subjects, kept out by the gate) does not
     seed: int = 42
@@ -187,6 +188,7 @@ class EditConfig:
             "gated_edit_rows",
             "bare_subject",
             "subject_first_views",
+            "relation_views",
             "whiten_edit_rows",
         ):
             check_bool(f"EditConfig.{name}", getattr(self, name))

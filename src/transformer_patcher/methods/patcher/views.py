@@ -16,11 +16,16 @@ does: behind the bare subject read (rule 18) the gate opened on every such dev r
 The edit's question behind its subject (``subject_first_texts``) shows that direction too: on the subject-first dev
 rephrases of the first 60 zsRE records, the share scoring past the threshold along the views key rose 0.58 -> 0.78
 and past half-way 0.12 -> 0.40, with no contrast above it (docs/results.md).
+
+A rephrase that words the relation another way ("X's greatest weakness is" for "X plays the sport") moves the last
+token's query furthest of all: on a CounterFact dev stream its pre-activations had quartiles -74.7 / -30.8 / -9.3
+against the edit's 12. With ``rewordings`` (rule 20: the relation as a training set words it, about the edit's subject)
+as views at every answer read they were 7.2 / 9.6 / 11.8, and paraphrase accuracy went 0.10 -> 0.67.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +38,7 @@ from transformer_patcher.methods.patcher.memory import answer_queries, answer_st
 OPENINGS = ("The", "Therefore", "Because", "I", "You", "In", "A", "It", "When", "She", "We", "This", "After", "He",
             "My", "If")  # fmt: skip
 PREFIX_TOKENS = 10
+Rewordings = Callable[[str, str | None], Sequence[str]]  # (text, subject) → the text's relation in other words
 
 
 def subject_first_texts(text: str, subject: str | None) -> list[str]:
@@ -82,22 +88,36 @@ def written_prefixes(model: nn.Module, tokenizer: Any, count: int, seed: int = 0
 
 
 class EditViews:
-    """Reads an edit's views at the patched layer: the task's format behind each prefix, then the other formats."""
+    """Reads an edit's views at the patched layer: the task's format behind each prefix, then the other formats.
+    ``rewordings`` (rule 20) gives an edit's relation in other words about its subject (``text, subject`` → texts,
+    e.g. :class:`~transformer_patcher.data.rewordings.RelationRewordings`); they are views at every answer read."""
 
-    def __init__(self, prefixes: Sequence[str], subject_first: bool = True) -> None:
+    def __init__(
+        self, prefixes: Sequence[str], subject_first: bool = True, rewordings: Rewordings | None = None
+    ) -> None:
         self.prefixes = list(prefixes)
         self.subject_first = subject_first
+        self.rewordings = rewordings
 
     @classmethod
-    def from_model(cls, model: nn.Module, tokenizer: Any, count: int, subject_first: bool = True) -> EditViews:
-        return cls(written_prefixes(model, tokenizer, count), subject_first)
+    def from_model(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        count: int,
+        subject_first: bool = True,
+        rewordings: Rewordings | None = None,
+    ) -> EditViews:
+        return cls(written_prefixes(model, tokenizer, count), subject_first, rewordings)
 
     def queries(self, model: nn.Module, layer: Any, task: Task, example: EditExample) -> list[torch.Tensor]:
         """The FFN queries of the views at each of the edit's answer reads: for the first, every view (views, d);
-        for a later one, the views behind a prefix (prefixes, d), whose answer reads are the edit's own. One forward
-        pass per prompt format (and one for the subject-first rewordings), stopped at the patched layer."""
-        texts = [example.text] + [f"{p} {example.text}" for p in self.prefixes]  # the edit's own row sizes the reads
-        behind = answer_queries(model, layer, task, texts, example.target)[1:]
+        for a later one, the views behind a prefix and the relation's rewordings (n, d), whose answer reads are the
+        edit's own. One forward pass per prompt format (and one for the subject-first rewordings), stopped at the
+        patched layer."""
+        related = self.rewordings(example.text, example.subject) if self.rewordings is not None else []
+        texts = [example.text] + [f"{p} {example.text}" for p in self.prefixes] + related
+        behind = answer_queries(model, layer, task, texts, example.target)[1:]  # the edit's own row sizes the reads
         first = [behind[:, 0]]
         for fmt in question_formats(task)[1:]:
             first.append(answer_start_queries(model, layer, task.formatted(fmt), [example.text], example.target))
