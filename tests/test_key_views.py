@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -176,13 +178,17 @@ def test_subject_first_texts_open_with_the_subject_and_need_it_named() -> None:
     assert subject_first_texts("Who wrote it?", None) == []
 
 
-def test_subject_first_views_join_the_first_answer_tokens_views_unless_turned_off() -> None:
+def edit_with_subject() -> tuple[torch.nn.Module, CausalLMTask, Any, EditExample]:
+    """A patch-wrapped tiny GPT-2, its task, patched layer, and an edit whose second word is its subject."""
     model = get_patcher_model(sharp_gpt2())
-    task = CausalLMTask(chat_tokenizer())
-    layer = model.base_model.patch_layer()
     text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4, target_length=3)[0]
-    subject = text.split()[1]
-    example = EditExample(text, target, subject=subject)
+    example = EditExample(text, target, subject=text.split()[1])
+    return model, CausalLMTask(chat_tokenizer()), model.base_model.patch_layer(), example
+
+
+def test_subject_first_views_join_the_first_answer_tokens_views_unless_turned_off() -> None:
+    model, task, layer, example = edit_with_subject()
+    text, target, subject = example.text, example.target, example.subject
     plain = EditViews(["w10 w11"], subject_first=False).queries(model, layer, task, example)
     found = EditViews(["w10 w11"]).queries(model, layer, task, example)
     assert found[0].shape == (2 + 4, layer.query_dim)  # the prefix, chat, then the four rewordings

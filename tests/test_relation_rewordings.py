@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from test_key_views import answer_queries
+from test_key_views import answer_queries, edit_with_subject
 from test_suite import chat_tokenizer
-from tiny_tokenizer import EDIT_WORDS, random_pairs, sharp_gpt2
+from tiny_tokenizer import random_pairs, sharp_gpt2
 from transformer_patcher import get_patcher_model
 from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.rewordings import RelationRewordings, relation_rewordings
@@ -52,12 +52,8 @@ def test_the_bank_leaves_out_the_records_of_excluded_subjects(tmp_path: Path) ->
 
 
 def test_rewordings_are_views_at_every_answer_read() -> None:
-    model = get_patcher_model(sharp_gpt2())
-    task = CausalLMTask(chat_tokenizer())
-    layer = model.base_model.patch_layer()
-    text, target = random_pairs(1, seed=3, words=EDIT_WORDS, length=4, target_length=3)[0]
-    subject = text.split()[1]
-    example = EditExample(text, target, subject=subject)
+    model, task, layer, example = edit_with_subject()
+    text, target, subject = example.text, example.target, example.subject
     other = [f"w30 {subject} w31", f"{subject} w32 w33 w34"]
     reworded = lambda t, s: other if (t, s) == (text, subject) else []  # noqa: E731
     plain = EditViews(["w10 w11"], subject_first=False).queries(model, layer, task, example)
