@@ -261,6 +261,15 @@ def load_counterfact(path: str | Path) -> datasets.Dataset:
     return _load(path, parse)
 
 
+def load_counterfact_train(data_dir: str | Path | None = None) -> datasets.Dataset | None:
+    """``counterfact/counterfact-train.json`` of the data folder (:func:`load_counterfact`), or None without it: the
+    split the memory subjects and relation rewordings read, never edited or scored."""
+    try:
+        return load_counterfact(find_data_file("counterfact/counterfact-train.json", data_dir))
+    except FileNotFoundError:
+        return None
+
+
 def load_questions(path: str | Path) -> list[str]:
     """Questions of a locality file (JSON lines or a JSON list of ``{"text": ...}``), for the evaluation suite's
     unrelated part: each must be non-empty text; other fields are ignored."""

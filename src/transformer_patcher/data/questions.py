@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformer_patcher.core.examples import EditExample
-from transformer_patcher.data.loaders import find_data_file, load_counterfact
+from transformer_patcher.data.loaders import load_counterfact_train
 from transformer_patcher.data.neighbours import SLOT, question_template, subject_pool
 
 QUESTION_TEMPLATES = Path(__file__).with_name("samples") / "question_templates.json"
@@ -48,11 +48,8 @@ def memory_subjects(
 
 
 def _counterfact_train_subjects(data_dir: str | Path | None) -> list[str] | None:
-    try:
-        rows = load_counterfact(find_data_file("counterfact/counterfact-train.json", data_dir))
-    except FileNotFoundError:
-        return None
-    return [row["subject"].strip() for row in rows]
+    rows = load_counterfact_train(data_dir)
+    return None if rows is None else [row["subject"].strip() for row in rows]
 
 
 def memory_questions(subjects: Sequence[str]) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformer_patcher.data.loaders import find_data_file, load_counterfact
+from transformer_patcher.data.loaders import load_counterfact_train
 from transformer_patcher.data.neighbours import SLOT, question_template
 
 REWORDINGS = 5  # rephrase templates per prompt template (the dev stream's choice, docs/results.md)
@@ -68,8 +68,7 @@ def last_sentence(text: str) -> str:
 def relation_rewordings(data_dir: str | Path | None = None, exclude: Collection[str] = ()) -> RelationRewordings:
     """The bank of ``counterfact-train.json`` without the records of the ``exclude`` subjects; empty without the
     shared data."""
-    try:
-        rows = load_counterfact(find_data_file("counterfact/counterfact-train.json", data_dir))
-    except FileNotFoundError:
+    rows = load_counterfact_train(data_dir)
+    if rows is None:
         return RelationRewordings()
     return RelationRewordings.from_records(((r["text"], r["rephrase"], r["subject"]) for r in rows), exclude)
