@@ -47,6 +47,12 @@ def setup_edit(edit: argparse.ArgumentParser) -> None:
         help="JSON lines of {'text': ..., 'target': ..., 'subject': optional} to edit in order",
     )
     edit.add_argument("--subject", help="what --text is about (eval asks the same question of other subjects)")
+    edit.add_argument(
+        "--rewordings",
+        type=input_file,
+        help="JSON lines of {'text': ..., 'rephrase': ..., 'subject': ...}: how your prompts get reworded; a fix "
+        "whose prompt has a text's wording also learns its rephrase's (docs/editing.md, rule 20)",
+    )
     format_options(edit)
     edit.add_argument(
         "--memory", choices=(*BENCHMARK_NAMES, "none"), default=None, help="memory set (default: by task)"
@@ -87,6 +93,7 @@ def edit_patches(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         prompt_format=PromptFormat(args.prompt_format, args.append_eos),
         edit_options=options,
+        rewordings=args.rewordings,
     ) as session:
         before = session.num_patches
         print(one_line(session.memory.describe()) + "\n")

@@ -14,6 +14,7 @@ from transformer_patcher.cli.options import (
     SCHEDULES,
     data_folder,
     format_options,
+    input_file,
     model_and_data,
     non_negative,
     overrides,
@@ -65,6 +66,12 @@ def setup_sme_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=positive, default=32)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig field override")
     run.add_argument("--ft-set", action="append", default=[], metavar="KEY=VALUE", help="FineTuneConfig field override")
+    run.add_argument(
+        "--rewordings",
+        type=input_file,
+        default=None,
+        help="T-Patcher: JSON lines of {text, rephrase, subject}: how prompts get reworded (docs/editing.md, rule 20)",
+    )
     pmet_options(run)
     format_options(run)
     suite_option(run, default="full")
@@ -99,6 +106,7 @@ def sme_run(args: argparse.Namespace) -> int:
         suite=args.suite,
         suite_options=suite_overrides(args),
         layer_index=args.layer,
+        rewordings_file=None if args.rewordings is None else str(args.rewordings),
     )
     check_model_and_data(args)
     progress = not args.no_progress

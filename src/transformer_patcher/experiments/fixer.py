@@ -74,6 +74,7 @@ class Patcher(Closable):
         data_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
         edit_options: Mapping[str, Any] | None = None,
+        rewordings: str | os.PathLike[str] | None = None,
     ) -> Patcher:
         """Load ``model`` (short name such as ``smollm2-135m``, Hub id or local folder) with the patch set in
         ``patches`` (created on :meth:`save` if it does not exist yet; None: keep the fixes in memory until
@@ -90,6 +91,7 @@ class Patcher(Closable):
             progress=progress,
             prompt_format=prompt_format,
             edit_options=edit_options,
+            rewordings=rewordings,
         )
         return cls(session)
 

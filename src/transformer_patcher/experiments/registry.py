@@ -17,6 +17,7 @@ from torch import nn
 from transformer_patcher.core.editor import Editor
 from transformer_patcher.core.examples import EditExample
 from transformer_patcher.core.tasks import Task
+from transformer_patcher.data.rewordings import RelationRewordings, load_rewordings
 from transformer_patcher.methods.baselines import FineTuneConfig, FineTuneEditor
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.contexts import TokenContexts
@@ -40,6 +41,21 @@ EDITOR_NAMES = ("patcher", *FINE_TUNE_EDITORS, *MASS_EDITORS)
 DISPLAY_NAMES = (
     {"patcher": "T-Patcher"} | {name: config.name for name, config in FINE_TUNE_EDITORS.items()} | MASS_EDITORS
 )
+
+
+def user_rewordings(path: str | os.PathLike[str] | None, config: EditConfig, applies: bool) -> RelationRewordings:
+    """A user's rewordings file (:func:`~transformer_patcher.data.rewordings.load_rewordings`), read and checked
+    before a model loads; an empty bank without one. It is refused where it could change nothing: its rewordings are
+    views of T-Patcher's solved keys on a generator with a memory (``applies``), which another schedule or
+    ``key_views``/``relation_views`` off do without."""
+    if path is None:
+        return RelationRewordings()
+    if not applies or config.init != "solve" or not config.key_views or not config.relation_views:
+        raise ValueError(
+            "a rewordings file adds views to T-Patcher's solved keys on a generator (the default schedule, with "
+            "key_views, relation_views and a memory); these settings have none, so it would change nothing"
+        )
+    return load_rewordings(path)
 
 
 def build_editor(

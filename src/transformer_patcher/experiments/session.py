@@ -31,8 +31,8 @@ from transformer_patcher.core.tasks import task_for_model
 from transformer_patcher.core.wording import count
 from transformer_patcher.data.benchmarks import embedded_memory, fever_benchmark, generation_memory
 from transformer_patcher.data.questions import contrasts_over, memory_questions, memory_subjects
-from transformer_patcher.data.rewordings import relation_rewordings
-from transformer_patcher.experiments.registry import build_trainer
+from transformer_patcher.data.rewordings import RelationRewordings, relation_rewordings
+from transformer_patcher.experiments.registry import build_trainer, user_rewordings
 from transformer_patcher.methods.patcher.config import EditConfig
 from transformer_patcher.methods.patcher.memory import collect_queries
 from transformer_patcher.methods.patcher.trainer import PatchTrainer
@@ -113,6 +113,7 @@ class EditSession(Closable):
         progress: bool = True,
         prompt_format: PromptFormat | str | None = None,
         edit_options: Mapping[str, Any] | None = None,
+        rewordings: str | os.PathLike[str] | None = None,
     ) -> EditSession:
         """Load ``model`` (+ the patches in ``folder`` if it holds a patch set; None: edit in memory).
 
@@ -122,11 +123,15 @@ class EditSession(Closable):
         :mod:`~transformer_patcher.core.prompts`) is how the new fixes and the memory are asked; ``edit_options``
         override :class:`EditConfig` fields of the ``schedule``. A generator's memory also reads its own answers to
         ``question_rows`` rows' worth of questions (raw and chat), and each fix is contrasted with its question
-        about other subjects (:mod:`~transformer_patcher.data.questions`)."""
+        about other subjects (:mod:`~transformer_patcher.data.questions`). ``rewordings``: a JSON Lines file of how
+        the user's own prompts get reworded (:func:`~transformer_patcher.data.rewordings.load_rewordings`), whose
+        rewordings of a fix's prompt become views of the fix before the training set's (rule 20)."""
         folder = None if folder is None else Path(folder)
         if folder is not None and folder.exists() and not folder.is_dir():
             raise FileExistsError(f"{folder} is a file; a patch set is a folder")
         kind = model_kind(model)  # an unknown model is refused before anything is written
+        config = EditConfig.mode(schedule, **dict(edit_options or {}))
+        own = user_rewordings(rewordings, config, kind == "generation" and memory != "none")
         lock = ExitStack()
         if folder is not None:  # before reading: the folder must not change under us
             lock.enter_context(sibling_lock(folder))
@@ -135,7 +140,6 @@ class EditSession(Closable):
                 recover_folder(folder, locked=True)
                 check_plain_folder(folder)  # refused now, not after the edits: it could not be saved
             base, tokenizer = load_model(model, kind)
-            config = EditConfig.mode(schedule, **dict(edit_options or {}))
             auto = isinstance(prompt_format, str) and prompt_format == AUTO
             task = task_for_model(base, tokenizer, prompt_format=None if auto else prompt_format)
             if auto and task.kind == "causal_lm" and getattr(tokenizer, "chat_template", None):
@@ -160,7 +164,7 @@ class EditSession(Closable):
                 questions=memory_questions(subjects),
                 question_rows=question_rows,
                 contrasts=contrasts_over(subjects),
-                rewordings=relation_rewordings(data_dir) if subjects else None,
+                rewordings=own.merged(relation_rewordings(data_dir) if subjects else RelationRewordings()) or None,
             )
             log = read_edit_log(folder) if folder is not None else []
             if trainer.memory is not None:  # earlier edits must stay untouched by new patches, in their own format

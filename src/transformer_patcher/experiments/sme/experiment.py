@@ -39,6 +39,7 @@ from transformer_patcher.core.tasks import position_limit, task_for_model
 from transformer_patcher.core.validation import check_int, check_options
 from transformer_patcher.data.benchmarks import BENCHMARKS, Benchmark
 from transformer_patcher.data.loaders import ZSRE_TARGETS, load_neighbours, load_questions
+from transformer_patcher.data.rewordings import RelationRewordings
 from transformer_patcher.experiments.evaluation import EvaluationSuite, SuiteConfig, benchmark_parts
 from transformer_patcher.experiments.plots import (
     activation_heatmap,
@@ -46,7 +47,13 @@ from transformer_patcher.experiments.plots import (
     metrics_curve,
     patch_activations,
 )
-from transformer_patcher.experiments.registry import DISPLAY_NAMES, EDITOR_NAMES, MASS_EDITORS, build_editor
+from transformer_patcher.experiments.registry import (
+    DISPLAY_NAMES,
+    EDITOR_NAMES,
+    MASS_EDITORS,
+    build_editor,
+    user_rewordings,
+)
 from transformer_patcher.experiments.sme.report import markdown_table, suite_table, summarize_folds
 from transformer_patcher.experiments.sme.runner import SMEConfig, SMERunner
 from transformer_patcher.methods.baselines import FineTuneConfig
@@ -93,6 +100,7 @@ class ExperimentConfig:
     suite: str = "full"  # the evaluation suite at every evaluation: full, small or none
     suite_options: dict[str, Any] = field(default_factory=dict)  # SuiteConfig overrides (sizes, your own files)
     layer_index: int = -1  # T-Patcher: the block whose FFN is patched (-1: the last, the paper's)
+    rewordings_file: str | None = None  # T-Patcher: how the user's prompts get reworded (load_rewordings), rule 20
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -127,10 +135,15 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be a dict, got {getattr(self, name)!r}")
         check_options("edit", self.edit_options, {f.name for f in fields(EditConfig)})
         check_options("fine-tuning", self.finetune_options, {f.name for f in fields(FineTuneConfig)})
-        self.edit_config()  # invalid overrides fail here, before anything is loaded or written
+        self.own_rewordings()  # invalid overrides and a bad rewordings file fail here, before anything is loaded
         replace(FineTuneConfig(), **self.finetune_options)
 
         pmet_hparams(**self.pmet_options)
+
+    def own_rewordings(self) -> RelationRewordings:
+        """The user's rewordings (an empty bank without a file), checked against this run's editor and settings."""
+        applies = self.editor == "patcher" and self.model_kind == "generation"
+        return user_rewordings(self.rewordings_file, self.edit_config(), applies)
 
     @property
     def kind(self) -> str:
@@ -194,7 +207,7 @@ def config_editor(
         question_rows=config.question_rows,
         contrasts=benchmark.contrasts() if contrasted else None,
         layer_index=config.layer_index,
-        rewordings=benchmark.rewordings,
+        rewordings=config.own_rewordings().merged(benchmark.rewordings),
     )
 
 
