@@ -128,11 +128,12 @@ def test_a_users_file_is_a_bank_that_keeps_every_rewording(tmp_path: Path) -> No
         ('{"text": "w70 w71", "rephrase": " w70 w71 ", "subject": "w70"}\n', "line 1: the rephrase words the text"),
         ('{"text": "w70 w71", "rephrase": "w72 w70"', "line 1: invalid JSON"),
         ("\n\n", "holds no rewordings"),
+        (b'\n{"text": "w70 \xff"}', "line 2: not valid UTF-8"),
     ],
 )
-def test_a_bad_rewordings_file_is_refused_with_its_line(tmp_path: Path, content: str, message: str) -> None:
+def test_a_bad_rewordings_file_is_refused_with_its_line(tmp_path: Path, content: str | bytes, message: str) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(content)
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=r"bad\.jsonl") as error:
         load_rewordings(bad)
     assert message in str(error.value)

@@ -80,7 +80,8 @@ def _is_url(path: str | Path) -> bool:
     return isinstance(path, str) and path.startswith(("http://", "https://"))
 
 
-def _read_text(file: Path) -> str:
+def read_text(file: Path) -> str:
+    """A data file's text (UTF-8, a BOM allowed); invalid bytes are a :class:`DatasetFormatError` naming the line."""
     data = file.read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -106,7 +107,7 @@ def _records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"dataset file not found: {file}")
-    text = _read_text(file)
+    text = read_text(file)
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)

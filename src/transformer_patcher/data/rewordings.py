@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformer_patcher.core.jsonl import json_lines
-from transformer_patcher.data.loaders import load_counterfact_train
+from transformer_patcher.data.loaders import load_counterfact_train, read_text
 from transformer_patcher.data.neighbours import SLOT, question_template
 
 REWORDINGS = 5  # rephrase templates per prompt template (the dev stream's choice, docs/results.md)
@@ -97,7 +97,7 @@ def load_rewordings(path: str | Path) -> RelationRewordings:
     prompt itself) is refused with its line, and so is a file without records."""
     path = Path(path)
     records = []
-    for number, row in json_lines(path.read_text(encoding="utf-8"), str(path)):
+    for number, row in json_lines(read_text(path), str(path)):
         text, rephrase, subject = (row.get(key) for key in ("text", "rephrase", "subject"))
         where = f"{path}: line {number}"
         if not all(isinstance(v, str) and v.strip() for v in (text, rephrase, subject)):
