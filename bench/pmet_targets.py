@@ -10,7 +10,9 @@ nothing but the time.
     python bench/pmet_targets.py --n 8 --out bench/results/pmet_targets.json [--save T.safetensors] [--against T]
 
 ``--settings '{"settled_steps": 0}' '{}' --repeats 3`` times option sets against the preset in turn, in one process,
-and reports each one's median and its speed-up over the first.
+and reports each one's median and its speed-up over the first. A setting's ``"window"`` sets how many steps' worth
+of requests share a window (``methods/pmet/targets.py``, ``WINDOW``; 1: fixed chunks, none waits to take a finished
+request's place).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_zsre
 from transformer_patcher.methods.pmet import EditRequest, Targets, compute_targets, context_templates, pmet_hparams
+from transformer_patcher.methods.pmet import targets as targets_module
 
 
 def main() -> None:
@@ -57,13 +60,15 @@ def main() -> None:
         records = load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json"))
     rows = records.select(range(900, 900 + args.n))
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
-    hparams = [base.with_options(**options) for options in settings]
+    windows = [options.get("window", targets_module.WINDOW) for options in settings]
+    hparams = [base.with_options(**{k: v for k, v in options.items() if k != "window"}) for options in settings]
     # each setting's own context templates (a setting may change how many there are)
     templates = [context_templates(model, tokenizer, h.context_template_lengths) for h in hparams]
     seconds: list[list[float]] = [[] for _ in settings]
     results: list[Targets] = []
     for repeat in range(args.repeats):
         for i in range(len(settings)):  # alternating, so drift in the machine's load hits every setting
+            targets_module.WINDOW = windows[i]
             start = time.perf_counter()
             targets = compute_targets(model, tokenizer, requests, hparams[i], templates[i], False)
             seconds[i].append((time.perf_counter() - start) / args.n)

@@ -270,7 +270,10 @@ def test_unrelated_prompts_move_less_than_a_bound(tokenizer) -> None:
 def test_sequential_batches_keep_earlier_edits(tokenizer) -> None:
     """Mechanics of sequential batches (variant-agnostic), on the ablation whose tiny-model writes hit the argmax:
     the second batch is appended (rank grows) and computed against the edited model, so the first batch survives."""
-    editor = _editor("gpt2", tokenizer, "memit")
+    # v_lr 1: the second batch's targets, against the edited model, reach the argmax; at 0.5 two of them end near
+    # probability 0.55, where float rounding decides whether the write lands them
+    hparams = HPARAMS.with_options(variant="memit", v_lr=1.0)
+    editor = PMETEditor(_model("gpt2"), tokenizer, hparams, _texts(), progress=False)
     first, second = _requests(3), _requests(3, offset=20)
 
     def hits(requests: list[EditRequest]) -> int:
@@ -302,7 +305,8 @@ def test_adapter_round_trips_merges_and_unloads_exactly(tokenizer, tmp_path) -> 
     with editor.model.disable_adapter():
         assert torch.equal(_logits(editor.model, tokenizer, probe), base_logits)
     merged = PeftModel.from_pretrained(_model("llama"), tmp_path / "delta").merge_and_unload()
-    torch.testing.assert_close(_logits(merged, tokenizer, probe), edited, rtol=1e-5, atol=1e-5)
+    # W + BA summed once against W x + B(A x): float32 rounding, up to a few 1e-5 on these logits
+    torch.testing.assert_close(_logits(merged, tokenizer, probe), edited, rtol=1e-4, atol=5e-5)
     unloaded = PeftModel.from_pretrained(_model("llama"), tmp_path / "delta").unload()
     assert torch.equal(_logits(unloaded, tokenizer, probe), base_logits)
 
@@ -398,6 +402,8 @@ def test_hyperparameters_are_validated() -> None:
             HPARAMS.with_options(spread="joint", **{solve: True})
     with pytest.raises(ValueError, match="refine must be one of"):
         HPARAMS.with_options(refine="again")
+    with pytest.raises(ValueError, match="target_precision must be one of"):
+        HPARAMS.with_options(target_precision="float16")
     saved = Targets(torch.ones(2, 3), torch.zeros(2, 3), [1, 1], [0.5, 0.5])  # read back without δ_attn
     assert torch.equal(saved.change(), torch.ones(2, 3))
     with pytest.raises(ValueError, match="lack"):

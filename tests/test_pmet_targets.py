@@ -10,6 +10,7 @@ from test_pmet_editor import HPARAMS, _model, _requests
 from tiny_models import build
 from tiny_tokenizer import EDIT_WORDS, sentence, tiny_tokenizer
 from transformer_patcher.methods.pmet import EditRequest, compute_targets, covariance
+from transformer_patcher.methods.pmet import targets as targets_module
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.lower_blocks import LowerBlocks
 from transformer_patcher.methods.pmet.requests import target_ids
@@ -148,9 +149,9 @@ def test_running_the_packed_suffixes_on_the_prefix_keys_equals_running_whole_pro
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text", "gpt_neox"])
 def test_a_step_that_passes_the_lower_blocks_by_reads_what_running_them_reads(arch: str, tokenizer) -> None:
-    """After the first forward the blocks below the deltas' layer are not run (none of their modules is called):
-    block ``layer`` gets their recorded output, and the step reads what running every block reads, also once a
-    request has left the packed sequence. Outside, every block runs again."""
+    """The window's forward of whole prompts records what enters block ``layer`` at the suffix tokens; then no step
+    runs the blocks below it (none of their modules is called): block ``layer`` gets their recorded output, and the
+    step reads what running every block reads, whichever requests it holds. Outside, every block runs again."""
     base = unwrap(build(arch))
     batch = build_batch(tokenizer, _mid_subject_requests(), TEMPLATES, torch.device("cpu"))
     hparams = HPARAMS.with_options(layers=(1,))
@@ -159,8 +160,8 @@ def test_a_step_that_passes_the_lower_blocks_by_reads_what_running_them_reads(ar
     with torch.no_grad():
         for delta in shift.parameters():
             delta.copy_(torch.randn(delta.shape, generator=torch.Generator().manual_seed(3)))
-    keys = prefix_keys(base, batch)
     lower = LowerBlocks(base, 1)
+    keys = prefix_keys(base, batch, lower, requests_per_forward=2)  # two forwards: each its own widths
     below = base.get_submodule(block_modules(base, 0).ffn_out)
     calls: list[int] = []
     below.register_forward_hook(lambda *_: calls.append(1))
@@ -168,19 +169,18 @@ def test_a_step_that_passes_the_lower_blocks_by_reads_what_running_them_reads(ar
     def read(active: list[int]) -> torch.Tensor:
         reads = step_reads(batch, active)
         shift.rows, shift.where = reads.rows, reads.writes
-        lower.token_row = reads.token_row
+        lower.tokens = (reads.token_row, reads.token_col)
         with torch.no_grad(), shift.attached(base, sites):
             return forward_reads(base, batch, reads, keys)
 
-    plain = {tuple(active): read(active) for active in ([0, 1, 2], [0, 2])}
+    steps = ([0, 1, 2], [0, 2], [1], [2, 1])
+    plain = {tuple(active): read(active) for active in steps}
+    calls.clear()
     with lower.attached():
-        first = read([0, 1, 2])  # every block runs; block 1's input is recorded
-        calls.clear()
-        again, after_exit = read([0, 1, 2]), read([0, 2])
+        passed = {tuple(active): read(active) for active in steps}
     assert not calls
-    torch.testing.assert_close(first, plain[0, 1, 2], rtol=0, atol=0)
-    torch.testing.assert_close(again, plain[0, 1, 2], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(after_exit, plain[0, 2], rtol=1e-4, atol=1e-5)
+    for active in plain:
+        torch.testing.assert_close(passed[active], plain[active], rtol=1e-4, atol=1e-5)
     assert "forward" not in base.get_submodule(block_modules(base, 0).block).__dict__
     read([0])
     assert calls
@@ -236,6 +236,66 @@ def test_optimising_together_equals_optimising_alone(arch: str, variant: str, to
         assert together.attention_norms == pytest.approx(alone.attention_norms, rel=1e-3)
         assert min(together.attention_norms) > 0
         assert together.select([2, 0]).attention_norms == [together.attention_norms[2], together.attention_norms[0]]
+
+
+def test_a_finished_request_makes_room_for_a_waiting_one(tokenizer, monkeypatch) -> None:
+    """Requests settle at different steps; a waiting request takes a finished one's place at the next step, so a
+    step runs with fewer than ``requests_per_step`` requests only once none waits, and every target is still the
+    one optimising its request alone gives."""
+    model = _model("gpt2")
+    hparams = HPARAMS.with_options(v_num_grad_steps=40, settled_steps=2)
+    requests = _requests(6)
+    alone = compute_targets(model, tokenizer, requests, hparams.with_options(requests_per_step=1), TEMPLATES, False)
+    held: list[list[int]] = []
+    step = targets_module.backward_step
+
+    def recorded(*args, **kwargs):
+        held.append(list(args[-1]))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(targets_module, "backward_step", recorded)
+    refilled = compute_targets(model, tokenizer, requests, hparams.with_options(requests_per_step=2), TEMPLATES, False)
+    assert len(set(alone.steps)) > 1  # the requests settle at different steps
+    assert refilled.steps == alone.steps
+    torch.testing.assert_close(refilled.values, alone.values, rtol=1e-4, atol=1e-4)
+    for i, active in enumerate(held):
+        seen = {r for earlier in held[: i + 1] for r in earlier}
+        assert len(active) == 2 or seen == set(range(6))
+    # fewer forwards than chunks of two that each run until both their requests settle
+    assert len(held) < sum(max(alone.steps[i : i + 2]) for i in range(0, 6, 2))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bfloat16_steps_reach_the_float32_targets_and_leave_the_weights_as_they_were(
+    arch: str, tokenizer, monkeypatch
+) -> None:
+    """``target_precision="bfloat16"`` runs every step on bfloat16 copies of the weights: the changes are near the
+    float32 ones and the targets still the argmax, the pre-edit values are the float32 ones, and every parameter
+    gets its own float32 tensor back, bit for bit."""
+    model = _model(arch)
+    hparams = HPARAMS.with_options(v_num_grad_steps=30, settled_steps=2)
+    requests = _requests(4)
+    weights = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    full = compute_targets(model, tokenizer, requests, hparams, TEMPLATES, False)
+    precisions: set[torch.dtype] = set()
+    step = targets_module.forward_reads
+
+    def recorded(base, *args):
+        precisions.add(next(base.parameters()).dtype)
+        return step(base, *args)
+
+    monkeypatch.setattr(targets_module, "forward_reads", recorded)
+    bfloat16 = hparams.with_options(target_precision="bfloat16")
+    half = compute_targets(model, tokenizer, requests, bfloat16, TEMPLATES, False)
+    assert precisions == {torch.bfloat16}
+    for name, (parameter, before) in weights.items():
+        assert model.get_parameter(name) is parameter and parameter.dtype == torch.float32
+        assert torch.equal(parameter, before), name
+    assert half.values.dtype == torch.float32
+    assert all(p > 0.5 for p in half.probabilities)
+    change = (half.values - half.init).norm(dim=1) / (full.values - full.init).norm(dim=1)
+    assert change.min() > 0.5 and change.max() < 2  # steps of another precision, to the same answers
+    torch.testing.assert_close(half.init, full.init, rtol=1e-5, atol=1e-5)  # read by the float32 whole-row forward
 
 
 def test_the_statistics_hooks_come_off_when_a_forward_fails(tokenizer) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -36,6 +37,20 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+
+
+@contextmanager
+def weights_as(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """``model``'s floating-point parameters held in ``dtype`` for a while; each gets its own tensor back afterwards
+    (kept, not cast back, so nothing is rounded). Buffers keep their dtype."""
+    kept = [(p, p.data) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
+    try:
+        for parameter, data in kept:
+            parameter.data = data.to(dtype)
+        yield model
+    finally:
+        for parameter, data in kept:
+            parameter.data = data
 
 
 class _Captured(Exception):

@@ -8,7 +8,7 @@ On SmolLM2 with layers 0–8 that is 28 of the loop's 81 block runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from transformer_patcher.methods.pmet.architecture import block_modules
-from transformer_patcher.methods.pmet.lower_blocks import pass_by, with_hidden
 
 
 class BlockInputs:
@@ -47,11 +46,13 @@ class BlockInputs:
                 handle.remove()
 
     @contextmanager
-    def replayed(self) -> Iterator[None]:
+    def replayed(self, feed: Callable[[], torch.Tensor] | None = None) -> Iterator[None]:
+        """While inside, the blocks below are passed by and the block gets ``feed()`` at each forward (by default the
+        recorded inputs in turn)."""
         if not self.replayable:
             raise RuntimeError("this block's input cannot be fed back: the blocks below it return tuples")
-        fed = iter(self.inputs)
-        handle = self.block.register_forward_pre_hook(lambda _m, a, k: with_hidden(a, k, next(fed)), with_kwargs=True)
+        feed = feed or iter(self.inputs).__next__
+        handle = self.block.register_forward_pre_hook(lambda _m, a, k: with_hidden(a, k, feed()), with_kwargs=True)
         for block in self.lower:
             block.forward = pass_by  # an instance attribute: nn.Module.__call__ runs it instead
         try:
@@ -66,3 +67,15 @@ class BlockInputs:
 
     def _check(self, _module: nn.Module, _args: Any, output: Any) -> None:
         self.replayable = isinstance(output, torch.Tensor)
+
+
+def pass_by(hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+    """A block's forward that leaves the hidden states as they come (set as an instance's ``forward``)."""
+    return hidden_states
+
+
+def with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    """A block's forward arguments with ``hidden`` as its hidden states (a forward pre-hook's return)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}

@@ -7,21 +7,28 @@ clamp, with the official early exits. The FFN target ``z = h_mlp + δ_mlp`` is w
 ablation optimises one ``δ`` on the block output (the residual stream) instead.
 
 Several requests are optimised in one forward pass (``requests_per_step``). Each has its own parameters, its own
-loss terms and its own early exit, and a finished request leaves the batch, so the result equals optimising each
-request alone; batching only fills the matrix units.
+Adam state, its own loss terms and its own early exit, so the result equals optimising each request alone; batching
+only fills the matrix units. A finished request leaves the step and the next waiting request of its window
+(``WINDOW`` steps' worth) takes its place, so a fact that needs many steps shares its steps with others. On 2 CPU
+cores that neither gains nor costs (a step's time grows with its tokens: 0.27 s with one zsRE request, 0.71 s with
+eight; docs/results.md, Issue 18, thirty-third round).
+
+``target_precision="bfloat16"`` runs the steps on bfloat16 copies of the weights (:func:`weights_as`); the pre-edit
+values, the prefix keys and the lower blocks' output are read in float32 once per window, so only the steps differ.
 
 Only the tokens from the subject's last token on are run at each step. The deltas are added there, and attention is
 causal, so every earlier token's keys and values, at every layer, are the same at every step: they are computed once
-per chunk (:func:`prefix_keys`) and each step attends to them. The steps' tokens are packed into one sequence with a
-block mask (each token sees its own prompt only) rather than padded rows: the parts after the subject are 1–8 tokens
-long, and padding them to the longest would more than double the work. The blocks below the deltas' layer give
-the same output on those tokens at every step too, so only the first step runs them (:class:`LowerBlocks`).
+per window (:func:`prefix_keys`) and each step attends to them. The steps' tokens are packed into one sequence with
+a block mask (each token sees its own prompt only) rather than padded rows: the parts after the subject are 1–8
+tokens long, and padding them to the longest would more than double the work. The blocks below the deltas' layer give
+the same output on those tokens at every step too, so no step runs them (:class:`LowerBlocks`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -32,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from transformer_patcher.core.modes import eval_mode, frozen
+from transformer_patcher.core.modes import eval_mode, frozen, weights_as
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.lower_blocks import LowerBlocks
@@ -41,6 +48,9 @@ from transformer_patcher.methods.pmet.requests import EditRequest, Encoded, enco
 KL_TEMPLATE = "{} is a"
 LOSS_EXIT = 5e-2
 KL_EXIT = 0.01
+# Requests per window, in steps' worth (requests_per_step each): a window's prompts share one forward for their prefix
+# keys and lower blocks' output, and its waiting requests fill the places finished ones leave
+WINDOW = 8
 
 
 @dataclass
@@ -149,11 +159,11 @@ def compute_targets(
     """Optimise the target vector of every request against ``model`` as it is now (earlier edits included)."""
     results: list[RequestTarget] = []
     bar = tqdm(total=len(requests), desc="PMET targets", unit="req", disable=not progress)
+    size = WINDOW * hparams.requests_per_step
     with bar, eval_mode(model), frozen(model):
-        for start in range(0, len(requests), hparams.requests_per_step):
-            chunk = requests[start : start + hparams.requests_per_step]
-            results.extend(_optimise_chunk(model, tokenizer, chunk, hparams, templates))
-            bar.update(len(chunk))
+        for start in range(0, len(requests), size):
+            window = requests[start : start + size]
+            results.extend(_optimise_window(model, tokenizer, window, hparams, templates, bar.update))
     return Targets(
         torch.stack([r.value for r in results]),
         torch.stack([r.init for r in results]),
@@ -345,7 +355,7 @@ class RequestState:
     """What one request carries from step to step."""
 
     nll_factor: float
-    steps: int = 0
+    steps: int = 0  # steps taken so far
     on_target_run: int = 0  # steps in a row, up to this one, with the target the argmax on every prompt
     probability: float = 0.0
     kl_init: torch.Tensor | None = None
@@ -358,6 +368,7 @@ class StepReads:
     rows: list[int]  # batch rows in this forward, in order
     start: torch.Tensor  # batch row -> where its suffix starts in the packed sequence (-1 when absent)
     token_row: torch.Tensor  # (tokens,) the batch row of each packed token
+    token_col: torch.Tensor  # (tokens,) its column in the batch's suffixes
     input_ids: torch.Tensor  # (1, tokens)
     positions: torch.Tensor  # (1, tokens) each token's position in its whole prompt
     t_row: torch.Tensor  # answer reads: batch row, position in its suffix, label
@@ -383,10 +394,12 @@ def step_reads(batch: PromptBatch, active: Sequence[int]) -> StepReads:
     start = torch.full((batch.n_rows,), -1, dtype=torch.long, device=device)
     start[rows] = lengths.cumsum(0) - lengths
     reads = is_active[batch.owners[batch.read_row]]
+    columns = torch.arange(batch.input_ids.shape[1], device=device).expand(len(rows), -1)
     return StepReads(
         rows=rows,
         start=start,
         token_row=torch.repeat_interleave(_long(rows, device), lengths),
+        token_col=columns[real],
         input_ids=batch.input_ids[rows][real][None],
         positions=batch.positions[rows][real][None],
         t_row=batch.read_row[reads],
@@ -415,22 +428,61 @@ class PrefixKeys:
     values: list[torch.Tensor]
     slot_row: torch.Tensor  # (slots,) the batch row of each slot
 
+    def to(self, dtype: torch.dtype) -> PrefixKeys:
+        return PrefixKeys([k.to(dtype) for k in self.keys], [v.to(dtype) for v in self.values], self.slot_row)
+
 
 @torch.no_grad()
-def prefix_keys(base: nn.Module, batch: PromptBatch) -> PrefixKeys:
-    """Every row's prefix run once (padded), then its real slots packed: what every step's suffixes attend to."""
-    positions = (batch.prefix_attention.cumsum(1) - 1).clamp_min(0)
-    cache = base.base_model(
-        input_ids=batch.prefix_ids, attention_mask=batch.prefix_attention, position_ids=positions, use_cache=True
-    ).past_key_values
+def prefix_keys(
+    base: nn.Module,
+    batch: PromptBatch,
+    lower: LowerBlocks | None = None,
+    shift: SubjectShift | None = None,
+    requests_per_forward: int = 8,
+) -> PrefixKeys:
+    """Every row run once whole (its prefix left-padded, its suffix right-padded), ``requests_per_forward`` requests'
+    rows at a time (a window's widest prompts would widen every row), then the prefixes' real slots packed: what every
+    step's suffixes attend to. On the way ``lower`` records its block's input at the suffix tokens, and ``shift``
+    (attached, its deltas still zero) the pre-edit values at each request's bare prompt."""
+    width = batch.prefix_ids.shape[1]
+    bounds = [*batch.first_row[::requests_per_forward], batch.n_rows]
+    layers: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    cuts: list[tuple[slice, int, int]] = []  # rows, prefix width and suffix width of each forward
+    with lower.recording() if lower is not None else nullcontext([]) as inputs:
+        for first, end in itertools.pairwise(bounds):
+            rows = slice(first, end)
+            prefix = int(batch.prefix_attention[rows].sum(1).max().clamp_min(1))
+            suffix = int(batch.attention[rows].sum(1).max())
+            mask = torch.cat([batch.prefix_attention[rows, width - prefix :], batch.attention[rows, :suffix]], 1)
+            if shift is not None:  # each row's subject token: its suffix's first column
+                shift.rows = list(range(first, end))
+                shift.where = (torch.arange(end - first, device=mask.device), torch.full_like(mask[:, 0], prefix))
+            cache = base.base_model(
+                input_ids=torch.cat([batch.prefix_ids[rows, width - prefix :], batch.input_ids[rows, :suffix]], 1),
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                use_cache=True,
+            ).past_key_values
+            real = batch.prefix_attention[rows, width - prefix :].bool()
+            # (rows, heads, width, d) -> (heads, slots, d): the prefix's real slots
+            layers.append(
+                (
+                    [layer.keys[:, :, :prefix].transpose(1, 2)[real].transpose(0, 1) for layer in cache.layers],
+                    [layer.values[:, :, :prefix].transpose(1, 2)[real].transpose(0, 1) for layer in cache.layers],
+                )
+            )
+            cuts.append((rows, prefix, suffix))
+    if lower is not None and inputs:  # each forward's suffix columns, at their rows of the batch's suffixes
+        lower.recorded = inputs[0].new_zeros(*batch.input_ids.shape, inputs[0].shape[-1])
+        for (rows, prefix, suffix), hidden in zip(cuts, inputs, strict=True):
+            lower.recorded[rows, :suffix] = hidden[:, prefix:]
     real = batch.prefix_attention.bool()
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:  # (rows, heads, width, d) -> (1, heads, slots, d)
-        return tensor.transpose(1, 2)[real].transpose(0, 1)[None]
-
-    rows = torch.arange(batch.n_rows, device=real.device)[:, None].expand_as(real)
+    slot_row = torch.arange(batch.n_rows, device=real.device)[:, None].expand_as(real)[real]
+    keys, values = zip(*layers, strict=True)
     return PrefixKeys(
-        [pack(layer.keys) for layer in cache.layers], [pack(layer.values) for layer in cache.layers], rows[real]
+        [torch.cat(parts, 1)[None] for parts in zip(*keys, strict=True)],
+        [torch.cat(parts, 1)[None] for parts in zip(*values, strict=True)],
+        slot_row,
     )
 
 
@@ -510,7 +562,6 @@ def step_losses(
     shift: SubjectShift,
     states: list[RequestState],
     active: Sequence[int],
-    step: int,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """The losses of the active requests that go on, and those that are done; updates each request's state."""
     row_nll, wrong_count = answer_scores(batch, reads, log_probs, hparams.target_margin)
@@ -521,39 +572,52 @@ def step_losses(
         nll_each = row_nll[torch.arange(batch.first_row[r], batch.kl_rows[r], device=batch.input_ids.device)]
         loss, kl = request_loss(hparams, state, nll_each, log_probs[len(reads.t_row) + a], shift.decay(r))
         state.probability = float(torch.exp(-nll_each.detach()).mean())
-        state.steps = step
         on_target = bool(wrong_count[r] == 0)  # the target already leads by the margin everywhere
         state.on_target_run = state.on_target_run + 1 if on_target else 0
         state.nll_factor = 0.1 * hparams.nll_loss_factor if on_target else hparams.nll_loss_factor
-        if is_done(hparams, step, loss, kl, state.on_target_run):
+        done = is_done(hparams, state.steps, loss, kl, state.on_target_run)
+        state.steps += 1
+        if done:
             finished.append(r)
         else:
             losses.append(loss)
     return losses, finished
 
 
-def backward_step(
-    base: nn.Module,
-    hparams: PMETHyperParams,
-    batch: PromptBatch,
-    prefix: PrefixKeys,
-    shift: SubjectShift,
-    lower: LowerBlocks,
-    states: list[RequestState],
-    active: Sequence[int],
-    step: int,
-) -> list[int]:
+@dataclass
+class Window:
+    """What a window's steps share: its prompts, their prefix keys, the delta hooks, the lower blocks' record and
+    each request's state."""
+
+    batch: PromptBatch
+    prefix: PrefixKeys
+    shift: SubjectShift
+    lower: LowerBlocks
+    states: list[RequestState]
+
+
+def backward_step(base: nn.Module, hparams: PMETHyperParams, window: Window, active: Sequence[int]) -> list[int]:
     """One forward over the active requests' rows and the backward of the summed losses of those that go on;
     returns the requests that are done."""
+    batch, prefix, shift, lower, states = window.batch, window.prefix, window.shift, window.lower, window.states
     reads = step_reads(batch, active)
     shift.rows, shift.where = reads.rows, reads.writes
-    lower.token_row = reads.token_row
+    lower.tokens = (reads.token_row, reads.token_col)
     with torch.enable_grad():
-        log_probs = forward_reads(base, batch, reads, prefix)
-        losses, finished = step_losses(hparams, batch, reads, log_probs, shift, states, active, step)
+        with precision(hparams, batch.input_ids.device):
+            log_probs = forward_reads(base, batch, reads, prefix)
+        losses, finished = step_losses(hparams, batch, reads, log_probs, shift, states, active)
         if losses:
             torch.stack(losses).sum().backward()
     return finished
+
+
+def precision(hparams: PMETHyperParams, device: torch.device) -> torch.autocast:
+    """Autocast to ``target_precision`` (off for float32): what a step's forward runs under. The weights are cast
+    for the window's steps (:func:`weights_as`); autocast casts what else meets them (an adapter's float32 factors,
+    the deltas)."""
+    dtype = getattr(torch, hparams.target_precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def delta_sites(base: nn.Module, hparams: PMETHyperParams) -> dict[str, str]:
@@ -564,40 +628,57 @@ def delta_sites(base: nn.Module, hparams: PMETHyperParams) -> dict[str, str]:
     return {"attn": modules.attention_out, "mlp": modules.ffn_out}
 
 
-def _optimise_chunk(
+def _run_steps(base: nn.Module, hparams: PMETHyperParams, window: Window, finished: Callable[[int], Any]) -> None:
+    """Step the requests, ``requests_per_step`` at a time, until each has exited; a waiting request takes a finished
+    one's place at the next step."""
+    shift = window.shift
+    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
+    waiting = list(range(window.batch.n_requests))[::-1]
+    active: list[int] = []
+    while waiting or active:
+        while waiting and len(active) < hparams.requests_per_step:
+            active.append(waiting.pop())
+        optimizer.zero_grad(set_to_none=True)
+        done = backward_step(base, hparams, window, active)
+        for r in done:
+            active.remove(r)
+            shift.drop_gradients(r)
+        finished(len(done))
+        if active:
+            optimizer.step()
+        for r in active:
+            shift.clamp_(r, hparams.clamp_norm_factor)
+
+
+def _optimise_window(
     model: nn.Module,
     tokenizer: Any,
     requests: Sequence[EditRequest],
     hparams: PMETHyperParams,
     templates: Sequence[Sequence[str]],
+    finished: Callable[[int], Any],
 ) -> list[RequestTarget]:
-    """Optimise the deltas of ``requests`` together; each request leaves the batch at its own early exit."""
+    """Optimise the deltas of ``requests``, ``requests_per_step`` at a step: each request leaves the step at its own
+    early exit and the next waiting one takes its place. Adam keeps a state per parameter and skips those without a
+    gradient, so a request's steps are the same whenever it runs. ``finished(n)`` is told of each step's exits."""
     base = unwrap(model)
     device = next(base.parameters()).device
     sites = delta_sites(base, hparams)
     batch = build_batch(tokenizer, requests, templates, device)
     shift = SubjectShift(batch, list(sites), base.get_output_embeddings().weight.shape[1], device)
     states = [RequestState(hparams.nll_loss_factor) for _ in requests]
-    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
-    active = list(range(len(requests)))
-    prefix = prefix_keys(base, batch)
     lower = LowerBlocks(base, hparams.layers[-1])
-    with shift.attached(base, sites), lower.attached():
-        for step in range(hparams.v_num_grad_steps):
-            optimizer.zero_grad(set_to_none=True)
-            for r in backward_step(base, hparams, batch, prefix, shift, lower, states, active, step):
-                active.remove(r)
-                shift.drop_gradients(r)
-            if not active:
-                break
-            optimizer.step()
-            for r in active:
-                shift.clamp_(r, hparams.clamp_norm_factor)
+    with shift.attached(base, sites):  # in float32 whatever the steps' precision: the pre-edit values are exact
+        prefix = prefix_keys(base, batch, lower, shift, hparams.requests_per_step)
+    dtype = getattr(torch, hparams.target_precision)
+    lower.recorded = None if lower.recorded is None else lower.recorded.to(dtype)
+    with weights_as(base, dtype), shift.attached(base, sites), lower.attached():
+        _run_steps(base, hparams, Window(batch, prefix.to(dtype), shift, lower, states), finished)
     written = "block" if hparams.variant == "memit" else "mlp"
     return [
         RequestTarget(
             *shift.target(written, r),
-            steps=state.steps + 1,
+            steps=state.steps,
             probability=state.probability,
             attention=shift.deltas["attn"][r].detach().float().cpu() if "attn" in sites else torch.zeros(0),
         )
