@@ -288,8 +288,9 @@ class SubjectShift:
 
     While attached, each site's output gets its request's delta added at the subject's last token of every batch row
     in :attr:`rows` (the rows of the current forward, in order), which :attr:`where` locates in the output (batch
-    index, position). The first forward also records each site's pre-edit output at the bare prompt of each request
-    (:attr:`init`): the clamp, the decay and the written target use it.
+    index, position). The first forward that holds a request's bare prompt (the window's float32 whole-prompt
+    forward, the deltas still zero) records each site's pre-edit output there (:attr:`init`): the clamp, the decay and
+    the written target use it.
     """
 
     def __init__(self, batch: PromptBatch, sites: Sequence[str], hidden: int, device: torch.device) -> None:
