@@ -587,14 +587,21 @@ def step_losses(
 
 @dataclass
 class Window:
-    """What a window's steps share: its prompts, their prefix keys, the delta hooks, the lower blocks' record and
-    each request's state."""
+    """What a window's steps share: its prompts, their prefix keys, the delta hooks, the lower blocks' record, each
+    request's state, and the steps' precision (``target_precision``)."""
 
     batch: PromptBatch
     prefix: PrefixKeys
     shift: SubjectShift
     lower: LowerBlocks
     states: list[RequestState]
+    dtype: torch.dtype
+
+    def autocast(self) -> torch.autocast:
+        """What a step's forward runs under (off for float32). The weights are cast for the window's steps
+        (:func:`weights_as`); autocast casts what else meets them (an adapter's float32 factors, the deltas)."""
+        device = self.batch.input_ids.device
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
 def backward_step(base: nn.Module, hparams: PMETHyperParams, window: Window, active: Sequence[int]) -> list[int]:
@@ -605,20 +612,12 @@ def backward_step(base: nn.Module, hparams: PMETHyperParams, window: Window, act
     shift.rows, shift.where = reads.rows, reads.writes
     lower.tokens = (reads.token_row, reads.token_col)
     with torch.enable_grad():
-        with precision(hparams, batch.input_ids.device):
+        with window.autocast():
             log_probs = forward_reads(base, batch, reads, prefix)
         losses, finished = step_losses(hparams, batch, reads, log_probs, shift, states, active)
         if losses:
             torch.stack(losses).sum().backward()
     return finished
-
-
-def precision(hparams: PMETHyperParams, device: torch.device) -> torch.autocast:
-    """Autocast to ``target_precision`` (off for float32): what a step's forward runs under. The weights are cast
-    for the window's steps (:func:`weights_as`); autocast casts what else meets them (an adapter's float32 factors,
-    the deltas)."""
-    dtype = getattr(torch, hparams.target_precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def delta_sites(base: nn.Module, hparams: PMETHyperParams) -> dict[str, str]:
@@ -674,7 +673,7 @@ def _optimise_window(
     dtype = getattr(torch, hparams.target_precision)
     lower.recorded = None if lower.recorded is None else lower.recorded.to(dtype)
     with weights_as(base, dtype), shift.attached(base, sites), lower.attached():
-        _run_steps(base, hparams, Window(batch, prefix.to(dtype), shift, lower, states), finished)
+        _run_steps(base, hparams, Window(batch, prefix.to(dtype), shift, lower, states, dtype), finished)
     written = "block" if hparams.variant == "memit" else "mlp"
     return [
         RequestTarget(
