@@ -12,7 +12,8 @@ nothing but the time.
 ``--settings '{"settled_steps": 0}' '{}' --repeats 3`` times option sets against the preset in turn, in one process,
 and reports each one's median and its speed-up over the first. A setting's ``"window"`` sets how many steps' worth
 of requests share a window (``methods/pmet/targets.py``, ``WINDOW``; 1: fixed chunks, none waits to take a finished
-request's place).
+request's place), and its ``"group"`` how many requests share a packed sequence of a step (``GROUP``; one at least
+``requests_per_step`` packs each step into one sequence, as before the thirty-fourth round).
 """
 
 from __future__ import annotations
@@ -61,14 +62,16 @@ def main() -> None:
     rows = records.select(range(900, 900 + args.n))
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
     windows = [options.get("window", targets_module.WINDOW) for options in settings]
-    hparams = [base.with_options(**{k: v for k, v in options.items() if k != "window"}) for options in settings]
+    groups = [options.get("group", targets_module.GROUP) for options in settings]
+    local = ("window", "group")
+    hparams = [base.with_options(**{k: v for k, v in options.items() if k not in local}) for options in settings]
     # each setting's own context templates (a setting may change how many there are)
     templates = [context_templates(model, tokenizer, h.context_template_lengths) for h in hparams]
     seconds: list[list[float]] = [[] for _ in settings]
     results: list[Targets] = []
     for repeat in range(args.repeats):
         for i in range(len(settings)):  # alternating, so drift in the machine's load hits every setting
-            targets_module.WINDOW = windows[i]
+            targets_module.WINDOW, targets_module.GROUP = windows[i], groups[i]
             start = time.perf_counter()
             targets = compute_targets(model, tokenizer, requests, hparams[i], templates[i], False)
             seconds[i].append((time.perf_counter() - start) / args.n)

@@ -18,6 +18,7 @@ from transformer_patcher.methods.pmet.targets import (
     KL_EXIT,
     LOSS_EXIT,
     SubjectShift,
+    balanced_groups,
     build_batch,
     delta_sites,
     forward_reads,
@@ -50,18 +51,28 @@ def test_the_batch_holds_each_requests_template_prompts_then_its_kl_prompt(token
     assert (batch.read_pos == length[batch.read_row] - 1).all()
 
 
-def test_a_step_reads_only_the_active_requests(tokenizer) -> None:
+@pytest.mark.parametrize("per_sequence", [1, 2])
+def test_a_step_packs_only_the_active_requests_a_few_to_a_sequence(per_sequence: int, tokenizer) -> None:
     batch = build_batch(tokenizer, _requests(3), TEMPLATES, torch.device("cpu"))
-    reads = step_reads(batch, [0, 2])
-    assert reads.rows == [0, 1, 2, 3, 8, 9, 10, 11]
-    lengths = batch.attention[reads.rows].sum(1).tolist()  # the packed sequence: the rows' suffixes in order
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    assert reads.start[reads.rows].tolist() == starts and (reads.start[4:8] == -1).all()
-    assert reads.token_row.tolist() == [row for row, n in zip(reads.rows, lengths, strict=True) for _ in range(n)]
-    suffixes = [batch.input_ids[row, :n].tolist() for row, n in zip(reads.rows, lengths, strict=True)]
-    assert reads.input_ids.tolist() == [[t for suffix in suffixes for t in suffix]]
+    reads = step_reads(batch, [0, 2], per_sequence)
+    assert sorted(reads.rows) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert (reads.start[4:8] == -1).all() and (reads.group[4:8] == -1).all()
+    assert reads.token_row.shape[0] == 3 - per_sequence  # two sequences of one request, or one of both
+    lengths = batch.attention.sum(1)
+    for row in reads.rows:  # each row's suffix, whole, at its place in its request's sequence
+        g, s, n = int(reads.group[row]), int(reads.start[row]), int(lengths[row])
+        assert reads.input_ids[g, s : s + n].tolist() == batch.input_ids[row, :n].tolist()
+        assert (reads.token_row[g, s : s + n] == row).all() and reads.token_col[g, s : s + n].tolist() == list(range(n))
+        assert g == int(reads.group[batch.first_row[batch.owner[row]]])
+    assert int((reads.token_row >= 0).sum()) == int(lengths[reads.rows].sum())  # the other tokens are padding
     assert set(batch.owners[reads.t_row].tolist()) == {0, 2}
     assert reads.k_row.tolist() == [3, 11]
+
+
+def test_a_steps_requests_go_into_sequences_of_about_equal_length() -> None:
+    assert balanced_groups([5, 1, 4, 2], 2) == [[0, 1], [2, 3]]  # 5 and 1 beside 4 and 2
+    assert balanced_groups([1] * 5, 2) == [[0, 3], [1, 4], [2]]
+    assert balanced_groups([7], 4) == [[0]]
 
 
 def test_the_hooks_add_each_requests_delta_at_its_subject_and_come_off(tokenizer) -> None:
@@ -112,13 +123,15 @@ def _mid_subject_requests() -> list[EditRequest]:
     ]
 
 
-@pytest.mark.parametrize(("arch", "variant"), [("gpt2", "pmet"), ("llama", "pmet"), ("llama", "memit")])
+@pytest.mark.parametrize(
+    ("arch", "variant", "per_sequence"), [("gpt2", "pmet", 1), ("llama", "pmet", 2), ("llama", "memit", 1)]
+)
 def test_running_the_packed_suffixes_on_the_prefix_keys_equals_running_whole_prompts(
-    arch: str, variant: str, tokenizer
+    arch: str, variant: str, per_sequence: int, tokenizer
 ):
-    """A step runs each prompt from the subject's last token on, packed into one sequence, on the prefix keys
-    computed once; the log-probabilities it reads are those of the whole prompt with the deltas added at the
-    subject's last token."""
+    """A step runs each prompt from the subject's last token on, packed a request or two to a sequence (padded to
+    the longest), on the prefix keys computed once; the log-probabilities it reads are those of the whole prompt with
+    the deltas added at the subject's last token."""
     base = unwrap(_model(arch))
     batch = build_batch(tokenizer, _mid_subject_requests(), TEMPLATES, torch.device("cpu"))
     assert len(set(batch.prefix_attention.sum(1).tolist())) > 2  # prefixes of several lengths, left-padded
@@ -128,8 +141,7 @@ def test_running_the_packed_suffixes_on_the_prefix_keys_equals_running_whole_pro
     with torch.no_grad():
         for delta in shift.parameters():
             delta.copy_(torch.randn(32, generator=generator))
-    active = [0, 2]
-    reads = step_reads(batch, active)
+    reads = step_reads(batch, [0, 2], per_sequence)
     shift.rows, shift.where = reads.rows, reads.writes
     keys = prefix_keys(base, batch)  # before the hooks: the deltas never reach the prefixes
     with torch.no_grad(), shift.attached(base, sites):
@@ -169,7 +181,7 @@ def test_a_step_that_passes_the_lower_blocks_by_reads_what_running_them_reads(ar
     def read(active: list[int]) -> torch.Tensor:
         reads = step_reads(batch, active)
         shift.rows, shift.where = reads.rows, reads.writes
-        lower.tokens = (reads.token_row, reads.token_col)
+        lower.tokens = reads.tokens
         with torch.no_grad(), shift.attached(base, sites):
             return forward_reads(base, batch, reads, keys)
 
@@ -218,8 +230,14 @@ def test_a_settled_exit_stops_a_request_that_stays_on_target(tokenizer) -> None:
     assert all(p > 0.5 for p in settled.probabilities)
 
 
-@pytest.mark.parametrize(("arch", "variant"), [("gpt2", "pmet"), ("llama", "memit")])
-def test_optimising_together_equals_optimising_alone(arch: str, variant: str, tokenizer) -> None:
+@pytest.mark.parametrize(
+    ("arch", "variant", "per_sequence"), [("gpt2", "pmet", 4), ("gpt2", "pmet", 1), ("llama", "memit", 2)]
+)
+def test_optimising_together_equals_optimising_alone(
+    arch: str, variant: str, per_sequence: int, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four requests in one step, packed into one sequence or several padded ones, reach what each reaches alone."""
+    monkeypatch.setattr(targets_module, "GROUP", per_sequence)
     model = _model(arch)
     hparams = HPARAMS.with_options(variant=variant, v_num_grad_steps=20)
     requests = _requests(4)

@@ -48,7 +48,10 @@ class PMETHyperParams:
     mom2_n_texts: int = 2000  # texts of the statistics corpus (the official mom2_n_samples, scaled to CPU budgets)
     mom2_max_length: int = 128
     context_template_lengths: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, how many) of generated prefixes
-    requests_per_step: int = 8  # requests optimised together in one forward pass while computing targets
+    # requests optimised together in one forward pass while computing targets, a few to a packed sequence
+    # (methods/pmet/targets.py, GROUP); 16 in sequences of 4 beat 8 in one by 6-9 % on 2 cores (docs/results.md, Issue
+    # 18, thirty-fourth round)
+    requests_per_step: int = 16
     # The precision of the target optimisation's steps: "float32" (the paper's) or "bfloat16", the steps run on
     # bfloat16 copies of the weights (the deltas, the losses, the pre-edit values and the prefix keys stay float32).
     # On 2 cores with AVX-512 BF16 zsRE's targets are 1.4 times faster, but the write lands fewer dev facts (184 of

@@ -47,5 +47,5 @@ class LowerBlocks:
         if not self.inputs.lower or recorded is None or not self.inputs.replayable:
             yield
             return
-        with self.inputs.replayed(lambda: recorded[self.tokens][None]):
+        with self.inputs.replayed(lambda: recorded[self.tokens]):
             yield

@@ -18,9 +18,10 @@ values, the prefix keys and the lower blocks' output are read in float32 once pe
 
 Only the tokens from the subject's last token on are run at each step. The deltas are added there, and attention is
 causal, so every earlier token's keys and values, at every layer, are the same at every step: they are computed once
-per window (:func:`prefix_keys`) and each step attends to them. The steps' tokens are packed into one sequence with
-a block mask (each token sees its own prompt only) rather than padded rows: the parts after the subject are 1–8
-tokens long, and padding them to the longest would more than double the work. The blocks below the deltas' layer give
+per window (:func:`prefix_keys`) and each step attends to them. A step's tokens are packed, ``GROUP`` requests to a
+sequence, with a block mask (each token sees its own prompt only), rather than one padded row per prompt: the parts
+after the subject are 1–8 tokens long, and padding them to the longest would more than double the work. One sequence
+for the whole step would score every token against every key of the step. The blocks below the deltas' layer give
 the same output on those tokens at every step too, so no step runs them (:class:`LowerBlocks`).
 """
 
@@ -51,6 +52,10 @@ KL_EXIT = 0.01
 # Requests per window, in steps' worth (requests_per_step each): a window's prompts share one forward for their prefix
 # keys and lower blocks' output, and its waiting requests fill the places finished ones leave
 WINDOW = 8
+# Requests per packed sequence of a step (step_reads): a sequence's attention scores every token against all its keys,
+# so the cost grows with the square of what it packs; 16 requests in 4 sequences beat 8 in one (docs/results.md,
+# Issue 18, thirty-fourth round)
+GROUP = 4
 
 
 @dataclass
@@ -364,14 +369,16 @@ class RequestState:
 
 @dataclass
 class StepReads:
-    """The suffixes of the active requests' rows packed into one sequence, and the positions read from its output."""
+    """The suffixes of the active requests' rows, packed a few requests to a sequence (:func:`balanced_groups`), and
+    the positions read from the output. A sequence's padding tokens have row -1."""
 
     rows: list[int]  # batch rows in this forward, in order
-    start: torch.Tensor  # batch row -> where its suffix starts in the packed sequence (-1 when absent)
-    token_row: torch.Tensor  # (tokens,) the batch row of each packed token
-    token_col: torch.Tensor  # (tokens,) its column in the batch's suffixes
-    input_ids: torch.Tensor  # (1, tokens)
-    positions: torch.Tensor  # (1, tokens) each token's position in its whole prompt
+    group: torch.Tensor  # batch row -> the sequence holding its suffix (-1 when absent)
+    start: torch.Tensor  # batch row -> where its suffix starts in that sequence (-1 when absent)
+    token_row: torch.Tensor  # (sequences, width) the batch row of each packed token, -1 for padding
+    token_col: torch.Tensor  # (sequences, width) its column in the batch's suffixes (0 for padding)
+    input_ids: torch.Tensor  # (sequences, width)
+    positions: torch.Tensor  # (sequences, width) each token's position in its whole prompt
     t_row: torch.Tensor  # answer reads: batch row, position in its suffix, label
     t_pos: torch.Tensor
     t_label: torch.Tensor
@@ -379,30 +386,72 @@ class StepReads:
 
     @property
     def writes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each row's subject token is in the packed output (batch index, position): the deltas go there."""
-        starts = self.start[self.rows]
-        return torch.zeros_like(starts), starts
+        """Where each row's subject token is in the packed output (sequence, position): the deltas go there."""
+        return self.group[self.rows], self.start[self.rows]
+
+    @property
+    def reads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence, position) of the answer reads, then of each active request's KL read."""
+        rows = torch.cat([self.t_row, self.k_row])
+        offsets = torch.cat([self.t_pos, torch.zeros_like(self.k_row)])
+        return self.group[rows], self.start[rows] + offsets
+
+    @property
+    def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch row, suffix column) of every packed token, padding at row 0: what the lower blocks' record is read
+        at."""
+        return self.token_row.clamp_min(0), self.token_col
 
 
-def step_reads(batch: PromptBatch, active: Sequence[int]) -> StepReads:
-    """The packed forward and the reads of the requests in ``active``."""
+def balanced_groups(sizes: Sequence[int], per_group: int) -> list[list[int]]:
+    """Indices of ``sizes`` in ``ceil(len / per_group)`` groups of about equal total size (largest first, each into
+    the lightest group), each group in index order.
+
+    A packed sequence's attention scores every token against every key of the sequence, masked, so its cost grows
+    with the square of what it packs; a step's requests go into several sequences of a few requests each instead, and
+    balanced ones keep their padding small."""
+    count = max(1, -(-len(sizes) // per_group))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(index)
+        loads[lightest] += sizes[index]
+    return [sorted(group) for group in groups if group]
+
+
+def step_reads(batch: PromptBatch, active: Sequence[int], per_sequence: int | None = None) -> StepReads:
+    """The packed forward and the reads of the requests in ``active``, ``per_sequence`` requests to a sequence
+    (default :data:`GROUP`)."""
     device = batch.input_ids.device
     is_active = torch.zeros(batch.n_requests, dtype=torch.bool, device=device)
     is_active[list(active)] = True
-    rows = [row for row in range(batch.n_rows) if batch.owner[row] in active]
-    real = batch.attention[rows].bool()
-    lengths = real.sum(1)
+    lengths = batch.attention.sum(1).tolist()
+    own_rows = [list(range(batch.first_row[r], batch.kl_rows[r] + 1)) for r in active]
+    groups = balanced_groups([sum(lengths[row] for row in rows) for rows in own_rows], per_sequence or GROUP)
+    sequences = [[row for a in group for row in own_rows[a]] for group in groups]
+    width = max(sum(lengths[row] for row in rows) for rows in sequences)
+    group = torch.full((batch.n_rows,), -1, dtype=torch.long, device=device)
     start = torch.full((batch.n_rows,), -1, dtype=torch.long, device=device)
-    start[rows] = lengths.cumsum(0) - lengths
+    token_row = torch.full((len(sequences), width), -1, dtype=torch.long, device=device)
+    token_col = torch.zeros_like(token_row)
+    for g, rows in enumerate(sequences):
+        offset = 0
+        for row in rows:
+            group[row], start[row] = g, offset
+            token_row[g, offset : offset + lengths[row]] = row
+            token_col[g, offset : offset + lengths[row]] = torch.arange(lengths[row], device=device)
+            offset += lengths[row]
+    real = token_row >= 0
     reads = is_active[batch.owners[batch.read_row]]
-    columns = torch.arange(batch.input_ids.shape[1], device=device).expand(len(rows), -1)
     return StepReads(
-        rows=rows,
+        rows=[row for rows in sequences for row in rows],
+        group=group,
         start=start,
-        token_row=torch.repeat_interleave(_long(rows, device), lengths),
-        token_col=columns[real],
-        input_ids=batch.input_ids[rows][real][None],
-        positions=batch.positions[rows][real][None],
+        token_row=token_row,
+        token_col=token_col,
+        input_ids=batch.input_ids[token_row.clamp_min(0), token_col].masked_fill(~real, 0),
+        positions=batch.positions[token_row.clamp_min(0), token_col].masked_fill(~real, 0),
         t_row=batch.read_row[reads],
         t_pos=batch.read_pos[reads],
         t_label=batch.read_label[reads],
@@ -411,13 +460,15 @@ def step_reads(batch: PromptBatch, active: Sequence[int]) -> StepReads:
 
 
 def packed_mask(query_row: torch.Tensor, key_row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The additive 4-D mask of a packed forward: a query sees the cached prefix slots of its own row (``key_row``)
-    and the packed tokens of its own row up to itself."""
-    index = torch.arange(len(query_row), device=query_row.device)
-    own = query_row[:, None] == query_row[None, :]
-    allowed = torch.cat([key_row[None, :] == query_row[:, None], own & (index[None, :] <= index[:, None])], dim=1)
+    """The additive 4-D mask of packed sequences (``query_row``: (sequences, width), ``key_row``: (sequences,
+    slots)): a query sees the cached prefix slots of its own row and the packed tokens of its own row up to itself.
+    Padding (row -1) sees the padding before it, so no row of scores is empty."""
+    index = torch.arange(query_row.shape[-1], device=query_row.device)
+    own = query_row[..., :, None] == query_row[..., None, :]
+    causal = own & (index[None, :] <= index[:, None])
+    allowed = torch.cat([key_row[..., None, :] == query_row[..., :, None], causal], dim=-1)
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[
-        None, None
+        :, None
     ]
 
 
@@ -490,21 +541,22 @@ def prefix_keys(
 def forward_reads(base: nn.Module, batch: PromptBatch, reads: StepReads, prefix: PrefixKeys) -> torch.Tensor:
     """Next-token log-probabilities at the answer reads, then at the KL prompt's subject token of each request.
 
-    The active rows' suffixes run packed, on a fresh cache holding their rows' prefix slots (a forward appends to
-    its cache).
+    The active rows' suffixes run in their packed sequences, each on a fresh cache holding its rows' prefix slots (a
+    forward appends to its cache), padded to the most slots of a sequence.
     """
-    slots = torch.isin(prefix.slot_row, reads.token_row)
-    every = bool(slots.all())  # until a request exits: no copy of the keys and values
+    owner = reads.group[prefix.slot_row]
+    slots = [torch.nonzero(owner == g).squeeze(1) for g in range(reads.token_row.shape[0])]
+    width = max(len(index) for index in slots)
+    index = torch.stack([F.pad(s, (0, width - len(s))) for s in slots])
+    key_row = torch.stack([F.pad(prefix.slot_row[s], (0, width - len(s)), value=-1) for s in slots])
     cache = DynamicCache(config=base.config)
     for layer, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
-        cache.update(keys if every else keys[:, :, slots], values if every else values[:, :, slots], layer)
-    dtype = prefix.keys[0].dtype
-    at = torch.cat([reads.start[reads.t_row] + reads.t_pos, reads.start[reads.k_row]])
+        cache.update(keys[0][:, index].transpose(0, 1), values[0][:, index].transpose(0, 1), layer)
     return next_token_log_probs(
         base,
-        (torch.zeros_like(at), at),
+        reads.reads,
         input_ids=reads.input_ids,
-        attention_mask=packed_mask(reads.token_row, prefix.slot_row[slots], dtype),
+        attention_mask=packed_mask(reads.token_row, key_row, prefix.keys[0].dtype),
         position_ids=reads.positions,
         past_key_values=cache,
         use_cache=True,
@@ -610,7 +662,7 @@ def backward_step(base: nn.Module, hparams: PMETHyperParams, window: Window, act
     batch, prefix, shift, lower, states = window.batch, window.prefix, window.shift, window.lower, window.states
     reads = step_reads(batch, active)
     shift.rows, shift.where = reads.rows, reads.writes
-    lower.tokens = (reads.token_row, reads.token_col)
+    lower.tokens = reads.tokens
     with torch.enable_grad():
         with window.autocast():
             log_probs = forward_reads(base, batch, reads, prefix)
