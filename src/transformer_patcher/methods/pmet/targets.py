@@ -390,7 +390,7 @@ class StepReads:
         return self.group[self.rows], self.start[self.rows]
 
     @property
-    def reads(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_at(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence, position) of the answer reads, then of each active request's KL read."""
         rows = torch.cat([self.t_row, self.k_row])
         offsets = torch.cat([self.t_pos, torch.zeros_like(self.k_row)])
@@ -554,7 +554,7 @@ def forward_reads(base: nn.Module, batch: PromptBatch, reads: StepReads, prefix:
         cache.update(keys[0][:, index].transpose(0, 1), values[0][:, index].transpose(0, 1), layer)
     return next_token_log_probs(
         base,
-        reads.reads,
+        reads.read_at,
         input_ids=reads.input_ids,
         attention_mask=packed_mask(reads.token_row, key_row, prefix.keys[0].dtype),
         position_ids=reads.positions,
