@@ -62,7 +62,7 @@ def main() -> None:
     print(json.dumps({"covariance": covariance}), flush=True)
 
     rows = list(load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json")))[900:]
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
     batches = []
     offset = 0
     for size in args.batch_sizes:

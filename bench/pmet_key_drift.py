@@ -92,7 +92,7 @@ def main() -> None:
         raise SystemExit("batch 1's columns are one per fact only without refine rounds (refine_rounds=0)")
     model, tokenizer = load_model(config.model, "generation")
     torch.manual_seed(0)
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
     requests = [EditRequest(c.prompt, c.subject, c.target) for c in load_cases(config)[:size]]
     total = checkpoint_deltas(tensors)
     first = {m: LowRankDelta(d.up[:, :size], d.down[:size]) for m, d in total.items()}

@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m", "generation")
     hparams = pmet_hparams()
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
     rows = load_zsre(find_data_file("zsre/zsre_mend_train-1k.json")).select(range(900, 900 + args.n))
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
     steps: list[tuple[int, float]] = []

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--data-kind", choices=("counterfact", "zsre"), default="counterfact")
     parser.add_argument("--variant", choices=("pmet", "memit"), default="pmet")
-    parser.add_argument("--requests-per-step", type=int, default=8)
+    parser.add_argument("--requests-per-step", type=int, default=None, help="default: the preset's")
     parser.add_argument(
         "--settings", nargs="+", default=["{}"], metavar="JSON", help="PMETHyperParams option sets, timed in turn"
     )
@@ -53,7 +53,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m", "generation")
-    base = pmet_hparams(variant=args.variant, requests_per_step=args.requests_per_step)
+    base = pmet_hparams(variant=args.variant)
+    if args.requests_per_step is not None:
+        base = base.with_options(requests_per_step=args.requests_per_step)
     settings = [json.loads(text) for text in args.settings]
     if args.data_kind == "zsre":
         records = load_zsre(find_data_file("zsre/zsre_mend_train-1k.json"))
@@ -66,7 +68,9 @@ def main() -> None:
     local = ("window", "group")
     hparams = [base.with_options(**{k: v for k, v in options.items() if k not in local}) for options in settings]
     # each setting's own context templates (a setting may change how many there are)
-    templates = [context_templates(model, tokenizer, h.context_template_lengths) for h in hparams]
+    templates = [
+        context_templates(model, tokenizer, h.context_template_lengths, start=h.template_start) for h in hparams
+    ]
     seconds: list[list[float]] = [[] for _ in settings]
     results: list[Targets] = []
     for repeat in range(args.repeats):
@@ -83,7 +87,7 @@ def main() -> None:
         "facts": args.n,
         "data_kind": args.data_kind,
         "variant": args.variant,
-        "requests_per_step": args.requests_per_step,
+        "requests_per_step": base.requests_per_step,
         "repeats": args.repeats,
         "settings": [
             {

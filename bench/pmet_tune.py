@@ -230,7 +230,7 @@ def main() -> None:
     task = CausalLMTask(tokenizer)
     before = score_cases(model, task, cases)
     nll_before = mean_nll(model, tokenizer, held_out)
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
 
     def compute(index: Sequence[int]) -> Targets:
         return compute_targets(model, tokenizer, [requests[i] for i in index], hparams, templates, progress=False)

@@ -95,7 +95,7 @@ def main() -> None:
         args.start : args.start + args.n
     ]
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths)
+    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
     targets, _ = kept_targets(
         args.targets,
         data,

@@ -432,10 +432,24 @@ def test_presets_carry_the_published_settings() -> None:
         spread="memit",
     )
     assert tuned == pmet_hparams("smollm2-135m")
-    assert pmet_hparams() == pmet_hparams("smollm2-135m-fast")  # the default: the same write, cheaper targets
+    assert pmet_hparams() == pmet_hparams("smollm2-135m-fast")  # the default: cheaper targets, resolve rounds
     assert paper.spread_rule == "pmet" and pmet_hparams(variant="memit").spread_rule == "memit"
     with pytest.raises(ValueError, match="unknown PMET preset"):
         pmet_hparams("gpt-5")
+
+
+def test_key_holding_solves_take_a_resolving_presets_rounds_as_retarget_rounds() -> None:
+    """A resolve round solves the batch again, which AlphaEdit's projection and the written-key count cannot (they
+    hold each solve's keys): asked for with a resolving preset, they get its rounds as retarget rounds, unless the
+    refine kind is asked for too."""
+    assert pmet_hparams().refine == "resolve"
+    for option in ("null_space", "keep_written"):
+        chosen = pmet_hparams(**{option: True})
+        assert (chosen.refine, getattr(chosen, option)) == ("retarget", True)
+        assert chosen.refine_rounds == pmet_hparams().refine_rounds == 2
+        with pytest.raises(ValueError, match="solves the write again"):
+            pmet_hparams(refine="resolve", **{option: True})
+    assert pmet_hparams(null_space=False).refine == "resolve"
 
 
 def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> None:
@@ -446,7 +460,7 @@ def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> N
     wide, fast = pmet_hparams("smollm2-135m-wide"), pmet_hparams("smollm2-135m-fast")
     changed = {k for k, v in wide.to_dict().items() if fast.to_dict()[k] != v}
     write = {"write_scale", "refine_rounds", "keep_prompts", "keep_answers", "spread", "layer_weights", "key_reads"}
-    assert changed == {"layers", "refine"} | write
+    assert changed == {"layers"} | write
     assert (wide.write_scale, wide.refine_rounds, wide.refine) == (1.25, 1, "resolve")
     assert (wide.keep_prompts, wide.keep_answers) == (0.25, True)
     assert wide.key_reads == "prompt" and fast.key_reads == "templates"
@@ -456,13 +470,13 @@ def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> N
 
 
 def test_the_fast_preset_runs_fewer_prompts_and_leaves_at_the_first_settled_step(tokenizer) -> None:
-    """``smollm2-135m-fast`` is ``smollm2-135m`` with two context templates and the first settled step: each
-    request's targets run on the bare prompt and two generated contexts (not five), and a request whose target leads
-    by the margin once leaves at once."""
+    """``smollm2-135m-fast`` is ``smollm2-135m`` with two context templates, the first settled step and resolve
+    rounds: each request's targets run on the bare prompt and two generated contexts (not five), and a request whose
+    target leads by the margin once leaves at once."""
     fast, default = pmet_hparams("smollm2-135m-fast"), pmet_hparams("smollm2-135m")
     changed = {k for k, v in fast.to_dict().items() if default.to_dict()[k] != v}
-    assert changed == {"context_template_lengths", "settled_steps"}
-    assert (fast.context_template_lengths, fast.settled_steps) == (((10, 2),), 1)
+    assert changed == {"context_template_lengths", "settled_steps", "refine"}
+    assert (fast.context_template_lengths, fast.settled_steps, fast.refine) == (((10, 2),), 1, "resolve")
     model = _model("gpt2")
     templates = context_templates(model, tokenizer, fast.context_template_lengths)
     assert [len(group) for group in templates] == [1, 2]

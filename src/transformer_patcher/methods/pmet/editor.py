@@ -126,7 +126,9 @@ class PMETEditor:
         """The context templates, generated (seeded) on first use with the edits switched off."""
         if self.templates is None:
             with self.model.disable_adapter():
-                self.templates = context_templates(self.model, self.tokenizer, self.hparams.context_template_lengths)
+                self.templates = context_templates(
+                    self.model, self.tokenizer, self.hparams.context_template_lengths, start=self.hparams.template_start
+                )
         return self.templates
 
     def compute_targets(self, requests: Sequence[EditRequest]) -> Targets:

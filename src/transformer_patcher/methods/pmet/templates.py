@@ -3,6 +3,11 @@
 As in the official code: ``"{}"`` plus, for each (length, count), ``count`` samples (top-k 5) of ``length`` tokens
 started from "The", "Therefore", "Because", "I", "You", each followed by ``". {}"``. Sampling is seeded, so the
 same model yields the same templates (and the same edit) on every run.
+
+``start="document"`` (not the official code's) samples after the tokenizer's start-of-text token when the tokenizer
+does not add one itself. GPT-2 and GPT-J, the official code's models, continue a bare "The" with text; SmolLM2,
+whose tokenizer adds no BOS, continues it with hyphens ("The-the-key-to-be-."), so its context templates carried no
+context (docs/pmet.md, "Deviations from the paper").
 """
 
 from __future__ import annotations
@@ -16,23 +21,45 @@ from torch import nn
 from transformer_patcher.core.modes import eval_mode
 
 STARTS = ("The", "Therefore", "Because", "I", "You")
+TEMPLATE_STARTS = ("bare", "document")
 BARE_PROMPT: tuple[tuple[str, ...], ...] = (("{}",),)  # the first template group: the prompt alone
 
 
+def document_start(tokenizer: Any) -> list[int]:
+    """The token ids a text starts with that the tokenizer does not add itself: its BOS token (its EOS, GPT-2's
+    document separator, when it has none), or nothing when encoding already puts it first or it has neither."""
+    first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if first is None or tokenizer("The")["input_ids"][:1] == [first]:
+        return []
+    return [first]
+
+
 def context_templates(
-    model: nn.Module, tokenizer: Any, lengths: Sequence[tuple[int, int]] = ((10, 5),), seed: int = 0
+    model: nn.Module,
+    tokenizer: Any,
+    lengths: Sequence[tuple[int, int]] = ((10, 5),),
+    seed: int = 0,
+    start: str = "bare",
 ) -> list[list[str]]:
-    """Template groups: ``[["{}"], [generated prefix + ". {}", ...], ...]`` (keys average within, then across)."""
+    """Template groups: ``[["{}"], [generated prefix + ". {}", ...], ...]`` (keys average within, then across).
+
+    ``start``: "bare" samples from the start word alone (the official code), "document" after the tokenizer's
+    start-of-text token (:func:`document_start`)."""
+    if start not in TEMPLATE_STARTS:
+        raise ValueError(f"start must be one of {TEMPLATE_STARTS}, got {start!r}")
+    head = document_start(tokenizer) if start == "document" else []
     groups = [list(group) for group in BARE_PROMPT]
     device = next(model.parameters()).device
     for length, count in lengths:
-        starts = [STARTS[i % len(STARTS)] for i in range(count)]
+        words = [STARTS[i % len(STARTS)] for i in range(count)]
         group = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
             torch.manual_seed(seed)
-            for start in starts:
-                inputs = tokenizer(start, return_tensors="pt").to(device)
-                new_tokens = max(1, length - inputs["input_ids"].shape[1])
+            for word in words:
+                ids = head + tokenizer(word)["input_ids"]
+                inputs = {"input_ids": torch.tensor([ids], device=device)}
+                inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+                new_tokens = max(1, length - len(ids) + len(head))
                 with torch.no_grad():
                     output = model.generate(
                         **inputs,
@@ -42,7 +69,7 @@ def context_templates(
                         min_new_tokens=new_tokens,
                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                     )
-                text = tokenizer.decode(output[0], skip_special_tokens=True)
+                text = tokenizer.decode(output[0, len(head) :], skip_special_tokens=True)
                 group.append(text.replace("{", " ").replace("}", " ") + ". {}")
         groups.append(group)
     return groups
