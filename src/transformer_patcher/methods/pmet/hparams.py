@@ -333,7 +333,8 @@ PRESETS: dict[str, PMETHyperParams] = {
 # Its refine rounds resolve (the missed facts re-optimised against the edited model, then the whole batch solved
 # again from the same weights with their aims extended) instead of adding a retargeted write on top: on the same
 # targets zsRE 900-999 lands 0.95 against 0.86 at perplexity +1.7 % against +2.1 % (neighbourhood 0.35 against 0.38),
-# CounterFact-train 0-99 1.00 against 0.99, neighbourhood 0.88 against 0.86 (bench/results/pmet_refine_100.jsonl).
+# CounterFact-train 0-99 1.00 against 0.99 and 100-199 0.94 against 0.91, neighbourhood 0.88 / 0.90 against 0.86 /
+# 0.81 (bench/results/pmet_refine_100.jsonl); a third resolve round lands fewer of CounterFact-train 100-199 (0.91).
 PRESETS["smollm2-135m-fast"] = replace(
     PRESETS["smollm2-135m"],
     context_template_lengths=((10, 2),),
