@@ -56,10 +56,10 @@ def context_templates(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
             torch.manual_seed(seed)
             for word in words:
-                ids = head + tokenizer(word)["input_ids"]
-                inputs = {"input_ids": torch.tensor([ids], device=device)}
+                word_ids = tokenizer(word)["input_ids"]
+                inputs = {"input_ids": torch.tensor([head + word_ids], device=device)}
                 inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-                new_tokens = max(1, length - len(ids) + len(head))
+                new_tokens = max(1, length - len(word_ids))  # the start token does not count in the length
                 with torch.no_grad():
                     output = model.generate(
                         **inputs,
