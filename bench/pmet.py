@@ -29,7 +29,6 @@ from transformer_patcher.methods.pmet import (
     collect_second_moments,
     compute_deltas,
     compute_targets,
-    context_templates,
     pmet_hparams,
 )
 
@@ -62,7 +61,7 @@ def main() -> None:
     print(json.dumps({"covariance": covariance}), flush=True)
 
     rows = list(load_counterfact(find_data_file("counterfact/counterfact-edit-1k.json")))[900:]
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
+    templates = hparams.templates(model, tokenizer)
     batches = []
     offset = 0
     for size in args.batch_sizes:

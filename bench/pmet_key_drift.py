@@ -30,7 +30,7 @@ from pmet_norms import layer_index
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.experiments.sme.batch_experiment import BatchExperimentConfig, load_cases
 from transformer_patcher.experiments.sme.run_state import load_checkpoint
-from transformer_patcher.methods.pmet import EditRequest, context_templates, pmet_hparams
+from transformer_patcher.methods.pmet import EditRequest, pmet_hparams
 from transformer_patcher.methods.pmet.algorithm import applied, compute_keys
 from transformer_patcher.methods.pmet.update import LowRankDelta
 
@@ -92,7 +92,7 @@ def main() -> None:
         raise SystemExit("batch 1's columns are one per fact only without refine rounds (refine_rounds=0)")
     model, tokenizer = load_model(config.model, "generation")
     torch.manual_seed(0)
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
+    templates = hparams.templates(model, tokenizer)
     requests = [EditRequest(c.prompt, c.subject, c.target) for c in load_cases(config)[:size]]
     total = checkpoint_deltas(tensors)
     first = {m: LowRankDelta(d.up[:, :size], d.down[:size]) for m, d in total.items()}

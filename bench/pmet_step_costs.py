@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.data.loaders import find_data_file, load_zsre
-from transformer_patcher.methods.pmet import EditRequest, compute_targets, context_templates, pmet_hparams
+from transformer_patcher.methods.pmet import EditRequest, compute_targets, pmet_hparams
 from transformer_patcher.methods.pmet import targets as targets_module
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m", "generation")
     hparams = pmet_hparams()
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
+    templates = hparams.templates(model, tokenizer)
     rows = load_zsre(find_data_file("zsre/zsre_mend_train-1k.json")).select(range(900, 900 + args.n))
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
     steps: list[tuple[int, float]] = []

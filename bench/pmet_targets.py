@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from transformer_patcher.core.pretrained import load_model
 from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_zsre
-from transformer_patcher.methods.pmet import EditRequest, Targets, compute_targets, context_templates, pmet_hparams
+from transformer_patcher.methods.pmet import EditRequest, Targets, compute_targets, pmet_hparams
 from transformer_patcher.methods.pmet import targets as targets_module
 
 
@@ -68,9 +68,7 @@ def main() -> None:
     local = ("window", "group")
     hparams = [base.with_options(**{k: v for k, v in options.items() if k not in local}) for options in settings]
     # each setting's own context templates (a setting may change how many there are)
-    templates = [
-        context_templates(model, tokenizer, h.context_template_lengths, start=h.template_start) for h in hparams
-    ]
+    templates = [h.templates(model, tokenizer) for h in hparams]
     seconds: list[list[float]] = [[] for _ in settings]
     results: list[Targets] = []
     for repeat in range(args.repeats):

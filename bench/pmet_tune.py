@@ -49,7 +49,6 @@ from transformer_patcher.methods.pmet import (
     PMETHyperParams,
     Targets,
     compute_targets,
-    context_templates,
     refined_deltas,
     second_moments,
 )
@@ -230,7 +229,7 @@ def main() -> None:
     task = CausalLMTask(tokenizer)
     before = score_cases(model, task, cases)
     nll_before = mean_nll(model, tokenizer, held_out)
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
+    templates = hparams.templates(model, tokenizer)
 
     def compute(index: Sequence[int]) -> Targets:
         return compute_targets(model, tokenizer, [requests[i] for i in index], hparams, templates, progress=False)

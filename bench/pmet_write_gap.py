@@ -32,7 +32,6 @@ from transformer_patcher.methods.pmet import (
     EditRequest,
     compute_deltas,
     compute_targets,
-    context_templates,
     pmet_hparams,
     second_moments,
 )
@@ -55,7 +54,7 @@ def main() -> None:
         range(args.start, args.start + args.n)
     )
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
+    templates = hparams.templates(model, tokenizer)
     targets = compute_targets(model, tokenizer, requests, hparams, templates)
     deltas = compute_deltas(model, tokenizer, requests, hparams, moments, templates, targets)
     modules = block_modules(model, hparams.layers[-1])

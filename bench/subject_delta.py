@@ -41,7 +41,7 @@ from transformer_patcher.core.scoring import score_pairs
 from transformer_patcher.core.tasks import CausalLMTask
 from transformer_patcher.data.loaders import find_data_file, load_counterfact, load_zsre
 from transformer_patcher.data.suite_data import subject_questions
-from transformer_patcher.methods.pmet import EditRequest, PMETHyperParams, compute_targets, context_templates
+from transformer_patcher.methods.pmet import EditRequest, PMETHyperParams, compute_targets
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.requests import encode, escape_braces
 from transformer_patcher.methods.pmet.targets import output_hooks
@@ -95,7 +95,7 @@ def main() -> None:
         args.start : args.start + args.n
     ]
     requests = [EditRequest(r["text"], r["subject"], r["target"]) for r in rows]
-    templates = context_templates(model, tokenizer, hparams.context_template_lengths, start=hparams.template_start)
+    templates = hparams.templates(model, tokenizer)
     targets, _ = kept_targets(
         args.targets,
         data,

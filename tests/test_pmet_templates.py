@@ -74,3 +74,14 @@ def test_an_unknown_template_start_is_refused(monkeypatch: pytest.MonkeyPatch) -
         context_templates(sharp_gpt2(), tiny_tokenizer(), ((6, 1),), start="chat")
     with pytest.raises(ValueError, match="template_start must be one of"):
         PMETHyperParams(template_start="chat")
+
+
+def test_the_settings_sample_their_own_templates() -> None:
+    """``PMETHyperParams.templates`` samples with the settings' lengths and start, as every caller needs both."""
+    tokenizer, settings = (
+        _plain_tokenizer(),
+        PMETHyperParams(context_template_lengths=((6, 2),), template_start="document"),
+    )
+    expected = context_templates(sharp_gpt2(), tokenizer, ((6, 2),), start="document")
+    assert settings.templates(sharp_gpt2(), tokenizer) == expected
+    assert expected != context_templates(sharp_gpt2(), tokenizer, ((6, 2),))

@@ -33,7 +33,6 @@ from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.null_space import NullSpace
 from transformer_patcher.methods.pmet.requests import EditRequest
 from transformer_patcher.methods.pmet.targets import Targets, compute_targets
-from transformer_patcher.methods.pmet.templates import context_templates
 from transformer_patcher.methods.pmet.written_facts import WrittenFacts
 from transformer_patcher.methods.pmet.written_keys import CovarianceSolve, WrittenKeys
 from transformer_patcher.tuners.delta.config import DeltaConfig
@@ -126,9 +125,7 @@ class PMETEditor:
         """The context templates, generated (seeded) on first use with the edits switched off."""
         if self.templates is None:
             with self.model.disable_adapter():
-                self.templates = context_templates(
-                    self.model, self.tokenizer, self.hparams.context_template_lengths, start=self.hparams.template_start
-                )
+                self.templates = self.hparams.templates(self.model, self.tokenizer)
         return self.templates
 
     def compute_targets(self, requests: Sequence[EditRequest]) -> Targets:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from transformer_patcher.core.validation import check_int, check_number, check_options
-from transformer_patcher.methods.pmet.templates import TEMPLATE_STARTS
+from transformer_patcher.methods.pmet.templates import TEMPLATE_STARTS, context_templates
 from transformer_patcher.methods.pmet.update import SPREADS
 
 VARIANTS = ("pmet", "memit")
@@ -268,6 +268,11 @@ class PMETHyperParams:
     def spread_rule(self) -> str:
         """The residual spread the layer loop uses: ``spread``, or the variant's own."""
         return self.spread or self.variant
+
+    def templates(self, model: Any, tokenizer: Any) -> list[list[str]]:
+        """The context templates these settings optimise targets under (their lengths and start), sampled from
+        ``model`` (:func:`~transformer_patcher.methods.pmet.templates.context_templates`)."""
+        return context_templates(model, tokenizer, self.context_template_lengths, start=self.template_start)
 
     def with_options(self, **options: Any) -> PMETHyperParams:
         """A copy with ``options`` replaced; unknown names are an error naming the valid ones."""
