@@ -455,12 +455,13 @@ def test_key_holding_solves_take_a_resolving_presets_rounds_as_retarget_rounds()
 def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> None:
     """``smollm2-135m-wide`` changes only the write (the edited blocks, the joint solve weighed by the blocks' logit
     gains, the write's scale, one resolve round, the prompts kept harder, keys read in the bare prompt) and keeps the
-    top block:
-    its targets (optimised at the z layer) are the fast preset's, so a batch's saved targets serve both writes."""
+    top block: its targets (optimised at the z layer) are the fast preset's, in float32 where the fast preset runs
+    bfloat16 steps (the mixed steps were measured at batch 100, not at 1,000)."""
     wide, fast = pmet_hparams("smollm2-135m-wide"), pmet_hparams("smollm2-135m-fast")
     changed = {k for k, v in wide.to_dict().items() if fast.to_dict()[k] != v}
     write = {"write_scale", "refine_rounds", "keep_prompts", "spread", "layer_weights", "key_reads"}
-    assert changed == {"layers"} | write
+    assert changed == {"layers", "target_precision"} | write
+    assert (wide.target_precision, fast.target_precision) == ("float32", "auto")
     assert (wide.write_scale, wide.refine_rounds, wide.refine) == (1.25, 1, "resolve")
     assert (wide.keep_prompts, wide.keep_answers, fast.keep_prompts, fast.keep_answers) == (0.25, True, 0.1, True)
     assert wide.key_reads == "prompt" and fast.key_reads == "templates"
@@ -471,11 +472,14 @@ def test_the_wide_preset_writes_the_fast_presets_targets_over_more_blocks() -> N
 
 def test_the_fast_preset_runs_fewer_prompts_and_leaves_at_the_first_settled_step(tokenizer) -> None:
     """``smollm2-135m-fast`` is ``smollm2-135m`` with two context templates, the first settled step, resolve rounds
-    and the prompts and answers kept a little: each request's targets run on the bare prompt and two generated
-    contexts (not five), and a request whose target leads by the margin once leaves at once."""
+    and the prompts and answers kept a little, its steps in bfloat16 where that is native: each request's targets run
+    on the bare prompt and two generated contexts (not five), and a request whose target leads by the margin once
+    leaves at once."""
     fast, default = pmet_hparams("smollm2-135m-fast"), pmet_hparams("smollm2-135m")
     changed = {k for k, v in fast.to_dict().items() if default.to_dict()[k] != v}
-    assert changed == {"context_template_lengths", "settled_steps", "refine", "keep_prompts", "keep_answers"}
+    write = {"refine", "keep_prompts", "keep_answers"}
+    assert changed == {"context_template_lengths", "settled_steps", "target_precision"} | write
+    assert (fast.target_precision, default.target_precision) == ("auto", "float32")
     assert (fast.context_template_lengths, fast.settled_steps, fast.refine) == (((10, 2),), 1, "resolve")
     assert (fast.keep_prompts, fast.keep_answers) == (0.1, True)  # the write (dev-measured), not the targets
     model = _model("gpt2")

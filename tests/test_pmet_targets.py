@@ -12,6 +12,7 @@ from tiny_tokenizer import EDIT_WORDS, sentence, tiny_tokenizer
 from transformer_patcher.methods.pmet import EditRequest, compute_targets, covariance
 from transformer_patcher.methods.pmet import targets as targets_module
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
+from transformer_patcher.methods.pmet.hparams import PRECISIONS
 from transformer_patcher.methods.pmet.lower_blocks import LowerBlocks
 from transformer_patcher.methods.pmet.requests import target_ids
 from transformer_patcher.methods.pmet.targets import (
@@ -25,6 +26,7 @@ from transformer_patcher.methods.pmet.targets import (
     is_done,
     prefix_keys,
     step_reads,
+    steps_precision,
 )
 
 TEMPLATES = [["{}"], ["w5 w6. {}", "w7. {}"]]
@@ -314,6 +316,54 @@ def test_bfloat16_steps_reach_the_float32_targets_and_leave_the_weights_as_they_
     change = (half.values - half.init).norm(dim=1) / (full.values - full.init).norm(dim=1)
     assert change.min() > 0.5 and change.max() < 2  # steps of another precision, to the same answers
     torch.testing.assert_close(half.init, full.init, rtol=1e-5, atol=1e-5)  # read by the float32 whole-row forward
+
+
+def test_mixed_precision_finishes_each_request_in_float32(tokenizer, monkeypatch) -> None:
+    """``target_precision="mixed"`` takes the bfloat16 steps, then float32 steps from where each request exited: every
+    request that exited before the last step runs at least one float32 forward after its bfloat16 ones, and its
+    bfloat16 steps are those ``"bfloat16"`` takes."""
+    model = _model("llama")
+    hparams = HPARAMS.with_options(v_num_grad_steps=30, settled_steps=2)
+    requests = _requests(4)
+    bfloat16, mixed_precision = (hparams.with_options(target_precision=p) for p in ("bfloat16", "mixed"))
+    half = compute_targets(model, tokenizer, requests, bfloat16, TEMPLATES, False)
+    forwards: list[tuple[torch.dtype, set[int]]] = []
+    step = targets_module.forward_reads
+
+    def recorded(base, batch, reads, prefix):
+        forwards.append((next(base.parameters()).dtype, {batch.owner[row] for row in reads.rows}))
+        return step(base, batch, reads, prefix)
+
+    monkeypatch.setattr(targets_module, "forward_reads", recorded)
+    mixed = compute_targets(model, tokenizer, requests, mixed_precision, TEMPLATES, False)
+    dtypes = [dtype for dtype, _ in forwards]
+    assert dtypes == sorted(dtypes, key=lambda d: d == torch.float32)  # the float32 finish comes last
+    assert max(half.steps) < hparams.v_num_grad_steps  # every request is finished in float32
+    for r in range(len(requests)):
+        in_float32 = sum(dtype == torch.float32 and r in active for dtype, active in forwards)
+        assert in_float32 >= 1
+        assert mixed.steps[r] == half.steps[r] + in_float32
+    assert all(p > 0.5 for p in mixed.probabilities)  # read by the float32 forwards
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_mixed_only_where_bfloat16_is_native(native: bool, tokenizer, monkeypatch) -> None:
+    """``target_precision="auto"`` runs the mixed steps where bfloat16 products are native and the float32 steps,
+    to the same targets, elsewhere."""
+    model = _model("llama")
+    hparams = HPARAMS.with_options(v_num_grad_steps=30, settled_steps=2)
+    requests = _requests(3)
+    monkeypatch.setattr(targets_module, "native_bfloat16", lambda device: native)
+    cpu = torch.device("cpu")
+    chosen = steps_precision("auto", cpu)
+    assert chosen == ("mixed" if native else "float32")
+    assert [steps_precision(p, cpu) for p in PRECISIONS if p != "auto"] == ["float32", "bfloat16", "mixed"]
+    expected = compute_targets(
+        model, tokenizer, requests, hparams.with_options(target_precision=chosen), TEMPLATES, False
+    )
+    auto = compute_targets(model, tokenizer, requests, hparams.with_options(target_precision="auto"), TEMPLATES, False)
+    assert auto.steps == expected.steps
+    torch.testing.assert_close(auto.values, expected.values, rtol=0, atol=0)
 
 
 def test_the_statistics_hooks_come_off_when_a_forward_fails(tokenizer) -> None:

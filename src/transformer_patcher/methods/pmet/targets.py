@@ -15,6 +15,9 @@ eight; docs/results.md, Issue 18, thirty-third round).
 
 ``target_precision="bfloat16"`` runs the steps on bfloat16 copies of the weights (:func:`weights_as`); the pre-edit
 values, the prefix keys and the lower blocks' output are read in float32 once per window, so only the steps differ.
+``"mixed"`` then goes on in float32, with the same Adam state, from where each request exited, until the float32
+model has it on target too (:func:`to_finish`); most requests need one float32 forward, a few some steps more.
+``"auto"`` is ``"mixed"`` where bfloat16 products are native and ``"float32"`` elsewhere (:func:`steps_precision`).
 
 Only the tokens from the subject's last token on are run at each step. The deltas are added there, and attention is
 causal, so every earlier token's keys and values, at every layer, are the same at every step: they are computed once
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from transformer_patcher.core.modes import eval_mode, frozen, weights_as
+from transformer_patcher.core.native_bfloat16 import native_bfloat16
 from transformer_patcher.methods.pmet.architecture import block_modules, unwrap
 from transformer_patcher.methods.pmet.hparams import PMETHyperParams
 from transformer_patcher.methods.pmet.lower_blocks import LowerBlocks
@@ -680,12 +684,18 @@ def delta_sites(base: nn.Module, hparams: PMETHyperParams) -> dict[str, str]:
     return {"attn": modules.attention_out, "mlp": modules.ffn_out}
 
 
-def _run_steps(base: nn.Module, hparams: PMETHyperParams, window: Window, finished: Callable[[int], Any]) -> None:
-    """Step the requests, ``requests_per_step`` at a time, until each has exited; a waiting request takes a finished
+def _run_steps(
+    base: nn.Module,
+    hparams: PMETHyperParams,
+    window: Window,
+    optimizer: torch.optim.Optimizer,
+    requests: Sequence[int],
+    finished: Callable[[int], Any],
+) -> None:
+    """Step ``requests``, ``requests_per_step`` at a time, until each has exited; a waiting request takes a finished
     one's place at the next step."""
     shift = window.shift
-    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
-    waiting = list(range(window.batch.n_requests))[::-1]
+    waiting = list(requests)[::-1]
     active: list[int] = []
     while waiting or active:
         while waiting and len(active) < hparams.requests_per_step:
@@ -700,6 +710,23 @@ def _run_steps(base: nn.Module, hparams: PMETHyperParams, window: Window, finish
             optimizer.step()
         for r in active:
             shift.clamp_(r, hparams.clamp_norm_factor)
+
+
+def steps_precision(precision: str, device: torch.device) -> str:
+    """``target_precision`` as it runs on ``device``: ``"auto"`` is ``"mixed"`` where bfloat16 products are native
+    (elsewhere bfloat16 steps save no time) and ``"float32"`` otherwise; the others are themselves."""
+    if precision != "auto":
+        return precision
+    return "mixed" if native_bfloat16(device) else "float32"
+
+
+def to_finish(hparams: PMETHyperParams, states: Sequence[RequestState]) -> list[int]:
+    """The requests a float32 finish checks (``target_precision="mixed"``): those that exited before the last step,
+    each to be on target again in float32 before it exits (its run of steps on target starts over)."""
+    todo = [r for r, state in enumerate(states) if state.steps < hparams.v_num_grad_steps]
+    for r in todo:
+        states[r].on_target_run = 0
+    return todo
 
 
 def _optimise_window(
@@ -722,10 +749,19 @@ def _optimise_window(
     lower = LowerBlocks(base, hparams.layers[-1])
     with shift.attached(base, sites):  # in float32 whatever the steps' precision: the pre-edit values are exact
         prefix = prefix_keys(base, batch, lower, shift, hparams.requests_per_step)
-    dtype = getattr(torch, hparams.target_precision)
-    lower.recorded = None if lower.recorded is None else lower.recorded.to(dtype)
+    precision = steps_precision(hparams.target_precision, device)
+    dtype = torch.float32 if precision == "float32" else torch.bfloat16
+    optimizer = torch.optim.Adam(shift.parameters(), lr=hparams.v_lr)
+    recorded = lower.recorded
+    lower.recorded = None if recorded is None else recorded.to(dtype)
     with weights_as(base, dtype), shift.attached(base, sites), lower.attached():
-        _run_steps(base, hparams, Window(batch, prefix.to(dtype), shift, lower, states, dtype), finished)
+        window = Window(batch, prefix.to(dtype), shift, lower, states, dtype)
+        _run_steps(base, hparams, window, optimizer, range(len(requests)), finished)
+    if precision == "mixed":  # the same steps and Adam state, on to a float32 exit
+        lower.recorded = recorded
+        with shift.attached(base, sites), lower.attached():
+            window = Window(batch, prefix, shift, lower, states, torch.float32)
+            _run_steps(base, hparams, window, optimizer, to_finish(hparams, states), lambda _: None)
     written = "block" if hparams.variant == "memit" else "mlp"
     return [
         RequestTarget(
