@@ -29,7 +29,8 @@ STALLS = (5, 8, 10, 15, 20)
 
 
 def traced() -> list[dict[str, Any]]:
-    """Wrap the target module's scoring so that each step appends one row per active request to the list returned."""
+    """Wrap the target module's scoring so that each step appends one row per active request to the list returned
+    (requests numbered across windows, in the order given)."""
     rows: list[dict[str, Any]] = []
     step: dict[str, Any] = {}
     scores, loss_of, losses_of = (
@@ -49,11 +50,15 @@ def traced() -> list[dict[str, Any]]:
         return loss, kl
 
     def step_losses(hp, batch, reads, log_probs, shift, states, active):
+        if states is not step.get("states"):  # a new window: its requests count on from the last window's
+            step["offset"] = step.get("offset", 0) + len(step.get("states", []))
+            step["states"] = states
         step["terms"] = []
         result = losses_of(hp, batch, reads, log_probs, shift, states, active)
         for (nll, kl), r in zip(step["terms"], active, strict=True):
             short = int(step["short"][r])
-            rows.append({"request": int(r), "step": states[r].steps - 1, "nll": nll, "kl": kl, "short": short})
+            request = step["offset"] + int(r)
+            rows.append({"request": request, "step": states[r].steps - 1, "nll": nll, "kl": kl, "short": short})
         return result
 
     targets_module.answer_scores = answer_scores
